@@ -1,0 +1,7 @@
+"""Dagster resources: thin typed clients for the systems vbatch drives."""
+
+from resources.file_store import FileStore
+from resources.inference_engine import InferenceEngine
+from resources.metadata_db import MetadataDB
+
+__all__ = ["FileStore", "InferenceEngine", "MetadataDB"]

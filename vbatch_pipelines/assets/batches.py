@@ -1,0 +1,211 @@
+"""Batch assets: a batch's validated input and its results, one partition per batch."""
+
+import asyncio
+import json
+import time
+
+from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+
+from resources import FileStore, InferenceEngine, MetadataDB
+from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
+from vbatch_pipelines.batch.service import (
+    get_batch,
+    get_file,
+    iter_requests,
+    parquet_row_count,
+    register_file,
+    update_batch,
+)
+from vbatch_pipelines.batch.validation import BatchInputError, validate_batch_file
+from vbatch_pipelines.models.registry import lookup_model, prepare_model
+from vbatch_pipelines.partitions import batch_partitions
+from vbatch_pipelines.settings import load_settings
+
+INPUT_FILE = "input.parquet"
+STOP_STATUSES = ("cancelling", "cancelled")
+
+
+def _batch_or_fail(metadata_db: MetadataDB, batch_id: str):
+    batch = get_batch(metadata_db.db, batch_id)
+    if batch is None:
+        raise Failure(f"Batch {batch_id} is not in the metadata DB; create it with launch_batch or the API")
+    if batch.status in STOP_STATUSES:
+        update_batch(metadata_db.db, batch_id, status="cancelled")
+        raise Failure(f"Batch {batch_id} was cancelled; nothing to run")
+    return batch
+
+
+@asset(partitions_def=batch_partitions, group_name="batches", kinds={"parquet"})
+def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore) -> MaterializeResult:
+    """The batch's JSONL input, stream-validated and stored as Parquet (one row per request)."""
+    batch_id = context.partition_key
+    db = metadata_db.db
+    batch = _batch_or_fail(metadata_db, batch_id)
+    update_batch(db, batch_id, dagster_run_id=context.run_id)
+    source = get_file(db, batch.input_file_id)
+    if source is None:
+        raise Failure(f"Input file {batch.input_file_id} of batch {batch_id} no longer exists")
+    settings = load_settings()
+    started = time.monotonic()
+    report = validate_batch_file(
+        source.path,
+        endpoint=batch.endpoint,
+        resolve_model=lambda name: lookup_model(settings, name).id,
+        output=file_store.batch_dir(batch_id) / INPUT_FILE,
+    )
+    seconds = time.monotonic() - started
+    if not report.ok:
+        update_batch(db, batch_id, status="failed", errors=report.openai_errors(), request_total=report.total)
+        error = BatchInputError(report)
+        raise Failure(str(error), metadata={
+            "errors": MetadataValue.json(report.openai_errors()),
+            "error_count": report.error_count,
+        })
+    update_batch(db, batch_id, status="in_progress", model=report.model, request_total=report.total)
+    context.log.info(f"{batch_id}: {report.total} valid requests for {report.model} in {seconds:.2f}s")
+    return MaterializeResult(metadata={
+        "requests": report.total,
+        "model": report.model,
+        "endpoint": batch.endpoint,
+        "input_file_id": batch.input_file_id,
+        "bytes": report.bytes_read,
+        "validation_seconds": round(seconds, 3),
+        "path": MetadataValue.path(str(file_store.batch_dir(batch_id) / INPUT_FILE)),
+    })
+
+
+def _preview(results: ResultFiles, rows: int = 5) -> str:
+    lines = ["| custom_id | status | response |", "|---|---|---|"]
+    for path in (results.output_path, results.error_path):
+        if not path.exists():
+            continue
+        with open(path) as f:
+            for raw in f:
+                if len(lines) >= rows + 2:
+                    break
+                line = json.loads(raw)
+                response = line.get("response") or {}
+                body = response.get("body") or {}
+                choice = (body.get("choices") or [{}])[0]
+                text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
+                if text is None:
+                    text = (body.get("error") or line.get("error") or {}).get("message", "")
+                text = str(text).replace("|", "\\|").replace("\n", " ")[:120]
+                lines.append(f"| {line['custom_id']} | {response.get('status_code', 'error')} | {text} |")
+    return "\n".join(lines)
+
+
+@asset(
+    partitions_def=batch_partitions,
+    deps=[batch_input],
+    pool="gpu",
+    group_name="batches",
+    kinds={"vllm", "jsonl"},
+)
+def batch_output(
+    context: AssetExecutionContext,
+    metadata_db: MetadataDB,
+    file_store: FileStore,
+    inference_engine: InferenceEngine,
+) -> MaterializeResult:
+    """Every request run on the warm engine: OpenAI output and error JSONL files, resumable."""
+    batch_id = context.partition_key
+    db = metadata_db.db
+    batch = _batch_or_fail(metadata_db, batch_id)
+    directory = file_store.batch_dir(batch_id)
+    input_path = directory / INPUT_FILE
+    if not input_path.exists():
+        raise Failure(f"{input_path} is missing: materialize batch_input for {batch_id} first")
+    settings = load_settings()
+    model = prepare_model(settings, lookup_model(settings, batch.model))
+    results = ResultFiles(directory)
+    progress = BatchProgress(total=parquet_row_count(input_path))
+    done = results.resume(progress)
+    if done:
+        context.log.info(f"{batch_id}: resuming, {len(done)} of {progress.total} requests already finished")
+    update_batch(db, batch_id, status="in_progress", dagster_run_id=context.run_id,
+                 request_total=progress.total, request_completed=progress.completed,
+                 request_failed=progress.failed)
+
+    last_log = [0.0]
+
+    def on_progress(p: BatchProgress) -> None:
+        update_batch(db, batch_id, request_completed=p.completed, request_failed=p.failed)
+        if time.monotonic() - last_log[0] >= 5 or p.finished == p.total:
+            last_log[0] = time.monotonic()
+            context.log.info(f"{batch_id}: {p.completed} completed, {p.failed} failed of {p.total}")
+
+    def should_stop() -> bool:
+        current = get_batch(db, batch_id)
+        return current is None or current.status in STOP_STATUSES
+
+    async def run() -> bool:
+        engine = inference_engine.open(model)
+        context.log.info(f"{batch_id}: running on {engine.backend} engine for {model.id}")
+        try:
+            return await run_batch_requests(
+                engine, batch.endpoint, iter_requests(input_path, done, model.id), results, progress,
+                concurrency=inference_engine.max_concurrency, should_stop=should_stop,
+                on_progress=on_progress,
+            )
+        finally:
+            await engine.aclose()
+
+    started = time.monotonic()
+    finished = False
+    try:
+        finished = asyncio.run(run())
+    finally:
+        results.close()
+        if not finished and get_batch(db, batch_id).status == "cancelling":
+            _register_results(db, batch_id, results)
+            update_batch(db, batch_id, status="cancelled", usage=_usage(progress))
+    wall = time.monotonic() - started
+    if not finished:
+        raise Failure(f"Batch {batch_id} was cancelled after {progress.finished} of {progress.total} "
+                      "requests; finished results are kept")
+
+    update_batch(db, batch_id, status="finalizing")
+    _register_results(db, batch_id, results)
+    update_batch(db, batch_id, status="completed", usage=_usage(progress))
+    new_tokens = progress.completion_tokens - progress.completion_tokens_before
+    ran = progress.finished - progress.done_before
+    return MaterializeResult(metadata={
+        "model": model.id,
+        "engine": inference_engine.resolved_backend(),
+        "requests_total": progress.total,
+        "requests_completed": progress.completed,
+        "requests_failed": progress.failed,
+        "requests_resumed": progress.done_before,
+        "prompt_tokens": progress.prompt_tokens,
+        "completion_tokens": progress.completion_tokens,
+        "wall_seconds": round(wall, 3),
+        "requests_per_second": round(ran / wall, 2) if wall > 0 else 0.0,
+        "output_tokens_per_second": round(new_tokens / wall, 2) if wall > 0 else 0.0,
+        "output_path": MetadataValue.path(str(results.output_path)),
+        "preview": MetadataValue.md(_preview(results)),
+    })
+
+
+def _usage(progress: BatchProgress) -> dict:
+    return {
+        "input_tokens": progress.prompt_tokens,
+        "output_tokens": progress.completion_tokens,
+        "total_tokens": progress.prompt_tokens + progress.completion_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _register_results(db, batch_id: str, results: ResultFiles) -> None:
+    """Record the output/error JSONL as files (purpose batch_output), once."""
+    batch = get_batch(db, batch_id)
+    fields = {}
+    if batch.output_file_id is None and results.output_path.exists() and results.output_path.stat().st_size:
+        fields["output_file_id"] = register_file(db, results.output_path, f"{batch_id}_output.jsonl",
+                                                 "batch_output").id
+    if batch.error_file_id is None and results.error_path.exists() and results.error_path.stat().st_size:
+        fields["error_file_id"] = register_file(db, results.error_path, f"{batch_id}_error.jsonl",
+                                                "batch_output").id
+    if fields:
+        update_batch(db, batch_id, **fields)

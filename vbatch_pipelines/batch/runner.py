@@ -1,0 +1,192 @@
+"""Run a validated batch on an engine: bounded concurrency, results on disk as they finish, resumable.
+
+Each finished request is appended to the output JSONL (success) or the error JSONL (the engine refused
+it) and flushed at once, so a killed or cancelled run loses only requests still in flight. A new run
+first reads both files, drops a torn last line, and skips every custom_id already there: nothing is
+redone, nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vbatch_pipelines.engine.base import Engine, EngineResponse, EngineUnavailable
+
+
+@dataclass
+class BatchProgress:
+    total: int
+    completed: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    done_before: int = 0
+    completion_tokens_before: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> int:
+        return self.completed + self.failed
+
+    def add_usage(self, body: dict[str, Any]) -> None:
+        usage = body.get("usage") or {}
+        self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens += int(usage.get("completion_tokens") or 0)
+
+
+class ResultFiles:
+    """The output and error JSONL files of one batch, append-only."""
+
+    def __init__(self, directory: Path):
+        self.output_path = directory / "output.jsonl"
+        self.error_path = directory / "errors.jsonl"
+        directory.mkdir(parents=True, exist_ok=True)
+        self._output = None
+        self._errors = None
+
+    @staticmethod
+    def _scan(path: Path, progress: BatchProgress | None, ok: bool) -> set[str]:
+        """custom_ids already in ``path``; truncates a torn last line left by a killed run."""
+        done: set[str] = set()
+        if not path.exists():
+            return done
+        good_bytes = 0
+        with open(path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    break
+                good_bytes += len(raw)
+                done.add(line["custom_id"])
+                if progress is not None:
+                    if ok:
+                        progress.completed += 1
+                        progress.add_usage(line["response"]["body"])
+                    else:
+                        progress.failed += 1
+        if good_bytes != path.stat().st_size:
+            with open(path, "r+b") as f:
+                f.truncate(good_bytes)
+        return done
+
+    def resume(self, progress: BatchProgress | None = None) -> set[str]:
+        done = self._scan(self.output_path, progress, True) | self._scan(self.error_path, progress, False)
+        if progress is not None:
+            progress.done_before = len(done)
+            progress.completion_tokens_before = progress.completion_tokens
+        return done
+
+    def _append(self, handle_name: str, path: Path, line: dict[str, Any]) -> None:
+        handle = getattr(self, handle_name)
+        if handle is None:
+            handle = open(path, "ab")
+            setattr(self, handle_name, handle)
+        handle.write(json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+        handle.flush()
+
+    def write(self, custom_id: str, response: EngineResponse) -> None:
+        line = {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": custom_id,
+            "response": {"status_code": response.status_code, "request_id": uuid.uuid4().hex,
+                         "body": response.body},
+            "error": None,
+        }
+        if response.ok:
+            self._append("_output", self.output_path, line)
+        else:
+            self._append("_errors", self.error_path, line)
+
+    def write_error(self, custom_id: str, code: str, message: str) -> None:
+        """A request that never reached the engine (batch expired or cancelled), OpenAI-style."""
+        line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
+                "error": {"code": code, "message": message}}
+        self._append("_errors", self.error_path, line)
+
+    def close(self) -> None:
+        for name in ("_output", "_errors"):
+            handle = getattr(self, name)
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+                setattr(self, name, None)
+
+
+RequestRow = tuple[str, dict[str, Any]]  # (custom_id, body)
+
+
+async def run_batch_requests(
+    engine: Engine,
+    endpoint: str,
+    requests: Iterator[RequestRow],
+    results: ResultFiles,
+    progress: BatchProgress,
+    *,
+    concurrency: int = 128,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[BatchProgress], None] = lambda p: None,
+    progress_every_s: float = 1.0,
+    max_attempts: int = 5,
+) -> bool:
+    """Run every request; returns False if ``should_stop`` ended it early (finished results are kept)."""
+    stop = asyncio.Event()
+
+    async def attempt(body: dict[str, Any]) -> EngineResponse:
+        for n in range(1, max_attempts + 1):
+            try:
+                return await engine.request(endpoint, body)
+            except EngineUnavailable:
+                if n == max_attempts:
+                    raise
+                await asyncio.sleep(min(2.0 ** n, 10.0))
+                await engine.recover()
+        raise AssertionError("unreachable")
+
+    async def worker() -> None:
+        for custom_id, body in requests:
+            if stop.is_set():
+                return
+            response = await attempt(body)
+            results.write(custom_id, response)
+            if response.ok:
+                progress.completed += 1
+                progress.add_usage(response.body)
+            else:
+                progress.failed += 1
+
+    async def watcher() -> None:
+        while True:
+            await asyncio.sleep(progress_every_s)
+            on_progress(progress)
+            if await asyncio.to_thread(should_stop):
+                stop.set()
+                return
+
+    workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
+    watch = asyncio.create_task(watcher())
+    try:
+        pending = set(workers)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise a worker's failure at once
+            if stop.is_set():
+                break
+    finally:
+        for task in workers + [watch]:
+            task.cancel()
+        await asyncio.gather(*workers, watch, return_exceptions=True)
+        on_progress(progress)
+    return not stop.is_set()

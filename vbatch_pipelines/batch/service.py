@@ -1,0 +1,174 @@
+"""Files and batches as records: what the CLI, the REST API and the assets share.
+
+A batch is a row in the metadata DB plus a directory ``$VBATCH_HOME/batches/<batch_id>/`` holding its
+validated input (``input.parquet``) and results (``output.jsonl``, ``errors.jsonl``). The batch id is
+also its Dagster partition key.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import select
+
+from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch, File
+
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+MAX_METADATA_PAIRS = 16
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex[:24]}"
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class BatchRequestError(ValueError):
+    """A request to create a batch that cannot be accepted (maps to HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def store_file(db: Database, files_dir: Path, source: BinaryIO, filename: str, purpose: str,
+               *, max_bytes: int | None = None) -> File:
+    """Stream ``source`` into the file store and record it; the file exists only once fully written."""
+    file_id = new_file_id()
+    files_dir.mkdir(parents=True, exist_ok=True)
+    path = files_dir / file_id
+    tmp = path.with_suffix(".part")
+    size = 0
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := source.read(1024 * 1024):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise BatchRequestError(f"File is larger than the limit of {max_bytes} bytes",
+                                            "file", "file_too_large")
+                out.write(chunk)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return register_file(db, path, filename, purpose, file_id=file_id)
+
+
+def register_file(db: Database, path: Path, filename: str, purpose: str, *, file_id: str | None = None) -> File:
+    record = File(id=file_id or new_file_id(), bytes=path.stat().st_size, created_at=now(),
+                  filename=filename, purpose=purpose, status="processed", path=str(path))
+    with db.session() as session:
+        session.add(record)
+    return record
+
+
+def get_file(db: Database, file_id: str) -> File | None:
+    with db.session() as session:
+        return session.get(File, file_id)
+
+
+def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_window: str = "24h",
+                 metadata: dict[str, str] | None = None) -> Batch:
+    """Record a new batch (status ``validating``); the caller launches its run."""
+    if endpoint not in SUPPORTED_ENDPOINTS:
+        raise BatchRequestError(f"endpoint must be one of {', '.join(SUPPORTED_ENDPOINTS)}", "endpoint",
+                                "invalid_value")
+    if completion_window not in COMPLETION_WINDOWS:
+        raise BatchRequestError("completion_window must be '24h'", "completion_window", "invalid_value")
+    metadata = metadata or None
+    if metadata is not None:
+        if len(metadata) > MAX_METADATA_PAIRS:
+            raise BatchRequestError("metadata takes at most 16 key-value pairs", "metadata")
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str) or len(key) > 64 or len(value) > 512:
+                raise BatchRequestError("metadata keys are strings of at most 64 characters and values "
+                                        "strings of at most 512", "metadata")
+    input_file = get_file(db, input_file_id)
+    if input_file is None:
+        raise BatchRequestError(f"No file with id {input_file_id!r}", "input_file_id", "file_not_found")
+    if input_file.purpose != "batch":
+        raise BatchRequestError(f"File {input_file_id} has purpose {input_file.purpose!r}, not 'batch'",
+                                "input_file_id", "invalid_file_purpose")
+    created = now()
+    batch = Batch(id=new_batch_id(), endpoint=endpoint, input_file_id=input_file_id,
+                  completion_window=completion_window, status="validating", created_at=created,
+                  expires_at=created + COMPLETION_WINDOWS[completion_window], metadata_=metadata,
+                  request_total=0, request_completed=0, request_failed=0)
+    with db.session() as session:
+        session.add(batch)
+    return batch
+
+
+def get_batch(db: Database, batch_id: str) -> Batch | None:
+    with db.session() as session:
+        return session.get(Batch, batch_id)
+
+
+def update_batch(db: Database, batch_id: str, **fields: Any) -> Batch:
+    """Set fields on a batch; a ``status`` also stamps its ``<status>_at`` time once."""
+    with db.session() as session:
+        batch = session.get(Batch, batch_id, with_for_update=True)
+        if batch is None:
+            raise KeyError(batch_id)
+        status = fields.get("status")
+        if status is not None:
+            stamp = f"{status}_at"
+            if hasattr(batch, stamp) and getattr(batch, stamp) is None and stamp not in fields:
+                fields[stamp] = now()
+        for key, value in fields.items():
+            setattr(batch, key, value)
+        return batch
+
+
+def batches_without_run(db: Database, older_than_s: float = 0) -> list[str]:
+    """Batches accepted but never launched (e.g. Dagster was down): the launch sensor's work list."""
+    cutoff = now() - older_than_s
+    with db.session() as session:
+        rows = session.scalars(
+            select(Batch.id).where(Batch.dagster_run_id.is_(None), Batch.status == "validating",
+                                   Batch.created_at <= cutoff).order_by(Batch.created_at)
+        )
+        return list(rows)
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_BATCH_STATUSES
+
+
+def batch_dir(batches_dir: Path, batch_id: str) -> Path:
+    return batches_dir / batch_id
+
+
+def iter_requests(parquet_path: Path, skip: set[str], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(custom_id, body) for requests not in ``skip``, reading the Parquet one row group at a time."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(parquet_path)
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group, columns=["custom_id", "body"])
+        for custom_id, body in zip(table.column("custom_id").to_pylist(), table.column("body").to_pylist()):
+            if custom_id in skip:
+                continue
+            request = json.loads(body)
+            request["model"] = model
+            yield custom_id, request
+
+
+def parquet_row_count(parquet_path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(parquet_path).metadata.num_rows

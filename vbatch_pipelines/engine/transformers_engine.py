@@ -1,0 +1,193 @@
+"""The portable fallback engine: transformers in-process, where vLLM is not installed (macOS, no venv).
+
+Concurrent requests are gathered into micro-batches (same sampling settings, left padding) so a batch
+still runs at batch speed. Bodies are validated with the same protocol models as everywhere else and
+responses have the exact OpenAI shape the vLLM path returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from vbatch_pipelines.engine.base import EngineResponse
+from vbatch_pipelines.models.registry import ModelSpec
+from vbatch_pipelines.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ENDPOINT_REQUESTS,
+    error_body,
+)
+
+
+@dataclass
+class _Job:
+    key: tuple
+    prompts: list[Any]  # strings, or lists of token ids
+    max_new_tokens: int
+    stops: list[str]
+    future: asyncio.Future
+    results: list = field(default_factory=list)
+
+
+class TransformersEngine:
+    backend = "transformers"
+
+    def __init__(self, model: ModelSpec, *, max_batch_size: int = 64, default_max_tokens: int = 256):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_id = model.id
+        self._torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model.path, dtype="auto").to(self.device).eval()
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_batch_size = max_batch_size
+        self.default_max_tokens = default_max_tokens
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task | None = None
+
+    # -- request handling --------------------------------------------------------------------------
+
+    async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        request_model = ENDPOINT_REQUESTS.get(endpoint)
+        if request_model is None:
+            return EngineResponse(404, error_body(f"Unsupported endpoint {endpoint}", code="invalid_url"))
+        try:
+            request = request_model.model_validate(body)
+            prompts = self._prompts(request)
+        except (ValidationError, ValueError) as exc:
+            return EngineResponse(400, error_body(str(exc), code="invalid_request"))
+        max_new = request.max_new_tokens(self.default_max_tokens)
+        for prompt in prompts:
+            n_prompt = len(prompt) if isinstance(prompt, list) else len(self.tokenizer(prompt)["input_ids"])
+            if n_prompt + max_new > self.max_len:
+                return EngineResponse(400, error_body(
+                    f"This model's maximum context length is {self.max_len} tokens. However, you requested "
+                    f"{n_prompt + max_new} tokens ({n_prompt} in the messages, {max_new} in the completion).",
+                    param="max_tokens", code="context_length_exceeded"))
+        do_sample = (request.temperature if request.temperature is not None else 1.0) > 0
+        key = (do_sample, request.temperature, request.top_p, request.seed, request.n)
+        job = _Job(key, prompts, max_new, request.stop_sequences(), asyncio.get_running_loop().create_future())
+        await self._enqueue(job)
+        outputs = await job.future
+        return EngineResponse(200, self._response(request, outputs))
+
+    def _prompts(self, request) -> list[Any]:
+        if isinstance(request, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+            return [self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)]
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        return list(prompt)
+
+    def _response(self, request, outputs: list[list[tuple[str, int, str]]]) -> dict[str, Any]:
+        prompt_tokens = sum(o[0][3] for o in outputs)
+        completion_tokens = sum(n for per_prompt in outputs for _, n, _, _ in per_prompt)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        created = int(time.time())
+        choices = [choice for per_prompt in outputs for choice in per_prompt]
+        if isinstance(request, CompletionRequest):
+            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
+                    "model": self.model_id, "usage": usage,
+                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                                for i, (text, _, reason, _) in enumerate(choices)]}
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
+                "model": self.model_id, "usage": usage,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": reason}
+                            for i, (text, _, reason, _) in enumerate(choices)]}
+
+    # -- micro-batching ----------------------------------------------------------------------------
+
+    async def _enqueue(self, job: _Job) -> None:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._work())
+        await self._queue.put(job)
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            jobs = [await self._queue.get()]
+            await asyncio.sleep(0.002)  # let concurrent callers join this micro-batch
+            while not self._queue.empty() and len(jobs) < self.max_batch_size:
+                jobs.append(self._queue.get_nowait())
+            groups: dict[tuple, list[_Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.key, []).append(job)
+            for group in groups.values():
+                try:
+                    results = await asyncio.to_thread(self._generate, group)
+                    for job, result in zip(group, results):
+                        if not job.future.done():
+                            job.future.set_result(result)
+                except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting caller
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+
+    def _generate(self, jobs: list[_Job]) -> list[list[list[tuple[str, int, str, int]]]]:
+        torch = self._torch
+        do_sample, temperature, top_p, seed, n = jobs[0].key
+        flat = [(j, p) for j, job in enumerate(jobs) for p in job.prompts]
+        texts = [p for _, p in flat if isinstance(p, str)]
+        if len(texts) == len(flat):
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        else:
+            ids = [p if isinstance(p, list) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
+                   for _, p in flat]
+            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        kwargs: dict[str, Any] = {"max_new_tokens": max(job.max_new_tokens for job in jobs),
+                                  "num_return_sequences": n, "pad_token_id": self.tokenizer.pad_token_id}
+        if do_sample:
+            kwargs.update(do_sample=True, temperature=temperature or 1.0, top_p=top_p or 1.0)
+            if seed is not None:
+                torch.manual_seed(seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            generated = self.model.generate(**enc, **kwargs)
+        width = enc["input_ids"].shape[1]
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        eos = self.tokenizer.eos_token_id
+        results: list[list[list[tuple[str, int, str, int]]]] = [[] for _ in jobs]
+        for row, (j, _) in enumerate(flat):
+            job = jobs[j]
+            choices = []
+            for k in range(n):
+                tokens = generated[row * n + k, width:].tolist()[: job.max_new_tokens]
+                finish = "length"
+                if eos in tokens:
+                    tokens = tokens[: tokens.index(eos) + 1]
+                    finish = "stop"
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                for stop in job.stops:
+                    cut = text.find(stop)
+                    if cut != -1:
+                        text, finish = text[:cut], "stop"
+                choices.append((text, len(tokens), finish, prompt_lens[row]))
+            results[j].append(choices)
+        return results
+
+    async def recover(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+            self._queue = None

@@ -1,0 +1,145 @@
+"""A tiny Llama-architecture chat model built entirely on this machine.
+
+No weights can be downloaded here, yet tests, the demo and benchmarks need a real model that both
+transformers and vLLM load. This builds one: a byte-level BPE tokenizer trained on a generated chat
+corpus, a ChatML chat template (with ``{% generation %}`` markers so trainers can mask prompts), and a
+randomly initialised (seeded, so reproducible) LlamaConfig with ``head_dim=32`` - vLLM's CPU attention
+rejects 16. Optionally a few hundred SGD steps on the corpus make it answer in the corpus' style and end
+its turns with ``<|im_end|>``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_SUBJECTS = ["the sky", "a cat", "the ocean", "my garden", "a robot", "the city", "an old book",
+             "the mountain", "a river", "the market", "a violin", "the desert", "a lighthouse"]
+_VERBS = ["describe", "summarize", "explain", "praise", "criticize", "imagine"]
+_ADJECTIVES = ["blue", "quiet", "bright", "ancient", "curious", "gentle", "vast", "busy", "small"]
+
+
+def generate_corpus(n_dialogues: int = 2000, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Small chat dialogues (arithmetic, descriptions, echoes) that give the tokenizer its vocabulary."""
+    rng = random.Random(seed)
+    dialogues = []
+    for _ in range(n_dialogues):
+        kind = rng.randrange(3)
+        if kind == 0:
+            a, b = rng.randrange(100), rng.randrange(100)
+            user, answer = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+        elif kind == 1:
+            subject, adjective = rng.choice(_SUBJECTS), rng.choice(_ADJECTIVES)
+            user = f"Please {rng.choice(_VERBS)} {subject}."
+            answer = f"{subject.capitalize()} is {adjective} and {rng.choice(_ADJECTIVES)}."
+        else:
+            word = rng.choice(_ADJECTIVES + [s.split()[-1] for s in _SUBJECTS])
+            user, answer = f"Repeat the word {word}.", f"{word}"
+        dialogue = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        if rng.random() < 0.3:
+            dialogue.insert(0, {"role": "system", "content": "You are a helpful assistant."})
+        dialogues.append(dialogue)
+    return dialogues
+
+
+def _render(dialogue: list[dict[str, str]]) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in dialogue)
+
+
+def build_tokenizer(corpus: list[list[dict[str, str]]], vocab_size: int = 1000):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator((_render(d) for d in corpus), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def create_tiny_model(path: str | Path, *, seed: int = 0, train_steps: int = 300) -> Path:
+    """Build and save the tiny chat model (``save_pretrained``) at ``path``; returns the path."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    corpus = generate_corpus(seed=seed)
+    tokenizer = build_tokenizer(corpus)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if train_steps:
+        _train_on_corpus(model, tokenizer, corpus, train_steps, seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "vbatch_model.json").write_text(
+        json.dumps({"recipe": "vbatch tiny chat", "seed": seed, "train_steps": train_steps}, indent=2)
+    )
+    return path
+
+
+def _train_on_corpus(model, tokenizer, corpus, steps: int, seed: int) -> None:
+    """A few causal-LM steps so the model speaks the corpus' language and ends its turns."""
+    import torch
+
+    rng = random.Random(seed)
+    texts = [_render(d) for d in corpus]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = tokenizer(rng.sample(texts, 32), return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()

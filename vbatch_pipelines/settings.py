@@ -1,0 +1,102 @@
+"""Where vbatch keeps its state, read from the environment.
+
+Everything lives under one home directory (``VBATCH_HOME``, default ``./.vbatch``) unless an
+environment variable points a piece elsewhere: the Dagster instance, the metadata DB (SQLite unless
+``VBATCH_DATABASE_URL`` is set), the file store, managed engine state and locally built models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+TINY_MODEL_ID = "vbatch-tiny-chat"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def gpu_count() -> int:
+    """GPUs this machine can use, without importing torch (nvidia-smi or CUDA_VISIBLE_DEVICES)."""
+    configured = _env("VBATCH_GPUS")
+    if configured is not None:
+        return int(configured)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    return sum(1 for entry in Path("/dev").glob("nvidia[0-9]*"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    dagster_database_url: str | None
+    engine_backend: str
+    vllm_python: str | None
+    envs_dir: Path
+    default_model: str | None
+    models: dict[str, str]
+    gpus: int
+    dagster_url: str
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
+
+    @property
+    def batches_dir(self) -> Path:
+        return self.home / "batches"
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.home / "engines"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def dagster_home(self) -> Path:
+        return Path(_env("DAGSTER_HOME") or self.home / "dagster")
+
+    @property
+    def tiny_model_path(self) -> Path:
+        return self.models_dir / TINY_MODEL_ID
+
+
+def _parse_models(spec: str | None) -> dict[str, str]:
+    """``VBATCH_MODELS="name=path,name2=path2"``: the base models vbatch may serve."""
+    models: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"VBATCH_MODELS entry {item!r} is not of the form name=path")
+        models[name.strip()] = path.strip()
+    return models
+
+
+def load_settings() -> Settings:
+    home = Path(_env("VBATCH_HOME", ".vbatch")).expanduser().resolve()
+    database_url = _env("VBATCH_DATABASE_URL") or f"sqlite:///{home / 'vbatch.db'}"
+    return Settings(
+        home=home,
+        database_url=database_url,
+        dagster_database_url=_env("VBATCH_DAGSTER_DATABASE_URL"),
+        engine_backend=_env("VBATCH_ENGINE", "auto"),
+        vllm_python=_env("VBATCH_VLLM_PYTHON"),
+        envs_dir=Path(_env("VBATCH_ENVS_DIR", str(Path.home() / ".cache" / "vbatch" / "envs"))),
+        default_model=_env("VBATCH_DEFAULT_MODEL"),
+        models=_parse_models(_env("VBATCH_MODELS")),
+        gpus=gpu_count(),
+        dagster_url=_env("VBATCH_DAGSTER_URL", "http://127.0.0.1:3000"),
+    )
