@@ -1,0 +1,313 @@
+"""The ``vbatch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vbatch_pipelines.settings import Settings, load_settings
+
+
+def _resources(settings: Settings):
+    from vbatch_pipelines.definitions import build_resources
+
+    return build_resources(settings)
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def cmd_models_create_tiny(args, settings: Settings) -> int:
+    from vbatch_pipelines.models.tiny import create_tiny_model
+
+    started = time.monotonic()
+    path = create_tiny_model(args.path, seed=args.seed, train_steps=args.train_steps)
+    print(f"Tiny chat model written to {path} in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def cmd_models_list(args, settings: Settings) -> int:
+    from vbatch_pipelines.models.registry import base_models, default_model_id
+
+    default = default_model_id(settings)
+    for spec in base_models(settings).values():
+        marker = "\t(default)" if spec.id == default else ""
+        print(f"{spec.id}\t{spec.path}{marker}")
+    return 0
+
+
+# -- engine ---------------------------------------------------------------------------------------
+
+
+def cmd_engine_install(args, settings: Settings) -> int:
+    from vbatch_pipelines.engine.envs import install_vllm_env
+
+    print(install_vllm_env(settings))
+    return 0
+
+
+def _engine_for(settings: Settings, model_name: str | None):
+    from vbatch_pipelines.models.registry import lookup_model, prepare_model
+
+    engine = _resources(settings)["inference_engine"]
+    return engine, prepare_model(settings, lookup_model(settings, model_name))
+
+
+def cmd_engine_start(args, settings: Settings) -> int:
+    engine, model = _engine_for(settings, args.model)
+    if engine.resolved_backend() != "vllm":
+        print("No vLLM available: batches run on the in-process transformers engine (nothing to start).")
+        return 0
+    started = time.monotonic()
+    url = engine.server(model).ensure()
+    print(f"{model.id} served by vLLM at {url} (ready in {time.monotonic() - started:.1f}s)")
+    return 0
+
+
+def _managed_servers(settings: Settings):
+    from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, VLLMServerConfig
+    from vbatch_pipelines.models.registry import ModelSpec
+
+    for state_path in sorted(settings.engines_dir.glob("*.json")):
+        state = json.loads(state_path.read_text())
+        yield ManagedVLLMServer(ModelSpec(state["model"], state["path"]), settings.engines_dir,
+                                VLLMServerConfig(python=state["argv"][0]))
+
+
+def cmd_engine_stop(args, settings: Settings) -> int:
+    for server in _managed_servers(settings):
+        if args.model in (None, server.model.id):
+            print(f"{server.model.id}: {'stopped' if server.stop() else 'was not running'}")
+    return 0
+
+
+def cmd_engine_status(args, settings: Settings) -> int:
+    engine = _resources(settings)["inference_engine"]
+    print(f"backend: {engine.resolved_backend()} (configured: {engine.backend})")
+    for server in _managed_servers(settings):
+        state = server.state() or {}
+        health = "healthy" if server.healthy(state) else "down"
+        print(f"{server.model.id}\tpid {state.get('pid')}\t{server.url_of(state)}\t{health}")
+    return 0
+
+
+# -- db and batches -------------------------------------------------------------------------------
+
+
+def cmd_db_upgrade(args, settings: Settings) -> int:
+    from vbatch_pipelines.store.db import Database
+
+    Database(settings.database_url).upgrade()
+    print(f"Metadata DB at {settings.database_url} is up to date")
+    return 0
+
+
+def cmd_batch_submit(args, settings: Settings) -> int:
+    from vbatch_pipelines.batch.service import create_batch, get_batch, is_terminal, store_file
+    from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
+
+    db = _resources(settings)["metadata_db"].db
+    with open(args.file, "rb") as source:
+        stored = store_file(db, settings.files_dir, source, Path(args.file).name, "batch")
+    batch = create_batch(db, input_file_id=stored.id, endpoint=args.endpoint)
+    try:
+        run_id = launch_batch(db, batch.id, settings.dagster_url)
+        print(f"{batch.id}: launched Dagster run {run_id}")
+    except DagsterUnreachable as exc:
+        print(f"{batch.id}: recorded; {exc}; the batch_launch_sensor will launch it", file=sys.stderr)
+    if not args.wait:
+        print(batch.id)
+        return 0
+    while not is_terminal((batch := get_batch(db, batch.id)).status):
+        time.sleep(1)
+    print(json.dumps(batch.to_openai(), indent=2))
+    return 0 if batch.status == "completed" else 1
+
+
+def cmd_batch_show(args, settings: Settings) -> int:
+    from vbatch_pipelines.batch.service import get_batch
+
+    batch = get_batch(_resources(settings)["metadata_db"].db, args.batch_id)
+    if batch is None:
+        print(f"No batch {args.batch_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(batch.to_openai(), indent=2))
+    return 0
+
+
+# -- up -------------------------------------------------------------------------------------------
+
+
+def _spawn(argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    """A child in its own session with default signal handlers, so it can be stopped cleanly."""
+    log = open(log_path, "ab")
+
+    def restore_signals() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=restore_signals)
+
+
+def _stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_http(url: str, timeout: float) -> bool:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def prepare_platform(settings: Settings) -> dict:
+    """Everything `up` needs before processes start: DB schema, Dagster home, gpu pool, default model."""
+    from dagster import DagsterInstance
+
+    from vbatch_pipelines.instance import prepare_dagster_home, set_gpu_pool
+    from vbatch_pipelines.models.registry import lookup_model, prepare_model
+    from vbatch_pipelines.store.db import Database
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    Database(settings.database_url).upgrade()
+    dagster_home = prepare_dagster_home(settings)
+    env = dict(os.environ, DAGSTER_HOME=str(dagster_home), VBATCH_HOME=str(settings.home))
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    with DagsterInstance.get() as instance:
+        set_gpu_pool(instance, settings)
+    prepare_model(settings, lookup_model(settings, None))
+    return env
+
+
+def cmd_up(args, settings: Settings) -> int:
+    from vbatch_pipelines.instance import WORKSPACE_YAML
+
+    env = prepare_platform(settings)
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    processes = {
+        "dagster-webserver": _spawn([str(bin_dir / "dagster-webserver"), "-h", args.host, "-p", str(args.dagster_port),
+                                     "-w", str(WORKSPACE_YAML)], env, logs / "dagster-webserver.log"),
+        "dagster-daemon": _spawn([str(bin_dir / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)], env,
+                                 logs / "dagster-daemon.log"),
+    }
+    stopping = threading.Event()
+
+    def shutdown(signum=None, frame=None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+
+    engine_note = "transformers (in-process, per run)"
+    if not args.no_engine:
+        engine, model = _engine_for(settings, None)
+        if engine.resolved_backend() == "vllm":
+            print(f"Warming vLLM for {model.id} ...", flush=True)
+            try:
+                engine_note = f"vLLM {engine.server(model).ensure()} ({model.id})"
+            except Exception as exc:  # noqa: BLE001 - keep the platform up; batches retry the engine
+                engine_note = f"vLLM failed to start: {exc}"
+    dagster_url = f"http://{args.host}:{args.dagster_port}"
+    ready = _wait_http(f"{dagster_url}/server_info", 120)
+    print(f"vbatch is up (home {settings.home})\n"
+          f"  Dagster UI   {dagster_url}{'' if ready else '  (not answering yet; see logs)'}\n"
+          f"  engine       {engine_note}\n"
+          f"  logs         {logs}\n"
+          "Ctrl-C stops everything.", flush=True)
+    try:
+        while not stopping.is_set():
+            for name, process in processes.items():
+                if process.poll() is not None:
+                    print(f"{name} exited with code {process.returncode}; see {logs / (name + '.log')}",
+                          file=sys.stderr)
+                    stopping.set()
+            stopping.wait(1.0)
+    finally:
+        print("Stopping vbatch ...", flush=True)
+        for process in processes.values():
+            _stop_process_group(process)
+        for server in _managed_servers(settings):
+            server.stop()
+        print("Stopped.", flush=True)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vbatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Dagster (webserver, daemon) and the engine on embedded defaults")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--dagster-port", type=int, default=int(os.environ.get("VBATCH_DAGSTER_PORT", 3000)))
+    up.add_argument("--no-engine", action="store_true", help="do not warm the engine at start")
+    up.set_defaults(func=cmd_up)
+
+    models = sub.add_parser("models", help="models vbatch serves").add_subparsers(dest="models", required=True)
+    tiny = models.add_parser("create-tiny", help="build the tiny local Llama chat model")
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--train-steps", type=int, default=300)
+    tiny.set_defaults(func=cmd_models_create_tiny)
+    models.add_parser("list", help="base models and the default").set_defaults(func=cmd_models_list)
+
+    engine = sub.add_parser("engine", help="the inference engine").add_subparsers(dest="engine", required=True)
+    engine.add_parser("install", help="create vLLM's own virtualenv").set_defaults(func=cmd_engine_install)
+    for name, func, text in (("start", cmd_engine_start, "start (or find) the warm server for a model"),
+                             ("stop", cmd_engine_stop, "stop managed servers"),
+                             ("status", cmd_engine_status, "show managed servers")):
+        command = engine.add_parser(name, help=text)
+        if name != "status":
+            command.add_argument("--model", default=None)
+        command.set_defaults(func=func)
+
+    db = sub.add_parser("db", help="the metadata DB").add_subparsers(dest="db", required=True)
+    db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
+
+    batch = sub.add_parser("batch", help="batches").add_subparsers(dest="batch", required=True)
+    submit = batch.add_parser("submit", help="upload a JSONL file and launch its batch")
+    submit.add_argument("file")
+    submit.add_argument("--endpoint", default="/v1/chat/completions")
+    submit.add_argument("--wait", action="store_true", help="wait for the batch to end and print it")
+    submit.set_defaults(func=cmd_batch_submit)
+    show = batch.add_parser("show", help="print a batch object")
+    show.add_argument("batch_id")
+    show.set_defaults(func=cmd_batch_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args, load_settings())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
