@@ -5,6 +5,8 @@ from alembic import context
 from vbatch_pipelines.store.models import Base
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+# Own version table: the same database may also hold Dagster's storage, which uses alembic_version.
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
+                  version_table="vbatch_alembic_version")
 with context.begin_transaction():
     context.run_migrations()

@@ -1,0 +1,131 @@
+"""Shared fixtures: the tiny model (built once), an isolated VBATCH_HOME, PostgreSQL databases, vLLM."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vbatch_pipelines.settings import TINY_MODEL_ID
+
+POSTGRES_URL = os.environ.get("VBATCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    from vbatch_pipelines.models.tiny import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("models") / TINY_MODEL_ID)
+
+
+@pytest.fixture()
+def vbatch_home(tmp_path, tiny_model_path, monkeypatch) -> Path:
+    """An isolated VBATCH_HOME serving the session's tiny model on the transformers engine."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("VBATCH_HOME", str(home))
+    monkeypatch.setenv("VBATCH_MODELS", f"{TINY_MODEL_ID}={tiny_model_path}")
+    monkeypatch.setenv("VBATCH_ENGINE", "transformers")
+    monkeypatch.delenv("VBATCH_DATABASE_URL", raising=False)
+    monkeypatch.delenv("VBATCH_DAGSTER_DATABASE_URL", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    return home
+
+
+def chat_line(custom_id: str, content: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": content}], "max_tokens": 12, "temperature": 0,
+                     **body}}
+
+
+def chat_lines(n: int, prefix: str = "req", **body) -> list[dict]:
+    return [chat_line(f"{prefix}-{i}", f"What is {i} plus {i % 7}?", **body) for i in range(n)]
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
+
+
+class Platform:
+    """Resources and helpers bound to one VBATCH_HOME (and optionally other DB URLs)."""
+
+    def __init__(self, **overrides):
+        from vbatch_pipelines.definitions import build_resources
+        from vbatch_pipelines.settings import load_settings
+
+        self.settings = load_settings()
+        self.resources = build_resources(self.settings)
+        self.resources.update(overrides)
+        self.db = self.resources["metadata_db"].db
+
+    def submit(self, data: bytes, endpoint: str = "/v1/chat/completions", **kwargs):
+        from vbatch_pipelines.batch.service import create_batch, store_file
+
+        stored = store_file(self.db, self.settings.files_dir, io.BytesIO(data), "input.jsonl", "batch")
+        return create_batch(self.db, input_file_id=stored.id, endpoint=endpoint, **kwargs)
+
+    def materialize(self, batch_id: str, instance=None, raise_on_error: bool = True):
+        from dagster import DagsterInstance, materialize
+
+        from vbatch_pipelines.assets.batches import batch_input, batch_output
+
+        instance = instance or DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("batches", [batch_id])
+        return materialize([batch_input, batch_output], partition_key=batch_id, resources=self.resources,
+                           instance=instance, raise_on_error=raise_on_error)
+
+    def batch(self, batch_id: str):
+        from vbatch_pipelines.batch.service import get_batch
+
+        return get_batch(self.db, batch_id)
+
+    def results(self, batch_id: str) -> tuple[list[dict], list[dict]]:
+        directory = self.settings.batches_dir / batch_id
+        out = [json.loads(x) for x in (directory / "output.jsonl").read_text().splitlines()] \
+            if (directory / "output.jsonl").exists() else []
+        err = [json.loads(x) for x in (directory / "errors.jsonl").read_text().splitlines()] \
+            if (directory / "errors.jsonl").exists() else []
+        return out, err
+
+
+@pytest.fixture()
+def platform(vbatch_home) -> Platform:
+    return Platform()
+
+
+@pytest.fixture()
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    import sqlalchemy as sa
+
+    from vbatch_pipelines.store.db import normalize_url
+
+    name = f"vbatch_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(normalize_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        from vbatch_pipelines.store.db import get_database
+
+        get_database.cache_clear()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def vllm_python() -> str:
+    from vbatch_pipelines.engine.envs import find_vllm_python
+    from vbatch_pipelines.settings import load_settings
+
+    python = os.environ.get("VBATCH_TEST_VLLM_PYTHON") or find_vllm_python(load_settings())
+    if not python:
+        pytest.fail("vLLM is not installed: run `vbatch engine install` (make test does) or set "
+                    "VBATCH_TEST_VLLM_PYTHON")
+    return python

@@ -1,0 +1,130 @@
+"""Batch assets on the transformers engine: materialize, resume after a kill, cancel mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+from tests.conftest import chat_lines, jsonl
+from vbatch_pipelines.batch.service import update_batch
+
+
+def _assert_each_once(platform, batch_id, expected_ids):
+    out, err = platform.results(batch_id)
+    counts = Counter(line["custom_id"] for line in out + err)
+    assert set(counts) == set(expected_ids), set(expected_ids) ^ set(counts)
+    assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
+    return out, err
+
+
+def test_materialize_chat_batch(platform):
+    lines = chat_lines(30)
+    lines.append({"custom_id": "too-long", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}})
+    batch = platform.submit(jsonl(lines), metadata={"team": "qa"})
+    result = platform.materialize(batch.id)
+    assert result.success
+    record = platform.batch(batch.id)
+    assert record.status == "completed" and record.model == "vbatch-tiny-chat"
+    assert record.request_total == 31 and record.request_completed == 30 and record.request_failed == 1
+    assert record.output_file_id and record.error_file_id
+    assert record.usage["output_tokens"] > 0 and record.usage["input_tokens"] > 0
+    out, err = _assert_each_once(platform, batch.id, [line["custom_id"] for line in lines])
+    first = out[0]
+    assert first["id"].startswith("batch_req_") and first["error"] is None
+    assert first["response"]["status_code"] == 200
+    body = first["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "vbatch-tiny-chat"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert err[0]["custom_id"] == "too-long" and err[0]["response"]["status_code"] == 400
+    assert err[0]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+
+    materialization = result.asset_materializations_for_node("batch_output")[0]
+    metadata = materialization.metadata
+    assert metadata["requests_completed"].value == 30 and metadata["requests_failed"].value == 1
+    assert metadata["completion_tokens"].value == record.usage["output_tokens"]
+    assert metadata["model"].value == "vbatch-tiny-chat" and metadata["engine"].value == "transformers"
+    assert "req-0" in metadata["preview"].value or "req-" in metadata["preview"].value
+
+
+def test_materialize_completions_batch(platform):
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": f"Please describe {i}", "max_tokens": 8, "temperature": 0}} for i in range(10)]
+    batch = platform.submit(jsonl(lines), endpoint="/v1/completions")
+    assert platform.materialize(batch.id).success
+    out, _ = _assert_each_once(platform, batch.id, [f"c{i}" for i in range(10)])
+    body = out[0]["response"]["body"]
+    assert body["object"] == "text_completion" and isinstance(body["choices"][0]["text"], str)
+    assert body["usage"]["completion_tokens"] <= 8
+
+
+_RUN_IN_SUBPROCESS = textwrap.dedent("""
+    import sys
+    from tests.conftest import Platform
+    platform = Platform()
+    platform.resources["inference_engine"] = platform.resources["inference_engine"].model_copy(
+        update={"max_concurrency": 2})
+    platform.materialize(sys.argv[1], raise_on_error=False)
+""")
+
+
+def _start_run(batch_id: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _RUN_IN_SUBPROCESS, batch_id], env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for_outputs(platform, batch_id, at_least: int, process, timeout=240):
+    path = platform.settings.batches_dir / batch_id / "output.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= at_least:
+            return
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError("no outputs appeared")
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(platform):
+    lines = chat_lines(2000, prefix="kill")
+    batch = platform.submit(jsonl(lines))
+    process = _start_run(batch.id)
+    _wait_for_outputs(platform, batch.id, 20, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    path = platform.settings.batches_dir / batch.id / "output.jsonl"
+    before = path.read_bytes().count(b"\n")
+    assert 20 <= before < 2000
+    with open(path, "ab") as f:  # what a kill in the middle of a write leaves behind
+        f.write(b'{"id":"batch_req_torn","custom_id":"kill-')
+
+    result = platform.materialize(batch.id)
+    assert result.success
+    out, err = _assert_each_once(platform, batch.id, [line["custom_id"] for line in lines])
+    assert len(out) == 2000 and not err
+    metadata = result.asset_materializations_for_node("batch_output")[0].metadata
+    assert metadata["requests_resumed"].value >= before
+    assert platform.batch(batch.id).status == "completed"
+
+
+def test_cancel_stops_promptly_and_keeps_finished_results(platform):
+    lines = chat_lines(2000, prefix="cancel")
+    batch = platform.submit(jsonl(lines))
+    process = _start_run(batch.id)
+    _wait_for_outputs(platform, batch.id, 10, process)
+    update_batch(platform.db, batch.id, status="cancelling")
+    cancelled_at = time.monotonic()
+    process.wait(timeout=60)
+    assert time.monotonic() - cancelled_at < 10
+    record = platform.batch(batch.id)
+    assert record.status == "cancelled" and record.cancelled_at and record.cancelling_at
+    out, _ = platform.results(batch.id)
+    assert 10 <= len(out) < 2000
+    assert record.output_file_id is not None and record.request_completed == len(out)
+    assert len({line["custom_id"] for line in out}) == len(out)
+    json.dumps(record.to_openai())

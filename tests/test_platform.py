@@ -1,0 +1,99 @@
+"""The platform as a user runs it: `vbatch up` (Dagster webserver + daemon), launching batches through
+Dagster's GraphQL API, the launch sensor picking up batches Dagster missed, and a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import Platform, chat_lines, jsonl
+from vbatch_pipelines.batch.service import is_terminal
+from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_terminal(platform, batch_id, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = platform.batch(batch_id)
+        if is_terminal(batch.status):
+            return batch
+        time.sleep(0.5)
+    raise AssertionError(f"batch {batch_id} still {platform.batch(batch_id).status}")
+
+
+@pytest.fixture(scope="module")
+def running_platform(tmp_path_factory, tiny_model_path):
+    home = tmp_path_factory.mktemp("up-home")
+    port = _free_port()
+    env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="transformers",
+               VBATCH_MODELS=f"vbatch-tiny-chat={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
+               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{port}")
+    env.pop("VBATCH_DATABASE_URL", None)
+    env.pop("VBATCH_DAGSTER_DATABASE_URL", None)
+    process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--dagster-port", str(port)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = []
+    for line in process.stdout:
+        banner.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    assert process.poll() is None, "".join(banner)
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("VBATCH_HOME", "VBATCH_ENGINE", "VBATCH_MODELS", "DAGSTER_HOME", "VBATCH_DAGSTER_URL"):
+            mp.setenv(key, env[key])
+        mp.delenv("VBATCH_DATABASE_URL", raising=False)
+        platform = Platform()
+        platform.process, platform.banner, platform.dagster_url = process, "".join(banner), env["VBATCH_DAGSTER_URL"]
+        yield platform
+    if process.poll() is None:
+        process.kill()
+
+
+def test_up_prints_urls_and_sets_gpu_pool(running_platform):
+    assert running_platform.dagster_url in running_platform.banner
+    assert httpx.get(running_platform.dagster_url + "/server_info", timeout=5).status_code == 200
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
+
+
+def test_launch_batch_through_dagster(running_platform):
+    batch = running_platform.submit(jsonl(chat_lines(8)))
+    run_id = launch_batch(running_platform.db, batch.id, running_platform.dagster_url)
+    record = _wait_terminal(running_platform, batch.id)
+    assert record.status == "completed" and record.dagster_run_id == run_id
+    assert record.request_completed == 8
+
+
+def test_batch_accepted_while_dagster_unreachable_is_launched_by_sensor(running_platform):
+    batch = running_platform.submit(jsonl(chat_lines(5)))
+    with pytest.raises(DagsterUnreachable):
+        launch_batch(running_platform.db, batch.id, f"http://127.0.0.1:{_free_port()}", timeout=2)
+    assert running_platform.batch(batch.id).dagster_run_id is None
+    record = _wait_terminal(running_platform, batch.id)
+    assert record.status == "completed" and record.dagster_run_id
+
+
+def test_sigterm_stops_every_process_it_started(running_platform):
+    process = running_platform.process
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert children
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

@@ -1,0 +1,109 @@
+"""The real vLLM engine (CPU build): materialization, one warm server across batches, restart after a kill."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import Platform, chat_lines, jsonl, vllm_python
+from vbatch_pipelines.settings import TINY_MODEL_ID
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def vllm_platform(tmp_path_factory, tiny_model_path):
+    """One VBATCH_HOME for the module, so its tests share (and test) one managed vLLM server."""
+    home = tmp_path_factory.mktemp("vllm-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VBATCH_HOME", str(home))
+        mp.setenv("VBATCH_MODELS", f"{TINY_MODEL_ID}={tiny_model_path}")
+        mp.setenv("VBATCH_ENGINE", "vllm")
+        mp.setenv("VBATCH_VLLM_PYTHON", vllm_python())
+        mp.delenv("VBATCH_DATABASE_URL", raising=False)
+        platform = Platform()
+        try:
+            yield platform
+        finally:
+            from vbatch_pipelines.cli import _managed_servers
+
+            for server in _managed_servers(platform.settings):
+                server.stop()
+
+
+def _server(platform):
+    from vbatch_pipelines.models.registry import lookup_model
+
+    return platform.resources["inference_engine"].server(lookup_model(platform.settings, None))
+
+
+def test_vllm_batch_materializes_and_matches_transformers(vllm_platform):
+    lines = chat_lines(40)
+    batch = vllm_platform.submit(jsonl(lines))
+    result = vllm_platform.materialize(batch.id)
+    assert result.success
+    record = vllm_platform.batch(batch.id)
+    assert record.status == "completed" and record.request_completed == 40
+    out, err = vllm_platform.results(batch.id)
+    assert not err and sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in lines)
+    metadata = result.asset_materializations_for_node("batch_output")[0].metadata
+    assert metadata["engine"].value == "vllm"
+    assert record.usage["output_tokens"] == sum(x["response"]["body"]["usage"]["completion_tokens"] for x in out)
+
+    # Greedy decoding: vLLM and the transformers fallback give the same text for the same model.
+    from vbatch_pipelines.engine.transformers_engine import TransformersEngine
+    from vbatch_pipelines.models.registry import lookup_model
+
+    engine = TransformersEngine(lookup_model(vllm_platform.settings, None))
+    by_id = {x["custom_id"]: x["response"]["body"]["choices"][0]["message"]["content"] for x in out}
+
+    async def run():
+        return [await engine.request("/v1/chat/completions", line["body"]) for line in lines[:8]]
+
+    for line, response in zip(lines[:8], asyncio.run(run())):
+        assert response.body["choices"][0]["message"]["content"] == by_id[line["custom_id"]]
+
+
+def test_server_stays_warm_across_batches(vllm_platform):
+    server = _server(vllm_platform)
+    server.ensure()
+    pid = server.state()["pid"]
+    for _ in range(2):
+        batch = vllm_platform.submit(jsonl(chat_lines(10)))
+        started = time.monotonic()
+        assert vllm_platform.materialize(batch.id).success
+        assert time.monotonic() - started < 15  # no engine start in between
+        assert server.state()["pid"] == pid
+
+
+def test_completions_and_sampling_options_on_vllm(vllm_platform):
+    lines = [{"custom_id": "n2", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": "Please describe a cat", "max_tokens": 6, "temperature": 0.8, "n": 2, "seed": 7}},
+             {"custom_id": "stop", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": "What is 2 plus 2?", "max_tokens": 16, "temperature": 0, "stop": ["plus"]}}]
+    batch = vllm_platform.submit(jsonl(lines), endpoint="/v1/completions")
+    assert vllm_platform.materialize(batch.id).success
+    out, err = vllm_platform.results(batch.id)
+    assert not err
+    bodies = {x["custom_id"]: x["response"]["body"] for x in out}
+    assert len(bodies["n2"]["choices"]) == 2
+    assert "plus" not in bodies["stop"]["choices"][0]["text"]
+
+
+def test_killed_server_is_restarted_by_the_next_batch(vllm_platform):
+    server = _server(vllm_platform)
+    server.ensure()
+    old_pid = server.state()["pid"]
+    os.killpg(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.healthy() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not server.healthy()
+    batch = vllm_platform.submit(jsonl(chat_lines(10)))
+    assert vllm_platform.materialize(batch.id).success
+    assert server.state()["pid"] != old_pid and server.healthy()
+    assert vllm_platform.batch(batch.id).request_completed == 10
