@@ -61,10 +61,11 @@ GOOD = json.dumps(chat_line("ok-1", "hello")).encode()
          + json.dumps(chat_line("b", "x", model="other")).encode(), "mismatched_model", 2, "body.model"),
         (json.dumps(chat_line("a", "x", model="nope")).encode(), "model_not_found", 1, "body.model"),
         (b"[1, 2]", "invalid_request", 1, None),
+        (json.dumps(chat_line("a", "x", stream=True)).encode(), "invalid_request", 1, "body.stream"),
     ],
     ids=["malformed-json", "duplicate-id", "unknown-url", "missing-body", "non-utf8", "empty", "blank-only",
          "bad-method", "empty-id", "other-endpoint", "bad-role", "no-messages", "two-models", "unknown-model",
-         "not-object"],
+         "not-object", "streamed"],
 )
 def test_bad_file_reports_clear_error(tmp_path, data, code, line, param):
     report, out = _validate(tmp_path, data)

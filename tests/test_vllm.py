@@ -107,3 +107,32 @@ def test_killed_server_is_restarted_by_the_next_batch(vllm_platform):
     assert vllm_platform.materialize(batch.id).success
     assert server.state()["pid"] != old_pid and server.healthy()
     assert vllm_platform.batch(batch.id).request_completed == 10
+
+
+def test_engine_single_requests_and_errors(vllm_platform):
+    """The per-request path (what online chat uses) and its OpenAI-shaped errors."""
+    from vbatch_pipelines.models.registry import lookup_model
+
+    engine = vllm_platform.resources["inference_engine"].open(lookup_model(vllm_platform.settings, None))
+
+    async def run():
+        try:
+            ok = await engine.request("/v1/chat/completions", {
+                "model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "What is 1 plus 1?"}],
+                "max_tokens": 8, "temperature": 0})
+            too_long = await engine.request("/v1/chat/completions", {
+                "model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000})
+            many = await engine.request_many("/v1/chat/completions", [
+                {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                {"model": TINY_MODEL_ID, "messages": "not a list"},
+                {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}])
+            return ok, too_long, many
+        finally:
+            await engine.aclose()
+
+    ok, too_long, many = asyncio.run(run())
+    assert ok.ok and ok.body["object"] == "chat.completion" and ok.body["usage"]["completion_tokens"] <= 8
+    assert too_long.status_code == 400 and too_long.body["error"]["message"]
+    assert too_long.body["error"]["type"] == "invalid_request_error"
+    assert [r.status_code for r in many] == [200, 400, 400]
+    assert all(r.body["error"]["message"] for r in many[1:])

@@ -147,10 +147,6 @@ def is_terminal(status: str) -> bool:
     return status in TERMINAL_BATCH_STATUSES
 
 
-def batch_dir(batches_dir: Path, batch_id: str) -> Path:
-    return batches_dir / batch_id
-
-
 def iter_requests(parquet_path: Path, skip: set[str], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(custom_id, body) for requests not in ``skip``, reading the Parquet one row group at a time."""
     import json

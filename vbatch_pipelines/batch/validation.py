@@ -7,7 +7,7 @@ Rules (OpenAI's, plus what a local server needs):
 - every non-blank line is a JSON object ``{custom_id, method, url, body}``; blank lines are ignored;
 - ``custom_id`` is a non-empty string, unique within the file;
 - ``method`` is ``POST``; ``url`` is a supported endpoint and the batch's own endpoint;
-- ``body`` is an object valid for that endpoint (the same pydantic models the REST API uses);
+- ``body`` is an object valid for that endpoint (the same pydantic models the REST API uses), not streamed;
 - models: a body may name a model or leave it out. Left out, the batch's model is used (the model the
   first naming line chose, else the server's default). All lines must name the same model, as OpenAI
   requires, and it must be one vbatch serves.
@@ -179,6 +179,9 @@ def validate_batch_file(
                 except ValidationError as exc:
                     first = exc.errors()[0]
                     error("invalid_request", number, f"{_loc(first)}: {first['msg']}", _loc(first))
+                    continue
+                if body.get("stream"):
+                    error("invalid_request", number, "stream is not supported in batch requests", "body.stream")
                     continue
                 name = body.get("model")
                 if name is not None:

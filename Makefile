@@ -1,0 +1,34 @@
+# vbatch: `make up` brings the platform up, `make test` runs every test. Both set up what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch (a local wheel on the project's machines; from PyPI elsewhere).
+TORCH  ?= torch==2.13.0
+
+.PHONY: install engine up test bench clean
+
+$(BIN)/vbatch: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+install: $(BIN)/vbatch
+
+# vLLM in its own virtualenv (its pins clash with ours); skipped when already built.
+engine: install
+	$(BIN)/vbatch engine install
+
+up: engine
+	$(BIN)/vbatch up
+
+test: engine
+	$(BIN)/python -m pytest
+
+bench: engine
+	$(BIN)/python benchmarks/bench_validation.py
+	$(BIN)/python benchmarks/bench_vs_run_batch.py
+
+clean:
+	rm -rf $(VENV) .vbatch

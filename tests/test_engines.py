@@ -1,0 +1,97 @@
+"""The transformers fallback engine and the code location's import hygiene."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vbatch_pipelines.engine.transformers_engine import TransformersEngine
+from vbatch_pipelines.models.registry import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    return TransformersEngine(ModelSpec("vbatch-tiny-chat", str(tiny_model_path)))
+
+
+def _ask(engine, endpoint, body):
+    async def run():
+        try:
+            return await engine.request(endpoint, body)
+        finally:
+            await engine.aclose()
+
+    return asyncio.run(run())
+
+
+def test_chat_completion_shape_and_usage(engine):
+    response = _ask(engine, "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "What is 3 plus 4?"}], "max_tokens": 16,
+                     "temperature": 0})
+    assert response.ok
+    body = response.body
+    assert body["object"] == "chat.completion" and body["model"] == "vbatch-tiny-chat"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 16
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_concurrent_requests_are_batched_and_deterministic(engine):
+    bodies = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"}], "max_tokens": 12,
+               "temperature": 0} for i in range(16)]
+
+    async def run():
+        try:
+            return await asyncio.gather(*(engine.request("/v1/chat/completions", b) for b in bodies))
+        finally:
+            await engine.aclose()
+
+    together = [r.body["choices"][0]["message"]["content"] for r in asyncio.run(run())]
+    alone = [_ask(engine, "/v1/chat/completions", b).body["choices"][0]["message"]["content"] for b in bodies[:4]]
+    assert together[:4] == alone
+
+
+def test_completions_n_stop_and_seed(engine):
+    body = {"prompt": "Please describe a cat", "max_tokens": 8, "temperature": 0.9, "n": 3, "seed": 11}
+    first = _ask(engine, "/v1/completions", body).body
+    again = _ask(engine, "/v1/completions", body).body
+    assert len(first["choices"]) == 3 and [c["index"] for c in first["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in first["choices"]] == [c["text"] for c in again["choices"]]
+    stopped = _ask(engine, "/v1/completions", {"prompt": "What is 2 plus 2?", "max_tokens": 16,
+                                                "temperature": 0, "stop": "plus"}).body
+    assert "plus" not in stopped["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, "context_length_exceeded"),
+    ({"messages": [{"role": "nobody", "content": "hi"}]}, "invalid_request"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "invalid_request"),
+])
+def test_bad_requests_get_openai_errors(engine, body, code):
+    response = _ask(engine, "/v1/chat/completions", body)
+    assert response.status_code == 400
+    assert response.body["error"]["code"] == code and response.body["error"]["message"]
+
+
+def test_code_location_loads_without_heavy_imports():
+    code = ("import sys, vbatch_pipelines.definitions as d; d.defs.get_repository_def(); "
+            "import json; print(json.dumps([m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_cli_builds_the_tiny_model(tmp_path):
+    target = tmp_path / "tiny"
+    subprocess.run([sys.executable, "-m", "vbatch_pipelines.cli", "models", "create-tiny", str(target),
+                    "--train-steps", "0"], check=True, capture_output=True)
+    config = json.loads((target / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["head_dim"] == 32
+    assert (target / "tokenizer.json").exists() and "<|im_start|>" in (target / "chat_template.jinja").read_text()
