@@ -29,7 +29,8 @@ class InferenceEngine(ConfigurableResource):
     home: str = Field(description="VBATCH_HOME: managed servers keep their state under engines/")
     vllm_python: str | None = Field(default=None, description="Python with vLLM; default: discovered")
     gpus: int = 0
-    max_concurrency: int = Field(default=128, description="requests in flight per batch")
+    max_concurrency: int = Field(default=512, description="requests in flight per batch")
+    chunk_size: int = Field(default=64, description="requests per call to the engine (one HTTP call on vLLM)")
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 600.0
     max_model_len: int | None = None

@@ -207,6 +207,10 @@ def cmd_up(args, settings: Settings) -> int:
     from vbatch_pipelines.instance import WORKSPACE_YAML
 
     env = prepare_platform(settings)
+    dagster_url = f"http://{args.host}:{args.dagster_port}"
+    api_port = args.api_port or settings.api_port
+    api_url = f"http://{args.host}:{api_port}"
+    env["VBATCH_DAGSTER_URL"] = dagster_url
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
@@ -215,6 +219,8 @@ def cmd_up(args, settings: Settings) -> int:
                                      "-w", str(WORKSPACE_YAML)], env, logs / "dagster-webserver.log"),
         "dagster-daemon": _spawn([str(bin_dir / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)], env,
                                  logs / "dagster-daemon.log"),
+        "api": _spawn([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", args.host,
+                       "--port", str(api_port), "--log-level", "warning"], env, logs / "api.log"),
     }
     stopping = threading.Event()
 
@@ -233,9 +239,10 @@ def cmd_up(args, settings: Settings) -> int:
                 engine_note = f"vLLM {engine.server(model).ensure()} ({model.id})"
             except Exception as exc:  # noqa: BLE001 - keep the platform up; batches retry the engine
                 engine_note = f"vLLM failed to start: {exc}"
-    dagster_url = f"http://{args.host}:{args.dagster_port}"
+    api_ready = _wait_http(f"{api_url}/health", 60)
     ready = _wait_http(f"{dagster_url}/server_info", 120)
     print(f"vbatch is up (home {settings.home})\n"
+          f"  OpenAI API   {api_url}/v1{'' if api_ready else '  (not answering yet; see logs)'}  (docs {api_url}/docs)\n"
           f"  Dagster UI   {dagster_url}{'' if ready else '  (not answering yet; see logs)'}\n"
           f"  engine       {engine_note}\n"
           f"  logs         {logs}\n"
@@ -265,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vbatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start Dagster (webserver, daemon) and the engine on embedded defaults")
+    up = sub.add_parser("up", help="start the API, Dagster (webserver, daemon) and the engine")
     up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--api-port", type=int, default=None, help="default VBATCH_API_PORT or 4080")
     up.add_argument("--dagster-port", type=int, default=int(os.environ.get("VBATCH_DAGSTER_PORT", 3000)))
     up.add_argument("--no-engine", action="store_true", help="do not warm the engine at start")
     up.set_defaults(func=cmd_up)

@@ -45,6 +45,9 @@ class Settings:
     models: dict[str, str]
     gpus: int
     dagster_url: str
+    api_keys: tuple[str, ...]
+    api_port: int
+    max_upload_bytes: int
 
     @property
     def files_dir(self) -> Path:
@@ -99,4 +102,7 @@ def load_settings() -> Settings:
         models=_parse_models(_env("VBATCH_MODELS")),
         gpus=gpu_count(),
         dagster_url=_env("VBATCH_DAGSTER_URL", "http://127.0.0.1:3000"),
+        api_keys=tuple(k.strip() for k in (_env("VBATCH_API_KEYS") or "").split(",") if k.strip()),
+        api_port=int(_env("VBATCH_API_PORT", "4080")),
+        max_upload_bytes=int(_env("VBATCH_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024))),
     )

@@ -9,9 +9,11 @@ from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataV
 from resources import FileStore, InferenceEngine, MetadataDB
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
 from vbatch_pipelines.batch.service import (
+    expire_unfinished,
     get_batch,
     get_file,
     iter_requests,
+    now,
     parquet_row_count,
     register_file,
     update_batch,
@@ -32,6 +34,8 @@ def _batch_or_fail(metadata_db: MetadataDB, batch_id: str):
     if batch.status in STOP_STATUSES:
         update_batch(metadata_db.db, batch_id, status="cancelled")
         raise Failure(f"Batch {batch_id} was cancelled; nothing to run")
+    if batch.status in ("expired", "failed", "completed"):
+        raise Failure(f"Batch {batch_id} has ended ({batch.status}); create a new batch to run it again")
     return batch
 
 
@@ -135,9 +139,15 @@ def batch_output(
             last_log[0] = time.monotonic()
             context.log.info(f"{batch_id}: {p.completed} completed, {p.failed} failed of {p.total}")
 
+    stop_reason: list[str] = []
+
     def should_stop() -> bool:
         current = get_batch(db, batch_id)
-        return current is None or current.status in STOP_STATUSES
+        if current is None or current.status in STOP_STATUSES:
+            stop_reason.append("cancelled")
+        elif current.expires_at is not None and now() >= current.expires_at:
+            stop_reason.append("expired")
+        return bool(stop_reason)
 
     async def run() -> bool:
         engine = inference_engine.open(model)
@@ -145,7 +155,8 @@ def batch_output(
         try:
             return await run_batch_requests(
                 engine, batch.endpoint, iter_requests(input_path, done, model.id), results, progress,
-                concurrency=inference_engine.max_concurrency, should_stop=should_stop,
+                concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
+                should_stop=should_stop,
                 on_progress=on_progress,
             )
         finally:
@@ -157,13 +168,18 @@ def batch_output(
         finished = asyncio.run(run())
     finally:
         results.close()
-        if not finished and get_batch(db, batch_id).status == "cancelling":
+        if not finished and (stop_reason or get_batch(db, batch_id).status == "cancelling"):
+            reason = stop_reason[0] if stop_reason else "cancelled"
+            if reason == "expired":
+                expired = expire_unfinished(results, input_path, results.resume())
+                results.close()
+                context.log.info(f"{batch_id}: completion window passed; {expired} requests expired")
             _register_results(db, batch_id, results)
-            update_batch(db, batch_id, status="cancelled", usage=_usage(progress))
+            update_batch(db, batch_id, status=reason, usage=_usage(progress))
     wall = time.monotonic() - started
     if not finished:
-        raise Failure(f"Batch {batch_id} was cancelled after {progress.finished} of {progress.total} "
-                      "requests; finished results are kept")
+        raise Failure(f"Batch {batch_id} was {stop_reason[0] if stop_reason else 'cancelled'} after "
+                      f"{progress.finished} of {progress.total} requests; finished results are kept")
 
     update_batch(db, batch_id, status="finalizing")
     _register_results(db, batch_id, results)

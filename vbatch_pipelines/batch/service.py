@@ -168,3 +168,34 @@ def parquet_row_count(parquet_path: Path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(parquet_path).metadata.num_rows
+
+
+def request_cancel(db: Database, batch_id: str) -> Batch:
+    """Ask a batch to stop: ``cancelling`` until its run notices (within a second) and ends it as
+    ``cancelled`` keeping what finished; a batch with no run yet is cancelled at once."""
+    with db.session() as session:
+        batch = session.get(Batch, batch_id, with_for_update=True)
+        if batch is None:
+            raise KeyError(batch_id)
+        if batch.status in TERMINAL_BATCH_STATUSES:
+            raise BatchRequestError(f"Cannot cancel a batch with status '{batch.status}'", "batch_id",
+                                    "batch_not_cancellable")
+        stamp = now()
+        if batch.cancelling_at is None:
+            batch.cancelling_at = stamp
+        if batch.dagster_run_id is None:
+            batch.status, batch.cancelled_at = "cancelled", stamp
+        else:
+            batch.status = "cancelling"
+        return batch
+
+
+def expire_unfinished(results, parquet_path: Path, done: set[str]) -> int:
+    """Write a ``batch_expired`` error line for every request not finished; returns how many."""
+    count = 0
+    if parquet_path.exists():
+        for custom_id, _ in iter_requests(parquet_path, done, model=""):
+            results.write_error(custom_id, "batch_expired",
+                                "This request could not be executed before the completion window expired.")
+            count += 1
+    return count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 
@@ -31,6 +32,9 @@ class Engine(Protocol):
 
     async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
         """Run several bodies at once (a batch chunk); responses in the same order."""
+
+    async def open_stream(self, endpoint: str, body: dict[str, Any]) -> EngineResponse | AsyncIterator[bytes]:
+        """``stream: true``: server-sent event bytes as OpenAI sends them, or an error response."""
 
     async def recover(self) -> None:
         """Called after EngineUnavailable: bring the engine back (restart a dead server)."""

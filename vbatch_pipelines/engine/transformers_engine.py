@@ -84,6 +84,14 @@ class TransformersEngine:
     async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
         return list(await asyncio.gather(*(self.request(endpoint, body) for body in bodies)))
 
+    async def open_stream(self, endpoint: str, body: dict[str, Any]):
+        """Generation runs to the end, then is sent as OpenAI stream chunks (this engine has no
+        token-level streaming; the wire format is the same)."""
+        response = await self.request(endpoint, {**body, "stream": False})
+        if not response.ok:
+            return response
+        return _as_sse(response.body, include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+
     def _prompts(self, request) -> list[Any]:
         if isinstance(request, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
@@ -195,3 +203,29 @@ class TransformersEngine:
             self._worker.cancel()
             self._worker = None
             self._queue = None
+
+
+async def _as_sse(body: dict[str, Any], include_usage: bool):
+    """A finished completion as OpenAI ``chat.completion.chunk`` / ``text_completion`` stream events."""
+    import json
+
+    chat = body["object"] == "chat.completion"
+    base = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": body["created"], "model": body["model"]}
+
+    def event(payload: dict[str, Any]) -> bytes:
+        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+    for choice in body["choices"]:
+        if chat:
+            for delta in ({"role": "assistant", "content": ""}, {"content": choice["message"]["content"]}):
+                yield event({**base, "choices": [{"index": choice["index"], "delta": delta, "logprobs": None,
+                                                  "finish_reason": None}]})
+            yield event({**base, "choices": [{"index": choice["index"], "delta": {}, "logprobs": None,
+                                              "finish_reason": choice["finish_reason"]}]})
+        else:
+            yield event({**base, "choices": [{"index": choice["index"], "text": choice["text"], "logprobs": None,
+                                              "finish_reason": choice["finish_reason"]}]})
+    if include_usage:
+        yield event({**base, "choices": [], "usage": body["usage"]})
+    yield b"data: [DONE]\n\n"

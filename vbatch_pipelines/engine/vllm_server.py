@@ -261,6 +261,27 @@ class VLLMEngine:
                                else _openai_error(r["body"], r["status_code"]))
                 for r in payload["results"]]
 
+    async def open_stream(self, endpoint: str, body: dict[str, Any]):
+        import aiohttp
+
+        try:
+            response = await self._client().post(self._url + endpoint, json=body)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise EngineUnavailable(f"vLLM server for {self.model_id} did not answer: {exc!r}") from exc
+        if response.status != 200:
+            async with response:
+                payload = await response.json(content_type=None)
+            if response.status >= 500:
+                raise EngineUnavailable(f"vLLM server for {self.model_id} answered {response.status}: {payload}")
+            return EngineResponse(response.status, _openai_error(payload, response.status))
+
+        async def events():
+            async with response:
+                async for chunk in response.content.iter_any():
+                    yield chunk
+
+        return events()
+
     async def recover(self) -> None:
         import asyncio
 

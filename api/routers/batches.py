@@ -1,0 +1,71 @@
+"""/v1/batches: create (records the batch, then launches its Dagster run), retrieve, list, cancel."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
+
+from api.deps import get_db, get_settings
+from api.errors import OpenAIError, not_found
+from api.pagination import paginate
+from vbatch_pipelines.batch.service import BatchRequestError, create_batch, get_batch, request_cancel
+from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
+from vbatch_pipelines.settings import Settings
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import Batch
+
+router = APIRouter(tags=["batches"])
+log = logging.getLogger("vbatch.api")
+
+
+class CreateBatchRequest(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(default=None)
+
+
+@router.post("/batches")
+def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: Settings = Depends(get_settings)) -> dict:
+    try:
+        batch = create_batch(db, input_file_id=body.input_file_id, endpoint=body.endpoint,
+                             completion_window=body.completion_window, metadata=body.metadata)
+    except BatchRequestError as exc:
+        status = 404 if exc.code == "file_not_found" else 400
+        raise OpenAIError(status, str(exc), param=exc.param, code=exc.code) from exc
+    try:
+        launch_batch(db, batch.id, settings.dagster_url, timeout=5)
+    except DagsterUnreachable as exc:
+        # The batch is recorded; batch_launch_sensor launches it once Dagster is back.
+        log.warning("batch %s recorded, launch deferred to the sensor: %s", batch.id, exc)
+    return (get_batch(db, batch.id) or batch).to_openai()
+
+
+def _batch_or_404(db: Database, batch_id: str) -> Batch:
+    batch = get_batch(db, batch_id)
+    if batch is None:
+        raise not_found("batch", batch_id, param="batch_id")
+    return batch
+
+
+@router.get("/batches/{batch_id}")
+def retrieve(batch_id: str, db: Database = Depends(get_db)) -> dict:
+    return _batch_or_404(db, batch_id).to_openai()
+
+
+@router.get("/batches")
+def list_batches(after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+                 db: Database = Depends(get_db)) -> dict:
+    with db.session() as session:
+        return paginate(session, Batch, after=after, limit=limit)
+
+
+@router.post("/batches/{batch_id}/cancel")
+def cancel(batch_id: str, db: Database = Depends(get_db)) -> dict:
+    _batch_or_404(db, batch_id)
+    try:
+        return request_cancel(db, batch_id).to_openai()
+    except BatchRequestError as exc:
+        raise OpenAIError(409, str(exc), param="batch_id", code=exc.code) from exc
