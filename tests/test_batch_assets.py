@@ -128,3 +128,39 @@ def test_cancel_stops_promptly_and_keeps_finished_results(platform):
     assert record.output_file_id is not None and record.request_completed == len(out)
     assert len({line["custom_id"] for line in out}) == len(out)
     json.dumps(record.to_openai())
+
+
+def test_batch_past_its_window_expires_with_openai_semantics(platform):
+    lines = chat_lines(2000, prefix="exp")
+    batch = platform.submit(jsonl(lines))
+    process = _start_run(batch.id)
+    _wait_for_outputs(platform, batch.id, 10, process)
+    update_batch(platform.db, batch.id, expires_at=int(time.time()) - 1)
+    process.wait(timeout=60)
+    record = platform.batch(batch.id)
+    assert record.status == "expired" and record.expired_at
+    out, err = _assert_each_once(platform, batch.id, [line["custom_id"] for line in lines])
+    assert out and err and all(e["error"]["code"] == "batch_expired" and e["response"] is None for e in err)
+    assert record.request_completed == len(out) and record.request_failed == len(err)
+    assert record.output_file_id and record.error_file_id
+
+
+def test_settle_sensor_ends_batches_no_run_is_working_on(platform):
+    from dagster import DagsterInstance, build_sensor_context
+
+    from vbatch_pipelines.sensors import batch_settle_sensor
+
+    running = platform.submit(jsonl(chat_lines(3)))
+    cancel_me = platform.submit(jsonl(chat_lines(3)))
+    expire_me = platform.submit(jsonl(chat_lines(3)))
+    assert platform.materialize(running.id).success  # completed: left alone
+    update_batch(platform.db, cancel_me.id, status="cancelling", dagster_run_id="run-that-died")
+    update_batch(platform.db, expire_me.id, expires_at=int(time.time()) - 5)
+    with DagsterInstance.ephemeral() as instance:
+        context = build_sensor_context(instance=instance, resources={
+            "metadata_db": platform.resources["metadata_db"], "file_store": platform.resources["file_store"]})
+        result = batch_settle_sensor(context)
+    assert "Settled 2" in result.skip_message
+    assert platform.batch(cancel_me.id).status == "cancelled"
+    assert platform.batch(expire_me.id).status == "expired" and platform.batch(expire_me.id).expired_at
+    assert platform.batch(running.id).status == "completed"

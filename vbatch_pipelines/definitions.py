@@ -5,7 +5,7 @@ from dagster import Definitions
 from resources import FileStore, InferenceEngine, MetadataDB
 from vbatch_pipelines.assets.batches import batch_input, batch_output
 from vbatch_pipelines.jobs import batch_job
-from vbatch_pipelines.sensors import batch_launch_sensor
+from vbatch_pipelines.sensors import batch_launch_sensor, batch_settle_sensor
 from vbatch_pipelines.settings import Settings, load_settings
 
 
@@ -25,6 +25,6 @@ def build_resources(settings: Settings) -> dict:
 defs = Definitions(
     assets=[batch_input, batch_output],
     jobs=[batch_job],
-    sensors=[batch_launch_sensor],
+    sensors=[batch_launch_sensor, batch_settle_sensor],
     resources=build_resources(load_settings()),
 )

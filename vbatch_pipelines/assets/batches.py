@@ -9,13 +9,13 @@ from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataV
 from resources import FileStore, InferenceEngine, MetadataDB
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
 from vbatch_pipelines.batch.service import (
-    expire_unfinished,
+    INPUT_FILE,
+    end_batch,
     get_batch,
     get_file,
     iter_requests,
     now,
     parquet_row_count,
-    register_file,
     update_batch,
 )
 from vbatch_pipelines.batch.validation import BatchInputError, validate_batch_file
@@ -23,7 +23,6 @@ from vbatch_pipelines.models.registry import lookup_model, prepare_model
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.settings import load_settings
 
-INPUT_FILE = "input.parquet"
 STOP_STATUSES = ("cancelling", "cancelled")
 
 
@@ -169,21 +168,16 @@ def batch_output(
     finally:
         results.close()
         if not finished and (stop_reason or get_batch(db, batch_id).status == "cancelling"):
-            reason = stop_reason[0] if stop_reason else "cancelled"
-            if reason == "expired":
-                expired = expire_unfinished(results, input_path, results.resume())
-                results.close()
-                context.log.info(f"{batch_id}: completion window passed; {expired} requests expired")
-            _register_results(db, batch_id, results)
-            update_batch(db, batch_id, status=reason, usage=_usage(progress))
+            ended = end_batch(db, directory, batch_id, stop_reason[0] if stop_reason else "cancelled")
+            context.log.info(f"{batch_id}: {ended.status} with {ended.request_completed} completed, "
+                             f"{ended.request_failed} failed of {progress.total}")
     wall = time.monotonic() - started
     if not finished:
         raise Failure(f"Batch {batch_id} was {stop_reason[0] if stop_reason else 'cancelled'} after "
                       f"{progress.finished} of {progress.total} requests; finished results are kept")
 
     update_batch(db, batch_id, status="finalizing")
-    _register_results(db, batch_id, results)
-    update_batch(db, batch_id, status="completed", usage=_usage(progress))
+    end_batch(db, directory, batch_id, "completed")
     new_tokens = progress.completion_tokens - progress.completion_tokens_before
     ran = progress.finished - progress.done_before
     return MaterializeResult(metadata={
@@ -201,27 +195,3 @@ def batch_output(
         "output_path": MetadataValue.path(str(results.output_path)),
         "preview": MetadataValue.md(_preview(results)),
     })
-
-
-def _usage(progress: BatchProgress) -> dict:
-    return {
-        "input_tokens": progress.prompt_tokens,
-        "output_tokens": progress.completion_tokens,
-        "total_tokens": progress.prompt_tokens + progress.completion_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens_details": {"reasoning_tokens": 0},
-    }
-
-
-def _register_results(db, batch_id: str, results: ResultFiles) -> None:
-    """Record the output/error JSONL as files (purpose batch_output), once."""
-    batch = get_batch(db, batch_id)
-    fields = {}
-    if batch.output_file_id is None and results.output_path.exists() and results.output_path.stat().st_size:
-        fields["output_file_id"] = register_file(db, results.output_path, f"{batch_id}_output.jsonl",
-                                                 "batch_output").id
-    if batch.error_file_id is None and results.error_path.exists() and results.error_path.stat().st_size:
-        fields["error_file_id"] = register_file(db, results.error_path, f"{batch_id}_error.jsonl",
-                                                "batch_output").id
-    if fields:
-        update_batch(db, batch_id, **fields)

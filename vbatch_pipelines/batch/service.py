@@ -15,11 +15,13 @@ from typing import Any, BinaryIO
 
 from sqlalchemy import select
 
+from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch, File
 
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
+INPUT_FILE = "input.parquet"
 MAX_METADATA_PAIRS = 16
 
 
@@ -190,12 +192,43 @@ def request_cancel(db: Database, batch_id: str) -> Batch:
         return batch
 
 
-def expire_unfinished(results, parquet_path: Path, done: set[str]) -> int:
-    """Write a ``batch_expired`` error line for every request not finished; returns how many."""
-    count = 0
-    if parquet_path.exists():
-        for custom_id, _ in iter_requests(parquet_path, done, model=""):
+def end_batch(db: Database, directory: Path, batch_id: str, status: str) -> Batch:
+    """Finish a batch as completed, cancelled or expired from what is on disk: requests not finished
+    by expiry get ``batch_expired`` error lines (OpenAI's semantics), the output and error JSONL are
+    recorded as files (purpose batch_output), counts and usage are summed from them."""
+    results = ResultFiles(directory)
+    progress = BatchProgress(total=0)
+    done = results.resume(progress)
+    if status == "expired" and (directory / INPUT_FILE).exists():
+        for custom_id, _ in iter_requests(directory / INPUT_FILE, done, model=""):
             results.write_error(custom_id, "batch_expired",
                                 "This request could not be executed before the completion window expired.")
-            count += 1
-    return count
+            progress.failed += 1
+    results.close()
+    batch = get_batch(db, batch_id)
+    fields: dict[str, Any] = {
+        "status": status,
+        "request_completed": progress.completed,
+        "request_failed": progress.failed,
+        "usage": {
+            "input_tokens": progress.prompt_tokens,
+            "output_tokens": progress.completion_tokens,
+            "total_tokens": progress.prompt_tokens + progress.completion_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+    for path, name, field in ((results.output_path, "output", "output_file_id"),
+                              (results.error_path, "error", "error_file_id")):
+        if getattr(batch, field) is None and path.exists() and path.stat().st_size:
+            fields[field] = register_file(db, path, f"{batch_id}_{name}.jsonl", "batch_output").id
+    return update_batch(db, batch_id, **fields)
+
+
+def batches_to_settle(db: Database) -> list[Batch]:
+    """Batches asked to cancel, or past their completion window, that have not ended yet."""
+    with db.session() as session:
+        return list(session.scalars(select(Batch).where(
+            Batch.status.not_in(TERMINAL_BATCH_STATUSES),
+            (Batch.status == "cancelling") | (Batch.expires_at <= now()),
+        )))

@@ -1,0 +1,152 @@
+"""The REST front door under load, against a real `vbatch up` (API, Dagster, warm vLLM) on a temp home.
+
+1. submit -> in_progress latency over sequential small batches (p50 target <= 2 s), measured by the
+   client: from the start of batches.create to the first retrieve that no longer says validating.
+2. GET /v1/batches/{id} latency with 50 concurrent clients (p99 target <= 50 ms); side by side, the same
+   load on GET /health (no DB read) as the peer floor.
+3. 100 batches submitted concurrently: all complete, none lost, no custom_id missing or duplicated.
+
+Usage: python benchmarks/bench_api.py [--latency-batches 20] [--clients 50] [--gets 40] [--concurrent 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def requests_jsonl(n: int, prefix: str) -> bytes:
+    return "".join(json.dumps({"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"max_tokens": 16, "temperature": 0, "messages": [
+                                   {"role": "user", "content": f"What is {i} plus {i % 9}?"}]}}) + "\n"
+                   for i in range(n)).encode()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def start_stack(home: Path) -> tuple[subprocess.Popen, str]:
+    api_port, dagster_port = free_port(), free_port()
+    env = dict(os.environ, VBATCH_HOME=str(home), DAGSTER_HOME=str(home / "dagster"))
+    process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--api-port", str(api_port),
+                                "--dagster-port", str(dagster_port)], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "Ctrl-C stops everything" in line:
+            break
+    if process.poll() is not None:
+        raise RuntimeError("vbatch up failed")
+    return process, f"http://127.0.0.1:{api_port}"
+
+
+def wait_done(client: openai.OpenAI, batch_id: str, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            return batch
+        time.sleep(0.25)
+    raise TimeoutError(batch_id)
+
+
+async def get_load(url: str, clients: int, per_client: int) -> list[float]:
+    latencies: list[float] = []
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as http:
+        async def one_client() -> None:
+            for _ in range(per_client):
+                started = time.perf_counter()
+                response = await http.get(url)
+                latencies.append(time.perf_counter() - started)
+                response.raise_for_status()
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return latencies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency-batches", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--gets", type=int, default=40)
+    parser.add_argument("--concurrent", type=int, default=100)
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="vbatch-api-bench-"))
+    process, api = start_stack(home)
+    try:
+        client = openai.OpenAI(base_url=api + "/v1", api_key="bench", max_retries=0)
+        file_id = client.files.create(file=("small.jsonl", io.BytesIO(requests_jsonl(10, "lat"))),
+                                      purpose="batch").id
+        wait_done(client, client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                completion_window="24h").id)  # warm-up
+        latencies = []
+        for _ in range(args.latency_batches):
+            started = time.monotonic()
+            batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            while client.batches.retrieve(batch.id).status == "validating":
+                time.sleep(0.02)
+            latencies.append(time.monotonic() - started)
+            wait_done(client, batch.id)
+        print(f"1) submit -> in_progress over {args.latency_batches} batches: p50 {statistics.median(latencies):.2f}s, "
+              f"p90 {pct(latencies, 90):.2f}s, max {max(latencies):.2f}s (target p50 <= 2 s)")
+
+        batch_url = f"{api}/v1/batches/{batch.id}"
+        gets = asyncio.run(get_load(batch_url, args.clients, args.gets))
+        peer = asyncio.run(get_load(f"{api}/health", args.clients, args.gets))
+        print(f"2) GET /v1/batches/{{id}}, {args.clients} concurrent clients x {args.gets}: "
+              f"p50 {statistics.median(gets) * 1000:.1f} ms, p99 {pct(gets, 99) * 1000:.1f} ms (target <= 50 ms); "
+              f"peer GET /health p99 {pct(peer, 99) * 1000:.1f} ms")
+
+        started = time.monotonic()
+        payloads = [requests_jsonl(20, f"c{k}") for k in range(args.concurrent)]
+
+        def submit(k: int) -> str:
+            own = openai.OpenAI(base_url=api + "/v1", api_key="bench", max_retries=0)
+            uploaded = own.files.create(file=(f"c{k}.jsonl", io.BytesIO(payloads[k])), purpose="batch")
+            return own.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h").id
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            ids = list(pool.map(submit, range(args.concurrent)))
+        submitted = time.monotonic() - started
+        ok = 0
+        for k, batch_id in enumerate(ids):
+            done = wait_done(client, batch_id)
+            lines = client.files.content(done.output_file_id).text.splitlines() if done.output_file_id else []
+            got = sorted(json.loads(x)["custom_id"] for x in lines)
+            ok += done.status == "completed" and got == sorted(f"c{k}-{i}" for i in range(20))
+        print(f"3) {args.concurrent} batches submitted concurrently in {submitted:.1f}s: {len(set(ids))} distinct, "
+              f"{ok} completed with every custom_id exactly once, all done after {time.monotonic() - started:.1f}s")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

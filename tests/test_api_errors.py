@@ -1,0 +1,92 @@
+"""Bad input at the front door: OpenAI-shaped errors, right status codes, nothing accepted lost.
+(In-process app on a real metadata DB; Dagster is deliberately unreachable here.)"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import chat_lines, jsonl
+
+
+@pytest.fixture()
+def client(vbatch_home, monkeypatch):
+    monkeypatch.setenv("VBATCH_DAGSTER_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("VBATCH_MAX_UPLOAD_BYTES", "4096")
+    from api.main import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+def _error(response, status, code=None, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def _upload(client, data: bytes, purpose="batch"):
+    return client.post("/v1/files", files={"file": ("in.jsonl", data)}, data={"purpose": purpose})
+
+
+def test_file_errors(client):
+    _error(_upload(client, b"{}", purpose="pictures"), 400, "invalid_value", "purpose")
+    _error(_upload(client, b"x" * 5000), 413, "file_too_large", "file")
+    _error(client.post("/v1/files", data={"purpose": "batch"}), 400, param="file")
+    _error(client.get("/v1/files/file-nope"), 404, "file_not_found")
+    _error(client.get("/v1/files/file-nope/content"), 404, "file_not_found")
+    _error(client.delete("/v1/files/file-nope"), 404, "file_not_found")
+    _error(client.get("/v1/files", params={"after": "file-nope"}), 400, param="after")
+    _error(client.get("/v1/files", params={"limit": 0}), 400, param="limit")
+    assert client.get("/v1/files").json()["data"] == []  # the refused uploads left nothing behind
+
+
+def test_batch_errors_and_deferred_launch(client):
+    uploaded = _upload(client, jsonl(chat_lines(2))).json()
+    _error(client.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"}),
+           404, "file_not_found", "input_file_id")
+    _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/images"}),
+           400, "invalid_value", "endpoint")
+    _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
+                                            "completion_window": "1h"}), 400, "invalid_value", "completion_window")
+    _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
+                                            "metadata": {f"k{i}": "v" for i in range(17)}}), 400, param="metadata")
+    _error(client.post("/v1/batches", json={"endpoint": "/v1/completions"}), 400, param="input_file_id")
+    _error(client.post("/v1/batches", content=b"not json", headers={"content-type": "application/json"}), 400)
+    _error(client.get("/v1/batches/batch_nope"), 404, "batch_not_found")
+    _error(client.get("/v1/batches", params={"limit": 101}), 400, param="limit")
+
+    # Dagster is down: the batch is still accepted and recorded, waiting for the launch sensor.
+    created = client.post("/v1/batches", json={"input_file_id": uploaded["id"],
+                                               "endpoint": "/v1/chat/completions"})
+    assert created.status_code == 200 and created.json()["status"] == "validating"
+    batch_id = created.json()["id"]
+    assert client.get(f"/v1/batches/{batch_id}").json()["id"] == batch_id
+    _error(client.delete(f"/v1/files/{uploaded['id']}"), 409, "file_in_use", "file_id")
+
+    # Cancelling a batch that never got a run ends it at once; a second cancel is a conflict.
+    cancelled = client.post(f"/v1/batches/{batch_id}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["cancelling_at"] and cancelled["cancelled_at"]
+    _error(client.post(f"/v1/batches/{batch_id}/cancel"), 409, "batch_not_cancellable")
+    assert client.delete(f"/v1/files/{uploaded['id']}").json() == {"id": uploaded["id"], "object": "file",
+                                                                   "deleted": True}
+
+
+def test_inference_errors(client):
+    _error(client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user",
+                                                                                      "content": "hi"}]}),
+           404, "model_not_found", "model")
+    _error(client.post("/v1/chat/completions", json={"messages": []}), 400, param="messages")
+    _error(client.post("/v1/completions", json={"prompt": "x", "temperature": 7}), 400, param="temperature")
+    _error(client.get("/v1/nothing-here"), 404)
+
+
+def test_health_reports_dagster_down_but_stays_up(client):
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["database"] == "ok" and body["dagster"].startswith("unreachable")
+    assert client.get("/docs").status_code == 200 and "/v1/batches" in client.get("/openapi.json").json()["paths"]
