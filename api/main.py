@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 import httpx
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from api.deps import EnginePool, require_api_key
@@ -14,6 +14,24 @@ from api.errors import OpenAIError, install_error_handlers
 from api.routers import batches, completions, files, models
 from vbatch_pipelines.settings import Settings, load_settings
 from vbatch_pipelines.store.db import get_database
+
+
+class UploadLimit:
+    """Refuse an oversized upload before its body is read (the store enforces the limit again while
+    writing, for uploads without a Content-Length). Pure ASGI: no cost on other requests."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/files"):
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes + 1024 * 1024:
+                response = OpenAIError(413, f"File is larger than the limit of {self.max_bytes} bytes",
+                                       param="file", code="file_too_large").response()
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -31,15 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engines = EnginePool(settings)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def upload_limit(request: Request, call_next):
-        # Refuse an oversized upload before its body is read (the store enforces it again while writing).
-        length = request.headers.get("content-length")
-        if request.url.path.endswith("/files") and request.method == "POST" and length and length.isdigit() \
-                and int(length) > settings.max_upload_bytes + 1024 * 1024:
-            return OpenAIError(413, f"File is larger than the limit of {settings.max_upload_bytes} bytes",
-                               param="file", code="file_too_large").response()
-        return await call_next(request)
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
 
     for router in (files.router, batches.router, models.router, completions.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])

@@ -122,6 +122,8 @@ def main() -> int:
               f"p50 {statistics.median(gets) * 1000:.1f} ms, p99 {pct(gets, 99) * 1000:.1f} ms (target <= 50 ms); "
               f"peer GET /health p99 {pct(peer, 99) * 1000:.1f} ms")
 
+        if not args.concurrent:
+            return 0
         started = time.monotonic()
         payloads = [requests_jsonl(20, f"c{k}") for k in range(args.concurrent)]
 

@@ -42,7 +42,7 @@ def create_file(
 
 
 @router.get("/files")
-def list_files(
+async def list_files(
     purpose: str | None = None,
     after: str | None = None,
     limit: int = Query(default=10000, ge=1, le=10000),
@@ -62,7 +62,7 @@ def _file_or_404(db: Database, file_id: str) -> FileRecord:
 
 
 @router.get("/files/{file_id}")
-def retrieve_file(file_id: str, db: Database = Depends(get_db)) -> dict:
+async def retrieve_file(file_id: str, db: Database = Depends(get_db)) -> dict:
     return _file_or_404(db, file_id).to_openai()
 
 
