@@ -17,7 +17,6 @@ import io
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,13 +28,9 @@ from pathlib import Path
 import httpx
 import openai
 
+from vbatch_pipelines.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def requests_jsonl(n: int, prefix: str) -> bytes:

@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_vs_run_batch.py [--requests 5000] [--small 500] [
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +120,19 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+def start_up(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
+    """`vbatch up` in a subprocess; returns it once it printed its banner (and the banner)."""
+    process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = []
+    for line in process.stdout:
+        banner.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    assert process.poll() is None, "".join(banner)
+    return process, "".join(banner)
 
 
 def vllm_python() -> str:

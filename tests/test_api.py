@@ -15,22 +15,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import chat_line, chat_lines, jsonl, vllm_python
-from tests.test_platform import _free_port
+from tests.conftest import chat_line, chat_lines, jsonl, start_up, vllm_python
+from vbatch_pipelines.net import free_port, wait_http
 
 pytestmark = pytest.mark.vllm
-
-
-def _wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer")
 
 
 class Stack:
@@ -43,34 +31,26 @@ class Stack:
 
     def start_api(self, **env) -> tuple[str, subprocess.Popen]:
         """Another API process on the same home (to restart it, or to run it with other settings)."""
-        port = _free_port()
+        port = free_port()
         process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
                                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                                    env={**self.env, **env}, start_new_session=True)
         self.extra.append(process)
         url = f"http://127.0.0.1:{port}"
-        _wait_http(url + "/health")
+        assert wait_http(url + "/health", 60), f"{url} did not answer"
         return url, process
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_path):
     home = tmp_path_factory.mktemp("api-home")
-    api_port, dagster_port = _free_port(), _free_port()
+    api_port, dagster_port = free_port(), free_port()
     env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="vllm", VBATCH_VLLM_PYTHON=vllm_python(),
                VBATCH_MODELS=f"vbatch-tiny-chat={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
                VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}")
     for key in ("VBATCH_DATABASE_URL", "VBATCH_DAGSTER_DATABASE_URL", "VBATCH_API_KEYS"):
         env.pop(key, None)
-    process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--api-port", str(api_port),
-                                "--dagster-port", str(dagster_port)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    banner = []
-    for line in process.stdout:
-        banner.append(line)
-        if "Ctrl-C stops everything" in line:
-            break
-    assert process.poll() is None, "".join(banner)
+    process, _ = start_up(env, "--api-port", str(api_port), "--dagster-port", str(dagster_port))
     stack = Stack(env, f"http://127.0.0.1:{api_port}", process)
     yield stack
     for extra in stack.extra:

@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import Platform, chat_lines, jsonl
+from tests.conftest import Platform, chat_lines, jsonl, start_up
 from vbatch_pipelines.batch.service import is_terminal
 from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from vbatch_pipelines.net import free_port
 
 
 def _wait_terminal(platform, batch_id, timeout=180):
@@ -38,26 +30,19 @@ def _wait_terminal(platform, batch_id, timeout=180):
 @pytest.fixture(scope="module")
 def running_platform(tmp_path_factory, tiny_model_path):
     home = tmp_path_factory.mktemp("up-home")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="transformers",
                VBATCH_MODELS=f"vbatch-tiny-chat={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
                VBATCH_DAGSTER_URL=f"http://127.0.0.1:{port}")
     env.pop("VBATCH_DATABASE_URL", None)
     env.pop("VBATCH_DAGSTER_DATABASE_URL", None)
-    process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--dagster-port", str(port)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    banner = []
-    for line in process.stdout:
-        banner.append(line)
-        if "Ctrl-C stops everything" in line:
-            break
-    assert process.poll() is None, "".join(banner)
+    process, banner = start_up(env, "--api-port", str(free_port()), "--dagster-port", str(port))
     with pytest.MonkeyPatch.context() as mp:
         for key in ("VBATCH_HOME", "VBATCH_ENGINE", "VBATCH_MODELS", "DAGSTER_HOME", "VBATCH_DAGSTER_URL"):
             mp.setenv(key, env[key])
         mp.delenv("VBATCH_DATABASE_URL", raising=False)
         platform = Platform()
-        platform.process, platform.banner, platform.dagster_url = process, "".join(banner), env["VBATCH_DAGSTER_URL"]
+        platform.process, platform.banner, platform.dagster_url = process, banner, env["VBATCH_DAGSTER_URL"]
         yield platform
     if process.poll() is None:
         process.kill()
@@ -83,7 +68,7 @@ def test_launch_batch_through_dagster(running_platform):
 def test_batch_accepted_while_dagster_unreachable_is_launched_by_sensor(running_platform):
     batch = running_platform.submit(jsonl(chat_lines(5)))
     with pytest.raises(DagsterUnreachable):
-        launch_batch(running_platform.db, batch.id, f"http://127.0.0.1:{_free_port()}", timeout=2)
+        launch_batch(running_platform.db, batch.id, f"http://127.0.0.1:{free_port()}", timeout=2)
     assert running_platform.batch(batch.id).dagster_run_id is None
     record = _wait_terminal(running_platform, batch.id)
     assert record.status == "completed" and record.dagster_run_id

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from vbatch_pipelines.net import wait_http
 from vbatch_pipelines.settings import Settings, load_settings
 
 
@@ -170,20 +171,6 @@ def _stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> Non
             continue
 
 
-def _wait_http(url: str, timeout: float) -> bool:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
-
-
 def prepare_platform(settings: Settings) -> dict:
     """Everything `up` needs before processes start: DB schema, Dagster home, gpu pool, default model."""
     from dagster import DagsterInstance
@@ -239,8 +226,8 @@ def cmd_up(args, settings: Settings) -> int:
                 engine_note = f"vLLM {engine.server(model).ensure()} ({model.id})"
             except Exception as exc:  # noqa: BLE001 - keep the platform up; batches retry the engine
                 engine_note = f"vLLM failed to start: {exc}"
-    api_ready = _wait_http(f"{api_url}/health", 60)
-    ready = _wait_http(f"{dagster_url}/server_info", 120)
+    api_ready = wait_http(f"{api_url}/health", 60)
+    ready = wait_http(f"{dagster_url}/server_info", 120)
     print(f"vbatch is up (home {settings.home})\n"
           f"  OpenAI API   {api_url}/v1{'' if api_ready else '  (not answering yet; see logs)'}  (docs {api_url}/docs)\n"
           f"  Dagster UI   {dagster_url}{'' if ready else '  (not answering yet; see logs)'}\n"

@@ -8,8 +8,6 @@ responses have the exact OpenAI shape the vLLM path returns.
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +16,15 @@ from pydantic import ValidationError
 from vbatch_pipelines.engine.base import EngineResponse
 from vbatch_pipelines.models.registry import ModelSpec
 from vbatch_pipelines.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
     ENDPOINT_REQUESTS,
+    ChatCompletionChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
     error_body,
 )
 
@@ -104,23 +108,20 @@ class TransformersEngine:
         return list(prompt)
 
     def _response(self, request, outputs: list[list[tuple[str, int, str, int]]]) -> dict[str, Any]:
+        """The OpenAI body, built with the protocol's response models (ids, timestamps, object types)."""
         # outputs: per prompt, its choices as (text, completion tokens, finish reason, prompt tokens)
         prompt_tokens = sum(o[0][3] for o in outputs)
         completion_tokens = sum(n for per_prompt in outputs for _, n, _, _ in per_prompt)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        created = int(time.time())
+        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens)
         choices = [choice for per_prompt in outputs for choice in per_prompt]
         if isinstance(request, CompletionRequest):
-            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
-                    "model": self.model_id, "usage": usage,
-                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                                for i, (text, _, reason, _) in enumerate(choices)]}
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
-                "model": self.model_id, "usage": usage,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": reason}
-                            for i, (text, _, reason, _) in enumerate(choices)]}
+            return CompletionResponse(model=self.model_id, usage=usage, choices=[
+                CompletionChoice(index=i, text=text, finish_reason=reason)
+                for i, (text, _, reason, _) in enumerate(choices)]).model_dump()
+        return ChatCompletionResponse(model=self.model_id, usage=usage, choices=[
+            ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=text), finish_reason=reason)
+            for i, (text, _, reason, _) in enumerate(choices)]).model_dump()
 
     # -- micro-batching ----------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -24,16 +23,11 @@ import httpx
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
 from vbatch_pipelines.models.registry import ModelSpec
+from vbatch_pipelines.net import free_port
 
 
 class EngineStartError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -156,7 +150,7 @@ class ManagedVLLMServer:
         ]
 
     def _start(self) -> str:
-        port = _free_port()
+        port = free_port()
         argv = self._argv(port)
         # The batch middleware is imported from this checkout inside vLLM's own env (it needs only vLLM).
         package_root = str(Path(BATCH_MIDDLEWARE.__file__).resolve().parents[2])
