@@ -16,9 +16,10 @@ $(BIN)/vbatch: pyproject.toml
 
 install: $(BIN)/vbatch
 
-# vLLM in its own virtualenv (its pins clash with ours); skipped when already built.
+# vLLM and Label Studio in virtualenvs of their own (their pins clash with ours); skipped when built.
 engine: install
 	$(BIN)/vbatch engine install
+	$(BIN)/vbatch label-studio install
 
 up: engine
 	$(BIN)/vbatch up

@@ -14,11 +14,13 @@ from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are async: FastAPI runs a sync one in its thread pool, a hand-off that costs more than
+# the dependency itself.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     return request.app.state.db
 
 
@@ -65,5 +67,5 @@ class EnginePool:
         self._engines.clear()
 
 
-def get_engines(request: Request) -> EnginePool:
+async def get_engines(request: Request) -> EnginePool:
     return request.app.state.engines

@@ -33,6 +33,14 @@ def not_found(kind: str, identifier: str, param: str | None = None) -> OpenAIErr
     return OpenAIError(404, f"No {kind} found with id '{identifier}'.", param=param, code=f"{kind}_not_found")
 
 
+def get_or_404(db, model, key: str, kind: str, param: str):
+    """The ``model`` row with primary key ``key``, or a 404 in OpenAI's shape naming ``kind``."""
+    row = db.get(model, key)
+    if row is None:
+        raise not_found(kind, key, param=param)
+    return row
+
+
 def _param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
     return ".".join(parts) or None

@@ -3,6 +3,8 @@ runs; Dagster does the work. Run with ``uvicorn --factory api.main:create_app`` 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from contextlib import asynccontextmanager
 
 import httpx
@@ -11,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import EnginePool, require_api_key
 from api.errors import OpenAIError, install_error_handlers
-from api.routers import batches, completions, files, models
+from api.routers import batches, completions, curation, files, models
 from vbatch_pipelines.settings import Settings, load_settings
 from vbatch_pipelines.store.db import get_database
 
@@ -41,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         yield
         await app.state.engines.aclose()
+        if dagster_check["client"] is not None:
+            await dagster_check["client"].aclose()
 
     app = FastAPI(title="vbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible batch and online inference on your own models.")
@@ -51,21 +55,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
 
-    for router in (files.router, batches.router, models.router, completions.router):
+    for router in (files.router, batches.router, models.router, completions.router, curation.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
+    # Label Studio authenticates its webhooks with a shared secret header, not an API key.
+    app.include_router(curation.webhooks, prefix="/v1")
+
+    dagster_check: dict = {"at": 0.0, "state": "unknown", "task": None, "client": None}
+
+    async def probe_dagster() -> None:
+        # One client for the app's life: building one (its SSL context) blocks the event loop ~20 ms.
+        if dagster_check.get("client") is None:
+            dagster_check["client"] = httpx.AsyncClient(timeout=2)
+        try:
+            (await dagster_check["client"].get(f"{settings.dagster_url}/server_info")).raise_for_status()
+            dagster_check["state"] = "ok"
+        except httpx.HTTPError as exc:
+            dagster_check["state"] = f"unreachable: {exc!r}"
+
+    def dagster_state() -> str:
+        """Dagster's last known state, refreshed in the background at most every 5 s: its webserver
+        answers slowly under load and a health check must not wait for it."""
+        if time.monotonic() - dagster_check["at"] > 5:
+            dagster_check["at"] = time.monotonic()
+            dagster_check["task"] = asyncio.create_task(probe_dagster())
+        return dagster_check["state"]
 
     @app.get("/health", tags=["operations"])
-    def health() -> JSONResponse:
-        checks = {"database": "ok", "dagster": "ok"}
+    async def health() -> JSONResponse:
+        """Liveness and readiness: the metadata DB must answer; Dagster being down is reported, not fatal
+        (batches are recorded and launched by a sensor later)."""
+        checks = {"database": "ok", "dagster": dagster_state()}
         try:
             with app.state.db.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
         except Exception as exc:  # noqa: BLE001 - report, don't raise
             checks["database"] = f"error: {exc}"
-        try:
-            httpx.get(f"{settings.dagster_url}/server_info", timeout=1).raise_for_status()
-        except httpx.HTTPError as exc:
-            checks["dagster"] = f"unreachable: {exc}"
         healthy = checks["database"] == "ok"
         return JSONResponse({"status": "ok" if healthy else "error", **checks}, status_code=200 if healthy else 503)
 

@@ -2,6 +2,7 @@
 
 from resources.file_store import FileStore
 from resources.inference_engine import InferenceEngine
+from resources.label_studio import LabelStudio
 from resources.metadata_db import MetadataDB
 
-__all__ = ["FileStore", "InferenceEngine", "MetadataDB"]
+__all__ = ["FileStore", "InferenceEngine", "LabelStudio", "MetadataDB"]

@@ -15,6 +15,10 @@ import pytest
 
 from vbatch_pipelines.settings import TINY_MODEL_ID
 
+# Curation needs Label Studio: tests that want it point at the session's server (the label_studio
+# fixture); everything else runs with curation off so no test starts a Label Studio of its own.
+os.environ["VBATCH_CURATION"] = "off"
+
 POSTGRES_URL = os.environ.get("VBATCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -144,3 +148,39 @@ def vllm_python() -> str:
         pytest.fail("vLLM is not installed: run `vbatch engine install` (make test does) or set "
                     "VBATCH_TEST_VLLM_PYTHON")
     return python
+
+
+@pytest.fixture(scope="session")
+def label_studio_server(tmp_path_factory):
+    """The real Label Studio, started once for the session by vbatch's own manager (managed env)."""
+    from vbatch_pipelines.curation.server import ManagedLabelStudio, connection, managed_env_dir
+    from vbatch_pipelines.envs import ready_python
+    from vbatch_pipelines.net import free_port
+    from vbatch_pipelines.settings import load_settings
+
+    home = tmp_path_factory.mktemp("label-studio-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VBATCH_HOME", str(home))
+        mp.setenv("VBATCH_CURATION", "on")
+        mp.setenv("VBATCH_LABEL_STUDIO_PORT", str(free_port()))
+        mp.delenv("VBATCH_LABEL_STUDIO_URL", raising=False)
+        settings = load_settings()
+        if ready_python(managed_env_dir(settings)) is None:
+            pytest.fail("Label Studio is not installed: run `vbatch label-studio install` (make test does)")
+        server = ManagedLabelStudio(settings)
+        conn = connection(settings, start=True)
+    try:
+        yield server, conn
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def curation_home(vbatch_home, label_studio_server, monkeypatch):
+    """vbatch_home with curation on, using the session's Label Studio."""
+    _, conn = label_studio_server
+    monkeypatch.setenv("VBATCH_CURATION", "on")
+    monkeypatch.setenv("VBATCH_LABEL_STUDIO_URL", conn.url)
+    monkeypatch.setenv("VBATCH_LABEL_STUDIO_TOKEN", conn.token)
+    monkeypatch.setenv("VBATCH_WEBHOOK_SECRET", "test-webhook-secret")
+    return vbatch_home

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -64,7 +66,7 @@ def test_batch_errors_and_deferred_launch(client):
     # Dagster is down: the batch is still accepted and recorded, waiting for the launch sensor.
     created = client.post("/v1/batches", json={"input_file_id": uploaded["id"],
                                                "endpoint": "/v1/chat/completions"})
-    assert created.status_code == 200 and created.json()["status"] == "validating"
+    assert created.status_code == 200 and created.json()["status"] == "in_progress"  # validated inline
     batch_id = created.json()["id"]
     assert client.get(f"/v1/batches/{batch_id}").json()["id"] == batch_id
     _error(client.delete(f"/v1/files/{uploaded['id']}"), 409, "file_in_use", "file_id")
@@ -88,5 +90,24 @@ def test_inference_errors(client):
 
 def test_health_reports_dagster_down_but_stays_up(client):
     body = client.get("/health").json()
+    assert body["dagster"] == "unknown"  # probed in the background, never in the request
+    deadline = time.monotonic() + 10
+    while body["dagster"] == "unknown" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        body = client.get("/health").json()
     assert body["status"] == "ok" and body["database"] == "ok" and body["dagster"].startswith("unreachable")
     assert client.get("/docs").status_code == 200 and "/v1/batches" in client.get("/openapi.json").json()["paths"]
+
+
+def test_small_files_are_validated_at_create_large_ones_by_batch_input(client):
+    bad = _upload(client, jsonl(chat_lines(2)) + b"{oops\n").json()
+    failed = client.post("/v1/batches", json={"input_file_id": bad["id"], "endpoint": "/v1/chat/completions"}).json()
+    assert failed["status"] == "failed" and failed["failed_at"]
+    assert [(e["code"], e["line"]) for e in failed["errors"]["data"]] == [("invalid_json_line", 3)]
+
+    from dataclasses import replace
+
+    client.app.state.settings = replace(client.app.state.settings, inline_validation_bytes=10)
+    good = _upload(client, jsonl(chat_lines(2))).json()
+    waiting = client.post("/v1/batches", json={"input_file_id": good["id"], "endpoint": "/v1/chat/completions"})
+    assert waiting.json()["status"] == "validating"  # left to batch_input (Dagster is down here)

@@ -72,6 +72,58 @@ def cmd_engine_start(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_label_studio_install(args, settings: Settings) -> int:
+    from vbatch_pipelines.curation.server import install_label_studio
+
+    install_label_studio(settings)
+    return 0
+
+
+def cmd_label_studio_start(args, settings: Settings) -> int:
+    from vbatch_pipelines.curation.server import connection
+
+    started = time.monotonic()
+    print(f"Label Studio at {connection(settings, start=True).url} (ready in {time.monotonic() - started:.1f}s)")
+    return cmd_label_studio_status(args, settings)
+
+
+def cmd_label_studio_stop(args, settings: Settings) -> int:
+    from vbatch_pipelines.curation.server import ManagedLabelStudio
+
+    print("stopped" if ManagedLabelStudio(settings).stop() else "was not running")
+    return 0
+
+
+def cmd_label_studio_status(args, settings: Settings) -> int:
+    from vbatch_pipelines.curation.server import ManagedLabelStudio, connection, credentials
+
+    if settings.label_studio_url:
+        print(f"external Label Studio {settings.label_studio_url}")
+        return 0
+    server = ManagedLabelStudio(settings)
+    creds = credentials(settings)
+    print(f"{connection(settings).url}\t{'healthy' if server.healthy() else 'down'}\t"
+          f"login {creds['username']} / {creds['password']}\tdata {settings.label_studio_dir}")
+    return 0
+
+
+def _start_curation(settings: Settings, api_url: str) -> str:
+    """Label Studio for `up`: started when curation is on and it is installed; webhooks to the API."""
+    from vbatch_pipelines.curation.server import ManagedLabelStudio, credentials, label_studio_resource
+
+    resource = label_studio_resource(settings)
+    if not resource.enabled:
+        return f"off: {resource.disabled_reason}"
+    try:
+        resource.ensure_running()
+        resource.ensure_webhook(f"{api_url}/v1/webhooks/label-studio", resource.webhook_secret)
+    except Exception as exc:  # noqa: BLE001 - the platform stays up; curation_tasks retries
+        return f"failed to start: {exc}"
+    login = "" if settings.label_studio_url else f" (login {credentials(settings)['username']}, " \
+        f"password in {ManagedLabelStudio(settings).state_dir / 'credentials.json'})"
+    return resource.url + login
+
+
 def _managed_servers(settings: Settings):
     from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, VLLMServerConfig
     from vbatch_pipelines.models.registry import ModelSpec
@@ -190,6 +242,15 @@ def prepare_platform(settings: Settings) -> dict:
     return env
 
 
+def _api_workers(settings: Settings) -> int:
+    """Two API processes use both cores of a small box for polling clients; with the transformers
+    engine each process would hold its own copy of the model, so one."""
+    if settings.api_workers:
+        return settings.api_workers
+    backend = _resources(settings)["inference_engine"].resolved_backend()
+    return 2 if (os.cpu_count() or 1) >= 2 and backend == "vllm" else 1
+
+
 def cmd_up(args, settings: Settings) -> int:
     from vbatch_pipelines.instance import WORKSPACE_YAML
 
@@ -207,7 +268,8 @@ def cmd_up(args, settings: Settings) -> int:
         "dagster-daemon": _spawn([str(bin_dir / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)], env,
                                  logs / "dagster-daemon.log"),
         "api": _spawn([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", args.host,
-                       "--port", str(api_port), "--log-level", "warning"], env, logs / "api.log"),
+                       "--port", str(api_port), "--workers", str(_api_workers(settings)), "--log-level", "warning"],
+                      env, logs / "api.log"),
     }
     stopping = threading.Event()
 
@@ -227,11 +289,13 @@ def cmd_up(args, settings: Settings) -> int:
             except Exception as exc:  # noqa: BLE001 - keep the platform up; batches retry the engine
                 engine_note = f"vLLM failed to start: {exc}"
     api_ready = wait_http(f"{api_url}/health", 60)
+    curation_note = _start_curation(settings, api_url) if api_ready else "off: the API did not start"
     ready = wait_http(f"{dagster_url}/server_info", 120)
     print(f"vbatch is up (home {settings.home})\n"
           f"  OpenAI API   {api_url}/v1{'' if api_ready else '  (not answering yet; see logs)'}  (docs {api_url}/docs)\n"
           f"  Dagster UI   {dagster_url}{'' if ready else '  (not answering yet; see logs)'}\n"
           f"  engine       {engine_note}\n"
+          f"  Label Studio {curation_note}\n"
           f"  logs         {logs}\n"
           "Ctrl-C stops everything.", flush=True)
     try:
@@ -248,6 +312,10 @@ def cmd_up(args, settings: Settings) -> int:
             _stop_process_group(process)
         for server in _managed_servers(settings):
             server.stop()
+        if not settings.label_studio_url:
+            from vbatch_pipelines.curation.server import ManagedLabelStudio
+
+            ManagedLabelStudio(settings).stop()
         print("Stopped.", flush=True)
     return 0
 
@@ -283,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "status":
             command.add_argument("--model", default=None)
         command.set_defaults(func=func)
+
+    studio = sub.add_parser("label-studio", help="the Label Studio vbatch runs for curation").add_subparsers(
+        dest="label_studio", required=True)
+    for name, func, text in (("install", cmd_label_studio_install, "create Label Studio's own virtualenv"),
+                             ("start", cmd_label_studio_start, "start it (or find it running)"),
+                             ("stop", cmd_label_studio_stop, "stop it"),
+                             ("status", cmd_label_studio_status, "show where it runs and how to log in")):
+        studio.add_parser(name, help=text).set_defaults(func=func)
 
     db = sub.add_parser("db", help="the metadata DB").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)

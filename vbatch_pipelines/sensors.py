@@ -1,5 +1,7 @@
-"""Sensors: launch batches accepted while Dagster was unreachable; settle batches whose run is gone."""
+"""Sensors: launch batches accepted while Dagster was unreachable; settle batches whose run is gone;
+read reviews from Label Studio and ask for a new gold-star dataset when they changed."""
 
+import json
 
 from dagster import (
     DagsterRunStatus,
@@ -12,9 +14,12 @@ from dagster import (
     sensor,
 )
 
-from resources import FileStore, MetadataDB
+from resources import FileStore, LabelStudio, MetadataDB
+from resources.label_studio import LabelStudioUnavailable, iso
 from vbatch_pipelines.batch.service import batches_to_settle, batches_without_run, end_batch
-from vbatch_pipelines.jobs import batch_job
+from vbatch_pipelines.curation.service import latest_change, latest_dataset
+from vbatch_pipelines.curation.sync import record_task
+from vbatch_pipelines.jobs import batch_job, gold_star_dataset_job
 from vbatch_pipelines.launch import BATCH_ID_TAG, run_tags
 from vbatch_pipelines.partitions import batch_partitions
 
@@ -57,3 +62,30 @@ def batch_settle_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
         return SkipReason("No batch to settle")
     context.log.info("settled: " + ", ".join(settled))
     return SkipReason(f"Settled {len(settled)} batch(es): {', '.join(settled)}")
+
+
+@sensor(job=gold_star_dataset_job, minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)
+def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, label_studio: LabelStudio):
+    """Tasks changed in Label Studio since the cursor (per project, ``updated_at``) are read with their
+    annotations and recorded; a new gold_star_dataset is requested when reviews changed since the last one
+    (from here, the webhook or the API). Label Studio down: skip, the cursor stays, nothing is lost."""
+    if not label_studio.enabled:
+        return SkipReason(label_studio.disabled_reason)
+    db = metadata_db.db
+    cursor = json.loads(context.cursor or "{}")
+    read = changed = 0
+    try:
+        for project_id in label_studio.projects():
+            tasks = label_studio.changed_tasks(project_id, cursor.get(str(project_id)))
+            for task in tasks:
+                changed += record_task(db, task)
+            if tasks:
+                read += len(tasks)
+                cursor[str(project_id)] = max(iso(task.updated_at) for task in tasks)
+    except LabelStudioUnavailable as exc:
+        return SkipReason(f"Label Studio is unreachable; will read from the same cursor next tick ({exc})")
+    context.update_cursor(json.dumps(cursor, sort_keys=True))
+    seq, dataset = latest_change(db), latest_dataset(db)
+    if seq and (dataset is None or seq > dataset.source_seq):
+        return RunRequest(run_key=f"gold-star-dataset-{seq}", tags={"vbatch/curation_seq": str(seq)})
+    return SkipReason(f"Read {read} changed task(s), {changed} new review(s); dataset up to date")

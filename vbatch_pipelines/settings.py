@@ -47,7 +47,23 @@ class Settings:
     dagster_url: str
     api_keys: tuple[str, ...]
     api_port: int
+    api_workers: int  # 0: two on a machine with two or more cores and a vLLM engine, else one
     max_upload_bytes: int
+    inline_validation_bytes: int  # input files up to this size are validated by the API at create time
+    curation: bool  # VBATCH_CURATION=off: no Label Studio, curation_tasks skips every batch
+    label_studio_url: str | None  # an external Label Studio; unset: vbatch runs its own
+    label_studio_token: str | None
+    label_studio_port: int
+    label_studio_database_url: str | None  # PostgreSQL for the managed Label Studio (SQLite otherwise)
+    webhook_secret: str | None
+
+    @property
+    def label_studio_dir(self) -> Path:
+        return self.home / "label-studio"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
 
     @property
     def files_dir(self) -> Path:
@@ -104,5 +120,13 @@ def load_settings() -> Settings:
         dagster_url=_env("VBATCH_DAGSTER_URL", "http://127.0.0.1:3000"),
         api_keys=tuple(k.strip() for k in (_env("VBATCH_API_KEYS") or "").split(",") if k.strip()),
         api_port=int(_env("VBATCH_API_PORT", "4080")),
+        api_workers=int(_env("VBATCH_API_WORKERS", "0")),
         max_upload_bytes=int(_env("VBATCH_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024))),
+        inline_validation_bytes=int(_env("VBATCH_INLINE_VALIDATION_BYTES", str(8 * 1024 * 1024))),
+        curation=_env("VBATCH_CURATION", "on").lower() not in ("off", "0", "false", "no"),
+        label_studio_url=_env("VBATCH_LABEL_STUDIO_URL"),
+        label_studio_token=_env("VBATCH_LABEL_STUDIO_TOKEN"),
+        label_studio_port=int(_env("VBATCH_LABEL_STUDIO_PORT", "4115")),
+        label_studio_database_url=_env("VBATCH_LABEL_STUDIO_DATABASE_URL"),
+        webhook_secret=_env("VBATCH_WEBHOOK_SECRET"),
     )

@@ -9,9 +9,9 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from api.deps import get_db, get_settings
-from api.errors import OpenAIError, not_found
+from api.errors import OpenAIError, get_or_404, not_found
 from api.pagination import paginate
-from vbatch_pipelines.batch.service import BatchRequestError, get_file, store_file
+from vbatch_pipelines.batch.service import BatchRequestError, store_file
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch
@@ -55,10 +55,7 @@ async def list_files(
 
 
 def _file_or_404(db: Database, file_id: str) -> FileRecord:
-    record = get_file(db, file_id)
-    if record is None:
-        raise not_found("file", file_id, param="file_id")
-    return record
+    return get_or_404(db, FileRecord, file_id, "file", "file_id")
 
 
 @router.get("/files/{file_id}")

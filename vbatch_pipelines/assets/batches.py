@@ -10,15 +10,16 @@ from resources import FileStore, InferenceEngine, MetadataDB
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
+    BatchRequestError,
     end_batch,
     get_batch,
-    get_file,
     iter_requests,
     now,
     parquet_row_count,
     update_batch,
+    validate_input,
 )
-from vbatch_pipelines.batch.validation import BatchInputError, validate_batch_file
+from vbatch_pipelines.batch.validation import BatchInputError
 from vbatch_pipelines.models.registry import lookup_model, prepare_model
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.settings import load_settings
@@ -45,26 +46,26 @@ def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_st
     db = metadata_db.db
     batch = _batch_or_fail(metadata_db, batch_id)
     update_batch(db, batch_id, dagster_run_id=context.run_id)
-    source = get_file(db, batch.input_file_id)
-    if source is None:
-        raise Failure(f"Input file {batch.input_file_id} of batch {batch_id} no longer exists")
-    settings = load_settings()
+    parquet = file_store.batch_dir(batch_id) / INPUT_FILE
+    if batch.status == "in_progress" and parquet.exists():
+        # The API validated this small file when the batch was created (its fast path): nothing to redo.
+        context.log.info(f"{batch_id}: {batch.request_total} valid requests (validated by the API)")
+        return MaterializeResult(metadata={
+            "requests": batch.request_total, "model": batch.model or "", "endpoint": batch.endpoint,
+            "input_file_id": batch.input_file_id, "validated_by": "api", "path": MetadataValue.path(str(parquet)),
+        })
     started = time.monotonic()
-    report = validate_batch_file(
-        source.path,
-        endpoint=batch.endpoint,
-        resolve_model=lambda name: lookup_model(settings, name).id,
-        output=file_store.batch_dir(batch_id) / INPUT_FILE,
-    )
+    try:
+        report = validate_input(db, load_settings(), batch)
+    except BatchRequestError as exc:
+        raise Failure(str(exc)) from exc
     seconds = time.monotonic() - started
     if not report.ok:
-        update_batch(db, batch_id, status="failed", errors=report.openai_errors(), request_total=report.total)
         error = BatchInputError(report)
         raise Failure(str(error), metadata={
             "errors": MetadataValue.json(report.openai_errors()),
             "error_count": report.error_count,
         })
-    update_batch(db, batch_id, status="in_progress", model=report.model, request_total=report.total)
     context.log.info(f"{batch_id}: {report.total} valid requests for {report.model} in {seconds:.2f}s")
     return MaterializeResult(metadata={
         "requests": report.total,
@@ -73,7 +74,8 @@ def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_st
         "input_file_id": batch.input_file_id,
         "bytes": report.bytes_read,
         "validation_seconds": round(seconds, 3),
-        "path": MetadataValue.path(str(file_store.batch_dir(batch_id) / INPUT_FILE)),
+        "validated_by": "batch_input",
+        "path": MetadataValue.path(str(parquet)),
     })
 
 

@@ -77,8 +77,7 @@ def register_file(db: Database, path: Path, filename: str, purpose: str, *, file
 
 
 def get_file(db: Database, file_id: str) -> File | None:
-    with db.session() as session:
-        return session.get(File, file_id)
+    return db.get(File, file_id)
 
 
 def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_window: str = "24h",
@@ -113,9 +112,29 @@ def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_
     return batch
 
 
+def validate_input(db: Database, settings, batch: Batch):
+    """Validate the batch's input file into ``input.parquet`` and move the batch on: ``in_progress``
+    (valid) or ``failed`` with OpenAI-style line errors. One code path for the API's fast path on small
+    files and for ``batch_input``. Returns the ValidationReport."""
+    from vbatch_pipelines.batch.validation import validate_batch_file
+    from vbatch_pipelines.models.registry import lookup_model
+
+    source = get_file(db, batch.input_file_id)
+    if source is None:
+        raise BatchRequestError(f"Input file {batch.input_file_id} of batch {batch.id} no longer exists",
+                                "input_file_id", "file_not_found")
+    report = validate_batch_file(source.path, endpoint=batch.endpoint,
+                                 resolve_model=lambda name: lookup_model(settings, name).id,
+                                 output=settings.batches_dir / batch.id / INPUT_FILE)
+    if report.ok:
+        update_batch(db, batch.id, status="in_progress", model=report.model, request_total=report.total)
+    else:
+        update_batch(db, batch.id, status="failed", errors=report.openai_errors(), request_total=report.total)
+    return report
+
+
 def get_batch(db: Database, batch_id: str) -> Batch | None:
-    with db.session() as session:
-        return session.get(Batch, batch_id)
+    return db.get(Batch, batch_id)
 
 
 def update_batch(db: Database, batch_id: str, **fields: Any) -> Batch:
@@ -139,7 +158,7 @@ def batches_without_run(db: Database, older_than_s: float = 0) -> list[str]:
     cutoff = now() - older_than_s
     with db.session() as session:
         rows = session.scalars(
-            select(Batch.id).where(Batch.dagster_run_id.is_(None), Batch.status == "validating",
+            select(Batch.id).where(Batch.dagster_run_id.is_(None), Batch.status.in_(("validating", "in_progress")),
                                    Batch.created_at <= cutoff).order_by(Batch.created_at)
         )
         return list(rows)

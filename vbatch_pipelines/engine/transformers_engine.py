@@ -73,6 +73,9 @@ class TransformersEngine:
         max_new = request.max_new_tokens(self.default_max_tokens)
         for prompt in prompts:
             n_prompt = len(prompt) if isinstance(prompt, list) else len(self.tokenizer(prompt)["input_ids"])
+            if n_prompt == 0:
+                return EngineResponse(400, error_body("The prompt is empty (no tokens).", param="prompt",
+                                                      code="invalid_request"))
             if n_prompt + max_new > self.max_len:
                 return EngineResponse(400, error_body(
                     f"This model's maximum context length is {self.max_len} tokens. However, you requested "
@@ -103,9 +106,14 @@ class TransformersEngine:
         prompt = request.prompt
         if isinstance(prompt, str):
             return [prompt]
-        if all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]
-        return list(prompt)
+        prompts = [list(prompt)] if all(isinstance(p, int) for p in prompt) else list(prompt)
+        vocab = len(self.tokenizer)
+        for index, item in enumerate(prompts):
+            if isinstance(item, list) and not item:
+                raise ValueError(f"prompt {index} is an empty list of token ids")
+            if isinstance(item, list) and any(not 0 <= token < vocab for token in item):
+                raise ValueError(f"prompt {index} has token ids outside the vocabulary (0..{vocab - 1})")
+        return prompts
 
     def _response(self, request, outputs: list[list[tuple[str, int, str, int]]]) -> dict[str, Any]:
         """The OpenAI body, built with the protocol's response models (ids, timestamps, object types)."""

@@ -1,19 +1,13 @@
 """A long-lived vLLM OpenAI server per base model, shared by every batch and online request.
 
-Dagster runs are short-lived processes; the model must stay warm between them. So the server is started
-detached (its own session, so a cancelled run does not take it down), its pid and port are written to
-``$VBATCH_HOME/engines/<model>.json``, and whoever needs it next finds it there, health-checks it and
-reuses it - or starts it again if it died. A file lock keeps two runs from starting the same model twice.
-Servers run with ``--enable-lora`` and runtime LoRA updating, so fine-tunes deploy without a restart.
+Dagster runs are short-lived processes; the model must stay warm between them, so the server is a
+``DetachedServer`` with its state in ``$VBATCH_HOME/engines/<model>.json``. Servers run with ``--enable-lora`` and runtime LoRA updating, so fine-tunes deploy without a restart.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,34 +15,12 @@ from typing import Any
 import httpx
 
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
+from vbatch_pipelines.detached import DetachedServer, ServerStartError
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
 from vbatch_pipelines.models.registry import ModelSpec
-from vbatch_pipelines.net import free_port
 
 
-class EngineStartError(RuntimeError):
-    pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own exited child) is not alive
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+EngineStartError = ServerStartError
 
 
 @dataclass
@@ -63,35 +35,20 @@ class VLLMServerConfig:
     startup_timeout_s: float = 300.0
 
 
-class ManagedVLLMServer:
-    """Start, find, health-check and stop the vLLM server that serves one base model."""
+class ManagedVLLMServer(DetachedServer):
+    """The vLLM server that serves one base model."""
+
+    name = "vLLM"
 
     def __init__(self, model: ModelSpec, engines_dir: Path, config: VLLMServerConfig):
+        super().__init__(engines_dir, model.id)
         self.model = model
         self.config = config
         self.engines_dir = engines_dir
-        self.state_path = engines_dir / f"{model.id}.json"
-        self.log_path = engines_dir / f"{model.id}.log"
-        self.lock_path = engines_dir / f"{model.id}.lock"
+        self.startup_timeout_s = config.startup_timeout_s
 
-    # -- state -------------------------------------------------------------------------------------
-
-    def state(self) -> dict[str, Any] | None:
+    def probe(self, url: str, timeout: float) -> bool:
         try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    @staticmethod
-    def url_of(state: dict[str, Any]) -> str:
-        return f"http://127.0.0.1:{state['port']}"
-
-    def healthy(self, state: dict[str, Any] | None = None, timeout: float = 2.0) -> bool:
-        state = state or self.state()
-        if not state or not _pid_alive(state["pid"]):
-            return False
-        try:
-            url = self.url_of(state)
             if httpx.get(f"{url}/health", timeout=timeout).status_code != 200:
                 return False
             served = httpx.get(f"{url}/v1/models", timeout=timeout).json()
@@ -99,23 +56,8 @@ class ManagedVLLMServer:
         except (httpx.HTTPError, ValueError):
             return False
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def ensure(self) -> str:
-        """The URL of a healthy server for this model, starting (or restarting) one if needed."""
-        from filelock import FileLock
-
-        state = self.state()
-        if self.healthy(state):
-            return self.url_of(state)
-        self.engines_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.lock_path), timeout=self.config.startup_timeout_s + 60):
-            state = self.state()  # another process may have started it while we waited
-            if self.healthy(state):
-                return self.url_of(state)
-            if state and _pid_alive(state["pid"]):
-                self._kill(state["pid"])
-            return self._start()
+    def state_extra(self) -> dict[str, Any]:
+        return {"model": self.model.id, "path": self.model.path}
 
     def engine_args(self) -> list[str]:
         """Engine flags any vLLM entrypoint takes (the benchmark gives run-batch the same ones)."""
@@ -132,7 +74,7 @@ class ManagedVLLMServer:
             args += ["--max-model-len", str(cfg.max_model_len)]
         return args + list(cfg.extra_args)
 
-    def _argv(self, port: int) -> list[str]:
+    def argv(self, port: int) -> list[str]:
         cfg = self.config
         return [
             cfg.python, "-m", "vllm.entrypoints.openai.api_server",
@@ -149,63 +91,12 @@ class ManagedVLLMServer:
             *self.engine_args(),
         ]
 
-    def _start(self) -> str:
-        port = free_port()
-        argv = self._argv(port)
+    def env(self) -> dict[str, str]:
         # The batch middleware is imported from this checkout inside vLLM's own env (it needs only vLLM).
         package_root = str(Path(BATCH_MIDDLEWARE.__file__).resolve().parents[2])
         pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", PYTHONUNBUFFERED="1",
-                   PYTHONPATH=pythonpath)
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n=== vbatch starting vLLM at {time.ctime()}: {' '.join(argv)}\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True, close_fds=True,
-            )
-        state = {"pid": process.pid, "port": port, "model": self.model.id, "path": self.model.path,
-                 "argv": argv, "started_at": time.time()}
-        self.state_path.write_text(json.dumps(state))
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise EngineStartError(
-                    f"vLLM for {self.model.id} exited with code {process.returncode} while starting; "
-                    f"log {self.log_path}:\n{_tail(self.log_path)}"
-                )
-            if self.healthy(state):
-                return self.url_of(state)
-            time.sleep(0.5)
-        self._kill(process.pid)
-        raise EngineStartError(
-            f"vLLM for {self.model.id} did not become healthy in {self.config.startup_timeout_s:.0f}s; "
-            f"log {self.log_path}:\n{_tail(self.log_path)}"
-        )
-
-    @staticmethod
-    def _kill(pid: int, timeout: float = 20.0) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                return
-            except PermissionError:
-                os.kill(pid, sig)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if not _pid_alive(pid):
-                    return
-                time.sleep(0.2)
-
-    def stop(self) -> bool:
-        """Stop the server if it runs; True if one was stopped."""
-        state = self.state()
-        self.state_path.unlink(missing_ok=True)
-        if state and _pid_alive(state["pid"]):
-            self._kill(state["pid"])
-            return True
-        return False
+        return dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", PYTHONUNBUFFERED="1",
+                    PYTHONPATH=pythonpath)
 
 
 class VLLMEngine:

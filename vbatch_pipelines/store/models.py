@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -105,3 +105,70 @@ class Batch(Base):
             "metadata": self.metadata_,
             "usage": self.usage,
         }
+
+
+class CurationTask(Base):
+    """One batch result under review in Label Studio, and what the experts said about it."""
+
+    __tablename__ = "curation_tasks"
+    __table_args__ = (UniqueConstraint("batch_id", "custom_id", name="uq_curation_tasks_batch_custom_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(String(64), index=True)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    schema: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    messages: Mapped[list] = mapped_column(JSON)
+    response: Mapped[str] = mapped_column(Text)
+    project_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ls_task_id: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True)
+    annotation_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    edited_response: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gold_star: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    annotated: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    reviewed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    changed_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)  # bumps on every change
+
+    def final_response(self) -> str:
+        return self.edited_response if self.edited_response is not None else self.response
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.ls_task_id, "object": "curation.task", "batch_id": self.batch_id,
+            "custom_id": self.custom_id, "schema": self.schema, "model": self.model,
+            "messages": self.messages, "response": self.response, "edited_response": self.edited_response,
+            "rating": self.rating, "gold_star": self.gold_star, "annotated": self.annotated,
+            "created_at": self.created_at, "reviewed_at": self.reviewed_at,
+        }
+
+
+class Dataset(Base):
+    """A gold-star dataset version: files on disk, counts, where it came from."""
+
+    __tablename__ = "datasets"
+
+    version: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    path: Mapped[str] = mapped_column(Text)
+    examples: Mapped[int] = mapped_column(Integer)
+    train_examples: Mapped[int] = mapped_column(Integer)
+    eval_examples: Mapped[int] = mapped_column(Integer)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    source_seq: Mapped[int] = mapped_column(BigInteger)  # the highest curation change it includes
+    counts: Mapped[dict] = mapped_column(JSON)
+    dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    @property
+    def id(self) -> str:
+        return self.version
+
+    def to_api(self) -> dict[str, Any]:
+        return {"id": self.version, "object": "dataset", "version": self.version, "created_at": self.created_at,
+                "examples": self.examples, "train_examples": self.train_examples,
+                "eval_examples": self.eval_examples, "fingerprint": self.fingerprint, "counts": self.counts,
+                "formats": list(EXPORT_FORMATS)}
+
+
+EXPORT_FORMATS = ("openai", "chatml", "alpaca", "sharegpt")

@@ -1,0 +1,151 @@
+"""Curation through vbatch: gold stars and edits written through to Label Studio, the webhook receiver,
+stats, and the gold-star datasets with their exports."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from api.deps import get_db, get_settings
+from api.errors import OpenAIError, get_or_404, not_found
+from resources.label_studio import LabelStudioUnavailable
+from vbatch_pipelines.curation.dataset import UnknownFormat, export_path
+from vbatch_pipelines.curation.schemas import get_schema
+from vbatch_pipelines.curation.server import label_studio_resource, webhook_secret
+from vbatch_pipelines.curation.service import clear_annotations, get_task, stats
+from vbatch_pipelines.curation.sync import record_annotation
+from vbatch_pipelines.settings import Settings
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import Dataset
+
+router = APIRouter(tags=["curation"])
+webhooks = APIRouter(tags=["curation"])
+
+
+class GoldStarRequest(BaseModel):
+    gold_star: bool = True
+
+
+class EditRequest(BaseModel):
+    response: str = Field(min_length=1)
+
+
+def _label_studio(request: Request):
+    if getattr(request.app.state, "label_studio", None) is None:
+        request.app.state.label_studio = label_studio_resource(request.app.state.settings)
+    label_studio = request.app.state.label_studio
+    if not label_studio.enabled:
+        raise OpenAIError(409, f"Curation is unavailable: {label_studio.disabled_reason}", code="curation_disabled")
+    return label_studio
+
+
+def _task_or_404(db: Database, task_id: int):
+    task = get_task(db, task_id)
+    if task is None:
+        raise not_found("curation task", str(task_id), param="task_id")
+    return task
+
+
+async def _write_review(request: Request, db: Database, task_id: int, *, answer: str | None,
+                        gold_star: bool) -> dict:
+    task = _task_or_404(db, task_id)
+    label_studio = _label_studio(request)
+
+    def write() -> None:
+        annotation = label_studio.write_review(task_id, answer, task.rating, gold_star, task.annotation_id)
+        record_annotation(db, task_id, annotation)
+
+    try:
+        await asyncio.to_thread(write)
+    except LabelStudioUnavailable as exc:
+        raise OpenAIError(503, f"{exc}; nothing was changed, retry shortly", type="server_error",
+                          code="label_studio_unavailable") from exc
+    return _task_or_404(db, task_id).to_api()
+
+
+@router.get("/curation/tasks/{task_id}")
+async def retrieve_task(task_id: int, db: Database = Depends(get_db)) -> dict:
+    return _task_or_404(db, task_id).to_api()
+
+
+@router.post("/curation/tasks/{task_id}/gold-star")
+async def set_gold_star(task_id: int, request: Request, body: GoldStarRequest | None = None,
+                        db: Database = Depends(get_db)) -> dict:
+    """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
+    task = _task_or_404(db, task_id)
+    return await _write_review(request, db, task_id, answer=task.edited_response,
+                               gold_star=(body or GoldStarRequest()).gold_star)
+
+
+@router.patch("/curation/tasks/{task_id}/response")
+async def edit_response(task_id: int, body: EditRequest, request: Request, db: Database = Depends(get_db)) -> dict:
+    """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
+    task = _task_or_404(db, task_id)
+    problem = get_schema(task.schema).validate(body.response)
+    if problem:
+        raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
+    return await _write_review(request, db, task_id, answer=body.response, gold_star=task.gold_star)
+
+
+@router.get("/curation/stats")
+async def curation_stats(db: Database = Depends(get_db)) -> dict:
+    return stats(db)
+
+
+@router.get("/datasets")
+async def list_datasets(limit: int = Query(default=20, ge=1, le=100), db: Database = Depends(get_db)) -> dict:
+    with db.session() as session:
+        rows = list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.version.desc())
+                                    .limit(limit + 1)))
+    data = [row.to_api() for row in rows[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rows) > limit}
+
+
+def _dataset_or_404(db: Database, version: str) -> Dataset:
+    return get_or_404(db, Dataset, version, "dataset", "version")
+
+
+@router.get("/datasets/{version}")
+async def retrieve_dataset(version: str, db: Database = Depends(get_db)) -> dict:
+    return _dataset_or_404(db, version).to_api()
+
+
+@router.get("/datasets/{version}/export", response_class=FileResponse)
+async def export_dataset(version: str, format: str = "openai", split: str = "train",
+                         db: Database = Depends(get_db)) -> FileResponse:
+    dataset = _dataset_or_404(db, version)
+    try:
+        path = export_path(dataset, format, split)
+    except UnknownFormat as exc:
+        raise OpenAIError(400, str(exc), param="format" if "format" in str(exc) else "split") from exc
+    return FileResponse(path, filename=f"gold-stars-{version}-{path.name}",
+                        media_type="application/jsonl" if path.suffix == ".jsonl" else "application/json")
+
+
+@webhooks.post("/webhooks/label-studio", include_in_schema=False)
+async def label_studio_webhook(request: Request, settings: Settings = Depends(get_settings),
+                               db: Database = Depends(get_db),
+                               x_vbatch_webhook_secret: str | None = Header(default=None)) -> JSONResponse:
+    """Annotation events from Label Studio, recorded at once (the sensor reads the same changes later;
+    recording is idempotent)."""
+    if not x_vbatch_webhook_secret or not hmac.compare_digest(x_vbatch_webhook_secret, webhook_secret(settings)):
+        raise OpenAIError(401, "Missing or wrong X-Vbatch-Webhook-Secret", code="invalid_webhook_secret")
+    try:
+        payload = await request.json()
+    except ValueError as exc:
+        raise OpenAIError(400, "The webhook body is not JSON") from exc
+    action = payload.get("action")
+    changed: list[int] = []
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        task, annotation = payload.get("task") or {}, payload.get("annotation") or {}
+        if "id" in task and await asyncio.to_thread(record_annotation, db, int(task["id"]), annotation):
+            changed.append(int(task["id"]))
+    elif action == "ANNOTATIONS_DELETED":
+        ids = [int(a["id"]) for a in payload.get("annotations") or [] if "id" in a]
+        changed = await asyncio.to_thread(clear_annotations, db, ids)
+    return JSONResponse({"received": action, "changed_tasks": changed})

@@ -1,0 +1,172 @@
+"""Label Studio as a Dagster resource: a thin client over label-studio-sdk 2.x's ``LabelStudio``.
+
+One project per task schema (created on demand, found again by title); tasks imported in batches with
+the model's answer as a prediction; tasks changed since a cursor read back with their annotations;
+reviews made through vbatch's API written back as annotations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from dagster import ConfigurableResource
+from pydantic import PrivateAttr
+
+from vbatch_pipelines.curation.schemas import TaskSchema, annotation_result
+
+
+class LabelStudioUnavailable(RuntimeError):
+    """Label Studio did not answer; whatever asked should retry later and lose nothing."""
+
+
+def iso(value: Any) -> str:
+    """Label Studio returns ``updated_at`` as a datetime or an ISO string: one form, the one its
+    Datetime filter parses (UTC, microseconds, ``Z``); it also sorts as text."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LabelStudio(ConfigurableResource):
+    url: str
+    token: str
+    enabled: bool = True
+    disabled_reason: str = ""
+    managed_home: str | None = None  # set when vbatch runs this Label Studio: started on demand
+    webhook_url: str | None = None  # vbatch's receiver, registered on the projects vbatch creates
+    webhook_secret: str | None = None
+    import_chunk: int = 2000
+    timeout_s: float = 60.0
+
+    _client: Any = PrivateAttr(default=None)
+    _projects: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @property
+    def client(self):
+        if self._client is None:
+            import httpx
+            from label_studio_sdk import LabelStudio as Client
+
+            self._client = Client(base_url=self.url, api_key=self.token, timeout=self.timeout_s,
+                                  httpx_client=httpx.Client(timeout=self.timeout_s))
+        return self._client
+
+    def _call(self, fn, *args, **kwargs):
+        import httpx
+
+        try:
+            return fn(*args, **kwargs)
+        except (httpx.TransportError, ConnectionError) as exc:
+            raise LabelStudioUnavailable(f"Label Studio at {self.url} is unreachable: {exc}") from exc
+
+    def ensure_running(self) -> None:
+        """Start the managed Label Studio if it is down (an external one is only checked)."""
+        if self.managed_home:
+            from vbatch_pipelines.curation.server import ManagedLabelStudio
+            from vbatch_pipelines.settings import load_settings
+
+            ManagedLabelStudio(load_settings()).ensure()
+        elif not self.reachable():
+            raise LabelStudioUnavailable(f"Label Studio at {self.url} is unreachable")
+
+    def reachable(self) -> bool:
+        try:
+            self._call(lambda: list(self.client.projects.list(page_size=1)))
+            return True
+        except LabelStudioUnavailable:
+            return False
+
+    # -- projects ----------------------------------------------------------------------------------
+
+    def project_for(self, schema: TaskSchema) -> int:
+        """The schema's project, created with its labeling config the first time."""
+        if schema.name in self._projects:
+            return self._projects[schema.name]
+        for project in self._call(lambda: list(self.client.projects.list(title=schema.project_title))):
+            if project.title == schema.project_title:
+                self._projects[schema.name] = project.id
+                return project.id
+        project = self._call(self.client.projects.create, title=schema.project_title,
+                             description=schema.description, label_config=schema.label_config)
+        if self.webhook_url:
+            self._add_webhook(project.id, self.webhook_url, self.webhook_secret)
+        self._projects[schema.name] = project.id
+        return project.id
+
+    def projects(self) -> dict[int, str]:
+        """vbatch's projects here: id -> title."""
+        return {p.id: p.title for p in self._call(lambda: list(self.client.projects.list()))
+                if (p.title or "").startswith("vbatch · ")}
+
+    # -- tasks -------------------------------------------------------------------------------------
+
+    def import_tasks(self, project_id: int, tasks: list[dict[str, Any]]) -> list[int]:
+        """Import tasks (``data``, ``meta``, ``predictions``) in chunks; their ids in order."""
+        ids: list[int] = []
+        for start in range(0, len(tasks), self.import_chunk):
+            chunk = tasks[start:start + self.import_chunk]
+            result = self._call(self.client.projects.import_tasks, project_id, request=chunk,
+                                return_task_ids=True)
+            ids.extend(result.task_ids or [])
+        return ids
+
+    def _filtered(self, project_id: int, filters: dict[str, Any], fields: str = "all",
+                  page_size: int = 500) -> Iterator[Any]:
+        query = json.dumps({"filters": filters, "ordering": ["tasks:updated_at"]})
+        pager = self._call(self.client.tasks.list, project=project_id, query=query, fields=fields,
+                           page_size=page_size)
+        yield from self._call(lambda: list(pager))
+
+    def tasks_of_batch(self, project_id: int, batch_id: str) -> dict[str, int]:
+        """custom_id -> task id of a batch's tasks already in the project (to never import twice)."""
+        filters = {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:data.batch_id", "operator": "equal", "type": "String", "value": batch_id}]}
+        return {task.data["custom_id"]: task.id for task in self._filtered(project_id, filters, fields="task_only")}
+
+    def changed_tasks(self, project_id: int, since: str | None) -> list[Any]:
+        """Tasks updated after ``since`` (strictly), oldest first, with their annotations."""
+        items = []
+        if since:
+            items.append({"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
+                          "value": since})
+        return list(self._filtered(project_id, {"conjunction": "and", "items": items}))
+
+    def task(self, task_id: int) -> Any:
+        return self._call(self.client.tasks.get, str(task_id))
+
+    # -- reviews -----------------------------------------------------------------------------------
+
+    def write_review(self, task_id: int, answer: str | None, rating: int | None, gold_star: bool,
+                     annotation_id: int | None) -> dict[str, Any]:
+        """Create the task's annotation, or update the one vbatch knows; returns it as a dict."""
+        result = annotation_result(answer, rating, gold_star)
+        if annotation_id is not None:
+            try:
+                annotation = self._call(self.client.annotations.update, annotation_id, result=result)
+                return annotation.model_dump() if hasattr(annotation, "model_dump") else dict(annotation)
+            except LabelStudioUnavailable:
+                raise
+            except Exception:  # noqa: BLE001 - deleted in Label Studio meanwhile: create a new one
+                pass
+        annotation = self._call(self.client.annotations.create, task_id, result=result)
+        return annotation.model_dump() if hasattr(annotation, "model_dump") else dict(annotation)
+
+    def ensure_webhook(self, url: str, secret: str | None) -> None:
+        """Send annotation events of every vbatch project to ``url`` (new projects get it on creation)."""
+        for project_id in self.projects():
+            self._add_webhook(project_id, url, secret)
+
+    def _add_webhook(self, project_id: int, url: str, secret: str | None) -> None:
+        for hook in self._call(self.client.webhooks.list, project=str(project_id)):
+            if hook.url == url:
+                return
+        headers = {"X-Vbatch-Webhook-Secret": secret} if secret else {}
+        # Only annotation events: TASKS_CREATED would send every imported task back in full.
+        self._call(self.client.webhooks.create, url=url, project=project_id, send_payload=True,
+                   send_for_all_actions=False, headers=headers,
+                   actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"])

@@ -1,0 +1,43 @@
+"""Schemathesis against the app's own OpenAPI schema: whatever a client sends, no 5xx.
+
+In-process (ASGI) on a real metadata DB, the transformers engine serving the tiny model, Dagster
+unreachable (batches are recorded for the sensor). ``benchmarks/fuzz_api.py`` runs the same checks with
+more examples against a real `vbatch up`. VBATCH_FUZZ_EXAMPLES sets the examples per operation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+
+
+@pytest.fixture()
+def api_schema(vbatch_home, monkeypatch):
+    monkeypatch.setenv("VBATCH_DAGSTER_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("VBATCH_MAX_UPLOAD_BYTES", "65536")
+    from api.main import create_app
+
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app())
+
+
+def test_no_server_errors(api_schema):
+    examples = int(os.environ.get("VBATCH_FUZZ_EXAMPLES", "25"))
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 12, [op.label for op in operations]
+    failures = []
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def fuzz(case):
+            case.call_and_validate(checks=[not_a_server_error])
+
+        try:
+            fuzz()
+        except Exception as exc:  # noqa: BLE001 - collect every operation's failure, then report
+            details = exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]
+            failures.extend(f"{operation.label}: {detail}" for detail in details)
+    assert not failures, "\n\n".join(failures)

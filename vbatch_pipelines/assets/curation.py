@@ -1,0 +1,158 @@
+"""Curation assets: batch results go to Label Studio; gold stars come back as a versioned dataset."""
+
+import json
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    Backoff,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    asset,
+    asset_check,
+)
+
+from resources import FileStore, MetadataDB
+from resources.label_studio import LabelStudio
+from vbatch_pipelines.assets.batches import batch_output
+from vbatch_pipelines.batch.service import INPUT_FILE, get_batch, iter_requests
+from vbatch_pipelines.curation import dataset as gold
+from vbatch_pipelines.curation.schemas import chat_messages, prediction, schema_for_batch
+from vbatch_pipelines.curation.service import add_tasks, known_custom_ids, latest_change, set_task_ids
+from vbatch_pipelines.partitions import batch_partitions
+from vbatch_pipelines.settings import load_settings
+
+OFF = ("off", "false", "0", "no")
+
+
+def _response_text(body: dict) -> str:
+    choice = (body.get("choices") or [{}])[0]
+    if "message" in choice:
+        return (choice.get("message") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+@asset(
+    partitions_def=batch_partitions,
+    deps=[batch_output],
+    group_name="curation",
+    kinds={"labelstudio"},
+    retry_policy=RetryPolicy(max_retries=3, delay=15, backoff=Backoff.EXPONENTIAL),
+)
+def curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
+                   label_studio: LabelStudio) -> MaterializeResult:
+    """Every successful result of the batch as a review task in Label Studio (never twice)."""
+    batch_id = context.partition_key
+    db = metadata_db.db
+    batch = get_batch(db, batch_id)
+    if batch is None:
+        raise ValueError(f"Batch {batch_id} is not in the metadata DB")
+    if not label_studio.enabled:
+        return MaterializeResult(metadata={"skipped": label_studio.disabled_reason, "tasks": 0})
+    if str((batch.metadata_ or {}).get("curation", "on")).lower() in OFF:
+        return MaterializeResult(metadata={"skipped": "curation is off for this batch (metadata.curation)",
+                                           "tasks": 0})
+    directory = file_store.batch_dir(batch_id)
+    output_path = directory / "output.jsonl"
+    responses: dict[str, str] = {}
+    if output_path.exists():
+        with open(output_path) as f:
+            for line in f:
+                result = json.loads(line)
+                if (result.get("response") or {}).get("status_code") == 200:
+                    responses[result["custom_id"]] = _response_text(result["response"]["body"])
+
+    known = known_custom_ids(db, batch_id)
+    # Recorded but not confirmed: a run died between the import and recording its ids. Ask Label
+    # Studio which of them arrived, so nothing is imported twice.
+    unconfirmed = {custom_id for custom_id, task_id in known.items() if task_id is None}
+    pending_rows, by_schema = [], {}
+    for custom_id, body in iter_requests(directory / INPUT_FILE, set(), batch.model or ""):
+        if custom_id not in responses or (custom_id in known and custom_id not in unconfirmed):
+            continue
+        schema = schema_for_batch(batch.metadata_, body)
+        row = {"batch_id": batch_id, "custom_id": custom_id, "schema": schema.name, "model": batch.model,
+               "messages": chat_messages(body), "response": responses[custom_id]}
+        if custom_id not in known:
+            pending_rows.append(row)
+        by_schema.setdefault(schema.name, (schema, []))[1].append(row)
+    add_tasks(db, pending_rows)
+
+    imported = 0
+    if by_schema:
+        label_studio.ensure_running()
+    for schema, rows in by_schema.values():
+        project_id = label_studio.project_for(schema)
+        if unconfirmed:
+            present = label_studio.tasks_of_batch(project_id, batch_id)
+            set_task_ids(db, batch_id, project_id, {c: t for c, t in present.items() if c in unconfirmed})
+            rows = [row for row in rows if row["custom_id"] not in present]
+        tasks = [{"data": {"custom_id": r["custom_id"], "batch_id": batch_id, "model": r["model"] or "",
+                           "schema": schema.name, "messages": r["messages"], "response": r["response"]},
+                  "meta": {"vbatch_batch_id": batch_id, "vbatch_run_id": context.run_id},
+                  "predictions": [prediction(r["response"])]} for r in rows]
+        ids = label_studio.import_tasks(project_id, tasks)
+        if len(ids) != len(tasks):
+            raise RuntimeError(f"Label Studio returned {len(ids)} task ids for {len(tasks)} imported tasks")
+        set_task_ids(db, batch_id, project_id, {r["custom_id"]: task_id for r, task_id in zip(rows, ids)})
+        imported += len(ids)
+        context.log.info(f"{batch_id}: {len(ids)} tasks imported into project {project_id} ({schema.name})")
+    return MaterializeResult(metadata={
+        "tasks": len(known_custom_ids(db, batch_id)),
+        "imported_now": imported,
+        "schemas": ", ".join(sorted(by_schema)) or "none",
+        "label_studio": MetadataValue.url(label_studio.url),
+    })
+
+
+@asset(group_name="curation", kinds={"parquet", "jsonl"}, deps=[curation_tasks])
+def gold_star_dataset(context: AssetExecutionContext, metadata_db: MetadataDB) -> MaterializeResult:
+    """A new version of the gold-star examples (expert edits replace model answers), split train/eval."""
+    settings = load_settings()
+    seq = latest_change(metadata_db.db)
+    version = gold.build_dataset(metadata_db.db, settings.datasets_dir, source_seq=seq, run_id=context.run_id)
+    context.log.info(f"gold-star dataset {version.version}: {version.examples} examples")
+    return MaterializeResult(
+        metadata={
+            "version": version.version,
+            "examples": version.examples,
+            "train_examples": version.train_examples,
+            "eval_examples": version.eval_examples,
+            "fingerprint": version.fingerprint,
+            "by_schema": MetadataValue.json(version.counts["by_schema"]),
+            "by_model": MetadataValue.json(version.counts["by_model"]),
+            "path": MetadataValue.path(version.path),
+            "preview": MetadataValue.md(gold.preview(version)),
+        },
+        data_version=None,
+    )
+
+
+def _check(dataset_check) -> AssetCheckResult:
+    version, problems = dataset_check
+    return AssetCheckResult(passed=not problems, severity=AssetCheckSeverity.ERROR,
+                            metadata={"version": version or "none", "problems": MetadataValue.json(problems[:20]),
+                                      "count": len(problems)})
+
+
+@asset_check(asset=gold_star_dataset, description="Every example has a non-empty final answer.")
+def no_empty_responses(metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(gold.check_latest(metadata_db.db, "empty_responses"))
+
+
+@asset_check(asset=gold_star_dataset, description="No prompt appears twice.")
+def no_duplicate_prompts(metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(gold.check_latest(metadata_db.db, "duplicate_prompts"))
+
+
+@asset_check(asset=gold_star_dataset, description="Messages alternate user/assistant after optional system, "
+                                                  "ending with the assistant.")
+def valid_chat_structure(metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(gold.check_latest(metadata_db.db, "chat_structure"))
+
+
+@asset_check(asset=gold_star_dataset, description="No prompt is in both train and eval.")
+def train_eval_disjoint(metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(gold.check_latest(metadata_db.db, "split_leak"))

@@ -1,0 +1,118 @@
+"""Curation state in the metadata DB: which results went to Label Studio and what experts said.
+
+The sensor, the webhook receiver and the REST API all record reviews through ``apply_review``; it is
+idempotent (the same annotation twice changes nothing) and stamps ``changed_seq`` only on a real change,
+so "anything new since dataset X" is one indexed query.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Integer, func, select, update
+
+from vbatch_pipelines.curation.schemas import Review
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import CurationTask, Dataset
+
+
+def change_stamp() -> int:
+    """Microseconds since the epoch: orders changes across processes on one machine."""
+    return time.time_ns() // 1000
+
+
+def known_custom_ids(db: Database, batch_id: str) -> dict[str, int | None]:
+    """custom_id -> Label Studio task id (None while the import is not confirmed) for a batch."""
+    with db.session() as session:
+        rows = session.execute(select(CurationTask.custom_id, CurationTask.ls_task_id)
+                               .where(CurationTask.batch_id == batch_id))
+        return {custom_id: task_id for custom_id, task_id in rows}
+
+
+def add_tasks(db: Database, rows: Iterable[dict[str, Any]]) -> None:
+    """Record results about to be imported (before the import, so a crash in between is recoverable)."""
+    now = int(time.time())
+    with db.session() as session:
+        session.add_all(CurationTask(created_at=now, **row) for row in rows)
+
+
+def set_task_ids(db: Database, batch_id: str, project_id: int, ids: dict[str, int]) -> None:
+    with db.session() as session:
+        for custom_id, task_id in ids.items():
+            session.execute(update(CurationTask)
+                            .where(CurationTask.batch_id == batch_id, CurationTask.custom_id == custom_id)
+                            .values(ls_task_id=task_id, project_id=project_id))
+
+
+def get_task(db: Database, ls_task_id: int) -> CurationTask | None:
+    with db.session() as session:
+        return session.scalars(select(CurationTask).where(CurationTask.ls_task_id == ls_task_id)).first()
+
+
+def apply_review(db: Database, ls_task_id: int, review: Review | None, annotation_id: int | None) -> bool:
+    """Record a task's current review (None: its annotations are gone); True when something changed."""
+    with db.session() as session:
+        task = session.scalars(select(CurationTask).where(CurationTask.ls_task_id == ls_task_id)
+                               .with_for_update()).first()
+        if task is None:
+            return False
+        if review is None:
+            wanted = {"edited_response": None, "rating": None, "gold_star": False, "annotated": False,
+                      "annotation_id": None}
+        else:
+            edited = review.answer if review.answer is not None and review.answer != task.response else None
+            wanted = {"edited_response": edited, "rating": review.rating, "gold_star": review.gold_star,
+                      "annotated": True, "annotation_id": annotation_id}
+        if all(getattr(task, key) == value for key, value in wanted.items()):
+            return False
+        for key, value in wanted.items():
+            setattr(task, key, value)
+        task.reviewed_at = int(time.time())
+        task.changed_seq = change_stamp()
+        return True
+
+
+def clear_annotations(db: Database, annotation_ids: Iterable[int]) -> list[int]:
+    """Annotations deleted in Label Studio: their tasks lose the review; returns those task ids."""
+    with db.session() as session:
+        task_ids = list(session.scalars(select(CurationTask.ls_task_id)
+                                        .where(CurationTask.annotation_id.in_(list(annotation_ids)))))
+    return [task_id for task_id in task_ids if apply_review(db, task_id, None, None)]
+
+
+def latest_change(db: Database) -> int:
+    with db.session() as session:
+        return session.scalar(select(func.max(CurationTask.changed_seq))) or 0
+
+
+def gold_star_tasks(db: Database) -> list[CurationTask]:
+    with db.session() as session:
+        return list(session.scalars(select(CurationTask).where(CurationTask.gold_star.is_(True))
+                                    .order_by(CurationTask.id)))
+
+
+def latest_dataset(db: Database) -> Dataset | None:
+    with db.session() as session:
+        return session.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.version.desc())).first()
+
+
+def stats(db: Database) -> dict[str, Any]:
+    with db.session() as session:
+        total, annotated, gold = session.execute(select(
+            func.count(), func.sum(CurationTask.annotated.cast(Integer)),
+            func.sum(CurationTask.gold_star.cast(Integer)))).one()
+        by_schema = {schema: {"tasks": n, "annotated": int(a or 0), "gold_stars": int(g or 0)}
+                     for schema, n, a, g in session.execute(
+                         select(CurationTask.schema, func.count(), func.sum(CurationTask.annotated.cast(Integer)),
+                                func.sum(CurationTask.gold_star.cast(Integer)))
+                         .group_by(CurationTask.schema))}
+        day = func.date(func.to_timestamp(CurationTask.reviewed_at)) if db.engine.dialect.name == "postgresql" \
+            else func.date(CurationTask.reviewed_at, "unixepoch")
+        by_day = {str(d): {"reviewed": n, "gold_stars": int(g or 0)} for d, n, g in session.execute(
+            select(day, func.count(), func.sum(CurationTask.gold_star.cast(Integer)))
+            .where(CurationTask.reviewed_at.is_not(None)).group_by(day).order_by(day))}
+    return {"object": "curation.stats", "tasks": total, "annotated": int(annotated or 0),
+            "gold_stars": int(gold or 0), "by_schema": by_schema, "by_day": by_day}
+
