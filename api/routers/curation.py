@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -24,6 +24,8 @@ from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Dataset
 
 router = APIRouter(tags=["curation"])
+# Label Studio task ids: positive 32-bit integers.
+TaskId = Path(ge=1, le=2**31 - 1, description="the Label Studio task id")
 webhooks = APIRouter(tags=["curation"])
 
 
@@ -69,12 +71,12 @@ async def _write_review(request: Request, db: Database, task_id: int, *, answer:
 
 
 @router.get("/curation/tasks/{task_id}")
-async def retrieve_task(task_id: int, db: Database = Depends(get_db)) -> dict:
+async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db)) -> dict:
     return _task_or_404(db, task_id).to_api()
 
 
 @router.post("/curation/tasks/{task_id}/gold-star")
-async def set_gold_star(task_id: int, request: Request, body: GoldStarRequest | None = None,
+async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarRequest | None = None,
                         db: Database = Depends(get_db)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
     task = _task_or_404(db, task_id)
@@ -83,7 +85,8 @@ async def set_gold_star(task_id: int, request: Request, body: GoldStarRequest | 
 
 
 @router.patch("/curation/tasks/{task_id}/response")
-async def edit_response(task_id: int, body: EditRequest, request: Request, db: Database = Depends(get_db)) -> dict:
+async def edit_response(body: EditRequest, request: Request, task_id: int = TaskId,
+                        db: Database = Depends(get_db)) -> dict:
     """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
     task = _task_or_404(db, task_id)
     problem = get_schema(task.schema).validate(body.response)
