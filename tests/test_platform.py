@@ -28,17 +28,20 @@ def _wait_terminal(platform, batch_id, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def running_platform(tmp_path_factory, tiny_model_path):
+def running_platform(tmp_path_factory, tiny_model_path, label_studio_server):
     home = tmp_path_factory.mktemp("up-home")
     port = free_port()
+    _, studio = label_studio_server
     env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="transformers",
                VBATCH_MODELS=f"vbatch-tiny-chat={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
-               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{port}")
+               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{port}", VBATCH_CURATION="on",
+               VBATCH_LABEL_STUDIO_URL=studio.url, VBATCH_LABEL_STUDIO_TOKEN=studio.token)
     env.pop("VBATCH_DATABASE_URL", None)
     env.pop("VBATCH_DAGSTER_DATABASE_URL", None)
     process, banner = start_up(env, "--api-port", str(free_port()), "--dagster-port", str(port))
     with pytest.MonkeyPatch.context() as mp:
-        for key in ("VBATCH_HOME", "VBATCH_ENGINE", "VBATCH_MODELS", "DAGSTER_HOME", "VBATCH_DAGSTER_URL"):
+        for key in ("VBATCH_HOME", "VBATCH_ENGINE", "VBATCH_MODELS", "DAGSTER_HOME", "VBATCH_DAGSTER_URL",
+                    "VBATCH_CURATION", "VBATCH_LABEL_STUDIO_URL", "VBATCH_LABEL_STUDIO_TOKEN"):
             mp.setenv(key, env[key])
         mp.delenv("VBATCH_DATABASE_URL", raising=False)
         platform = Platform()
@@ -63,6 +66,28 @@ def test_launch_batch_through_dagster(running_platform):
     record = _wait_terminal(running_platform, batch.id)
     assert record.status == "completed" and record.dagster_run_id == run_id
     assert record.request_completed == 8
+
+
+def test_results_reach_label_studio_and_gold_stars_become_a_dataset(running_platform):
+    """The whole loop with the daemon's own sensor: batch -> tasks -> an expert's star -> a dataset."""
+    from vbatch_pipelines.curation.schemas import CHAT_REVIEW, annotation_result
+    from vbatch_pipelines.curation.service import latest_dataset
+
+    assert "Label Studio http://" in running_platform.banner
+    batch = running_platform.submit(jsonl(chat_lines(4, prefix="loop")))
+    launch_batch(running_platform.db, batch.id, running_platform.dagster_url)
+    assert _wait_terminal(running_platform, batch.id).status == "completed"
+    studio = running_platform.resources["label_studio"]
+    project = studio.project_for(CHAT_REVIEW)
+    deadline = time.monotonic() + 120
+    while len(tasks := studio.tasks_of_batch(project, batch.id)) < 4 and time.monotonic() < deadline:
+        time.sleep(1)  # curation_tasks runs right after batch_output, in the same Dagster run
+    assert sorted(tasks) == [f"loop-{i}" for i in range(4)]
+    studio.client.annotations.create(tasks["loop-2"], result=annotation_result("Starred in the loop.", 5, True))
+    deadline = time.monotonic() + 120
+    while (dataset := latest_dataset(running_platform.db)) is None and time.monotonic() < deadline:
+        time.sleep(1)  # the webhook or label_studio_sensor records it; the sensor requests the dataset run
+    assert dataset is not None and dataset.examples == 1, "no gold_star_dataset version appeared"
 
 
 def test_batch_accepted_while_dagster_unreachable_is_launched_by_sensor(running_platform):

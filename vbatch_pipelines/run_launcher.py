@@ -34,6 +34,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
 from dagster._config.config_schema import UserConfigSchema
 
+POOL_CLAIM_MAX_INTERVAL_S = 2
 PID_TAG = "vbatch/run_worker_pid"
 STARTED_TAG = "vbatch/run_worker_started"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -204,6 +205,11 @@ def worker_main(preload_modules: Sequence[str]) -> int:
     from dagster._serdes import deserialize_value
     from dagster._utils.interrupts import capture_interrupts
 
+    # A step blocked on a pool (the `gpu` slot) re-checks with a back-off that grows to 15 s, so a freed
+    # GPU could sit idle that long between queued batches; 2 s keeps it busy for a few cheap queries.
+    from dagster._core.execution.plan import instance_concurrency_context
+
+    instance_concurrency_context.MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL = POOL_CLAIM_MAX_INTERVAL_S
     try:
         for module in preload_modules:
             importlib.import_module(module)
