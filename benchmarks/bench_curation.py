@@ -110,9 +110,15 @@ def main() -> int:
         cursor = cursor_context.cursor
         ids = list(tasks.values())[: args.changed]
         started = time.monotonic()
-        for k, task_id in enumerate(ids):
-            client.annotations.create(task_id, result=annotation_result(None if k % 2 else f"Edited {k}.",
-                                                                        1 + k % 5, k % 3 == 0))
+
+        def annotate(k: int) -> None:
+            client.annotations.create(ids[k], result=annotation_result(None if k % 2 else f"Edited {k}.",
+                                                                       1 + k % 5, k % 3 == 0))
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(annotate, range(len(ids))))
         print(f"   ({len(ids):,} annotations created through the SDK in {time.monotonic() - started:.1f}s)",
               flush=True)
         context = build_sensor_context(cursor=cursor, instance=instance, resources={

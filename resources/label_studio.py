@@ -115,18 +115,20 @@ class LabelStudio(ConfigurableResource):
             ids.extend(result.task_ids or [])
         return ids
 
-    def _filtered(self, project_id: int, filters: dict[str, Any], fields: str = "all",
-                  page_size: int = 500) -> Iterator[Any]:
+    def _filtered(self, project_id: int, filters: dict[str, Any], include: str,
+                  page_size: int = 1000) -> Iterator[Any]:
+        """Tasks matching ``filters``, oldest change first, with only the ``include``d fields (the full
+        task serializer costs Label Studio ~8 ms a task; three fields, a third of that)."""
         query = json.dumps({"filters": filters, "ordering": ["tasks:updated_at"]})
-        pager = self._call(self.client.tasks.list, project=project_id, query=query, fields=fields,
-                           page_size=page_size)
+        pager = self._call(self.client.tasks.list, project=project_id, query=query, fields="all",
+                           include=include, page_size=page_size)
         yield from self._call(lambda: list(pager))
 
     def tasks_of_batch(self, project_id: int, batch_id: str) -> dict[str, int]:
         """custom_id -> task id of a batch's tasks already in the project (to never import twice)."""
         filters = {"conjunction": "and", "items": [
             {"filter": "filter:tasks:data.batch_id", "operator": "equal", "type": "String", "value": batch_id}]}
-        return {task.data["custom_id"]: task.id for task in self._filtered(project_id, filters, fields="task_only")}
+        return {task.data["custom_id"]: task.id for task in self._filtered(project_id, filters, include="id,data")}
 
     def changed_tasks(self, project_id: int, since: str | None) -> list[Any]:
         """Tasks updated after ``since`` (strictly), oldest first, with their annotations."""
@@ -134,7 +136,8 @@ class LabelStudio(ConfigurableResource):
         if since:
             items.append({"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
                           "value": since})
-        return list(self._filtered(project_id, {"conjunction": "and", "items": items}))
+        return list(self._filtered(project_id, {"conjunction": "and", "items": items},
+                                   include="id,annotations,updated_at"))
 
     def task(self, task_id: int) -> Any:
         return self._call(self.client.tasks.get, str(task_id))

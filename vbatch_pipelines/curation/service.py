@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Integer, func, select, update
+from sqlalchemy import Integer, bindparam, func, select, update
 
 from vbatch_pipelines.curation.schemas import Review
 from vbatch_pipelines.store.db import Database
@@ -39,11 +39,16 @@ def add_tasks(db: Database, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def set_task_ids(db: Database, batch_id: str, project_id: int, ids: dict[str, int]) -> None:
-    with db.session() as session:
-        for custom_id, task_id in ids.items():
-            session.execute(update(CurationTask)
-                            .where(CurationTask.batch_id == batch_id, CurationTask.custom_id == custom_id)
-                            .values(ls_task_id=task_id, project_id=project_id))
+    """Confirm imported tasks (one executemany, not one statement per task)."""
+    if not ids:
+        return
+    table = CurationTask.__table__
+    statement = (update(table)
+                 .where(table.c.batch_id == bindparam("b_batch_id"), table.c.custom_id == bindparam("b_custom_id"))
+                 .values(ls_task_id=bindparam("b_task_id"), project_id=bindparam("b_project_id")))
+    with db.engine.begin() as connection:
+        connection.execute(statement, [{"b_batch_id": batch_id, "b_custom_id": custom_id, "b_task_id": task_id,
+                                        "b_project_id": project_id} for custom_id, task_id in ids.items()])
 
 
 def get_task(db: Database, ls_task_id: int) -> CurationTask | None:
