@@ -117,8 +117,9 @@ class LabelStudio(ConfigurableResource):
 
     def _filtered(self, project_id: int, filters: dict[str, Any], include: str,
                   page_size: int = 1000) -> Iterator[Any]:
-        """Tasks matching ``filters``, oldest change first, with only the ``include``d fields (the full
-        task serializer costs Label Studio ~8 ms a task; three fields, a third of that)."""
+        """Tasks matching ``filters``, oldest change first, with only the ``include``d fields, which Label
+        Studio applies to nested objects too (the full task serializer costs it ~8 ms a task; the fields the
+        sensor needs, under 3 ms)."""
         query = json.dumps({"filters": filters, "ordering": ["tasks:updated_at"]})
         pager = self._call(self.client.tasks.list, project=project_id, query=query, fields="all",
                            include=include, page_size=page_size)
@@ -137,7 +138,7 @@ class LabelStudio(ConfigurableResource):
             items.append({"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
                           "value": since})
         return list(self._filtered(project_id, {"conjunction": "and", "items": items},
-                                   include="id,annotations,updated_at"))
+                                   include="id,annotations,updated_at,result,was_cancelled"))
 
     def task(self, task_id: int) -> Any:
         return self._call(self.client.tasks.get, str(task_id))
