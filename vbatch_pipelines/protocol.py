@@ -165,6 +165,12 @@ class ErrorBody(OpenAIBaseModel):
     code: str | None = None
 
 
+def response_text(body: dict[str, Any]) -> str | None:
+    """The first choice's text of a chat or completion response body (None when it has no choices)."""
+    choice = (body.get("choices") or [{}])[0]
+    return (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
+
+
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """``{"error": {...}}`` in OpenAI's shape."""

@@ -20,6 +20,11 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def is_off(value: str | None) -> bool:
+    """How a switch (env var or batch metadata) says off."""
+    return str(value).strip().lower() in ("off", "0", "false", "no")
+
+
 def gpu_count() -> int:
     """GPUs this machine can use, without importing torch (nvidia-smi or CUDA_VISIBLE_DEVICES)."""
     configured = _env("VBATCH_GPUS")
@@ -123,7 +128,7 @@ def load_settings() -> Settings:
         api_workers=int(_env("VBATCH_API_WORKERS", "0")),
         max_upload_bytes=int(_env("VBATCH_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024))),
         inline_validation_bytes=int(_env("VBATCH_INLINE_VALIDATION_BYTES", str(8 * 1024 * 1024))),
-        curation=_env("VBATCH_CURATION", "on").lower() not in ("off", "0", "false", "no"),
+        curation=not is_off(_env("VBATCH_CURATION", "on")),
         label_studio_url=_env("VBATCH_LABEL_STUDIO_URL"),
         label_studio_token=_env("VBATCH_LABEL_STUDIO_TOKEN"),
         label_studio_port=int(_env("VBATCH_LABEL_STUDIO_PORT", "4115")),

@@ -22,6 +22,7 @@ from vbatch_pipelines.batch.service import (
 from vbatch_pipelines.batch.validation import BatchInputError
 from vbatch_pipelines.models.registry import lookup_model, prepare_model
 from vbatch_pipelines.partitions import batch_partitions
+from vbatch_pipelines.protocol import response_text
 from vbatch_pipelines.settings import load_settings
 
 STOP_STATUSES = ("cancelling", "cancelled")
@@ -91,8 +92,7 @@ def _preview(results: ResultFiles, rows: int = 5) -> str:
                 line = json.loads(raw)
                 response = line.get("response") or {}
                 body = response.get("body") or {}
-                choice = (body.get("choices") or [{}])[0]
-                text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
+                text = response_text(body)
                 if text is None:
                     text = (body.get("error") or line.get("error") or {}).get("message", "")
                 text = str(text).replace("|", "\\|").replace("\n", " ")[:120]

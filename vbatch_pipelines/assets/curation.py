@@ -22,16 +22,8 @@ from vbatch_pipelines.curation import dataset as gold
 from vbatch_pipelines.curation.schemas import chat_messages, prediction, schema_for_batch
 from vbatch_pipelines.curation.service import add_tasks, known_custom_ids, latest_change, set_task_ids
 from vbatch_pipelines.partitions import batch_partitions
-from vbatch_pipelines.settings import load_settings
-
-OFF = ("off", "false", "0", "no")
-
-
-def _response_text(body: dict) -> str:
-    choice = (body.get("choices") or [{}])[0]
-    if "message" in choice:
-        return (choice.get("message") or {}).get("content") or ""
-    return choice.get("text") or ""
+from vbatch_pipelines.protocol import response_text
+from vbatch_pipelines.settings import is_off, load_settings
 
 
 @asset(
@@ -51,7 +43,7 @@ def curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, file
         raise ValueError(f"Batch {batch_id} is not in the metadata DB")
     if not label_studio.enabled:
         return MaterializeResult(metadata={"skipped": label_studio.disabled_reason, "tasks": 0})
-    if str((batch.metadata_ or {}).get("curation", "on")).lower() in OFF:
+    if is_off((batch.metadata_ or {}).get("curation", "on")):
         return MaterializeResult(metadata={"skipped": "curation is off for this batch (metadata.curation)",
                                            "tasks": 0})
     directory = file_store.batch_dir(batch_id)
@@ -62,7 +54,7 @@ def curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, file
             for line in f:
                 result = json.loads(line)
                 if (result.get("response") or {}).get("status_code") == 200:
-                    responses[result["custom_id"]] = _response_text(result["response"]["body"])
+                    responses[result["custom_id"]] = response_text(result["response"]["body"]) or ""
 
     known = known_custom_ids(db, batch_id)
     # Recorded but not confirmed: a run died between the import and recording its ids. Ask Label
@@ -126,7 +118,6 @@ def gold_star_dataset(context: AssetExecutionContext, metadata_db: MetadataDB) -
             "path": MetadataValue.path(version.path),
             "preview": MetadataValue.md(gold.preview(version)),
         },
-        data_version=None,
     )
 
 

@@ -160,10 +160,6 @@ class Dataset(Base):
     counts: Mapped[dict] = mapped_column(JSON)
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
-    @property
-    def id(self) -> str:
-        return self.version
-
     def to_api(self) -> dict[str, Any]:
         return {"id": self.version, "object": "dataset", "version": self.version, "created_at": self.created_at,
                 "examples": self.examples, "train_examples": self.train_examples,
