@@ -47,11 +47,13 @@ def install_label_studio(settings: Settings, log=print) -> str:
 def credentials(settings: Settings) -> dict[str, str]:
     """The managed server's admin user, API token and webhook secret, created once per home."""
     path = settings.label_studio_dir / "credentials.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if "webhook_secret" in known:
+        return known
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Keep what a home already has (its Label Studio was created with that user and token).
     created = {"username": "admin@vbatch.local", "password": secrets.token_urlsafe(16),
-               "token": settings.label_studio_token or secrets.token_hex(20),
+               "token": settings.label_studio_token or secrets.token_hex(20), **known,
                "webhook_secret": secrets.token_urlsafe(24)}
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(created))
