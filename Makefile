@@ -16,10 +16,12 @@ $(BIN)/vbatch: pyproject.toml
 
 install: $(BIN)/vbatch
 
-# vLLM and Label Studio in virtualenvs of their own (their pins clash with ours); skipped when built.
+# vLLM, Label Studio and (on a GPU) Unsloth in virtualenvs of their own (their pins clash with ours);
+# skipped when built.
 engine: install
 	$(BIN)/vbatch engine install
 	$(BIN)/vbatch label-studio install
+	$(BIN)/vbatch trainer install
 
 up: engine
 	$(BIN)/vbatch up
@@ -30,6 +32,7 @@ test: engine
 bench: engine
 	$(BIN)/python benchmarks/bench_validation.py
 	$(BIN)/python benchmarks/bench_vs_run_batch.py
+	$(BIN)/python benchmarks/bench_fine_tuning.py
 
 clean:
 	rm -rf $(VENV) .vbatch

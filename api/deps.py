@@ -61,6 +61,12 @@ class EnginePool:
                 self._engines[spec.id] = engine
             return engine
 
+    def forget(self, model_id: str) -> None:
+        """Drop a removed model's engine (its connections close with it)."""
+        engine = self._engines.pop(model_id, None)
+        if engine is not None:
+            asyncio.get_running_loop().create_task(engine.aclose())
+
     async def aclose(self) -> None:
         for engine in self._engines.values():
             await engine.aclose()

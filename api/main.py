@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import EnginePool, require_api_key
 from api.errors import OpenAIError, install_error_handlers
-from api.routers import batches, completions, curation, files, models
+from api.routers import batches, completions, curation, files, fine_tuning, models
 from vbatch_pipelines.settings import Settings, load_settings
 from vbatch_pipelines.store.db import get_database
 
@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
 
-    for router in (files.router, batches.router, models.router, completions.router, curation.router):
+    for router in (files.router, batches.router, models.router, completions.router, curation.router,
+                   fine_tuning.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
     # Label Studio authenticates its webhooks with a shared secret header, not an API key.
     app.include_router(curation.webhooks, prefix="/v1")

@@ -6,6 +6,8 @@ env from ``vbatch engine install``, or this env) and falls back to transformers 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dagster import ConfigurableResource
@@ -36,6 +38,7 @@ class InferenceEngine(ConfigurableResource):
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     extra_vllm_args: list[str] = Field(default_factory=list)
+    max_lora_rank: int = Field(default=16, description="the largest LoRA rank the engine accepts")
 
     def _vllm_python(self) -> str | None:
         return self.vllm_python or find_vllm_python(load_settings())
@@ -48,6 +51,7 @@ class InferenceEngine(ConfigurableResource):
         return "vllm" if self._vllm_python() else "transformers"
 
     def server(self, model: ModelSpec) -> ManagedVLLMServer:
+        """The managed vLLM server of ``model``'s base model (fine-tunes are adapters on it)."""
         python = self._vllm_python()
         if python is None:
             raise EngineNotAvailable(
@@ -57,17 +61,86 @@ class InferenceEngine(ConfigurableResource):
         config = VLLMServerConfig(
             python=python, gpus=self.gpus, max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization, extra_args=list(self.extra_vllm_args),
-            startup_timeout_s=self.startup_timeout_s,
+            startup_timeout_s=self.startup_timeout_s, max_lora_rank=self.max_lora_rank,
         )
-        return ManagedVLLMServer(model, Path(self.home) / "engines", config)
+        base = model.base
+        return ManagedVLLMServer(base, Path(self.home) / "engines", config,
+                                 adapters=lambda: _deployed_adapters(base.id))
 
     def open(self, model: ModelSpec) -> Engine:
         """An engine serving ``model``, warm and ready; close it with ``await engine.aclose()``."""
         if self.resolved_backend() == "vllm":
             from vbatch_pipelines.engine.vllm_server import VLLMEngine
 
-            return VLLMEngine(self.server(model), max_connections=self.max_concurrency,
+            return VLLMEngine(self.server(model), model, max_connections=self.max_concurrency,
                               timeout_s=self.request_timeout_s)
         from vbatch_pipelines.engine.transformers_engine import TransformersEngine
 
         return TransformersEngine(model)
+
+
+    def deploy_adapter(self, model: ModelSpec) -> None:
+        """Make a fine-tune servable: on vLLM its adapter is loaded into the running base server (started if
+        needed) without a restart; the transformers engine loads it on first use."""
+        if self.resolved_backend() == "vllm":
+            self.server(model).load_adapter(model.id, model.adapter)
+
+    def undeploy_adapter(self, model: ModelSpec) -> bool:
+        if self.resolved_backend() == "vllm":
+            return self.server(model).unload_adapter(model.id)
+        return False
+
+    @contextmanager
+    def released_for_training(self, log: Callable[[str], None] = print) -> Iterator[None]:
+        """On a GPU, training and serving share it: running vLLM servers sleep (weights offloaded, KV cache
+        freed) for the duration, or stop when sleep mode is unavailable, and come back after. On CPU the
+        engine stays as it is."""
+        if self.gpus == 0 or self.resolved_backend() != "vllm":
+            yield
+            return
+        servers = [s for s in self.running_servers() if s.healthy()]
+        asleep, stopped = [], []
+        for server in servers:
+            if server.sleep():
+                asleep.append(server)
+            else:
+                server.stop()
+                stopped.append(server)
+        if servers:
+            log(f"Released the GPU for training: {len(asleep)} engine(s) asleep, {len(stopped)} stopped")
+        try:
+            yield
+        finally:
+            for server in asleep:
+                if not server.wake_up():
+                    server.stop()
+                    server.ensure()
+            for server in stopped:
+                server.ensure()
+            if servers:
+                log("Engines back after training")
+
+    def running_servers(self) -> list[ManagedVLLMServer]:
+        """The managed vLLM servers that have state files (one per base model that has served)."""
+        import json
+
+        found = []
+        for state_path in sorted((Path(self.home) / "engines").glob("*.json")):
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not state.get("model"):
+                continue
+            spec = ModelSpec(state["model"], state["path"])
+            try:
+                found.append(self.server(spec))
+            except EngineNotAvailable:  # started by a vLLM env no longer found: enough to stop it
+                found.append(ManagedVLLMServer(spec, Path(self.home) / "engines",
+                                               VLLMServerConfig(python=state["argv"][0])))
+        return found
+
+def _deployed_adapters(base_id: str) -> dict[str, str]:
+    from vbatch_pipelines.models.registry import fine_tuned_models
+
+    return {name: spec.adapter for name, spec in fine_tuned_models(load_settings(), base_id).items()}

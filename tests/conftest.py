@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,76 @@ def start_up(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
             break
     assert process.poll() is None, "".join(banner)
     return process, "".join(banner)
+
+
+class Stack:
+    """`vbatch up` on a home of its own (API, Dagster webserver and daemon, the engine), driven like a user
+    does: the official openai SDK against its API."""
+
+    def __init__(self, env: dict, api_url: str, process: subprocess.Popen):
+        self.env, self.api_url, self.process = env, api_url, process
+        self.extra: list[subprocess.Popen] = []
+
+    def client(self, api_key: str = "unused", base_url: str | None = None):
+        import openai
+
+        return openai.OpenAI(base_url=(base_url or self.api_url) + "/v1", api_key=api_key, max_retries=0)
+
+    def start_api(self, **env) -> tuple[str, subprocess.Popen]:
+        """Another API process on the same home (to restart it, or to run it with other settings)."""
+        from vbatch_pipelines.net import free_port, wait_http
+
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
+                                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                                   env={**self.env, **env}, start_new_session=True)
+        self.extra.append(process)
+        url = f"http://127.0.0.1:{port}"
+        assert wait_http(url + "/health", 60), f"{url} did not answer"
+        return url, process
+
+
+@contextmanager
+def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> Iterator[Stack]:
+    """The platform on the vLLM engine, up for the block, stopped (with its engine) after it."""
+    import signal
+
+    from vbatch_pipelines.net import free_port
+
+    api_port, dagster_port = free_port(), free_port()
+    env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="vllm", VBATCH_VLLM_PYTHON=vllm_python(),
+               VBATCH_MODELS=f"{TINY_MODEL_ID}={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
+               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}", **env_overrides)
+    for key in ("VBATCH_DATABASE_URL", "VBATCH_DAGSTER_DATABASE_URL", "VBATCH_API_KEYS"):
+        env.pop(key, None)
+    process, _ = start_up(env, "--api-port", str(api_port), "--dagster-port", str(dagster_port))
+    stack = Stack(env, f"http://127.0.0.1:{api_port}", process)
+    try:
+        yield stack
+    finally:
+        for extra in stack.extra:
+            if extra.poll() is None:
+                os.killpg(extra.pid, signal.SIGKILL)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+        left = survivors(home)
+        for survivor in left:
+            survivor.kill()
+        assert not left, f"still running after `vbatch up` stopped: {[p.cmdline() for p in left]}"
+
+
+def survivors(home: Path) -> list:
+    """Processes still running with this VBATCH_HOME: after `vbatch up` stops there must be none."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get("VBATCH_HOME") == str(home) and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def vllm_python() -> str:

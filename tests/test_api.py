@@ -7,57 +7,21 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import chat_line, chat_lines, jsonl, start_up, vllm_python
-from vbatch_pipelines.net import free_port, wait_http
+from tests.conftest import chat_line, chat_lines, jsonl, running_stack
 
 pytestmark = pytest.mark.vllm
 
 
-class Stack:
-    def __init__(self, env: dict, api_url: str, process: subprocess.Popen):
-        self.env, self.api_url, self.process = env, api_url, process
-        self.extra: list[subprocess.Popen] = []
-
-    def client(self, api_key: str = "unused", base_url: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=(base_url or self.api_url) + "/v1", api_key=api_key, max_retries=0)
-
-    def start_api(self, **env) -> tuple[str, subprocess.Popen]:
-        """Another API process on the same home (to restart it, or to run it with other settings)."""
-        port = free_port()
-        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
-                                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                                   env={**self.env, **env}, start_new_session=True)
-        self.extra.append(process)
-        url = f"http://127.0.0.1:{port}"
-        assert wait_http(url + "/health", 60), f"{url} did not answer"
-        return url, process
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_path):
-    home = tmp_path_factory.mktemp("api-home")
-    api_port, dagster_port = free_port(), free_port()
-    env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="vllm", VBATCH_VLLM_PYTHON=vllm_python(),
-               VBATCH_MODELS=f"vbatch-tiny-chat={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
-               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}")
-    for key in ("VBATCH_DATABASE_URL", "VBATCH_DAGSTER_DATABASE_URL", "VBATCH_API_KEYS"):
-        env.pop(key, None)
-    process, _ = start_up(env, "--api-port", str(api_port), "--dagster-port", str(dagster_port))
-    stack = Stack(env, f"http://127.0.0.1:{api_port}", process)
-    yield stack
-    for extra in stack.extra:
-        if extra.poll() is None:
-            os.killpg(extra.pid, signal.SIGKILL)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=90)
+    with running_stack(tmp_path_factory.mktemp("api-home"), tiny_model_path) as stack:
+        yield stack
 
 
 def _wait_batch(client: openai.OpenAI, batch_id: str, timeout: float = 240):

@@ -95,3 +95,18 @@ def test_cli_builds_the_tiny_model(tmp_path):
     config = json.loads((target / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["head_dim"] == 32
     assert (target / "tokenizer.json").exists() and "<|im_start|>" in (target / "chat_template.jinja").read_text()
+
+
+def test_a_vanishing_temperature_is_greedy(engine):
+    body = {"prompt": "Please describe a cat", "max_tokens": 6}
+    greedy = _ask(engine, "/v1/completions", {**body, "temperature": 0})
+    tiny = _ask(engine, "/v1/completions", {**body, "temperature": 5e-324})
+    assert tiny.ok and tiny.body["choices"][0]["text"] == greedy.body["choices"][0]["text"]
+
+
+def test_greedy_with_n_returns_n_identical_choices(engine):
+    response = _ask(engine, "/v1/completions", {"prompt": "Please describe a cat", "max_tokens": 5,
+                                                "temperature": 0, "n": 3})
+    assert response.ok and len(response.body["choices"]) == 3
+    assert len({c["text"] for c in response.body["choices"]}) == 1
+    assert [c["index"] for c in response.body["choices"]] == [0, 1, 2]

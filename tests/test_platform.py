@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import Platform, chat_lines, jsonl, start_up
+from tests.conftest import Platform, chat_lines, jsonl, start_up, survivors
 from vbatch_pipelines.batch.service import is_terminal
 from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
 from vbatch_pipelines.net import free_port
@@ -35,7 +36,8 @@ def running_platform(tmp_path_factory, tiny_model_path, label_studio_server):
     env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="transformers",
                VBATCH_MODELS=f"vbatch-tiny-chat={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
                VBATCH_DAGSTER_URL=f"http://127.0.0.1:{port}", VBATCH_CURATION="on",
-               VBATCH_LABEL_STUDIO_URL=studio.url, VBATCH_LABEL_STUDIO_TOKEN=studio.token)
+               VBATCH_LABEL_STUDIO_URL=studio.url, VBATCH_LABEL_STUDIO_TOKEN=studio.token,
+               VBATCH_RETRAIN_MIN_GOLD_STARS="12", VBATCH_RETRAIN_HYPERPARAMETERS='{"n_epochs": 1}')
     env.pop("VBATCH_DATABASE_URL", None)
     env.pop("VBATCH_DAGSTER_DATABASE_URL", None)
     process, banner = start_up(env, "--api-port", str(free_port()), "--dagster-port", str(port))
@@ -90,6 +92,31 @@ def test_results_reach_label_studio_and_gold_stars_become_a_dataset(running_plat
     assert dataset is not None and dataset.examples == 1, "no gold_star_dataset version appeared"
 
 
+def test_enough_new_gold_stars_retrain_under_the_daemon(running_platform):
+    """The automation condition, evaluated by the daemon in the code server, records a retrain; the
+    fine-tuning sensor launches it; it trains, compares and goes through the deploy gate."""
+    from sqlalchemy import select
+
+    from tests.test_fine_tuning import build_dataset, record_gold_stars
+    from vbatch_pipelines.store.models import FineTuningJob
+
+    record_gold_stars(running_platform, 12, start=100)
+    dataset = build_dataset(running_platform)
+    deadline = time.monotonic() + 240
+    job = None
+    while time.monotonic() < deadline:
+        with running_platform.db.session() as session:
+            job = session.scalars(select(FineTuningJob).where(FineTuningJob.trigger == "automation")).first()
+        if job is not None and job.status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(2)
+    assert job is not None, "the retraining automation did not fire"
+    assert job.dataset_version == dataset.version and job.deploy == "no_worse" and job.dagster_run_id
+    assert job.status == "succeeded", job.error
+    with running_platform.db.session() as session:
+        assert len(session.scalars(select(FineTuningJob)).all()) == 1, "it fired once"
+
+
 def test_batch_accepted_while_dagster_unreachable_is_launched_by_sensor(running_platform):
     batch = running_platform.submit(jsonl(chat_lines(5)))
     with pytest.raises(DagsterUnreachable):
@@ -99,11 +126,18 @@ def test_batch_accepted_while_dagster_unreachable_is_launched_by_sensor(running_
     assert record.status == "completed" and record.dagster_run_id
 
 
-def test_sigterm_stops_every_process_it_started(running_platform):
+def test_sigterm_mid_batch_stops_every_process_it_started(running_platform):
+    """Stopped while a run worker is busy on a batch, `vbatch up` leaves nothing of its own running."""
+    batch = running_platform.submit(jsonl(chat_lines(2000)))
+    launch_batch(running_platform.db, batch.id, running_platform.dagster_url)
+    deadline = time.monotonic() + 120
+    while running_platform.batch(batch.id).status != "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running_platform.batch(batch.id).status == "in_progress"
     process = running_platform.process
-    children = psutil.Process(process.pid).children(recursive=True)
-    assert children
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if "vbatch_pipelines.run_launcher" in " ".join(p.cmdline())]
+    assert workers
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
-    gone, alive = psutil.wait_procs(children, timeout=30)
-    assert not alive, [p.cmdline() for p in alive]
+    process.wait(timeout=90)
+    assert not survivors(Path(os.environ["VBATCH_HOME"]))

@@ -35,12 +35,78 @@ def cmd_models_create_tiny(args, settings: Settings) -> int:
 
 
 def cmd_models_list(args, settings: Settings) -> int:
-    from vbatch_pipelines.models.registry import base_models, default_model_id
+    from vbatch_pipelines.models.registry import default_model_id, served_models
 
     default = default_model_id(settings)
-    for spec in base_models(settings).values():
+    for spec in served_models(settings).values():
         marker = "\t(default)" if spec.id == default else ""
-        print(f"{spec.id}\t{spec.path}{marker}")
+        print(f"{spec.id}\t{spec.adapter or spec.path}" + (f"\tLoRA on {spec.parent}" if spec.parent else "") + marker)
+    return 0
+
+
+def cmd_models_install(args, settings: Settings) -> int:
+    """Check, record, then install in this process (materializing installed_model, seen in Dagster)."""
+    from dagster import DagsterInstance, materialize
+
+    from vbatch_pipelines.assets.models import installed_model
+    from vbatch_pipelines.models.install import InstallError
+    from vbatch_pipelines.models.store import request_install
+
+    db = _resources(settings)["metadata_db"].db
+    try:
+        row = request_install(db, settings, args.source, model_id=args.id, revision=args.revision,
+                              trust_remote_code=args.trust_remote_code)
+    except InstallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    fit = row.details["fit"]
+    print(f"{row.id}: fits ({fit['weight_bytes'] / 2**30:.2f} GiB weights + {fit['kv_cache_bytes'] / 2**30:.2f} GiB "
+          f"KV cache of {fit['available_bytes'] / 2**30:.1f} GiB {fit['device']}); installing ...", flush=True)
+    settings.dagster_home.mkdir(parents=True, exist_ok=True)
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("models", [row.id])
+        result = materialize([installed_model], partition_key=row.id, instance=instance,
+                             resources=_resources(settings), raise_on_error=False)
+    print(f"{row.id}: {'ready' if result.success else 'failed (see the run log above)'}")
+    return 0 if result.success else 1
+
+
+def cmd_models_delete(args, settings: Settings) -> int:
+    from vbatch_pipelines.models.registry import ModelNotFound
+    from vbatch_pipelines.models.store import ModelStoreError, remove_model
+
+    resources = _resources(settings)
+    try:
+        row = remove_model(resources["metadata_db"].db, settings, resources["inference_engine"], args.model)
+    except (ModelNotFound, ModelStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{row.id}: {row.status}")
+    return 0
+
+
+# -- trainer --------------------------------------------------------------------------------------
+
+
+def cmd_trainer_install(args, settings: Settings) -> int:
+    from vbatch_pipelines.fine_tuning.envs import install_unsloth_env
+
+    if not settings.gpus:
+        print("No GPU here: fine-tunes run on TRL + PEFT in this environment (nothing to install). Unsloth "
+              "needs a CUDA GPU.")
+        return 0
+    print(install_unsloth_env(settings.envs_dir))
+    return 0
+
+
+def cmd_trainer_status(args, settings: Settings) -> int:
+    trainer = _resources(settings)["trainer"]
+    backend = trainer.resolved_backend()
+    try:
+        python = trainer.training_python(backend)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        python = f"not available: {exc}"
+    print(f"trainer: {backend} (configured: {trainer.backend}, GPUs: {trainer.gpus})\npython: {python}")
     return 0
 
 
@@ -125,13 +191,7 @@ def _start_curation(settings: Settings, api_url: str) -> str:
 
 
 def _managed_servers(settings: Settings):
-    from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, VLLMServerConfig
-    from vbatch_pipelines.models.registry import ModelSpec
-
-    for state_path in sorted(settings.engines_dir.glob("*.json")):
-        state = json.loads(state_path.read_text())
-        yield ManagedVLLMServer(ModelSpec(state["model"], state["path"]), settings.engines_dir,
-                                VLLMServerConfig(python=state["argv"][0]))
+    return _resources(settings)["inference_engine"].running_servers()
 
 
 def cmd_engine_stop(args, settings: Settings) -> int:
@@ -211,16 +271,10 @@ def _spawn(argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
 
 
 def _stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    from vbatch_pipelines.detached import kill_group
+
+    kill_group(process.pid, timeout)
+    process.wait()
 
 
 def prepare_platform(settings: Settings) -> dict:
@@ -340,7 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--train-steps", type=int, default=300)
     tiny.set_defaults(func=cmd_models_create_tiny)
-    models.add_parser("list", help="base models and the default").set_defaults(func=cmd_models_list)
+    models.add_parser("list", help="served models (base and deployed fine-tunes)").set_defaults(func=cmd_models_list)
+    install = models.add_parser("install", help="install a base model from the Hugging Face hub or a directory")
+    install.add_argument("source", help="a hub repo id (owner/name; HF_TOKEN, HF_ENDPOINT honoured) or a path")
+    install.add_argument("--id", help="the name requests will use (default: the repo id or directory name)")
+    install.add_argument("--revision", help="branch, tag or commit (pinned to its commit)")
+    install.add_argument("--trust-remote-code", action="store_true",
+                         help="allow the repository's own modelling code (off unless you say so)")
+    install.set_defaults(func=cmd_models_install)
+    delete = models.add_parser("delete", help="remove an installed model or undeploy a fine-tune")
+    delete.add_argument("model")
+    delete.set_defaults(func=cmd_models_delete)
 
     engine = sub.add_parser("engine", help="the inference engine").add_subparsers(dest="engine", required=True)
     engine.add_parser("install", help="create vLLM's own virtualenv").set_defaults(func=cmd_engine_install)
@@ -359,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
                              ("stop", cmd_label_studio_stop, "stop it"),
                              ("status", cmd_label_studio_status, "show where it runs and how to log in")):
         studio.add_parser(name, help=text).set_defaults(func=func)
+
+    trainer = sub.add_parser("trainer", help="the fine-tuning trainer").add_subparsers(dest="trainer", required=True)
+    trainer.add_parser("install", help="create Unsloth's own virtualenv (CUDA machines)").set_defaults(
+        func=cmd_trainer_install)
+    trainer.add_parser("status", help="which trainer fine-tunes run on").set_defaults(func=cmd_trainer_status)
 
     db = sub.add_parser("db", help="the metadata DB").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)

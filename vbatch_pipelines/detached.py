@@ -42,8 +42,24 @@ def tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies do not count: nobody may reap them)."""
+    import psutil
+
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError):
+            continue
+    return False
+
+
 def kill_group(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL what is left after ``timeout``."""
+    """SIGTERM the process group ``pid`` leads, then SIGKILL what is left of it after ``timeout``.
+
+    Waits for every member, not only the leader: a child that outlives its leader (a run worker under
+    the Dagster daemon, vLLM's engine core) would otherwise be orphaned and keep running."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -53,7 +69,7 @@ def kill_group(pid: int, timeout: float = 20.0) -> None:
             os.kill(pid, sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not pid_alive(pid):
+            if not group_alive(pid):
                 return
             time.sleep(0.2)
 

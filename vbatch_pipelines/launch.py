@@ -1,8 +1,8 @@
-"""Launch a batch's Dagster run from outside Dagster (the REST API, the CLI).
+"""Launch a batch's or a fine-tuning job's Dagster run from outside Dagster (the REST API, the CLI).
 
-The batch is already recorded; this adds its partition and launches ``batch_job`` through the Dagster
-webserver's GraphQL API. If Dagster cannot be reached the batch stays recorded without a run and
-``batch_launch_sensor`` launches it later, so nothing accepted is lost.
+The batch or job is already recorded; this adds its partition and launches its Dagster job through the
+webserver's GraphQL API. If Dagster cannot be reached it stays recorded without a run and a sensor
+launches it later, so nothing accepted is lost.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from vbatch_pipelines.batch.service import update_batch
 from vbatch_pipelines.store.db import Database
 
 BATCH_JOB = "batch_job"
+FINE_TUNING_JOB = "fine_tuning_job"
+INSTALL_MODEL_JOB = "installed_model_job"
 LOCATION_NAME = "vbatch"
 REPOSITORY_NAME = "__repository__"
 BATCH_ID_TAG = "vbatch/batch_id"
+FINE_TUNING_JOB_TAG = "vbatch/fine_tuning_job_id"
 
 _ADD_PARTITION = """
 mutation AddPartition($selector: RepositorySelector!, $name: String!, $key: String!) {
@@ -66,21 +69,45 @@ def run_tags(batch_id: str) -> dict[str, str]:
     return {"dagster/partition": batch_id, BATCH_ID_TAG: batch_id}
 
 
-def launch_batch(db: Database, batch_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:
-    """Add the batch's partition, launch its run, record the run id; returns the run id."""
+def fine_tuning_run_tags(job_id: str) -> dict[str, str]:
+    return {"dagster/partition": job_id, FINE_TUNING_JOB_TAG: job_id}
+
+
+def launch_partition(dagster_url: str, job: str, partitions: str, key: str, tags: dict[str, str], *,
+                     timeout: float = 10.0) -> str:
+    """Add ``key`` to the dynamic partitions ``partitions`` and launch ``job`` for it; returns the run id."""
     selector = {"repositoryLocationName": LOCATION_NAME, "repositoryName": REPOSITORY_NAME}
-    added = _graphql(dagster_url, _ADD_PARTITION, {"selector": selector, "name": "batches", "key": batch_id},
+    added = _graphql(dagster_url, _ADD_PARTITION, {"selector": selector, "name": partitions, "key": key},
                      timeout)["addDynamicPartition"]
     if added["__typename"] not in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError"):
-        raise DagsterUnreachable(f"Could not add partition {batch_id}: {added.get('message', added['__typename'])}")
+        raise DagsterUnreachable(f"Could not add partition {key}: {added.get('message', added['__typename'])}")
     params = {
-        "selector": {**selector, "jobName": BATCH_JOB},
-        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in run_tags(batch_id).items()]},
+        "selector": {**selector, "jobName": job},
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
     }
     launched = _graphql(dagster_url, _LAUNCH_RUN, {"params": params}, timeout)["launchRun"]
     if launched["__typename"] != "LaunchRunSuccess":
         detail = launched.get("message") or launched.get("errors") or launched["__typename"]
-        raise DagsterUnreachable(f"Dagster refused to launch {batch_id}: {detail}")
-    run_id = launched["run"]["runId"]
+        raise DagsterUnreachable(f"Dagster refused to launch {key}: {detail}")
+    return launched["run"]["runId"]
+
+
+def launch_batch(db: Database, batch_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:
+    """Launch the batch's run and record its id; returns the run id."""
+    run_id = launch_partition(dagster_url, BATCH_JOB, "batches", batch_id, run_tags(batch_id), timeout=timeout)
     update_batch(db, batch_id, dagster_run_id=run_id)
     return run_id
+
+
+def launch_fine_tune(db: Database, job_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:
+    from vbatch_pipelines.fine_tuning.service import update_job
+
+    run_id = launch_partition(dagster_url, FINE_TUNING_JOB, "fine_tunes", job_id, fine_tuning_run_tags(job_id),
+                              timeout=timeout)
+    update_job(db, job_id, dagster_run_id=run_id)
+    return run_id
+
+
+def launch_install(model_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:
+    return launch_partition(dagster_url, INSTALL_MODEL_JOB, "models", model_id,
+                            {"dagster/partition": model_id, "vbatch/model_id": model_id}, timeout=timeout)

@@ -7,6 +7,7 @@ environment variable points a piece elsewhere: the Dagster instance, the metadat
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -61,6 +62,18 @@ class Settings:
     label_studio_port: int
     label_studio_database_url: str | None  # PostgreSQL for the managed Label Studio (SQLite otherwise)
     webhook_secret: str | None
+    max_model_len: int | None  # the engine's context length (None: the model's own)
+    gpu_memory_fraction: float  # of GPU memory the engine may take (vLLM's gpu_memory_utilization)
+    trainer: str  # auto (Unsloth with a GPU, else TRL) | unsloth | trl
+    max_lora_rank: int  # the engine's largest LoRA rank; fine-tunes above it are refused
+    min_training_examples: int
+    retrain_cron: str | None  # the retraining schedule (None: off)
+    retrain_model: str | None  # the base model retraining fine-tunes (None: the default model)
+    retrain_hyperparameters: dict  # JSON in VBATCH_RETRAIN_HYPERPARAMETERS, as the fine-tuning API takes
+    retrain_min_gold_stars: int  # new gold stars since the last checkpoint that trigger a retrain
+    deploy_gate: str  # retrains deploy: always | no_worse (the comparison must not be worse) | never
+    gate_metric: str
+    judge_model: str | None  # an LLM judge for model_comparison (None: no judge)
 
     @property
     def label_studio_dir(self) -> Path:
@@ -69,6 +82,10 @@ class Settings:
     @property
     def datasets_dir(self) -> Path:
         return self.home / "datasets"
+
+    @property
+    def fine_tunes_dir(self) -> Path:
+        return self.home / "fine_tunes"
 
     @property
     def files_dir(self) -> Path:
@@ -93,6 +110,10 @@ class Settings:
     @property
     def tiny_model_path(self) -> Path:
         return self.models_dir / TINY_MODEL_ID
+
+
+def _switchable(value: str | None) -> str | None:
+    return None if value is None or is_off(value) else value
 
 
 def _parse_models(spec: str | None) -> dict[str, str]:
@@ -134,4 +155,16 @@ def load_settings() -> Settings:
         label_studio_port=int(_env("VBATCH_LABEL_STUDIO_PORT", "4115")),
         label_studio_database_url=_env("VBATCH_LABEL_STUDIO_DATABASE_URL"),
         webhook_secret=_env("VBATCH_WEBHOOK_SECRET"),
+        max_model_len=int(_env("VBATCH_MAX_MODEL_LEN")) if _env("VBATCH_MAX_MODEL_LEN") else None,
+        gpu_memory_fraction=float(_env("VBATCH_GPU_MEMORY_UTILIZATION", "0.9")),
+        trainer=_env("VBATCH_TRAINER", "auto"),
+        max_lora_rank=int(_env("VBATCH_MAX_LORA_RANK", "16")),
+        min_training_examples=int(_env("VBATCH_MIN_TRAINING_EXAMPLES", "10")),
+        retrain_cron=_switchable(_env("VBATCH_RETRAIN_CRON", "0 3 * * *")),
+        retrain_model=_env("VBATCH_RETRAIN_MODEL"),
+        retrain_hyperparameters=json.loads(_env("VBATCH_RETRAIN_HYPERPARAMETERS", "{}")),
+        retrain_min_gold_stars=int(_env("VBATCH_RETRAIN_MIN_GOLD_STARS", "100")),
+        deploy_gate=_env("VBATCH_DEPLOY_GATE", "no_worse"),
+        gate_metric=_env("VBATCH_GATE_METRIC", "normalized_match"),
+        judge_model=_env("VBATCH_JUDGE_MODEL"),
     )

@@ -1,34 +1,94 @@
-"""/v1/models: what vbatch can serve."""
+"""/v1/models: what vbatch serves (base models, and deployed fine-tunes with their base as ``parent``).
+POST installs a base model (vbatch's own); DELETE undeploys a fine-tune (its adapter is unloaded from the
+running engine) or removes an installed model."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
 
-from api.deps import get_settings
+from api.deps import get_db, get_settings
 from api.errors import OpenAIError
-from vbatch_pipelines.models.registry import ModelNotFound, ModelSpec, base_models, lookup_model
+from vbatch_pipelines.models.registry import ModelNotFound, ModelSpec, lookup_model, served_models
+from vbatch_pipelines.launch import DagsterUnreachable, launch_install
+from vbatch_pipelines.models.install import InstallError
+from vbatch_pipelines.models.store import ModelStoreError, get_model, remove_model, request_install, upsert_model
 from vbatch_pipelines.settings import Settings
+from vbatch_pipelines.store.db import Database
 
 router = APIRouter(tags=["models"])
+log = logging.getLogger("vbatch.api")
 
 
 def _model_object(spec: ModelSpec) -> dict:
-    path = Path(spec.path)
+    path = Path(spec.adapter or spec.path)
     created = int(path.stat().st_mtime) if path.exists() else 0
-    return {"id": spec.id, "object": "model", "created": created, "owned_by": "vbatch", "root": spec.id,
-            "parent": None}
+    return {"id": spec.id, "object": "model", "created": created, "owned_by": "vbatch",
+            "root": spec.base.id, "parent": spec.parent}
 
 
 @router.get("/models")
 def list_models(settings: Settings = Depends(get_settings)) -> dict:
-    return {"object": "list", "data": [_model_object(spec) for spec in base_models(settings).values()]}
+    return {"object": "list", "data": [_model_object(spec) for spec in served_models(settings).values()]}
 
 
 @router.get("/models/{model_id:path}")
-def retrieve_model(model_id: str, settings: Settings = Depends(get_settings)) -> dict:
+def retrieve_model(model_id: str, db: Database = Depends(get_db), settings: Settings = Depends(get_settings)) -> dict:
     try:
         return _model_object(lookup_model(settings, model_id))
     except ModelNotFound as exc:
+        row = get_model(db, model_id)
+        if row is not None and row.kind == "base":  # an install under way, or one that failed
+            return _store_object(row)
         raise OpenAIError(404, str(exc), param="model", code="model_not_found") from exc
+
+
+class InstallModelRequest(BaseModel):
+    source: str = Field(description="a Hugging Face repo id (owner/name) or a directory on the vbatch host")
+    id: str | None = Field(default=None, description="the name requests will use; default: the source's")
+    revision: str | None = Field(default=None, description="branch, tag or commit; pinned to its commit")
+    trust_remote_code: bool = False
+
+
+def _store_object(row) -> dict:
+    return {"id": row.id, "object": "model", "created": row.created_at, "owned_by": "vbatch", "root": row.id,
+            "parent": None, "status": row.status, "source": row.source, "revision": row.revision,
+            "details": row.details}
+
+
+@router.post("/models")
+def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
+                  settings: Settings = Depends(get_settings)) -> dict:
+    """vbatch's own: install a base model. Refused at once when it would not fit or needs remote code;
+    otherwise recorded as ``installing`` and installed by the installed_model asset."""
+    try:
+        row = request_install(db, settings, body.source, model_id=body.id, revision=body.revision,
+                              trust_remote_code=body.trust_remote_code)
+    except InstallError as exc:
+        raise OpenAIError(409 if exc.code == "model_exists" else 400, str(exc), param="source",
+                          code=exc.code) from exc
+    try:
+        run_id = launch_install(row.id, settings.dagster_url, timeout=5)
+        upsert_model(db, row.id, details={**(row.details or {}), "dagster_run_id": run_id})
+    except DagsterUnreachable as exc:
+        # Recorded as installing: model_install_sensor launches it once Dagster is back.
+        log.warning("install of %s recorded, launch deferred to the sensor: %s", row.id, exc)
+    return _store_object(get_model(db, row.id))
+
+
+@router.delete("/models/{model_id:path}")
+async def delete_model(model_id: str, request: Request, db: Database = Depends(get_db),
+                 settings: Settings = Depends(get_settings)) -> dict:
+    engines = request.app.state.engines
+    try:
+        await asyncio.to_thread(remove_model, db, settings, engines.resource, model_id)
+    except ModelNotFound as exc:
+        raise OpenAIError(404, str(exc), param="model", code="model_not_found") from exc
+    except ModelStoreError as exc:
+        raise OpenAIError(400, str(exc), param="model", code="model_not_deletable") from exc
+    engines.forget(model_id)
+    return {"id": model_id, "object": "model", "deleted": True}

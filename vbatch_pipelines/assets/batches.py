@@ -1,21 +1,17 @@
 """Batch assets: a batch's validated input and its results, one partition per batch."""
 
-import asyncio
 import json
 import time
 
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
 from resources import FileStore, InferenceEngine, MetadataDB
-from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
+from vbatch_pipelines.batch.execute import STOP_STATUSES, execute_batch
+from vbatch_pipelines.batch.runner import ResultFiles
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
     BatchRequestError,
-    end_batch,
     get_batch,
-    iter_requests,
-    now,
-    parquet_row_count,
     update_batch,
     validate_input,
 )
@@ -24,8 +20,6 @@ from vbatch_pipelines.models.registry import lookup_model, prepare_model
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import response_text
 from vbatch_pipelines.settings import load_settings
-
-STOP_STATUSES = ("cancelling", "cancelled")
 
 
 def _batch_or_fail(metadata_db: MetadataDB, batch_id: str):
@@ -123,68 +117,17 @@ def batch_output(
         raise Failure(f"{input_path} is missing: materialize batch_input for {batch_id} first")
     settings = load_settings()
     model = prepare_model(settings, lookup_model(settings, batch.model))
-    results = ResultFiles(directory)
-    progress = BatchProgress(total=parquet_row_count(input_path))
-    done = results.resume(progress)
-    if done:
-        context.log.info(f"{batch_id}: resuming, {len(done)} of {progress.total} requests already finished")
-    update_batch(db, batch_id, status="in_progress", dagster_run_id=context.run_id,
-                 request_total=progress.total, request_completed=progress.completed,
-                 request_failed=progress.failed)
-
-    last_log = [0.0]
-
-    def on_progress(p: BatchProgress) -> None:
-        update_batch(db, batch_id, request_completed=p.completed, request_failed=p.failed)
-        if time.monotonic() - last_log[0] >= 5 or p.finished == p.total:
-            last_log[0] = time.monotonic()
-            context.log.info(f"{batch_id}: {p.completed} completed, {p.failed} failed of {p.total}")
-
-    stop_reason: list[str] = []
-
-    def should_stop() -> bool:
-        current = get_batch(db, batch_id)
-        if current is None or current.status in STOP_STATUSES:
-            stop_reason.append("cancelled")
-        elif current.expires_at is not None and now() >= current.expires_at:
-            stop_reason.append("expired")
-        return bool(stop_reason)
-
-    async def run() -> bool:
-        engine = inference_engine.open(model)
-        context.log.info(f"{batch_id}: running on {engine.backend} engine for {model.id}")
-        try:
-            return await run_batch_requests(
-                engine, batch.endpoint, iter_requests(input_path, done, model.id), results, progress,
-                concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
-                should_stop=should_stop,
-                on_progress=on_progress,
-            )
-        finally:
-            await engine.aclose()
-
-    started = time.monotonic()
-    finished = False
-    try:
-        finished = asyncio.run(run())
-    finally:
-        results.close()
-        if not finished and (stop_reason or get_batch(db, batch_id).status == "cancelling"):
-            ended = end_batch(db, directory, batch_id, stop_reason[0] if stop_reason else "cancelled")
-            context.log.info(f"{batch_id}: {ended.status} with {ended.request_completed} completed, "
-                             f"{ended.request_failed} failed of {progress.total}")
-    wall = time.monotonic() - started
-    if not finished:
-        raise Failure(f"Batch {batch_id} was {stop_reason[0] if stop_reason else 'cancelled'} after "
-                      f"{progress.finished} of {progress.total} requests; finished results are kept")
-
-    update_batch(db, batch_id, status="finalizing")
-    end_batch(db, directory, batch_id, "completed")
+    run = execute_batch(db, batch_id, directory, inference_engine, model, log=context.log.info,
+                        run_id=context.run_id)
+    progress, wall = run.progress, run.wall
+    if not run.finished:
+        raise Failure(f"Batch {batch_id} was {run.stop_reason} after {progress.finished} of {progress.total} "
+                      "requests; finished results are kept")
     new_tokens = progress.completion_tokens - progress.completion_tokens_before
     ran = progress.finished - progress.done_before
     return MaterializeResult(metadata={
         "model": model.id,
-        "engine": inference_engine.resolved_backend(),
+        "engine": run.backend,
         "requests_total": progress.total,
         "requests_completed": progress.completed,
         "requests_failed": progress.failed,
@@ -194,6 +137,6 @@ def batch_output(
         "wall_seconds": round(wall, 3),
         "requests_per_second": round(ran / wall, 2) if wall > 0 else 0.0,
         "output_tokens_per_second": round(new_tokens / wall, 2) if wall > 0 else 0.0,
-        "output_path": MetadataValue.path(str(results.output_path)),
-        "preview": MetadataValue.md(_preview(results)),
+        "output_path": MetadataValue.path(str(run.results.output_path)),
+        "preview": MetadataValue.md(_preview(run.results)),
     })

@@ -112,19 +112,22 @@ def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_
     return batch
 
 
-def validate_input(db: Database, settings, batch: Batch):
+def validate_input(db: Database, settings, batch: Batch, resolve_model=None):
     """Validate the batch's input file into ``input.parquet`` and move the batch on: ``in_progress``
     (valid) or ``failed`` with OpenAI-style line errors. One code path for the API's fast path on small
-    files and for ``batch_input``. Returns the ValidationReport."""
+    files, for ``batch_input`` and for comparison batches (which may name a fine-tune not yet deployed:
+    ``resolve_model``). Returns the ValidationReport."""
     from vbatch_pipelines.batch.validation import validate_batch_file
     from vbatch_pipelines.models.registry import lookup_model
+
+    resolve_model = resolve_model or (lambda name: lookup_model(settings, name).id)
 
     source = get_file(db, batch.input_file_id)
     if source is None:
         raise BatchRequestError(f"Input file {batch.input_file_id} of batch {batch.id} no longer exists",
                                 "input_file_id", "file_not_found")
     report = validate_batch_file(source.path, endpoint=batch.endpoint,
-                                 resolve_model=lambda name: lookup_model(settings, name).id,
+                                 resolve_model=resolve_model,
                                  output=settings.batches_dir / batch.id / INPUT_FILE)
     if report.ok:
         update_batch(db, batch.id, status="in_progress", model=report.model, request_total=report.total)

@@ -29,6 +29,9 @@ from vbatch_pipelines.protocol import (
 )
 
 
+SAMPLING_EPS = 1e-5
+
+
 @dataclass
 class _Job:
     key: tuple
@@ -49,10 +52,17 @@ class TransformersEngine:
         self.model_id = model.id
         self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model.path, padding_side="left")
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path, padding_side="left",
+                                                       trust_remote_code=model.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model.path, dtype="auto").to(self.device).eval()
+        base = AutoModelForCausalLM.from_pretrained(model.path, dtype="auto",
+                                                    trust_remote_code=model.trust_remote_code)
+        if model.adapter:  # a fine-tune: its LoRA adapter merged into a private copy of the base
+            from peft import PeftModel
+
+            base = PeftModel.from_pretrained(base, model.adapter).merge_and_unload()
+        self.model = base.to(self.device).eval()
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
         self.default_max_tokens = default_max_tokens
@@ -81,7 +91,8 @@ class TransformersEngine:
                     f"This model's maximum context length is {self.max_len} tokens. However, you requested "
                     f"{n_prompt + max_new} tokens ({n_prompt} in the messages, {max_new} in the completion).",
                     param="max_tokens", code="context_length_exceeded"))
-        do_sample = (request.temperature if request.temperature is not None else 1.0) > 0
+        # As vLLM: a temperature below 1e-5 is greedy (dividing logits by it overflows to inf/nan).
+        do_sample = (request.temperature if request.temperature is not None else 1.0) >= SAMPLING_EPS
         key = (do_sample, request.temperature, request.top_p, request.seed, request.n)
         job = _Job(key, prompts, max_new, request.stop_sequences(), asyncio.get_running_loop().create_future())
         await self._enqueue(job)
@@ -172,8 +183,10 @@ class TransformersEngine:
                    for _, p in flat]
             enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
         enc = {k: v.to(self.device) for k, v in enc.items()}
+        # Greedy decoding gives the same sequence n times (as vLLM does): generate it once, repeat it.
+        per_prompt = n if do_sample else 1
         kwargs: dict[str, Any] = {"max_new_tokens": max(job.max_new_tokens for job in jobs),
-                                  "num_return_sequences": n, "pad_token_id": self.tokenizer.pad_token_id}
+                                  "num_return_sequences": per_prompt, "pad_token_id": self.tokenizer.pad_token_id}
         if do_sample:
             kwargs.update(do_sample=True, temperature=temperature or 1.0, top_p=top_p or 1.0)
             if seed is not None:
@@ -190,7 +203,7 @@ class TransformersEngine:
             job = jobs[j]
             choices = []
             for k in range(n):
-                tokens = generated[row * n + k, width:].tolist()[: job.max_new_tokens]
+                tokens = generated[row * per_prompt + k % per_prompt, width:].tolist()[: job.max_new_tokens]
                 finish = "length"
                 if eos in tokens:
                     tokens = tokens[: tokens.index(eos) + 1]

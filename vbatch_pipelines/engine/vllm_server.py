@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,20 @@ class VLLMServerConfig:
     startup_timeout_s: float = 300.0
 
 
+class AdapterLoadError(RuntimeError):
+    pass
+
+
 class ManagedVLLMServer(DetachedServer):
     """The vLLM server that serves one base model."""
 
     name = "vLLM"
 
-    def __init__(self, model: ModelSpec, engines_dir: Path, config: VLLMServerConfig):
+    def __init__(self, model: ModelSpec, engines_dir: Path, config: VLLMServerConfig,
+                 adapters: Callable[[], dict[str, str]] = dict):
         super().__init__(engines_dir, model.id)
         self.model = model
+        self.adapters = adapters  # the deployed fine-tunes (name -> adapter dir), loaded at start
         self.config = config
         self.engines_dir = engines_dir
         self.startup_timeout_s = config.startup_timeout_s
@@ -73,6 +80,8 @@ class ManagedVLLMServer(DetachedServer):
 
     def argv(self, port: int) -> list[str]:
         cfg = self.config
+        loras = [json.dumps({"name": name, "path": path, "base_model_name": self.model.id})
+                 for name, path in self.adapters().items()]
         return [
             cfg.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model.path,
@@ -85,15 +94,66 @@ class ManagedVLLMServer(DetachedServer):
             "--disable-uvicorn-access-log",
             "--disable-log-stats",
             "--middleware", f"{BATCH_MIDDLEWARE.__name__}.batch_requests",
+            *(["--trust-remote-code"] if self.model.trust_remote_code else []),
+            # Sleep mode lets a fine-tune borrow the GPU without a restart (released_for_training).
+            *(["--enable-sleep-mode"] if cfg.gpus else []),
+            *(["--lora-modules", *loras] if loras else []),
             *self.engine_args(),
         ]
+
+    def loaded_models(self, url: str) -> list[str]:
+        return [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json().get("data", [])]
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter under ``name`` on the running server (started if needed): no restart."""
+        url = self.ensure()
+        if name in self.loaded_models(url):
+            return
+        response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                              timeout=300)
+        if response.status_code != 200 and "already been loaded" not in response.text:
+            raise AdapterLoadError(f"vLLM refused to load the adapter {name} from {path}: "
+                                   f"{response.status_code} {response.text[:500]}")
+
+    def sleep(self) -> bool:
+        """vLLM sleep mode (GPU): offload weights, free the KV cache; False when the server cannot."""
+        state = self.state()
+        if not self.healthy(state):
+            return False
+        try:
+            return httpx.post(f"{self.url_of(state)}/sleep", params={"level": 1}, timeout=120).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wake_up(self) -> bool:
+        state = self.state()
+        if not self.healthy(state):
+            return False
+        try:
+            return httpx.post(f"{self.url_of(state)}/wake_up", timeout=300).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def unload_adapter(self, name: str) -> bool:
+        """Stop serving ``name``; True if the running server had it (a stopped server has nothing to do)."""
+        state = self.state()
+        if not self.healthy(state):
+            return False
+        url = self.url_of(state)
+        if name not in self.loaded_models(url):
+            return False
+        response = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+        if response.status_code != 200:
+            raise AdapterLoadError(f"vLLM refused to unload {name}: {response.status_code} {response.text[:500]}")
+        return True
 
     def env(self) -> dict[str, str]:
         # The batch middleware is imported from this checkout inside vLLM's own env (it needs only vLLM).
         package_root = str(Path(BATCH_MIDDLEWARE.__file__).resolve().parents[2])
         pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        return dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", PYTHONUNBUFFERED="1",
-                    PYTHONPATH=pythonpath)
+        # Runtime LoRA loading, and the /sleep and /wake_up routes (served only in dev mode).
+        return dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1",
+                    PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
 
 
 class VLLMEngine:
@@ -101,13 +161,21 @@ class VLLMEngine:
 
     backend = "vllm"
 
-    def __init__(self, server: ManagedVLLMServer, max_connections: int = 256, timeout_s: float = 600.0):
+    def __init__(self, server: ManagedVLLMServer, model: ModelSpec, max_connections: int = 256,
+                 timeout_s: float = 600.0):
         self.server = server
-        self.model_id = server.model.id
+        self.model = model  # the base model, or a fine-tune served as an adapter on it
+        self.model_id = model.id
         self._max_connections = max_connections
         self._timeout_s = timeout_s
-        self._url = server.ensure()
+        self._url = self._ensure()
         self._session = None
+
+    def _ensure(self) -> str:
+        url = self.server.ensure()
+        if self.model.adapter:
+            self.server.load_adapter(self.model.id, self.model.adapter)
+        return url
 
     def _client(self):
         import aiohttp
@@ -170,7 +238,7 @@ class VLLMEngine:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        self._url = await asyncio.to_thread(self.server.ensure)
+        self._url = await asyncio.to_thread(self._ensure)
 
     async def aclose(self) -> None:
         if self._session is not None:

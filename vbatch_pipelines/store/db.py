@@ -37,7 +37,9 @@ class Database:
         self.url = normalize_url(url)
         if self.url.startswith("sqlite:///"):
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(self.url, connect_args={"timeout": 30})
+            # The pool hands a connection to one thread at a time, but may close it from another (at GC):
+            # without check_same_thread=False sqlite3 complains about that close.
+            self.engine: Engine = create_engine(self.url, connect_args={"timeout": 30, "check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)

@@ -168,3 +168,109 @@ class Dataset(Base):
 
 
 EXPORT_FORMATS = ("openai", "chatml", "alpaca", "sharegpt")
+
+
+FINE_TUNING_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_FINE_TUNING_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class FineTuningJob(Base):
+    """A fine-tune, shaped after OpenAI's ``fine_tuning.job``; its Dagster partition key is its id."""
+
+    __tablename__ = "fine_tuning_jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(256))  # the base model
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    status: Mapped[str] = mapped_column(String(24), index=True)
+    training_file: Mapped[str] = mapped_column(String(64))  # a file id, or a gold-star dataset version
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dataset_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    hyperparameters: Mapped[dict] = mapped_column(JSON)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    metadata_: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
+    trigger: Mapped[str] = mapped_column(String(24), default="api")  # api | schedule | automation
+    deploy: Mapped[str] = mapped_column(String(16), default="always")  # always | no_worse | never
+    result_files: Mapped[list] = mapped_column(JSON, default=list)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # train/eval loss, steps, device
+    comparison: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    output_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+    def to_openai(self) -> dict[str, Any]:
+        hp = self.hyperparameters or {}
+        openai_hp = {"n_epochs": hp.get("n_epochs"), "batch_size": hp.get("batch_size"),
+                     "learning_rate_multiplier": hp.get("learning_rate_multiplier")}
+        return {
+            "id": self.id, "object": "fine_tuning.job", "model": self.model,
+            "fine_tuned_model": self.fine_tuned_model, "organization_id": "vbatch", "status": self.status,
+            "training_file": self.training_file, "validation_file": self.validation_file,
+            "hyperparameters": openai_hp, "result_files": list(self.result_files or []),
+            "trained_tokens": self.trained_tokens, "error": self.error, "created_at": self.created_at,
+            "finished_at": self.finished_at, "estimated_finish": self.estimated_finish, "seed": self.seed,
+            "suffix": self.suffix, "metadata": self.metadata_, "integrations": [],
+            "method": {"type": "supervised", "supervised": {"hyperparameters": openai_hp}},
+            # vbatch's own: the full recipe and where the job came from
+            "vbatch": {"hyperparameters": hp, "dataset_version": self.dataset_version, "trigger": self.trigger,
+                       "deploy": self.deploy, "metrics": self.metrics, "dagster_run_id": self.dagster_run_id},
+        }
+
+
+class FineTuningEvent(Base):
+    __tablename__ = "fine_tuning_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    type: Mapped[str] = mapped_column(String(16), default="message")  # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": f"ftevent-{self.id}", "object": "fine_tuning.job.event", "created_at": self.created_at,
+                "level": self.level, "message": self.message, "type": self.type, "data": self.data}
+
+
+class FineTuningCheckpoint(Base):
+    __tablename__ = "fine_tuning_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    step_number: Mapped[int] = mapped_column(Integer)
+    fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(512))
+    metrics: Mapped[dict] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(Text)
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": f"ftckpt-{self.id}", "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
+                "fine_tuned_model_checkpoint": self.fine_tuned_model_checkpoint, "fine_tuning_job_id": self.job_id,
+                "metrics": {"step": self.step_number, **(self.metrics or {})}, "step_number": self.step_number}
+
+
+class Model(Base):
+    """A model vbatch serves beyond the configured ones: an installed base model or a fine-tune's
+    adapter. Only rows with status ``ready`` (base) or ``deployed`` (fine-tune) are served."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(512), primary_key=True)  # the name requests use
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # base | fine_tune
+    parent: Mapped[str | None] = mapped_column(String(256), nullable=True)  # a fine-tune's base model
+    path: Mapped[str] = mapped_column(Text)  # model dir (base) or adapter dir (fine-tune)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    source: Mapped[str | None] = mapped_column(Text, nullable=True)  # HF repo id or local path; the job id
+    revision: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    trust_remote_code: Mapped[bool] = mapped_column(Boolean, default=False)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    details: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # fit check, smoke test, error
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)

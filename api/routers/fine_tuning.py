@@ -1,0 +1,142 @@
+"""/v1/fine_tuning/jobs: OpenAI's fine-tuning API on the local trainer. Create checks the training data
+(bad data is refused with line numbers, never queued), records the job and launches its Dagster run."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from api.deps import get_db, get_settings
+from api.errors import OpenAIError, get_or_404
+from api.pagination import paginate
+from vbatch_pipelines.fine_tuning.service import (
+    FineTuningError,
+    cancel_job,
+    create_job,
+    get_job,
+    list_checkpoints,
+    list_events,
+)
+from vbatch_pipelines.launch import DagsterUnreachable, launch_fine_tune
+from vbatch_pipelines.settings import Settings
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import FineTuningJob
+
+router = APIRouter(tags=["fine-tuning"])
+log = logging.getLogger("vbatch.api")
+
+
+class SupervisedMethod(BaseModel):
+    hyperparameters: dict[str, Any] | None = None
+
+
+class Method(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class CreateFineTuningJobRequest(BaseModel):
+    model: str
+    training_file: str = Field(description="a file id (purpose fine-tune) or a gold-star dataset version, e.g. v3")
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any] | None = None
+    suffix: str | None = Field(default=None, max_length=64)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+
+def _fail(exc: FineTuningError) -> OpenAIError:
+    return OpenAIError(exc.status, str(exc), param=exc.param, code=exc.code)
+
+
+def _hyperparameters(body: CreateFineTuningJobRequest) -> dict[str, Any] | None:
+    from_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
+    if from_method is not None and body.hyperparameters is not None:
+        raise OpenAIError(400, "Give hyperparameters either at the top level or in method.supervised, not both",
+                          param="hyperparameters")
+    return from_method if from_method is not None else body.hyperparameters
+
+
+@router.post("/fine_tuning/jobs")
+def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
+           settings: Settings = Depends(get_settings)) -> dict:
+    if body.integrations:
+        raise OpenAIError(400, "integrations are not supported here; training metrics are in the job's events "
+                               "and in Dagster", param="integrations")
+    try:
+        job = create_job(db, settings, model=body.model, training_file=body.training_file,
+                         validation_file=body.validation_file, hyperparameters=_hyperparameters(body),
+                         suffix=body.suffix, seed=body.seed, metadata=body.metadata)
+    except FineTuningError as exc:
+        raise _fail(exc) from exc
+    try:
+        launch_fine_tune(db, job.id, settings.dagster_url, timeout=5)
+    except DagsterUnreachable as exc:
+        # Recorded and queued: fine_tuning_sensor launches it once Dagster is back.
+        log.warning("fine-tuning job %s recorded, launch deferred to the sensor: %s", job.id, exc)
+    return (get_job(db, job.id) or job).to_openai()
+
+
+def _job_or_404(db: Database, job_id: str) -> FineTuningJob:
+    return get_or_404(db, FineTuningJob, job_id, "fine_tuning_job", "fine_tuning_job_id")
+
+
+@router.get("/fine_tuning/jobs")
+async def list_jobs(request: Request, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+                    db: Database = Depends(get_db)) -> dict:
+    # OpenAI's SDK sends a metadata filter as metadata[key]=value
+    where = [FineTuningJob.metadata_[key[9:-1]].as_string() == value
+             for key, value in request.query_params.items() if key.startswith("metadata[") and key.endswith("]")]
+    with db.session() as session:
+        return paginate(session, FineTuningJob, after=after, limit=limit, where=where)
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+async def retrieve(job_id: str, db: Database = Depends(get_db)) -> dict:
+    return _job_or_404(db, job_id).to_openai()
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel(job_id: str, db: Database = Depends(get_db)) -> dict:
+    _job_or_404(db, job_id)
+    try:
+        return cancel_job(db, job_id).to_openai()
+    except FineTuningError as exc:
+        raise OpenAIError(409, str(exc), param="fine_tuning_job_id", code=exc.code) from exc
+
+
+def _page(list_fn, db: Database, job_id: str, after: str | None, limit: int) -> dict:
+    try:
+        items, has_more = list_fn(db, job_id, after=after, limit=limit)
+    except FineTuningError as exc:
+        raise _fail(exc) from exc
+    data = [item.to_openai() for item in items]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def events(job_id: str, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+           db: Database = Depends(get_db)) -> dict:
+    return _page(list_events, db, job_id, after, limit)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def checkpoints(job_id: str, after: str | None = None, limit: int = Query(default=10, ge=1, le=100),
+                db: Database = Depends(get_db)) -> dict:
+    return _page(list_checkpoints, db, job_id, after, limit)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/comparison")
+async def comparison(job_id: str, db: Database = Depends(get_db)) -> dict:
+    """vbatch's own: base vs fine-tuned on the held-out examples (model_comparison's table)."""
+    job = _job_or_404(db, job_id)
+    if job.comparison is None:
+        raise OpenAIError(404, f"Job {job_id} has no comparison yet (status {job.status})", param="fine_tuning_job_id",
+                          code="comparison_not_found")
+    return {"object": "fine_tuning.job.comparison", "fine_tuning_job_id": job_id, **job.comparison}

@@ -1,0 +1,131 @@
+"""The trainer as a Dagster resource: LoRA fine-tuning out of process, through Dagster Pipes.
+
+The training script (vbatch_pipelines/fine_tuning/sft.py) runs in the environment that has the right pins:
+Unsloth's own virtualenv on a CUDA machine (it pins transformers<=5.17, trl<=1.15), this one (TRL + PEFT)
+otherwise. Progress arrives as Pipes custom messages while it runs; a cancelled job interrupts it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from vbatch_pipelines.detached import tail
+from vbatch_pipelines.fine_tuning import sft  # stdlib-only at import: the script the trainer runs
+
+SCRIPT = Path(sft.__file__).resolve()
+BACKENDS = ("auto", "unsloth", "trl")
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+class TrainingCancelled(RuntimeError):
+    pass
+
+
+class Trainer(ConfigurableResource):
+    backend: str = Field(default="auto", description="auto (Unsloth with a GPU and its env, else TRL) | unsloth | trl")
+    python: str | None = Field(default=None, description="Python for the training process; default: chosen "
+                                                         "by backend (the managed Unsloth env, or this one)")
+    gpus: int = 0
+    envs_dir: str | None = None
+    stop_grace_s: float = 30.0
+
+    def resolved_backend(self) -> str:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"trainer backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend != "auto":
+            return self.backend
+        if self.gpus > 0:
+            from vbatch_pipelines.fine_tuning.envs import find_unsloth_python
+
+            if find_unsloth_python(Path(self.envs_dir) if self.envs_dir else None):
+                return "unsloth"
+        return "trl"  # TRL + PEFT in this env, on the GPU when there is one
+
+    def training_python(self, backend: str) -> str:
+        if self.python:
+            return self.python
+        if backend == "unsloth":
+            from vbatch_pipelines.fine_tuning.envs import find_unsloth_python
+
+            python = find_unsloth_python(Path(self.envs_dir) if self.envs_dir else None)
+            if python is None:
+                raise TrainingFailed("Unsloth is not installed: run `vbatch trainer install` (needs a CUDA GPU), "
+                                     "or set VBATCH_TRAINER=trl")
+            return python
+        return sys.executable
+
+    def train(self, context, params: dict[str, Any], log_path: Path, *,
+              on_messages: Callable[[list[dict[str, Any]]], None],
+              should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.5) -> dict[str, Any]:
+        """Run one training job; ``on_messages`` gets the metrics/checkpoint messages as they arrive.
+        Returns the final ``result`` message. Raises TrainingCancelled or TrainingFailed."""
+        from dagster import PipesTempFileContextInjector, PipesTempFileMessageReader, open_pipes_session
+
+        backend = self.resolved_backend()
+        python = self.training_python(backend)
+        extras = {**params, "backend": backend}
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        result: dict[str, Any] | None = None
+        cancelled = False
+        with open_pipes_session(context=context, context_injector=PipesTempFileContextInjector(),
+                                message_reader=PipesTempFileMessageReader(), extras=extras) as session:
+            with open(log_path, "ab") as log:
+                process = subprocess.Popen([python, str(SCRIPT)], stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL,
+                                           env=_training_env(session.get_bootstrap_env_vars()))
+            seen = 0
+            try:
+                while True:
+                    exited = process.poll() is not None
+                    messages = session.get_custom_messages()
+                    fresh = [m for m in messages[seen:] if m.get("type") != "result"]
+                    result = next((m for m in messages[seen:] if m.get("type") == "result"), result)
+                    seen = len(messages)
+                    if fresh:  # all that arrived since the last poll at once: one DB write, not one a step
+                        on_messages(fresh)
+                    if exited:
+                        break
+                    if not cancelled and should_stop():
+                        cancelled = True
+                        context.log.info("Training cancelled: interrupting the trainer")
+                        process.send_signal(signal.SIGINT)
+                        try:
+                            process.wait(timeout=self.stop_grace_s)
+                        except subprocess.TimeoutExpired:
+                            process.kill()
+                    time.sleep(poll_s)
+            except BaseException:
+                if process.poll() is None:  # the run itself was interrupted: do not leave training behind
+                    process.send_signal(signal.SIGINT)
+                    try:
+                        process.wait(timeout=self.stop_grace_s)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                raise
+        if cancelled:
+            raise TrainingCancelled("Training was cancelled")
+        if process.returncode != 0 or result is None:
+            raise TrainingFailed(f"The trainer exited with code {process.returncode}; "
+                                 f"last lines of {log_path}:\n{tail(log_path, 15)}")
+        return result
+
+
+def _training_env(bootstrap: dict[str, str]) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ, **bootstrap, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the base model is on disk already; never reach for the hub
+    return env
+

@@ -1,0 +1,168 @@
+"""The fine-tuning loop as a user drives it: gold stars become a dataset version, the official openai SDK
+creates a fine-tuning job on it, `vbatch up`'s Dagster trains, compares and deploys the adapter into the
+warm vLLM server without restarting it, and a batch on the fine-tuned model answers differently."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Platform, chat_line, jsonl, running_stack
+from tests.test_fine_tuning import FAST, build_dataset, example, record_gold_stars
+from vbatch_pipelines.models.registry import lookup_model
+from vbatch_pipelines.settings import TINY_MODEL_ID
+
+pytestmark = pytest.mark.vllm
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def ft_stack(tmp_path_factory, tiny_model_path):
+    home = tmp_path_factory.mktemp("ft-home")
+    with running_stack(home, tiny_model_path, VBATCH_RETRAIN_CRON="off") as stack:
+        with pytest.MonkeyPatch.context() as mp:
+            for key in ("VBATCH_HOME", "VBATCH_ENGINE", "VBATCH_VLLM_PYTHON", "VBATCH_MODELS", "DAGSTER_HOME"):
+                mp.setenv(key, stack.env[key])
+            mp.delenv("VBATCH_DATABASE_URL", raising=False)
+            stack.platform = Platform()
+            yield stack
+
+
+def wait_job(client: openai.OpenAI, job_id: str, statuses=TERMINAL, timeout: float = 400):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"{job_id} still {job.status}")
+
+
+def run_batch(client: openai.OpenAI, model: str, prompts: list[str]) -> dict[str, str]:
+    lines = [chat_line(f"q{i}", prompt, model=model) for i, prompt in enumerate(prompts)]
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
+        time.sleep(0.3)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    content = client.files.content(batch.output_file_id).text
+    return {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"]
+            for line in map(json.loads, content.splitlines())}
+
+
+def engine_pid(platform) -> int:
+    return platform.resources["inference_engine"].server(lookup_model(platform.settings, None)).state()["pid"]
+
+
+def test_gold_stars_to_a_deployed_fine_tune_with_the_openai_sdk(ft_stack):
+    platform, client = ft_stack.platform, ft_stack.client()
+    record_gold_stars(platform, 60)
+    dataset = build_dataset(platform)
+    assert dataset.train_examples >= 40 and dataset.eval_examples >= 1
+
+    prompts = [f"Capital of France, question {500 + i}?" for i in range(4)]
+    base_answers = run_batch(client, TINY_MODEL_ID, prompts)
+    pid = engine_pid(platform)
+
+    job = client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=dataset.version, suffix="paris",
+                                         seed=7, hyperparameters=FAST, metadata={"team": "geo"})
+    assert job.object == "fine_tuning.job" and job.status in ("queued", "running")
+    assert job.hyperparameters.n_epochs == FAST["n_epochs"]
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    name = done.fine_tuned_model
+    assert name == f"ft:{TINY_MODEL_ID}:vbatch:paris:{job.id.removeprefix('ftjob-')[:8]}"
+    assert done.trained_tokens and done.result_files and done.finished_at
+    assert client.files.retrieve(done.result_files[0]).purpose == "fine-tune-results"
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert events[0].message == "The job has successfully completed"
+    assert any(e.type == "metrics" and "train_loss" in e.data for e in events)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=100).data
+    assert len(checkpoints) == FAST["n_epochs"] and checkpoints[0].step_number > checkpoints[-1].step_number
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=10).data]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "geo"}).data] == [job.id]
+    assert client.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
+
+    # Deployed into the warm engine: listed with its base as parent, served by the same vLLM process.
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed[name].parent == TINY_MODEL_ID and listed[name].root == TINY_MODEL_ID
+    assert engine_pid(platform) == pid, "the engine was restarted"
+    tuned_answers = run_batch(client, name, prompts)
+    assert tuned_answers != base_answers, "the LoRA adapter did not change the answers"
+    assert engine_pid(platform) == pid
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompts[0]}],
+                                          max_tokens=12, temperature=0)
+    assert chat.model == name and chat.choices[0].message.content == tuned_answers["q0"]
+
+    comparison = httpx.get(f"{ft_stack.api_url}/v1/fine_tuning/jobs/{job.id}/comparison", timeout=10).json()
+    assert comparison["examples"] == dataset.eval_examples
+    assert set(comparison["base"]) >= {"exact_match", "normalized_match", "mean_length"}
+    assert len(comparison["rows"]) == dataset.eval_examples and comparison["fine_tuned_model"] == name
+    assert comparison["fine_tuned"]["normalized_match"] > comparison["base"]["normalized_match"], comparison
+
+    # A restarted engine serves the deployed fine-tune from its first start (--lora-modules).
+    server = platform.resources["inference_engine"].server(lookup_model(platform.settings, None))
+    server.stop()
+    again = client.with_options(max_retries=5).chat.completions.create(
+        model=name, messages=[{"role": "user", "content": prompts[0]}], max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == tuned_answers["q0"]
+    pid = engine_pid(platform)
+    assert any(name in arg for arg in server.state()["argv"])
+
+    # Undeploy: gone from the list and the engine, still the same engine process.
+    assert client.models.delete(name).deleted
+    assert name not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert engine_pid(platform) == pid
+
+
+def test_cancel_a_running_fine_tune_and_the_gpu_slot_is_freed(ft_stack):
+    platform, client = ft_stack.platform, ft_stack.client()
+    record_gold_stars(platform, 30, start=1000)
+    dataset = build_dataset(platform)
+    job = client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=dataset.version,
+                                         hyperparameters={**FAST, "n_epochs": 200, "batch_size": 1})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=5).data):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the job never started training")
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    with pytest.raises(openai.APIStatusError) as again:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert again.value.status_code == 409
+    # The run ends, the gpu slot is free again: a batch runs to the end.
+    assert run_batch(client, TINY_MODEL_ID, ["after the cancel"])
+    final = client.fine_tuning.jobs.retrieve(job.id)
+    assert final.status == "cancelled" and final.fine_tuned_model is None
+
+
+def test_bad_training_data_gets_a_clear_error(ft_stack):
+    client = ft_stack.client()
+    few = client.files.create(file=("few.jsonl", io.BytesIO(jsonl([example(i) for i in range(3)]))),
+                              purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as small:
+        client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=few.id)
+    assert "at least 10" in small.value.message and small.value.code == "insufficient_examples"
+    broken = client.files.create(file=("bad.jsonl", io.BytesIO(b'{"messages": []}\n' * 12)), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as malformed:
+        client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=broken.id)
+    assert "line 1:" in malformed.value.message and malformed.value.param == "training_file"
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.create(model="no-such-model", training_file=few.id)
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-missing")
+    assert client.fine_tuning.jobs.list(limit=100).data is not None

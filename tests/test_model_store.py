@@ -1,0 +1,172 @@
+"""The model store: the fit check, and installing from a Hugging Face-compatible hub (a local one: the real
+hub cannot be reached here) or a directory, smoke-tested on the engine, served, deleted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import chat_lines, jsonl
+from tests.hub import LocalHub
+
+GIB = 1024**3
+LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "intermediate_size": 11008, "vocab_size": 32000, "max_position_embeddings": 4096,
+            "torch_dtype": "float16"}
+LLAMA_70B = {**LLAMA_7B, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+             "num_key_value_heads": 8, "intermediate_size": 28672, "max_position_embeddings": 131072}
+
+
+def test_parameter_count_matches_known_models():
+    from vbatch_pipelines.models.install import parameter_count
+
+    assert abs(parameter_count(LLAMA_7B) - 6.74e9) / 6.74e9 < 0.01
+    assert abs(parameter_count(LLAMA_70B) - 68.98e9) / 68.98e9 < 0.01  # Llama 2 70B
+
+
+def test_fit_check_refuses_with_a_suggestion():
+    from vbatch_pipelines.models.install import fit_check
+
+    gpu = fit_check(LLAMA_7B, gpus=1, context=4096, available=72 * GIB, device="gpu")
+    assert gpu.fits and gpu.dtype == "float16" and gpu.weight_bytes == gpu.parameters * 2
+    assert gpu.kv_cache_bytes == 2 * 32 * 32 * 128 * 4096 * 2
+    cpu = fit_check(LLAMA_7B, gpus=0, context=4096, available=16 * GIB, device="cpu")
+    assert not cpu.fits and cpu.dtype == "float32" and "4-bit" in cpu.suggestion
+    big = fit_check(LLAMA_70B, gpus=1, context=None, available=72 * GIB, device="gpu")
+    assert not big.fits and "4-bit" in big.suggestion and "would fit with VBATCH_MAX_MODEL_LEN=" in big.suggestion
+    long = fit_check(LLAMA_70B, gpus=1, context=131072, available=160 * GIB, device="gpu")
+    assert not long.fits and "VBATCH_MAX_MODEL_LEN" in long.suggestion
+    room = int(long.suggestion.split("VBATCH_MAX_MODEL_LEN=")[1].split()[0])
+    assert fit_check(LLAMA_70B, gpus=1, context=room, available=160 * GIB, device="gpu").fits
+
+
+@pytest.fixture()
+def hub(tmp_path, tiny_model_path, monkeypatch):
+    hub = LocalHub()
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_path, repo)
+    hub.sha = hub.add("vbatch-test/tiny-chat", repo, private=True, token="hf_secret")
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield hub
+    hub.close()
+
+
+def install(platform, model_id: str):
+    from dagster import DagsterInstance, materialize
+
+    from vbatch_pipelines.assets.models import installed_model
+
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("models", [model_id])
+    return materialize([installed_model], partition_key=model_id, resources=platform.resources, instance=instance,
+                       raise_on_error=False)
+
+
+def test_install_from_a_hub_pinned_with_a_token_then_serve_and_delete(platform, hub, monkeypatch):
+    from vbatch_pipelines.models.install import InstallError
+    from vbatch_pipelines.models.registry import served_models
+    from vbatch_pipelines.models.store import get_model, remove_model, request_install
+
+    with pytest.raises(InstallError, match="HF_TOKEN") as no_token:
+        request_install(platform.db, platform.settings, "vbatch-test/tiny-chat")
+    assert no_token.value.code == "model_not_found"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    with pytest.raises(InstallError, match="no revision 'nope'"):
+        request_install(platform.db, platform.settings, "vbatch-test/tiny-chat", revision="nope")
+    row = request_install(platform.db, platform.settings, "vbatch-test/tiny-chat", model_id="tiny-from-hub",
+                          revision="main")
+    assert row.status == "installing" and row.revision == hub.sha and row.details["fit"]["fits"]
+    assert "model.safetensors" not in hub.downloads, "the fit check downloads no weights"
+
+    result = install(platform, "tiny-from-hub")
+    assert result.success
+    metadata = result.asset_materializations_for_node("installed_model")[0].metadata
+    assert metadata["revision"].value == hub.sha and metadata["smoke_test_seconds"].value > 0
+    assert "model.safetensors" in hub.downloads and "Bearer hf_secret" in hub.auth_seen
+    stored = get_model(platform.db, "tiny-from-hub")
+    assert stored.status == "ready" and stored.bytes > 0
+    installed_dir = platform.settings.models_dir / "tiny-from-hub"
+    assert (installed_dir / "config.json").exists() and not (installed_dir / ".cache").exists()
+
+    assert "tiny-from-hub" in served_models(platform.settings)
+    batch = platform.submit(jsonl(chat_lines(3, model="tiny-from-hub")))
+    assert platform.materialize(batch.id).success
+    assert platform.batch(batch.id).model == "tiny-from-hub"
+
+    with pytest.raises(InstallError, match="already ready"):
+        request_install(platform.db, platform.settings, "vbatch-test/tiny-chat", model_id="tiny-from-hub")
+    removed = remove_model(platform.db, platform.settings, platform.resources["inference_engine"], "tiny-from-hub")
+    assert removed.status == "deleted" and not installed_dir.exists()
+    assert "tiny-from-hub" not in served_models(platform.settings)
+
+
+def test_remote_code_and_oversized_models_are_refused_before_download(platform, hub, tmp_path, tiny_model_path):
+    from vbatch_pipelines.models.install import InstallError
+    from vbatch_pipelines.models.store import request_install
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model_path, custom)
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+    with pytest.raises(InstallError, match="trust_remote_code") as remote:
+        request_install(platform.db, platform.settings, str(custom))
+    assert remote.value.code == "remote_code_not_allowed"
+    assert request_install(platform.db, platform.settings, str(custom), trust_remote_code=True).status == "installing"
+
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps(LLAMA_70B))
+    hub.add("vbatch-test/huge", huge)
+    with pytest.raises(InstallError, match="does not fit") as too_big:
+        request_install(platform.db, platform.settings, "vbatch-test/huge")
+    assert too_big.value.code == "model_does_not_fit" and "4-bit" in str(too_big.value)
+    with pytest.raises(InstallError, match="neither a local model directory"):
+        request_install(platform.db, platform.settings, "nothing-here")
+
+
+def test_install_from_a_local_directory_keeps_its_files(platform, tiny_model_path):
+    from vbatch_pipelines.models.store import remove_model, request_install
+
+    row = request_install(platform.db, platform.settings, str(tiny_model_path), model_id="local-tiny")
+    assert row.revision is None and row.path == str(tiny_model_path.resolve())
+    assert install(platform, "local-tiny").success
+    remove_model(platform.db, platform.settings, platform.resources["inference_engine"], "local-tiny")
+    assert (tiny_model_path / "config.json").exists(), "a directory vbatch did not download is left alone"
+
+
+def test_an_unreachable_hub_is_a_clear_error(platform, monkeypatch):
+    from vbatch_pipelines.models.install import InstallError
+    from vbatch_pipelines.models.store import get_model, request_install
+    from vbatch_pipelines.net import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(InstallError, match="cannot be reached") as unreachable:
+        request_install(platform.db, platform.settings, "someone/some-model")
+    assert unreachable.value.code == "hub_unreachable" and get_model(platform.db, "someone/some-model") is None
+
+
+def test_installs_accepted_while_dagster_is_down_are_launched_by_the_sensor(platform, tiny_model_path):
+    from dagster import DagsterInstance, SensorResult, build_sensor_context
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from vbatch_pipelines.sensors import model_install_sensor
+    from vbatch_pipelines.store.models import Model
+
+    unreachable = dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9")  # nothing listens
+    with TestClient(create_app(unreachable)) as client:
+        created = client.post("/v1/models", json={"source": str(tiny_model_path), "id": "later-tiny"})
+        assert created.status_code == 200 and created.json()["status"] == "installing"
+        assert client.get("/v1/models/later-tiny").json()["status"] == "installing"
+        assert client.post("/v1/models", json={"source": str(tiny_model_path), "id": "later-tiny"}).status_code == 409
+    with platform.db.session() as session:
+        session.get(Model, "later-tiny").updated_at -= 60
+    context = build_sensor_context(instance=DagsterInstance.ephemeral(),
+                                   resources={"metadata_db": platform.resources["metadata_db"]})
+    result = model_install_sensor(context)
+    assert isinstance(result, SensorResult) and [r.partition_key for r in result.run_requests] == ["later-tiny"]

@@ -1,0 +1,229 @@
+"""Fine-tuning assets, one partition per fine-tuning job: the trained LoRA checkpoint, its comparison
+with the base model on held-out gold stars, and its deployment into the warm engine."""
+
+import time
+from contextlib import contextmanager
+
+from dagster import (
+    AllPartitionMapping,
+    AssetDep,
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from resources import InferenceEngine, MetadataDB
+from resources.trainer import Trainer, TrainingCancelled
+from vbatch_pipelines.assets.curation import gold_star_dataset
+from vbatch_pipelines.assets.models import installed_model
+from vbatch_pipelines.batch.execute import run_lines
+from vbatch_pipelines.batch.service import register_file
+from vbatch_pipelines.fine_tuning import comparison as compare
+from vbatch_pipelines.fine_tuning.report import loss_curve_svg, loss_markdown, results_csv
+from vbatch_pipelines.fine_tuning.service import (
+    add_checkpoint,
+    add_event,
+    add_events,
+    clear_checkpoints,
+    fail_job,
+    fine_tuned_model_name,
+    get_job,
+    now,
+    update_job,
+)
+from vbatch_pipelines.models.registry import lookup_model, prepare_model
+from vbatch_pipelines.models.store import register_fine_tune
+from vbatch_pipelines.partitions import fine_tune_partitions
+from vbatch_pipelines.settings import load_settings
+
+
+def _job_or_fail(db, job_id: str):
+    job = get_job(db, job_id)
+    if job is None:
+        raise Failure(f"Fine-tuning job {job_id} is not in the metadata DB; create it with the API or the CLI")
+    if job.status == "cancelled":
+        raise Failure(f"Fine-tuning job {job_id} was cancelled")
+    if job.status == "failed":
+        raise Failure(f"Fine-tuning job {job_id} has failed ({(job.error or {}).get('message')}); create a new job")
+    return job
+
+
+@contextmanager
+def _failing_job(db, job_id: str, code: str):
+    """Whatever goes wrong ends the job as ``failed`` with the reason (a cancel stays ``cancelled``)."""
+    try:
+        yield
+    except TrainingCancelled as exc:
+        raise Failure(f"Fine-tuning job {job_id} was cancelled") from exc
+    except Exception as exc:
+        fail_job(db, job_id, code, str(exc))
+        raise
+
+
+# A fine-tune trains on one base model; Dagster has no key-to-key mapping between two dynamic partition sets,
+# so the lineage edge from installed_model spans all its partitions.
+@asset(partitions_def=fine_tune_partitions, pool="gpu", group_name="models", kinds={"pytorch"},
+       deps=[gold_star_dataset, AssetDep(installed_model, partition_mapping=AllPartitionMapping())])
+def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataDB, trainer: Trainer,
+                          inference_engine: InferenceEngine) -> MaterializeResult:
+    """A LoRA adapter trained on the job's examples (a gold-star dataset version or an uploaded file),
+    with eval loss and a loss curve; the trainer runs out of process through Dagster Pipes."""
+    job_id = context.partition_key
+    db = metadata_db.db
+    job = _job_or_fail(db, job_id)
+    settings = load_settings()
+    with _failing_job(db, job_id, "training_failed"):
+        base = prepare_model(settings, lookup_model(settings, job.model))
+        update_job(db, job_id, status="running", started_at=job.started_at or now(), dagster_run_id=context.run_id)
+        clear_checkpoints(db, job_id)
+        add_event(db, job_id, f"Fine-tuning job started ({trainer.resolved_backend()} on "
+                              f"{'GPU' if trainer.gpus else 'CPU'})")
+        directory = settings.fine_tunes_dir / job_id
+        params = {"base_model": base.path, "train_file": str(directory / "data" / "train.jsonl"),
+                  "eval_file": str(directory / "data" / "eval.jsonl")
+                  if (directory / "data" / "eval.jsonl").exists() else None,
+                  "output_dir": str(directory / "output"), "hyperparameters": job.hyperparameters, "seed": job.seed}
+        steps: list[dict] = []
+
+        def on_messages(messages: list[dict]) -> None:
+            metrics = [m for m in messages if m["type"] == "metrics"]
+            steps.extend(metrics)
+            add_events(db, job_id, [
+                {"message": f"Step {m['step']}/{m['total_steps']}: training loss={m['loss']:.4f}", "type": "metrics",
+                 "data": {"step": m["step"], "total_steps": m["total_steps"], "train_loss": m["loss"],
+                          "learning_rate": m["learning_rate"], "epoch": m["epoch"]}} for m in metrics])
+            if metrics and metrics[-1].get("eta_seconds") is not None:
+                update_job(db, job_id, estimated_finish=int(time.time() + metrics[-1]["eta_seconds"]))
+            for m in messages:
+                if m["type"] == "checkpoint":
+                    add_checkpoint(db, job, m["step"], m["path"], m["metrics"])
+                    add_event(db, job_id, f"Checkpoint created at step {m['step']}")
+
+        def cancelled() -> bool:
+            current = get_job(db, job_id)
+            return current is None or current.status == "cancelled"
+
+        with inference_engine.released_for_training(log=context.log.info):
+            result = trainer.train(context, params, directory / "train.log", on_messages=on_messages,
+                                   should_stop=cancelled)
+        svg = loss_curve_svg(steps, result["eval_loss"])
+        (directory / "loss_curve.svg").write_text(svg)
+        (directory / "results.csv").write_bytes(results_csv(steps))
+        results_file = register_file(db, directory / "results.csv", f"{job_id}_results.csv", "fine-tune-results")
+        metrics = {**(job.metrics or {}), **{k: result[k] for k in (
+            "train_loss", "eval_loss", "steps", "backend", "device", "train_seconds", "train_examples",
+            "eval_examples")}, "adapter_dir": result["adapter_dir"], "merged_dir": result["merged_dir"]}
+        update_job(db, job_id, metrics=metrics, trained_tokens=result["trained_tokens"],
+                   result_files=[results_file.id], estimated_finish=None)
+        add_event(db, job_id, f"Training finished: {result['steps']} steps, train loss {result['train_loss']:.4f}"
+                              + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""))
+    return MaterializeResult(metadata={
+        "base_model": job.model,
+        "dataset_version": job.dataset_version or "",
+        "training_file": job.training_file,
+        "backend": result["backend"], "device": result["device"],
+        "steps": result["steps"], "train_loss": result["train_loss"],
+        "eval_loss": result["eval_loss"] if result["eval_loss"] is not None else float("nan"),
+        "trained_tokens": result["trained_tokens"], "train_seconds": result["train_seconds"],
+        "hyperparameters": MetadataValue.json(job.hyperparameters),
+        "adapter": MetadataValue.path(result["adapter_dir"]),
+        "loss_curve": MetadataValue.md(loss_markdown(steps, result["eval_loss"])),
+        "loss_curve_path": MetadataValue.path(str(directory / "loss_curve.svg")),
+    })
+
+
+@asset(partitions_def=fine_tune_partitions, deps=[fine_tuned_checkpoint], group_name="models",
+       kinds={"vllm"})
+def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB,
+                     inference_engine: InferenceEngine) -> MaterializeResult:
+    """Base and fine-tuned model on the job's held-out examples, each run as a batch: exact and
+    normalised match against gold, answer length, and an LLM judge's win rate when one is configured."""
+    job_id = context.partition_key
+    db = metadata_db.db
+    job = _job_or_fail(db, job_id)
+    settings = load_settings()
+    with _failing_job(db, job_id, "comparison_failed"):
+        eval_path = settings.fine_tunes_dir / job_id / "data" / "eval.jsonl"
+        items = compare.eval_items(eval_path) if eval_path.exists() else []
+        if not items:
+            update_job(db, job_id, comparison={"examples": 0, "base": {}, "fine_tuned": {}, "rows": []})
+            add_event(db, job_id, "No held-out eval examples: comparison skipped")
+            return MaterializeResult(metadata={"examples": 0, "skipped": "no held-out eval examples"})
+        base = prepare_model(settings, lookup_model(settings, job.model))
+        name = fine_tuned_model_name(job.model, job.suffix, job_id)
+        tuned = base.with_adapter(name, (job.metrics or {})["adapter_dir"])
+        max_tokens = max(16, min(512, max(len(i["gold"]) for i in items)))
+        answers, batches = {}, {}
+        for label, spec in (("base", base), ("fine_tuned", tuned)):
+            batches[label], answers[label] = run_lines(
+                db, settings, inference_engine, f"{job_id}-compare-{label}",
+                compare.request_lines(items, spec.id, max_tokens), spec,
+                metadata={"fine_tuning_job": job_id, "comparison": label}, log=context.log.info,
+                run_id=context.run_id)
+        summary = {"examples": len(items), "judge_model": settings.judge_model,
+                   "base_model": base.id, "fine_tuned_model": name, "batches": batches,
+                   "base": compare.score(items, answers["base"]),
+                   "fine_tuned": compare.score(items, answers["fine_tuned"]),
+                   "rows": compare.side_by_side(items, answers["base"], answers["fine_tuned"])}
+        if settings.judge_model:
+            judge = prepare_model(settings, lookup_model(settings, settings.judge_model))
+            batches["judge"], verdicts = run_lines(
+                db, settings, inference_engine, f"{job_id}-compare-judge",
+                compare.judge_lines(items, answers["base"], answers["fine_tuned"], judge.id), judge,
+                metadata={"fine_tuning_job": job_id, "comparison": "judge"}, log=context.log.info,
+                run_id=context.run_id)
+            rate, counts = compare.judge_win_rate(verdicts)
+            summary["fine_tuned"]["judge_win_rate"] = rate
+            summary["base"]["judge_win_rate"] = None if rate is None else round(1 - rate, 4)
+            summary["judge_verdicts"] = counts
+        update_job(db, job_id, comparison=summary)
+        add_event(db, job_id, "Compared with the base model on {n} held-out examples: normalized match "
+                              "{b} → {t}".format(n=len(items), b=summary["base"]["normalized_match"],
+                                                 t=summary["fine_tuned"]["normalized_match"]),
+                  data={"base": summary["base"], "fine_tuned": summary["fine_tuned"]})
+    return MaterializeResult(metadata={
+        "examples": len(items),
+        **{f"base_{k}": v for k, v in summary["base"].items() if v is not None},
+        **{f"fine_tuned_{k}": v for k, v in summary["fine_tuned"].items() if v is not None},
+        "batches": MetadataValue.json(batches),
+        "table": MetadataValue.md(compare.markdown(summary)),
+    })
+
+
+@asset(partitions_def=fine_tune_partitions, deps=[model_comparison], group_name="models", kinds={"vllm"})
+def deployed_model(context: AssetExecutionContext, metadata_db: MetadataDB,
+                   inference_engine: InferenceEngine) -> MaterializeResult:
+    """The fine-tune served by the warm engine as a LoRA adapter on its base model (no restart), listed in
+    /v1/models with its base as parent, when the job's deploy policy allows it."""
+    job_id = context.partition_key
+    db = metadata_db.db
+    job = _job_or_fail(db, job_id)
+    settings = load_settings()
+    name = fine_tuned_model_name(job.model, job.suffix, job_id)
+    with _failing_job(db, job_id, "deployment_failed"):
+        deploy, reason = compare.gate(job.comparison, job.deploy, settings.gate_metric)
+        adapter = (job.metrics or {})["adapter_dir"]
+        latency = None
+        if deploy:
+            base = prepare_model(settings, lookup_model(settings, job.model))
+            spec = base.with_adapter(name, adapter)
+            started = time.monotonic()
+            inference_engine.deploy_adapter(spec)
+            latency = round(time.monotonic() - started, 3)
+            register_fine_tune(db, spec, job_id)
+            add_event(db, job_id, f"New fine-tuned model created and deployed: {name} ({reason})")
+        else:
+            # The comparison loaded it as a candidate; it does not stay in the engine.
+            base = lookup_model(settings, job.model)
+            inference_engine.undeploy_adapter(base.with_adapter(name, adapter))
+            add_event(db, job_id, f"Fine-tuned model {name} not deployed: {reason}", level="warn")
+        update_job(db, job_id, status="succeeded", fine_tuned_model=name, finished_at=now())
+        add_event(db, job_id, "The job has successfully completed")
+    return MaterializeResult(metadata={
+        "model": name, "base_model": job.model, "deployed": deploy, "reason": reason,
+        "adapter": MetadataValue.path(adapter), "engine": inference_engine.resolved_backend(),
+        **({"load_seconds": latency} if latency is not None else {}),
+    })
+

@@ -1,0 +1,66 @@
+"""The model store as an asset: one partition per installed base model."""
+
+import asyncio
+import time
+
+from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+
+from resources import InferenceEngine, MetadataDB
+from vbatch_pipelines.models.install import InstallError, directory_bytes, download, resolve
+from vbatch_pipelines.models.registry import READY, ModelSpec
+from vbatch_pipelines.models.store import get_model, upsert_model
+from vbatch_pipelines.partitions import model_partitions
+from vbatch_pipelines.settings import load_settings
+
+SMOKE_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
+
+
+def smoke_test(inference_engine: InferenceEngine, spec: ModelSpec) -> tuple[float, str]:
+    """One chat completion on the engine that will serve the model: (seconds, answer)."""
+
+    async def ask():
+        engine = inference_engine.open(spec)
+        try:
+            started = time.monotonic()
+            response = await engine.request("/v1/chat/completions", {
+                "model": spec.id, "messages": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0})
+            return time.monotonic() - started, response
+        finally:
+            await engine.aclose()
+
+    seconds, response = asyncio.run(ask())
+    if not response.ok:
+        raise InstallError(f"The smoke test failed: {response.body.get('error', response.body)}", "smoke_test_failed")
+    return seconds, response.body["choices"][0]["message"]["content"]
+
+
+@asset(partitions_def=model_partitions, group_name="models", kinds={"huggingface"})
+def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB,
+                    inference_engine: InferenceEngine) -> MaterializeResult:
+    """A base model on local disk at a pinned revision, checked to fit, smoke-tested on the engine, then
+    served. The install was checked and recorded by the API or CLI (request_install) before this runs."""
+    model_id = context.partition_key
+    db = metadata_db.db
+    row = get_model(db, model_id)
+    if row is None or row.kind != "base":
+        raise Failure(f"No install of {model_id} was requested; use POST /v1/models or `vbatch models install`")
+    settings = load_settings()
+    try:
+        source = resolve(row.source, row.revision)
+        path = download(source, settings.models_dir / model_id, None, progress=context.log.info)
+        spec = ModelSpec(model_id, str(path), trust_remote_code=row.trust_remote_code)
+        latency, answer = smoke_test(inference_engine, spec)
+    except Exception as exc:
+        upsert_model(db, model_id, status="failed", details={**(row.details or {}), "error": str(exc)[:4000]})
+        raise Failure(f"Installing {model_id} failed: {exc}") from exc
+    size = directory_bytes(path)
+    details = {**(row.details or {}), "smoke_test": {"seconds": round(latency, 3), "answer": answer}}
+    upsert_model(db, model_id, status=READY, path=str(path), revision=source.revision, bytes=size, details=details)
+    context.log.info(f"{model_id} installed ({size / 1e6:.1f} MB) and answered in {latency:.2f}s: {answer!r}")
+    fit = details.get("fit", {})
+    return MaterializeResult(metadata={
+        "source": row.source, "revision": source.revision or "local", "path": MetadataValue.path(str(path)),
+        "bytes": size, "parameters": fit.get("parameters", 0), "serving_dtype": fit.get("dtype", ""),
+        "fit": MetadataValue.json(fit), "smoke_test_seconds": round(latency, 3), "smoke_test_answer": answer,
+        "engine": inference_engine.resolved_backend(),
+    })

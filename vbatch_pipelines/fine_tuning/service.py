@@ -1,0 +1,378 @@
+"""Fine-tuning jobs as records: what the REST API, the assets, the schedule and the CLI share.
+
+A job is a row (OpenAI's ``fine_tuning.job``) plus a directory ``$VBATCH_HOME/fine_tunes/<job_id>/``
+holding its training data, adapter, checkpoints and logs. Its id is also its Dagster partition key.
+Training data is checked when the job is created (a bad file is refused with line numbers, never
+queued); a job trains on an uploaded file (purpose ``fine-tune``) or on a gold-star dataset version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import desc, select
+
+from vbatch_pipelines.settings import Settings
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import (
+    TERMINAL_FINE_TUNING_STATUSES,
+    Dataset,
+    File,
+    FineTuningCheckpoint,
+    FineTuningEvent,
+    FineTuningJob,
+)
+
+BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; OpenAI's learning_rate_multiplier scales it
+ROLES = ("system", "user", "assistant", "tool", "developer")
+SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_REPORTED_ERRORS = 10
+
+
+class FineTuningError(ValueError):
+    """A request about fine-tuning that cannot be accepted (HTTP 400, or 404 with code *_not_found)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request", status: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+        self.status = status
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's three knobs ("auto" or a value) plus the LoRA recipe; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    lora_rank: int = Field(default=16, ge=1, le=256)
+    lora_alpha: int | None = Field(default=None, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    max_length: int | None = Field(default=None, ge=16)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    qlora: bool = False
+    merge: bool = False
+
+    def resolved(self, train_examples: int, model_max_length: int | None) -> dict[str, Any]:
+        """Concrete values for "auto" (OpenAI's convention: the service picks from the data)."""
+        n_epochs = 3 if self.n_epochs == "auto" else self.n_epochs
+        batch_size = max(1, min(8, train_examples // 10)) if self.batch_size == "auto" else self.batch_size
+        multiplier = 1.0 if self.learning_rate_multiplier == "auto" else self.learning_rate_multiplier
+        max_length = self.max_length or min(1024, model_max_length or 1024)
+        if model_max_length and max_length > model_max_length:
+            raise FineTuningError(f"max_length {max_length} exceeds the model's context of {model_max_length} tokens",
+                                  "hyperparameters.max_length", "invalid_value")
+        for name, value in (("n_epochs", n_epochs), ("batch_size", batch_size)):
+            if not 1 <= value <= 256:
+                raise FineTuningError(f"{name} must be between 1 and 256", f"hyperparameters.{name}",
+                                      "invalid_value")
+        if not 0 < multiplier <= 100:
+            raise FineTuningError("learning_rate_multiplier must be in (0, 100]",
+                                  "hyperparameters.learning_rate_multiplier", "invalid_value")
+        return {
+            **self.model_dump(), "n_epochs": n_epochs, "batch_size": batch_size,
+            "learning_rate_multiplier": multiplier, "max_length": max_length,
+            "learning_rate": self.learning_rate or BASE_LEARNING_RATE * multiplier,
+            "lora_alpha": self.lora_alpha or 2 * self.lora_rank,
+        }
+
+
+def parse_hyperparameters(raw: dict[str, Any] | None) -> Hyperparameters:
+    try:
+        return Hyperparameters.model_validate(raw or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise FineTuningError(f"hyperparameters.{where}: {first['msg']}", f"hyperparameters.{where}",
+                              "invalid_value") from exc
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def new_job_id() -> str:
+    return f"ftjob-{uuid.uuid4().hex[:24]}"
+
+
+def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's naming: ``ft:BASE:ORG:SUFFIX:ID``."""
+    return f"ft:{base}:vbatch:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
+
+
+# --- training data -----------------------------------------------------------------------------------
+
+def check_training_lines(path: Path, *, param: str, minimum: int) -> int:
+    """Count the examples in an OpenAI chat fine-tuning file, or raise with the first problems by line."""
+    problems: list[str] = []
+    examples = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            problem = _line_problem(raw)
+            if problem:
+                problems.append(f"line {number}: {problem}")
+                if len(problems) >= MAX_REPORTED_ERRORS:
+                    break
+            else:
+                examples += 1
+    if problems:
+        raise FineTuningError(f"The {param} has invalid examples: " + "; ".join(problems), param,
+                              "invalid_training_file" if param == "training_file" else "invalid_validation_file")
+    if param == "training_file" and examples < minimum:
+        raise FineTuningError(f"The training file has {examples} example(s); at least {minimum} are required "
+                              "(VBATCH_MIN_TRAINING_EXAMPLES)", param, "insufficient_examples")
+    return examples
+
+
+def _line_problem(raw: bytes) -> str | None:
+    try:
+        line = json.loads(raw)
+    except ValueError as exc:
+        return f"not valid JSON ({exc.msg})"
+    if not isinstance(line, dict) or not isinstance(line.get("messages"), list) or not line["messages"]:
+        return 'expected an object with a non-empty "messages" list'
+    assistant = False
+    for i, message in enumerate(line["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"messages[{i}] needs a role of {', '.join(ROLES)}"
+        content = message.get("content")
+        if not isinstance(content, str):
+            return f"messages[{i}].content must be a string"
+        if message["role"] == "assistant" and content.strip():
+            assistant = True
+    if not assistant:
+        return "no assistant message with content to learn from"
+    return None
+
+
+def _file(db: Database, file_id: str, param: str) -> File:
+    record = db.get(File, file_id)
+    if record is None:
+        raise FineTuningError(f"No file with id {file_id!r}", param, "file_not_found", 404)
+    if record.purpose != "fine-tune":
+        raise FineTuningError(f"File {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param,
+                              "invalid_file_purpose")
+    return record
+
+
+def training_sources(db: Database, settings: Settings, training_file: str,
+                     validation_file: str | None) -> dict[str, Any]:
+    """Where the job's train and eval examples come from, checked; raises FineTuningError."""
+    dataset = db.get(Dataset, training_file) if not training_file.startswith("file-") else None
+    if dataset is not None:
+        if validation_file:
+            raise FineTuningError("A gold-star dataset brings its own eval split; leave validation_file out",
+                                  "validation_file")
+        if dataset.train_examples < settings.min_training_examples:
+            raise FineTuningError(
+                f"Dataset {dataset.version} has {dataset.train_examples} training example(s); at least "
+                f"{settings.min_training_examples} are required (VBATCH_MIN_TRAINING_EXAMPLES)",
+                "training_file", "insufficient_examples")
+        directory = Path(dataset.path)
+        return {"dataset_version": dataset.version, "train_path": directory / "train.openai.jsonl",
+                "eval_path": directory / "eval.openai.jsonl" if dataset.eval_examples else None,
+                "train_examples": dataset.train_examples, "eval_examples": dataset.eval_examples}
+    train = _file(db, training_file, "training_file")
+    train_examples = check_training_lines(Path(train.path), param="training_file",
+                                          minimum=settings.min_training_examples)
+    eval_path, eval_examples = None, 0
+    if validation_file:
+        validation = _file(db, validation_file, "validation_file")
+        eval_examples = check_training_lines(Path(validation.path), param="validation_file", minimum=0)
+        eval_path = Path(validation.path)
+    return {"dataset_version": None, "train_path": Path(train.path), "eval_path": eval_path,
+            "train_examples": train_examples, "eval_examples": eval_examples}
+
+
+def model_max_length(path: str) -> int | None:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("max_position_embeddings")
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+def create_job(db: Database, settings: Settings, *, model: str, training_file: str,
+               validation_file: str | None = None, hyperparameters: dict[str, Any] | None = None,
+               suffix: str | None = None, seed: int | None = None, metadata: dict[str, str] | None = None,
+               trigger: str = "api", deploy: str = "always") -> FineTuningJob:
+    """Check everything a job needs, record it (``queued``) and copy its data into the job dir."""
+    from vbatch_pipelines.models.registry import ModelNotFound, lookup_model
+
+    try:
+        spec = lookup_model(settings, model)
+    except ModelNotFound as exc:
+        raise FineTuningError(str(exc), "model", "model_not_found", 404) from exc
+    if spec.adapter:
+        raise FineTuningError(f"{model} is itself a fine-tune; fine-tune its base model {spec.parent} instead",
+                              "model", "invalid_model")
+    if suffix is not None and not SUFFIX.match(suffix):
+        raise FineTuningError("suffix takes 1 to 64 letters, digits, '-', '_' or '.'", "suffix", "invalid_value")
+    if metadata and (len(metadata) > 16 or any(len(k) > 64 or len(str(v)) > 512 for k, v in metadata.items())):
+        raise FineTuningError("metadata takes at most 16 pairs (keys ≤64, values ≤512 characters)", "metadata")
+    hp = parse_hyperparameters(hyperparameters)
+    if hp.lora_rank > settings.max_lora_rank:
+        raise FineTuningError(f"lora_rank {hp.lora_rank} exceeds the engine's maximum LoRA rank "
+                              f"{settings.max_lora_rank} (VBATCH_MAX_LORA_RANK)", "hyperparameters.lora_rank",
+                              "invalid_value")
+    if hp.qlora and not settings.gpus:
+        raise FineTuningError("qlora (4-bit base weights) needs a CUDA GPU; this machine has none: use LoRA",
+                              "hyperparameters.qlora", "invalid_value")
+    sources = training_sources(db, settings, training_file, validation_file)
+    resolved = hp.resolved(sources["train_examples"], model_max_length(spec.path))
+    job_id = new_job_id()
+    directory = settings.fine_tunes_dir / job_id
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(sources["train_path"], directory / "data" / "train.jsonl")
+    if sources["eval_path"] is not None:
+        shutil.copyfile(sources["eval_path"], directory / "data" / "eval.jsonl")
+    job = FineTuningJob(
+        id=job_id, model=spec.id, status="queued", training_file=training_file, validation_file=validation_file,
+        dataset_version=sources["dataset_version"], hyperparameters=resolved, suffix=suffix,
+        seed=seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big") % 2**31,
+        metadata_=metadata or None, trigger=trigger, deploy=deploy, result_files=[], created_at=now(),
+        output_dir=str(directory),
+        metrics={"train_examples": sources["train_examples"], "eval_examples": sources["eval_examples"]},
+    )
+    with db.session() as session:
+        session.add(job)
+    add_event(db, job_id, f"Validated training data: {sources['train_examples']} training and "
+                          f"{sources['eval_examples']} eval examples")
+    add_event(db, job_id, "Fine-tuning job created")
+    return job
+
+
+def get_job(db: Database, job_id: str) -> FineTuningJob | None:
+    return db.get(FineTuningJob, job_id)
+
+
+def require_job(db: Database, job_id: str) -> FineTuningJob:
+    job = get_job(db, job_id)
+    if job is None:
+        raise FineTuningError(f"No fine-tuning job found with id '{job_id}'.", "fine_tuning_job_id",
+                              "fine_tuning_job_not_found", 404)
+    return job
+
+
+def update_job(db: Database, job_id: str, **fields: Any) -> FineTuningJob:
+    with db.session() as session:
+        job = session.get(FineTuningJob, job_id, with_for_update=True)
+        for key, value in fields.items():
+            setattr(job, key, value)
+    return job
+
+
+def cancel_job(db: Database, job_id: str) -> FineTuningJob:
+    """Cancel at once; a running trainer notices within a second and is interrupted."""
+    with db.session() as session:
+        job = session.get(FineTuningJob, job_id, with_for_update=True)
+        if job is None:
+            raise FineTuningError(f"No fine-tuning job found with id '{job_id}'.", "fine_tuning_job_id",
+                              "fine_tuning_job_not_found", 404)
+        if job.status in TERMINAL_FINE_TUNING_STATUSES:
+            raise FineTuningError(f"Job {job_id} has already {job.status}; only a queued or running job can be "
+                                  "cancelled", None, "invalid_state")
+        job.status = "cancelled"
+        job.finished_at = now()
+    add_event(db, job_id, "Fine-tuning job cancelled")
+    return job
+
+
+def fail_job(db: Database, job_id: str, code: str, message: str) -> bool:
+    """End an unfinished job as ``failed`` with the reason; False if it had already ended."""
+    message = message[:4000]
+    with db.session() as session:
+        job = session.get(FineTuningJob, job_id, with_for_update=True)
+        if job is None or job.status in TERMINAL_FINE_TUNING_STATUSES:
+            return False
+        job.status, job.finished_at = "failed", now()
+        job.error = {"code": code, "message": message, "param": None}
+    add_event(db, job_id, f"Fine-tuning job failed: {message}", level="error")
+    return True
+
+
+def unfinished_jobs_with_run(db: Database) -> list[FineTuningJob]:
+    with db.session() as session:
+        return list(session.scalars(select(FineTuningJob).where(
+            FineTuningJob.status.in_(("queued", "running")), FineTuningJob.dagster_run_id.is_not(None))))
+
+
+def jobs_without_run(db: Database, older_than_s: int) -> list[str]:
+    with db.session() as session:
+        return list(session.scalars(select(FineTuningJob.id).where(
+            FineTuningJob.status == "queued", FineTuningJob.dagster_run_id.is_(None),
+            FineTuningJob.created_at <= now() - older_than_s)))
+
+
+# --- events and checkpoints -------------------------------------------------------------------------
+
+def add_event(db: Database, job_id: str, message: str, *, level: str = "info", type: str = "message",
+              data: dict[str, Any] | None = None) -> None:
+    add_events(db, job_id, [{"message": message, "level": level, "type": type, "data": data}])
+
+
+def add_events(db: Database, job_id: str, events: list[dict[str, Any]]) -> None:
+    """Several events in one transaction (a training poll brings every step since the last one)."""
+    if not events:
+        return
+    stamp = now()
+    with db.session() as session:
+        session.add_all(FineTuningEvent(job_id=job_id, created_at=stamp, level=e.get("level", "info"),
+                                        type=e.get("type", "message"), message=e["message"], data=e.get("data"))
+                        for e in events)
+
+
+def _children(db: Database, model, job_id: str, *, prefix: str, order, after: str | None, limit: int):
+    """A page of a job's events or checkpoints, newest first; ``after`` is an id from the previous page."""
+    require_job(db, job_id)
+    with db.session() as session:
+        query = select(model).where(model.job_id == job_id).order_by(desc(order))
+        if after:
+            try:
+                anchor = int(after.removeprefix(prefix))
+            except ValueError as exc:
+                raise FineTuningError(f"after must be an id like {prefix}123, got {after!r}", "after") from exc
+            query = query.where(model.id < anchor)
+        rows = list(session.scalars(query.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def list_events(db: Database, job_id: str, *, after: str | None, limit: int) -> tuple[list[FineTuningEvent], bool]:
+    return _children(db, FineTuningEvent, job_id, prefix="ftevent-", order=FineTuningEvent.id, after=after,
+                     limit=limit)
+
+
+def clear_checkpoints(db: Database, job_id: str) -> None:
+    """A retrained job (Dagster's re-execute) replaces its checkpoints."""
+    from sqlalchemy import delete
+
+    with db.session() as session:
+        session.execute(delete(FineTuningCheckpoint).where(FineTuningCheckpoint.job_id == job_id))
+
+
+def add_checkpoint(db: Database, job: FineTuningJob, step: int, path: str, metrics: dict[str, Any]) -> None:
+    name = f"{fine_tuned_model_name(job.model, job.suffix, job.id)}:ckpt-step-{step}"
+    with db.session() as session:
+        session.add(FineTuningCheckpoint(job_id=job.id, created_at=now(), step_number=step,
+                                         fine_tuned_model_checkpoint=name, metrics=metrics, path=path))
+
+
+def list_checkpoints(db: Database, job_id: str, *, after: str | None,
+                     limit: int) -> tuple[list[FineTuningCheckpoint], bool]:
+    return _children(db, FineTuningCheckpoint, job_id, prefix="ftckpt-", order=FineTuningCheckpoint.step_number,
+                     after=after, limit=limit)

@@ -1,0 +1,124 @@
+"""The model store's records: installed base models and deployed fine-tunes (the ``models`` table).
+
+What is served is decided here (status ``ready`` / ``deployed``); the registry reads it, the engines
+load it. Files live under ``$VBATCH_HOME/models/<id>`` (installed) and the fine-tune's job directory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from vbatch_pipelines.models.registry import DEPLOYED, ModelSpec
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import Model
+
+
+def get_model(db: Database, model_id: str) -> Model | None:
+    return db.get(Model, model_id)
+
+
+def upsert_model(db: Database, model_id: str, **fields: Any) -> Model:
+    stamp = int(time.time())
+    with db.session() as session:
+        row = session.get(Model, model_id, with_for_update=True)
+        if row is None:
+            row = Model(id=model_id, created_at=stamp, updated_at=stamp, **fields)
+            session.add(row)
+        else:
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.updated_at = stamp
+    return row
+
+
+def register_fine_tune(db: Database, spec: ModelSpec, job_id: str) -> Model:
+    """Serve the fine-tune by name from now on (the engine has loaded its adapter)."""
+    return upsert_model(db, spec.id, kind="fine_tune", parent=spec.parent, path=spec.adapter, status=DEPLOYED,
+                        source=job_id)
+
+
+def fine_tunes_of(db: Database, base: str) -> list[Model]:
+    with db.session() as session:
+        return list(session.scalars(select(Model).where(Model.kind == "fine_tune", Model.parent == base)))
+
+
+class ModelStoreError(ValueError):
+    pass
+
+
+def remove_model(db: Database, settings, inference_engine, model_id: str) -> Model:
+    """Take a model out of service. A fine-tune: its adapter is unloaded from the running engine (the files
+    stay; its job can deploy it again). An installed base model: its server stops and its files are deleted.
+    Models configured by VBATCH_MODELS are not the store's to remove."""
+    from vbatch_pipelines.models.registry import DEPLOYED, READY, ModelNotFound, configured_models, lookup_model
+
+    if model_id in configured_models(settings):
+        raise ModelStoreError(f"{model_id} is configured by VBATCH_MODELS (or is the built-in default); "
+                              "change that setting to remove it")
+    row = get_model(db, model_id)
+    if row is None or row.status not in (READY, DEPLOYED):
+        raise ModelNotFound(model_id, [])
+    spec = lookup_model(settings, model_id)
+    if row.kind == "fine_tune":
+        inference_engine.undeploy_adapter(spec)
+        return upsert_model(db, model_id, status="undeployed")
+    for tune in fine_tunes_of(db, model_id):
+        if tune.status == DEPLOYED:
+            upsert_model(db, tune.id, status="undeployed")
+    if inference_engine.resolved_backend() == "vllm":
+        inference_engine.server(spec).stop()
+    import shutil
+
+    if Path(row.path).is_relative_to(settings.models_dir):
+        shutil.rmtree(row.path, ignore_errors=True)
+    return upsert_model(db, model_id, status="deleted")
+
+
+def request_install(db: Database, settings, source: str, *, model_id: str | None = None,
+                    revision: str | None = None, trust_remote_code: bool = False) -> Model:
+    """Check an install before anything big moves (config.json only: remote code, fit) and record it as
+    ``installing``; installed_model downloads and smoke-tests it. Raises InstallError with the reason."""
+    from vbatch_pipelines.models.install import (
+        MODEL_ID,
+        InstallError,
+        available_memory,
+        check_remote_code,
+        fit_check,
+        resolve,
+    )
+    from vbatch_pipelines.models.registry import configured_models
+
+    if model_id is None:
+        model_id = Path(source).expanduser().name if Path(source).expanduser().is_dir() else source
+    if not MODEL_ID.match(model_id) or model_id.startswith("ft:"):
+        raise InstallError(f"{model_id!r} is not a usable model id (letters, digits, '.', '-', '_', '/')",
+                           "invalid_model_id")
+    existing = get_model(db, model_id)
+    if model_id in configured_models(settings) or (existing is not None and existing.status in ("ready", "installing")):
+        raise InstallError(f"A model named {model_id} is already {'configured' if existing is None else existing.status}; "
+                           "choose another id or delete it first", "model_exists")
+    resolved = resolve(source, revision)
+    check_remote_code(resolved.config, trust_remote_code, source)
+    available, device = available_memory(settings.gpus, settings.gpu_memory_fraction)
+    report = fit_check(resolved.config, gpus=settings.gpus, context=settings.max_model_len, available=available,
+                       device=device, weight_bytes=resolved.weight_bytes)
+    if not report.fits:
+        raise InstallError(f"{source} does not fit: it {report.describe()}. Suggestion: {report.suggestion}",
+                           "model_does_not_fit")
+    return upsert_model(db, model_id, kind="base", parent=None, status="installing", source=source,
+                        path=resolved.location if resolved.kind == "local" else str(settings.models_dir / model_id),
+                        revision=resolved.revision, trust_remote_code=trust_remote_code, bytes=None,
+                        details={"fit": report.as_dict(), "source_kind": resolved.kind})
+
+
+def installs_without_run(db: Database, older_than_s: int) -> list[Model]:
+    """Installs recorded while Dagster was unreachable (no run id in their details yet)."""
+    cutoff = int(time.time()) - older_than_s
+    with db.session() as session:
+        rows = session.scalars(select(Model).where(Model.kind == "base", Model.status == "installing",
+                                                   Model.updated_at <= cutoff))
+        return [row for row in rows if not (row.details or {}).get("dagster_run_id")]
