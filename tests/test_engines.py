@@ -110,3 +110,35 @@ def test_greedy_with_n_returns_n_identical_choices(engine):
     assert response.ok and len(response.body["choices"]) == 3
     assert len({c["text"] for c in response.body["choices"]}) == 1
     assert [c["index"] for c in response.body["choices"]] == [0, 1, 2]
+
+
+def test_many_prompts_are_generated_in_bounded_chunks(tiny_model_path):
+    """Requests with more sequences than max_batch_size, micro-batched together (texts and token ids):
+    every prompt answered, in order, exactly as when asked alone."""
+    small = TransformersEngine(ModelSpec("vbatch-tiny-chat", str(tiny_model_path)), max_batch_size=4)
+    body = {"max_tokens": 6, "temperature": 0, "n": 2}
+    texts = {**body, "prompt": ["Please describe a cat", "What is 2 plus 2?", "Tell me", "What is 9 plus 1?"]}
+    token_ids = {**body, "prompt": [[5, 6, 7], [8, 9, 10, 11, 12]]}
+    sequences_per_call = []
+    generate = small.model.generate
+
+    def counting_generate(**kwargs):
+        sequences_per_call.append(len(kwargs["input_ids"]) * kwargs["num_return_sequences"])
+        return generate(**kwargs)
+
+    small.model.generate = counting_generate
+
+    async def together():
+        try:
+            return await asyncio.gather(*(small.request("/v1/completions", b) for b in (texts, token_ids)))
+        finally:
+            await small.aclose()
+
+    for response, request in zip(asyncio.run(together()), (texts, token_ids)):
+        assert [c["index"] for c in response.body["choices"]] == list(range(2 * len(request["prompt"])))
+        alone = [_ask(small, "/v1/completions", {**body, "prompt": p}).body for p in request["prompt"]]
+        assert [c["text"] for c in response.body["choices"]] == [c["text"] for a in alone for c in a["choices"]]
+        assert response.body["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    sampled = _ask(small, "/v1/completions", {**texts, "temperature": 1.0, "n": 3}).body
+    assert len(sampled["choices"]) == 12
+    assert max(sequences_per_call) <= 4 and sequences_per_call[-4:] == [3, 3, 3, 3]  # n=3: a prompt per call

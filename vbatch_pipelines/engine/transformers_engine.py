@@ -175,14 +175,6 @@ class TransformersEngine:
         torch = self._torch
         do_sample, temperature, top_p, seed, n = jobs[0].key
         flat = [(j, p) for j, job in enumerate(jobs) for p in job.prompts]
-        texts = [p for _, p in flat if isinstance(p, str)]
-        if len(texts) == len(flat):
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        else:
-            ids = [p if isinstance(p, list) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
-                   for _, p in flat]
-            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
         # Greedy decoding gives the same sequence n times (as vLLM does): generate it once, repeat it.
         per_prompt = n if do_sample else 1
         kwargs: dict[str, Any] = {"max_new_tokens": max(job.max_new_tokens for job in jobs),
@@ -193,29 +185,45 @@ class TransformersEngine:
                 torch.manual_seed(seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            generated = self.model.generate(**enc, **kwargs)
-        width = enc["input_ids"].shape[1]
-        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         eos = self.tokenizer.eos_token_id
         results: list[list[list[tuple[str, int, str, int]]]] = [[] for _ in jobs]
-        for row, (j, _) in enumerate(flat):
-            job = jobs[j]
-            choices = []
-            for k in range(n):
-                tokens = generated[row * per_prompt + k % per_prompt, width:].tolist()[: job.max_new_tokens]
-                finish = "length"
-                if eos in tokens:
-                    tokens = tokens[: tokens.index(eos) + 1]
-                    finish = "stop"
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                for stop in job.stops:
-                    cut = text.find(stop)
-                    if cut != -1:
-                        text, finish = text[:cut], "stop"
-                choices.append((text, len(tokens), finish, prompt_lens[row]))
-            results[j].append(choices)
+        # At most max_batch_size sequences per generate() call, so memory stays bounded whatever n and the
+        # number of prompts in one request.
+        step = max(1, self.max_batch_size // per_prompt)
+        for start in range(0, len(flat), step):
+            chunk = flat[start:start + step]
+            enc = self._encode([p for _, p in chunk])
+            with torch.inference_mode():
+                generated = self.model.generate(**enc, **kwargs)
+            width = enc["input_ids"].shape[1]
+            prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+            for row, (j, _) in enumerate(chunk):
+                job = jobs[j]
+                choices = []
+                for k in range(n):
+                    tokens = generated[row * per_prompt + k % per_prompt, width:].tolist()[: job.max_new_tokens]
+                    finish = "length"
+                    if eos in tokens:
+                        tokens = tokens[: tokens.index(eos) + 1]
+                        finish = "stop"
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    for stop in job.stops:
+                        cut = text.find(stop)
+                        if cut != -1:
+                            text, finish = text[:cut], "stop"
+                    choices.append((text, len(tokens), finish, prompt_lens[row]))
+                results[j].append(choices)
         return results
+
+    def _encode(self, prompts: list[Any]) -> dict[str, Any]:
+        """Left-padded input ids for texts, token-id lists or a mix of both."""
+        if all(isinstance(p, str) for p in prompts):
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        else:
+            ids = [p if isinstance(p, list) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
+                   for p in prompts]
+            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in enc.items()}
 
     async def recover(self) -> None:
         return None
