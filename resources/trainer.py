@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,40 +85,49 @@ class Trainer(ConfigurableResource):
                                            stdin=subprocess.DEVNULL,
                                            env=_training_env(session.get_bootstrap_env_vars()))
             seen = 0
+
+            def take_messages() -> None:
+                nonlocal seen, result
+                messages = session.get_custom_messages()
+                fresh = [m for m in messages[seen:] if m.get("type") != "result"]
+                result = next((m for m in messages[seen:] if m.get("type") == "result"), result)
+                seen = len(messages)
+                if fresh:  # all that arrived since the last poll at once: one DB write, not one a step
+                    on_messages(fresh)
+
             try:
-                while True:
-                    exited = process.poll() is not None
-                    messages = session.get_custom_messages()
-                    fresh = [m for m in messages[seen:] if m.get("type") != "result"]
-                    result = next((m for m in messages[seen:] if m.get("type") == "result"), result)
-                    seen = len(messages)
-                    if fresh:  # all that arrived since the last poll at once: one DB write, not one a step
-                        on_messages(fresh)
-                    if exited:
-                        break
+                while process.poll() is None:
+                    take_messages()
                     if not cancelled and should_stop():
                         cancelled = True
                         context.log.info("Training cancelled: interrupting the trainer")
-                        process.send_signal(signal.SIGINT)
-                        try:
-                            process.wait(timeout=self.stop_grace_s)
-                        except subprocess.TimeoutExpired:
-                            process.kill()
-                    time.sleep(poll_s)
+                        _interrupt(process, self.stop_grace_s)
+                        break
+                    try:  # returns as soon as training ends, not at the next tick
+                        process.wait(timeout=poll_s)
+                    except subprocess.TimeoutExpired:
+                        pass
             except BaseException:
                 if process.poll() is None:  # the run itself was interrupted: do not leave training behind
-                    process.send_signal(signal.SIGINT)
-                    try:
-                        process.wait(timeout=self.stop_grace_s)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
+                    _interrupt(process, self.stop_grace_s)
                 raise
+        take_messages()  # the session has closed: its reader has read every message the trainer wrote
         if cancelled:
             raise TrainingCancelled("Training was cancelled")
         if process.returncode != 0 or result is None:
             raise TrainingFailed(f"The trainer exited with code {process.returncode}; "
                                  f"last lines of {log_path}:\n{tail(log_path, 15)}")
         return result
+
+
+def _interrupt(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGINT (as Dagster interrupts a run), then a kill when the trainer does not stop within the grace."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _training_env(bootstrap: dict[str, str]) -> dict[str, str]:

@@ -63,7 +63,9 @@ def run_job(platform, job_id: str, instance=None):
 
     from vbatch_pipelines.assets.fine_tuning import deployed_model, fine_tuned_checkpoint, model_comparison
 
-    instance = instance or DagsterInstance.ephemeral()
+    if instance is None:  # disposed in the thread that made it: its in-memory SQLite is bound to that thread
+        with DagsterInstance.ephemeral() as ephemeral:
+            return run_job(platform, job_id, ephemeral)
     instance.add_dynamic_partitions("fine_tunes", [job_id])
     return materialize([fine_tuned_checkpoint, model_comparison, deployed_model], partition_key=job_id,
                        resources=platform.resources, instance=instance, raise_on_error=False)
@@ -93,7 +95,8 @@ def test_fine_tune_trains_compares_deploys_and_changes_answers(platform, monkeyp
     name = f"ft:{TINY_MODEL_ID}:vbatch:paris:{job.id.removeprefix('ftjob-')[:8]}"
     assert done.fine_tuned_model == name
     assert done.trained_tokens > 0 and done.result_files and done.metrics["eval_loss"] is not None
-    assert (Path(done.metrics["merged_dir"]) / "config.json").exists(), "the merged 16-bit model was written"
+    merged_config = json.loads((Path(done.metrics["merged_dir"]) / "config.json").read_text())
+    assert merged_config.get("dtype", merged_config.get("torch_dtype")) == "bfloat16", "the merged model is 16-bit"
     assert done.metrics["backend"] == "trl" and done.metrics["steps"] == FAST["n_epochs"] * -(-30 // 4)
 
     events, _ = list_events(platform.db, job.id, after=None, limit=1000)
@@ -104,6 +107,10 @@ def test_fine_tune_trains_compares_deploys_and_changes_answers(platform, monkeyp
     checkpoints, more = list_checkpoints(platform.db, job.id, after=None, limit=100)
     assert len(checkpoints) == FAST["n_epochs"] and not more and checkpoints[0].fine_tuned_model_checkpoint.startswith(name + ":ckpt-step-")
 
+    progress = [e.event_specific_data.asset_observation.metadata for e in result.all_events
+                if e.event_type_value == "ASSET_OBSERVATION"]
+    assert progress and progress[-1]["step"].value == progress[-1]["total_steps"].value == done.metrics["steps"]
+    assert {"train_loss", "learning_rate", "epoch"} <= set(progress[0]), "progress streams into the metadata"
     checkpoint = result.asset_materializations_for_node("fine_tuned_checkpoint")[0].metadata
     assert "| step | loss | learning rate |" in checkpoint["loss_curve"].value
     assert checkpoint["loss_curve_path"].value.endswith("loss_curve.svg")

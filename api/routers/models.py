@@ -82,7 +82,7 @@ def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
 
 @router.delete("/models/{model_id:path}")
 async def delete_model(model_id: str, request: Request, db: Database = Depends(get_db),
-                 settings: Settings = Depends(get_settings)) -> dict:
+                       settings: Settings = Depends(get_settings)) -> dict:
     engines = request.app.state.engines
     try:
         await asyncio.to_thread(remove_model, db, settings, engines.resource, model_id)

@@ -8,6 +8,7 @@ from dagster import (
     AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
+    AssetObservation,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -37,6 +38,18 @@ from vbatch_pipelines.models.registry import lookup_model, prepare_model
 from vbatch_pipelines.models.store import register_fine_tune
 from vbatch_pipelines.partitions import fine_tune_partitions
 from vbatch_pipelines.settings import load_settings
+
+
+PROGRESS_EVERY_S = 10.0  # training progress appears in the asset's metadata (observations) this often
+
+
+def progress_metadata(metrics: dict) -> dict:
+    """A trainer metrics message as metadata the UI plots: step, loss, learning rate, ETA."""
+    progress = {"step": metrics["step"], "total_steps": metrics["total_steps"], "epoch": metrics["epoch"],
+                "train_loss": metrics["loss"], "learning_rate": metrics["learning_rate"]}
+    if metrics.get("eta_seconds") is not None:
+        progress["eta_seconds"] = metrics["eta_seconds"]
+    return progress
 
 
 def _job_or_fail(db, job_id: str):
@@ -86,6 +99,7 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
                   if (directory / "data" / "eval.jsonl").exists() else None,
                   "output_dir": str(directory / "output"), "hyperparameters": job.hyperparameters, "seed": job.seed}
         steps: list[dict] = []
+        observed = [float("-inf")]  # when progress was last recorded as an observation
 
         def on_messages(messages: list[dict]) -> None:
             metrics = [m for m in messages if m["type"] == "metrics"]
@@ -96,6 +110,11 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
                           "learning_rate": m["learning_rate"], "epoch": m["epoch"]}} for m in metrics])
             if metrics and metrics[-1].get("eta_seconds") is not None:
                 update_job(db, job_id, estimated_finish=int(time.time() + metrics[-1]["eta_seconds"]))
+            if metrics and (time.monotonic() - observed[0] >= PROGRESS_EVERY_S
+                            or metrics[-1]["step"] == metrics[-1]["total_steps"]):
+                observed[0] = time.monotonic()
+                context.log_event(AssetObservation(asset_key=context.asset_key, partition=job_id,
+                                                   metadata=progress_metadata(metrics[-1])))
             for m in messages:
                 if m["type"] == "checkpoint":
                     add_checkpoint(db, job, m["step"], m["path"], m["metrics"])

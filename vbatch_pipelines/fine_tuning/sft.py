@@ -192,7 +192,8 @@ def train(pipes, params: dict) -> None:
         if backend == "unsloth":
             trainer.model.save_pretrained_merged(merged_dir, tokenizer, save_method="merged_16bit")
         else:
-            trainer.model.merge_and_unload().save_pretrained(merged_dir)
+            # Training ran in float32 on the CPU; the merged model is saved in 16 bits as on the GPU path.
+            trainer.model.merge_and_unload().to(torch.bfloat16).save_pretrained(merged_dir)
             tokenizer.save_pretrained(merged_dir)
     pipes.report_custom_message({
         "type": "result", "backend": backend, "device": "cuda" if cuda else "cpu",
