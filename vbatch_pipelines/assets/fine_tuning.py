@@ -43,10 +43,15 @@ from vbatch_pipelines.settings import load_settings
 PROGRESS_EVERY_S = 10.0  # training progress appears in the asset's metadata (observations) this often
 
 
+def step_data(metrics: dict) -> dict:
+    """A trainer metrics message as a job event's data (OpenAI's names): step, loss, learning rate, epoch."""
+    return {"step": metrics["step"], "total_steps": metrics["total_steps"], "train_loss": metrics["loss"],
+            "learning_rate": metrics["learning_rate"], "epoch": metrics["epoch"]}
+
+
 def progress_metadata(metrics: dict) -> dict:
-    """A trainer metrics message as metadata the UI plots: step, loss, learning rate, ETA."""
-    progress = {"step": metrics["step"], "total_steps": metrics["total_steps"], "epoch": metrics["epoch"],
-                "train_loss": metrics["loss"], "learning_rate": metrics["learning_rate"]}
+    """The same, plus the ETA, as metadata the UI plots while training runs."""
+    progress = step_data(metrics)
     if metrics.get("eta_seconds") is not None:
         progress["eta_seconds"] = metrics["eta_seconds"]
     return progress
@@ -99,20 +104,20 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
                   if (directory / "data" / "eval.jsonl").exists() else None,
                   "output_dir": str(directory / "output"), "hyperparameters": job.hyperparameters, "seed": job.seed}
         steps: list[dict] = []
-        observed = [float("-inf")]  # when progress was last recorded as an observation
+        observed_at = float("-inf")  # when progress was last recorded as an observation
 
         def on_messages(messages: list[dict]) -> None:
+            nonlocal observed_at
             metrics = [m for m in messages if m["type"] == "metrics"]
             steps.extend(metrics)
             add_events(db, job_id, [
                 {"message": f"Step {m['step']}/{m['total_steps']}: training loss={m['loss']:.4f}", "type": "metrics",
-                 "data": {"step": m["step"], "total_steps": m["total_steps"], "train_loss": m["loss"],
-                          "learning_rate": m["learning_rate"], "epoch": m["epoch"]}} for m in metrics])
+                 "data": step_data(m)} for m in metrics])
             if metrics and metrics[-1].get("eta_seconds") is not None:
                 update_job(db, job_id, estimated_finish=int(time.time() + metrics[-1]["eta_seconds"]))
-            if metrics and (time.monotonic() - observed[0] >= PROGRESS_EVERY_S
+            if metrics and (time.monotonic() - observed_at >= PROGRESS_EVERY_S
                             or metrics[-1]["step"] == metrics[-1]["total_steps"]):
-                observed[0] = time.monotonic()
+                observed_at = time.monotonic()
                 context.log_event(AssetObservation(asset_key=context.asset_key, partition=job_id,
                                                    metadata=progress_metadata(metrics[-1])))
             for m in messages:
