@@ -139,6 +139,18 @@ def test_install_from_a_local_directory_keeps_its_files(platform, tiny_model_pat
     assert (tiny_model_path / "config.json").exists(), "a directory vbatch did not download is left alone"
 
 
+@pytest.mark.parametrize("source", ["~nosuchuser-vbatch/model", "x" * 5000, "a/b\x00c", "not a model"])
+def test_a_source_that_names_nothing_is_a_clear_error(platform, source):
+    from vbatch_pipelines.models.install import InstallError
+    from vbatch_pipelines.models.store import get_model, request_install
+
+    with pytest.raises(InstallError, match="neither a local model directory nor a Hugging Face repo id") as bad:
+        request_install(platform.db, platform.settings, source, model_id="named")
+    assert bad.value.code == "invalid_model" and get_model(platform.db, "named") is None
+    with pytest.raises(InstallError):  # with no id given, the id is taken from the source: refused as clearly
+        request_install(platform.db, platform.settings, source)
+
+
 def test_an_unreachable_hub_is_a_clear_error(platform, monkeypatch):
     from vbatch_pipelines.models.install import InstallError
     from vbatch_pipelines.models.store import get_model, request_install

@@ -156,10 +156,20 @@ class Source:
     weight_bytes: int | None  # exact, from the safetensors index, when known
 
 
+def local_model_dir(source: str) -> Path | None:
+    """The directory ``source`` names on this host, or None: a repo id, or a path the OS cannot look up
+    (``~nosuchuser``, a name too long, a NUL byte) names none."""
+    try:
+        local = Path(source).expanduser()
+        return local if local.is_dir() else None
+    except (RuntimeError, OSError, ValueError):
+        return None
+
+
 def resolve(source: str, revision: str | None = None, token: str | None = None) -> Source:
     """Read config.json (and the safetensors index) without downloading any weights."""
-    local = Path(source).expanduser()
-    if local.is_dir():
+    local = local_model_dir(source)
+    if local is not None:
         config_path = local / "config.json"
         if not config_path.exists():
             raise InstallError(f"{local} has no config.json: not a Hugging Face model directory", "invalid_model")

@@ -88,12 +88,14 @@ def request_install(db: Database, settings, source: str, *, model_id: str | None
         available_memory,
         check_remote_code,
         fit_check,
+        local_model_dir,
         resolve,
     )
     from vbatch_pipelines.models.registry import configured_models
 
     if model_id is None:
-        model_id = Path(source).expanduser().name if Path(source).expanduser().is_dir() else source
+        local = local_model_dir(source)
+        model_id = local.name if local is not None else source
     if not MODEL_ID.match(model_id) or model_id.startswith("ft:"):
         raise InstallError(f"{model_id!r} is not a usable model id (letters, digits, '.', '-', '_', '/')",
                            "invalid_model_id")
