@@ -1,4 +1,5 @@
-"""Request dependencies: settings, the metadata DB, API keys, warm engines."""
+"""Request dependencies: settings, the metadata DB, the resources (built once per app from the settings, as
+the code location builds them), API keys, warm engines."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import hmac
 from fastapi import Header, Request
 
 from api.errors import OpenAIError
+from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, RetrainingPolicy, Trainer
 from vbatch_pipelines.engine.base import Engine
-from vbatch_pipelines.models.registry import ModelNotFound, lookup_model, prepare_model
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
@@ -22,6 +23,38 @@ async def get_settings(request: Request) -> Settings:
 
 async def get_db(request: Request) -> Database:
     return request.app.state.db
+
+
+async def get_file_store(request: Request) -> FileStore:
+    return request.app.state.resources["file_store"]
+
+
+async def get_model_registry(request: Request) -> ModelRegistry:
+    return request.app.state.resources["model_registry"]
+
+
+async def get_trainer(request: Request) -> Trainer:
+    return request.app.state.resources["trainer"]
+
+
+async def get_inference_engine(request: Request) -> InferenceEngine:
+    return request.app.state.resources["inference_engine"]
+
+
+async def get_retraining_policy(request: Request) -> RetrainingPolicy:
+    return request.app.state.resources["retraining_policy"]
+
+
+async def get_label_studio_resource(request: Request) -> LabelStudio:
+    return request.app.state.resources["label_studio"]
+
+
+async def get_label_studio(request: Request) -> LabelStudio:
+    """The Label Studio resource, for routes that need it; 409 when curation is off or it is not installed."""
+    label_studio = await get_label_studio_resource(request)
+    if not label_studio.enabled:
+        raise OpenAIError(409, f"Curation is unavailable: {label_studio.disabled_reason}", code="curation_disabled")
+    return label_studio
 
 
 async def require_api_key(request: Request, authorization: str | None = Header(default=None)) -> None:
@@ -40,23 +73,18 @@ async def require_api_key(request: Request, authorization: str | None = Header(d
 class EnginePool:
     """One warm engine per model for online requests (the same managed vLLM servers batches use)."""
 
-    def __init__(self, settings: Settings):
-        from vbatch_pipelines.definitions import build_resources
-
-        self.settings = settings
-        self.resource = build_resources(settings)["inference_engine"]
+    def __init__(self, inference_engine: InferenceEngine, model_registry: ModelRegistry):
+        self.resource = inference_engine
+        self.registry = model_registry
         self._engines: dict[str, Engine] = {}
         self._lock = asyncio.Lock()
 
     async def get(self, model_name: str | None) -> Engine:
-        try:
-            spec = lookup_model(self.settings, model_name)
-        except ModelNotFound as exc:
-            raise OpenAIError(404, str(exc), param="model", code="model_not_found") from exc
+        spec = self.registry.lookup(model_name)  # ModelNotFound: a 404 naming the served models
         async with self._lock:
             engine = self._engines.get(spec.id)
             if engine is None:
-                await asyncio.to_thread(prepare_model, self.settings, spec)
+                await asyncio.to_thread(self.registry.prepare, spec)
                 engine = await asyncio.to_thread(self.resource.open, spec)
                 self._engines[spec.id] = engine
             return engine

@@ -1,4 +1,7 @@
-"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the right status."""
+"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the right status.
+
+Domain errors (``vbatch_pipelines.errors.VbatchError`` and its subclasses) carry their status, code and param;
+one handler turns any of them into the response, so routes do not translate errors themselves."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vbatch_pipelines.errors import NotFound, VbatchError
 from vbatch_pipelines.protocol import error_body
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
@@ -14,23 +18,23 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "perm
           422: "invalid_request_error", 429: "rate_limit_error"}
 
 
-class OpenAIError(Exception):
+class OpenAIError(VbatchError):
+    """An error of the API itself (authentication, request shape), with its status first."""
+
+    code = None
+
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, type=self.type, param=self.param, code=self.code),
-                            status_code=self.status)
+        super().__init__(message, param, code, status, type=type)
 
 
-def not_found(kind: str, identifier: str, param: str | None = None) -> OpenAIError:
-    return OpenAIError(404, f"No {kind} found with id '{identifier}'.", param=param, code=f"{kind}_not_found")
+def error_response(exc: VbatchError) -> JSONResponse:
+    kind = exc.type or _TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
+    return JSONResponse(error_body(exc.message, type=kind, param=exc.param, code=exc.code), status_code=exc.status)
+
+
+def not_found(kind: str, identifier: str, param: str | None = None) -> NotFound:
+    return NotFound(f"No {kind} found with id '{identifier}'.", param, f"{kind.replace(' ', '_')}_not_found")
 
 
 def get_or_404(db, model, key: str, kind: str, param: str):
@@ -47,22 +51,22 @@ def _param(loc: tuple) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(OpenAIError)
-    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
+    @app.exception_handler(VbatchError)
+    async def _domain(_: Request, exc: VbatchError) -> JSONResponse:
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "Invalid request"}
         param = _param(tuple(first.get("loc", ())))
         message = f"{param}: {first['msg']}" if param else first["msg"]
-        return OpenAIError(400, message, param=param, code="invalid_request").response()
+        return error_response(OpenAIError(400, message, param=param, code="invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return OpenAIError(exc.status_code, message).response()
+        return error_response(OpenAIError(exc.status_code, message))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return OpenAIError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+        return error_response(OpenAIError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error"))

@@ -12,10 +12,11 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from api.deps import EnginePool, require_api_key
-from api.errors import OpenAIError, install_error_handlers
+from api.errors import error_response, install_error_handlers
 from api.routers import batches, completions, curation, files, fine_tuning, models
+from resources.factory import build_resources
+from vbatch_pipelines.files import FileTooLarge
 from vbatch_pipelines.settings import Settings, load_settings
-from vbatch_pipelines.store.db import get_database
 
 
 class UploadLimit:
@@ -30,8 +31,7 @@ class UploadLimit:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/files"):
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > self.max_bytes + 1024 * 1024:
-                response = OpenAIError(413, f"File is larger than the limit of {self.max_bytes} bytes",
-                                       param="file", code="file_too_large").response()
+                response = error_response(FileTooLarge(self.max_bytes))
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -48,9 +48,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="vbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible batch and online inference on your own models.")
+    resources = build_resources(settings, defer_secrets=False)  # this process shows no config
     app.state.settings = settings
-    app.state.db = get_database(settings.database_url)
-    app.state.engines = EnginePool(settings)
+    app.state.resources = resources
+    app.state.db = resources["metadata_db"].db
+    app.state.engines = EnginePool(resources["inference_engine"], resources["model_registry"])
     install_error_handlers(app)
 
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)

@@ -41,22 +41,22 @@ def main() -> int:
 
     from dagster import DagsterInstance, build_sensor_context, materialize
 
-    from vbatch_pipelines.assets.batches import batch_input, batch_output
-    from vbatch_pipelines.assets.curation import curation_tasks
-    from vbatch_pipelines.batch.service import INPUT_FILE, create_batch, store_file, update_batch
+    from resources.factory import build_resources
+    from vbatch_pipelines.batch.service import INPUT_FILE, create_batch, update_batch
     from vbatch_pipelines.batch.validation import validate_batch_file
     from vbatch_pipelines.curation.schemas import CHAT_REVIEW, annotation_result, prediction
-    from vbatch_pipelines.curation.server import ManagedLabelStudio, connection
-    from vbatch_pipelines.definitions import build_resources
-    from vbatch_pipelines.sensors import label_studio_sensor
-    from vbatch_pipelines.settings import TINY_MODEL_ID, load_settings
+    from vbatch_pipelines.defs.batches import batch_input, batch_output
+    from vbatch_pipelines.defs.curation import curation_tasks, label_studio_sensor
+    from vbatch_pipelines.files import store_file
+    from vbatch_pipelines.models.registry import TINY_MODEL_ID
+    from vbatch_pipelines.partitions import batch_partitions
+    from vbatch_pipelines.settings import load_settings
 
-    settings = load_settings()
+    resources = build_resources(load_settings(), defer_secrets=False)
+    db, studio, file_store = resources["metadata_db"].db, resources["label_studio"], resources["file_store"]
     started = time.monotonic()
-    connection(settings, start=True)
+    studio.ensure_running()
     print(f"Label Studio up in {time.monotonic() - started:.1f}s (home {home})", flush=True)
-    resources = build_resources(load_settings())
-    db, studio = resources["metadata_db"].db, resources["label_studio"]
     try:
         n = args.results
         lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
@@ -65,9 +65,9 @@ def main() -> int:
         data = "".join(json.dumps(line) + "\n" for line in lines).encode()
         import io
 
-        stored = store_file(db, settings.files_dir, io.BytesIO(data), "bench.jsonl", "batch")
+        stored = store_file(db, file_store.files_dir, io.BytesIO(data), "bench.jsonl", "batch")
         batch = create_batch(db, input_file_id=stored.id, endpoint="/v1/chat/completions")
-        directory = settings.batches_dir / batch.id
+        directory = file_store.batch_dir(batch.id)
         directory.mkdir(parents=True, exist_ok=True)
         validate_batch_file(stored.path, endpoint=batch.endpoint, resolve_model=lambda name: TINY_MODEL_ID,
                             output=directory / INPUT_FILE)
@@ -80,7 +80,7 @@ def main() -> int:
         update_batch(db, batch.id, status="completed", model=TINY_MODEL_ID, request_total=n, request_completed=n)
 
         instance = DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions("batches", [batch.id])
+        instance.add_dynamic_partitions(batch_partitions.name, [batch.id])
         started = time.monotonic()
         result = materialize([batch_input, batch_output, curation_tasks], selection=[curation_tasks.key],
                              partition_key=batch.id, resources=resources, instance=instance)
@@ -137,7 +137,7 @@ def main() -> int:
               f"({recorded:,} reviews recorded, run requested: {outcome is not None and not hasattr(outcome, 'skip_message')}; "
               f"target <= 10 s); peer: listing them once {list_s:.1f}s -> ratio {tick_s / list_s:.2f}x")
     finally:
-        ManagedLabelStudio(settings).stop()
+        studio.server().stop()
     return 0
 
 

@@ -50,19 +50,20 @@ def main() -> int:
 
     from dagster import DagsterInstance, materialize
 
-    from vbatch_pipelines.assets.fine_tuning import fine_tuned_checkpoint
-    from vbatch_pipelines.batch.service import store_file
-    from vbatch_pipelines.definitions import build_resources
+    from resources.factory import build_resources
+    from vbatch_pipelines.defs.fine_tuning import fine_tuned_checkpoint
+    from vbatch_pipelines.files import store_file
     from vbatch_pipelines.fine_tuning.service import create_job, get_job
-    from vbatch_pipelines.models.registry import ensure_tiny_model
-    from vbatch_pipelines.settings import TINY_MODEL_ID, load_settings
+    from vbatch_pipelines.models.registry import TINY_MODEL_ID
+    from vbatch_pipelines.partitions import fine_tune_partitions
+    from vbatch_pipelines.settings import load_settings
 
-    settings = load_settings()
-    model_path = ensure_tiny_model(settings)
-    resources = build_resources(settings)
+    resources = build_resources(load_settings(), defer_secrets=False)
+    registry, file_store, trainer = resources["model_registry"], resources["file_store"], resources["trainer"]
+    model_path = registry.resolve(TINY_MODEL_ID).path
     db = resources["metadata_db"].db
     data = ("\n".join(json.dumps(e) for e in examples(args.examples)) + "\n").encode()
-    train = store_file(db, settings.files_dir, io.BytesIO(data), "train.jsonl", "fine-tune")
+    train = store_file(db, file_store.files_dir, io.BytesIO(data), "train.jsonl", "fine-tune")
     hp = {**HYPERPARAMETERS, "n_epochs": args.epochs}
     steps = args.epochs * -(-args.examples // hp["batch_size"])
     print(f"{args.examples} examples x {args.epochs} epochs = {steps} steps of batch {hp['batch_size']}, "
@@ -71,8 +72,9 @@ def main() -> int:
     instance = DagsterInstance.ephemeral()
     vbatch_walls, peer_walls, vbatch_loops, peer_loops = [], [], [], []
     for repeat in range(args.repeats):
-        job = create_job(db, settings, model=TINY_MODEL_ID, training_file=train.id, hyperparameters=hp, seed=1)
-        instance.add_dynamic_partitions("fine_tunes", [job.id])
+        job = create_job(db, registry, file_store, trainer, model=TINY_MODEL_ID, training_file=train.id,
+                         hyperparameters=hp, seed=1)
+        instance.add_dynamic_partitions(fine_tune_partitions.name, [job.id])
         started = time.monotonic()
         result = materialize([fine_tuned_checkpoint], partition_key=job.id, resources=resources, instance=instance)
         vbatch_walls.append(time.monotonic() - started)
@@ -83,7 +85,7 @@ def main() -> int:
         peer_out = home / f"peer-{repeat}"
         started = time.monotonic()
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peer_trl_sft.py"), str(model_path),
-                        str(settings.fine_tunes_dir / job.id / "data" / "train.jsonl"), str(peer_out),
+                        str(file_store.fine_tune_dir(job.id) / "data" / "train.jsonl"), str(peer_out),
                         json.dumps(hp)], check=True, stdout=subprocess.DEVNULL,
                        # the environment vbatch's trainer gets: no hub lookups, no tokenizer threads
                        env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))

@@ -70,16 +70,16 @@ def main() -> int:
     os.environ["VBATCH_ENGINE"] = "vllm"
     from dagster import DagsterInstance, materialize
 
-    from vbatch_pipelines.assets.batches import batch_input, batch_output
-    from vbatch_pipelines.batch.service import create_batch, get_batch, store_file
-    from vbatch_pipelines.definitions import build_resources
-    from vbatch_pipelines.models.registry import lookup_model, prepare_model
+    from resources.factory import build_resources
+    from vbatch_pipelines.batch.service import create_batch, get_batch
+    from vbatch_pipelines.defs.batches import batch_input, batch_output
+    from vbatch_pipelines.files import store_file
+    from vbatch_pipelines.partitions import batch_partitions
     from vbatch_pipelines.settings import load_settings
 
-    settings = load_settings()
-    resources = build_resources(settings)
+    resources = build_resources(load_settings(), defer_secrets=False)
     engine = resources["inference_engine"]
-    model = prepare_model(settings, lookup_model(settings, None))
+    model = resources["model_registry"].resolve(None)
     server = engine.server(model)
     engine_args = server.engine_args()
     python = server.config.python
@@ -89,9 +89,9 @@ def main() -> int:
     def vbatch(source: Path) -> float:
         started = time.monotonic()
         with open(source, "rb") as f:
-            stored = store_file(db, settings.files_dir, f, source.name, "batch")
+            stored = store_file(db, resources["file_store"].files_dir, f, source.name, "batch")
         batch = create_batch(db, input_file_id=stored.id, endpoint="/v1/chat/completions")
-        instance.add_dynamic_partitions("batches", [batch.id])
+        instance.add_dynamic_partitions(batch_partitions.name, [batch.id])
         materialize([batch_input, batch_output], partition_key=batch.id, resources=resources, instance=instance)
         elapsed = time.monotonic() - started
         record = get_batch(db, batch.id)

@@ -2,6 +2,8 @@
 
 ``backend="auto"`` uses vLLM whenever a Python with vLLM is available (``VBATCH_VLLM_PYTHON``, the managed
 env from ``vbatch engine install``, or this env) and falls back to transformers in-process otherwise.
+Managed vLLM servers keep their state in the file store's ``engines/``; the model registry says which
+fine-tunes each base server loads as adapters.
 """
 
 from __future__ import annotations
@@ -13,23 +15,25 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from vbatch_pipelines.engine.base import Engine
+from resources.file_store import FileStore
+from resources.model_registry import ModelRegistry
+from vbatch_pipelines.engine.base import Engine, EngineBackend
 from vbatch_pipelines.engine.envs import find_vllm_python
 from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, VLLMServerConfig
+from vbatch_pipelines.errors import Unavailable
 from vbatch_pipelines.models.registry import ModelSpec
-from vbatch_pipelines.settings import load_settings
-
-BACKENDS = ("auto", "vllm", "transformers")
 
 
-class EngineNotAvailable(RuntimeError):
-    pass
+class EngineNotAvailable(Unavailable):
+    code = "engine_unavailable"
 
 
 class InferenceEngine(ConfigurableResource):
-    backend: str = Field(default="auto", description="auto | vllm | transformers")
-    home: str = Field(description="VBATCH_HOME: managed servers keep their state under engines/")
+    file_store: FileStore
+    model_registry: ModelRegistry
+    backend: EngineBackend = Field(default="auto", description="auto | vllm | transformers (VBATCH_ENGINE)")
     vllm_python: str | None = Field(default=None, description="Python with vLLM; default: discovered")
+    envs_dir: str = Field(description="where `vbatch engine install` builds vLLM's own virtualenv")
     gpus: int = 0
     max_concurrency: int = Field(default=512, description="requests in flight per batch")
     chunk_size: int = Field(default=64, description="requests per call to the engine (one HTTP call on vLLM)")
@@ -41,11 +45,13 @@ class InferenceEngine(ConfigurableResource):
     max_lora_rank: int = Field(default=16, description="the largest LoRA rank the engine accepts")
 
     def _vllm_python(self) -> str | None:
-        return self.vllm_python or find_vllm_python(load_settings())
+        return find_vllm_python(self.vllm_python, Path(self.envs_dir), self.gpus)
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.file_store.engines_dir
 
     def resolved_backend(self) -> str:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"engine backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend != "auto":
             return self.backend
         return "vllm" if self._vllm_python() else "transformers"
@@ -64,8 +70,10 @@ class InferenceEngine(ConfigurableResource):
             startup_timeout_s=self.startup_timeout_s, max_lora_rank=self.max_lora_rank,
         )
         base = model.base
-        return ManagedVLLMServer(base, Path(self.home) / "engines", config,
-                                 adapters=lambda: _deployed_adapters(base.id))
+        return ManagedVLLMServer(base, self.engines_dir, config, adapters=lambda: self._deployed_adapters(base.id))
+
+    def _deployed_adapters(self, base_id: str) -> dict[str, str]:
+        return {name: spec.adapter for name, spec in self.model_registry.fine_tuned_models(base_id).items()}
 
     def open(self, model: ModelSpec) -> Engine:
         """An engine serving ``model``, warm and ready; close it with ``await engine.aclose()``."""
@@ -125,7 +133,7 @@ class InferenceEngine(ConfigurableResource):
         import json
 
         found = []
-        for state_path in sorted((Path(self.home) / "engines").glob("*.json")):
+        for state_path in sorted(self.engines_dir.glob("*.json")):
             try:
                 state = json.loads(state_path.read_text())
             except (OSError, ValueError):
@@ -136,11 +144,5 @@ class InferenceEngine(ConfigurableResource):
             try:
                 found.append(self.server(spec))
             except EngineNotAvailable:  # started by a vLLM env no longer found: enough to stop it
-                found.append(ManagedVLLMServer(spec, Path(self.home) / "engines",
-                                               VLLMServerConfig(python=state["argv"][0])))
+                found.append(ManagedVLLMServer(spec, self.engines_dir, VLLMServerConfig(python=state["argv"][0])))
         return found
-
-def _deployed_adapters(base_id: str) -> dict[str, str]:
-    from vbatch_pipelines.models.registry import fine_tuned_models
-
-    return {name: spec.adapter for name, spec in fine_tuned_models(load_settings(), base_id).items()}

@@ -3,6 +3,9 @@
 One project per task schema (created on demand, found again by title); tasks imported in batches with
 the model's answer as a prediction; tasks changed since a cursor read back with their annotations;
 reviews made through vbatch's API written back as annotations.
+
+No secret is resource config (the Dagster UI shows config): an external server's token and the webhook
+secret come through ``EnvVar``; the managed server's are read at run time from its credentials file.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 from dagster import ConfigurableResource
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from vbatch_pipelines.curation.schemas import TaskSchema, annotation_result
+from vbatch_pipelines.curation.server import ManagedLabelStudio
+from vbatch_pipelines.errors import Unavailable
 
 
-class LabelStudioUnavailable(RuntimeError):
+class LabelStudioUnavailable(Unavailable):
     """Label Studio did not answer; whatever asked should retry later and lose nothing."""
+
+    code = "label_studio_unavailable"
 
 
 def iso(value: Any) -> str:
@@ -33,13 +40,19 @@ def iso(value: Any) -> str:
 
 
 class LabelStudio(ConfigurableResource):
-    url: str
-    token: str
+    url: str = ""
+    token: str | None = Field(default=None, description="an external server's API token (EnvVar); the managed "
+                                                        "server's is read from its credentials file")
     enabled: bool = True
     disabled_reason: str = ""
-    managed_home: str | None = None  # set when vbatch runs this Label Studio: started on demand
+    managed_dir: str | None = Field(default=None, description="set when vbatch runs this Label Studio (its state "
+                                                              "and credentials): started on demand")
+    managed_port: int = 4115
+    envs_dir: str | None = Field(default=None, description="where the managed server's virtualenv is")
+    managed_database_url: str | None = Field(default=None, description="PostgreSQL for the managed server (EnvVar)")
     webhook_url: str | None = None  # vbatch's receiver, registered on the projects vbatch creates
-    webhook_secret: str | None = None
+    webhook_secret: str | None = Field(default=None, description="VBATCH_WEBHOOK_SECRET (EnvVar); default: the "
+                                                                 "managed server's credentials file")
     import_chunk: int = 2000
     timeout_s: float = 60.0
 
@@ -52,7 +65,7 @@ class LabelStudio(ConfigurableResource):
             import httpx
             from label_studio_sdk import LabelStudio as Client
 
-            self._client = Client(base_url=self.url, api_key=self.token, timeout=self.timeout_s,
+            self._client = Client(base_url=self.url, api_key=self.api_token, timeout=self.timeout_s,
                                   httpx_client=httpx.Client(timeout=self.timeout_s))
         return self._client
 
@@ -64,13 +77,32 @@ class LabelStudio(ConfigurableResource):
         except (httpx.TransportError, ConnectionError) as exc:
             raise LabelStudioUnavailable(f"Label Studio at {self.url} is unreachable: {exc}") from exc
 
+    def server(self) -> ManagedLabelStudio | None:
+        """The Label Studio vbatch runs (None: an external one)."""
+        if not self.managed_dir:
+            return None
+        from pathlib import Path
+
+        return ManagedLabelStudio(Path(self.managed_dir), Path(self.envs_dir or "."), self.managed_port,
+                                  database_url=self.managed_database_url, token=self.token)
+
+    @property
+    def api_token(self) -> str:
+        server = self.server()
+        return server.credentials()["token"] if server is not None else (self.token or "")
+
+    def shared_webhook_secret(self) -> str:
+        """The secret Label Studio sends in X-Vbatch-Webhook-Secret."""
+        server = self.server()
+        if self.webhook_secret or server is None:
+            return self.webhook_secret or ""
+        return server.credentials()["webhook_secret"]
+
     def ensure_running(self) -> None:
         """Start the managed Label Studio if it is down (an external one is only checked)."""
-        if self.managed_home:
-            from vbatch_pipelines.curation.server import ManagedLabelStudio
-            from vbatch_pipelines.settings import load_settings
-
-            ManagedLabelStudio(load_settings()).ensure()
+        server = self.server()
+        if server is not None:
+            server.ensure()
         elif not self.reachable():
             raise LabelStudioUnavailable(f"Label Studio at {self.url} is unreachable")
 
@@ -94,7 +126,7 @@ class LabelStudio(ConfigurableResource):
         project = self._call(self.client.projects.create, title=schema.project_title,
                              description=schema.description, label_config=schema.label_config)
         if self.webhook_url:
-            self._add_webhook(project.id, self.webhook_url, self.webhook_secret)
+            self._add_webhook(project.id, self.webhook_url, self.shared_webhook_secret())
         self._projects[schema.name] = project.id
         return project.id
 

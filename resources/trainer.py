@@ -18,10 +18,12 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from vbatch_pipelines.detached import tail
-from vbatch_pipelines.fine_tuning import sft  # stdlib-only at import: the script the trainer runs
+from vbatch_pipelines.fine_tuning import (
+    sft,  # stdlib-only at import: the script the trainer runs
+)
+from vbatch_pipelines.fine_tuning.envs import TrainerBackend, find_unsloth_python
 
 SCRIPT = Path(sft.__file__).resolve()
-BACKENDS = ("auto", "unsloth", "trl")
 
 
 class TrainingFailed(RuntimeError):
@@ -33,32 +35,30 @@ class TrainingCancelled(RuntimeError):
 
 
 class Trainer(ConfigurableResource):
-    backend: str = Field(default="auto", description="auto (Unsloth with a GPU and its env, else TRL) | unsloth | trl")
+    backend: TrainerBackend = Field(default="auto", description="auto (Unsloth with a GPU and its env, else TRL) "
+                                                                "| unsloth | trl (VBATCH_TRAINER)")
     python: str | None = Field(default=None, description="Python for the training process; default: chosen "
                                                          "by backend (the managed Unsloth env, or this one)")
     gpus: int = 0
-    envs_dir: str | None = None
+    envs_dir: str = Field(description="where `vbatch trainer install` builds Unsloth's own virtualenv")
+    min_training_examples: int = Field(default=10, ge=1, description="fewer training examples are refused "
+                                                                      "(VBATCH_MIN_TRAINING_EXAMPLES)")
+    max_lora_rank: int = Field(default=16, ge=1, description="the largest LoRA rank the engine serves; larger "
+                                                             "ranks are refused (VBATCH_MAX_LORA_RANK)")
     stop_grace_s: float = 30.0
 
     def resolved_backend(self) -> str:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"trainer backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend != "auto":
             return self.backend
-        if self.gpus > 0:
-            from vbatch_pipelines.fine_tuning.envs import find_unsloth_python
-
-            if find_unsloth_python(Path(self.envs_dir) if self.envs_dir else None):
-                return "unsloth"
+        if self.gpus > 0 and find_unsloth_python(Path(self.envs_dir)):
+            return "unsloth"
         return "trl"  # TRL + PEFT in this env, on the GPU when there is one
 
     def training_python(self, backend: str) -> str:
         if self.python:
             return self.python
         if backend == "unsloth":
-            from vbatch_pipelines.fine_tuning.envs import find_unsloth_python
-
-            python = find_unsloth_python(Path(self.envs_dir) if self.envs_dir else None)
+            python = find_unsloth_python(Path(self.envs_dir))
             if python is None:
                 raise TrainingFailed("Unsloth is not installed: run `vbatch trainer install` (needs a CUDA GPU), "
                                      "or set VBATCH_TRAINER=trl")
@@ -70,7 +70,11 @@ class Trainer(ConfigurableResource):
               should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.5) -> dict[str, Any]:
         """Run one training job; ``on_messages`` gets the metrics/checkpoint messages as they arrive.
         Returns the final ``result`` message. Raises TrainingCancelled or TrainingFailed."""
-        from dagster import PipesTempFileContextInjector, PipesTempFileMessageReader, open_pipes_session
+        from dagster import (
+            PipesTempFileContextInjector,
+            PipesTempFileMessageReader,
+            open_pipes_session,
+        )
 
         backend = self.resolved_backend()
         python = self.training_python(backend)

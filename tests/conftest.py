@@ -10,11 +10,12 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vbatch_pipelines.settings import TINY_MODEL_ID
+from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
 # Curation needs Label Studio: tests that want it point at the session's server (the label_studio
 # fixture); everything else runs with curation off so no test starts a Label Studio of its own.
@@ -57,31 +58,44 @@ def jsonl(lines: list[dict]) -> bytes:
     return ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
 
 
+def replaced(resource, **changes):
+    """A copy of a (flat) resource with some fields changed: how tests configure vbatch in-process."""
+    return type(resource)(**{**resource.model_dump(), **changes})
+
+
 class Platform:
     """Resources and helpers bound to one VBATCH_HOME (and optionally other DB URLs)."""
 
     def __init__(self, **overrides):
-        from vbatch_pipelines.definitions import build_resources
+        from resources.factory import build_resources
         from vbatch_pipelines.settings import load_settings
 
         self.settings = load_settings()
-        self.resources = build_resources(self.settings)
+        self.resources = build_resources(self.settings, defer_secrets=False)
         self.resources.update(overrides)
         self.db = self.resources["metadata_db"].db
+        self.file_store = self.resources["file_store"]
+        self.registry = self.resources["model_registry"]
+
+    def configure(self, name: str, **changes) -> None:
+        """Change fields of the resource ``name`` (a flat one: trainer, retraining_policy)."""
+        self.resources[name] = replaced(self.resources[name], **changes)
 
     def submit(self, data: bytes, endpoint: str = "/v1/chat/completions", **kwargs):
-        from vbatch_pipelines.batch.service import create_batch, store_file
+        from vbatch_pipelines.batch.service import create_batch
+        from vbatch_pipelines.files import store_file
 
-        stored = store_file(self.db, self.settings.files_dir, io.BytesIO(data), "input.jsonl", "batch")
+        stored = store_file(self.db, self.file_store.files_dir, io.BytesIO(data), "input.jsonl", "batch")
         return create_batch(self.db, input_file_id=stored.id, endpoint=endpoint, **kwargs)
 
     def materialize(self, batch_id: str, instance=None, raise_on_error: bool = True):
         from dagster import DagsterInstance, materialize
 
-        from vbatch_pipelines.assets.batches import batch_input, batch_output
+        from vbatch_pipelines.defs.batches import batch_input, batch_output
+        from vbatch_pipelines.partitions import batch_partitions
 
         instance = instance or DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions("batches", [batch_id])
+        instance.add_dynamic_partitions(batch_partitions.name, [batch_id])
         return materialize([batch_input, batch_output], partition_key=batch_id, resources=self.resources,
                            instance=instance, raise_on_error=raise_on_error)
 
@@ -91,7 +105,7 @@ class Platform:
         return get_batch(self.db, batch_id)
 
     def results(self, batch_id: str) -> tuple[list[dict], list[dict]]:
-        directory = self.settings.batches_dir / batch_id
+        directory = self.file_store.batch_dir(batch_id)
         out = [json.loads(x) for x in (directory / "output.jsonl").read_text().splitlines()] \
             if (directory / "output.jsonl").exists() else []
         err = [json.loads(x) for x in (directory / "errors.jsonl").read_text().splitlines()] \
@@ -125,6 +139,12 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@dataclass(frozen=True)
+class LabelStudioConnection:
+    url: str
+    token: str
 
 
 def start_up(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
@@ -214,7 +234,9 @@ def vllm_python() -> str:
     from vbatch_pipelines.engine.envs import find_vllm_python
     from vbatch_pipelines.settings import load_settings
 
-    python = os.environ.get("VBATCH_TEST_VLLM_PYTHON") or find_vllm_python(load_settings())
+    settings = load_settings()
+    python = os.environ.get("VBATCH_TEST_VLLM_PYTHON") or find_vllm_python(settings.vllm_python, settings.envs_dir,
+                                                                           settings.gpus)
     if not python:
         pytest.fail("vLLM is not installed: run `vbatch engine install` (make test does) or set "
                     "VBATCH_TEST_VLLM_PYTHON")
@@ -224,22 +246,15 @@ def vllm_python() -> str:
 @pytest.fixture(scope="session")
 def label_studio_server(tmp_path_factory):
     """The real Label Studio, started once for the session by vbatch's own manager (managed env)."""
-    from vbatch_pipelines.curation.server import ManagedLabelStudio, connection, managed_env_dir
-    from vbatch_pipelines.envs import ready_python
+    from vbatch_pipelines.curation.server import ManagedLabelStudio
     from vbatch_pipelines.net import free_port
     from vbatch_pipelines.settings import load_settings
 
     home = tmp_path_factory.mktemp("label-studio-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VBATCH_HOME", str(home))
-        mp.setenv("VBATCH_CURATION", "on")
-        mp.setenv("VBATCH_LABEL_STUDIO_PORT", str(free_port()))
-        mp.delenv("VBATCH_LABEL_STUDIO_URL", raising=False)
-        settings = load_settings()
-        if ready_python(managed_env_dir(settings)) is None:
-            pytest.fail("Label Studio is not installed: run `vbatch label-studio install` (make test does)")
-        server = ManagedLabelStudio(settings)
-        conn = connection(settings, start=True)
+    server = ManagedLabelStudio(home / "label-studio", load_settings().envs_dir, free_port())
+    if not server.installed():
+        pytest.fail("Label Studio is not installed: run `vbatch label-studio install` (make test does)")
+    conn = LabelStudioConnection(server.ensure(), server.credentials()["token"])
     try:
         yield server, conn
     finally:

@@ -80,7 +80,7 @@ def _start_run(batch_id: str) -> subprocess.Popen:
 
 
 def _wait_for_outputs(platform, batch_id, at_least: int, process, timeout=240):
-    path = platform.settings.batches_dir / batch_id / "output.jsonl"
+    path = platform.file_store.batch_dir(batch_id) / "output.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and path.read_bytes().count(b"\n") >= at_least:
@@ -97,7 +97,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(platform):
     _wait_for_outputs(platform, batch.id, 20, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    path = platform.settings.batches_dir / batch.id / "output.jsonl"
+    path = platform.file_store.batch_dir(batch.id) / "output.jsonl"
     before = path.read_bytes().count(b"\n")
     assert 20 <= before < 2000
     with open(path, "ab") as f:  # what a kill in the middle of a write leaves behind
@@ -148,7 +148,7 @@ def test_batch_past_its_window_expires_with_openai_semantics(platform):
 def test_settle_sensor_ends_batches_no_run_is_working_on(platform):
     from dagster import DagsterInstance, build_sensor_context
 
-    from vbatch_pipelines.sensors import batch_settle_sensor
+    from vbatch_pipelines.defs.batches import batch_settle_sensor
 
     running = platform.submit(jsonl(chat_lines(3)))
     cancel_me = platform.submit(jsonl(chat_lines(3)))

@@ -36,19 +36,20 @@ class Curation(Platform):
         return self.label_studio.client
 
     def run_batch(self, lines: list[dict], **kwargs) -> str:
-        from vbatch_pipelines.assets.batches import batch_input, batch_output
-        from vbatch_pipelines.assets.curation import curation_tasks
+        from vbatch_pipelines.defs.batches import batch_input, batch_output
+        from vbatch_pipelines.defs.curation import curation_tasks
+        from vbatch_pipelines.partitions import batch_partitions
 
         batch = self.submit(jsonl(lines), **kwargs)
-        self.instance.add_dynamic_partitions("batches", [batch.id])
+        self.instance.add_dynamic_partitions(batch_partitions.name, [batch.id])
         result = materialize([batch_input, batch_output, curation_tasks], partition_key=batch.id,
                              resources=self.resources, instance=self.instance)
         assert result.success
         return batch.id
 
     def recurate(self, batch_id: str):
-        from vbatch_pipelines.assets.batches import batch_input, batch_output
-        from vbatch_pipelines.assets.curation import curation_tasks
+        from vbatch_pipelines.defs.batches import batch_input, batch_output
+        from vbatch_pipelines.defs.curation import curation_tasks
 
         return materialize([batch_input, batch_output, curation_tasks], selection=[curation_tasks.key],
                            partition_key=batch_id, resources=self.resources, instance=self.instance)
@@ -59,7 +60,7 @@ class Curation(Platform):
         return self.label_studio.tasks_of_batch(self.label_studio.project_for(CHAT_REVIEW), batch_id)
 
     def tick(self):
-        from vbatch_pipelines.sensors import label_studio_sensor
+        from vbatch_pipelines.defs.curation import label_studio_sensor
 
         context = build_sensor_context(cursor=self.cursor, instance=self.instance,
                                        resources={"metadata_db": self.resources["metadata_db"],
@@ -69,7 +70,7 @@ class Curation(Platform):
         return result
 
     def build_dataset(self):
-        from vbatch_pipelines.assets.curation import (
+        from vbatch_pipelines.defs.curation import (
             gold_star_dataset,
             no_duplicate_prompts,
             no_empty_responses,

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.conftest import chat_line, jsonl
-from vbatch_pipelines.settings import TINY_MODEL_ID
+from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
 ANSWER = "Paris is the capital."
 # Enough for the tiny model to learn the answer in a few seconds of CPU (its base never says it).
@@ -44,7 +44,7 @@ def record_gold_stars(platform, count: int, start: int = 0) -> None:
 def build_dataset(platform):
     from dagster import DagsterInstance, materialize
 
-    from vbatch_pipelines.assets.curation import gold_star_dataset
+    from vbatch_pipelines.defs.curation import gold_star_dataset
     from vbatch_pipelines.curation.service import latest_dataset
 
     assert materialize([gold_star_dataset], resources=platform.resources, instance=DagsterInstance.ephemeral()).success
@@ -52,21 +52,23 @@ def build_dataset(platform):
 
 
 def upload(platform, lines: list[dict] | bytes, purpose: str = "fine-tune"):
-    from vbatch_pipelines.batch.service import store_file
+    from vbatch_pipelines.files import store_file
 
     data = lines if isinstance(lines, bytes) else jsonl(lines)
-    return store_file(platform.db, platform.settings.files_dir, io.BytesIO(data), "train.jsonl", purpose)
+    return store_file(platform.db, platform.file_store.files_dir, io.BytesIO(data), "train.jsonl", purpose)
 
 
 def run_job(platform, job_id: str, instance=None):
     from dagster import DagsterInstance, materialize
 
-    from vbatch_pipelines.assets.fine_tuning import deployed_model, fine_tuned_checkpoint, model_comparison
+    from vbatch_pipelines.defs.fine_tuning import deployed_model, fine_tuned_checkpoint, model_comparison
 
     if instance is None:  # disposed in the thread that made it: its in-memory SQLite is bound to that thread
         with DagsterInstance.ephemeral() as ephemeral:
             return run_job(platform, job_id, ephemeral)
-    instance.add_dynamic_partitions("fine_tunes", [job_id])
+    from vbatch_pipelines.partitions import fine_tune_partitions
+
+    instance.add_dynamic_partitions(fine_tune_partitions.name, [job_id])
     return materialize([fine_tuned_checkpoint, model_comparison, deployed_model], partition_key=job_id,
                        resources=platform.resources, instance=instance, raise_on_error=False)
 
@@ -74,14 +76,13 @@ def run_job(platform, job_id: str, instance=None):
 def create(platform, **kwargs):
     from vbatch_pipelines.fine_tuning.service import create_job
 
-    return create_job(platform.db, platform.settings, model=TINY_MODEL_ID, **kwargs)
+    return create_job(platform.db, platform.registry, platform.file_store, platform.resources["trainer"], model=TINY_MODEL_ID, **kwargs)
 
 
-def test_fine_tune_trains_compares_deploys_and_changes_answers(platform, monkeypatch):
+def test_fine_tune_trains_compares_deploys_and_changes_answers(platform):
     from vbatch_pipelines.fine_tuning.service import get_job, list_checkpoints, list_events
-    from vbatch_pipelines.models.registry import lookup_model, served_models
 
-    monkeypatch.setenv("VBATCH_JUDGE_MODEL", TINY_MODEL_ID)  # the tiny model judges too (its verdicts are noise)
+    platform.configure("retraining_policy", judge_model=TINY_MODEL_ID)  # the tiny model judges (its verdicts are noise)
     train = upload(platform, [example(i) for i in range(30)])
     held_out = upload(platform, [example(100 + i) for i in range(4)])
     job = create(platform, training_file=train.id, validation_file=held_out.id,
@@ -123,9 +124,9 @@ def test_fine_tune_trains_compares_deploys_and_changes_answers(platform, monkeyp
     assert "| metric | base | fine-tuned |" in table
 
     # Deployed: served by name, with its base as parent; its answers differ from the base model's.
-    spec = served_models(platform.settings)[name]
+    spec = platform.registry.served_models()[name]
     assert spec.parent == TINY_MODEL_ID and spec.adapter.endswith("adapter")
-    assert lookup_model(platform.settings, name) == spec
+    assert platform.registry.lookup(name) == spec
     base_batch = platform.submit(jsonl([chat_line(f"q{i}", f"Capital of France, question {200 + i}?")
                                         for i in range(3)]))
     tuned_batch = platform.submit(jsonl([chat_line(f"q{i}", f"Capital of France, question {200 + i}?",
@@ -230,16 +231,22 @@ def test_judge_verdicts_cancel_position_bias():
     assert judge_win_rate({"eval-0:tb": "??"})[0] is None
 
 
-def test_retraining_condition_fires_once_per_n_new_gold_stars(platform, monkeypatch):
-    from dagster import AutomationCondition, DagsterInstance, Definitions, evaluate_automation_conditions, materialize
+def retraining_defs(platform, cron: str | None = None):
+    """The retraining domain as the code location builds it, from the platform's policy resource."""
+    from vbatch_pipelines.defs.retraining import build_defs
 
-    from vbatch_pipelines.assets.retraining import NewGoldStars, retraining_request
+    return build_defs(platform.resources["retraining_policy"], platform.settings.database_url, cron)
+
+
+def test_retraining_condition_fires_once_per_n_new_gold_stars(platform):
+    from dagster import DagsterInstance, Definitions, evaluate_automation_conditions, materialize
+
     from vbatch_pipelines.fine_tuning.service import get_job
 
-    monkeypatch.setenv("VBATCH_MIN_TRAINING_EXAMPLES", "1")
-    monkeypatch.setenv("VBATCH_DEPLOY_GATE", "no_worse")
-    every_five = retraining_request.map_asset_specs(lambda spec: spec.replace_attributes(
-        automation_condition=NewGoldStars(5) & ~AutomationCondition.in_progress()))
+    platform.configure("trainer", min_training_examples=1)
+    platform.configure("retraining_policy", deploy_gate="no_worse", min_gold_stars=5)
+    (retraining_request,) = retraining_defs(platform).assets
+    every_five = retraining_request
     instance = DagsterInstance.ephemeral()
 
     def tick(cursor=None):
@@ -273,11 +280,10 @@ def test_retraining_condition_fires_once_per_n_new_gold_stars(platform, monkeypa
 def test_retraining_schedule_skips_without_new_gold_stars(platform):
     from dagster import DagsterInstance, SkipReason, build_schedule_context
 
-    from vbatch_pipelines.sensors import retraining_schedule
-
-    schedule = retraining_schedule("0 3 * * *")
+    (schedule,) = retraining_defs(platform, "0 3 * * *").schedules
     context = build_schedule_context(instance=DagsterInstance.ephemeral(),
-                                     resources={"metadata_db": platform.resources["metadata_db"]})
+                                     resources={"metadata_db": platform.resources["metadata_db"],
+                                                "trainer": platform.resources["trainer"]})
     assert isinstance(schedule(context), SkipReason)
     record_gold_stars(platform, 3)
     build_dataset(platform)
@@ -292,7 +298,7 @@ def test_fine_tuning_sensor_launches_queued_jobs_and_fails_jobs_whose_run_died(p
     from dagster import DagsterInstance, SensorResult, build_sensor_context
 
     from vbatch_pipelines.fine_tuning.service import get_job, update_job
-    from vbatch_pipelines.sensors import fine_tuning_sensor
+    from vbatch_pipelines.defs.fine_tuning import fine_tuning_sensor
 
     train = upload(platform, [example(i) for i in range(12)])
     waiting, orphaned = create(platform, training_file=train.id), create(platform, training_file=train.id)

@@ -14,8 +14,7 @@ import pytest
 
 from tests.conftest import Platform, chat_line, jsonl, running_stack
 from tests.test_fine_tuning import FAST, build_dataset, example, record_gold_stars
-from vbatch_pipelines.models.registry import lookup_model
-from vbatch_pipelines.settings import TINY_MODEL_ID
+from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
 pytestmark = pytest.mark.vllm
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -59,7 +58,7 @@ def run_batch(client: openai.OpenAI, model: str, prompts: list[str]) -> dict[str
 
 
 def engine_pid(platform) -> int:
-    return platform.resources["inference_engine"].server(lookup_model(platform.settings, None)).state()["pid"]
+    return platform.resources["inference_engine"].server(platform.registry.lookup(None)).state()["pid"]
 
 
 def test_gold_stars_to_a_deployed_fine_tune_with_the_openai_sdk(ft_stack):
@@ -110,7 +109,7 @@ def test_gold_stars_to_a_deployed_fine_tune_with_the_openai_sdk(ft_stack):
     assert comparison["fine_tuned"]["normalized_match"] > comparison["base"]["normalized_match"], comparison
 
     # A restarted engine serves the deployed fine-tune from its first start (--lora-modules).
-    server = platform.resources["inference_engine"].server(lookup_model(platform.settings, None))
+    server = platform.resources["inference_engine"].server(platform.registry.lookup(None))
     server.stop()
     again = client.with_options(max_retries=5).chat.completions.create(
         model=name, messages=[{"role": "user", "content": prompts[0]}], max_tokens=12, temperature=0)

@@ -59,26 +59,27 @@ def hub(tmp_path, tiny_model_path, monkeypatch):
 def install(platform, model_id: str):
     from dagster import DagsterInstance, materialize
 
-    from vbatch_pipelines.assets.models import installed_model
+    from vbatch_pipelines.defs.models import installed_model
 
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("models", [model_id])
+    from vbatch_pipelines.partitions import model_partitions
+
+    instance.add_dynamic_partitions(model_partitions.name, [model_id])
     return materialize([installed_model], partition_key=model_id, resources=platform.resources, instance=instance,
                        raise_on_error=False)
 
 
 def test_install_from_a_hub_pinned_with_a_token_then_serve_and_delete(platform, hub, monkeypatch):
     from vbatch_pipelines.models.install import InstallError
-    from vbatch_pipelines.models.registry import served_models
     from vbatch_pipelines.models.store import get_model, remove_model, request_install
 
     with pytest.raises(InstallError, match="HF_TOKEN") as no_token:
-        request_install(platform.db, platform.settings, "vbatch-test/tiny-chat")
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/tiny-chat")
     assert no_token.value.code == "model_not_found"
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     with pytest.raises(InstallError, match="no revision 'nope'"):
-        request_install(platform.db, platform.settings, "vbatch-test/tiny-chat", revision="nope")
-    row = request_install(platform.db, platform.settings, "vbatch-test/tiny-chat", model_id="tiny-from-hub",
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/tiny-chat", revision="nope")
+    row = request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/tiny-chat", model_id="tiny-from-hub",
                           revision="main")
     assert row.status == "installing" and row.revision == hub.sha and row.details["fit"]["fits"]
     assert "model.safetensors" not in hub.downloads, "the fit check downloads no weights"
@@ -90,19 +91,19 @@ def test_install_from_a_hub_pinned_with_a_token_then_serve_and_delete(platform, 
     assert "model.safetensors" in hub.downloads and "Bearer hf_secret" in hub.auth_seen
     stored = get_model(platform.db, "tiny-from-hub")
     assert stored.status == "ready" and stored.bytes > 0
-    installed_dir = platform.settings.models_dir / "tiny-from-hub"
+    installed_dir = platform.file_store.models_dir / "tiny-from-hub"
     assert (installed_dir / "config.json").exists() and not (installed_dir / ".cache").exists()
 
-    assert "tiny-from-hub" in served_models(platform.settings)
+    assert "tiny-from-hub" in platform.registry.served_models()
     batch = platform.submit(jsonl(chat_lines(3, model="tiny-from-hub")))
     assert platform.materialize(batch.id).success
     assert platform.batch(batch.id).model == "tiny-from-hub"
 
     with pytest.raises(InstallError, match="already ready"):
-        request_install(platform.db, platform.settings, "vbatch-test/tiny-chat", model_id="tiny-from-hub")
-    removed = remove_model(platform.db, platform.settings, platform.resources["inference_engine"], "tiny-from-hub")
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/tiny-chat", model_id="tiny-from-hub")
+    removed = remove_model(platform.db, platform.registry, platform.resources["inference_engine"], "tiny-from-hub")
     assert removed.status == "deleted" and not installed_dir.exists()
-    assert "tiny-from-hub" not in served_models(platform.settings)
+    assert "tiny-from-hub" not in platform.registry.served_models()
 
 
 def test_remote_code_and_oversized_models_are_refused_before_download(platform, hub, tmp_path, tiny_model_path):
@@ -114,28 +115,28 @@ def test_remote_code_and_oversized_models_are_refused_before_download(platform, 
     config = json.loads((custom / "config.json").read_text())
     (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
     with pytest.raises(InstallError, match="trust_remote_code") as remote:
-        request_install(platform.db, platform.settings, str(custom))
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom))
     assert remote.value.code == "remote_code_not_allowed"
-    assert request_install(platform.db, platform.settings, str(custom), trust_remote_code=True).status == "installing"
+    assert request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom), trust_remote_code=True).status == "installing"
 
     huge = tmp_path / "huge"
     huge.mkdir()
     (huge / "config.json").write_text(json.dumps(LLAMA_70B))
     hub.add("vbatch-test/huge", huge)
     with pytest.raises(InstallError, match="does not fit") as too_big:
-        request_install(platform.db, platform.settings, "vbatch-test/huge")
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/huge")
     assert too_big.value.code == "model_does_not_fit" and "4-bit" in str(too_big.value)
     with pytest.raises(InstallError, match="neither a local model directory"):
-        request_install(platform.db, platform.settings, "nothing-here")
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "nothing-here")
 
 
 def test_install_from_a_local_directory_keeps_its_files(platform, tiny_model_path):
     from vbatch_pipelines.models.store import remove_model, request_install
 
-    row = request_install(platform.db, platform.settings, str(tiny_model_path), model_id="local-tiny")
+    row = request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(tiny_model_path), model_id="local-tiny")
     assert row.revision is None and row.path == str(tiny_model_path.resolve())
     assert install(platform, "local-tiny").success
-    remove_model(platform.db, platform.settings, platform.resources["inference_engine"], "local-tiny")
+    remove_model(platform.db, platform.registry, platform.resources["inference_engine"], "local-tiny")
     assert (tiny_model_path / "config.json").exists(), "a directory vbatch did not download is left alone"
 
 
@@ -145,10 +146,10 @@ def test_a_source_that_names_nothing_is_a_clear_error(platform, source):
     from vbatch_pipelines.models.store import get_model, request_install
 
     with pytest.raises(InstallError, match="neither a local model directory nor a Hugging Face repo id") as bad:
-        request_install(platform.db, platform.settings, source, model_id="named")
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], source, model_id="named")
     assert bad.value.code == "invalid_model" and get_model(platform.db, "named") is None
     with pytest.raises(InstallError):  # with no id given, the id is taken from the source: refused as clearly
-        request_install(platform.db, platform.settings, source)
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], source)
 
 
 def test_an_unreachable_hub_is_a_clear_error(platform, monkeypatch):
@@ -158,7 +159,7 @@ def test_an_unreachable_hub_is_a_clear_error(platform, monkeypatch):
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(InstallError, match="cannot be reached") as unreachable:
-        request_install(platform.db, platform.settings, "someone/some-model")
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "someone/some-model")
     assert unreachable.value.code == "hub_unreachable" and get_model(platform.db, "someone/some-model") is None
 
 
@@ -167,7 +168,7 @@ def test_installs_accepted_while_dagster_is_down_are_launched_by_the_sensor(plat
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from vbatch_pipelines.sensors import model_install_sensor
+    from vbatch_pipelines.defs.models import model_install_sensor
     from vbatch_pipelines.store.models import Model
 
     unreachable = dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9")  # nothing listens

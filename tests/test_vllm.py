@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import Platform, chat_lines, jsonl, vllm_python
-from vbatch_pipelines.settings import TINY_MODEL_ID
+from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
 pytestmark = pytest.mark.vllm
 
@@ -36,9 +36,8 @@ def vllm_platform(tmp_path_factory, tiny_model_path):
 
 
 def _server(platform):
-    from vbatch_pipelines.models.registry import lookup_model
 
-    return platform.resources["inference_engine"].server(lookup_model(platform.settings, None))
+    return platform.resources["inference_engine"].server(platform.registry.lookup(None))
 
 
 def test_vllm_batch_materializes_and_matches_transformers(vllm_platform):
@@ -56,9 +55,8 @@ def test_vllm_batch_materializes_and_matches_transformers(vllm_platform):
 
     # Greedy decoding: vLLM and the transformers fallback give the same text for the same model.
     from vbatch_pipelines.engine.transformers_engine import TransformersEngine
-    from vbatch_pipelines.models.registry import lookup_model
 
-    engine = TransformersEngine(lookup_model(vllm_platform.settings, None))
+    engine = TransformersEngine(vllm_platform.registry.lookup(None))
     by_id = {x["custom_id"]: x["response"]["body"]["choices"][0]["message"]["content"] for x in out}
 
     async def run():
@@ -111,9 +109,8 @@ def test_killed_server_is_restarted_by_the_next_batch(vllm_platform):
 
 def test_engine_single_requests_and_errors(vllm_platform):
     """The per-request path (what online chat uses) and its OpenAI-shaped errors."""
-    from vbatch_pipelines.models.registry import lookup_model
 
-    engine = vllm_platform.resources["inference_engine"].open(lookup_model(vllm_platform.settings, None))
+    engine = vllm_platform.resources["inference_engine"].open(vllm_platform.registry.lookup(None))
 
     async def run():
         try:

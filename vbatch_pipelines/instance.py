@@ -50,8 +50,8 @@ def prepare_dagster_home(settings: Settings) -> Path:
     return home
 
 
-def set_gpu_pool(instance, settings: Settings) -> int:
+def set_gpu_pool(instance, gpus: int) -> int:
     """GPU-bound steps share the `gpu` pool: one slot per GPU (one on a CPU-only machine)."""
-    limit = max(1, settings.gpus)
+    limit = max(1, gpus)
     instance.event_log_storage.set_concurrency_slots(GPU_POOL, limit)
     return limit

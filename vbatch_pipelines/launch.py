@@ -12,15 +12,22 @@ from typing import Any
 import httpx
 
 from vbatch_pipelines.batch.service import update_batch
+from vbatch_pipelines.names import (
+    BATCH_JOB,
+    FINE_TUNING_JOB,
+    INSTALL_MODEL_JOB,
+    LOCATION_NAME,
+    REPOSITORY_NAME,
+    batch_run_tags,
+    fine_tuning_run_tags,
+    install_run_tags,
+)
+from vbatch_pipelines.partitions import (
+    batch_partitions,
+    fine_tune_partitions,
+    model_partitions,
+)
 from vbatch_pipelines.store.db import Database
-
-BATCH_JOB = "batch_job"
-FINE_TUNING_JOB = "fine_tuning_job"
-INSTALL_MODEL_JOB = "installed_model_job"
-LOCATION_NAME = "vbatch"
-REPOSITORY_NAME = "__repository__"
-BATCH_ID_TAG = "vbatch/batch_id"
-FINE_TUNING_JOB_TAG = "vbatch/fine_tuning_job_id"
 
 _ADD_PARTITION = """
 mutation AddPartition($selector: RepositorySelector!, $name: String!, $key: String!) {
@@ -65,14 +72,6 @@ def _graphql(url: str, query: str, variables: dict[str, Any], timeout: float) ->
     return payload["data"]
 
 
-def run_tags(batch_id: str) -> dict[str, str]:
-    return {"dagster/partition": batch_id, BATCH_ID_TAG: batch_id}
-
-
-def fine_tuning_run_tags(job_id: str) -> dict[str, str]:
-    return {"dagster/partition": job_id, FINE_TUNING_JOB_TAG: job_id}
-
-
 def launch_partition(dagster_url: str, job: str, partitions: str, key: str, tags: dict[str, str], *,
                      timeout: float = 10.0) -> str:
     """Add ``key`` to the dynamic partitions ``partitions`` and launch ``job`` for it; returns the run id."""
@@ -94,7 +93,8 @@ def launch_partition(dagster_url: str, job: str, partitions: str, key: str, tags
 
 def launch_batch(db: Database, batch_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:
     """Launch the batch's run and record its id; returns the run id."""
-    run_id = launch_partition(dagster_url, BATCH_JOB, "batches", batch_id, run_tags(batch_id), timeout=timeout)
+    run_id = launch_partition(dagster_url, BATCH_JOB, batch_partitions.name, batch_id, batch_run_tags(batch_id),
+                              timeout=timeout)
     update_batch(db, batch_id, dagster_run_id=run_id)
     return run_id
 
@@ -102,12 +102,12 @@ def launch_batch(db: Database, batch_id: str, dagster_url: str, *, timeout: floa
 def launch_fine_tune(db: Database, job_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:
     from vbatch_pipelines.fine_tuning.service import update_job
 
-    run_id = launch_partition(dagster_url, FINE_TUNING_JOB, "fine_tunes", job_id, fine_tuning_run_tags(job_id),
-                              timeout=timeout)
+    run_id = launch_partition(dagster_url, FINE_TUNING_JOB, fine_tune_partitions.name, job_id,
+                              fine_tuning_run_tags(job_id), timeout=timeout)
     update_job(db, job_id, dagster_run_id=run_id)
     return run_id
 
 
 def launch_install(model_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:
-    return launch_partition(dagster_url, INSTALL_MODEL_JOB, "models", model_id,
-                            {"dagster/partition": model_id, "vbatch/model_id": model_id}, timeout=timeout)
+    return launch_partition(dagster_url, INSTALL_MODEL_JOB, model_partitions.name, model_id,
+                            install_run_tags(model_id), timeout=timeout)

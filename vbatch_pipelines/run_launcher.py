@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dagster import _check as check
+from dagster._config.config_schema import UserConfigSchema
 from dagster._core.launcher.base import (
     CheckRunHealthResult,
     LaunchRunContext,
@@ -32,11 +33,11 @@ from dagster._core.launcher.base import (
 )
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
-from dagster._config.config_schema import UserConfigSchema
+
+from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
+from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
-PID_TAG = "vbatch/run_worker_pid"
-STARTED_TAG = "vbatch/run_worker_started"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The code location, and what its first steps import lazily (Parquet for batch_input).
 PRELOAD_MODULES = ("vbatch_pipelines.definitions", "pyarrow.parquet")
@@ -200,14 +201,14 @@ def worker_main(preload_modules: Sequence[str]) -> int:
 
     from dagster import DagsterInstance
     from dagster._cli.api import _execute_run_command_body
-    from dagster._core.instance.ref import InstanceRef
-    from dagster._grpc.types import ExecuteRunArgs
-    from dagster._serdes import deserialize_value
-    from dagster._utils.interrupts import capture_interrupts
 
     # A step blocked on a pool (the `gpu` slot) re-checks with a back-off that grows to 15 s, so a freed
     # GPU could sit idle that long between queued batches; 2 s keeps it busy for a few cheap queries.
     from dagster._core.execution.plan import instance_concurrency_context
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._grpc.types import ExecuteRunArgs
+    from dagster._serdes import deserialize_value
+    from dagster._utils.interrupts import capture_interrupts
 
     instance_concurrency_context.MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL = POOL_CLAIM_MAX_INTERVAL_S
     try:

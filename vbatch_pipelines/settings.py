@@ -1,8 +1,13 @@
-"""Where vbatch keeps its state, read from the environment.
+"""vbatch's settings, read from the environment once, at the edges: the code location (definitions.py),
+the API app and the CLI. Everything that runs inside Dagster gets its configuration from resources
+(built from these settings by ``resources.factory.build_resources``).
 
-Everything lives under one home directory (``VBATCH_HOME``, default ``./.vbatch``) unless an
-environment variable points a piece elsewhere: the Dagster instance, the metadata DB (SQLite unless
-``VBATCH_DATABASE_URL`` is set), the file store, managed engine state and locally built models.
+Everything lives under one home directory (``VBATCH_HOME``, default ``./.vbatch``; its layout is the
+``FileStore`` resource's) unless an environment variable points a piece elsewhere: the Dagster instance,
+the metadata DB (SQLite unless ``VBATCH_DATABASE_URL`` is set), managed virtualenvs.
+
+A value that cannot work (an unknown backend or gate, a number that is not one) fails here, naming the
+variable and what it takes — so a typo stops the code location from loading instead of failing a run.
 """
 
 from __future__ import annotations
@@ -12,8 +17,15 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, get_args
 
-TINY_MODEL_ID = "vbatch-tiny-chat"
+from vbatch_pipelines.engine.base import EngineBackend
+from vbatch_pipelines.fine_tuning.comparison import DeployGate, GateMetric
+from vbatch_pipelines.fine_tuning.envs import TrainerBackend
+
+
+class SettingsError(ValueError):
+    """A setting has a value vbatch cannot use; the message names the variable and the allowed values."""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -26,11 +38,45 @@ def is_off(value: str | None) -> bool:
     return str(value).strip().lower() in ("off", "0", "false", "no")
 
 
+def _choice(name: str, default: str, allowed_type: Any) -> Any:
+    value = _env(name, default)
+    allowed = get_args(allowed_type)
+    if value not in allowed:
+        raise SettingsError(f"{name}={value!r} is not allowed; use one of: {', '.join(allowed)}")
+    return value
+
+
+def _int(name: str, default: int | None, minimum: int | None = None) -> int | None:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}={value} is too small; it takes an integer of at least {minimum}")
+    return value
+
+
+def _float(name: str, default: float, low: float, high: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not low < value <= high:
+        raise SettingsError(f"{name}={value} is out of range; it takes a number in ({low}, {high}]")
+    return value
+
+
 def gpu_count() -> int:
     """GPUs this machine can use, without importing torch (nvidia-smi or CUDA_VISIBLE_DEVICES)."""
-    configured = _env("VBATCH_GPUS")
+    configured = _int("VBATCH_GPUS", None, minimum=0)
     if configured is not None:
-        return int(configured)
+        return configured
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
@@ -44,7 +90,7 @@ class Settings:
     home: Path
     database_url: str
     dagster_database_url: str | None
-    engine_backend: str
+    engine_backend: EngineBackend
     vllm_python: str | None
     envs_dir: Path
     default_model: str | None
@@ -64,52 +110,18 @@ class Settings:
     webhook_secret: str | None
     max_model_len: int | None  # the engine's context length (None: the model's own)
     gpu_memory_fraction: float  # of GPU memory the engine may take (vLLM's gpu_memory_utilization)
-    trainer: str  # auto (Unsloth with a GPU, else TRL) | unsloth | trl
+    trainer: TrainerBackend
     max_lora_rank: int  # the engine's largest LoRA rank; fine-tunes above it are refused
     min_training_examples: int
     retrain_cron: str | None  # the retraining schedule (None: off)
     retrain_model: str | None  # the base model retraining fine-tunes (None: the default model)
     retrain_hyperparameters: dict  # JSON in VBATCH_RETRAIN_HYPERPARAMETERS, as the fine-tuning API takes
     retrain_min_gold_stars: int  # new gold stars since the last checkpoint that trigger a retrain
-    deploy_gate: str  # retrains deploy: always | no_worse (the comparison must not be worse) | never
-    gate_metric: str
+    deploy_gate: DeployGate  # how retrains deploy
+    gate_metric: GateMetric
     judge_model: str | None  # an LLM judge for model_comparison (None: no judge)
+    dagster_home: Path  # DAGSTER_HOME, default $VBATCH_HOME/dagster
 
-    @property
-    def label_studio_dir(self) -> Path:
-        return self.home / "label-studio"
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.home / "datasets"
-
-    @property
-    def fine_tunes_dir(self) -> Path:
-        return self.home / "fine_tunes"
-
-    @property
-    def files_dir(self) -> Path:
-        return self.home / "files"
-
-    @property
-    def batches_dir(self) -> Path:
-        return self.home / "batches"
-
-    @property
-    def engines_dir(self) -> Path:
-        return self.home / "engines"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
-    @property
-    def dagster_home(self) -> Path:
-        return Path(_env("DAGSTER_HOME") or self.home / "dagster")
-
-    @property
-    def tiny_model_path(self) -> Path:
-        return self.models_dir / TINY_MODEL_ID
 
 
 def _switchable(value: str | None) -> str | None:
@@ -125,19 +137,43 @@ def _parse_models(spec: str | None) -> dict[str, str]:
             continue
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"VBATCH_MODELS entry {item!r} is not of the form name=path")
+            raise SettingsError(f"VBATCH_MODELS entry {item!r} is not of the form name=path")
         models[name.strip()] = path.strip()
     return models
 
 
+def _retrain_hyperparameters() -> dict:
+    from vbatch_pipelines.fine_tuning.service import (
+        FineTuningError,
+        parse_hyperparameters,
+    )
+
+    raw = _env("VBATCH_RETRAIN_HYPERPARAMETERS", "{}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise SettingsError(f"VBATCH_RETRAIN_HYPERPARAMETERS={raw!r} is not JSON") from None
+    if not isinstance(value, dict):
+        raise SettingsError("VBATCH_RETRAIN_HYPERPARAMETERS takes a JSON object, as the fine-tuning API's "
+                            "hyperparameters")
+    try:
+        parse_hyperparameters(value)
+    except FineTuningError as exc:
+        raise SettingsError(f"VBATCH_RETRAIN_HYPERPARAMETERS: {exc}") from None
+    return value
+
+
 def load_settings() -> Settings:
+    from resources.file_store import FileStore
+
     home = Path(_env("VBATCH_HOME", ".vbatch")).expanduser().resolve()
-    database_url = _env("VBATCH_DATABASE_URL") or f"sqlite:///{home / 'vbatch.db'}"
+    layout = FileStore(root=str(home))
+    database_url = _env("VBATCH_DATABASE_URL") or f"sqlite:///{layout.database_path}"
     return Settings(
         home=home,
         database_url=database_url,
         dagster_database_url=_env("VBATCH_DAGSTER_DATABASE_URL"),
-        engine_backend=_env("VBATCH_ENGINE", "auto"),
+        engine_backend=_choice("VBATCH_ENGINE", "auto", EngineBackend),
         vllm_python=_env("VBATCH_VLLM_PYTHON"),
         envs_dir=Path(_env("VBATCH_ENVS_DIR", str(Path.home() / ".cache" / "vbatch" / "envs"))),
         default_model=_env("VBATCH_DEFAULT_MODEL"),
@@ -145,26 +181,27 @@ def load_settings() -> Settings:
         gpus=gpu_count(),
         dagster_url=_env("VBATCH_DAGSTER_URL", "http://127.0.0.1:3000"),
         api_keys=tuple(k.strip() for k in (_env("VBATCH_API_KEYS") or "").split(",") if k.strip()),
-        api_port=int(_env("VBATCH_API_PORT", "4080")),
-        api_workers=int(_env("VBATCH_API_WORKERS", "0")),
-        max_upload_bytes=int(_env("VBATCH_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024))),
-        inline_validation_bytes=int(_env("VBATCH_INLINE_VALIDATION_BYTES", str(8 * 1024 * 1024))),
+        api_port=_int("VBATCH_API_PORT", 4080, minimum=1),
+        api_workers=_int("VBATCH_API_WORKERS", 0, minimum=0),
+        max_upload_bytes=_int("VBATCH_MAX_UPLOAD_BYTES", 512 * 1024 * 1024, minimum=1),
+        inline_validation_bytes=_int("VBATCH_INLINE_VALIDATION_BYTES", 8 * 1024 * 1024, minimum=0),
         curation=not is_off(_env("VBATCH_CURATION", "on")),
         label_studio_url=_env("VBATCH_LABEL_STUDIO_URL"),
         label_studio_token=_env("VBATCH_LABEL_STUDIO_TOKEN"),
-        label_studio_port=int(_env("VBATCH_LABEL_STUDIO_PORT", "4115")),
+        label_studio_port=_int("VBATCH_LABEL_STUDIO_PORT", 4115, minimum=1),
         label_studio_database_url=_env("VBATCH_LABEL_STUDIO_DATABASE_URL"),
         webhook_secret=_env("VBATCH_WEBHOOK_SECRET"),
-        max_model_len=int(_env("VBATCH_MAX_MODEL_LEN")) if _env("VBATCH_MAX_MODEL_LEN") else None,
-        gpu_memory_fraction=float(_env("VBATCH_GPU_MEMORY_UTILIZATION", "0.9")),
-        trainer=_env("VBATCH_TRAINER", "auto"),
-        max_lora_rank=int(_env("VBATCH_MAX_LORA_RANK", "16")),
-        min_training_examples=int(_env("VBATCH_MIN_TRAINING_EXAMPLES", "10")),
+        max_model_len=_int("VBATCH_MAX_MODEL_LEN", None, minimum=16),
+        gpu_memory_fraction=_float("VBATCH_GPU_MEMORY_UTILIZATION", 0.9, 0.0, 1.0),
+        trainer=_choice("VBATCH_TRAINER", "auto", TrainerBackend),
+        max_lora_rank=_int("VBATCH_MAX_LORA_RANK", 16, minimum=1),
+        min_training_examples=_int("VBATCH_MIN_TRAINING_EXAMPLES", 10, minimum=1),
         retrain_cron=_switchable(_env("VBATCH_RETRAIN_CRON", "0 3 * * *")),
         retrain_model=_env("VBATCH_RETRAIN_MODEL"),
-        retrain_hyperparameters=json.loads(_env("VBATCH_RETRAIN_HYPERPARAMETERS", "{}")),
-        retrain_min_gold_stars=int(_env("VBATCH_RETRAIN_MIN_GOLD_STARS", "100")),
-        deploy_gate=_env("VBATCH_DEPLOY_GATE", "no_worse"),
-        gate_metric=_env("VBATCH_GATE_METRIC", "normalized_match"),
+        retrain_hyperparameters=_retrain_hyperparameters(),
+        retrain_min_gold_stars=_int("VBATCH_RETRAIN_MIN_GOLD_STARS", 100, minimum=1),
+        deploy_gate=_choice("VBATCH_DEPLOY_GATE", "no_worse", DeployGate),
+        gate_metric=_choice("VBATCH_GATE_METRIC", "normalized_match", GateMetric),
         judge_model=_env("VBATCH_JUDGE_MODEL"),
+        dagster_home=Path(_env("DAGSTER_HOME") or layout.dagster_dir),
     )

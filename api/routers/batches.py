@@ -8,17 +8,18 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.deps import get_db, get_settings
-from api.errors import OpenAIError, get_or_404
+from api.deps import get_db, get_file_store, get_model_registry, get_settings
+from api.errors import get_or_404
 from api.pagination import paginate
+from resources import FileStore, ModelRegistry
 from vbatch_pipelines.batch.service import (
     BatchRequestError,
     create_batch,
     get_batch,
-    get_file,
     request_cancel,
     validate_input,
 )
+from vbatch_pipelines.files import get_file
 from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
@@ -36,20 +37,18 @@ class CreateBatchRequest(BaseModel):
 
 
 @router.post("/batches")
-def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: Settings = Depends(get_settings)) -> dict:
-    try:
-        batch = create_batch(db, input_file_id=body.input_file_id, endpoint=body.endpoint,
-                             completion_window=body.completion_window, metadata=body.metadata)
-    except BatchRequestError as exc:
-        status = 404 if exc.code == "file_not_found" else 400
-        raise OpenAIError(status, str(exc), param=exc.param, code=exc.code) from exc
+def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: Settings = Depends(get_settings),
+           file_store: FileStore = Depends(get_file_store),
+           model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
+    batch = create_batch(db, input_file_id=body.input_file_id, endpoint=body.endpoint,
+                         completion_window=body.completion_window, metadata=body.metadata)
     input_file = get_file(db, batch.input_file_id)
     if input_file is not None and input_file.bytes <= settings.inline_validation_bytes:
         # Fast path: a small file (under a second for 8 MiB) is validated here, so the batch is in_progress (or
         # failed, with its line errors) when this returns; batch_input then only records the result.
         # Larger files stay `validating` until batch_input streams them.
         try:
-            if not validate_input(db, settings, batch).ok:
+            if not validate_input(db, batch, file_store.batch_dir(batch.id), model_registry.served_id).ok:
                 return get_batch(db, batch.id).to_openai()
         except BatchRequestError as exc:  # the file vanished meanwhile: batch_input reports it
             log.warning("batch %s: inline validation skipped: %s", batch.id, exc)
@@ -82,7 +81,4 @@ async def list_batches(after: str | None = None, limit: int = Query(default=20, 
 @router.post("/batches/{batch_id}/cancel")
 def cancel(batch_id: str, db: Database = Depends(get_db)) -> dict:
     _batch_or_404(db, batch_id)
-    try:
-        return request_cancel(db, batch_id).to_openai()
-    except BatchRequestError as exc:
-        raise OpenAIError(409, str(exc), param="batch_id", code=exc.code) from exc
+    return request_cancel(db, batch_id).to_openai()

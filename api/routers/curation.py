@@ -11,15 +11,13 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from api.deps import get_db, get_settings
+from api.deps import get_db, get_label_studio, get_label_studio_resource
 from api.errors import OpenAIError, get_or_404, not_found
-from resources.label_studio import LabelStudioUnavailable
-from vbatch_pipelines.curation.dataset import UnknownFormat, export_path
+from resources import LabelStudio
+from vbatch_pipelines.curation.dataset import export_path
 from vbatch_pipelines.curation.schemas import get_schema
-from vbatch_pipelines.curation.server import label_studio_resource, webhook_secret
 from vbatch_pipelines.curation.service import clear_annotations, get_task, stats
 from vbatch_pipelines.curation.sync import record_annotation
-from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Dataset
 
@@ -37,15 +35,6 @@ class EditRequest(BaseModel):
     response: str = Field(min_length=1)
 
 
-def _label_studio(request: Request):
-    if getattr(request.app.state, "label_studio", None) is None:
-        request.app.state.label_studio = label_studio_resource(request.app.state.settings)
-    label_studio = request.app.state.label_studio
-    if not label_studio.enabled:
-        raise OpenAIError(409, f"Curation is unavailable: {label_studio.disabled_reason}", code="curation_disabled")
-    return label_studio
-
-
 def _task_or_404(db: Database, task_id: int):
     task = get_task(db, task_id)
     if task is None:
@@ -53,20 +42,16 @@ def _task_or_404(db: Database, task_id: int):
     return task
 
 
-async def _write_review(request: Request, db: Database, task_id: int, *, answer: str | None,
+async def _write_review(label_studio: LabelStudio, db: Database, task_id: int, *, answer: str | None,
                         gold_star: bool) -> dict:
+    """Write the review to Label Studio, then record it; Label Studio down: a 503 and nothing changed."""
     task = _task_or_404(db, task_id)
-    label_studio = _label_studio(request)
 
     def write() -> None:
         annotation = label_studio.write_review(task_id, answer, task.rating, gold_star, task.annotation_id)
         record_annotation(db, task_id, annotation)
 
-    try:
-        await asyncio.to_thread(write)
-    except LabelStudioUnavailable as exc:
-        raise OpenAIError(503, f"{exc}; nothing was changed, retry shortly", type="server_error",
-                          code="label_studio_unavailable") from exc
+    await asyncio.to_thread(write)
     return _task_or_404(db, task_id).to_api()
 
 
@@ -76,23 +61,23 @@ async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db)) -
 
 
 @router.post("/curation/tasks/{task_id}/gold-star")
-async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarRequest | None = None,
-                        db: Database = Depends(get_db)) -> dict:
+async def set_gold_star(task_id: int = TaskId, body: GoldStarRequest | None = None, db: Database = Depends(get_db),
+                        label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
     task = _task_or_404(db, task_id)
-    return await _write_review(request, db, task_id, answer=task.edited_response,
+    return await _write_review(label_studio, db, task_id, answer=task.edited_response,
                                gold_star=(body or GoldStarRequest()).gold_star)
 
 
 @router.patch("/curation/tasks/{task_id}/response")
-async def edit_response(body: EditRequest, request: Request, task_id: int = TaskId,
-                        db: Database = Depends(get_db)) -> dict:
+async def edit_response(body: EditRequest, task_id: int = TaskId, db: Database = Depends(get_db),
+                        label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
     task = _task_or_404(db, task_id)
     problem = get_schema(task.schema).validate(body.response)
     if problem:
         raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
-    return await _write_review(request, db, task_id, answer=body.response, gold_star=task.gold_star)
+    return await _write_review(label_studio, db, task_id, answer=body.response, gold_star=task.gold_star)
 
 
 @router.get("/curation/stats")
@@ -121,22 +106,19 @@ async def retrieve_dataset(version: str, db: Database = Depends(get_db)) -> dict
 @router.get("/datasets/{version}/export", response_class=FileResponse)
 async def export_dataset(version: str, format: str = "openai", split: str = "train",
                          db: Database = Depends(get_db)) -> FileResponse:
-    dataset = _dataset_or_404(db, version)
-    try:
-        path = export_path(dataset, format, split)
-    except UnknownFormat as exc:
-        raise OpenAIError(400, str(exc), param="format" if "format" in str(exc) else "split") from exc
+    path = export_path(_dataset_or_404(db, version), format, split)
     return FileResponse(path, filename=f"gold-stars-{version}-{path.name}",
                         media_type="application/jsonl" if path.suffix == ".jsonl" else "application/json")
 
 
 @webhooks.post("/webhooks/label-studio", include_in_schema=False)
-async def label_studio_webhook(request: Request, settings: Settings = Depends(get_settings),
-                               db: Database = Depends(get_db),
+async def label_studio_webhook(request: Request, db: Database = Depends(get_db),
+                               label_studio: LabelStudio = Depends(get_label_studio_resource),
                                x_vbatch_webhook_secret: str | None = Header(default=None)) -> JSONResponse:
     """Annotation events from Label Studio, recorded at once (the sensor reads the same changes later;
     recording is idempotent)."""
-    if not x_vbatch_webhook_secret or not hmac.compare_digest(x_vbatch_webhook_secret, webhook_secret(settings)):
+    expected = label_studio.shared_webhook_secret()
+    if not x_vbatch_webhook_secret or not expected or not hmac.compare_digest(x_vbatch_webhook_secret, expected):
         raise OpenAIError(401, "Missing or wrong X-Vbatch-Webhook-Secret", code="invalid_webhook_secret")
     try:
         payload = await request.json()

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from api.deps import get_db, get_settings
+from api.deps import get_db, get_file_store, get_settings
 from api.errors import OpenAIError, get_or_404, not_found
 from api.pagination import paginate
-from vbatch_pipelines.batch.service import BatchRequestError, store_file
+from resources import FileStore
+from vbatch_pipelines.files import store_file
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch
@@ -28,16 +29,14 @@ def create_file(
     purpose: str = Form(...),
     db: Database = Depends(get_db),
     settings: Settings = Depends(get_settings),
+    file_store: FileStore = Depends(get_file_store),
 ) -> dict:
     """Upload a file; multipart parts are spooled to disk, then moved into the file store."""
     if purpose not in UPLOAD_PURPOSES:
         raise OpenAIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}; got '{purpose}'",
                           param="purpose", code="invalid_value")
-    try:
-        record = store_file(db, settings.files_dir, file.file, file.filename or "upload", purpose,
-                            max_bytes=settings.max_upload_bytes)
-    except BatchRequestError as exc:
-        raise OpenAIError(413, str(exc), param="file", code=exc.code) from exc
+    record = store_file(db, file_store.files_dir, file.file, file.filename or "upload", purpose,
+                        max_bytes=settings.max_upload_bytes)
     return record.to_openai()
 
 

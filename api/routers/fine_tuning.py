@@ -9,11 +9,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from api.deps import get_db, get_settings
+from api.deps import get_db, get_file_store, get_model_registry, get_settings, get_trainer
 from api.errors import OpenAIError, get_or_404
 from api.pagination import paginate
+from resources import FileStore, ModelRegistry, Trainer
 from vbatch_pipelines.fine_tuning.service import (
-    FineTuningError,
     cancel_job,
     create_job,
     get_job,
@@ -50,10 +50,6 @@ class CreateFineTuningJobRequest(BaseModel):
     integrations: list[dict[str, Any]] | None = None
 
 
-def _fail(exc: FineTuningError) -> OpenAIError:
-    return OpenAIError(exc.status, str(exc), param=exc.param, code=exc.code)
-
-
 def _hyperparameters(body: CreateFineTuningJobRequest) -> dict[str, Any] | None:
     from_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
     if from_method is not None and body.hyperparameters is not None:
@@ -64,16 +60,14 @@ def _hyperparameters(body: CreateFineTuningJobRequest) -> dict[str, Any] | None:
 
 @router.post("/fine_tuning/jobs")
 def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
-           settings: Settings = Depends(get_settings)) -> dict:
+           settings: Settings = Depends(get_settings), model_registry: ModelRegistry = Depends(get_model_registry),
+           file_store: FileStore = Depends(get_file_store), trainer: Trainer = Depends(get_trainer)) -> dict:
     if body.integrations:
         raise OpenAIError(400, "integrations are not supported here; training metrics are in the job's events "
                                "and in Dagster", param="integrations")
-    try:
-        job = create_job(db, settings, model=body.model, training_file=body.training_file,
-                         validation_file=body.validation_file, hyperparameters=_hyperparameters(body),
-                         suffix=body.suffix, seed=body.seed, metadata=body.metadata)
-    except FineTuningError as exc:
-        raise _fail(exc) from exc
+    job = create_job(db, model_registry, file_store, trainer, model=body.model, training_file=body.training_file,
+                     validation_file=body.validation_file, hyperparameters=_hyperparameters(body),
+                     suffix=body.suffix, seed=body.seed, metadata=body.metadata)
     try:
         launch_fine_tune(db, job.id, settings.dagster_url, timeout=5)
     except DagsterUnreachable as exc:
@@ -104,17 +98,11 @@ async def retrieve(job_id: str, db: Database = Depends(get_db)) -> dict:
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 def cancel(job_id: str, db: Database = Depends(get_db)) -> dict:
     _job_or_404(db, job_id)
-    try:
-        return cancel_job(db, job_id).to_openai()
-    except FineTuningError as exc:
-        raise OpenAIError(409, str(exc), param="fine_tuning_job_id", code=exc.code) from exc
+    return cancel_job(db, job_id).to_openai()
 
 
 def _page(list_fn, db: Database, job_id: str, after: str | None, limit: int) -> dict:
-    try:
-        items, has_more = list_fn(db, job_id, after=after, limit=limit)
-    except FineTuningError as exc:
-        raise _fail(exc) from exc
+    items, has_more = list_fn(db, job_id, after=after, limit=limit)
     data = [item.to_openai() for item in items]
     return {"object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}

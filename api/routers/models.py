@@ -8,15 +8,14 @@ import asyncio
 import logging
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from api.deps import get_db, get_settings
-from api.errors import OpenAIError
-from vbatch_pipelines.models.registry import ModelNotFound, ModelSpec, lookup_model, served_models
+from api.deps import EnginePool, get_db, get_engines, get_model_registry, get_settings
+from resources import ModelRegistry
 from vbatch_pipelines.launch import DagsterUnreachable, launch_install
-from vbatch_pipelines.models.install import InstallError
-from vbatch_pipelines.models.store import ModelStoreError, get_model, remove_model, request_install, upsert_model
+from vbatch_pipelines.models.registry import ModelNotFound, ModelSpec
+from vbatch_pipelines.models.store import get_model, remove_model, request_install, upsert_model
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
@@ -32,19 +31,20 @@ def _model_object(spec: ModelSpec) -> dict:
 
 
 @router.get("/models")
-def list_models(settings: Settings = Depends(get_settings)) -> dict:
-    return {"object": "list", "data": [_model_object(spec) for spec in served_models(settings).values()]}
+def list_models(model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
+    return {"object": "list", "data": [_model_object(spec) for spec in model_registry.served_models().values()]}
 
 
 @router.get("/models/{model_id:path}")
-def retrieve_model(model_id: str, db: Database = Depends(get_db), settings: Settings = Depends(get_settings)) -> dict:
+def retrieve_model(model_id: str, db: Database = Depends(get_db),
+                   model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
     try:
-        return _model_object(lookup_model(settings, model_id))
-    except ModelNotFound as exc:
+        return _model_object(model_registry.lookup(model_id))
+    except ModelNotFound:
         row = get_model(db, model_id)
         if row is not None and row.kind == "base":  # an install under way, or one that failed
             return _store_object(row)
-        raise OpenAIError(404, str(exc), param="model", code="model_not_found") from exc
+        raise
 
 
 class InstallModelRequest(BaseModel):
@@ -62,15 +62,13 @@ def _store_object(row) -> dict:
 
 @router.post("/models")
 def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
-                  settings: Settings = Depends(get_settings)) -> dict:
+                  settings: Settings = Depends(get_settings),
+                  model_registry: ModelRegistry = Depends(get_model_registry),
+                  engines: EnginePool = Depends(get_engines)) -> dict:
     """vbatch's own: install a base model. Refused at once when it would not fit or needs remote code;
     otherwise recorded as ``installing`` and installed by the installed_model asset."""
-    try:
-        row = request_install(db, settings, body.source, model_id=body.id, revision=body.revision,
-                              trust_remote_code=body.trust_remote_code)
-    except InstallError as exc:
-        raise OpenAIError(409 if exc.code == "model_exists" else 400, str(exc), param="source",
-                          code=exc.code) from exc
+    row = request_install(db, model_registry, engines.resource, body.source, model_id=body.id,
+                          revision=body.revision, trust_remote_code=body.trust_remote_code)
     try:
         run_id = launch_install(row.id, settings.dagster_url, timeout=5)
         upsert_model(db, row.id, details={**(row.details or {}), "dagster_run_id": run_id})
@@ -81,14 +79,9 @@ def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
 
 
 @router.delete("/models/{model_id:path}")
-async def delete_model(model_id: str, request: Request, db: Database = Depends(get_db),
-                       settings: Settings = Depends(get_settings)) -> dict:
-    engines = request.app.state.engines
-    try:
-        await asyncio.to_thread(remove_model, db, settings, engines.resource, model_id)
-    except ModelNotFound as exc:
-        raise OpenAIError(404, str(exc), param="model", code="model_not_found") from exc
-    except ModelStoreError as exc:
-        raise OpenAIError(400, str(exc), param="model", code="model_not_deletable") from exc
+async def delete_model(model_id: str, db: Database = Depends(get_db),
+                       model_registry: ModelRegistry = Depends(get_model_registry),
+                       engines: EnginePool = Depends(get_engines)) -> dict:
+    await asyncio.to_thread(remove_model, db, model_registry, engines.resource, model_id)
     engines.forget(model_id)
     return {"id": model_id, "object": "model", "deleted": True}

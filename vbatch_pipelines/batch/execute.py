@@ -99,7 +99,7 @@ def execute_batch(db: Database, batch_id: str, directory: Path, inference_engine
                     progress, wall, results, engine_backend[0])
 
 
-def run_lines(db: Database, settings, inference_engine, name: str, lines: list[dict], model: ModelSpec, *,
+def run_lines(db: Database, file_store, inference_engine, name: str, lines: list[dict], model: ModelSpec, *,
               metadata: dict[str, str], log: Callable[[str], None],
               run_id: str | None = None) -> tuple[str, dict[str, str]]:
     """Run request lines as a batch of their own (recorded, downloadable through the Batches API like any
@@ -107,18 +107,19 @@ def run_lines(db: Database, settings, inference_engine, name: str, lines: list[d
     import io
     import json
 
-    from vbatch_pipelines.batch.service import create_batch, store_file, validate_input
+    from vbatch_pipelines.batch.service import create_batch, validate_input
+    from vbatch_pipelines.files import store_file
     from vbatch_pipelines.protocol import response_text
 
     data = ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
-    stored = store_file(db, settings.files_dir, io.BytesIO(data), f"{name}.jsonl", "batch")
+    stored = store_file(db, file_store.files_dir, io.BytesIO(data), f"{name}.jsonl", "batch")
     batch = create_batch(db, input_file_id=stored.id, endpoint="/v1/chat/completions",
                          metadata={**metadata, "curation": "off"})
     update_batch(db, batch.id, dagster_run_id=run_id or "in-process")
-    report = validate_input(db, settings, batch, resolve_model=lambda name: model.id)
+    report = validate_input(db, batch, file_store.batch_dir(batch.id), resolve_model=lambda name: model.id)
     if not report.ok:
         raise ValueError(f"{batch.id}: the generated requests are invalid: {report.openai_errors()}")
-    run = execute_batch(db, batch.id, settings.batches_dir / batch.id, inference_engine, model, log=log,
+    run = execute_batch(db, batch.id, file_store.batch_dir(batch.id), inference_engine, model, log=log,
                         run_id=run_id)
     if not run.finished:
         raise RuntimeError(f"{batch.id} was {run.stop_reason} before it finished")

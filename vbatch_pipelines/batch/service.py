@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from sqlalchemy import select
 
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles
+from vbatch_pipelines.errors import VbatchError
+from vbatch_pipelines.files import get_file, register_file
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch, File
+from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch
 
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 INPUT_FILE = "input.parquet"
 MAX_METADATA_PAIRS = 16
-
-
-def new_file_id() -> str:
-    return f"file-{uuid.uuid4().hex[:24]}"
 
 
 def new_batch_id() -> str:
@@ -37,47 +35,8 @@ def now() -> int:
     return int(time.time())
 
 
-class BatchRequestError(ValueError):
-    """A request to create a batch that cannot be accepted (maps to HTTP 400)."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-
-def store_file(db: Database, files_dir: Path, source: BinaryIO, filename: str, purpose: str,
-               *, max_bytes: int | None = None) -> File:
-    """Stream ``source`` into the file store and record it; the file exists only once fully written."""
-    file_id = new_file_id()
-    files_dir.mkdir(parents=True, exist_ok=True)
-    path = files_dir / file_id
-    tmp = path.with_suffix(".part")
-    size = 0
-    try:
-        with open(tmp, "wb") as out:
-            while chunk := source.read(1024 * 1024):
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise BatchRequestError(f"File is larger than the limit of {max_bytes} bytes",
-                                            "file", "file_too_large")
-                out.write(chunk)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return register_file(db, path, filename, purpose, file_id=file_id)
-
-
-def register_file(db: Database, path: Path, filename: str, purpose: str, *, file_id: str | None = None) -> File:
-    record = File(id=file_id or new_file_id(), bytes=path.stat().st_size, created_at=now(),
-                  filename=filename, purpose=purpose, status="processed", path=str(path))
-    with db.session() as session:
-        session.add(record)
-    return record
-
-
-def get_file(db: Database, file_id: str) -> File | None:
-    return db.get(File, file_id)
+class BatchRequestError(VbatchError):
+    """A request about a batch that cannot be accepted (HTTP 400 unless said otherwise)."""
 
 
 def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_window: str = "24h",
@@ -98,7 +57,7 @@ def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_
                                         "strings of at most 512", "metadata")
     input_file = get_file(db, input_file_id)
     if input_file is None:
-        raise BatchRequestError(f"No file with id {input_file_id!r}", "input_file_id", "file_not_found")
+        raise BatchRequestError(f"No file with id {input_file_id!r}", "input_file_id", "file_not_found", 404)
     if input_file.purpose != "batch":
         raise BatchRequestError(f"File {input_file_id} has purpose {input_file.purpose!r}, not 'batch'",
                                 "input_file_id", "invalid_file_purpose")
@@ -112,23 +71,21 @@ def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_
     return batch
 
 
-def validate_input(db: Database, settings, batch: Batch, resolve_model=None):
-    """Validate the batch's input file into ``input.parquet`` and move the batch on: ``in_progress``
+def validate_input(db: Database, batch: Batch, batch_dir: Path, resolve_model: Callable[[str | None], str]):
+    """Validate the batch's input file into ``batch_dir/input.parquet`` and move the batch on: ``in_progress``
     (valid) or ``failed`` with OpenAI-style line errors. One code path for the API's fast path on small
-    files, for ``batch_input`` and for comparison batches (which may name a fine-tune not yet deployed:
-    ``resolve_model``). Returns the ValidationReport."""
+    files, for ``batch_input`` and for comparison batches (which may name a fine-tune not yet deployed).
+    ``resolve_model`` maps a requested model name to the served id (raising LookupError for an unknown
+    one). Returns the ValidationReport."""
     from vbatch_pipelines.batch.validation import validate_batch_file
-    from vbatch_pipelines.models.registry import lookup_model
-
-    resolve_model = resolve_model or (lambda name: lookup_model(settings, name).id)
 
     source = get_file(db, batch.input_file_id)
     if source is None:
         raise BatchRequestError(f"Input file {batch.input_file_id} of batch {batch.id} no longer exists",
-                                "input_file_id", "file_not_found")
+                                "input_file_id", "file_not_found", 404)
     report = validate_batch_file(source.path, endpoint=batch.endpoint,
                                  resolve_model=resolve_model,
-                                 output=settings.batches_dir / batch.id / INPUT_FILE)
+                                 output=batch_dir / INPUT_FILE)
     if report.ok:
         update_batch(db, batch.id, status="in_progress", model=report.model, request_total=report.total)
     else:
@@ -203,7 +160,7 @@ def request_cancel(db: Database, batch_id: str) -> Batch:
             raise KeyError(batch_id)
         if batch.status in TERMINAL_BATCH_STATUSES:
             raise BatchRequestError(f"Cannot cancel a batch with status '{batch.status}'", "batch_id",
-                                    "batch_not_cancellable")
+                                    "batch_not_cancellable", 409)
         stamp = now()
         if batch.cancelling_at is None:
             batch.cancelling_at = stamp

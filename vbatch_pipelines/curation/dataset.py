@@ -17,14 +17,15 @@ from typing import Any
 
 from vbatch_pipelines.curation.service import gold_star_tasks, latest_dataset
 from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.store.models import EXPORT_FORMATS, CurationTask, Dataset
 
 EVAL_PERCENT = 10
 SPLITS = ("train", "eval")
 
 
-class UnknownFormat(ValueError):
-    pass
+class UnknownFormat(VbatchError):
+    code = "invalid_value"
 
 
 def prompt_key(messages: list[dict[str, str]]) -> str:
@@ -185,7 +186,7 @@ def check_latest(db: Database, check: str) -> tuple[str | None, list[str]]:
 
 def export_path(dataset: Dataset, fmt: str, split: str) -> Path:
     if fmt not in EXPORT_FORMATS:
-        raise UnknownFormat(f"Unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+        raise UnknownFormat(f"Unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}", "format")
     if split not in SPLITS:
-        raise UnknownFormat(f"Unknown split {split!r}; use train or eval")
+        raise UnknownFormat(f"Unknown split {split!r}; use train or eval", "split")
     return Path(dataset.path) / export_name(fmt, split)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,39 +20,34 @@ import httpx
 
 from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
-from vbatch_pipelines.settings import Settings
 
 REQUIREMENTS = Path(__file__).with_name("label-studio.txt")
+CREDENTIALS_FILE = "credentials.json"
 
 
 class LabelStudioNotInstalled(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class Connection:
-    url: str
-    token: str
+def managed_env_dir(envs_dir: Path) -> Path:
+    return env_dir(envs_dir, "label-studio", REQUIREMENTS)
 
 
-def managed_env_dir(settings: Settings) -> Path:
-    return env_dir(settings.envs_dir, "label-studio", REQUIREMENTS)
+def install_label_studio(envs_dir: Path, log=print) -> str:
+    return build_env(managed_env_dir(envs_dir), [pins(REQUIREMENTS)], "label_studio", log)
 
 
-def install_label_studio(settings: Settings, log=print) -> str:
-    return build_env(managed_env_dir(settings), [pins(REQUIREMENTS)], "label_studio", log)
-
-
-def credentials(settings: Settings) -> dict[str, str]:
-    """The managed server's admin user, API token and webhook secret, created once per home."""
-    path = settings.label_studio_dir / "credentials.json"
+def credentials(state_dir: Path, token: str | None = None) -> dict[str, str]:
+    """The managed server's admin user, API token and webhook secret, created once per home (``token``:
+    the admin token to create it with, instead of a random one)."""
+    path = state_dir / CREDENTIALS_FILE
     known = json.loads(path.read_text()) if path.exists() else {}
     if "webhook_secret" in known:
         return known
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep what a home already has (its Label Studio was created with that user and token).
     created = {"username": "admin@vbatch.local", "password": secrets.token_urlsafe(16),
-               "token": settings.label_studio_token or secrets.token_hex(20), **known,
+               "token": token or secrets.token_hex(20), **known,
                "webhook_secret": secrets.token_urlsafe(24)}
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(created))
@@ -66,37 +60,51 @@ class ManagedLabelStudio(DetachedServer):
     name = "Label Studio"
     startup_timeout_s = 240.0  # the first start runs ~400 migrations (~45 s here)
 
-    def __init__(self, settings: Settings):
-        super().__init__(settings.label_studio_dir, "server")
-        self.settings = settings
+    def __init__(self, state_dir: Path, envs_dir: Path, port: int, *, database_url: str | None = None,
+                 token: str | None = None):
+        super().__init__(state_dir, "server")
+        self.envs_dir = envs_dir
+        self.port = port
+        self.database_url = database_url  # PostgreSQL for its data (SQLite under state_dir otherwise)
+        self.token = token
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def credentials(self) -> dict[str, str]:
+        return credentials(self.state_dir, self.token)
+
+    def installed(self) -> bool:
+        return ready_python(managed_env_dir(self.envs_dir)) is not None
 
     def python(self) -> str:
-        python = ready_python(managed_env_dir(self.settings))
+        python = ready_python(managed_env_dir(self.envs_dir))
         if python is None:
             raise LabelStudioNotInstalled("Label Studio is not installed: run `vbatch label-studio install` "
                                           "(or set VBATCH_LABEL_STUDIO_URL to use a running one)")
         return python
 
     def choose_port(self) -> int:
-        return self.settings.label_studio_port
+        return self.port
 
     def argv(self, port: int) -> list[str]:
-        data = self.settings.label_studio_dir / "data"
+        data = self.state_dir / "data"
         label_studio = str(Path(self.python()).with_name("label-studio"))
         return [label_studio, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
                 "--data-dir", str(data)]
 
     def env(self) -> dict[str, str]:
-        creds = credentials(self.settings)
+        creds = self.credentials()
         env = dict(os.environ,
-                   LABEL_STUDIO_BASE_DATA_DIR=str(self.settings.label_studio_dir / "data"),
+                   LABEL_STUDIO_BASE_DATA_DIR=str(self.state_dir / "data"),
                    LABEL_STUDIO_USERNAME=creds["username"], LABEL_STUDIO_PASSWORD=creds["password"],
                    LABEL_STUDIO_USER_TOKEN=creds["token"], LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
                    # webhooks go to vbatch on 127.0.0.1, which SSRF protection would refuse
                    SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false", SENTRY_DSN="",
                    FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false", PYTHONUNBUFFERED="1")
-        if self.settings.label_studio_database_url:
-            parts = urlsplit(self.settings.label_studio_database_url)
+        if self.database_url:
+            parts = urlsplit(self.database_url)
             env.update(DJANGO_DB="default", POSTGRE_NAME=parts.path.lstrip("/") or "postgres",
                        POSTGRE_USER=parts.username or "postgres", POSTGRE_PASSWORD=parts.password or "",
                        POSTGRE_HOST=parts.hostname or "127.0.0.1", POSTGRE_PORT=str(parts.port or 5432))
@@ -105,43 +113,9 @@ class ManagedLabelStudio(DetachedServer):
     def probe(self, url: str, timeout: float) -> bool:
         # A busy port makes Label Studio silently take the next one: check ours answers with our token.
         try:
-            token = credentials(self.settings)["token"]
+            token = self.credentials()["token"]
             response = httpx.get(f"{url}/api/projects", params={"page_size": 1}, timeout=timeout,
                                  headers={"Authorization": f"Token {token}"})
             return response.status_code == 200
         except httpx.HTTPError:
             return False
-
-
-def connection(settings: Settings, *, start: bool = False) -> Connection:
-    """Where Label Studio is: the external one, or the managed one (started when ``start``)."""
-    if settings.label_studio_url:
-        if not settings.label_studio_token:
-            raise ValueError("VBATCH_LABEL_STUDIO_URL is set: set VBATCH_LABEL_STUDIO_TOKEN to its API token")
-        return Connection(settings.label_studio_url.rstrip("/"), settings.label_studio_token)
-    server = ManagedLabelStudio(settings)
-    url = server.ensure() if start else f"http://127.0.0.1:{settings.label_studio_port}"
-    return Connection(url, credentials(settings)["token"])
-
-
-def label_studio_resource(settings: Settings):
-    """The LabelStudio resource for these settings: external, managed, or disabled with the reason."""
-    from resources.label_studio import LabelStudio
-
-    if not settings.curation:
-        return LabelStudio(url="", token="", enabled=False, disabled_reason="curation is off (VBATCH_CURATION=off)")
-    webhook = {"webhook_url": f"http://127.0.0.1:{settings.api_port}/v1/webhooks/label-studio",
-               "webhook_secret": webhook_secret(settings)}
-    if settings.label_studio_url:
-        conn = connection(settings)
-        return LabelStudio(url=conn.url, token=conn.token, **webhook)
-    if ready_python(managed_env_dir(settings)) is None:
-        return LabelStudio(url="", token="", enabled=False,
-                           disabled_reason="Label Studio is not installed (run `vbatch label-studio install`)")
-    conn = connection(settings)
-    return LabelStudio(url=conn.url, token=conn.token, managed_home=str(settings.home), **webhook)
-
-
-def webhook_secret(settings: Settings) -> str:
-    """The shared secret Label Studio sends in X-Vbatch-Webhook-Secret."""
-    return settings.webhook_secret or credentials(settings)["webhook_secret"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,9 @@ class EngineResponse:
     @property
     def ok(self) -> bool:
         return self.status_code == 200
+
+
+EngineBackend = Literal["auto", "vllm", "transformers"]
 
 
 class EngineUnavailable(RuntimeError):

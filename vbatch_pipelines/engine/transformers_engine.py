@@ -28,7 +28,6 @@ from vbatch_pipelines.protocol import (
     error_body,
 )
 
-
 SAMPLING_EPS = 1e-5
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.detached import DetachedServer
+from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
 from vbatch_pipelines.models.registry import ModelSpec
 

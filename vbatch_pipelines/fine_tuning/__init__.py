@@ -1,0 +1,8 @@
+"""Fine-tuning: jobs (``service``), their training data (``training_data``), the trainer script (``sft``, run out
+of process), comparison, reports and retraining."""
+
+from vbatch_pipelines.errors import VbatchError
+
+
+class FineTuningError(VbatchError):
+    """A request about fine-tuning that cannot be accepted (HTTP 400, or 404 with code *_not_found)."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-METRICS = ("exact_match", "normalized_match", "mean_length", "judge_win_rate")
+GateMetric = Literal["exact_match", "normalized_match", "mean_length", "judge_win_rate"]
+DeployGate = Literal["always", "no_worse", "never"]  # no_worse: the comparison must not be worse
+METRICS: tuple[str, ...] = get_args(GateMetric)
 HIGHER_IS_BETTER = {"exact_match": True, "normalized_match": True, "judge_win_rate": True}
 _PUNCT = str.maketrans("", "", string.punctuation)
 

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
 
 REQUIREMENTS = Path(__file__).with_name("unsloth-cuda.txt")
+TrainerBackend = Literal["auto", "unsloth", "trl"]  # auto: Unsloth with a GPU and its env, else TRL
 
 
 def managed_env_dir(envs_dir: Path) -> Path:
     return env_dir(envs_dir, "unsloth-cuda", REQUIREMENTS)
 
 
-def find_unsloth_python(envs_dir: Path | None = None) -> str | None:
-    from vbatch_pipelines.settings import load_settings
-
-    return ready_python(managed_env_dir(envs_dir or load_settings().envs_dir))
+def find_unsloth_python(envs_dir: Path) -> str | None:
+    return ready_python(managed_env_dir(envs_dir))
 
 
 def install_unsloth_env(envs_dir: Path, log=print) -> str:

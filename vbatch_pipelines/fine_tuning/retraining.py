@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import desc, func, select
 
-from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import CurationTask, Dataset, FineTuningJob
 
@@ -37,15 +36,15 @@ def retraining_state(db: Database) -> RetrainingState:
     return RetrainingState(int(count or 0), latest.version, basis.version if basis else None, latest.train_examples)
 
 
-def record_retraining(db: Database, settings: Settings, trigger: str) -> FineTuningJob:
-    """A fine-tuning job of the default model on the latest dataset, deployed through the gate."""
+def record_retraining(db: Database, model_registry, file_store, trainer, policy, trigger: str) -> FineTuningJob:
+    """A fine-tuning job of the policy's model (default: the default model) on the latest dataset, deployed
+    through the policy's gate."""
     from vbatch_pipelines.fine_tuning.service import FineTuningError, create_job
-    from vbatch_pipelines.models.registry import default_model_id
 
     state = retraining_state(db)
     if state.latest_dataset is None:
         raise FineTuningError("No gold-star dataset yet: star some answers in Label Studio first", "training_file")
-    return create_job(db, settings, model=settings.retrain_model or default_model_id(settings),
-                      training_file=state.latest_dataset, hyperparameters=settings.retrain_hyperparameters,
-                      suffix="retrain", trigger=trigger, deploy=settings.deploy_gate,
+    return create_job(db, model_registry, file_store, trainer, model=policy.model or model_registry.default_model_id(),
+                      training_file=state.latest_dataset, hyperparameters=policy.hyperparameters,
+                      suffix="retrain", trigger=trigger, deploy=policy.deploy_gate,
                       metadata={"new_gold_stars": str(state.new_gold_stars)})

@@ -2,48 +2,34 @@
 
 A job is a row (OpenAI's ``fine_tuning.job``) plus a directory ``$VBATCH_HOME/fine_tunes/<job_id>/``
 holding its training data, adapter, checkpoints and logs. Its id is also its Dagster partition key.
-Training data is checked when the job is created (a bad file is refused with line numbers, never
-queued); a job trains on an uploaded file (purpose ``fine-tune``) or on a gold-star dataset version.
+Training data is checked when the job is created (``training_data``: a bad file is refused with line
+numbers, never queued); a job trains on an uploaded file (purpose ``fine-tune``) or a gold-star dataset
+version.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import desc, select
 
-from vbatch_pipelines.settings import Settings
+from vbatch_pipelines.fine_tuning import FineTuningError
+from vbatch_pipelines.fine_tuning.training_data import model_max_length, training_sources
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import (
     TERMINAL_FINE_TUNING_STATUSES,
-    Dataset,
-    File,
     FineTuningCheckpoint,
     FineTuningEvent,
     FineTuningJob,
 )
 
 BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; OpenAI's learning_rate_multiplier scales it
-ROLES = ("system", "user", "assistant", "tool", "developer")
 SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-MAX_REPORTED_ERRORS = 10
-
-
-class FineTuningError(ValueError):
-    """A request about fine-tuning that cannot be accepted (HTTP 400, or 404 with code *_not_found)."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request", status: int = 400):
-        super().__init__(message)
-        self.param = param
-        self.code = code
-        self.status = status
 
 
 class Hyperparameters(BaseModel):
@@ -111,113 +97,16 @@ def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
     return f"ft:{base}:vbatch:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
 
 
-# --- training data -----------------------------------------------------------------------------------
-
-def check_training_lines(path: Path, *, param: str, minimum: int) -> int:
-    """Count the examples in an OpenAI chat fine-tuning file, or raise with the first problems by line."""
-    problems: list[str] = []
-    examples = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            problem = _line_problem(raw)
-            if problem:
-                problems.append(f"line {number}: {problem}")
-                if len(problems) >= MAX_REPORTED_ERRORS:
-                    break
-            else:
-                examples += 1
-    if problems:
-        raise FineTuningError(f"The {param} has invalid examples: " + "; ".join(problems), param,
-                              "invalid_training_file" if param == "training_file" else "invalid_validation_file")
-    if param == "training_file" and examples < minimum:
-        raise FineTuningError(f"The training file has {examples} example(s); at least {minimum} are required "
-                              "(VBATCH_MIN_TRAINING_EXAMPLES)", param, "insufficient_examples")
-    return examples
-
-
-def _line_problem(raw: bytes) -> str | None:
-    try:
-        line = json.loads(raw)
-    except ValueError as exc:
-        return f"not valid JSON ({exc.msg})"
-    if not isinstance(line, dict) or not isinstance(line.get("messages"), list) or not line["messages"]:
-        return 'expected an object with a non-empty "messages" list'
-    assistant = False
-    for i, message in enumerate(line["messages"]):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            return f"messages[{i}] needs a role of {', '.join(ROLES)}"
-        content = message.get("content")
-        if not isinstance(content, str):
-            return f"messages[{i}].content must be a string"
-        if message["role"] == "assistant" and content.strip():
-            assistant = True
-    if not assistant:
-        return "no assistant message with content to learn from"
-    return None
-
-
-def _file(db: Database, file_id: str, param: str) -> File:
-    record = db.get(File, file_id)
-    if record is None:
-        raise FineTuningError(f"No file with id {file_id!r}", param, "file_not_found", 404)
-    if record.purpose != "fine-tune":
-        raise FineTuningError(f"File {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param,
-                              "invalid_file_purpose")
-    return record
-
-
-def training_sources(db: Database, settings: Settings, training_file: str,
-                     validation_file: str | None) -> dict[str, Any]:
-    """Where the job's train and eval examples come from, checked; raises FineTuningError."""
-    dataset = db.get(Dataset, training_file) if not training_file.startswith("file-") else None
-    if dataset is not None:
-        if validation_file:
-            raise FineTuningError("A gold-star dataset brings its own eval split; leave validation_file out",
-                                  "validation_file")
-        if dataset.train_examples < settings.min_training_examples:
-            raise FineTuningError(
-                f"Dataset {dataset.version} has {dataset.train_examples} training example(s); at least "
-                f"{settings.min_training_examples} are required (VBATCH_MIN_TRAINING_EXAMPLES)",
-                "training_file", "insufficient_examples")
-        directory = Path(dataset.path)
-        return {"dataset_version": dataset.version, "train_path": directory / "train.openai.jsonl",
-                "eval_path": directory / "eval.openai.jsonl" if dataset.eval_examples else None,
-                "train_examples": dataset.train_examples, "eval_examples": dataset.eval_examples}
-    train = _file(db, training_file, "training_file")
-    train_examples = check_training_lines(Path(train.path), param="training_file",
-                                          minimum=settings.min_training_examples)
-    eval_path, eval_examples = None, 0
-    if validation_file:
-        validation = _file(db, validation_file, "validation_file")
-        eval_examples = check_training_lines(Path(validation.path), param="validation_file", minimum=0)
-        eval_path = Path(validation.path)
-    return {"dataset_version": None, "train_path": Path(train.path), "eval_path": eval_path,
-            "train_examples": train_examples, "eval_examples": eval_examples}
-
-
-def model_max_length(path: str) -> int | None:
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("max_position_embeddings")
-
-
 # --- jobs --------------------------------------------------------------------------------------------
 
-def create_job(db: Database, settings: Settings, *, model: str, training_file: str,
+def create_job(db: Database, model_registry, file_store, trainer, *, model: str, training_file: str,
                validation_file: str | None = None, hyperparameters: dict[str, Any] | None = None,
                suffix: str | None = None, seed: int | None = None, metadata: dict[str, str] | None = None,
                trigger: str = "api", deploy: str = "always") -> FineTuningJob:
-    """Check everything a job needs, record it (``queued``) and copy its data into the job dir."""
-    from vbatch_pipelines.models.registry import ModelNotFound, lookup_model
-
-    try:
-        spec = lookup_model(settings, model)
-    except ModelNotFound as exc:
-        raise FineTuningError(str(exc), "model", "model_not_found", 404) from exc
+    """Check everything a job needs, record it (``queued``) and copy its data into the job dir. The
+    resources say which models exist (``model_registry``), where jobs live (``file_store``) and what the
+    trainer accepts (``trainer``: minimum examples, largest LoRA rank, GPUs)."""
+    spec = model_registry.lookup(model)
     if spec.adapter:
         raise FineTuningError(f"{model} is itself a fine-tune; fine-tune its base model {spec.parent} instead",
                               "model", "invalid_model")
@@ -226,17 +115,17 @@ def create_job(db: Database, settings: Settings, *, model: str, training_file: s
     if metadata and (len(metadata) > 16 or any(len(k) > 64 or len(str(v)) > 512 for k, v in metadata.items())):
         raise FineTuningError("metadata takes at most 16 pairs (keys ≤64, values ≤512 characters)", "metadata")
     hp = parse_hyperparameters(hyperparameters)
-    if hp.lora_rank > settings.max_lora_rank:
+    if hp.lora_rank > trainer.max_lora_rank:
         raise FineTuningError(f"lora_rank {hp.lora_rank} exceeds the engine's maximum LoRA rank "
-                              f"{settings.max_lora_rank} (VBATCH_MAX_LORA_RANK)", "hyperparameters.lora_rank",
+                              f"{trainer.max_lora_rank} (VBATCH_MAX_LORA_RANK)", "hyperparameters.lora_rank",
                               "invalid_value")
-    if hp.qlora and not settings.gpus:
+    if hp.qlora and not trainer.gpus:
         raise FineTuningError("qlora (4-bit base weights) needs a CUDA GPU; this machine has none: use LoRA",
                               "hyperparameters.qlora", "invalid_value")
-    sources = training_sources(db, settings, training_file, validation_file)
+    sources = training_sources(db, training_file, validation_file, minimum=trainer.min_training_examples)
     resolved = hp.resolved(sources["train_examples"], model_max_length(spec.path))
     job_id = new_job_id()
-    directory = settings.fine_tunes_dir / job_id
+    directory = file_store.fine_tune_dir(job_id)
     (directory / "data").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sources["train_path"], directory / "data" / "train.jsonl")
     if sources["eval_path"] is not None:
@@ -286,7 +175,7 @@ def cancel_job(db: Database, job_id: str) -> FineTuningJob:
                               "fine_tuning_job_not_found", 404)
         if job.status in TERMINAL_FINE_TUNING_STATUSES:
             raise FineTuningError(f"Job {job_id} has already {job.status}; only a queued or running job can be "
-                                  "cancelled", None, "invalid_state")
+                                  "cancelled", "fine_tuning_job_id", "invalid_state", 409)
         job.status = "cancelled"
         job.finished_at = now()
     add_event(db, job_id, "Fine-tuning job cancelled")

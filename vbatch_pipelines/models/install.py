@@ -19,18 +19,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vbatch_pipelines.errors import VbatchError
+
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float8": 1, "int8": 1}
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,200}$")
 
 
-class InstallError(ValueError):
+class InstallError(VbatchError):
     """An install that cannot go ahead (does not fit, remote code, not found); the message says why."""
 
     def __init__(self, message: str, code: str = "install_failed"):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, "source", code, 409 if code == "model_exists" else 400)
 
 
 @dataclass
@@ -179,7 +180,12 @@ def resolve(source: str, revision: str | None = None, token: str | None = None) 
         raise InstallError(f"{source!r} is neither a local model directory nor a Hugging Face repo id "
                            "(owner/name)", "invalid_model")
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     # HF_ENDPOINT and HF_TOKEN are read now, not when huggingface_hub was first imported.
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token or os.environ.get("HF_TOKEN"))

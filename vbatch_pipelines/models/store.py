@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.models.registry import DEPLOYED, ModelSpec
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Model
@@ -46,23 +47,28 @@ def fine_tunes_of(db: Database, base: str) -> list[Model]:
         return list(session.scalars(select(Model).where(Model.kind == "fine_tune", Model.parent == base)))
 
 
-class ModelStoreError(ValueError):
-    pass
+class ModelStoreError(VbatchError):
+    """A model that is not the store's to remove."""
+
+    code = "model_not_deletable"
+
+    def __init__(self, message: str):
+        super().__init__(message, "model")
 
 
-def remove_model(db: Database, settings, inference_engine, model_id: str) -> Model:
+def remove_model(db: Database, model_registry, inference_engine, model_id: str) -> Model:
     """Take a model out of service. A fine-tune: its adapter is unloaded from the running engine (the files
     stay; its job can deploy it again). An installed base model: its server stops and its files are deleted.
     Models configured by VBATCH_MODELS are not the store's to remove."""
-    from vbatch_pipelines.models.registry import DEPLOYED, READY, ModelNotFound, configured_models, lookup_model
+    from vbatch_pipelines.models.registry import DEPLOYED, READY, ModelNotFound
 
-    if model_id in configured_models(settings):
+    if model_id in model_registry.configured_models():
         raise ModelStoreError(f"{model_id} is configured by VBATCH_MODELS (or is the built-in default); "
                               "change that setting to remove it")
     row = get_model(db, model_id)
     if row is None or row.status not in (READY, DEPLOYED):
         raise ModelNotFound(model_id, [])
-    spec = lookup_model(settings, model_id)
+    spec = model_registry.lookup(model_id)
     if row.kind == "fine_tune":
         inference_engine.undeploy_adapter(spec)
         return upsert_model(db, model_id, status="undeployed")
@@ -73,15 +79,16 @@ def remove_model(db: Database, settings, inference_engine, model_id: str) -> Mod
         inference_engine.server(spec).stop()
     import shutil
 
-    if Path(row.path).is_relative_to(settings.models_dir):
+    if Path(row.path).is_relative_to(model_registry.models_dir):
         shutil.rmtree(row.path, ignore_errors=True)
     return upsert_model(db, model_id, status="deleted")
 
 
-def request_install(db: Database, settings, source: str, *, model_id: str | None = None,
+def request_install(db: Database, model_registry, inference_engine, source: str, *, model_id: str | None = None,
                     revision: str | None = None, trust_remote_code: bool = False) -> Model:
-    """Check an install before anything big moves (config.json only: remote code, fit) and record it as
-    ``installing``; installed_model downloads and smoke-tests it. Raises InstallError with the reason."""
+    """Check an install before anything big moves (config.json only: remote code, fit on the engine's
+    device) and record it as ``installing``; installed_model downloads and smoke-tests it. Raises
+    InstallError with the reason."""
     from vbatch_pipelines.models.install import (
         MODEL_ID,
         InstallError,
@@ -91,8 +98,6 @@ def request_install(db: Database, settings, source: str, *, model_id: str | None
         local_model_dir,
         resolve,
     )
-    from vbatch_pipelines.models.registry import configured_models
-
     if model_id is None:
         local = local_model_dir(source)
         model_id = local.name if local is not None else source
@@ -100,19 +105,20 @@ def request_install(db: Database, settings, source: str, *, model_id: str | None
         raise InstallError(f"{model_id!r} is not a usable model id (letters, digits, '.', '-', '_', '/')",
                            "invalid_model_id")
     existing = get_model(db, model_id)
-    if model_id in configured_models(settings) or (existing is not None and existing.status in ("ready", "installing")):
+    if model_id in model_registry.configured_models() or (existing is not None and existing.status in ("ready", "installing")):
         raise InstallError(f"A model named {model_id} is already {'configured' if existing is None else existing.status}; "
                            "choose another id or delete it first", "model_exists")
     resolved = resolve(source, revision)
     check_remote_code(resolved.config, trust_remote_code, source)
-    available, device = available_memory(settings.gpus, settings.gpu_memory_fraction)
-    report = fit_check(resolved.config, gpus=settings.gpus, context=settings.max_model_len, available=available,
+    gpus = inference_engine.gpus
+    available, device = available_memory(gpus, inference_engine.gpu_memory_utilization or 1.0)
+    report = fit_check(resolved.config, gpus=gpus, context=inference_engine.max_model_len, available=available,
                        device=device, weight_bytes=resolved.weight_bytes)
     if not report.fits:
         raise InstallError(f"{source} does not fit: it {report.describe()}. Suggestion: {report.suggestion}",
                            "model_does_not_fit")
     return upsert_model(db, model_id, kind="base", parent=None, status="installing", source=source,
-                        path=resolved.location if resolved.kind == "local" else str(settings.models_dir / model_id),
+                        path=resolved.location if resolved.kind == "local" else str(model_registry.models_dir / model_id),
                         revision=resolved.revision, trust_remote_code=trust_remote_code, bytes=None,
                         details={"fit": report.as_dict(), "source_kind": resolved.kind})
 

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, select

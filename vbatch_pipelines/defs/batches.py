@@ -1,25 +1,46 @@
-"""Batch assets: a batch's validated input and its results, one partition per batch."""
+"""Batches: a batch's validated input and its results (one partition per batch), the job that runs them
+and sends them to review, and the sensors that launch batches accepted while Dagster was unreachable and
+settle those whose run is gone."""
 
 import json
 import time
 
-from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetSelection,
+    DefaultSensorStatus,
+    Definitions,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    asset,
+    define_asset_job,
+    in_process_executor,
+    sensor,
+)
 
-from resources import FileStore, InferenceEngine, MetadataDB
+from resources import FileStore, InferenceEngine, MetadataDB, ModelRegistry
 from vbatch_pipelines.batch.execute import STOP_STATUSES, execute_batch
 from vbatch_pipelines.batch.runner import ResultFiles
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
     BatchRequestError,
+    batches_to_settle,
+    batches_without_run,
+    end_batch,
     get_batch,
     update_batch,
     validate_input,
 )
 from vbatch_pipelines.batch.validation import BatchInputError
-from vbatch_pipelines.models.registry import lookup_model, prepare_model
+from vbatch_pipelines.defs.runs import ACTIVE_RUN, LAUNCH_GRACE_S, without_run
+from vbatch_pipelines.names import BATCH_ID_TAG, BATCH_JOB, batch_run_tags
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import response_text
-from vbatch_pipelines.settings import load_settings
 
 
 def _batch_or_fail(metadata_db: MetadataDB, batch_id: str):
@@ -35,7 +56,8 @@ def _batch_or_fail(metadata_db: MetadataDB, batch_id: str):
 
 
 @asset(partitions_def=batch_partitions, group_name="batches", kinds={"parquet"})
-def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore) -> MaterializeResult:
+def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
+                model_registry: ModelRegistry) -> MaterializeResult:
     """The batch's JSONL input, stream-validated and stored as Parquet (one row per request)."""
     batch_id = context.partition_key
     db = metadata_db.db
@@ -51,7 +73,7 @@ def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_st
         })
     started = time.monotonic()
     try:
-        report = validate_input(db, load_settings(), batch)
+        report = validate_input(db, batch, file_store.batch_dir(batch_id), model_registry.served_id)
     except BatchRequestError as exc:
         raise Failure(str(exc)) from exc
     seconds = time.monotonic() - started
@@ -105,6 +127,7 @@ def batch_output(
     context: AssetExecutionContext,
     metadata_db: MetadataDB,
     file_store: FileStore,
+    model_registry: ModelRegistry,
     inference_engine: InferenceEngine,
 ) -> MaterializeResult:
     """Every request run on the warm engine: OpenAI output and error JSONL files, resumable."""
@@ -115,8 +138,7 @@ def batch_output(
     input_path = directory / INPUT_FILE
     if not input_path.exists():
         raise Failure(f"{input_path} is missing: materialize batch_input for {batch_id} first")
-    settings = load_settings()
-    model = prepare_model(settings, lookup_model(settings, batch.model))
+    model = model_registry.resolve(batch.model)
     run = execute_batch(db, batch_id, directory, inference_engine, model, log=context.log.info,
                         run_id=context.run_id)
     progress, wall = run.progress, run.wall
@@ -140,3 +162,48 @@ def batch_output(
         "output_path": MetadataValue.path(str(run.results.output_path)),
         "preview": MetadataValue.md(_preview(run.results)),
     })
+
+
+# The in-process executor saves ~2 s of subprocess start per step on small machines.
+batch_job = define_asset_job(
+    BATCH_JOB,
+    selection=AssetSelection.assets(batch_input, batch_output) | AssetSelection.keys("curation_tasks"),
+    partitions_def=batch_partitions,
+    executor_def=in_process_executor,
+    description="Validate a batch's input file, run every request on the warm engine, send results to review.",
+)
+
+
+@sensor(job=batch_job, minimum_interval_seconds=2, default_status=DefaultSensorStatus.RUNNING)
+def batch_launch_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB):
+    """Batches recorded without a run for a few seconds get one (run_key = batch id: at most one)."""
+    waiting = batches_without_run(metadata_db.db, older_than_s=LAUNCH_GRACE_S)
+    launch = without_run(context.instance, BATCH_ID_TAG, waiting)
+    if not launch:
+        return SkipReason(f"No batch waiting for a run ({len(waiting)} recorded without one already have runs)")
+    return SensorResult(
+        run_requests=[RunRequest(run_key=b, partition_key=b, tags=batch_run_tags(b)) for b in launch],
+        dynamic_partitions_requests=[batch_partitions.build_add_request(launch)],
+    )
+
+
+@sensor(minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)
+def batch_settle_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, file_store: FileStore):
+    """A batch asked to cancel, or past its completion window, ends here when no run is working on it
+    (never launched, crashed, or terminated); a running batch_output ends it itself within a second."""
+    settled = []
+    for batch in batches_to_settle(metadata_db.db):
+        run = context.instance.get_run_by_id(batch.dagster_run_id) if batch.dagster_run_id else None
+        if run is not None and run.status in ACTIVE_RUN:
+            continue
+        status = "cancelled" if batch.status == "cancelling" else "expired"
+        end_batch(metadata_db.db, file_store.batch_dir(batch.id), batch.id, status)
+        settled.append(f"{batch.id} {status}")
+    if not settled:
+        return SkipReason("No batch to settle")
+    context.log.info("settled: " + ", ".join(settled))
+    return SkipReason(f"Settled {len(settled)} batch(es): {', '.join(settled)}")
+
+
+defs = Definitions(assets=[batch_input, batch_output], jobs=[batch_job],
+                   sensors=[batch_launch_sensor, batch_settle_sensor])

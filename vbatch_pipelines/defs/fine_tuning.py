@@ -1,5 +1,6 @@
-"""Fine-tuning assets, one partition per fine-tuning job: the trained LoRA checkpoint, its comparison
-with the base model on held-out gold stars, and its deployment into the warm engine."""
+"""Fine-tuning, one partition per fine-tuning job: the trained LoRA checkpoint, its comparison with the base
+model on held-out gold stars, and its deployment into the warm engine; the job that runs the three, and the
+sensor that launches recorded jobs and fails those whose run died."""
 
 import time
 from contextlib import contextmanager
@@ -9,20 +10,42 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     AssetObservation,
+    AssetSelection,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    Definitions,
     Failure,
     MaterializeResult,
     MetadataValue,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
     asset,
+    define_asset_job,
+    in_process_executor,
+    sensor,
 )
 
-from resources import InferenceEngine, MetadataDB
+from resources import (
+    FileStore,
+    InferenceEngine,
+    MetadataDB,
+    ModelRegistry,
+    RetrainingPolicy,
+)
 from resources.trainer import Trainer, TrainingCancelled
-from vbatch_pipelines.assets.curation import gold_star_dataset
-from vbatch_pipelines.assets.models import installed_model
 from vbatch_pipelines.batch.execute import run_lines
-from vbatch_pipelines.batch.service import register_file
+from vbatch_pipelines.defs.curation import gold_star_dataset
+from vbatch_pipelines.defs.models import installed_model
+from vbatch_pipelines.defs.runs import ACTIVE_RUN, LAUNCH_GRACE_S, without_run
+from vbatch_pipelines.files import register_file
 from vbatch_pipelines.fine_tuning import comparison as compare
-from vbatch_pipelines.fine_tuning.report import loss_curve_svg, loss_markdown, results_csv
+from vbatch_pipelines.fine_tuning.report import (
+    loss_curve_svg,
+    loss_markdown,
+    results_csv,
+)
 from vbatch_pipelines.fine_tuning.service import (
     add_checkpoint,
     add_event,
@@ -31,14 +54,18 @@ from vbatch_pipelines.fine_tuning.service import (
     fail_job,
     fine_tuned_model_name,
     get_job,
+    jobs_without_run,
     now,
+    unfinished_jobs_with_run,
     update_job,
 )
-from vbatch_pipelines.models.registry import lookup_model, prepare_model
 from vbatch_pipelines.models.store import register_fine_tune
+from vbatch_pipelines.names import (
+    FINE_TUNING_JOB,
+    FINE_TUNING_JOB_TAG,
+    fine_tuning_run_tags,
+)
 from vbatch_pipelines.partitions import fine_tune_partitions
-from vbatch_pipelines.settings import load_settings
-
 
 PROGRESS_EVERY_S = 10.0  # training progress appears in the asset's metadata (observations) this often
 
@@ -84,21 +111,21 @@ def _failing_job(db, job_id: str, code: str):
 # so the lineage edge from installed_model spans all its partitions.
 @asset(partitions_def=fine_tune_partitions, pool="gpu", group_name="models", kinds={"pytorch"},
        deps=[gold_star_dataset, AssetDep(installed_model, partition_mapping=AllPartitionMapping())])
-def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataDB, trainer: Trainer,
+def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
+                          model_registry: ModelRegistry, trainer: Trainer,
                           inference_engine: InferenceEngine) -> MaterializeResult:
     """A LoRA adapter trained on the job's examples (a gold-star dataset version or an uploaded file),
     with eval loss and a loss curve; the trainer runs out of process through Dagster Pipes."""
     job_id = context.partition_key
     db = metadata_db.db
     job = _job_or_fail(db, job_id)
-    settings = load_settings()
     with _failing_job(db, job_id, "training_failed"):
-        base = prepare_model(settings, lookup_model(settings, job.model))
+        base = model_registry.resolve(job.model)
         update_job(db, job_id, status="running", started_at=job.started_at or now(), dagster_run_id=context.run_id)
         clear_checkpoints(db, job_id)
         add_event(db, job_id, f"Fine-tuning job started ({trainer.resolved_backend()} on "
                               f"{'GPU' if trainer.gpus else 'CPU'})")
-        directory = settings.fine_tunes_dir / job_id
+        directory = file_store.fine_tune_dir(job_id)
         params = {"base_model": base.path, "train_file": str(directory / "data" / "train.jsonl"),
                   "eval_file": str(directory / "data" / "eval.jsonl")
                   if (directory / "data" / "eval.jsonl").exists() else None,
@@ -160,41 +187,42 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
 
 @asset(partitions_def=fine_tune_partitions, deps=[fine_tuned_checkpoint], group_name="models",
        kinds={"vllm"})
-def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB,
-                     inference_engine: InferenceEngine) -> MaterializeResult:
+def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
+                     model_registry: ModelRegistry, inference_engine: InferenceEngine,
+                     retraining_policy: RetrainingPolicy) -> MaterializeResult:
     """Base and fine-tuned model on the job's held-out examples, each run as a batch: exact and
     normalised match against gold, answer length, and an LLM judge's win rate when one is configured."""
     job_id = context.partition_key
     db = metadata_db.db
     job = _job_or_fail(db, job_id)
-    settings = load_settings()
+    judge_model = retraining_policy.judge_model
     with _failing_job(db, job_id, "comparison_failed"):
-        eval_path = settings.fine_tunes_dir / job_id / "data" / "eval.jsonl"
+        eval_path = file_store.fine_tune_dir(job_id) / "data" / "eval.jsonl"
         items = compare.eval_items(eval_path) if eval_path.exists() else []
         if not items:
             update_job(db, job_id, comparison={"examples": 0, "base": {}, "fine_tuned": {}, "rows": []})
             add_event(db, job_id, "No held-out eval examples: comparison skipped")
             return MaterializeResult(metadata={"examples": 0, "skipped": "no held-out eval examples"})
-        base = prepare_model(settings, lookup_model(settings, job.model))
+        base = model_registry.resolve(job.model)
         name = fine_tuned_model_name(job.model, job.suffix, job_id)
         tuned = base.with_adapter(name, (job.metrics or {})["adapter_dir"])
         max_tokens = max(16, min(512, max(len(i["gold"]) for i in items)))
         answers, batches = {}, {}
         for label, spec in (("base", base), ("fine_tuned", tuned)):
             batches[label], answers[label] = run_lines(
-                db, settings, inference_engine, f"{job_id}-compare-{label}",
+                db, file_store, inference_engine, f"{job_id}-compare-{label}",
                 compare.request_lines(items, spec.id, max_tokens), spec,
                 metadata={"fine_tuning_job": job_id, "comparison": label}, log=context.log.info,
                 run_id=context.run_id)
-        summary = {"examples": len(items), "judge_model": settings.judge_model,
+        summary = {"examples": len(items), "judge_model": judge_model,
                    "base_model": base.id, "fine_tuned_model": name, "batches": batches,
                    "base": compare.score(items, answers["base"]),
                    "fine_tuned": compare.score(items, answers["fine_tuned"]),
                    "rows": compare.side_by_side(items, answers["base"], answers["fine_tuned"])}
-        if settings.judge_model:
-            judge = prepare_model(settings, lookup_model(settings, settings.judge_model))
+        if judge_model:
+            judge = model_registry.resolve(judge_model)
             batches["judge"], verdicts = run_lines(
-                db, settings, inference_engine, f"{job_id}-compare-judge",
+                db, file_store, inference_engine, f"{job_id}-compare-judge",
                 compare.judge_lines(items, answers["base"], answers["fine_tuned"], judge.id), judge,
                 metadata={"fine_tuning_job": job_id, "comparison": "judge"}, log=context.log.info,
                 run_id=context.run_id)
@@ -217,21 +245,20 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB,
 
 
 @asset(partitions_def=fine_tune_partitions, deps=[model_comparison], group_name="models", kinds={"vllm"})
-def deployed_model(context: AssetExecutionContext, metadata_db: MetadataDB,
-                   inference_engine: InferenceEngine) -> MaterializeResult:
+def deployed_model(context: AssetExecutionContext, metadata_db: MetadataDB, model_registry: ModelRegistry,
+                   inference_engine: InferenceEngine, retraining_policy: RetrainingPolicy) -> MaterializeResult:
     """The fine-tune served by the warm engine as a LoRA adapter on its base model (no restart), listed in
     /v1/models with its base as parent, when the job's deploy policy allows it."""
     job_id = context.partition_key
     db = metadata_db.db
     job = _job_or_fail(db, job_id)
-    settings = load_settings()
     name = fine_tuned_model_name(job.model, job.suffix, job_id)
     with _failing_job(db, job_id, "deployment_failed"):
-        deploy, reason = compare.gate(job.comparison, job.deploy, settings.gate_metric)
+        deploy, reason = compare.gate(job.comparison, job.deploy, retraining_policy.gate_metric)
         adapter = (job.metrics or {})["adapter_dir"]
         latency = None
         if deploy:
-            base = prepare_model(settings, lookup_model(settings, job.model))
+            base = model_registry.resolve(job.model)
             spec = base.with_adapter(name, adapter)
             started = time.monotonic()
             inference_engine.deploy_adapter(spec)
@@ -240,7 +267,7 @@ def deployed_model(context: AssetExecutionContext, metadata_db: MetadataDB,
             add_event(db, job_id, f"New fine-tuned model created and deployed: {name} ({reason})")
         else:
             # The comparison loaded it as a candidate; it does not stay in the engine.
-            base = lookup_model(settings, job.model)
+            base = model_registry.lookup(job.model)
             inference_engine.undeploy_adapter(base.with_adapter(name, adapter))
             add_event(db, job_id, f"Fine-tuned model {name} not deployed: {reason}", level="warn")
         update_job(db, job_id, status="succeeded", fine_tuned_model=name, finished_at=now())
@@ -251,3 +278,37 @@ def deployed_model(context: AssetExecutionContext, metadata_db: MetadataDB,
         **({"load_seconds": latency} if latency is not None else {}),
     })
 
+
+fine_tuning_job = define_asset_job(
+    FINE_TUNING_JOB,
+    selection=AssetSelection.assets(fine_tuned_checkpoint, model_comparison, deployed_model),
+    partitions_def=fine_tune_partitions,
+    executor_def=in_process_executor,
+    description="Train a LoRA adapter, compare it with its base model, deploy it into the warm engine.",
+)
+
+
+@sensor(job=fine_tuning_job, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
+def fine_tuning_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB):
+    """Fine-tuning jobs recorded without a run get one (run_key = job id: at most one, also for the jobs
+    the retraining schedule and automation record); a job whose run ended without finishing it (the run
+    crashed or was terminated in Dagster) is marked failed, so no job stays ``running`` forever."""
+    db = metadata_db.db
+    ended = []
+    for job in unfinished_jobs_with_run(db):
+        run = context.instance.get_run_by_id(job.dagster_run_id)
+        if run is None or (run.status not in ACTIVE_RUN and run.status != DagsterRunStatus.SUCCESS):
+            if fail_job(db, job.id, "run_ended", f"Its Dagster run {job.dagster_run_id} ended "
+                                                  f"({run.status.value if run else 'missing'}) before the job finished"):
+                ended.append(job.id)
+    launch = without_run(context.instance, FINE_TUNING_JOB_TAG, jobs_without_run(db, older_than_s=LAUNCH_GRACE_S))
+    if not launch:
+        return SkipReason(f"No fine-tuning job waiting for a run; {len(ended)} ended with their run")
+    return SensorResult(
+        run_requests=[RunRequest(run_key=j, partition_key=j, tags=fine_tuning_run_tags(j)) for j in launch],
+        dynamic_partitions_requests=[fine_tune_partitions.build_add_request(launch)],
+    )
+
+
+defs = Definitions(assets=[fine_tuned_checkpoint, model_comparison, deployed_model], jobs=[fine_tuning_job],
+                   sensors=[fine_tuning_sensor])

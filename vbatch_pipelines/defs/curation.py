@@ -1,4 +1,5 @@
-"""Curation assets: batch results go to Label Studio; gold stars come back as a versioned dataset."""
+"""Curation: batch results go to Label Studio as review tasks; reviews come back (sensor, webhook, API)
+and gold stars become a versioned dataset, checked by four asset checks."""
 
 import json
 
@@ -6,24 +7,45 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
+    AssetSelection,
     Backoff,
+    DefaultSensorStatus,
+    Definitions,
     MaterializeResult,
     MetadataValue,
     RetryPolicy,
+    RunRequest,
+    SensorEvaluationContext,
+    SkipReason,
     asset,
     asset_check,
+    define_asset_job,
+    in_process_executor,
+    sensor,
 )
 
-from resources import FileStore, MetadataDB
-from resources.label_studio import LabelStudio
-from vbatch_pipelines.assets.batches import batch_output
+from resources import FileStore, LabelStudio, MetadataDB
+from resources.label_studio import LabelStudioUnavailable, iso
 from vbatch_pipelines.batch.service import INPUT_FILE, get_batch, iter_requests
 from vbatch_pipelines.curation import dataset as gold
-from vbatch_pipelines.curation.schemas import chat_messages, prediction, schema_for_batch
-from vbatch_pipelines.curation.service import add_tasks, known_custom_ids, latest_change, set_task_ids
+from vbatch_pipelines.curation.schemas import (
+    chat_messages,
+    prediction,
+    schema_for_batch,
+)
+from vbatch_pipelines.curation.service import (
+    add_tasks,
+    known_custom_ids,
+    latest_change,
+    latest_dataset,
+    set_task_ids,
+)
+from vbatch_pipelines.curation.sync import record_task
+from vbatch_pipelines.defs.batches import batch_output
+from vbatch_pipelines.names import CURATION_SEQ_TAG, GOLD_STAR_DATASET_JOB
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import response_text
-from vbatch_pipelines.settings import is_off, load_settings
+from vbatch_pipelines.settings import is_off
 
 
 @asset(
@@ -100,11 +122,10 @@ def curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, file
 
 
 @asset(group_name="curation", kinds={"parquet", "jsonl"}, deps=[curation_tasks])
-def gold_star_dataset(context: AssetExecutionContext, metadata_db: MetadataDB) -> MaterializeResult:
+def gold_star_dataset(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore) -> MaterializeResult:
     """A new version of the gold-star examples (expert edits replace model answers), split train/eval."""
-    settings = load_settings()
     seq = latest_change(metadata_db.db)
-    version = gold.build_dataset(metadata_db.db, settings.datasets_dir, source_seq=seq, run_id=context.run_id)
+    version = gold.build_dataset(metadata_db.db, file_store.datasets_dir, source_seq=seq, run_id=context.run_id)
     context.log.info(f"gold-star dataset {version.version}: {version.examples} examples")
     return MaterializeResult(
         metadata={
@@ -147,3 +168,46 @@ def valid_chat_structure(metadata_db: MetadataDB) -> AssetCheckResult:
 @asset_check(asset=gold_star_dataset, description="No prompt is in both train and eval.")
 def train_eval_disjoint(metadata_db: MetadataDB) -> AssetCheckResult:
     return _check(gold.check_latest(metadata_db.db, "split_leak"))
+
+
+gold_star_dataset_job = define_asset_job(
+    GOLD_STAR_DATASET_JOB,
+    selection=AssetSelection.assets(gold_star_dataset),
+    executor_def=in_process_executor,
+    description="Build the next gold-star dataset version from the reviews recorded so far.",
+)
+
+
+@sensor(job=gold_star_dataset_job, minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)
+def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, label_studio: LabelStudio):
+    """Tasks changed in Label Studio since the cursor (per project, ``updated_at``) are read with their
+    annotations and recorded; a new gold_star_dataset is requested when reviews changed since the last one
+    (from here, the webhook or the API). Label Studio down: skip, the cursor stays, nothing is lost."""
+    if not label_studio.enabled:
+        return SkipReason(label_studio.disabled_reason)
+    db = metadata_db.db
+    cursor = json.loads(context.cursor or "{}")
+    read = changed = 0
+    try:
+        for project_id in label_studio.projects():
+            tasks = label_studio.changed_tasks(project_id, cursor.get(str(project_id)))
+            for task in tasks:
+                changed += record_task(db, task)
+            if tasks:
+                read += len(tasks)
+                cursor[str(project_id)] = max(iso(task.updated_at) for task in tasks)
+    except LabelStudioUnavailable as exc:
+        return SkipReason(f"Label Studio is unreachable; will read from the same cursor next tick ({exc})")
+    context.update_cursor(json.dumps(cursor, sort_keys=True))
+    seq, dataset = latest_change(db), latest_dataset(db)
+    if seq and (dataset is None or seq > dataset.source_seq):
+        return RunRequest(run_key=f"gold-star-dataset-{seq}", tags={CURATION_SEQ_TAG: str(seq)})
+    return SkipReason(f"Read {read} changed task(s), {changed} new review(s); dataset up to date")
+
+
+defs = Definitions(
+    assets=[curation_tasks, gold_star_dataset],
+    asset_checks=[no_empty_responses, no_duplicate_prompts, valid_chat_structure, train_eval_disjoint],
+    jobs=[gold_star_dataset_job],
+    sensors=[label_studio_sensor],
+)

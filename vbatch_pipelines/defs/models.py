@@ -1,16 +1,39 @@
-"""The model store as an asset: one partition per installed base model."""
+"""The model store: one ``installed_model`` partition per installed base model, its job, and the sensor
+that launches installs accepted while Dagster was unreachable."""
 
 import asyncio
 import time
 
-from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetSelection,
+    DefaultSensorStatus,
+    Definitions,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    asset,
+    define_asset_job,
+    in_process_executor,
+    sensor,
+)
 
-from resources import InferenceEngine, MetadataDB
-from vbatch_pipelines.models.install import InstallError, directory_bytes, download, resolve
+from resources import InferenceEngine, MetadataDB, ModelRegistry
+from vbatch_pipelines.defs.runs import LAUNCH_GRACE_S
+from vbatch_pipelines.models.install import (
+    InstallError,
+    directory_bytes,
+    download,
+    resolve,
+)
 from vbatch_pipelines.models.registry import READY, ModelSpec
-from vbatch_pipelines.models.store import get_model, upsert_model
+from vbatch_pipelines.models.store import get_model, installs_without_run, upsert_model
+from vbatch_pipelines.names import INSTALL_MODEL_JOB, install_run_tags
 from vbatch_pipelines.partitions import model_partitions
-from vbatch_pipelines.settings import load_settings
 
 SMOKE_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 
@@ -35,7 +58,7 @@ def smoke_test(inference_engine: InferenceEngine, spec: ModelSpec) -> tuple[floa
 
 
 @asset(partitions_def=model_partitions, group_name="models", kinds={"huggingface"})
-def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB,
+def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB, model_registry: ModelRegistry,
                     inference_engine: InferenceEngine) -> MaterializeResult:
     """A base model on local disk at a pinned revision, checked to fit, smoke-tested on the engine, then
     served. The install was checked and recorded by the API or CLI (request_install) before this runs."""
@@ -44,10 +67,9 @@ def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB,
     row = get_model(db, model_id)
     if row is None or row.kind != "base":
         raise Failure(f"No install of {model_id} was requested; use POST /v1/models or `vbatch models install`")
-    settings = load_settings()
     try:
         source = resolve(row.source, row.revision)
-        path = download(source, settings.models_dir / model_id, None, progress=context.log.info)
+        path = download(source, model_registry.models_dir / model_id, None, progress=context.log.info)
         spec = ModelSpec(model_id, str(path), trust_remote_code=row.trust_remote_code)
         latency, answer = smoke_test(inference_engine, spec)
     except Exception as exc:
@@ -64,3 +86,28 @@ def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB,
         "fit": MetadataValue.json(fit), "smoke_test_seconds": round(latency, 3), "smoke_test_answer": answer,
         "engine": inference_engine.resolved_backend(),
     })
+
+
+installed_model_job = define_asset_job(
+    INSTALL_MODEL_JOB,
+    selection=AssetSelection.assets(installed_model),
+    partitions_def=model_partitions,
+    executor_def=in_process_executor,
+    description="Download a base model at a pinned revision, smoke-test it on the engine, serve it.",
+)
+
+
+@sensor(job=installed_model_job, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
+def model_install_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB):
+    """Installs accepted while Dagster was unreachable get their run (run_key: model id and request time)."""
+    waiting = installs_without_run(metadata_db.db, older_than_s=LAUNCH_GRACE_S)
+    if not waiting:
+        return SkipReason("No install waiting for a run")
+    return SensorResult(
+        run_requests=[RunRequest(run_key=f"install-{row.id}-{row.updated_at}", partition_key=row.id,
+                                 tags=install_run_tags(row.id)) for row in waiting],
+        dynamic_partitions_requests=[model_partitions.build_add_request([row.id for row in waiting])],
+    )
+
+
+defs = Definitions(assets=[installed_model], jobs=[installed_model_job], sensors=[model_install_sensor])

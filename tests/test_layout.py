@@ -1,0 +1,183 @@
+"""The layout's promises: settings are read at the edges only, a bad value stops the code location from
+loading (naming the variable), first-party modules import no cycle, and the API and CLI never build the
+code location's definitions."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("vbatch_pipelines", "resources", "api", "integrations")
+EDGES = {"vbatch_pipelines.definitions", "vbatch_pipelines.cli", "vbatch_pipelines.settings", "api.main"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if "migrations" in path.parts:
+                continue
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            found[name] = path
+    return found
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """First-party modules ``name`` imports, at module level or inside functions (a lazy import is still a
+    dependency)."""
+    out = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(name, path, known) for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of modules importing each other (ignoring a package importing its own submodules), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if dep.startswith(node + ".") or node.startswith(dep + "."):
+                continue  # a package and its own modules
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if state.get(dep) is None and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if state.get(node) is None and (found := visit(node)):
+            return found
+    return None
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    return seen
+
+
+def test_first_party_modules_import_no_cycle():
+    assert _cycle(_graph()) is None, f"import cycle: {' -> '.join(_cycle(_graph()))}"
+
+
+def test_the_cycle_check_finds_a_cycle():
+    # The check itself, on the shape the layout removed: resources.label_studio <-> curation.server.
+    graph = {"resources.label_studio": {"vbatch_pipelines.curation.server"},
+             "vbatch_pipelines.curation.server": {"resources.label_studio"}}
+    assert _cycle(graph) == ["resources.label_studio", "vbatch_pipelines.curation.server", "resources.label_studio"]
+
+
+def test_api_and_cli_never_import_the_definitions():
+    graph = _graph()
+    for edge in ("api.main", "vbatch_pipelines.cli"):
+        assert "vbatch_pipelines.definitions" not in _reachable(graph, edge), edge
+
+
+def test_settings_are_read_only_at_the_edges():
+    """No asset, sensor, resource or the code they run calls load_settings(): they get resources."""
+    callers = []
+    for name, path in _modules().items():
+        if name in EDGES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_settings":
+                callers.append(f"{name}:{node.lineno}")
+    assert not callers, f"load_settings() called inside Dagster code: {callers}"
+
+
+BAD_VALUES = [
+    ("VBATCH_DEPLOY_GATE", "sometimes", "always, no_worse, never"),
+    ("VBATCH_GATE_METRIC", "accuracy", "exact_match, normalized_match, mean_length, judge_win_rate"),
+    ("VBATCH_ENGINE", "tensorrt", "auto, vllm, transformers"),
+    ("VBATCH_TRAINER", "axolotl", "auto, unsloth, trl"),
+    ("VBATCH_RETRAIN_MIN_GOLD_STARS", "many", "not an integer"),
+    ("VBATCH_RETRAIN_MIN_GOLD_STARS", "0", "at least 1"),
+    ("VBATCH_MAX_LORA_RANK", "16.5", "not an integer"),
+    ("VBATCH_GPU_MEMORY_UTILIZATION", "1.5", "(0.0, 1.0]"),
+    ("VBATCH_RETRAIN_HYPERPARAMETERS", '{"epochs": 2}', "hyperparameters.epochs"),
+    ("VBATCH_RETRAIN_HYPERPARAMETERS", "[1, 2]", "JSON object"),
+    ("VBATCH_MODELS", "no-equals-sign", "name=path"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "says"), BAD_VALUES)
+def test_a_bad_setting_fails_at_load_naming_the_variable(monkeypatch, name, value, says):
+    from vbatch_pipelines.settings import SettingsError, load_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert name in str(refused.value) and says in str(refused.value)
+
+
+def test_a_bad_policy_stops_the_code_location_from_loading(tmp_path):
+    """The whole path Dagster takes: importing the code location fails, before any run, with the message."""
+    env = dict(os.environ, VBATCH_HOME=str(tmp_path / "home"), VBATCH_DEPLOY_GATE="sometimes")
+    load = [sys.executable, "-c", "import vbatch_pipelines.definitions"]
+    failed = subprocess.run(load, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0
+    assert "VBATCH_DEPLOY_GATE='sometimes' is not allowed; use one of: always, no_worse, never" in failed.stderr
+    env["VBATCH_DEPLOY_GATE"] = "never"
+    assert subprocess.run(load, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120).returncode == 0
+
+
+def test_typed_resources_refuse_values_outside_their_literals(tmp_path):
+    from pydantic import ValidationError
+
+    from resources import RetrainingPolicy, Trainer
+
+    with pytest.raises(ValidationError, match="deploy_gate"):
+        RetrainingPolicy(deploy_gate="sometimes")
+    with pytest.raises(ValidationError, match="gate_metric"):
+        RetrainingPolicy(gate_metric="accuracy")
+    with pytest.raises(ValidationError, match="backend"):
+        Trainer(backend="axolotl", envs_dir=str(tmp_path))
+    assert RetrainingPolicy(deploy_gate="never", gate_metric="exact_match").deploy_gate == "never"
+
+
+def test_the_file_store_owns_every_path_under_the_home(vbatch_home):
+    """Batch input written by the API's validation and read by batch_input come from one FileStore."""
+    from resources import FileStore
+
+    store = FileStore(root=str(vbatch_home))
+    paths = [store.files_dir, store.batch_dir("b"), store.datasets_dir, store.fine_tune_dir("j"), store.models_dir,
+             store.tiny_model_path, store.engines_dir, store.label_studio_dir, store.logs_dir, store.dagster_dir,
+             store.database_path]
+    assert all(path.is_relative_to(vbatch_home) for path in paths)
+    assert len(set(paths)) == len(paths)

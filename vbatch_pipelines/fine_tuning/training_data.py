@@ -1,0 +1,107 @@
+"""Training data checked before a fine-tuning job is queued: an uploaded OpenAI chat file (refused with the
+first problems by line number) or a gold-star dataset version (with its own eval split)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vbatch_pipelines.fine_tuning import FineTuningError
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import Dataset, File
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_REPORTED_ERRORS = 10
+
+
+def check_training_lines(path: Path, *, param: str, minimum: int) -> int:
+    """Count the examples in an OpenAI chat fine-tuning file, or raise with the first problems by line."""
+    problems: list[str] = []
+    examples = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            problem = _line_problem(raw)
+            if problem:
+                problems.append(f"line {number}: {problem}")
+                if len(problems) >= MAX_REPORTED_ERRORS:
+                    break
+            else:
+                examples += 1
+    if problems:
+        raise FineTuningError(f"The {param} has invalid examples: " + "; ".join(problems), param,
+                              "invalid_training_file" if param == "training_file" else "invalid_validation_file")
+    if param == "training_file" and examples < minimum:
+        raise FineTuningError(f"The training file has {examples} example(s); at least {minimum} are required "
+                              "(VBATCH_MIN_TRAINING_EXAMPLES)", param, "insufficient_examples")
+    return examples
+
+
+def _line_problem(raw: bytes) -> str | None:
+    try:
+        line = json.loads(raw)
+    except ValueError as exc:
+        return f"not valid JSON ({exc.msg})"
+    if not isinstance(line, dict) or not isinstance(line.get("messages"), list) or not line["messages"]:
+        return 'expected an object with a non-empty "messages" list'
+    assistant = False
+    for i, message in enumerate(line["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"messages[{i}] needs a role of {', '.join(ROLES)}"
+        content = message.get("content")
+        if not isinstance(content, str):
+            return f"messages[{i}].content must be a string"
+        if message["role"] == "assistant" and content.strip():
+            assistant = True
+    if not assistant:
+        return "no assistant message with content to learn from"
+    return None
+
+
+def _file(db: Database, file_id: str, param: str) -> File:
+    record = db.get(File, file_id)
+    if record is None:
+        raise FineTuningError(f"No file with id {file_id!r}", param, "file_not_found", 404)
+    if record.purpose != "fine-tune":
+        raise FineTuningError(f"File {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param,
+                              "invalid_file_purpose")
+    return record
+
+
+def training_sources(db: Database, training_file: str, validation_file: str | None, *,
+                     minimum: int) -> dict[str, Any]:
+    """Where the job's train and eval examples come from, checked; raises FineTuningError."""
+    dataset = db.get(Dataset, training_file) if not training_file.startswith("file-") else None
+    if dataset is not None:
+        if validation_file:
+            raise FineTuningError("A gold-star dataset brings its own eval split; leave validation_file out",
+                                  "validation_file")
+        if dataset.train_examples < minimum:
+            raise FineTuningError(
+                f"Dataset {dataset.version} has {dataset.train_examples} training example(s); at least "
+                f"{minimum} are required (VBATCH_MIN_TRAINING_EXAMPLES)",
+                "training_file", "insufficient_examples")
+        directory = Path(dataset.path)
+        return {"dataset_version": dataset.version, "train_path": directory / "train.openai.jsonl",
+                "eval_path": directory / "eval.openai.jsonl" if dataset.eval_examples else None,
+                "train_examples": dataset.train_examples, "eval_examples": dataset.eval_examples}
+    train = _file(db, training_file, "training_file")
+    train_examples = check_training_lines(Path(train.path), param="training_file",
+                                          minimum=minimum)
+    eval_path, eval_examples = None, 0
+    if validation_file:
+        validation = _file(db, validation_file, "validation_file")
+        eval_examples = check_training_lines(Path(validation.path), param="validation_file", minimum=0)
+        eval_path = Path(validation.path)
+    return {"dataset_version": None, "train_path": Path(train.path), "eval_path": eval_path,
+            "train_examples": train_examples, "eval_examples": eval_examples}
+
+
+def model_max_length(path: str) -> int | None:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("max_position_embeddings")

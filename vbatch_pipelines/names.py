@@ -1,0 +1,37 @@
+"""Names other processes use to find vbatch's Dagster objects: job names, run tag keys, the code
+location. Defined once here; the definitions, the sensors, the launcher and the API all import them.
+(Partition set names come from the partition objects in ``partitions.py``.)"""
+
+from __future__ import annotations
+
+LOCATION_NAME = "vbatch"  # workspace.yaml's location_name
+REPOSITORY_NAME = "__repository__"
+
+BATCH_JOB = "batch_job"
+GOLD_STAR_DATASET_JOB = "gold_star_dataset_job"
+FINE_TUNING_JOB = "fine_tuning_job"
+INSTALL_MODEL_JOB = "installed_model_job"
+RETRAINING_JOB = "retraining_job"
+
+PARTITION_TAG = "dagster/partition"  # Dagster's own
+SCHEDULE_NAME_TAG = "dagster/schedule_name"  # Dagster's own
+SENSOR_NAME_TAG = "dagster/sensor_name"  # Dagster's own
+BATCH_ID_TAG = "vbatch/batch_id"
+FINE_TUNING_JOB_TAG = "vbatch/fine_tuning_job_id"
+MODEL_ID_TAG = "vbatch/model_id"
+CURATION_SEQ_TAG = "vbatch/curation_seq"
+TRIGGER_TAG = "vbatch/trigger"
+RUN_WORKER_PID_TAG = "vbatch/run_worker_pid"
+RUN_WORKER_STARTED_TAG = "vbatch/run_worker_started"
+
+
+def batch_run_tags(batch_id: str) -> dict[str, str]:
+    return {PARTITION_TAG: batch_id, BATCH_ID_TAG: batch_id}
+
+
+def fine_tuning_run_tags(job_id: str) -> dict[str, str]:
+    return {PARTITION_TAG: job_id, FINE_TUNING_JOB_TAG: job_id}
+
+
+def install_run_tags(model_id: str) -> dict[str, str]:
+    return {PARTITION_TAG: model_id, MODEL_ID_TAG: model_id}

@@ -1,0 +1,168 @@
+"""`vbatch up`: prepare the platform, start its processes (Dagster webserver and daemon, the API), warm the
+engine and Label Studio, supervise them, and stop every one of them — and the engines and Label Studio
+it started — on Ctrl-C, SIGTERM or when one of them dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from vbatch_pipelines.net import wait_http
+from vbatch_pipelines.settings import Settings
+
+
+@dataclass(frozen=True)
+class Addresses:
+    host: str
+    api_port: int
+    dagster_port: int
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def dagster_url(self) -> str:
+        return f"http://{self.host}:{self.dagster_port}"
+
+
+def spawn(argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    """A child in its own session with default signal handlers, so it can be stopped cleanly."""
+    log = open(log_path, "ab")
+
+    def restore_signals() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=restore_signals)
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    from vbatch_pipelines.detached import kill_group
+
+    kill_group(process.pid, timeout)
+    process.wait()
+
+
+def prepare_platform(settings: Settings, resources: dict) -> dict:
+    """Everything `up` needs before processes start: DB schema, Dagster home, gpu pool, default model.
+    Returns the environment the processes run with."""
+    from dagster import DagsterInstance
+
+    from vbatch_pipelines.instance import prepare_dagster_home, set_gpu_pool
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    resources["metadata_db"].db.upgrade()
+    dagster_home = prepare_dagster_home(settings)
+    env = dict(os.environ, DAGSTER_HOME=str(dagster_home), VBATCH_HOME=str(settings.home))
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    with DagsterInstance.get() as instance:
+        set_gpu_pool(instance, settings.gpus)
+    resources["model_registry"].resolve(None)
+    return env
+
+
+def api_workers(settings: Settings, resources: dict) -> int:
+    """Two API processes use both cores of a small box for polling clients; with the transformers
+    engine each process would hold its own copy of the model, so one."""
+    if settings.api_workers:
+        return settings.api_workers
+    backend = resources["inference_engine"].resolved_backend()
+    return 2 if (os.cpu_count() or 1) >= 2 and backend == "vllm" else 1
+
+
+def start_curation(settings: Settings, resources: dict, api_url: str) -> str:
+    """Label Studio for `up`: started when curation is on and it is installed; webhooks to the API."""
+    label_studio = resources["label_studio"]
+    if not label_studio.enabled:
+        return f"off: {label_studio.disabled_reason}"
+    try:
+        label_studio.ensure_running()
+        label_studio.ensure_webhook(f"{api_url}/v1/webhooks/label-studio", label_studio.shared_webhook_secret())
+    except Exception as exc:  # noqa: BLE001 - the platform stays up; curation_tasks retries
+        return f"failed to start: {exc}"
+    server = label_studio.server()
+    if server is None:
+        return label_studio.url
+    return f"{label_studio.url} (login {server.credentials()['username']}, password in " \
+           f"{server.state_dir / 'credentials.json'})"
+
+
+def warm_engine(resources: dict) -> str:
+    """Start the default model's vLLM server now, so the first batch finds it warm."""
+    engine = resources["inference_engine"]
+    if engine.resolved_backend() != "vllm":
+        return "transformers (in-process, per run)"
+    model = resources["model_registry"].resolve(None)
+    print(f"Warming vLLM for {model.id} ...", flush=True)
+    try:
+        return f"vLLM {engine.server(model).ensure()} ({model.id})"
+    except Exception as exc:  # noqa: BLE001 - keep the platform up; batches retry the engine
+        return f"vLLM failed to start: {exc}"
+
+
+def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, warm: bool = True) -> int:
+    from vbatch_pipelines.instance import WORKSPACE_YAML
+
+    env = prepare_platform(settings, resources)
+    env["VBATCH_DAGSTER_URL"] = addresses.dagster_url
+    file_store = resources["file_store"]
+    logs = file_store.logs_dir
+    logs.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    host = addresses.host
+    processes = {
+        "dagster-webserver": spawn([str(bin_dir / "dagster-webserver"), "-h", host, "-p", str(addresses.dagster_port),
+                                    "-w", str(WORKSPACE_YAML)], env, logs / "dagster-webserver.log"),
+        "dagster-daemon": spawn([str(bin_dir / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)], env,
+                                logs / "dagster-daemon.log"),
+        "api": spawn([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", host,
+                      "--port", str(addresses.api_port), "--workers", str(api_workers(settings, resources)),
+                      "--log-level", "warning"], env, logs / "api.log"),
+    }
+    stopping = threading.Event()
+
+    def shutdown(signum=None, frame=None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+
+    engine_note = warm_engine(resources) if warm else "transformers (in-process, per run)"
+    api_ready = wait_http(f"{addresses.api_url}/health", 60)
+    curation_note = start_curation(settings, resources, addresses.api_url) if api_ready else \
+        "off: the API did not start"
+    ready = wait_http(f"{addresses.dagster_url}/server_info", 120)
+    print(f"vbatch is up (home {settings.home})\n"
+          f"  OpenAI API   {addresses.api_url}/v1{'' if api_ready else '  (not answering yet; see logs)'}"
+          f"  (docs {addresses.api_url}/docs)\n"
+          f"  Dagster UI   {addresses.dagster_url}{'' if ready else '  (not answering yet; see logs)'}\n"
+          f"  engine       {engine_note}\n"
+          f"  Label Studio {curation_note}\n"
+          f"  logs         {logs}\n"
+          "Ctrl-C stops everything.", flush=True)
+    try:
+        while not stopping.is_set():
+            for name, process in processes.items():
+                if process.poll() is not None:
+                    print(f"{name} exited with code {process.returncode}; see {logs / (name + '.log')}",
+                          file=sys.stderr)
+                    stopping.set()
+            stopping.wait(1.0)
+    finally:
+        print("Stopping vbatch ...", flush=True)
+        for process in processes.values():
+            stop_process_group(process)
+        for server in resources["inference_engine"].running_servers():
+            server.stop()
+        label_studio = resources["label_studio"].server()
+        if label_studio is not None:
+            label_studio.stop()
+        print("Stopped.", flush=True)
+    return 0
