@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from api.deps import EnginePool, require_api_key
 from api.errors import error_response, install_error_handlers
 from api.routers import batches, completions, curation, files, fine_tuning, models
+from api.schemas import ERRORS, Health
 from resources.factory import build_resources
 from vbatch_pipelines.files import FileTooLarge
 from vbatch_pipelines.settings import Settings, load_settings
@@ -59,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (files.router, batches.router, models.router, completions.router, curation.router,
                    fine_tuning.router):
-        app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
+        app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
     # Label Studio authenticates its webhooks with a shared secret header, not an API key.
     app.include_router(curation.webhooks, prefix="/v1")
 
@@ -83,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dagster_check["task"] = asyncio.create_task(probe_dagster())
         return dagster_check["state"]
 
-    @app.get("/health", tags=["operations"])
+    @app.get("/health", tags=["operations"], response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
         """Liveness and readiness: the metadata DB must answer; Dagster being down is reported, not fatal
         (batches are recorded and launched by a sensor later)."""

@@ -1,4 +1,5 @@
-"""Schemathesis against the app's own OpenAPI schema: whatever a client sends, no 5xx.
+"""Schemathesis against the app's own OpenAPI schema: whatever a client sends, no 5xx, and every response
+conforms to the schema the app documents (status code, content type, body).
 
 In-process (ASGI) on a real metadata DB, the transformers engine serving the tiny model, Dagster
 unreachable (batches are recorded for the sensor). ``benchmarks/fuzz_api.py`` runs the same checks with
@@ -12,7 +13,14 @@ import os
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
 
 REQUEST_TIMEOUT_S = 300
 
@@ -37,7 +45,7 @@ def test_no_server_errors(api_schema):
         def fuzz(case):
             # The property is "no 5xx": a large valid request (n=128 over a list of prompts, each up to the
             # context length) rightly takes longer on the CPU engine than schemathesis' 10 s default.
-            case.call_and_validate(checks=[not_a_server_error], timeout=REQUEST_TIMEOUT_S)
+            case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
 
         try:
             fuzz()
@@ -45,3 +53,27 @@ def test_no_server_errors(api_schema):
             details = exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]
             failures.extend(f"{operation.label}: {detail}" for detail in details)
     assert not failures, "\n\n".join(failures)
+
+
+def undocumented_responses(spec: dict) -> list[str]:
+    """Every 2xx response of every operation that has no body schema."""
+    missing = []
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                content = response.get("content") or {}
+                if status.startswith("2") and (not content or not all(c.get("schema") for c in content.values())):
+                    missing.append(f"{method.upper()} {path} {status}")
+    return missing
+
+
+def test_every_success_response_is_documented(vbatch_home):
+    from fastapi import FastAPI
+
+    from api.main import create_app
+
+    spec = create_app().openapi()
+    assert len(spec["paths"]) >= 20 and not undocumented_responses(spec)
+    untyped = FastAPI()
+    untyped.get("/untyped")(lambda: {"anything": 1})
+    assert undocumented_responses(untyped.openapi()) == ["GET /untyped 200"], "the check finds an untyped route"

@@ -29,14 +29,11 @@ def vllm_platform(tmp_path_factory, tiny_model_path):
         try:
             yield platform
         finally:
-            from vbatch_pipelines.cli import _managed_servers
-
-            for server in _managed_servers(platform.settings):
+            for server in platform.resources["inference_engine"].running_servers():
                 server.stop()
 
 
 def _server(platform):
-
     return platform.resources["inference_engine"].server(platform.registry.lookup(None))
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from api.deps import get_db, get_file_store, get_model_registry, get_settings
 from api.errors import get_or_404
 from api.pagination import paginate
+from api.schemas import BatchObject, Page
 from resources import FileStore, ModelRegistry
 from vbatch_pipelines.batch.service import (
     BatchRequestError,
@@ -36,7 +37,7 @@ class CreateBatchRequest(BaseModel):
     metadata: dict[str, str] | None = Field(default=None)
 
 
-@router.post("/batches")
+@router.post("/batches", response_model=BatchObject)
 def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: Settings = Depends(get_settings),
            file_store: FileStore = Depends(get_file_store),
            model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
@@ -66,19 +67,19 @@ def _batch_or_404(db: Database, batch_id: str) -> Batch:
 
 # The route clients poll. Async: a metadata-DB read by key takes ~0.1 ms, less than the thread hand-off
 # a sync route costs; the JSONResponse skips FastAPI's generic encoder (the object is plain JSON already).
-@router.get("/batches/{batch_id}", response_class=JSONResponse)
+@router.get("/batches/{batch_id}", response_class=JSONResponse, response_model=BatchObject)
 async def retrieve(batch_id: str, db: Database = Depends(get_db)) -> JSONResponse:
     return JSONResponse(_batch_or_404(db, batch_id).to_openai())
 
 
-@router.get("/batches")
+@router.get("/batches", response_model=Page[BatchObject])
 async def list_batches(after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
                  db: Database = Depends(get_db)) -> dict:
     with db.session() as session:
         return paginate(session, Batch, after=after, limit=limit)
 
 
-@router.post("/batches/{batch_id}/cancel")
+@router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
 def cancel(batch_id: str, db: Database = Depends(get_db)) -> dict:
     _batch_or_404(db, batch_id)
     return request_cancel(db, batch_id).to_openai()

@@ -8,8 +8,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import EnginePool, get_engines
 from api.errors import OpenAIError
+from api.schemas import COMPLETION_STREAM
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
-from vbatch_pipelines.protocol import ChatCompletionRequest, CompletionRequest
+from vbatch_pipelines.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+)
 
 router = APIRouter(tags=["inference"])
 
@@ -33,11 +39,12 @@ async def _serve(endpoint: str, request, engines: EnginePool):
     return JSONResponse(response.body, status_code=response.status_code)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: {"content": COMPLETION_STREAM}})
 async def chat_completions(request: ChatCompletionRequest, engines: EnginePool = Depends(get_engines)):
     return await _serve("/v1/chat/completions", request, engines)
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=CompletionResponse, responses={200: {"content": COMPLETION_STREAM}})
 async def completions(request: CompletionRequest, engines: EnginePool = Depends(get_engines)):
     return await _serve("/v1/completions", request, engines)

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from api.deps import get_db, get_label_studio, get_label_studio_resource
 from api.errors import OpenAIError, get_or_404, not_found
+from api.schemas import DATASET_DOWNLOAD, CurationStats, CurationTaskObject, DatasetList, DatasetObject, WebhookReceipt
 from resources import LabelStudio
 from vbatch_pipelines.curation.dataset import export_path
 from vbatch_pipelines.curation.schemas import get_schema
@@ -55,12 +56,12 @@ async def _write_review(label_studio: LabelStudio, db: Database, task_id: int, *
     return _task_or_404(db, task_id).to_api()
 
 
-@router.get("/curation/tasks/{task_id}")
+@router.get("/curation/tasks/{task_id}", response_model=CurationTaskObject)
 async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db)) -> dict:
     return _task_or_404(db, task_id).to_api()
 
 
-@router.post("/curation/tasks/{task_id}/gold-star")
+@router.post("/curation/tasks/{task_id}/gold-star", response_model=CurationTaskObject)
 async def set_gold_star(task_id: int = TaskId, body: GoldStarRequest | None = None, db: Database = Depends(get_db),
                         label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
@@ -69,7 +70,7 @@ async def set_gold_star(task_id: int = TaskId, body: GoldStarRequest | None = No
                                gold_star=(body or GoldStarRequest()).gold_star)
 
 
-@router.patch("/curation/tasks/{task_id}/response")
+@router.patch("/curation/tasks/{task_id}/response", response_model=CurationTaskObject)
 async def edit_response(body: EditRequest, task_id: int = TaskId, db: Database = Depends(get_db),
                         label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
@@ -80,12 +81,12 @@ async def edit_response(body: EditRequest, task_id: int = TaskId, db: Database =
     return await _write_review(label_studio, db, task_id, answer=body.response, gold_star=task.gold_star)
 
 
-@router.get("/curation/stats")
+@router.get("/curation/stats", response_model=CurationStats)
 async def curation_stats(db: Database = Depends(get_db)) -> dict:
     return stats(db)
 
 
-@router.get("/datasets")
+@router.get("/datasets", response_model=DatasetList)
 async def list_datasets(limit: int = Query(default=20, ge=1, le=100), db: Database = Depends(get_db)) -> dict:
     with db.session() as session:
         rows = list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.version.desc())
@@ -98,12 +99,12 @@ def _dataset_or_404(db: Database, version: str) -> Dataset:
     return get_or_404(db, Dataset, version, "dataset", "version")
 
 
-@router.get("/datasets/{version}")
+@router.get("/datasets/{version}", response_model=DatasetObject)
 async def retrieve_dataset(version: str, db: Database = Depends(get_db)) -> dict:
     return _dataset_or_404(db, version).to_api()
 
 
-@router.get("/datasets/{version}/export", response_class=FileResponse)
+@router.get("/datasets/{version}/export", response_class=FileResponse, responses=DATASET_DOWNLOAD)
 async def export_dataset(version: str, format: str = "openai", split: str = "train",
                          db: Database = Depends(get_db)) -> FileResponse:
     path = export_path(_dataset_or_404(db, version), format, split)
@@ -111,7 +112,7 @@ async def export_dataset(version: str, format: str = "openai", split: str = "tra
                         media_type="application/jsonl" if path.suffix == ".jsonl" else "application/json")
 
 
-@webhooks.post("/webhooks/label-studio", include_in_schema=False)
+@webhooks.post("/webhooks/label-studio", include_in_schema=False, response_model=WebhookReceipt)
 async def label_studio_webhook(request: Request, db: Database = Depends(get_db),
                                label_studio: LabelStudio = Depends(get_label_studio_resource),
                                x_vbatch_webhook_secret: str | None = Header(default=None)) -> JSONResponse:

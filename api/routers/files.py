@@ -11,6 +11,7 @@ from sqlalchemy import select
 from api.deps import get_db, get_file_store, get_settings
 from api.errors import OpenAIError, get_or_404, not_found
 from api.pagination import paginate
+from api.schemas import FILE_DOWNLOAD, Deleted, FileObject, Page
 from resources import FileStore
 from vbatch_pipelines.files import store_file
 from vbatch_pipelines.settings import Settings
@@ -23,7 +24,7 @@ router = APIRouter(tags=["files"])
 UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "vision", "user_data", "evals")
 
 
-@router.post("/files")
+@router.post("/files", response_model=FileObject)
 def create_file(
     file: UploadFile = File(...),
     purpose: str = Form(...),
@@ -40,7 +41,7 @@ def create_file(
     return record.to_openai()
 
 
-@router.get("/files")
+@router.get("/files", response_model=Page[FileObject])
 async def list_files(
     purpose: str | None = None,
     after: str | None = None,
@@ -57,12 +58,12 @@ def _file_or_404(db: Database, file_id: str) -> FileRecord:
     return get_or_404(db, FileRecord, file_id, "file", "file_id")
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", response_model=FileObject)
 async def retrieve_file(file_id: str, db: Database = Depends(get_db)) -> dict:
     return _file_or_404(db, file_id).to_openai()
 
 
-@router.get("/files/{file_id}/content")
+@router.get("/files/{file_id}/content", response_class=FileResponse, responses=FILE_DOWNLOAD)
 def file_content(file_id: str, db: Database = Depends(get_db)) -> FileResponse:
     record = _file_or_404(db, file_id)
     if not Path(record.path).exists():
@@ -71,7 +72,7 @@ def file_content(file_id: str, db: Database = Depends(get_db)) -> FileResponse:
     return FileResponse(record.path, media_type="application/octet-stream", filename=record.filename)
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", response_model=Deleted)
 def delete_file(file_id: str, db: Database = Depends(get_db)) -> dict:
     """Delete a file - unless a batch that is still running reads it (that would lose accepted work)."""
     with db.session() as session:

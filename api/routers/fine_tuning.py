@@ -12,6 +12,13 @@ from pydantic import BaseModel, Field
 from api.deps import get_db, get_file_store, get_model_registry, get_settings, get_trainer
 from api.errors import OpenAIError, get_or_404
 from api.pagination import paginate
+from api.schemas import (
+    FineTuningCheckpointObject,
+    FineTuningComparison,
+    FineTuningEventObject,
+    FineTuningJobObject,
+    Page,
+)
 from resources import FileStore, ModelRegistry, Trainer
 from vbatch_pipelines.fine_tuning.service import (
     cancel_job,
@@ -58,7 +65,7 @@ def _hyperparameters(body: CreateFineTuningJobRequest) -> dict[str, Any] | None:
     return from_method if from_method is not None else body.hyperparameters
 
 
-@router.post("/fine_tuning/jobs")
+@router.post("/fine_tuning/jobs", response_model=FineTuningJobObject)
 def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
            settings: Settings = Depends(get_settings), model_registry: ModelRegistry = Depends(get_model_registry),
            file_store: FileStore = Depends(get_file_store), trainer: Trainer = Depends(get_trainer)) -> dict:
@@ -80,7 +87,7 @@ def _job_or_404(db: Database, job_id: str) -> FineTuningJob:
     return get_or_404(db, FineTuningJob, job_id, "fine_tuning_job", "fine_tuning_job_id")
 
 
-@router.get("/fine_tuning/jobs")
+@router.get("/fine_tuning/jobs", response_model=Page[FineTuningJobObject])
 async def list_jobs(request: Request, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
                     db: Database = Depends(get_db)) -> dict:
     # OpenAI's SDK sends a metadata filter as metadata[key]=value
@@ -90,12 +97,12 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = Que
         return paginate(session, FineTuningJob, after=after, limit=limit, where=where)
 
 
-@router.get("/fine_tuning/jobs/{job_id}")
+@router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJobObject)
 async def retrieve(job_id: str, db: Database = Depends(get_db)) -> dict:
     return _job_or_404(db, job_id).to_openai()
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel")
+@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJobObject)
 def cancel(job_id: str, db: Database = Depends(get_db)) -> dict:
     _job_or_404(db, job_id)
     return cancel_job(db, job_id).to_openai()
@@ -108,19 +115,19 @@ def _page(list_fn, db: Database, job_id: str, after: str | None, limit: int) -> 
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events")
+@router.get("/fine_tuning/jobs/{job_id}/events", response_model=Page[FineTuningEventObject])
 def events(job_id: str, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
            db: Database = Depends(get_db)) -> dict:
     return _page(list_events, db, job_id, after, limit)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=Page[FineTuningCheckpointObject])
 def checkpoints(job_id: str, after: str | None = None, limit: int = Query(default=10, ge=1, le=100),
                 db: Database = Depends(get_db)) -> dict:
     return _page(list_checkpoints, db, job_id, after, limit)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/comparison")
+@router.get("/fine_tuning/jobs/{job_id}/comparison", response_model=FineTuningComparison)
 async def comparison(job_id: str, db: Database = Depends(get_db)) -> dict:
     """vbatch's own: base vs fine-tuned on the held-out examples (model_comparison's table)."""
     job = _job_or_404(db, job_id)

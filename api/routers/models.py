@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from api.deps import EnginePool, get_db, get_engines, get_model_registry, get_settings
+from api.schemas import Deleted, ModelList, ModelObject
 from resources import ModelRegistry
 from vbatch_pipelines.launch import DagsterUnreachable, launch_install
 from vbatch_pipelines.models.registry import ModelNotFound, ModelSpec
@@ -30,12 +31,12 @@ def _model_object(spec: ModelSpec) -> dict:
             "root": spec.base.id, "parent": spec.parent}
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList, response_model_exclude_unset=True)
 def list_models(model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
     return {"object": "list", "data": [_model_object(spec) for spec in model_registry.served_models().values()]}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", response_model=ModelObject, response_model_exclude_unset=True)
 def retrieve_model(model_id: str, db: Database = Depends(get_db),
                    model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
     try:
@@ -60,7 +61,7 @@ def _store_object(row) -> dict:
             "details": row.details}
 
 
-@router.post("/models")
+@router.post("/models", response_model=ModelObject)
 def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
                   settings: Settings = Depends(get_settings),
                   model_registry: ModelRegistry = Depends(get_model_registry),
@@ -78,7 +79,7 @@ def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
     return _store_object(get_model(db, row.id))
 
 
-@router.delete("/models/{model_id:path}")
+@router.delete("/models/{model_id:path}", response_model=Deleted)
 async def delete_model(model_id: str, db: Database = Depends(get_db),
                        model_registry: ModelRegistry = Depends(get_model_registry),
                        engines: EnginePool = Depends(get_engines)) -> dict:

@@ -1,0 +1,294 @@
+"""Response models: the shapes the API returns, field for field as OpenAI's objects (and vbatch's own),
+declared on the routes so ``/openapi.json`` documents them and FastAPI checks every response against them.
+The fuzz test (schemathesis) checks the same conformance from the outside."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vbatch_pipelines.protocol import ChatCompletionResponse, CompletionResponse, ErrorBody
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """A cursor page, as OpenAI's lists: ``after`` the ``last_id`` for the next one."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool
+
+
+# -- batches ----------------------------------------------------------------------------------------
+
+
+class BatchError(BaseModel):
+    code: str | None = None
+    line: int | None = None
+    message: str
+    param: str | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError]
+
+
+class BatchRequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens_details: dict[str, int]
+
+
+class BatchObject(BaseModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    model: str | None = None
+    errors: BatchErrors | None = None
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                    "cancelled"]
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchRequestCounts
+    metadata: dict[str, str] | None = None
+    usage: BatchUsage | None = None
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str = Field(description="vbatch: the base model that serves it")
+    parent: str | None = Field(default=None, description="vbatch: a fine-tune's base model")
+    status: str | None = Field(default=None, description="vbatch: an install's state (installing, ready, failed)")
+    source: str | None = None
+    revision: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+# -- fine-tuning ------------------------------------------------------------------------------------
+
+
+class FineTuningHyperparameters(BaseModel):
+    n_epochs: int | str | None = None
+    batch_size: int | str | None = None
+    learning_rate_multiplier: float | str | None = None
+
+
+class FineTuningError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningMethod(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: dict[str, FineTuningHyperparameters]
+
+
+class FineTuningJobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    fine_tuned_model: str | None = None
+    organization_id: str
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: FineTuningHyperparameters
+    result_files: list[str]
+    trained_tokens: int | None = None
+    error: FineTuningError | None = None
+    created_at: int
+    finished_at: int | None = None
+    estimated_finish: int | None = None
+    seed: int
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]]
+    method: FineTuningMethod
+    vbatch: dict[str, Any] = Field(description="vbatch's own: the full recipe, its dataset, trigger, deploy "
+                                               "policy, metrics and Dagster run")
+
+
+class FineTuningEventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None = None
+
+
+class FineTuningCheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class FineTuningComparison(BaseModel):
+    """vbatch's own: base and fine-tune on the job's held-out examples."""
+
+    model_config = ConfigDict(extra="allow")
+
+    object: Literal["fine_tuning.job.comparison"] = "fine_tuning.job.comparison"
+    fine_tuning_job_id: str
+    examples: int
+    base: dict[str, Any]
+    fine_tuned: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
+# -- curation ---------------------------------------------------------------------------------------
+
+
+class CurationTaskObject(BaseModel):
+    id: int | None = Field(description="the Label Studio task id")
+    object: Literal["curation.task"] = "curation.task"
+    batch_id: str
+    custom_id: str
+    schema_: str = Field(alias="schema", serialization_alias="schema")
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    response: str
+    edited_response: str | None = None
+    rating: int | None = None
+    gold_star: bool
+    annotated: bool
+    created_at: int
+    reviewed_at: int | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class SchemaCounts(BaseModel):
+    tasks: int
+    annotated: int
+    gold_stars: int
+
+
+class DayCounts(BaseModel):
+    reviewed: int
+    gold_stars: int
+
+
+class CurationStats(BaseModel):
+    object: Literal["curation.stats"] = "curation.stats"
+    tasks: int
+    annotated: int
+    gold_stars: int
+    by_schema: dict[str, SchemaCounts]
+    by_day: dict[str, DayCounts]
+
+
+class DatasetObject(BaseModel):
+    id: str
+    object: Literal["dataset"] = "dataset"
+    version: str
+    created_at: int
+    examples: int
+    train_examples: int
+    eval_examples: int
+    fingerprint: str
+    counts: dict[str, Any]
+    formats: list[str]
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DatasetObject]
+    has_more: bool
+
+
+class WebhookReceipt(BaseModel):
+    received: str | None
+    changed_tasks: list[int]
+
+
+# -- operations -------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok", "error"]
+    database: str
+    dagster: str
+
+
+# Bodies that are files or streams, documented by media type.
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+FILE_DOWNLOAD = {200: {"content": {"application/octet-stream": BINARY}, "description": "the file's bytes"}}
+DATASET_DOWNLOAD = {200: {"content": {"application/jsonl": BINARY, "application/json": BINARY},
+                          "description": "the dataset split in the chosen format"}}
+# With ``stream: true``: server-sent events, each ``data:`` a JSON chunk (``chat.completion.chunk`` or a
+# text_completion) and the last ``[DONE]``. The schema describes one event.
+COMPLETION_STREAM = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}}}}}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 503)}
+
+__all__ = ["BINARY", "COMPLETION_STREAM", "ChatCompletionResponse", "CompletionResponse", "DATASET_DOWNLOAD",
+           "ERRORS", "FILE_DOWNLOAD"]

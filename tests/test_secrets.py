@@ -1,0 +1,89 @@
+"""No secret in the resource configuration the Dagster UI shows.
+
+The UI lists every resource's configured values; a secret passed as plain config would be on that page for
+anyone who can open it. So secrets from the environment are passed as ``EnvVar`` (the UI shows the variable's
+name) and the managed Label Studio's are read from its credentials file at run time. These tests load the
+code location in a subprocess, as the webserver does, and read it through Dagster's own GraphQL API.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+# The code location, by path (importing it here would load the settings in the test process).
+DEFINITIONS = str(Path(__file__).resolve().parents[1] / "vbatch_pipelines" / "definitions.py")
+
+RESOURCES_QUERY = """
+query Resources($selector: RepositorySelector!) {
+  allTopLevelResourceDetailsOrError(repositorySelector: $selector) {
+    __typename
+    ... on ResourceDetailsList {
+      results { name configuredValues { key value type } nestedResources { name type } }
+    }
+    ... on PythonError { message stack }
+  }
+}
+"""
+
+
+def shown_resources() -> tuple[str, dict[str, dict[str, dict]]]:
+    """What the UI's resources page gets: the whole response as text, and name -> key -> configured value."""
+    from dagster._core.test_utils import instance_for_test
+    from dagster_graphql.test.utils import (
+        define_out_of_process_context,
+        execute_dagster_graphql,
+        infer_repository_selector,
+    )
+
+    with instance_for_test() as instance, define_out_of_process_context(DEFINITIONS, "defs", instance) as context:
+        result = execute_dagster_graphql(context, RESOURCES_QUERY, {"selector": infer_repository_selector(context)})
+    assert not result.errors, result.errors
+    details = result.data["allTopLevelResourceDetailsOrError"]
+    assert details["__typename"] == "ResourceDetailsList", details
+    resources = {r["name"]: {v["key"]: v for v in r["configuredValues"]} for r in details["results"]}
+    assert {"label_studio", "metadata_db"} <= resources.keys(), resources.keys()
+    return json.dumps(result.data), resources
+
+
+def test_external_label_studio_and_postgres_secrets_are_env_vars(vbatch_home, monkeypatch):
+    token, webhook_secret, password = "tok-never-shown-1234", "hook-never-shown-5678", "pw-never-shown-9012"
+    monkeypatch.setenv("VBATCH_CURATION", "on")
+    monkeypatch.setenv("VBATCH_LABEL_STUDIO_URL", "http://127.0.0.1:9")  # nothing listens: loading doesn't connect
+    monkeypatch.setenv("VBATCH_LABEL_STUDIO_TOKEN", token)
+    monkeypatch.setenv("VBATCH_WEBHOOK_SECRET", webhook_secret)
+    monkeypatch.setenv("VBATCH_DATABASE_URL", f"postgresql://vbatch:{password}@127.0.0.1:5432/nothing")
+
+    text, resources = shown_resources()
+
+    for secret in (token, webhook_secret, password):
+        assert secret not in text
+    assert "http://127.0.0.1:9" in text  # the query does return configured values
+    label_studio = resources["label_studio"]
+    assert label_studio["url"] == {"key": "url", "value": '"http://127.0.0.1:9"', "type": "VALUE"}  # JSON text
+    assert label_studio["token"] == {"key": "token", "value": "VBATCH_LABEL_STUDIO_TOKEN", "type": "ENV_VAR"}
+    assert label_studio["webhook_secret"] == {"key": "webhook_secret", "value": "VBATCH_WEBHOOK_SECRET",
+                                              "type": "ENV_VAR"}
+    assert resources["metadata_db"]["url"] == {"key": "url", "value": "VBATCH_DATABASE_URL", "type": "ENV_VAR"}
+
+
+def test_managed_label_studio_secrets_stay_in_its_credentials_file(vbatch_home, monkeypatch):
+    from resources import FileStore
+    from vbatch_pipelines.curation.server import ManagedLabelStudio, credentials
+    from vbatch_pipelines.settings import load_settings
+
+    monkeypatch.setenv("VBATCH_CURATION", "on")
+    for name in ("VBATCH_LABEL_STUDIO_URL", "VBATCH_LABEL_STUDIO_TOKEN", "VBATCH_WEBHOOK_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    state_dir = FileStore(root=str(vbatch_home)).label_studio_dir
+    if not ManagedLabelStudio(state_dir, load_settings().envs_dir, 4115).installed():
+        pytest.fail("Label Studio is not installed: run `vbatch label-studio install` (make test does)")
+    created = credentials(state_dir)  # not started: only its credentials file, as its first start writes it
+
+    text, resources = shown_resources()
+
+    for key in ("token", "password", "webhook_secret"):
+        assert created[key] not in text, key
+    assert json.loads(resources["label_studio"]["managed_dir"]["value"]) == str(state_dir)  # the managed variant
