@@ -19,7 +19,6 @@ from resources.metadata_db import MetadataDB
 from resources.model_registry import ModelRegistry
 from resources.retraining_policy import RetrainingPolicy
 from resources.trainer import Trainer
-from vbatch_pipelines.curation.server import ManagedLabelStudio
 from vbatch_pipelines.settings import Settings, SettingsError
 
 
@@ -60,21 +59,25 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
 
 
 def _label_studio(settings: Settings, file_store: FileStore, secret) -> LabelStudio:
-    """External (VBATCH_LABEL_STUDIO_URL), managed by vbatch, or disabled with the reason."""
-    if not settings.curation:
-        return LabelStudio(enabled=False, disabled_reason="curation is off (VBATCH_CURATION=off)")
+    """External (VBATCH_LABEL_STUDIO_URL), managed by vbatch, or disabled with the reason. A disabled managed
+    one still knows its server, so `vbatch label-studio` and `vbatch up` can start and stop it."""
     common = {"webhook_url": f"http://127.0.0.1:{settings.api_port}/v1/webhooks/label-studio",
               "webhook_secret": secret("VBATCH_WEBHOOK_SECRET", settings.webhook_secret),
               "token": secret("VBATCH_LABEL_STUDIO_TOKEN", settings.label_studio_token)}
     if settings.label_studio_url:
+        if not settings.curation:
+            return LabelStudio(enabled=False, disabled_reason="curation is off (VBATCH_CURATION=off)")
         if not settings.label_studio_token:
             raise SettingsError("VBATCH_LABEL_STUDIO_URL is set: set VBATCH_LABEL_STUDIO_TOKEN to its API token")
         return LabelStudio(url=settings.label_studio_url.rstrip("/"), **common)
-    server = ManagedLabelStudio(file_store.label_studio_dir, settings.envs_dir, settings.label_studio_port)
-    if not server.installed():
-        return LabelStudio(enabled=False,
-                           disabled_reason="Label Studio is not installed (run `vbatch label-studio install`)")
-    return LabelStudio(url=server.url, managed_dir=str(file_store.label_studio_dir),
-                       managed_port=settings.label_studio_port, envs_dir=str(settings.envs_dir),
-                       managed_database_url=secret("VBATCH_LABEL_STUDIO_DATABASE_URL",
-                                                   settings.label_studio_database_url), **common)
+    managed = {"url": f"http://127.0.0.1:{settings.label_studio_port}", "managed_dir": str(file_store.label_studio_dir),
+               "managed_port": settings.label_studio_port, "envs_dir": str(settings.envs_dir),
+               "managed_database_url": secret("VBATCH_LABEL_STUDIO_DATABASE_URL", settings.label_studio_database_url),
+               **common}
+    if not settings.curation:
+        return LabelStudio(enabled=False, disabled_reason="curation is off (VBATCH_CURATION=off)", **managed)
+    label_studio = LabelStudio(**managed)
+    if not label_studio.server().installed():
+        return LabelStudio(enabled=False, disabled_reason="Label Studio is not installed (run `vbatch label-studio "
+                                                          "install`)", **managed)
+    return label_studio

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource
@@ -81,9 +82,7 @@ class LabelStudio(ConfigurableResource):
         """The Label Studio vbatch runs (None: an external one)."""
         if not self.managed_dir:
             return None
-        from pathlib import Path
-
-        return ManagedLabelStudio(Path(self.managed_dir), Path(self.envs_dir or "."), self.managed_port,
+        return ManagedLabelStudio(Path(self.managed_dir), Path(self.envs_dir or ""), self.managed_port,
                                   database_url=self.managed_database_url, token=self.token)
 
     @property

@@ -12,12 +12,15 @@ from tests.conftest import chat_lines, jsonl
 
 
 @pytest.fixture()
-def client(vbatch_home, monkeypatch):
-    monkeypatch.setenv("VBATCH_DAGSTER_URL", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("VBATCH_MAX_UPLOAD_BYTES", "4096")
-    from api.main import create_app
+def client(vbatch_home):
+    from dataclasses import replace
 
-    with TestClient(create_app()) as test_client:
+    from api.main import create_app
+    from vbatch_pipelines.settings import load_settings
+
+    # Dagster where nothing listens; a small upload limit
+    settings = replace(load_settings(), dagster_url="http://127.0.0.1:9", max_upload_bytes=4096)
+    with TestClient(create_app(settings)) as test_client:
         yield test_client
 
 

@@ -26,12 +26,15 @@ REQUEST_TIMEOUT_S = 300
 
 
 @pytest.fixture()
-def api_schema(vbatch_home, monkeypatch):
-    monkeypatch.setenv("VBATCH_DAGSTER_URL", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("VBATCH_MAX_UPLOAD_BYTES", "65536")
-    from api.main import create_app
+def api_schema(vbatch_home):
+    from dataclasses import replace
 
-    return schemathesis.openapi.from_asgi("/openapi.json", create_app())
+    from api.main import create_app
+    from vbatch_pipelines.settings import load_settings
+
+    # Dagster where nothing listens; a small upload limit
+    settings = replace(load_settings(), dagster_url="http://127.0.0.1:9", max_upload_bytes=65536)
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(settings))
 
 
 def test_no_server_errors(api_schema):

@@ -157,13 +157,7 @@ def cmd_label_studio_install(args, ctx: Context) -> int:
 
 def _managed_label_studio(ctx: Context):
     """The Label Studio vbatch runs for this home (whether or not curation is on), or None for an external one."""
-    from vbatch_pipelines.curation.server import ManagedLabelStudio
-
-    if ctx.settings.label_studio_url:
-        return None
-    return ManagedLabelStudio(ctx["file_store"].label_studio_dir, ctx.settings.envs_dir,
-                              ctx.settings.label_studio_port, database_url=ctx.settings.label_studio_database_url,
-                              token=ctx.settings.label_studio_token)
+    return ctx["label_studio"].server()
 
 
 def cmd_label_studio_start(args, ctx: Context) -> int:
