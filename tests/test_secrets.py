@@ -87,3 +87,30 @@ def test_managed_label_studio_secrets_stay_in_its_credentials_file(vbatch_home, 
     for key in ("token", "password", "webhook_secret"):
         assert created[key] not in text, key
     assert json.loads(resources["label_studio"]["managed_dir"]["value"]) == str(state_dir)  # the managed variant
+
+
+def test_secrets_passed_as_env_vars_resolve_inside_a_run(vbatch_home, monkeypatch, tmp_path):
+    """The EnvVar a resource holds (also one nested in another resource) is the real value inside a run."""
+    from dagster import DagsterInstance, asset, materialize
+
+    from resources.factory import build_resources
+    from vbatch_pipelines.settings import load_settings
+    from vbatch_pipelines.store.db import Database
+
+    url = f"sqlite:///{tmp_path / 'metadata.db'}"
+    monkeypatch.setenv("VBATCH_DATABASE_URL", url)
+    Database(url).upgrade()
+    resources = build_resources(load_settings())
+    with pytest.raises(RuntimeError, match="EnvVar"):  # outside a run it is a name, not a value
+        str(resources["metadata_db"].url)
+
+    @asset(required_resource_keys={"metadata_db", "model_registry", "inference_engine"})
+    def probe(context):
+        metadata_db, model_registry = context.resources.metadata_db, context.resources.model_registry
+        inference_engine = context.resources.inference_engine
+        return [metadata_db.url, model_registry.metadata_db.url, inference_engine.model_registry.metadata_db.url,
+                sorted(model_registry.served_models())]
+
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize([probe], resources=resources, instance=instance)
+    assert result.output_for_node("probe") == [url, url, url, ["vbatch-tiny-chat"]]
