@@ -44,8 +44,8 @@ def record_gold_stars(platform, count: int, start: int = 0) -> None:
 def build_dataset(platform):
     from dagster import DagsterInstance, materialize
 
-    from vbatch_pipelines.defs.curation import gold_star_dataset
     from vbatch_pipelines.curation.service import latest_dataset
+    from vbatch_pipelines.defs.curation import gold_star_dataset
 
     assert materialize([gold_star_dataset], resources=platform.resources, instance=DagsterInstance.ephemeral()).success
     return latest_dataset(platform.db)
@@ -297,8 +297,8 @@ def test_retraining_schedule_skips_without_new_gold_stars(platform):
 def test_fine_tuning_sensor_launches_queued_jobs_and_fails_jobs_whose_run_died(platform):
     from dagster import DagsterInstance, SensorResult, build_sensor_context
 
-    from vbatch_pipelines.fine_tuning.service import get_job, update_job
     from vbatch_pipelines.defs.fine_tuning import fine_tuning_sensor
+    from vbatch_pipelines.fine_tuning.service import get_job, update_job
 
     train = upload(platform, [example(i) for i in range(12)])
     waiting, orphaned = create(platform, training_file=train.id), create(platform, training_file=train.id)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from vbatch_pipelines.curation.service import gold_star_tasks, latest_dataset
-from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.errors import VbatchError
+from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import EXPORT_FORMATS, CurationTask, Dataset
 
 EVAL_PERCENT = 10
