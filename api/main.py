@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.resources = resources
     app.state.db = resources["metadata_db"].db
     app.state.engines = EnginePool(resources["inference_engine"], resources["model_registry"])
+    app.state.review_listeners = []  # extensions' callbacks(resources, task_ids) after reviews are recorded
     install_error_handlers(app)
 
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
@@ -63,6 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
     # Label Studio authenticates its webhooks with a shared secret header, not an API key.
     app.include_router(curation.webhooks, prefix="/v1")
+    if settings.aris_database_url:  # the Aris extension, only when it is configured
+        from integrations import aris
+
+        aris.enable_api(app)
 
     dagster_check: dict = {"at": 0.0, "state": "unknown", "task": None, "client": None}
 

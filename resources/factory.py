@@ -32,7 +32,13 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
     metadata_db = MetadataDB(url=secret("VBATCH_DATABASE_URL", settings.database_url))
     model_registry = ModelRegistry(metadata_db=metadata_db, file_store=file_store, models=settings.models,
                                    default_model=settings.default_model)
+    extensions = {}
+    if settings.aris_database_url:
+        from integrations.aris.aristotle import Aristotle
+
+        extensions["aristotle"] = Aristotle(url=secret("VBATCH_ARIS_DATABASE_URL", settings.aris_database_url))
     return {
+        **extensions,
         "metadata_db": metadata_db,
         "file_store": file_store,
         "model_registry": model_registry,

@@ -169,7 +169,7 @@ class LabelStudio(ConfigurableResource):
             items.append({"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
                           "value": since})
         return list(self._filtered(project_id, {"conjunction": "and", "items": items},
-                                   include="id,annotations,updated_at,result,was_cancelled"))
+                                   include="id,annotations,updated_at,result,was_cancelled,completed_by"))
 
     def task(self, task_id: int) -> Any:
         return self._call(self.client.tasks.get, str(task_id))
@@ -190,6 +190,11 @@ class LabelStudio(ConfigurableResource):
                 pass
         annotation = self._call(self.client.annotations.create, task_id, result=result)
         return annotation.model_dump() if hasattr(annotation, "model_dump") else dict(annotation)
+
+    def user_emails(self) -> dict[str, str]:
+        """Label Studio user id -> email (a reviewer is recorded by id; Aristotle wants the email)."""
+        return {str(user.id): user.email for user in self._call(lambda: list(self.client.users.list()))
+                if getattr(user, "email", None)}
 
     def ensure_webhook(self, url: str, secret: str | None) -> None:
         """Send annotation events of every vbatch project to ``url`` (new projects get it on creation)."""

@@ -147,6 +147,23 @@ class LabelStudioConnection:
     token: str
 
 
+ARISTOTLE_DDL = Path(__file__).with_name("data") / "aristotle.sql"
+
+
+@pytest.fixture()
+def aristotle_url(postgres_url) -> str:
+    """A fresh Aristotle database (the design notes' DDL) in the test PostgreSQL, dropped afterwards."""
+    import sqlalchemy as sa
+
+    from vbatch_pipelines.store.db import normalize_url
+
+    engine = sa.create_engine(normalize_url(postgres_url))
+    with engine.begin() as connection:
+        connection.exec_driver_sql(ARISTOTLE_DDL.read_text())
+    engine.dispose()
+    return postgres_url
+
+
 def start_up(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
     """`vbatch up` in a subprocess; returns it once it printed its banner (and the banner)."""
     process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", *args], env=env,

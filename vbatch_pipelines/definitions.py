@@ -11,11 +11,16 @@ from vbatch_pipelines.settings import load_settings
 SETTINGS = load_settings()
 RESOURCES = build_resources(SETTINGS)
 
-defs = Definitions.merge(
+DOMAINS = [
     batches.defs,
     curation.defs,
     models.defs,
     fine_tuning.defs,
     retraining.build_defs(RESOURCES["retraining_policy"], SETTINGS.database_url, SETTINGS.retrain_cron),
-    Definitions(resources=RESOURCES),
-)
+]
+if SETTINGS.aris_database_url:  # the Aris extension, only when it is configured
+    from integrations import aris
+
+    DOMAINS.append(aris.build_defs())
+
+defs = Definitions.merge(*DOMAINS, Definitions(resources=RESOURCES))

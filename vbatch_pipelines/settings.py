@@ -121,6 +121,7 @@ class Settings:
     gate_metric: GateMetric
     judge_model: str | None  # an LLM judge for model_comparison (None: no judge)
     dagster_home: Path  # DAGSTER_HOME, default $VBATCH_HOME/dagster
+    aris_database_url: str | None = None  # Aristotle's PostgreSQL: the Aris extension is on when set
 
 
 
@@ -204,4 +205,12 @@ def load_settings() -> Settings:
         gate_metric=_choice("VBATCH_GATE_METRIC", "normalized_match", GateMetric),
         judge_model=_env("VBATCH_JUDGE_MODEL"),
         dagster_home=Path(_env("DAGSTER_HOME") or layout.dagster_dir),
+        aris_database_url=_postgres_url("VBATCH_ARIS_DATABASE_URL"),
     )
+
+
+def _postgres_url(name: str) -> str | None:
+    value = _env(name)
+    if value is not None and value.split("://", 1)[0].split("+", 1)[0] not in ("postgresql", "postgres"):
+        raise SettingsError(f"{name} takes a PostgreSQL URL (postgresql://user:password@host:port/db)")
+    return value

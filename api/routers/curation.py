@@ -43,16 +43,24 @@ def _task_or_404(db: Database, task_id: int):
     return task
 
 
-async def _write_review(label_studio: LabelStudio, db: Database, task_id: int, *, answer: str | None,
-                        gold_star: bool) -> dict:
+async def notify_reviews(request: Request, task_ids: list[int]) -> None:
+    """Tell the extensions (e.g. Aris) which tasks' reviews changed; they act on them at once."""
+    for listener in request.app.state.review_listeners:
+        if task_ids:
+            await asyncio.to_thread(listener, request.app.state.resources, task_ids)
+
+
+async def _write_review(request: Request, label_studio: LabelStudio, db: Database, task_id: int, *,
+                        answer: str | None, gold_star: bool) -> dict:
     """Write the review to Label Studio, then record it; Label Studio down: a 503 and nothing changed."""
     task = _task_or_404(db, task_id)
 
-    def write() -> None:
+    def write() -> bool:
         annotation = label_studio.write_review(task_id, answer, task.rating, gold_star, task.annotation_id)
-        record_annotation(db, task_id, annotation)
+        return record_annotation(db, task_id, annotation)
 
-    await asyncio.to_thread(write)
+    if await asyncio.to_thread(write):
+        await notify_reviews(request, [task_id])
     return _task_or_404(db, task_id).to_api()
 
 
@@ -62,23 +70,23 @@ async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db)) -
 
 
 @router.post("/curation/tasks/{task_id}/gold-star", response_model=CurationTaskObject)
-async def set_gold_star(task_id: int = TaskId, body: GoldStarRequest | None = None, db: Database = Depends(get_db),
-                        label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
+async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarRequest | None = None,
+                        db: Database = Depends(get_db), label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
     task = _task_or_404(db, task_id)
-    return await _write_review(label_studio, db, task_id, answer=task.edited_response,
+    return await _write_review(request, label_studio, db, task_id, answer=task.edited_response,
                                gold_star=(body or GoldStarRequest()).gold_star)
 
 
 @router.patch("/curation/tasks/{task_id}/response", response_model=CurationTaskObject)
-async def edit_response(body: EditRequest, task_id: int = TaskId, db: Database = Depends(get_db),
+async def edit_response(body: EditRequest, request: Request, task_id: int = TaskId, db: Database = Depends(get_db),
                         label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
     task = _task_or_404(db, task_id)
     problem = get_schema(task.schema).validate(body.response)
     if problem:
         raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
-    return await _write_review(label_studio, db, task_id, answer=body.response, gold_star=task.gold_star)
+    return await _write_review(request, label_studio, db, task_id, answer=body.response, gold_star=task.gold_star)
 
 
 @router.get("/curation/stats", response_model=CurationStats)
@@ -134,4 +142,5 @@ async def label_studio_webhook(request: Request, db: Database = Depends(get_db),
     elif action == "ANNOTATIONS_DELETED":
         ids = [int(a["id"]) for a in payload.get("annotations") or [] if "id" in a]
         changed = await asyncio.to_thread(clear_annotations, db, ids)
+    await notify_reviews(request, changed)
     return JSONResponse({"received": action, "changed_tasks": changed})

@@ -51,11 +51,11 @@ def examples_of(tasks: list[CurationTask]) -> list[dict[str, Any]]:
     return sorted(by_prompt.values(), key=lambda e: e["prompt_key"])
 
 
-def _chatml(messages: list[dict[str, str]]) -> str:
+def chatml_text(messages: list[dict[str, str]]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
-def _alpaca(messages: list[dict[str, str]]) -> dict[str, str]:
+def alpaca_record(messages: list[dict[str, str]]) -> dict[str, str]:
     system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer"))
     turns = [m for m in messages if m["role"] not in ("system", "developer")]
     history = "\n".join(f"{m['role']}: {m['content']}" for m in turns[:-2])
@@ -74,10 +74,10 @@ def render(examples: list[dict[str, Any]], fmt: str) -> bytes:
         return "".join(json.dumps({"messages": e["messages"]}, ensure_ascii=False) + "\n"
                        for e in examples).encode()
     if fmt == "chatml":
-        return "".join(json.dumps({"text": _chatml(e["messages"])}, ensure_ascii=False) + "\n"
+        return "".join(json.dumps({"text": chatml_text(e["messages"])}, ensure_ascii=False) + "\n"
                        for e in examples).encode()
     if fmt == "alpaca":
-        return json.dumps([_alpaca(e["messages"]) for e in examples], ensure_ascii=False, indent=1).encode()
+        return json.dumps([alpaca_record(e["messages"]) for e in examples], ensure_ascii=False, indent=1).encode()
     if fmt == "sharegpt":
         return json.dumps([_sharegpt(e["messages"]) for e in examples], ensure_ascii=False, indent=1).encode()
     raise UnknownFormat(f"Unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")

@@ -20,7 +20,7 @@ GOLD_STAR = "gold star"
 RESPONSE = "response"  # the Text object the controls annotate
 
 
-def _review_config(prompt_view: str, answer_hint: str) -> str:
+def review_config(prompt_view: str, answer_hint: str) -> str:
     return f"""<View>
   <Header value="Prompt"/>
   {prompt_view}
@@ -66,6 +66,7 @@ class TaskSchema:
     description: str
     label_config: str
     validate: Callable[[str], str | None] = lambda answer: None  # an error message, or None when fine
+    id_field: str | None = None  # a task data field that carries the request's custom_id (e.g. conquest_id)
 
     @property
     def project_title(self) -> str:
@@ -75,18 +76,28 @@ class TaskSchema:
 CHAT_REVIEW = TaskSchema(
     name="chat_review",
     description="Review a chat answer: fix it, rate it 1-5, mark the good ones as gold stars.",
-    label_config=_review_config(DIALOGUE, "Corrected answer (edit the model's text)"),
+    label_config=review_config(DIALOGUE, "Corrected answer (edit the model's text)"),
 )
 
 JSON_EXTRACTION = TaskSchema(
     name="json_extraction",
     description="Review structured output: the answer must be valid JSON; fix fields, rate, gold-star.",
-    label_config=_review_config(DIALOGUE, "Corrected JSON (must parse)"),
+    label_config=review_config(DIALOGUE, "Corrected JSON (must parse)"),
     validate=_validate_json,
 )
 
 SCHEMAS: dict[str, TaskSchema] = {schema.name: schema for schema in (CHAT_REVIEW, JSON_EXTRACTION)}
 DEFAULT_SCHEMA = CHAT_REVIEW.name
+# Extensions (integrations/) add schemas and rules that pick one from a batch's metadata; the first rule that
+# answers wins, before the core's own choice.
+SCHEMA_RULES: list[Callable[[dict[str, str]], str | None]] = []
+
+
+def register_schema(schema: TaskSchema, rule: Callable[[dict[str, str]], str | None] | None = None) -> None:
+    """Make a task schema available (idempotent), optionally with a rule naming it for a batch's metadata."""
+    SCHEMAS[schema.name] = schema
+    if rule is not None and rule not in SCHEMA_RULES:
+        SCHEMA_RULES.append(rule)
 
 
 class UnknownSchema(ValueError):
@@ -105,6 +116,9 @@ def schema_for_batch(metadata: dict[str, str] | None, body: dict[str, Any] | Non
     metadata = metadata or {}
     if metadata.get("curation_schema"):
         return get_schema(metadata["curation_schema"])
+    for rule in SCHEMA_RULES:
+        if (name := rule(metadata)) is not None:
+            return get_schema(name)
     response_format = (body or {}).get("response_format") or {}
     if response_format.get("type") in ("json_object", "json_schema"):
         return JSON_EXTRACTION

@@ -56,8 +56,10 @@ def get_task(db: Database, ls_task_id: int) -> CurationTask | None:
         return session.scalars(select(CurationTask).where(CurationTask.ls_task_id == ls_task_id)).first()
 
 
-def apply_review(db: Database, ls_task_id: int, review: Review | None, annotation_id: int | None) -> bool:
-    """Record a task's current review (None: its annotations are gone); True when something changed."""
+def apply_review(db: Database, ls_task_id: int, review: Review | None, annotation_id: int | None,
+                 reviewer: str | None = None) -> bool:
+    """Record a task's current review (None: its annotations are gone) and who made it; True when the review
+    changed (the reviewer alone is not a change)."""
     with db.session() as session:
         task = session.scalars(select(CurationTask).where(CurationTask.ls_task_id == ls_task_id)
                                .with_for_update()).first()
@@ -70,8 +72,11 @@ def apply_review(db: Database, ls_task_id: int, review: Review | None, annotatio
             edited = review.answer if review.answer is not None and review.answer != task.response else None
             wanted = {"edited_response": edited, "rating": review.rating, "gold_star": review.gold_star,
                       "annotated": True, "annotation_id": annotation_id}
+        if reviewer is not None and task.reviewer is None:
+            task.reviewer = reviewer
         if all(getattr(task, key) == value for key, value in wanted.items()):
             return False
+        task.reviewer = reviewer if review is not None else None
         for key, value in wanted.items():
             setattr(task, key, value)
         task.reviewed_at = int(time.time())

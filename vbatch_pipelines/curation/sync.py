@@ -26,7 +26,15 @@ def record_annotation(db: Database, task_id: int, annotation: Any | None) -> boo
     if annotation is None:
         return apply_review(db, task_id, None, None)
     review: Review = read_annotation(_field(annotation, "result") or [])
-    return apply_review(db, task_id, review, _field(annotation, "id"))
+    return apply_review(db, task_id, review, _field(annotation, "id"), reviewer_of(annotation))
+
+
+def reviewer_of(annotation: Any) -> str | None:
+    """Who made an annotation: Label Studio gives the user's id (or, nested, the user with an email)."""
+    who = _field(annotation, "completed_by")
+    if isinstance(who, dict):
+        who = who.get("email") or who.get("id")
+    return None if who is None else str(who)
 
 
 def record_task(db: Database, task: Any) -> bool:

@@ -104,7 +104,8 @@ def curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, file
             set_task_ids(db, batch_id, project_id, {c: t for c, t in present.items() if c in unconfirmed})
             rows = [row for row in rows if row["custom_id"] not in present]
         tasks = [{"data": {"custom_id": r["custom_id"], "batch_id": batch_id, "model": r["model"] or "",
-                           "schema": schema.name, "messages": r["messages"], "response": r["response"]},
+                           "schema": schema.name, "messages": r["messages"], "response": r["response"],
+                           **({schema.id_field: r["custom_id"]} if schema.id_field else {})},
                   "meta": {"vbatch_batch_id": batch_id, "vbatch_run_id": context.run_id},
                   "predictions": [prediction(r["response"])]} for r in rows]
         ids = label_studio.import_tasks(project_id, tasks)

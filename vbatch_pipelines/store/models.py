@@ -138,6 +138,7 @@ class CurationTask(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     reviewed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     changed_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)  # bumps on every change
+    reviewer: Mapped[str | None] = mapped_column(String(256), nullable=True)  # who made the current review
 
     def final_response(self) -> str:
         return self.edited_response if self.edited_response is not None else self.response
@@ -282,3 +283,4 @@ class Model(Base):
     details: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # fit check, smoke test, error
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+

@@ -1,0 +1,166 @@
+"""The Aris REST routes (mounted under /v1 only when Aris is on, behind the API key like the rest):
+``POST /v1/sync/victory-to-gold-star`` (Aristotle says a conquest is a VICTORY) and ``GET /v1/icl/examples``
+(gold-star examples for Eidos' in-context learning, served from vbatch's own DB)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select, update
+
+from api.deps import get_db, get_label_studio
+from api.errors import OpenAIError
+from integrations.aris.aristotle import Aristotle
+from integrations.aris.models import ArisLink
+from integrations.aris.sync import ensure_link, link_new_tasks, sync_pending
+from resources import LabelStudio
+from vbatch_pipelines.curation.dataset import alpaca_record, chatml_text
+from vbatch_pipelines.errors import NotFound, VbatchError
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import CurationTask
+
+router = APIRouter(tags=["aris"])
+ICL_CANDIDATES = 1000  # examples ranked by similarity to a query (the newest ones)
+
+
+async def get_aristotle(request: Request) -> Aristotle:
+    return request.app.state.resources["aristotle"]
+
+
+# -- push: VICTORY -> gold star ------------------------------------------------------------------------
+
+
+class VictoryRequest(BaseModel):
+    conquest_id: str = Field(min_length=1, max_length=256)
+    philosopher: str = Field(min_length=1, max_length=256)
+    domain: str = Field(min_length=1, max_length=256)
+    result_notes: str | None = Field(default=None, max_length=10_000)
+
+
+class VictoryResponse(BaseModel):
+    status: Literal["success", "pending"]
+    conquest_id: str
+    task_id: int | None
+    gold_star: bool
+    changed: bool
+    message: str
+
+
+@router.post("/sync/victory-to-gold-star", response_model=VictoryResponse, responses={202: {"model": VictoryResponse}})
+async def victory_to_gold_star(body: VictoryRequest, db: Database = Depends(get_db),
+                               aristotle: Aristotle = Depends(get_aristotle),
+                               label_studio: LabelStudio = Depends(get_label_studio)):
+    """Aristotle marked a conquest VICTORY: its task becomes a gold star now. The Aristotle row is trusted,
+    not the body (which only has to name it: conquest, philosopher and domain must match)."""
+    conquest = await asyncio.to_thread(aristotle.get, body.conquest_id)  # down: 503, nothing done
+    if conquest is None or (conquest.philosopher, conquest.domain) != (body.philosopher, body.domain):
+        raise NotFound(f"No conquest {body.conquest_id!r} of {body.philosopher} in {body.domain}", "conquest_id",
+                       "conquest_not_found")
+    if not conquest.victory:
+        raise OpenAIError(409, f"Conquest {body.conquest_id} is {conquest.result}, not VICTORY", param="conquest_id",
+                          code="not_victory")
+
+    def apply() -> tuple[ArisLink, dict[str, int]]:
+        link_new_tasks(db)
+        ensure_link(db, conquest)
+        report = sync_pending(db, aristotle, label_studio, ids=[conquest.id])
+        if report.failures:  # Label Studio down (503) or another failure: nothing was changed
+            failure = report.failures[0]
+            raise failure if isinstance(failure, VbatchError) else RuntimeError(str(failure))
+        with db.session() as session:
+            return session.get(ArisLink, conquest.id), report.outcomes
+
+    link, outcomes = await asyncio.to_thread(apply)
+    if link.ls_task_id is None:
+        return JSONResponse(VictoryResponse(
+            status="pending", conquest_id=conquest.id, task_id=None, gold_star=False, changed=False,
+            message="No curation task is linked to this conquest yet; it becomes a gold star when its result "
+                    "arrives").model_dump(), status_code=202)
+    changed = bool(outcomes.get("to_vbatch") or outcomes.get("conflict"))
+    return VictoryResponse(status="success", conquest_id=conquest.id, task_id=link.ls_task_id, gold_star=True,
+                           changed=changed, message="Gold star set from the VICTORY" if changed
+                           else "Already a gold star; nothing changed")
+
+
+# -- Eidos: in-context learning examples ---------------------------------------------------------------
+
+
+class IclExample(BaseModel):
+    id: str
+    conquest_id: str
+    task_id: int
+    rating: int | None
+    messages: list[dict[str, Any]]
+    text: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+
+
+class IclExamples(BaseModel):
+    philosopher: str
+    domain: str
+    conquest_type: str | None
+    format: Literal["chatml", "openai", "alpaca"]
+    count: int
+    examples: list[IclExample]
+
+
+_WORDS = re.compile(r"\w+")
+
+
+def _similarity(query: set[str], messages: list[dict[str, Any]]) -> float:
+    words = set(_WORDS.findall(" ".join(str(m.get("content", "")) for m in messages).lower()))
+    return len(query & words) / len(query | words) if words else 0.0
+
+
+@router.get("/icl/examples", response_model=IclExamples, response_model_exclude_unset=True)
+def icl_examples(philosopher: str = Query(min_length=1, max_length=256), domain: str = Query(min_length=1, max_length=256),
+                 conquest_type: str | None = Query(default=None, max_length=128),
+                 limit: int = Query(default=10, ge=1, le=100),
+                 format: Literal["chatml", "openai", "alpaca"] = "chatml",
+                 query: str | None = Query(default=None, max_length=10_000,
+                                           description="rank examples by similarity to this prompt"),
+                 exclude: list[str] = Query(default_factory=list, max_length=1000,
+                                            description="conquest ids to leave out"),
+                 db: Database = Depends(get_db)) -> dict:
+    """Gold-star examples of this philosopher and domain (starred tasks linked to VICTORY conquests), newest
+    first, the expert's edited answer winning. Served from vbatch's DB: it answers while Aristotle is down."""
+    with db.session() as session:
+        statement = (select(ArisLink.conquest_id, CurationTask)
+                     .join(CurationTask, CurationTask.ls_task_id == ArisLink.ls_task_id)
+                     .where(ArisLink.philosopher == philosopher, ArisLink.domain == domain,
+                            ArisLink.seen_result == "VICTORY", CurationTask.gold_star.is_(True))
+                     .order_by(CurationTask.reviewed_at.desc().nulls_last(), CurationTask.id.desc()))
+        if conquest_type:
+            statement = statement.where(ArisLink.conquest_type == conquest_type)
+        if exclude:
+            statement = statement.where(ArisLink.conquest_id.not_in(exclude))
+        rows = session.execute(statement.limit(ICL_CANDIDATES if query else limit)).all()
+        examples = [(conquest_id, task, [*task.messages, {"role": "assistant", "content": task.final_response()}])
+                    for conquest_id, task in rows]
+        if query:
+            words = set(_WORDS.findall(query.lower()))
+            examples.sort(key=lambda e: _similarity(words, e[2]), reverse=True)  # stable: newest first on ties
+        examples = examples[:limit]
+        if examples:
+            session.execute(update(ArisLink).where(ArisLink.conquest_id.in_([e[0] for e in examples]))
+                            .values(icl_uses=ArisLink.icl_uses + 1, icl_last_used_at=int(time.time())))
+    out = []
+    for conquest_id, task, messages in examples:
+        item: dict[str, Any] = {"id": f"icl-{task.ls_task_id}", "conquest_id": conquest_id,
+                                "task_id": task.ls_task_id, "rating": task.rating, "messages": messages}
+        if format == "chatml":
+            item["text"] = chatml_text(messages)
+        elif format == "alpaca":
+            record = alpaca_record(messages)
+            item.update(instruction=record["instruction"], input=record["input"], output=record["output"])
+        out.append(item)
+    return {"philosopher": philosopher, "domain": domain, "conquest_type": conquest_type, "format": format,
+            "count": len(out), "examples": out}

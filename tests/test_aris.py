@@ -1,0 +1,361 @@
+"""The Aris extension against real systems: Aristotle's PostgreSQL (a fresh database per test with the design
+notes' DDL), the session's Label Studio, Dagster (sensor ticks and the sync asset with its checks), the REST API.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from dagster import SkipReason, build_sensor_context, materialize
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from tests.conftest import chat_line
+from tests.test_curation import Curation, _requested
+from vbatch_pipelines.curation.schemas import annotation_result
+from vbatch_pipelines.store.db import normalize_url
+
+PHILOSOPHER, DOMAIN = "ada@example.com", "engineering"
+
+
+@pytest.fixture()
+def aris(curation_home, aristotle_url, monkeypatch):
+    monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", aristotle_url)
+    from integrations.aris import enable_schemas
+
+    enable_schemas()
+    aris = Aris(aristotle_url)
+    try:
+        yield aris
+    finally:
+        aris.close()
+
+
+class Aris(Curation):
+    def __init__(self, url: str):
+        super().__init__()
+        self.aristotle = self.resources["aristotle"]
+        self.sql_engine = create_engine(normalize_url(url))
+        self.aris_cursor: str | None = None
+
+    def close(self) -> None:
+        self.aristotle.dispose()
+        self.sql_engine.dispose()
+
+    def sql(self, statement: str, **params):
+        with self.sql_engine.begin() as connection:
+            result = connection.execute(text(statement), params)
+            return result.mappings().all() if result.returns_rows else result.rowcount
+
+    def add_conquests(self, ids: list[str], *, result: str = "PENDING", conquest_type: str = "candidate_evaluation",
+                      philosopher: str = PHILOSOPHER, domain: str = DOMAIN) -> None:
+        for conquest_id in ids:
+            self.sql('INSERT INTO "Conquest" (id, "conquestType", title, result, philosopher, domain) '
+                     "VALUES (:id, :type, :title, :result, :philosopher, :domain)", id=conquest_id, type=conquest_type,
+                     title=f"Evaluate {conquest_id}", result=result, philosopher=philosopher, domain=domain)
+
+    def conquest(self, conquest_id: str) -> dict:
+        return dict(self.sql('SELECT * FROM "Conquest" WHERE id = :id', id=conquest_id)[0])
+
+    def ratings(self, conquest_id: str) -> list[dict]:
+        return [dict(r) for r in self.sql("SELECT * FROM ml_analysis_rating WHERE conquest_analysis_id = :id",
+                                          id=conquest_id)]
+
+    def run_conquests(self, ids: list[str], conquest_type: str = "candidate_evaluation", **extra) -> dict[str, int]:
+        """A conquest batch through batch_input, batch_output and curation_tasks: custom_id -> task id."""
+        from vbatch_pipelines.curation.service import known_custom_ids
+
+        lines = [chat_line(conquest_id, f"Evaluate the candidate of conquest {conquest_id}.") for conquest_id in ids]
+        batch_id = self.run_batch(lines, metadata={"aris": "conquest", "philosopher": PHILOSOPHER,
+                                                  "domain": DOMAIN, "conquest_type": conquest_type, **extra})
+        return known_custom_ids(self.db, batch_id)
+
+    def star(self, task_id: int, answer: str | None = None, rating: int | None = None, gold: bool = True) -> None:
+        """A review in Label Studio, as an expert makes it there, then read by the curation sensor."""
+        task = self.client.tasks.get(str(task_id))
+        annotations = task.annotations or []
+        if annotations:
+            current = annotations[-1]
+            self.client.annotations.update(current["id"] if isinstance(current, dict) else current.id,
+                                           result=annotation_result(answer, rating, gold))
+        else:
+            self.client.annotations.create(task_id, result=annotation_result(answer, rating, gold))
+        self.tick()
+
+    def aris_tick(self):
+        from integrations.aris.defs import aristotle_sensor
+
+        context = build_sensor_context(cursor=self.aris_cursor, instance=self.instance,
+                                       resources={"metadata_db": self.resources["metadata_db"],
+                                                  "aristotle": self.aristotle})
+        result = aristotle_sensor(context)
+        self.aris_cursor = context.cursor
+        return result
+
+    def settle(self) -> None:
+        """A sensor tick and, when it asks for one, a sync run."""
+        if _requested(self.aris_tick()):
+            self.sync()
+
+    def sync(self, expect_checks: bool = True):
+        from integrations.aris.defs import (
+            aris_sync,
+            no_duplicate_rating_rows,
+            no_failed_syncs,
+            sides_agree,
+            victories_linked,
+        )
+
+        result = materialize([aris_sync, sides_agree, no_failed_syncs, no_duplicate_rating_rows, victories_linked],
+                             resources=self.resources, instance=self.instance, selection=[aris_sync.key],
+                             raise_on_error=False)
+        if expect_checks:
+            assert result.success
+            checks = result.get_asset_check_evaluations()
+            assert len(checks) == 4 and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
+        return result
+
+    def task(self, task_id: int):
+        from vbatch_pipelines.curation.service import get_task
+
+        return get_task(self.db, task_id)
+
+
+def test_a_gold_star_becomes_a_victory_with_one_rating_row_and_replays_change_nothing(aris):
+    aris.add_conquests(["c-1", "c-2"])
+    tasks = aris.run_conquests(["c-1", "c-2"])
+    assert aris.client.tasks.get(str(tasks["c-1"])).data["conquest_id"] == "c-1"
+    aris.settle()  # the links' first agreement: nothing to write
+    assert aris.conquest("c-1")["result"] == "PENDING" and not aris.ratings("c-1")
+
+    aris.star(tasks["c-1"], "The candidate is strong in systems design.", 4)
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    row = aris.conquest("c-1")
+    assert row["result"] == "VICTORY" and row["useAsExample"] is True and row["evaluatedAt"] is not None
+    assert row["evaluatedBy"] == "admin@vbatch.local"
+    (rating,) = aris.ratings("c-1")
+    assert rating["id"] == f"vbatch-{tasks['c-1']}" and rating["is_gold_star"] and rating["use_as_sample_response"]
+    assert (rating["rating"], rating["analysis_type"], rating["label_studio_task_id"]) == (4, "conquest_analysis",
+                                                                                         tasks["c-1"])
+    assert (rating["philosopher"], rating["domain"]) == (PHILOSOPHER, DOMAIN)
+    assert aris.conquest("c-2")["result"] == "PENDING" and not aris.ratings("c-2")
+
+    # No echo: vbatch's own write, read back, is no change; replays write nothing new.
+    for _ in range(5):
+        assert isinstance(aris.aris_tick(), SkipReason)
+    aris.sync()
+    assert aris.conquest("c-1")["updatedAt"] == row["updatedAt"] and len(aris.ratings("c-1")) == 1
+
+    # Un-star: the result goes back to what it was, the flags come down.
+    aris.star(tasks["c-1"], "The candidate is strong in systems design.", 4, gold=False)
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    row = aris.conquest("c-1")
+    assert (row["result"], row["useAsExample"]) == ("PENDING", False)
+    (rating,) = aris.ratings("c-1")
+    assert not rating["is_gold_star"] and not rating["use_as_sample_response"]
+
+
+def test_a_victory_set_in_aristotle_becomes_a_gold_star_with_the_edit_kept(aris):
+    aris.add_conquests(["v-1", "v-2"])
+    tasks = aris.run_conquests(["v-1", "v-2"])
+    aris.star(tasks["v-1"], "An expert's corrected analysis.", 3, gold=False)
+    aris.settle()
+
+    # The Aristotle app writes VICTORY (and bumps "updatedAt" itself).
+    aris.sql("""UPDATE "Conquest" SET result = 'VICTORY', "updatedAt" = now() WHERE id = 'v-1'""")
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    task = aris.task(tasks["v-1"])
+    assert task.gold_star and task.edited_response == "An expert's corrected analysis." and task.rating == 3
+    assert _requested(aris.tick())  # the curation sensor asks for a new dataset version
+    version, _ = aris.build_dataset()
+    assert "An expert's corrected analysis." in [e["messages"][-1]["content"] for e in aris.all_examples(version)]
+    for _ in range(5):
+        assert isinstance(aris.aris_tick(), SkipReason)
+
+    # DEFEAT set there on a starred conquest: the star comes off.
+    aris.sql("""UPDATE "Conquest" SET result = 'DEFEAT', "updatedAt" = now() WHERE id = 'v-1'""")
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    assert not aris.task(tasks["v-1"]).gold_star and aris.conquest("v-1")["result"] == "DEFEAT"
+
+    # A raw update that leaves "updatedAt" alone is caught by the full re-read.
+    aris.sql("""UPDATE "Conquest" SET result = 'VICTORY' WHERE id = 'v-2'""")
+    assert isinstance(aris.aris_tick(), SkipReason), "not seen by the updatedAt cursor"
+    aris.aris_cursor = json.dumps({**json.loads(aris.aris_cursor), "full_at": 0})  # a full re-read is due
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    assert aris.task(tasks["v-2"]).gold_star
+
+
+def test_a_star_and_a_victory_in_the_same_tick_converge_and_aristotle_wins_conflicts(aris):
+    aris.add_conquests(["s-1", "s-2"])
+    tasks = aris.run_conquests(["s-1", "s-2"])
+    aris.settle()
+    # Both sides say gold for s-1 (they agree); for s-2 vbatch stars while Aristotle says DEFEAT.
+    aris.star(tasks["s-1"], None, 5)
+    aris.star(tasks["s-2"], None, 5)
+    aris.sql("""UPDATE "Conquest" SET result = 'VICTORY', "updatedAt" = now() WHERE id = 's-1'""")
+    aris.sql("""UPDATE "Conquest" SET result = 'DEFEAT', "updatedAt" = now() WHERE id = 's-2'""")
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    assert aris.task(tasks["s-1"]).gold_star and aris.conquest("s-1")["result"] == "VICTORY"
+    assert not aris.task(tasks["s-2"]).gold_star and aris.conquest("s-2")["result"] == "DEFEAT"
+    from integrations.aris.models import ArisEvent
+
+    with aris.db.session() as session:
+        conflicts = [e.conquest_id for e in session.query(ArisEvent).filter_by(kind="conflict")]
+    assert conflicts == ["s-2"]
+    assert isinstance(aris.aris_tick(), SkipReason)
+
+
+def test_many_conquests_sharing_one_updated_at_are_each_read_once(aris):
+    from integrations.aris.aristotle import Conquest
+
+    aris.sql("""INSERT INTO "Conquest" (id, philosopher, domain, "updatedAt")
+                SELECT 'bulk-' || lpad(i::text, 5, '0'), 'p', 'd', timestamp '2026-01-01 00:00:00'
+                FROM generate_series(1, 1500) AS i""")
+    pages = list(aris.aristotle.changed_since(None, page=400))
+    ids = [c.id for page in pages for c in page]
+    assert len(ids) == 1500 == len(set(ids)) and len(pages) == 4
+    assert all(isinstance(c, Conquest) for c in pages[0])
+
+
+def test_push_endpoint_answers_success_replay_404_409_202_and_503(aris, label_studio_server):
+    from api.main import create_app
+
+    aris.add_conquests(["p-1", "p-2", "p-late"])
+    aris.add_conquests(["p-pending"], result="PENDING")
+    tasks = aris.run_conquests(["p-1", "p-2"])
+    body = {"conquest_id": "p-1", "philosopher": PHILOSOPHER, "domain": DOMAIN, "result_notes": "Great"}
+    with TestClient(create_app()) as client:
+        push = lambda **changes: client.post("/v1/sync/victory-to-gold-star", json={**body, **changes})  # noqa: E731
+        assert push().status_code == 409 and push().json()["error"]["code"] == "not_victory"
+        aris.sql("""UPDATE "Conquest" SET result = 'VICTORY', "updatedAt" = now() WHERE id IN ('p-1', 'p-late')""")
+        first = push()
+        assert first.status_code == 200, first.text
+        assert first.json() == {"status": "success", "conquest_id": "p-1", "task_id": tasks["p-1"], "gold_star": True,
+                                "changed": True, "message": first.json()["message"]}
+        assert aris.task(tasks["p-1"]).gold_star
+        replay = push()
+        assert replay.status_code == 200 and replay.json()["changed"] is False
+        assert push(philosopher="someone@else").status_code == 404
+        missing = push(conquest_id="nope")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "conquest_not_found"
+        assert push(conquest_id="p-pending").status_code == 409
+        late = push(conquest_id="p-late")
+        assert late.status_code == 202 and late.json()["status"] == "pending" and late.json()["task_id"] is None
+        assert client.post("/v1/sync/victory-to-gold-star", json={"conquest_id": "x"}).status_code == 400
+
+        # Label Studio down: 503 and nothing half-done.
+        aris.sql("""UPDATE "Conquest" SET result = 'VICTORY', "updatedAt" = now() WHERE id = 'p-2'""")
+        server, _ = label_studio_server
+        server.stop()
+        try:
+            down = push(conquest_id="p-2")
+            assert down.status_code == 503, down.text
+            assert not aris.task(tasks["p-2"]).gold_star
+        finally:
+            server.ensure()
+        assert push(conquest_id="p-2").json()["changed"] is True
+    # The late conquest's result arrives: it becomes a gold star through the sensor and the sync.
+    late_tasks = aris.run_conquests(["p-late"])
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    assert aris.task(late_tasks["p-late"]).gold_star
+
+
+def test_icl_examples_filter_format_limit_and_keep_answering_without_aristotle(aris):
+    from api.main import create_app
+
+    aris.add_conquests(["i-1", "i-2", "i-3"])
+    aris.add_conquests(["i-other"], philosopher="bob@example.com")
+    aris.add_conquests(["i-cv"], conquest_type="cv_parsing")
+    tasks = aris.run_conquests(["i-1", "i-2", "i-3"])
+    other = aris.run_conquests(["i-other"])
+    cv = aris.run_conquests(["i-cv"], conquest_type="cv_parsing")
+    aris.star(tasks["i-1"], "Edited: hire for the platform team.", 5)
+    aris.star(tasks["i-2"], None, 4)
+    aris.star(other["i-other"], None, 5)
+    aris.star(cv["i-cv"], '{"name": "Ada", "experience": [{"title": "Engineer"}]}', 5)
+    aris.aris_tick()
+    aris.sync()
+    with TestClient(create_app()) as client:
+        get = lambda **params: client.get("/v1/icl/examples", params={"philosopher": PHILOSOPHER,  # noqa: E731
+                                                                      "domain": DOMAIN, **params})
+        page = get().json()
+        assert page["count"] == 3 and page["format"] == "chatml" and page["philosopher"] == PHILOSOPHER
+        ids = [e["conquest_id"] for e in page["examples"]]
+        assert set(ids) == {"i-1", "i-2", "i-cv"} and "i-3" not in ids and "i-other" not in ids
+        first = next(e for e in page["examples"] if e["conquest_id"] == "i-1")
+        assert first["messages"][-1] == {"role": "assistant", "content": "Edited: hire for the platform team."}
+        assert first["text"].startswith("<|im_start|>user") and first["rating"] == 5
+        assert first["task_id"] == tasks["i-1"]
+        only_cv = get(conquest_type="cv_parsing").json()
+        assert [e["conquest_id"] for e in only_cv["examples"]] == ["i-cv"]
+        alpaca = get(format="alpaca", limit=1).json()
+        assert alpaca["count"] == 1 and set(alpaca["examples"][0]) >= {"instruction", "input", "output"}
+        assert "text" not in alpaca["examples"][0]
+        assert get(format="openai", exclude=["i-1", "i-2"]).json()["count"] == 1
+        ranked = get(query="platform team hire").json()["examples"]
+        assert ranked[0]["conquest_id"] == "i-1"
+        for bad in ({"limit": 0}, {"limit": 101}, {"format": "xml"}, {"philosopher": ""}):
+            response = get(**bad)
+            assert response.status_code == 400 and response.json()["error"]["param"], bad
+        # Aristotle down: examples are served from vbatch's own DB.
+        aris.sql("SELECT 1")
+        aris.aristotle.dispose()
+        name = aris.sql_engine.url.database
+        aris.sql_engine.dispose()
+        admin = create_engine(normalize_url(aris.sql_engine.url.set(database="postgres").render_as_string(False)),
+                              isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            connection.exec_driver_sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                       f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+        try:
+            assert get().json()["count"] == 3
+            down = client.post("/v1/sync/victory-to-gold-star", json={"conquest_id": "i-3", "philosopher": PHILOSOPHER,
+                                                                      "domain": DOMAIN})
+            assert down.status_code == 503 and down.json()["error"]["code"] == "aristotle_unavailable"
+        finally:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            admin.dispose()
+    from integrations.aris.models import ArisLink
+
+    with aris.db.session() as session:
+        assert session.get(ArisLink, "i-1").icl_uses >= 5, "each served example's use is counted"
+
+
+def test_a_cv_parsing_answer_must_match_its_json_schema(aris):
+    from integrations.aris.schemas import conquest_schemas
+
+    cv = conquest_schemas()["cv_parsing"]
+    assert cv.validate('{"name": "Ada", "experience": []}') is None
+    assert "experience" in cv.validate('{"name": "Ada"}')
+    assert "not valid JSON" in cv.validate("Ada, engineer")
+    assert conquest_schemas()["candidate_evaluation"].validate("anything") is None
+
+
+def test_with_aris_off_no_aris_route_sensor_or_asset_exists(vbatch_home, monkeypatch):
+    import subprocess
+    import sys
+
+    from api.main import create_app
+
+    monkeypatch.delenv("VBATCH_ARIS_DATABASE_URL", raising=False)
+    paths = create_app().openapi()["paths"]
+    assert not [p for p in paths if "/sync/" in p or "/icl/" in p]
+    code = ("import vbatch_pipelines.definitions as d; r = d.defs.get_repository_def(); "
+            "print(sorted(s.name for s in r.sensor_defs)); print(sorted(k.to_user_string() for k in "
+            "r.asset_graph.get_all_asset_keys())); print('aristotle' in d.RESOURCES)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "aristotle_sensor" not in out and "aris_sync" not in out and out.strip().endswith("False")
+    monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", "postgresql://nobody@127.0.0.1:9/aristotle")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "aristotle_sensor" in out and "aris_sync" in out and out.strip().endswith("True")
+    assert any("/icl/examples" in p for p in create_app().openapi()["paths"])
