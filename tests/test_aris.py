@@ -160,6 +160,7 @@ def test_a_gold_star_becomes_a_victory_with_one_rating_row_and_replays_change_no
 
 def test_a_victory_set_in_aristotle_becomes_a_gold_star_with_the_edit_kept(aris):
     aris.add_conquests(["v-1", "v-2"])
+    aris.sql("""UPDATE "Conquest" SET "updatedAt" = now() - interval '1 hour' WHERE id = 'v-2'""")
     tasks = aris.run_conquests(["v-1", "v-2"])
     aris.star(tasks["v-1"], "An expert's corrected analysis.", 3, gold=False)
     aris.settle()
@@ -182,7 +183,8 @@ def test_a_victory_set_in_aristotle_becomes_a_gold_star_with_the_edit_kept(aris)
     aris.sync()
     assert not aris.task(tasks["v-1"]).gold_star and aris.conquest("v-1")["result"] == "DEFEAT"
 
-    # A raw update that leaves "updatedAt" alone is caught by the full re-read.
+    # A raw update that leaves "updatedAt" alone (an hour old: outside the look-back) is caught by the full
+    # re-read of linked conquests.
     aris.sql("""UPDATE "Conquest" SET result = 'VICTORY' WHERE id = 'v-2'""")
     assert isinstance(aris.aris_tick(), SkipReason), "not seen by the updatedAt cursor"
     aris.aris_cursor = json.dumps({**json.loads(aris.aris_cursor), "full_at": 0})  # a full re-read is due
@@ -328,7 +330,7 @@ def test_icl_examples_filter_format_limit_and_keep_answering_without_aristotle(a
     from integrations.aris.models import ArisLink
 
     with aris.db.session() as session:
-        assert session.get(ArisLink, "i-1").icl_uses >= 5, "each served example's use is counted"
+        assert session.get(ArisLink, "i-1").icl_uses == 3, "each served example's use is counted"
 
 
 def test_a_cv_parsing_answer_must_match_its_json_schema(aris):

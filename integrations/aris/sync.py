@@ -5,7 +5,7 @@ agreed on and the Aristotle row state vbatch last saw (``result``, ``"updatedAt"
 
 - both sides gold-equal                      → agreed; nothing is written (a replay, or vbatch's own write read
                                                back, changes nothing: no event, no run, no ``updatedAt`` bump);
-- Aristotle changed since the agreement       → its state goes to Label Studio and vbatch (edits kept); when
+- Aristotle's result changed since then       → its state goes to Label Studio and vbatch (edits kept); when
                                                vbatch changed too, Aristotle wins and the conflict is recorded;
 - only vbatch changed                        → written to Aristotle by compare-and-set on the row state read
                                                this round: a row that changed in between is never overwritten,
@@ -216,8 +216,10 @@ def sync_link(db: Database, aristotle: Aristotle, label_studio, link: ArisLink, 
         return "waiting_for_task"
     if row is None:
         raise LookupError(f"conquest {link.conquest_id} is not in Aristotle")
-    base = bool(link.agreed_gold)
-    aris_changed, vbatch_changed = row.victory != base, task.gold_star != base
+    # Aristotle changed when its result is not the one both sides agreed with (PENDING -> DEFEAT counts: a
+    # decision was made there); vbatch changed when the task's gold star is not the agreed one.
+    aris_changed = row.result != link.seen_result if link.agreed_gold is not None else row.victory
+    vbatch_changed = task.gold_star != bool(link.agreed_gold)
     if row.victory == task.gold_star:
         _agreed(db, link, row, row.victory)
         return "agreed"
