@@ -36,7 +36,7 @@ class Aris(Curation):
     def __init__(self, url: str):
         super().__init__()
         self.aristotle = self.resources["aristotle"]
-        self.sql_engine = create_engine(normalize_url(url))
+        self.sql_engine = create_engine(normalize_url(url), pool_pre_ping=True)
         self.aris_cursor: str | None = None
 
     def close(self) -> None:
@@ -361,3 +361,99 @@ def test_with_aris_off_no_aris_route_sensor_or_asset_exists(vbatch_home, monkeyp
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "aristotle_sensor" in out and "aris_sync" in out and out.strip().endswith("True")
     assert any("/icl/examples" in p for p in create_app().openapi()["paths"])
+
+
+def _set_connections(url, allowed: bool) -> None:
+    """Make Aristotle's database refuse (or accept again) connections, dropping the open ones."""
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database
+    admin = create_engine(normalize_url(make_url(url).set(database="postgres").render_as_string(False)),
+                          isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"true" if allowed else "false"}')
+        if not allowed:
+            connection.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                       f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+    admin.dispose()
+
+
+def test_aristotle_going_down_mid_sync_loses_nothing(aris, aristotle_url, monkeypatch):
+    from integrations.aris.aristotle import Aristotle
+
+    ids = [f"d-{i}" for i in range(10)]
+    aris.add_conquests(ids)
+    tasks = aris.run_conquests(ids)
+    aris.settle()
+    for conquest_id in ids:
+        aris.client.annotations.create(tasks[conquest_id], result=annotation_result(None, 5, True))
+    aris.tick()
+    assert _requested(aris.aris_tick())
+
+    real = Aristotle.mark_victory
+    written = []
+
+    def fails_after_four(self, *args, **kwargs):
+        if len(written) == 4:
+            _set_connections(aristotle_url, False)
+        result = real(self, *args, **kwargs)
+        written.append(result)
+        return result
+
+    monkeypatch.setattr(Aristotle, "mark_victory", fails_after_four)
+    try:
+        failed = aris.sync(expect_checks=False)
+        assert not failed.success and len(written) == 4
+        assert isinstance(aris.aris_tick(), SkipReason), "Aristotle down: skip, the cursor stays"
+    finally:
+        _set_connections(aristotle_url, True)
+    monkeypatch.setattr(Aristotle, "mark_victory", real)
+    from integrations.aris.models import ArisLink
+
+    with aris.db.session() as session:  # the back-off has run out when Aristotle is back
+        session.query(ArisLink).update({ArisLink.next_attempt_at: 0})
+    assert _requested(aris.aris_tick())
+    aris.sync()  # the checks pass: both sides agree, no failed link, one rating row each
+    assert sum(aris.conquest(c)["result"] == "VICTORY" for c in ids) == 10
+    assert sum(len(aris.ratings(c)) for c in ids) == 10
+
+
+def test_one_change_arriving_by_webhook_sensor_and_api_at_once_writes_once(aris):
+    import threading
+
+    from integrations.aris.sync import on_reviews_changed, sync_pending
+
+    aris.add_conquests(["w-1"])
+    tasks = aris.run_conquests(["w-1"])
+    aris.settle()
+    before = aris.conquest("w-1")["updatedAt"]
+    aris.star(tasks["w-1"], None, 5)  # recorded in vbatch; now three paths try to push it at once
+    aris.aris_tick()
+    barrier = threading.Barrier(3)
+    errors = []
+
+    def run(fn):
+        try:
+            barrier.wait()
+            fn()
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    paths = [lambda: on_reviews_changed(aris.resources, [tasks["w-1"]]),
+             lambda: sync_pending(aris.db, aris.aristotle, aris.label_studio, ids=["w-1"]),
+             lambda: sync_pending(aris.db, aris.aristotle, aris.label_studio)]
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in paths]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    aris.settle()
+    row = aris.conquest("w-1")
+    assert row["result"] == "VICTORY" and row["updatedAt"] > before and len(aris.ratings("w-1")) == 1
+    from integrations.aris.models import ArisEvent
+
+    with aris.db.session() as session:
+        pushes = session.query(ArisEvent).filter_by(conquest_id="w-1", kind="to_aristotle").count()
+    assert pushes == 1, "written to Aristotle once"
+    assert isinstance(aris.aris_tick(), SkipReason)
