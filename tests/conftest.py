@@ -121,6 +121,12 @@ def platform(vbatch_home) -> Platform:
 @pytest.fixture()
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards."""
+    with fresh_database() as url:
+        yield url
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
     import sqlalchemy as sa
 
     from vbatch_pipelines.store.db import normalize_url
@@ -151,17 +157,24 @@ ARISTOTLE_DDL = Path(__file__).with_name("data") / "aristotle.sql"
 
 
 @pytest.fixture()
-def aristotle_url(postgres_url) -> str:
+def aristotle_url() -> Iterator[str]:
     """A fresh Aristotle database (the design notes' DDL) in the test PostgreSQL, dropped afterwards."""
+    with aristotle_database() as url:
+        yield url
+
+
+@contextmanager
+def aristotle_database() -> Iterator[str]:
     import sqlalchemy as sa
 
     from vbatch_pipelines.store.db import normalize_url
 
-    engine = sa.create_engine(normalize_url(postgres_url))
-    with engine.begin() as connection:
-        connection.exec_driver_sql(ARISTOTLE_DDL.read_text())
-    engine.dispose()
-    return postgres_url
+    with fresh_database() as url:
+        engine = sa.create_engine(normalize_url(url))
+        with engine.begin() as connection:
+            connection.exec_driver_sql(ARISTOTLE_DDL.read_text())
+        engine.dispose()
+        yield url
 
 
 def start_up(env: dict, *args: str) -> tuple[subprocess.Popen, str]:

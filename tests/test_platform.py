@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Platform, chat_lines, jsonl, start_up, survivors
+from tests.conftest import Platform, aristotle_database, chat_line, chat_lines, jsonl, start_up, survivors
 from vbatch_pipelines.batch.service import is_terminal
 from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
 from vbatch_pipelines.net import free_port
@@ -29,7 +29,13 @@ def _wait_terminal(platform, batch_id, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def running_platform(tmp_path_factory, tiny_model_path, label_studio_server):
+def aristotle_for_up():
+    with aristotle_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def running_platform(tmp_path_factory, tiny_model_path, label_studio_server, aristotle_for_up):
     home = tmp_path_factory.mktemp("up-home")
     port = free_port()
     _, studio = label_studio_server
@@ -37,7 +43,8 @@ def running_platform(tmp_path_factory, tiny_model_path, label_studio_server):
                VBATCH_MODELS=f"vbatch-tiny-chat={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
                VBATCH_DAGSTER_URL=f"http://127.0.0.1:{port}", VBATCH_CURATION="on",
                VBATCH_LABEL_STUDIO_URL=studio.url, VBATCH_LABEL_STUDIO_TOKEN=studio.token,
-               VBATCH_RETRAIN_MIN_GOLD_STARS="12", VBATCH_RETRAIN_HYPERPARAMETERS='{"n_epochs": 1}')
+               VBATCH_RETRAIN_MIN_GOLD_STARS="12", VBATCH_RETRAIN_HYPERPARAMETERS='{"n_epochs": 1}',
+               VBATCH_ARIS_DATABASE_URL=aristotle_for_up)
     env.pop("VBATCH_DATABASE_URL", None)
     env.pop("VBATCH_DAGSTER_DATABASE_URL", None)
     process, banner = start_up(env, "--api-port", str(free_port()), "--dagster-port", str(port))
@@ -117,6 +124,45 @@ def test_enough_new_gold_stars_retrain_under_the_daemon(running_platform):
         assert len(session.scalars(select(FineTuningJob)).all()) == 1, "it fired once"
 
 
+def test_a_victory_set_in_aristotle_shows_as_a_label_studio_gold_star_within_30_s(running_platform, aristotle_for_up):
+    """Aris on under `vbatch up`: the daemon's aristotle_sensor and the aris_sync run carry a VICTORY written in
+    SQL to the conquest's Label Studio task."""
+    from sqlalchemy import create_engine, text
+
+    from vbatch_pipelines.curation.schemas import GOLD, GOLD_STAR
+    from vbatch_pipelines.curation.service import known_custom_ids
+    from vbatch_pipelines.store.db import normalize_url
+
+    aristotle = create_engine(normalize_url(aristotle_for_up))
+    with aristotle.begin() as connection:
+        connection.execute(text("""INSERT INTO "Conquest" (id, "conquestType", philosopher, domain)
+                                   VALUES ('up-1', 'candidate_evaluation', 'ada@example.com', 'engineering')"""))
+    batch = running_platform.submit(jsonl([chat_line("up-1", "Evaluate this candidate.")]),
+                                    metadata={"aris": "conquest", "philosopher": "ada@example.com",
+                                              "domain": "engineering", "conquest_type": "candidate_evaluation"})
+    launch_batch(running_platform.db, batch.id, running_platform.dagster_url)
+    assert _wait_terminal(running_platform, batch.id).status == "completed"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not known_custom_ids(running_platform.db, batch.id).get("up-1"):
+        time.sleep(0.5)
+    task_id = known_custom_ids(running_platform.db, batch.id)["up-1"]
+    client = running_platform.resources["label_studio"].client
+
+    def starred() -> bool:
+        annotations = client.tasks.get(str(task_id)).annotations or []
+        return any(item.get("from_name") == GOLD and GOLD_STAR in (item.get("value") or {}).get("choices", [])
+                   for a in annotations for item in (a["result"] if isinstance(a, dict) else a.result) or [])
+
+    assert not starred()
+    with aristotle.begin() as connection:
+        connection.execute(text("""UPDATE "Conquest" SET result = 'VICTORY', "updatedAt" = now() WHERE id = 'up-1'"""))
+    started = time.monotonic()
+    while time.monotonic() - started < 30 and not starred():
+        time.sleep(0.5)
+    aristotle.dispose()
+    assert starred(), "the VICTORY did not reach Label Studio within 30 s"
+
+
 def test_batch_accepted_while_dagster_unreachable_is_launched_by_sensor(running_platform):
     batch = running_platform.submit(jsonl(chat_lines(5)))
     with pytest.raises(DagsterUnreachable):
@@ -141,3 +187,4 @@ def test_sigterm_mid_batch_stops_every_process_it_started(running_platform):
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=90)
     assert not survivors(Path(os.environ["VBATCH_HOME"]))
+
