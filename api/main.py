@@ -43,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        for hook in app.state.shutdown_hooks:
+            hook()
         await app.state.engines.aclose()
         if dagster_check["client"] is not None:
             await dagster_check["client"].aclose()
@@ -55,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = resources["metadata_db"].db
     app.state.engines = EnginePool(resources["inference_engine"], resources["model_registry"])
     app.state.review_listeners = []  # extensions' callbacks(resources, task_ids) after reviews are recorded
+    app.state.shutdown_hooks = []  # extensions' callbacks when the app stops
     install_error_handlers(app)
 
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)

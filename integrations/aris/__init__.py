@@ -28,9 +28,11 @@ def enable_api(app) -> None:
 
     from api.deps import require_api_key
     from api.schemas import ERRORS
-    from integrations.aris.api import router
+    from integrations.aris.api import UseCounter, router
     from integrations.aris.sync import on_reviews_changed
 
     enable_schemas()
     app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
     app.state.review_listeners.append(on_reviews_changed)
+    app.state.icl_uses = UseCounter(app.state.db)
+    app.state.shutdown_hooks.append(app.state.icl_uses.flush)

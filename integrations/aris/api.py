@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
+from collections import Counter
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from api.deps import get_db, get_label_studio
 from api.errors import OpenAIError
@@ -120,47 +122,82 @@ def _similarity(query: set[str], messages: list[dict[str, Any]]) -> float:
     return len(query & words) / len(query | words) if words else 0.0
 
 
-@router.get("/icl/examples", response_model=IclExamples, response_model_exclude_unset=True)
-def icl_examples(philosopher: str = Query(min_length=1, max_length=256), domain: str = Query(min_length=1, max_length=256),
-                 conquest_type: str | None = Query(default=None, max_length=128),
-                 limit: int = Query(default=10, ge=1, le=100),
-                 format: Literal["chatml", "openai", "alpaca"] = "chatml",
-                 query: str | None = Query(default=None, max_length=10_000,
-                                           description="rank examples by similarity to this prompt"),
-                 exclude: list[str] = Query(default_factory=list, max_length=1000,
-                                            description="conquest ids to leave out"),
-                 db: Database = Depends(get_db)) -> dict:
+@router.get("/icl/examples", response_model=IclExamples, response_class=JSONResponse)
+async def icl_examples(request: Request, philosopher: str = Query(min_length=1, max_length=256),
+                       domain: str = Query(min_length=1, max_length=256),
+                       conquest_type: str | None = Query(default=None, max_length=128),
+                       limit: int = Query(default=10, ge=1, le=100),
+                       format: Literal["chatml", "openai", "alpaca"] = "chatml",
+                       query: str | None = Query(default=None, max_length=10_000,
+                                                 description="rank examples by similarity to this prompt"),
+                       exclude: list[str] = Query(default_factory=list, max_length=1000,
+                                                  description="conquest ids to leave out"),
+                       db: Database = Depends(get_db)) -> JSONResponse:
     """Gold-star examples of this philosopher and domain (starred tasks linked to VICTORY conquests), newest
-    first, the expert's edited answer winning. Served from vbatch's DB: it answers while Aristotle is down."""
-    with db.session() as session:
-        statement = (select(ArisLink.conquest_id, CurationTask)
-                     .join(CurationTask, CurationTask.ls_task_id == ArisLink.ls_task_id)
-                     .where(ArisLink.philosopher == philosopher, ArisLink.domain == domain,
-                            ArisLink.seen_result == "VICTORY", CurationTask.gold_star.is_(True))
-                     .order_by(CurationTask.reviewed_at.desc().nulls_last(), CurationTask.id.desc()))
-        if conquest_type:
-            statement = statement.where(ArisLink.conquest_type == conquest_type)
-        if exclude:
-            statement = statement.where(ArisLink.conquest_id.not_in(exclude))
-        rows = session.execute(statement.limit(ICL_CANDIDATES if query else limit)).all()
-        examples = [(conquest_id, task, [*task.messages, {"role": "assistant", "content": task.final_response()}])
-                    for conquest_id, task in rows]
-        if query:
-            words = set(_WORDS.findall(query.lower()))
-            examples.sort(key=lambda e: _similarity(words, e[2]), reverse=True)  # stable: newest first on ties
-        examples = examples[:limit]
-        if examples:
-            session.execute(update(ArisLink).where(ArisLink.conquest_id.in_([e[0] for e in examples]))
-                            .values(icl_uses=ArisLink.icl_uses + 1, icl_last_used_at=int(time.time())))
+    first, the expert's edited answer winning. Served from vbatch's DB: it answers while Aristotle is down.
+    Async with one indexed read (~1 ms), as the API's other polled routes: a thread hand-off costs more."""
+    # Walks ix_aris_links_examples newest first and joins only the tasks it returns.
+    statement = (select(ArisLink.conquest_id, CurationTask.ls_task_id, CurationTask.rating, CurationTask.messages,
+                        CurationTask.response, CurationTask.edited_response)
+                 .join(CurationTask, CurationTask.ls_task_id == ArisLink.ls_task_id)
+                 .where(ArisLink.philosopher == philosopher, ArisLink.domain == domain,
+                        ArisLink.example_since.is_not(None), ArisLink.seen_result == "VICTORY",
+                        CurationTask.gold_star.is_(True))
+                 .order_by(ArisLink.example_since.desc(), ArisLink.conquest_id.desc()))
+    if conquest_type:
+        statement = statement.where(ArisLink.conquest_type == conquest_type)
+    if exclude:
+        statement = statement.where(ArisLink.conquest_id.not_in(exclude))
+    with db.engine.connect() as connection:
+        rows = connection.execute(statement.limit(ICL_CANDIDATES if query else limit)).all()
+    examples = [(conquest_id, task_id, rating, [*messages, {"role": "assistant",
+                                                            "content": edited if edited is not None else response}])
+                for conquest_id, task_id, rating, messages, response, edited in rows]
+    if query:
+        words = set(_WORDS.findall(query.lower()))
+        examples.sort(key=lambda e: _similarity(words, e[3]), reverse=True)  # stable: newest first on ties
+    examples = examples[:limit]
+    if request.app.state.icl_uses.add([e[0] for e in examples]):
+        await asyncio.to_thread(request.app.state.icl_uses.flush)
     out = []
-    for conquest_id, task, messages in examples:
-        item: dict[str, Any] = {"id": f"icl-{task.ls_task_id}", "conquest_id": conquest_id,
-                                "task_id": task.ls_task_id, "rating": task.rating, "messages": messages}
+    for conquest_id, task_id, rating, messages in examples:
+        item: dict[str, Any] = {"id": f"icl-{task_id}", "conquest_id": conquest_id, "task_id": task_id,
+                                "rating": rating, "messages": messages}
         if format == "chatml":
             item["text"] = chatml_text(messages)
         elif format == "alpaca":
             record = alpaca_record(messages)
             item.update(instruction=record["instruction"], input=record["input"], output=record["output"])
         out.append(item)
-    return {"philosopher": philosopher, "domain": domain, "conquest_type": conquest_type, "format": format,
-            "count": len(out), "examples": out}
+    return JSONResponse({"philosopher": philosopher, "domain": domain, "conquest_type": conquest_type,
+                         "format": format, "count": len(out), "examples": out})
+
+
+class UseCounter:
+    """How often each example was served, counted in memory and written at most once a second (and when the
+    app stops): a write per request would make every reader wait on the metadata DB's writer."""
+
+    def __init__(self, db: Database, every_s: float = 1.0):
+        self.db, self.every_s = db, every_s
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._flushed_at = time.monotonic()
+
+    def add(self, conquest_ids: list[str]) -> bool:
+        """Count; True when a flush is due (the caller runs it off the event loop)."""
+        with self._lock:
+            self._counts.update(conquest_ids)
+            return time.monotonic() - self._flushed_at >= self.every_s
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+            self._flushed_at = time.monotonic()
+        if not counts:
+            return
+        stamp = int(time.time())
+        table = ArisLink.__table__
+        statement = (update(table).where(table.c.conquest_id == bindparam("b_id"))
+                     .values(icl_uses=table.c.icl_uses + bindparam("b_n"), icl_last_used_at=stamp))
+        with self.db.engine.begin() as connection:
+            connection.execute(statement, [{"b_id": c, "b_n": n} for c, n in counts.items()])

@@ -28,6 +28,7 @@ class ArisLink(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[int] = mapped_column(BigInteger, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    example_since: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # gold on both sides since
     icl_uses: Mapped[int] = mapped_column(Integer, default=0)
     icl_last_used_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)

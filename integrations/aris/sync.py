@@ -252,6 +252,8 @@ def sync_link(db: Database, aristotle: Aristotle, label_studio, link: ArisLink, 
 def _agreed(db: Database, link: ArisLink, row: Conquest, gold: bool, prior_result: str | None = None) -> None:
     with db.session() as session:
         current = session.get(ArisLink, link.conquest_id)
+        example = gold and row.victory  # an ICL example from now on, newest first
+        current.example_since = (current.example_since or now()) if example else None
         current.agreed_gold, current.seen_result, current.seen_updated_at = gold, row.result, row.stamp
         if prior_result is not None or not gold:
             current.prior_result = prior_result

@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("next_attempt_at", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("example_since", sa.BigInteger(), nullable=True),
         sa.Column("icl_uses", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("icl_last_used_at", sa.BigInteger(), nullable=True),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
@@ -38,6 +39,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_aris_links_pending", "aris_links", ["pending"])
     op.create_index("ix_aris_links_owner", "aris_links", ["philosopher", "domain"])
+    op.create_index("ix_aris_links_examples", "aris_links", ["philosopher", "domain", "example_since", "conquest_id"])
     op.create_table(
         "aris_events",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
