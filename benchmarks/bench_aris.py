@@ -186,6 +186,7 @@ def bench_icl(db, home: Path, aristotle_engine, aristotle_url: str, n: int, clie
         first = httpx.get(base + "/v1/icl/examples", params=params, timeout=30).json()
         assert first["count"] == 10, first
         url = str(httpx.URL(base + "/v1/icl/examples", params=params))
+        poll_in_subprocess(url, clients, rate, 3)  # warm-up (page cache, first compilations), not measured
         icl = poll_in_subprocess(url, clients, rate, seconds)  # the load generator in its own process
         health = poll_in_subprocess(base + "/health", clients, rate, seconds)
         saturated = wrk(url, clients, int(seconds))

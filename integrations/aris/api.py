@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections import Counter
+from functools import lru_cache
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -117,6 +118,25 @@ class IclExamples(BaseModel):
 _WORDS = re.compile(r"\w+")
 
 
+@lru_cache(maxsize=4)
+def _examples_statement(by_type: bool, excluding: bool):
+    """The examples query, built once per shape (building it costs more than running it). It walks
+    ix_aris_links_examples newest first and joins only the tasks it returns."""
+    statement = (select(ArisLink.conquest_id, CurationTask.ls_task_id, CurationTask.rating, CurationTask.messages,
+                        CurationTask.response, CurationTask.edited_response)
+                 .join(CurationTask, CurationTask.ls_task_id == ArisLink.ls_task_id)
+                 .where(ArisLink.philosopher == bindparam("philosopher"), ArisLink.domain == bindparam("domain"),
+                        ArisLink.example_since.is_not(None), ArisLink.seen_result == "VICTORY",
+                        CurationTask.gold_star.is_(True))
+                 .order_by(ArisLink.example_since.desc(), ArisLink.conquest_id.desc())
+                 .limit(bindparam("limit")))
+    if by_type:
+        statement = statement.where(ArisLink.conquest_type == bindparam("conquest_type"))
+    if excluding:
+        statement = statement.where(ArisLink.conquest_id.not_in(bindparam("exclude", expanding=True)))
+    return statement
+
+
 def _similarity(query: set[str], messages: list[dict[str, Any]]) -> float:
     words = set(_WORDS.findall(" ".join(str(m.get("content", "")) for m in messages).lower()))
     return len(query & words) / len(query | words) if words else 0.0
@@ -136,20 +156,10 @@ async def icl_examples(request: Request, philosopher: str = Query(min_length=1, 
     """Gold-star examples of this philosopher and domain (starred tasks linked to VICTORY conquests), newest
     first, the expert's edited answer winning. Served from vbatch's DB: it answers while Aristotle is down.
     Async with one indexed read (~1 ms), as the API's other polled routes: a thread hand-off costs more."""
-    # Walks ix_aris_links_examples newest first and joins only the tasks it returns.
-    statement = (select(ArisLink.conquest_id, CurationTask.ls_task_id, CurationTask.rating, CurationTask.messages,
-                        CurationTask.response, CurationTask.edited_response)
-                 .join(CurationTask, CurationTask.ls_task_id == ArisLink.ls_task_id)
-                 .where(ArisLink.philosopher == philosopher, ArisLink.domain == domain,
-                        ArisLink.example_since.is_not(None), ArisLink.seen_result == "VICTORY",
-                        CurationTask.gold_star.is_(True))
-                 .order_by(ArisLink.example_since.desc(), ArisLink.conquest_id.desc()))
-    if conquest_type:
-        statement = statement.where(ArisLink.conquest_type == conquest_type)
-    if exclude:
-        statement = statement.where(ArisLink.conquest_id.not_in(exclude))
+    params = {"philosopher": philosopher, "domain": domain, "conquest_type": conquest_type, "exclude": exclude,
+              "limit": ICL_CANDIDATES if query else limit}
     with db.engine.connect() as connection:
-        rows = connection.execute(statement.limit(ICL_CANDIDATES if query else limit)).all()
+        rows = connection.execute(_examples_statement(bool(conquest_type), bool(exclude)), params).all()
     examples = [(conquest_id, task_id, rating, [*messages, {"role": "assistant",
                                                             "content": edited if edited is not None else response}])
                 for conquest_id, task_id, rating, messages, response, edited in rows]
