@@ -457,3 +457,30 @@ def test_one_change_arriving_by_webhook_sensor_and_api_at_once_writes_once(aris)
         pushes = session.query(ArisEvent).filter_by(conquest_id="w-1", kind="to_aristotle").count()
     assert pushes == 1, "written to Aristotle once"
     assert isinstance(aris.aris_tick(), SkipReason)
+
+
+def test_label_studio_down_a_victory_waits_then_completes(aris, label_studio_server):
+    from integrations.aris.models import ArisLink
+
+    aris.add_conquests(["l-1"])
+    tasks = aris.run_conquests(["l-1"])
+    aris.settle()
+    aris.sql("""UPDATE "Conquest" SET result = 'VICTORY', "updatedAt" = now() WHERE id = 'l-1'""")
+    server, _ = label_studio_server
+    server.stop()
+    try:
+        assert _requested(aris.aris_tick())
+        waiting = aris.sync(expect_checks=False)
+        checks = {c.check_name: c.passed for c in waiting.get_asset_check_evaluations()}
+        assert checks["no_failed_syncs"] is False, "the failure is visible"
+        assert not aris.task(tasks["l-1"]).gold_star
+        with aris.db.session() as session:
+            link = session.get(ArisLink, "l-1")
+            assert link.pending and link.attempts == 1 and "unreachable" in link.last_error
+    finally:
+        server.ensure()
+    with aris.db.session() as session:  # its back-off has run out
+        session.get(ArisLink, "l-1").next_attempt_at = 0
+    assert _requested(aris.aris_tick())
+    aris.sync()  # now every check passes
+    assert aris.task(tasks["l-1"]).gold_star
