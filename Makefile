@@ -33,6 +33,7 @@ bench: engine
 	$(BIN)/python benchmarks/bench_validation.py
 	$(BIN)/python benchmarks/bench_vs_run_batch.py
 	$(BIN)/python benchmarks/bench_fine_tuning.py
+	$(BIN)/python benchmarks/bench_aris.py
 
 clean:
 	rm -rf $(VENV) .vbatch
