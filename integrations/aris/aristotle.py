@@ -151,38 +151,30 @@ class Aristotle(ConfigurableResource):
                      annotation_id: int | None) -> Conquest | None:
         """Set VICTORY (and the example flags) and upsert vbatch's rating row, in one transaction, only if
         the row is still as ``seen``; None when it changed in between (nothing written: retry next round)."""
-        from sqlalchemy import text
-
-        update = text(f'''UPDATE "Conquest" SET result = 'VICTORY', "useAsExample" = true, "evaluatedBy" = :reviewer,
-            "evaluatedAt" = now(), "updatedAt" = now()
-            WHERE id = :id AND result IS NOT DISTINCT FROM :result AND "updatedAt" IS NOT DISTINCT FROM :at
-            RETURNING {_COLUMNS}''')
-
-        def write(connection) -> Conquest | None:
-            row = connection.execute(update, {"id": seen.id, "reviewer": reviewer, "result": seen.result,
-                                              "at": seen.updated_at}).first()
-            if row is None:
-                return None
-            _upsert_rating(connection, seen, gold=True, rating=rating, task_id=task_id, annotation_id=annotation_id)
-            return Conquest.from_row(row)
-
-        return self._run(write)
+        return self._compare_and_set(
+            seen, '''result = 'VICTORY', "useAsExample" = true, "evaluatedBy" = :reviewer, "evaluatedAt" = now()''',
+            {"reviewer": reviewer}, gold=True, rating=rating, task_id=task_id, annotation_id=annotation_id)
 
     def unmark_victory(self, seen: Conquest, *, restore: str, task_id: int) -> Conquest | None:
         """Put ``result`` back to ``restore`` (what it was before vbatch set VICTORY), clear the example flag
         and vbatch's rating flags; compare-and-set like ``mark_victory``."""
+        return self._compare_and_set(seen, 'result = :restore, "useAsExample" = false', {"restore": restore},
+                                     gold=False, rating=None, task_id=task_id, annotation_id=None)
+
+    def _compare_and_set(self, seen: Conquest, assignments: str, params: dict[str, Any], *, gold: bool,
+                         rating: int | None, task_id: int, annotation_id: int | None) -> Conquest | None:
         from sqlalchemy import text
 
-        update = text(f'''UPDATE "Conquest" SET result = :restore, "useAsExample" = false, "updatedAt" = now()
-            WHERE id = :id AND result IS NOT DISTINCT FROM :result AND "updatedAt" IS NOT DISTINCT FROM :at
+        update = text(f'''UPDATE "Conquest" SET {assignments}, "updatedAt" = now()
+            WHERE id = :id AND result IS NOT DISTINCT FROM :seen_result AND "updatedAt" IS NOT DISTINCT FROM :seen_at
             RETURNING {_COLUMNS}''')
 
         def write(connection) -> Conquest | None:
-            row = connection.execute(update, {"id": seen.id, "restore": restore, "result": seen.result,
-                                              "at": seen.updated_at}).first()
+            row = connection.execute(update, {**params, "id": seen.id, "seen_result": seen.result,
+                                              "seen_at": seen.updated_at}).first()
             if row is None:
                 return None
-            _upsert_rating(connection, seen, gold=False, rating=None, task_id=task_id, annotation_id=None)
+            _upsert_rating(connection, seen, gold=gold, rating=rating, task_id=task_id, annotation_id=annotation_id)
             return Conquest.from_row(row)
 
         return self._run(write)
