@@ -38,9 +38,28 @@ def api_schema(vbatch_home):
 
 
 def test_no_server_errors(api_schema):
-    examples = int(os.environ.get("VBATCH_FUZZ_EXAMPLES", "25"))
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 12, [op.label for op in operations]
+    fuzz_operations(operations)
+
+
+def test_aris_routes_no_server_errors(curation_home, aristotle_url, monkeypatch):
+    """The Aris extension's routes, on: a real Aristotle database and Label Studio behind them."""
+    from dataclasses import replace
+
+    from api.main import create_app
+    from vbatch_pipelines.settings import load_settings
+
+    monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", aristotle_url)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(replace(
+        load_settings(), dagster_url="http://127.0.0.1:9")))
+    operations = [r.ok() for r in schema.get_all_operations() if "/sync/" in r.ok().path or "/icl/" in r.ok().path]
+    assert len(operations) == 2, [op.label for op in operations]
+    fuzz_operations(operations)
+
+
+def fuzz_operations(operations) -> None:
+    examples = int(os.environ.get("VBATCH_FUZZ_EXAMPLES", "25"))
     failures = []
     for operation in operations:
         @given(case=operation.as_strategy())
