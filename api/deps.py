@@ -57,6 +57,12 @@ async def get_label_studio(request: Request) -> LabelStudio:
     return label_studio
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison of a credential a client sent with ours; any text (also non-ASCII) is
+    compared as UTF-8 bytes, so a strange header is a mismatch, never an error."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+
+
 async def require_api_key(request: Request, authorization: str | None = Header(default=None)) -> None:
     """With VBATCH_API_KEYS set, every /v1 route needs ``Authorization: Bearer <key>``, as OpenAI's."""
     keys = request.app.state.settings.api_keys
@@ -66,7 +72,7 @@ async def require_api_key(request: Request, authorization: str | None = Header(d
         raise OpenAIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                           code="missing_api_key")
     token = authorization.removeprefix("Bearer ").strip()
-    if not any(hmac.compare_digest(token, key) for key in keys):
+    if not any(same_secret(token, key) for key in keys):
         raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 

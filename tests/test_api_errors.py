@@ -114,3 +114,19 @@ def test_small_files_are_validated_at_create_large_ones_by_batch_input(client):
     good = _upload(client, jsonl(chat_lines(2))).json()
     waiting = client.post("/v1/batches", json={"input_file_id": good["id"], "endpoint": "/v1/chat/completions"})
     assert waiting.json()["status"] == "validating"  # left to batch_input (Dagster is down here)
+
+
+def test_non_ascii_credentials_are_a_401_not_a_500(vbatch_home):
+    from dataclasses import replace
+
+    from api.main import create_app
+    from vbatch_pipelines.settings import load_settings
+
+    settings = replace(load_settings(), api_keys=("k1",), dagster_url="http://127.0.0.1:9")
+    with TestClient(create_app(settings)) as client:
+        for value in ("Bearer é".encode(), "Bearer k1é".encode("latin-1"), b"Bearer \xff\xfe"):
+            _error(client.get("/v1/models", headers={"Authorization": value}), 401, "invalid_api_key")
+        assert client.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+        webhook = client.post("/v1/webhooks/label-studio", json={"action": "ANNOTATION_CREATED"},
+                              headers={"X-Vbatch-Webhook-Secret": "é".encode()})
+        assert webhook.status_code == 401, webhook.text

@@ -4,14 +4,13 @@ stats, and the gold-star datasets with their exports."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from api.deps import get_db, get_label_studio, get_label_studio_resource
+from api.deps import get_db, get_label_studio, get_label_studio_resource, same_secret
 from api.errors import OpenAIError, get_or_404, not_found
 from api.schemas import DATASET_DOWNLOAD, CurationStats, CurationTaskObject, DatasetList, DatasetObject, WebhookReceipt
 from resources import LabelStudio
@@ -127,7 +126,7 @@ async def label_studio_webhook(request: Request, db: Database = Depends(get_db),
     """Annotation events from Label Studio, recorded at once (the sensor reads the same changes later;
     recording is idempotent)."""
     expected = label_studio.shared_webhook_secret()
-    if not x_vbatch_webhook_secret or not expected or not hmac.compare_digest(x_vbatch_webhook_secret, expected):
+    if not x_vbatch_webhook_secret or not expected or not same_secret(x_vbatch_webhook_secret, expected):
         raise OpenAIError(401, "Missing or wrong X-Vbatch-Webhook-Secret", code="invalid_webhook_secret")
     try:
         payload = await request.json()
