@@ -183,3 +183,35 @@ def test_installs_accepted_while_dagster_is_down_are_launched_by_the_sensor(plat
                                    resources={"metadata_db": platform.resources["metadata_db"]})
     result = model_install_sensor(context)
     assert isinstance(result, SensorResult) and [r.partition_key for r in result.run_requests] == ["later-tiny"]
+
+
+def test_deleting_an_alias_leaves_the_model_it_points_to(platform, tiny_model_path):
+    """An install from a directory inside the home's models/ (here: the default model's own) is an alias: it
+    never owns those files."""
+    import shutil
+
+    from vbatch_pipelines.models.store import remove_model, request_install
+
+    real = platform.file_store.models_dir / "real-model"
+    shutil.copytree(tiny_model_path, real)
+    request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(real), model_id="alias")
+    assert install(platform, "alias").success
+    remove_model(platform.db, platform.registry, platform.resources["inference_engine"], "alias")
+    assert (real / "config.json").exists() and (real / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("model_id", ["x/../../canary", "../canary", "/etc/canary", "a/b/c", "..", "x/..",
+                                      "ft:base:vbatch:x:1", "a" * 101])
+def test_a_model_id_that_is_a_path_is_refused_before_anything_touches_the_disk(platform, tiny_model_path, model_id):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    before = {p for p in platform.file_store.home.rglob("*")} if platform.file_store.home.exists() else set()
+    outside = set(platform.file_store.home.parent.iterdir())
+    with TestClient(create_app(dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9"))) as client:
+        response = client.post("/v1/models", json={"source": str(tiny_model_path), "id": model_id})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_model_id", response.text
+    assert set(platform.file_store.home.parent.iterdir()) == outside, "nothing created beside the home"
+    created = {p for p in platform.file_store.home.rglob("*")} - before
+    assert not [p for p in created if "canary" in str(p)]

@@ -34,6 +34,7 @@ from vbatch_pipelines.models.registry import READY, ModelSpec
 from vbatch_pipelines.models.store import get_model, installs_without_run, upsert_model
 from vbatch_pipelines.names import INSTALL_MODEL_JOB, install_run_tags
 from vbatch_pipelines.partitions import model_partitions
+from vbatch_pipelines.paths import inside
 
 SMOKE_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 
@@ -69,7 +70,8 @@ def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB, mod
         raise Failure(f"No install of {model_id} was requested; use POST /v1/models or `vbatch models install`")
     try:
         source = resolve(row.source, row.revision)
-        path = download(source, model_registry.models_dir / model_id, None, progress=context.log.info)
+        path = download(source, inside(model_registry.models_dir, *model_id.split("/")), None,
+                        progress=context.log.info)
         spec = ModelSpec(model_id, str(path), trust_remote_code=row.trust_remote_code)
         latency, answer = smoke_test(inference_engine, spec)
     except Exception as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -20,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from vbatch_pipelines.errors import VbatchError
+from vbatch_pipelines.paths import MODEL_ID
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float8": 1, "int8": 1}
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
-MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,200}$")
 
 
 class InstallError(VbatchError):
@@ -176,7 +175,7 @@ def resolve(source: str, revision: str | None = None, token: str | None = None) 
             raise InstallError(f"{local} has no config.json: not a Hugging Face model directory", "invalid_model")
         weights = sum(p.stat().st_size for p in local.glob("*.safetensors")) or None
         return Source("local", str(local.resolve()), None, json.loads(config_path.read_text()), weights)
-    if not MODEL_ID.match(source) or source.count("/") != 1:
+    if not MODEL_ID.match(source) or "/" not in source:
         raise InstallError(f"{source!r} is neither a local model directory nor a Hugging Face repo id "
                            "(owner/name)", "invalid_model")
     from huggingface_hub import HfApi, hf_hub_download

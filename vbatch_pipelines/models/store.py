@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 
 from vbatch_pipelines.errors import VbatchError
+from vbatch_pipelines.paths import UnsafePath, inside
 from vbatch_pipelines.models.registry import DEPLOYED, ModelSpec
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Model
@@ -77,11 +78,22 @@ def remove_model(db: Database, model_registry, inference_engine, model_id: str) 
             upsert_model(db, tune.id, status="undeployed")
     if inference_engine.resolved_backend() == "vllm":
         inference_engine.server(spec).stop()
-    import shutil
+    if owns_files(row, model_registry.models_dir):
+        import shutil
 
-    if Path(row.path).is_relative_to(model_registry.models_dir):
         shutil.rmtree(row.path, ignore_errors=True)
     return upsert_model(db, model_id, status="deleted")
+
+
+def owns_files(row: Model, models_dir: Path) -> bool:
+    """Whether deleting the model deletes its files: only what vbatch downloaded into its own directory
+    (``models/<id>``), never a directory it was installed from (an alias of another model included)."""
+    if (row.details or {}).get("source_kind") == "local":
+        return False
+    try:
+        return Path(row.path).resolve() == inside(models_dir, *row.id.split("/"))
+    except UnsafePath:
+        return False
 
 
 def request_install(db: Database, model_registry, inference_engine, source: str, *, model_id: str | None = None,
@@ -101,9 +113,9 @@ def request_install(db: Database, model_registry, inference_engine, source: str,
     if model_id is None:
         local = local_model_dir(source)
         model_id = local.name if local is not None else source
-    if not MODEL_ID.match(model_id) or model_id.startswith("ft:"):
-        raise InstallError(f"{model_id!r} is not a usable model id (letters, digits, '.', '-', '_', '/')",
-                           "invalid_model_id")
+    if not MODEL_ID.match(model_id):
+        raise InstallError(f"{model_id!r} is not a usable model id: a name or owner/name of letters, digits, '.', "
+                           "'-' and '_', each part starting with a letter or digit", "invalid_model_id")
     existing = get_model(db, model_id)
     if model_id in model_registry.configured_models() or (existing is not None and existing.status in ("ready", "installing")):
         raise InstallError(f"A model named {model_id} is already {'configured' if existing is None else existing.status}; "
@@ -118,7 +130,8 @@ def request_install(db: Database, model_registry, inference_engine, source: str,
         raise InstallError(f"{source} does not fit: it {report.describe()}. Suggestion: {report.suggestion}",
                            "model_does_not_fit")
     return upsert_model(db, model_id, kind="base", parent=None, status="installing", source=source,
-                        path=resolved.location if resolved.kind == "local" else str(model_registry.models_dir / model_id),
+                        path=resolved.location if resolved.kind == "local"
+                        else str(inside(model_registry.models_dir, *model_id.split("/"))),
                         revision=resolved.revision, trust_remote_code=trust_remote_code, bytes=None,
                         details={"fit": report.as_dict(), "source_kind": resolved.kind})
 
