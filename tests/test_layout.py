@@ -181,3 +181,28 @@ def test_the_file_store_owns_every_path_under_the_home(vbatch_home):
              store.database_path]
     assert all(path.is_relative_to(vbatch_home) for path in paths)
     assert len(set(paths)) == len(paths)
+
+
+def test_files_holding_secrets_are_private(vbatch_home, monkeypatch):
+    """Label Studio's credentials, the Dagster instance config with a database password, a managed server's
+    state: written 0600 from the first byte (no readable temporary file)."""
+    import stat
+
+    from vbatch_pipelines.curation.server import credentials
+    from vbatch_pipelines.instance import prepare_dagster_home
+    from vbatch_pipelines.paths import write_private
+    from vbatch_pipelines.settings import load_settings
+
+    monkeypatch.setenv("VBATCH_DAGSTER_DATABASE_URL", "postgresql://dagster:s3cret@127.0.0.1:5432/dagster")
+    old = os.umask(0o022)  # a usual umask: plain writes would be world-readable
+    try:
+        credentials(vbatch_home / "label-studio")
+        dagster_home = prepare_dagster_home(load_settings())
+        write_private(vbatch_home / "engines" / "model.json", "{}")
+    finally:
+        os.umask(old)
+    for path in (vbatch_home / "label-studio" / "credentials.json", dagster_home / "dagster.yaml",
+                 vbatch_home / "engines" / "model.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert not list(path.parent.glob(f".{path.name}.*.tmp")), "no temporary file left behind"
+    assert "s3cret" in (dagster_home / "dagster.yaml").read_text()

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vbatch_pipelines.paths import write_private
+
 
 class ServerStartError(RuntimeError):
     pass
@@ -147,7 +149,7 @@ class DetachedServer:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=self.env(), start_new_session=True, close_fds=True)
         state = {"pid": process.pid, "port": port, "argv": argv, "started_at": time.time(), **self.state_extra()}
-        self.state_path.write_text(json.dumps(state))
+        write_private(self.state_path, json.dumps(state))  # the command line may carry credentials
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:

@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from vbatch_pipelines.paths import write_private
+
 from vbatch_pipelines.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def prepare_dagster_home(settings: Settings) -> Path:
     target = home / "dagster.yaml"
     text = "# Written by vbatch from " + str(DAGSTER_YAML) + "\n" + yaml.safe_dump(instance_config(settings))
     if not target.exists() or target.read_text() != text:
-        target.write_text(text)
+        write_private(target, text)  # it may hold the Dagster database's password
     return home
 
 

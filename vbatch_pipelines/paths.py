@@ -23,3 +23,23 @@ def inside(root: Path, *parts: str) -> Path:
     if path == base or not path.is_relative_to(base):
         raise UnsafePath(f"{'/'.join(parts)!r} is not a name inside {base}")
     return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600), atomically: the temporary file is created 0600 too, so the
+    content is never readable by others, not even for a moment."""
+    import os
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()

@@ -20,6 +20,7 @@ import httpx
 
 from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
+from vbatch_pipelines.paths import write_private
 
 REQUIREMENTS = Path(__file__).with_name("label-studio.txt")
 CREDENTIALS_FILE = "credentials.json"
@@ -49,10 +50,7 @@ def credentials(state_dir: Path, token: str | None = None) -> dict[str, str]:
     created = {"username": "admin@vbatch.local", "password": secrets.token_urlsafe(16),
                "token": token or secrets.token_hex(20), **known,
                "webhook_secret": secrets.token_urlsafe(24)}
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(created))
-    partial.chmod(0o600)
-    partial.replace(path)
+    write_private(path, json.dumps(created))
     return created
 
 
