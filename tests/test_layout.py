@@ -206,3 +206,14 @@ def test_files_holding_secrets_are_private(vbatch_home, monkeypatch):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         assert not list(path.parent.glob(f".{path.name}.*.tmp")), "no temporary file left behind"
     assert "s3cret" in (dagster_home / "dagster.yaml").read_text()
+
+
+def test_label_studio_status_prints_the_password_only_when_asked(vbatch_home):
+    import json
+
+    status = [sys.executable, "-m", "vbatch_pipelines.cli", "label-studio", "status"]
+    shown = subprocess.run(status, capture_output=True, text=True, check=True, timeout=120).stdout
+    password = json.loads((vbatch_home / "label-studio" / "credentials.json").read_text())["password"]
+    assert "admin@vbatch.local" in shown and password not in shown and "--show-password" in shown
+    asked = subprocess.run([*status, "--show-password"], capture_output=True, text=True, check=True, timeout=120)
+    assert password in asked.stdout

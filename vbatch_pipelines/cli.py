@@ -182,8 +182,9 @@ def cmd_label_studio_status(args, ctx: Context) -> int:
         print(f"external Label Studio {ctx.settings.label_studio_url}")
         return 0
     creds = server.credentials()
+    password = creds["password"] if getattr(args, "show_password", False) else "(--show-password to print it)"
     print(f"{server.url}\t{'healthy' if server.healthy() else 'down'}\t"
-          f"login {creds['username']} / {creds['password']}\tdata {server.state_dir}")
+          f"login {creds['username']} / {password}\tdata {server.state_dir}")
     return 0
 
 
@@ -288,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                              ("start", cmd_label_studio_start, "start it (or find it running)"),
                              ("stop", cmd_label_studio_stop, "stop it"),
                              ("status", cmd_label_studio_status, "show where it runs and how to log in")):
-        studio.add_parser(name, help=text).set_defaults(func=func)
+        command = studio.add_parser(name, help=text)
+        if name in ("start", "status"):
+            command.add_argument("--show-password", action="store_true", help="print the admin password too")
+        command.set_defaults(func=func)
 
     trainer = sub.add_parser("trainer", help="the fine-tuning trainer").add_subparsers(dest="trainer", required=True)
     trainer.add_parser("install", help="create Unsloth's own virtualenv (CUDA machines)").set_defaults(
