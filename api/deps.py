@@ -9,7 +9,7 @@ import hmac
 from fastapi import Header, Request
 
 from api.errors import OpenAIError
-from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, RetrainingPolicy, Trainer
+from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, Trainer
 from vbatch_pipelines.engine.base import Engine
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
@@ -35,14 +35,6 @@ async def get_model_registry(request: Request) -> ModelRegistry:
 
 async def get_trainer(request: Request) -> Trainer:
     return request.app.state.resources["trainer"]
-
-
-async def get_inference_engine(request: Request) -> InferenceEngine:
-    return request.app.state.resources["inference_engine"]
-
-
-async def get_retraining_policy(request: Request) -> RetrainingPolicy:
-    return request.app.state.resources["retraining_policy"]
 
 
 async def get_label_studio_resource(request: Request) -> LabelStudio:

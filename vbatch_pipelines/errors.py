@@ -32,13 +32,6 @@ class NotFound(VbatchError):
     code = "not_found"
 
 
-class Conflict(VbatchError):
-    """The request is valid but the object's state does not allow it."""
-
-    status = 409
-    code = "invalid_state"
-
-
 class Unavailable(VbatchError):
     """A system vbatch depends on did not answer; nothing was changed, the caller may retry."""
 
