@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import logging
+from pathlib import Path
+from typing import Literal
 
-from fastapi import Header, Request
+from fastapi import Depends, Header, Request
 
 from api.errors import OpenAIError
 from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, Trainer
@@ -14,6 +18,7 @@ from vbatch_pipelines.engine.base import Engine
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
+log = logging.getLogger("vbatch.api")
 
 # Dependencies are async: FastAPI runs a sync one in its thread pool, a hand-off that costs more than
 # the dependency itself.
@@ -55,17 +60,36 @@ def same_secret(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
-async def require_api_key(request: Request, authorization: str | None = Header(default=None)) -> None:
-    """With VBATCH_API_KEYS set, every /v1 route needs ``Authorization: Bearer <key>``, as OpenAI's."""
-    keys = request.app.state.settings.api_keys
-    if not keys:
-        return
+Role = Literal["use", "admin"]
+
+
+async def caller_role(request: Request, authorization: str | None = Header(default=None)) -> Role:
+    """Who is calling, from ``Authorization: Bearer <key>`` as OpenAI's API takes it: a key in
+    VBATCH_ADMIN_KEYS is an admin, one in VBATCH_API_KEYS a user. With no keys configured the API answers
+    only on loopback (and the guard in api/guard.py) and its one user is the operator: an admin."""
+    settings = request.app.state.settings
+    if not settings.api_keys and not settings.admin_keys:
+        return "admin"
     if not authorization or not authorization.startswith("Bearer "):
         raise OpenAIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                           code="missing_api_key")
     token = authorization.removeprefix("Bearer ").strip()
-    if not any(same_secret(token, key) for key in keys):
-        raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    # Every key is compared (no early exit), so the time taken says nothing of which list matched.
+    admin = [same_secret(token, key) for key in settings.admin_keys]
+    use = [same_secret(token, key) for key in settings.api_keys]
+    if any(admin):
+        return "admin"
+    if any(use):
+        return "use"
+    log.warning("refused an API request to %s %s: invalid API key", request.method, request.url.path)
+    raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+async def require_admin(role: Role = Depends(caller_role)) -> None:
+    """For what can touch the host: installing and deleting base models, local sources, remote code."""
+    if role != "admin":
+        raise OpenAIError(403, "This needs an admin key (VBATCH_ADMIN_KEYS); yours is a use key",
+                          code="admin_key_required")
 
 
 class EnginePool:
@@ -75,6 +99,7 @@ class EnginePool:
         self.resource = inference_engine
         self.registry = model_registry
         self._engines: dict[str, Engine] = {}
+        self._contexts: dict[str, int | None] = {}
         self._lock = asyncio.Lock()
 
     async def get(self, model_name: str | None) -> Engine:
@@ -86,6 +111,27 @@ class EnginePool:
                 engine = await asyncio.to_thread(self.resource.open, spec)
                 self._engines[spec.id] = engine
             return engine
+
+    def context_length(self, spec) -> int | None:
+        """The longest sequence the model's engine takes: config.json's max_position_embeddings, or the
+        engine's VBATCH_MAX_MODEL_LEN when shorter. None when the model's config does not say."""
+        if spec.path not in self._contexts:
+            try:
+                config = json.loads((Path(spec.path) / "config.json").read_text())
+                self._contexts[spec.path] = int(config["max_position_embeddings"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self._contexts[spec.path] = None
+        own = self._contexts[spec.path]
+        limits = [n for n in (own, self.resource.max_model_len) if n]
+        return min(limits) if limits else None
+
+    async def check_length(self, model_name: str | None, max_new_tokens: int) -> None:
+        """Refuse, before any engine starts, what the model can never produce."""
+        spec = self.registry.lookup(model_name)
+        context = self.context_length(spec)
+        if context is not None and max_new_tokens >= context:
+            raise OpenAIError(400, f"max_tokens is {max_new_tokens}, but {spec.id}'s context length is {context} "
+                                   "tokens, prompt included", param="max_tokens", code="context_length_exceeded")
 
     def forget(self, model_id: str) -> None:
         """Drop a removed model's engine (its connections close with it)."""

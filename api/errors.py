@@ -5,6 +5,9 @@ one handler turns any of them into the response, so routes do not translate erro
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -12,6 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vbatch_pipelines.errors import NotFound, VbatchError
 from vbatch_pipelines.protocol import error_body
+
+log = logging.getLogger("vbatch.api")
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
@@ -68,5 +73,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(OpenAIError(exc.status_code, message))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(OpenAIError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error"))
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The details (paths, SQL, a library's internals) go to the server log, never to the client: the
+        # client gets an id to quote.
+        incident = f"err_{uuid.uuid4().hex[:12]}"
+        log.error("%s: unexpected error in %s %s", incident, request.method, request.url.path, exc_info=exc)
+        return error_response(OpenAIError(500, f"Internal error ({incident}); the server log has the details",
+                                          type="server_error", code="internal_error"))

@@ -11,30 +11,13 @@ import httpx
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
-from api.deps import EnginePool, require_api_key
-from api.errors import error_response, install_error_handlers
+from api.deps import EnginePool, caller_role
+from api.errors import install_error_handlers
+from api.guard import BodyLimit, DriveByGuard
 from api.routers import batches, completions, curation, files, fine_tuning, models
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
-from vbatch_pipelines.files import FileTooLarge
 from vbatch_pipelines.settings import Settings, load_settings
-
-
-class UploadLimit:
-    """Refuse an oversized upload before its body is read (the store enforces the limit again while
-    writing, for uploads without a Content-Length). Pure ASGI: no cost on other requests."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/files"):
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes + 1024 * 1024:
-                response = error_response(FileTooLarge(self.max_bytes))
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,11 +43,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.shutdown_hooks = []  # extensions' callbacks when the app stops
     install_error_handlers(app)
 
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    # Added last, runs first: the guard refuses drive-by requests before any body is read.
+    app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,
+                       max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(DriveByGuard, allowed_hosts=settings.allowed_hosts,
+                       enabled=not (settings.api_keys or settings.admin_keys))
 
     for router in (files.router, batches.router, models.router, completions.router, curation.router,
                    fine_tuning.router):
-        app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+        app.include_router(router, prefix="/v1", dependencies=[Depends(caller_role)], responses=ERRORS)
     # Label Studio authenticates its webhooks with a shared secret header, not an API key.
     app.include_router(curation.webhooks, prefix="/v1")
     if settings.aris_database_url:  # the Aris extension, only when it is configured

@@ -288,7 +288,7 @@ COMPLETION_STREAM = {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
                    "retry": {"type": "integer"}}}}}
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 503)}
 
 __all__ = ["BINARY", "COMPLETION_STREAM", "ChatCompletionResponse", "CompletionResponse", "DATASET_DOWNLOAD",
            "ERRORS", "FILE_DOWNLOAD"]

@@ -31,7 +31,9 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
     file_store = FileStore(root=str(settings.home))
     metadata_db = MetadataDB(url=secret("VBATCH_DATABASE_URL", settings.database_url))
     model_registry = ModelRegistry(metadata_db=metadata_db, file_store=file_store, models=settings.models,
-                                   default_model=settings.default_model)
+                                   default_model=settings.default_model,
+                                   model_sources=[str(p) for p in settings.model_sources],
+                                   allow_remote_code=settings.allow_remote_code)
     extensions = {}
     if settings.aris_database_url:
         from integrations.aris.aristotle import Aristotle

@@ -30,11 +30,24 @@ class ModelRegistry(ConfigurableResource):
     models: dict[str, str] = Field(default_factory=dict,
                                    description="configured base models, name -> path (VBATCH_MODELS)")
     default_model: str | None = Field(default=None, description="VBATCH_DEFAULT_MODEL; default: the first configured")
+    model_sources: list[str] = Field(default_factory=list, description="directories API installs may take local "
+                                     "models from (VBATCH_MODEL_SOURCES); default: the models directory")
+    allow_remote_code: bool = Field(default=False, description="whether installs may set trust_remote_code "
+                                    "(VBATCH_ALLOW_REMOTE_CODE)")
 
     @property
     def models_dir(self):
         """Where installed models are downloaded to."""
         return self.file_store.models_dir
+
+    def install_policy(self):
+        """The server's rule for installs requested through the API."""
+        from pathlib import Path
+
+        from vbatch_pipelines.models.install import InstallPolicy
+
+        sources = tuple(Path(p).expanduser().resolve() for p in self.model_sources) or (self.models_dir.resolve(),)
+        return InstallPolicy(local_sources=sources, remote_code=self.allow_remote_code)
 
     def _rows(self, kind: str, status: str):
         from sqlalchemy import select

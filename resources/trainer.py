@@ -7,6 +7,7 @@ otherwise. Progress arrives as Pipes custom messages while it runs; a cancelled 
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -69,7 +70,8 @@ class Trainer(ConfigurableResource):
               on_messages: Callable[[list[dict[str, Any]]], None],
               should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.5) -> dict[str, Any]:
         """Run one training job; ``on_messages`` gets the metrics/checkpoint messages as they arrive.
-        Returns the final ``result`` message. Raises TrainingCancelled or TrainingFailed."""
+        Returns the result the trainer wrote to ``<output_dir>/result.json``. Raises TrainingCancelled or
+        TrainingFailed."""
         from dagster import (
             PipesTempFileContextInjector,
             PipesTempFileMessageReader,
@@ -80,7 +82,8 @@ class Trainer(ConfigurableResource):
         python = self.training_python(backend)
         extras = {**params, "backend": backend}
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        result: dict[str, Any] | None = None
+        result_path = Path(params["output_dir"]) / sft.RESULT_FILE
+        result_path.unlink(missing_ok=True)  # a result left by an earlier attempt is not this one's
         cancelled = False
         with open_pipes_session(context=context, context_injector=PipesTempFileContextInjector(),
                                 message_reader=PipesTempFileMessageReader(), extras=extras) as session:
@@ -91,10 +94,9 @@ class Trainer(ConfigurableResource):
             seen = 0
 
             def take_messages() -> None:
-                nonlocal seen, result
+                nonlocal seen
                 messages = session.get_custom_messages()
-                fresh = [m for m in messages[seen:] if m.get("type") != "result"]
-                result = next((m for m in messages[seen:] if m.get("type") == "result"), result)
+                fresh = messages[seen:]
                 seen = len(messages)
                 if fresh:  # all that arrived since the last poll at once: one DB write, not one a step
                     on_messages(fresh)
@@ -115,13 +117,14 @@ class Trainer(ConfigurableResource):
                 if process.poll() is None:  # the run itself was interrupted: do not leave training behind
                     _interrupt(process, self.stop_grace_s)
                 raise
-        take_messages()  # the session has closed: its reader has read every message the trainer wrote
+        take_messages()  # progress the reader took in after the last poll
         if cancelled:
             raise TrainingCancelled("Training was cancelled")
-        if process.returncode != 0 or result is None:
-            raise TrainingFailed(f"The trainer exited with code {process.returncode}; "
-                                 f"last lines of {log_path}:\n{tail(log_path, 15)}")
-        return result
+        if process.returncode != 0 or not result_path.is_file():
+            raise TrainingFailed(f"The trainer exited with code {process.returncode}"
+                                 + ("" if process.returncode else " without writing its result")
+                                 + f"; last lines of {log_path}:\n{tail(log_path, 15)}")
+        return json.loads(result_path.read_text(encoding="utf-8"))
 
 
 def _interrupt(process: subprocess.Popen, grace_s: float) -> None:
@@ -135,9 +138,10 @@ def _interrupt(process: subprocess.Popen, grace_s: float) -> None:
 
 
 def _training_env(bootstrap: dict[str, str]) -> dict[str, str]:
-    import os
+    from vbatch_pipelines.child_env import without_secrets
 
-    env = dict(os.environ, **bootstrap, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # The base model is on disk: training needs none of vbatch's secrets (nor HF_TOKEN).
+    env = without_secrets(**bootstrap, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("HF_HUB_OFFLINE", "1")  # the base model is on disk already; never reach for the hub
     return env
 

@@ -38,6 +38,10 @@ def vbatch_home(tmp_path, tiny_model_path, monkeypatch) -> Path:
     monkeypatch.setenv("VBATCH_HOME", str(home))
     monkeypatch.setenv("VBATCH_MODELS", f"{TINY_MODEL_ID}={tiny_model_path}")
     monkeypatch.setenv("VBATCH_ENGINE", "transformers")
+    # Tests install the session's tiny model (and copies of it under tmp_path) as local sources.
+    monkeypatch.setenv("VBATCH_MODEL_SOURCES", f"{tiny_model_path.parent},{tmp_path}")
+    for name in ("VBATCH_API_KEYS", "VBATCH_ADMIN_KEYS", "VBATCH_ALLOW_REMOTE_CODE", "VBATCH_ALLOWED_HOSTS"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("VBATCH_DATABASE_URL", raising=False)
     monkeypatch.delenv("VBATCH_DAGSTER_DATABASE_URL", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
@@ -56,6 +60,13 @@ def chat_lines(n: int, prefix: str = "req", **body) -> list[dict]:
 
 def jsonl(lines: list[dict]) -> bytes:
     return ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
+
+
+def api_client(app, **kwargs):
+    """A TestClient that calls as a local client does (Host 127.0.0.1: the no-keys guard answers it)."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://127.0.0.1", **kwargs)
 
 
 def replaced(resource, **changes):
@@ -228,7 +239,7 @@ def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> It
     env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="vllm", VBATCH_VLLM_PYTHON=vllm_python(),
                VBATCH_MODELS=f"{TINY_MODEL_ID}={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
                VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}", **env_overrides)
-    for key in ("VBATCH_DATABASE_URL", "VBATCH_DAGSTER_DATABASE_URL", "VBATCH_API_KEYS"):
+    for key in ("VBATCH_DATABASE_URL", "VBATCH_DAGSTER_DATABASE_URL", "VBATCH_API_KEYS", "VBATCH_ADMIN_KEYS"):
         env.pop(key, None)
     process, _ = start_up(env, "--api-port", str(api_port), "--dagster-port", str(dagster_port))
     stack = Stack(env, f"http://127.0.0.1:{api_port}", process)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 
-from tests.conftest import chat_lines, jsonl
+from tests.conftest import api_client, chat_lines, jsonl
 
 
 @pytest.fixture()
@@ -20,7 +19,7 @@ def client(vbatch_home):
 
     # Dagster where nothing listens; a small upload limit
     settings = replace(load_settings(), dagster_url="http://127.0.0.1:9", max_upload_bytes=4096)
-    with TestClient(create_app(settings)) as test_client:
+    with api_client(create_app(settings)) as test_client:
         yield test_client
 
 
@@ -42,7 +41,7 @@ def _upload(client, data: bytes, purpose="batch"):
 def test_file_errors(client):
     _error(_upload(client, b"{}", purpose="pictures"), 400, "invalid_value", "purpose")
     _error(_upload(client, b"x" * 5000), 413, "file_too_large", "file")
-    _error(client.post("/v1/files", data={"purpose": "batch"}), 400, param="file")
+    _error(client.post("/v1/files", files={"purpose": (None, "batch")}), 400, param="file")
     _error(client.get("/v1/files/file-nope"), 404, "file_not_found")
     _error(client.get("/v1/files/file-nope/content"), 404, "file_not_found")
     _error(client.delete("/v1/files/file-nope"), 404, "file_not_found")
@@ -123,7 +122,7 @@ def test_non_ascii_credentials_are_a_401_not_a_500(vbatch_home):
     from vbatch_pipelines.settings import load_settings
 
     settings = replace(load_settings(), api_keys=("k1",), dagster_url="http://127.0.0.1:9")
-    with TestClient(create_app(settings)) as client:
+    with api_client(create_app(settings)) as client:
         for value in ("Bearer é".encode(), "Bearer k1é".encode("latin-1"), b"Bearer \xff\xfe"):
             _error(client.get("/v1/models", headers={"Authorization": value}), 401, "invalid_api_key")
         assert client.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200

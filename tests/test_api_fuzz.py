@@ -25,22 +25,30 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 REQUEST_TIMEOUT_S = 300
 
 
-@pytest.fixture()
-def api_schema(vbatch_home):
+def api_schema(**changes):
     from dataclasses import replace
 
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
-    # Dagster where nothing listens; a small upload limit
-    settings = replace(load_settings(), dagster_url="http://127.0.0.1:9", max_upload_bytes=65536)
+    # Dagster where nothing listens; a small upload limit; schemathesis' ASGI client calls as Host "testserver"
+    settings = replace(load_settings(), dagster_url="http://127.0.0.1:9", max_upload_bytes=65536,
+                       allowed_hosts=("testserver",), **changes)
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(settings))
 
 
-def test_no_server_errors(api_schema):
-    operations = [result.ok() for result in api_schema.get_all_operations()]
+@pytest.mark.parametrize("caller", ["no keys", "use key", "admin key", "wrong key"])
+def test_no_server_errors(vbatch_home, caller):
+    """Every route, admin routes included, as each kind of caller: without keys configured, with a use key
+    (admin routes answer 403), an admin key, a key that is not one (401 everywhere)."""
+    keys = {} if caller == "no keys" else {"api_keys": ("fuzz-use",), "admin_keys": ("fuzz-admin",)}
+    key = {"use key": "fuzz-use", "admin key": "fuzz-admin", "wrong key": "nope"}.get(caller)
+    schema = api_schema(**keys)
+    operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 12, [op.label for op in operations]
-    fuzz_operations(operations)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    examples = None if caller == "no keys" else 10  # the same routes again: fewer examples each
+    fuzz_operations(operations, headers=headers, examples=examples)
 
 
 def test_aris_routes_no_server_errors(curation_home, aristotle_url, monkeypatch):
@@ -52,14 +60,14 @@ def test_aris_routes_no_server_errors(curation_home, aristotle_url, monkeypatch)
 
     monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", aristotle_url)
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(replace(
-        load_settings(), dagster_url="http://127.0.0.1:9")))
+        load_settings(), dagster_url="http://127.0.0.1:9", allowed_hosts=("testserver",))))
     operations = [r.ok() for r in schema.get_all_operations() if "/sync/" in r.ok().path or "/icl/" in r.ok().path]
     assert len(operations) == 2, [op.label for op in operations]
     fuzz_operations(operations)
 
 
-def fuzz_operations(operations) -> None:
-    examples = int(os.environ.get("VBATCH_FUZZ_EXAMPLES", "25"))
+def fuzz_operations(operations, headers: dict | None = None, examples: int | None = None) -> None:
+    examples = examples or int(os.environ.get("VBATCH_FUZZ_EXAMPLES", "25"))
     failures = []
     for operation in operations:
         @given(case=operation.as_strategy())
@@ -67,7 +75,7 @@ def fuzz_operations(operations) -> None:
         def fuzz(case):
             # The property is "no 5xx": a large valid request (n=128 over a list of prompts, each up to the
             # context length) rightly takes longer on the CPU engine than schemathesis' 10 s default.
-            case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+            case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S, headers=headers or None)
 
         try:
             fuzz()

@@ -8,10 +8,9 @@ import json
 
 import pytest
 from dagster import SkipReason, build_sensor_context, materialize
-from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from tests.conftest import chat_line
+from tests.conftest import api_client, chat_line
 from tests.test_curation import Curation, _requested
 from vbatch_pipelines.curation.schemas import annotation_result
 from vbatch_pipelines.store.db import normalize_url
@@ -233,7 +232,7 @@ def test_push_endpoint_answers_success_replay_404_409_202_and_503(aris, label_st
     aris.add_conquests(["p-pending"], result="PENDING")
     tasks = aris.run_conquests(["p-1", "p-2"])
     body = {"conquest_id": "p-1", "philosopher": PHILOSOPHER, "domain": DOMAIN, "result_notes": "Great"}
-    with TestClient(create_app()) as client:
+    with api_client(create_app()) as client:
         push = lambda **changes: client.post("/v1/sync/victory-to-gold-star", json={**body, **changes})  # noqa: E731
         assert push().status_code == 409 and push().json()["error"]["code"] == "not_victory"
         aris.sql("""UPDATE "Conquest" SET result = 'VICTORY', "updatedAt" = now() WHERE id IN ('p-1', 'p-late')""")
@@ -285,7 +284,7 @@ def test_icl_examples_filter_format_limit_and_keep_answering_without_aristotle(a
     aris.star(cv["i-cv"], '{"name": "Ada", "experience": [{"title": "Engineer"}]}', 5)
     aris.aris_tick()
     aris.sync()
-    with TestClient(create_app()) as client:
+    with api_client(create_app()) as client:
         get = lambda **params: client.get("/v1/icl/examples", params={"philosopher": PHILOSOPHER,  # noqa: E731
                                                                       "domain": DOMAIN, **params})
         page = get().json()

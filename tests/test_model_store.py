@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import chat_lines, jsonl
+from tests.conftest import api_client, chat_lines, jsonl
 from tests.hub import LocalHub
 
 GIB = 1024**3
@@ -117,7 +117,13 @@ def test_remote_code_and_oversized_models_are_refused_before_download(platform, 
     with pytest.raises(InstallError, match="trust_remote_code") as remote:
         request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom))
     assert remote.value.code == "remote_code_not_allowed"
-    assert request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom), trust_remote_code=True).status == "installing"
+    with pytest.raises(InstallError, match="VBATCH_ALLOW_REMOTE_CODE") as switched_off:  # the server's switch
+        request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom),
+                        trust_remote_code=True)
+    assert switched_off.value.code == "remote_code_disabled"
+    allowed = dataclasses.replace(platform.registry.install_policy(), remote_code=True)
+    assert request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom),
+                           trust_remote_code=True, policy=allowed).status == "installing"
 
     huge = tmp_path / "huge"
     huge.mkdir()
@@ -140,7 +146,7 @@ def test_install_from_a_local_directory_keeps_its_files(platform, tiny_model_pat
     assert (tiny_model_path / "config.json").exists(), "a directory vbatch did not download is left alone"
 
 
-@pytest.mark.parametrize("source", ["~nosuchuser-vbatch/model", "x" * 5000, "a/b\x00c", "not a model"])
+@pytest.mark.parametrize("source", ["x" * 5000, "a/b\x00c", "not a model", "no-such-dir/model!"])
 def test_a_source_that_names_nothing_is_a_clear_error(platform, source):
     from vbatch_pipelines.models.install import InstallError
     from vbatch_pipelines.models.store import get_model, request_install
@@ -165,14 +171,13 @@ def test_an_unreachable_hub_is_a_clear_error(platform, monkeypatch):
 
 def test_installs_accepted_while_dagster_is_down_are_launched_by_the_sensor(platform, tiny_model_path):
     from dagster import DagsterInstance, SensorResult, build_sensor_context
-    from fastapi.testclient import TestClient
 
     from api.main import create_app
     from vbatch_pipelines.defs.models import model_install_sensor
     from vbatch_pipelines.store.models import Model
 
     unreachable = dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9")  # nothing listens
-    with TestClient(create_app(unreachable)) as client:
+    with api_client(create_app(unreachable)) as client:
         created = client.post("/v1/models", json={"source": str(tiny_model_path), "id": "later-tiny"})
         assert created.status_code == 200 and created.json()["status"] == "installing"
         assert client.get("/v1/models/later-tiny").json()["status"] == "installing"
@@ -203,13 +208,12 @@ def test_deleting_an_alias_leaves_the_model_it_points_to(platform, tiny_model_pa
 @pytest.mark.parametrize("model_id", ["x/../../canary", "../canary", "/etc/canary", "a/b/c", "..", "x/..",
                                       "ft:base:vbatch:x:1", "a" * 101])
 def test_a_model_id_that_is_a_path_is_refused_before_anything_touches_the_disk(platform, tiny_model_path, model_id):
-    from fastapi.testclient import TestClient
 
     from api.main import create_app
 
     before = {p for p in platform.file_store.home.rglob("*")} if platform.file_store.home.exists() else set()
     outside = set(platform.file_store.home.parent.iterdir())
-    with TestClient(create_app(dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9"))) as client:
+    with api_client(create_app(dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9"))) as client:
         response = client.post("/v1/models", json={"source": str(tiny_model_path), "id": model_id})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_model_id", response.text
     assert set(platform.file_store.home.parent.iterdir()) == outside, "nothing created beside the home"

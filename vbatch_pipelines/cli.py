@@ -56,11 +56,15 @@ def cmd_models_install(args, ctx: Context) -> int:
     from dagster import DagsterInstance, materialize
 
     from vbatch_pipelines.defs.models import installed_model
+    from vbatch_pipelines.models.install import InstallPolicy
     from vbatch_pipelines.models.store import request_install
     from vbatch_pipelines.partitions import model_partitions
 
-    row = request_install(ctx["metadata_db"].db, ctx["model_registry"], ctx["inference_engine"], args.source,
-                          model_id=args.id, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    # In the operator's shell a directory may be named relative to where they stand.
+    source = str(Path(args.source).resolve()) if Path(args.source).is_dir() else args.source
+    row = request_install(ctx["metadata_db"].db, ctx["model_registry"], ctx["inference_engine"], source,
+                          model_id=args.id, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                          policy=InstallPolicy.operator())
     fit = row.details["fit"]
     print(f"{row.id}: fits ({fit['weight_bytes'] / 2**30:.2f} GiB weights + {fit['kv_cache_bytes'] / 2**30:.2f} GiB "
           f"KV cache of {fit['available_bytes'] / 2**30:.1f} GiB {fit['device']}); installing ...", flush=True)
@@ -235,10 +239,15 @@ def cmd_batch_show(args, ctx: Context) -> int:
 
 
 def cmd_up(args, ctx: Context) -> int:
-    from vbatch_pipelines.supervisor import Addresses, run_platform
+    from vbatch_pipelines.supervisor import Addresses, ExposureError, run_platform
 
-    addresses = Addresses(args.host, args.api_port or ctx.settings.api_port, args.dagster_port)
-    return run_platform(ctx.settings, ctx.resources, addresses, warm=not args.no_engine)
+    addresses = Addresses(args.host, args.api_port or ctx.settings.api_port, args.dagster_port,
+                          expose_dagster=args.expose_dagster)
+    try:
+        return run_platform(ctx.settings, ctx.resources, addresses, warm=not args.no_engine)
+    except ExposureError as exc:
+        print(f"vbatch up: {exc}", file=sys.stderr)
+        return 2
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -249,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the API, Dagster (webserver, daemon) and the engine")
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", default="127.0.0.1", help="where the API listens (beyond loopback: keys required)")
+    up.add_argument("--expose-dagster", action="store_true",
+                    help="serve the Dagster UI (no authentication) on --host too; default: 127.0.0.1 only")
     up.add_argument("--api-port", type=int, default=None, help="default VBATCH_API_PORT or 4080")
     up.add_argument("--dagster-port", type=int, default=int(os.environ.get("VBATCH_DAGSTER_PORT", 3000)))
     up.add_argument("--no-engine", action="store_true", help="do not warm the engine at start")

@@ -93,7 +93,9 @@ class DetachedServer:
         raise NotImplementedError
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ)
+        from vbatch_pipelines.child_env import without_secrets
+
+        return without_secrets()
 
     def probe(self, url: str, timeout: float) -> bool:
         raise NotImplementedError

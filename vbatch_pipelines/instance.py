@@ -8,7 +8,6 @@ from urllib.parse import urlsplit
 import yaml
 
 from vbatch_pipelines.paths import write_private
-
 from vbatch_pipelines.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

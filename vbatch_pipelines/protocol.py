@@ -11,6 +11,7 @@ import uuid
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class OpenAIBaseModel(BaseModel):
@@ -19,6 +20,27 @@ class OpenAIBaseModel(BaseModel):
 
 
 # ---- requests -------------------------------------------------------------------------------------
+
+# Beyond OpenAI's own fields, the extensions vLLM documents for sampling, structured output and tools. Any other
+# field is refused as OpenAI refuses it ("Unrecognized request argument supplied"), never passed blindly to
+# the engine: vLLM's request-level ``chat_template``, ``logits_processors`` or ``kv_transfer_params`` would
+# let a client choose code paths on the server.
+ENGINE_EXTENSIONS = frozenset({
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "use_beam_search", "stop_token_ids",
+    "include_stop_str_in_output", "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+    "truncate_prompt_tokens", "prompt_logprobs", "allowed_token_ids", "bad_words", "add_generation_prompt",
+    "continue_final_message", "add_special_tokens", "documents", "chat_template_kwargs", "structured_outputs",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "return_tokens_as_token_ids", "return_token_ids", "include_reasoning",
+    # OpenAI fields vbatch passes to the engine as they are
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "logit_bias", "metadata", "store",
+    "service_tier", "reasoning_effort", "modalities", "prediction", "audio", "web_search_options", "verbosity",
+    "prompt_cache_key", "safety_identifier",
+})
+MAX_MESSAGES = 2048
+MAX_PROMPTS = 2048
+MAX_CHOICES = 2048  # n × prompts: sequences one request may ask for
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -61,6 +83,16 @@ class _SamplingParams(OpenAIBaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in data:
+                if name not in cls.model_fields and name not in ENGINE_EXTENSIONS:
+                    raise PydanticCustomError("unrecognized_argument",
+                                              "Unrecognized request argument supplied: {name}", {"name": name})
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
@@ -75,11 +107,11 @@ class _SamplingParams(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(_SamplingParams):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
 
     def max_new_tokens(self, default: int) -> int:
@@ -90,16 +122,28 @@ class CompletionRequest(_SamplingParams):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=128)
 
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be an empty list")
+        if isinstance(value, list) and value and not isinstance(value[0], int) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"prompt takes at most {MAX_PROMPTS} prompts")
         return value
+
+    @model_validator(mode="after")
+    def _bounded_work(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        prompts = len(self.prompt) if isinstance(self.prompt, list) and not isinstance(self.prompt[0], int) else 1
+        if prompts * max(self.n, self.best_of or 1) > MAX_CHOICES:
+            raise ValueError(f"n (or best_of) × the number of prompts is {prompts * max(self.n, self.best_of or 1)}; "
+                             f"one request may ask for at most {MAX_CHOICES} completions")
+        return self
 
     def max_new_tokens(self, default: int) -> int:
         return self.max_tokens or default

@@ -38,6 +38,17 @@ def is_off(value: str | None) -> bool:
     return str(value).strip().lower() in ("off", "0", "false", "no")
 
 
+def _switch(name: str, default: bool) -> bool:
+    raw = _env(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in ("on", "1", "true", "yes"):
+        return True
+    if is_off(raw):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a switch; use 1 or 0 (on/off, true/false, yes/no)")
+
+
 def _choice(name: str, default: str, allowed_type: Any) -> Any:
     value = _env(name, default)
     allowed = get_args(allowed_type)
@@ -97,10 +108,15 @@ class Settings:
     models: dict[str, str]
     gpus: int
     dagster_url: str
-    api_keys: tuple[str, ...]
+    api_keys: tuple[str, ...]  # use keys: files, batches, inference, curation, fine-tuning
+    admin_keys: tuple[str, ...]  # also: install and delete base models (VBATCH_ADMIN_KEYS)
+    allowed_hosts: tuple[str, ...]  # Host names the API answers without keys, besides loopback names
+    model_sources: tuple[Path, ...]  # directories admins may install local models from
+    allow_remote_code: bool  # whether an admin may install a model with trust_remote_code
     api_port: int
     api_workers: int  # 0: two on a machine with two or more cores and a vLLM engine, else one
     max_upload_bytes: int
+    max_request_bytes: int  # any other request body (JSON)
     inline_validation_bytes: int  # input files up to this size are validated by the API at create time
     curation: bool  # VBATCH_CURATION=off: no Label Studio, curation_tasks skips every batch
     label_studio_url: str | None  # an external Label Studio; unset: vbatch runs its own
@@ -181,10 +197,16 @@ def load_settings() -> Settings:
         models=_parse_models(_env("VBATCH_MODELS")),
         gpus=gpu_count(),
         dagster_url=_env("VBATCH_DAGSTER_URL", "http://127.0.0.1:3000"),
-        api_keys=tuple(k.strip() for k in (_env("VBATCH_API_KEYS") or "").split(",") if k.strip()),
+        api_keys=_list("VBATCH_API_KEYS"),
+        admin_keys=_list("VBATCH_ADMIN_KEYS"),
+        allowed_hosts=tuple(host.lower() for host in _list("VBATCH_ALLOWED_HOSTS")),
+        model_sources=tuple(Path(p).expanduser().resolve() for p in _list("VBATCH_MODEL_SOURCES"))
+        or (layout.models_dir,),
+        allow_remote_code=_switch("VBATCH_ALLOW_REMOTE_CODE", False),
         api_port=_int("VBATCH_API_PORT", 4080, minimum=1),
         api_workers=_int("VBATCH_API_WORKERS", 0, minimum=0),
         max_upload_bytes=_int("VBATCH_MAX_UPLOAD_BYTES", 512 * 1024 * 1024, minimum=1),
+        max_request_bytes=_int("VBATCH_MAX_REQUEST_BYTES", 32 * 1024 * 1024, minimum=1024),
         inline_validation_bytes=_int("VBATCH_INLINE_VALIDATION_BYTES", 8 * 1024 * 1024, minimum=0),
         curation=not is_off(_env("VBATCH_CURATION", "on")),
         label_studio_url=_env("VBATCH_LABEL_STUDIO_URL"),
@@ -207,6 +229,11 @@ def load_settings() -> Settings:
         dagster_home=Path(_env("DAGSTER_HOME") or layout.dagster_dir),
         aris_database_url=_postgres_url("VBATCH_ARIS_DATABASE_URL"),
     )
+
+
+def _list(name: str) -> tuple[str, ...]:
+    """A comma-separated setting, blanks dropped."""
+    return tuple(item.strip() for item in (_env(name) or "").split(",") if item.strip())
 
 
 def _postgres_url(name: str) -> str | None:

@@ -12,23 +12,59 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from vbatch_pipelines.child_env import without_api_keys
 from vbatch_pipelines.net import wait_http
 from vbatch_pipelines.settings import Settings
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class ExposureError(ValueError):
+    """`up` was asked to listen beyond this machine without what makes that safe."""
+
+
+def _reachable(host: str) -> str:
+    """The address a local client uses for a server listening on ``host``."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 @dataclass(frozen=True)
 class Addresses:
-    host: str
+    host: str  # where the API listens
     api_port: int
     dagster_port: int
+    expose_dagster: bool = False  # the Dagster UI has no authentication: beyond loopback only when asked
+
+    @property
+    def dagster_host(self) -> str:
+        return self.host if self.expose_dagster else "127.0.0.1"
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.host}:{self.api_port}"
+        return f"http://{_reachable(self.host)}:{self.api_port}"
 
     @property
     def dagster_url(self) -> str:
-        return f"http://{self.host}:{self.dagster_port}"
+        return f"http://{_reachable(self.dagster_host)}:{self.dagster_port}"
+
+    @property
+    def exposed(self) -> bool:
+        return self.host not in LOOPBACK_HOSTS
+
+    def check(self, settings: Settings) -> list[str]:
+        """Refuse an API on the network without keys; return what the start-up banner must say about it."""
+        if not self.exposed:
+            return []
+        if not settings.api_keys and not settings.admin_keys:
+            raise ExposureError(f"--host {self.host} would let anyone who can reach this machine use vbatch: set "
+                                "VBATCH_API_KEYS (and VBATCH_ADMIN_KEYS) first, or keep the default 127.0.0.1")
+        if self.expose_dagster:
+            return [f"The Dagster UI listens on {self.host} without authentication (--expose-dagster): "
+                    "put it behind an authenticating proxy"]
+        return [f"The API listens on {self.host}; the Dagster UI stays on 127.0.0.1 (it has no authentication; "
+                "--expose-dagster serves it on the network)"]
 
 
 def spawn(argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
@@ -110,19 +146,21 @@ def warm_engine(resources: dict) -> str:
 def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, warm: bool = True) -> int:
     from vbatch_pipelines.instance import WORKSPACE_YAML
 
+    exposure = addresses.check(settings)  # before anything starts
     env = prepare_platform(settings, resources)
     env["VBATCH_DAGSTER_URL"] = addresses.dagster_url
     file_store = resources["file_store"]
     logs = file_store.logs_dir
     logs.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
-    host = addresses.host
+    dagster_env = without_api_keys(env)  # runs need the databases' and Label Studio's secrets, not the API's keys
     processes = {
-        "dagster-webserver": spawn([str(bin_dir / "dagster-webserver"), "-h", host, "-p", str(addresses.dagster_port),
-                                    "-w", str(WORKSPACE_YAML)], env, logs / "dagster-webserver.log"),
-        "dagster-daemon": spawn([str(bin_dir / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)], env,
+        "dagster-webserver": spawn([str(bin_dir / "dagster-webserver"), "-h", addresses.dagster_host,
+                                    "-p", str(addresses.dagster_port), "-w", str(WORKSPACE_YAML)], dagster_env,
+                                   logs / "dagster-webserver.log"),
+        "dagster-daemon": spawn([str(bin_dir / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)], dagster_env,
                                 logs / "dagster-daemon.log"),
-        "api": spawn([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", host,
+        "api": spawn([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
                       "--port", str(addresses.api_port), "--workers", str(api_workers(settings, resources)),
                       "--log-level", "warning"], env, logs / "api.log"),
     }
@@ -146,7 +184,8 @@ def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, w
           f"  engine       {engine_note}\n"
           f"  Label Studio {curation_note}\n"
           f"  logs         {logs}\n"
-          "Ctrl-C stops everything.", flush=True)
+          + "".join(f"  note         {note}\n" for note in exposure)
+          + "Ctrl-C stops everything.", flush=True)
     try:
         while not stopping.is_set():
             for name, process in processes.items():

@@ -21,6 +21,7 @@ router = APIRouter(tags=["inference"])
 
 
 async def _serve(endpoint: str, request, engines: EnginePool):
+    await engines.check_length(request.model, request.max_new_tokens(0))
     engine = await engines.get(request.model)
     body = request.model_dump(exclude_unset=True)
     body["model"] = engine.model_id

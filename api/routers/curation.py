@@ -4,6 +4,7 @@ stats, and the gold-star datasets with their exports."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -21,6 +22,7 @@ from vbatch_pipelines.curation.sync import record_annotation
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Dataset
 
+log = logging.getLogger("vbatch.api")
 router = APIRouter(tags=["curation"])
 # Label Studio task ids: positive 32-bit integers.
 TaskId = Path(ge=1, le=2**31 - 1, description="the Label Studio task id")
@@ -127,6 +129,8 @@ async def label_studio_webhook(request: Request, db: Database = Depends(get_db),
     recording is idempotent)."""
     expected = label_studio.shared_webhook_secret()
     if not x_vbatch_webhook_secret or not expected or not same_secret(x_vbatch_webhook_secret, expected):
+        log.warning("refused a Label Studio webhook from %s: %s X-Vbatch-Webhook-Secret",
+                    request.client.host if request.client else "?", "wrong" if x_vbatch_webhook_secret else "no")
         raise OpenAIError(401, "Missing or wrong X-Vbatch-Webhook-Secret", code="invalid_webhook_secret")
     try:
         payload = await request.json()
@@ -136,7 +140,9 @@ async def label_studio_webhook(request: Request, db: Database = Depends(get_db),
     changed: list[int] = []
     if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
         task, annotation = payload.get("task") or {}, payload.get("annotation") or {}
-        if "id" in task and await asyncio.to_thread(record_annotation, db, int(task["id"]), annotation):
+        # Events may come late or twice (Label Studio retries): never let an older one overwrite a newer review.
+        if "id" in task and await asyncio.to_thread(record_annotation, db, int(task["id"]), annotation,
+                                                    only_if_newer=True):
             changed.append(int(task["id"]))
     elif action == "ANNOTATIONS_DELETED":
         ids = [int(a["id"]) for a in payload.get("annotations") or [] if "id" in a]

@@ -11,7 +11,16 @@ from pathlib import Path
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from api.deps import EnginePool, get_db, get_engines, get_model_registry, get_settings
+from api.deps import (
+    EnginePool,
+    Role,
+    caller_role,
+    get_db,
+    get_engines,
+    get_model_registry,
+    get_settings,
+    require_admin,
+)
 from api.schemas import Deleted, ModelList, ModelObject
 from resources import ModelRegistry
 from vbatch_pipelines.launch import DagsterUnreachable, launch_install
@@ -61,13 +70,14 @@ def _store_object(row) -> dict:
             "details": row.details}
 
 
-@router.post("/models", response_model=ModelObject)
+@router.post("/models", response_model=ModelObject, dependencies=[Depends(require_admin)])
 def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
                   settings: Settings = Depends(get_settings),
                   model_registry: ModelRegistry = Depends(get_model_registry),
                   engines: EnginePool = Depends(get_engines)) -> dict:
-    """vbatch's own: install a base model. Refused at once when it would not fit or needs remote code;
-    otherwise recorded as ``installing`` and installed by the installed_model asset."""
+    """vbatch's own, for admins: install a base model. Refused at once when the server's policy does not
+    allow the source or remote code, or the model would not fit; otherwise recorded as ``installing`` and
+    installed by the installed_model asset."""
     row = request_install(db, model_registry, engines.resource, body.source, model_id=body.id,
                           revision=body.revision, trust_remote_code=body.trust_remote_code)
     try:
@@ -82,7 +92,11 @@ def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
 @router.delete("/models/{model_id:path}", response_model=Deleted)
 async def delete_model(model_id: str, db: Database = Depends(get_db),
                        model_registry: ModelRegistry = Depends(get_model_registry),
-                       engines: EnginePool = Depends(get_engines)) -> dict:
+                       engines: EnginePool = Depends(get_engines), role: Role = Depends(caller_role)) -> dict:
+    """Undeploy a fine-tune (any key), or delete an installed base model (admins)."""
+    row = get_model(db, model_id)
+    if row is not None and row.kind == "base":
+        await require_admin(role)
     await asyncio.to_thread(remove_model, db, model_registry, engines.resource, model_id)
     engines.forget(model_id)
     return {"id": model_id, "object": "model", "deleted": True}

@@ -26,13 +26,13 @@ def enable_api(app) -> None:
     """Mount the Aris routes and push review changes of linked tasks to Aristotle at once."""
     from fastapi import Depends
 
-    from api.deps import require_api_key
+    from api.deps import caller_role
     from api.schemas import ERRORS
     from integrations.aris.api import UseCounter, router
     from integrations.aris.sync import on_reviews_changed
 
     enable_schemas()
-    app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+    app.include_router(router, prefix="/v1", dependencies=[Depends(caller_role)], responses=ERRORS)
     app.state.review_listeners.append(on_reviews_changed)
     app.state.icl_uses = UseCounter(app.state.db)
     app.state.shutdown_hooks.append(app.state.icl_uses.flush)

@@ -9,7 +9,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from vbatch_pipelines.curation.schemas import DIALOGUE, TaskSchema, review_config, register_schema
+from vbatch_pipelines.curation.schemas import DIALOGUE, TaskSchema, register_schema, review_config
 
 SCHEMAS_DIR = Path(__file__).with_name("conquest_schemas")
 ID_FIELD = "conquest_id"

@@ -11,13 +11,13 @@ server instead (``VBATCH_LABEL_STUDIO_TOKEN`` is its token) and starts nothing.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
+from vbatch_pipelines.child_env import without_secrets
 from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
 from vbatch_pipelines.paths import write_private
@@ -94,7 +94,7 @@ class ManagedLabelStudio(DetachedServer):
 
     def env(self) -> dict[str, str]:
         creds = self.credentials()
-        env = dict(os.environ,
+        env = without_secrets(
                    LABEL_STUDIO_BASE_DATA_DIR=str(self.state_dir / "data"),
                    LABEL_STUDIO_USERNAME=creds["username"], LABEL_STUDIO_PASSWORD=creds["password"],
                    LABEL_STUDIO_USER_TOKEN=creds["token"], LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",

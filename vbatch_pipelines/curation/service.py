@@ -57,14 +57,21 @@ def get_task(db: Database, ls_task_id: int) -> CurationTask | None:
 
 
 def apply_review(db: Database, ls_task_id: int, review: Review | None, annotation_id: int | None,
-                 reviewer: str | None = None) -> bool:
+                 reviewer: str | None = None, *, updated_at: str | None = None, only_if_newer: bool = False) -> bool:
     """Record a task's current review (None: its annotations are gone) and who made it; True when the review
-    changed (the reviewer alone is not a change)."""
+    changed (the reviewer alone is not a change). ``updated_at`` is the annotation's time in Label Studio;
+    ``only_if_newer`` (webhook events, which may come late or twice) ignores an annotation older than the
+    one recorded. A listing of the task's annotations is the truth and is recorded as it is."""
     with db.session() as session:
         task = session.scalars(select(CurationTask).where(CurationTask.ls_task_id == ls_task_id)
                                .with_for_update()).first()
         if task is None:
             return False
+        recorded = task.annotation_updated_at
+        if only_if_newer and updated_at and recorded and updated_at < recorded:
+            return False
+        if updated_at is not None:
+            task.annotation_updated_at = updated_at
         if review is None:
             wanted = {"edited_response": None, "rating": None, "gold_star": False, "annotated": False,
                       "annotation_id": None}

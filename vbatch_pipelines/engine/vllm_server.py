@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from vbatch_pipelines.child_env import without_secrets
 from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
@@ -152,8 +153,9 @@ class ManagedVLLMServer(DetachedServer):
         package_root = str(Path(BATCH_MIDDLEWARE.__file__).resolve().parents[2])
         pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         # Runtime LoRA loading, and the /sleep and /wake_up routes (served only in dev mode).
-        return dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1",
-                    PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
+        # The model is on disk: the engine needs none of vbatch's secrets (nor HF_TOKEN).
+        return without_secrets(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1",
+                               PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
 
 
 class VLLMEngine:

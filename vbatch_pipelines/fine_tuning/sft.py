@@ -2,11 +2,14 @@
 
 Standalone on purpose: it imports only ``dagster_pipes`` and the training stack, never vbatch, so it runs
 in whichever environment has the right pins: this one (TRL + PEFT, CPU or GPU) or the Unsloth env (CUDA).
-The orchestrating asset passes everything as Pipes extras and receives, as custom messages:
+The orchestrating asset passes everything as Pipes extras and receives progress as custom messages:
 
 - ``{"type": "metrics", step, total_steps, epoch, loss, learning_rate, eta_seconds, elapsed_seconds}``
 - ``{"type": "checkpoint", step, epoch, path, metrics}`` at the end of each epoch (adapter only)
-- ``{"type": "result", adapter_dir, merged_dir, train_loss, eval_loss, trained_tokens, steps, ...}``
+
+The outcome (``adapter_dir, merged_dir, train_loss, eval_loss, trained_tokens, steps, ...``) is written last,
+atomically, to ``<output_dir>/result.json`` (RESULT_FILE): a file on disk survives what a message stream may
+drop (a reader that stops early, a run that dies after training), and its presence means training finished.
 
 Unsloth is chosen only when ``torch.cuda.is_available()``: importing it without a GPU raises.
 """
@@ -19,6 +22,7 @@ import signal
 import sys
 import time
 
+RESULT_FILE = "result.json"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -195,14 +199,24 @@ def train(pipes, params: dict) -> None:
             # Training ran in float32 on the CPU; the merged model is saved in 16 bits as on the GPU path.
             trainer.model.merge_and_unload().to(torch.bfloat16).save_pretrained(merged_dir)
             tokenizer.save_pretrained(merged_dir)
-    pipes.report_custom_message({
-        "type": "result", "backend": backend, "device": "cuda" if cuda else "cpu",
+    write_result(output_dir, {
+        "backend": backend, "device": "cuda" if cuda else "cpu",
         "adapter_dir": adapter_dir, "merged_dir": merged_dir,
         "train_loss": float(output.training_loss), "eval_loss": eval_loss, "steps": output.global_step,
         "trained_tokens": trained_tokens, "train_examples": len(trainer.train_dataset),
         "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "train_seconds": round(float(output.metrics.get("train_runtime", 0.0)), 3),
     })
+
+
+def write_result(output_dir: str, result: dict) -> None:
+    """Replace-on-write: a reader sees the whole result or none."""
+    path = os.path.join(output_dir, RESULT_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.
 class InstallError(VbatchError):
     """An install that cannot go ahead (does not fit, remote code, not found); the message says why."""
 
-    def __init__(self, message: str, code: str = "install_failed"):
-        super().__init__(message, "source", code, 409 if code == "model_exists" else 400)
+    def __init__(self, message: str, code: str = "install_failed", status: int | None = None):
+        super().__init__(message, "source", code, status or (409 if code == "model_exists" else 400))
 
 
 @dataclass
@@ -138,11 +138,53 @@ def fit_check(config: dict[str, Any], *, gpus: int, context: int | None, availab
     return FitReport(params, weights, kv, context, available, device, dtype, fits, suggestion)
 
 
+@dataclass(frozen=True)
+class InstallPolicy:
+    """What an install may use on this host. The API applies the server's (admins only; local directories
+    under VBATCH_MODEL_SOURCES; remote code only with VBATCH_ALLOW_REMOTE_CODE=1); the CLI is the operator's
+    own shell on the host and may name any directory and allow remote code."""
+
+    local_sources: tuple[Path, ...] | None  # directories local sources must be inside; None: any
+    remote_code: bool
+
+    @classmethod
+    def operator(cls) -> InstallPolicy:
+        return cls(local_sources=None, remote_code=True)
+
+    def check(self, source: str, trust_remote_code: bool) -> Path | None:
+        """The local directory ``source`` names (None: a hub id), refused before anything on the disk is
+        looked at when it is outside the allowed directories, so a refusal says nothing of what exists."""
+        if trust_remote_code and not self.remote_code:
+            raise InstallError("This server does not install models with trust_remote_code: its operator must "
+                               "set VBATCH_ALLOW_REMOTE_CODE=1 first", "remote_code_disabled", status=403)
+        local = local_source(source)
+        if local is None or self.local_sources is None:
+            return local
+        if not any(local.is_relative_to(root) for root in self.local_sources):
+            raise InstallError("Local model directories can be installed only from the directories in "
+                               "VBATCH_MODEL_SOURCES (default: the home's models directory)",
+                               "source_not_allowed", status=403)
+        return local
+
+
 def check_remote_code(config: dict[str, Any], allowed: bool, source: str) -> None:
     if config.get("auto_map") and not allowed:
         raise InstallError(f"{source} needs custom modelling code from its repository (config.json has auto_map). "
                            "vbatch does not run remote code unless you allow it: install again with "
                            "trust_remote_code=true once you have read that code", "remote_code_not_allowed")
+
+
+def local_source(source: str) -> Path | None:
+    """The directory a path-like ``source`` (``/…``, ``~…``, ``./…``, ``../…``) names, normalised without
+    touching the disk beyond resolving links; None for anything else (a hub id ``owner/name``)."""
+    if not source.startswith(("/", "~", "./", "../")):
+        return None
+    try:
+        return Path(source).expanduser().resolve()
+    except RuntimeError:  # ~nosuchuser: names no directory; refused as any path outside the sources would be
+        return Path(source)
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long
+        raise InstallError(f"{source!r} is not a usable path", "invalid_model") from exc
 
 
 @dataclass
@@ -156,23 +198,13 @@ class Source:
     weight_bytes: int | None  # exact, from the safetensors index, when known
 
 
-def local_model_dir(source: str) -> Path | None:
-    """The directory ``source`` names on this host, or None: a repo id, or a path the OS cannot look up
-    (``~nosuchuser``, a name too long, a NUL byte) names none."""
-    try:
-        local = Path(source).expanduser()
-        return local if local.is_dir() else None
-    except (RuntimeError, OSError, ValueError):
-        return None
-
-
 def resolve(source: str, revision: str | None = None, token: str | None = None) -> Source:
     """Read config.json (and the safetensors index) without downloading any weights."""
-    local = local_model_dir(source)
+    local = local_source(source)
     if local is not None:
         config_path = local / "config.json"
-        if not config_path.exists():
-            raise InstallError(f"{local} has no config.json: not a Hugging Face model directory", "invalid_model")
+        if not config_path.is_file():
+            raise InstallError(f"{source} is not a Hugging Face model directory (no config.json)", "invalid_model")
         weights = sum(p.stat().st_size for p in local.glob("*.safetensors")) or None
         return Source("local", str(local.resolve()), None, json.loads(config_path.read_text()), weights)
     if not MODEL_ID.match(source) or "/" not in source:

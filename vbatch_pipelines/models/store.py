@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from vbatch_pipelines.errors import VbatchError
-from vbatch_pipelines.paths import UnsafePath, inside
 from vbatch_pipelines.models.registry import DEPLOYED, ModelSpec
+from vbatch_pipelines.paths import UnsafePath, inside
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Model
+
+if TYPE_CHECKING:
+    from vbatch_pipelines.models.install import InstallPolicy
 
 
 def get_model(db: Database, model_id: str) -> Model | None:
@@ -97,21 +100,22 @@ def owns_files(row: Model, models_dir: Path) -> bool:
 
 
 def request_install(db: Database, model_registry, inference_engine, source: str, *, model_id: str | None = None,
-                    revision: str | None = None, trust_remote_code: bool = False) -> Model:
-    """Check an install before anything big moves (config.json only: remote code, fit on the engine's
-    device) and record it as ``installing``; installed_model downloads and smoke-tests it. Raises
-    InstallError with the reason."""
+                    revision: str | None = None, trust_remote_code: bool = False,
+                    policy: InstallPolicy | None = None) -> Model:
+    """Check an install before anything big moves (the policy: where local sources may be, remote code;
+    then config.json only: remote code, fit on the engine's device) and record it as ``installing``;
+    installed_model downloads and smoke-tests it. ``policy`` defaults to the server's (the model registry's).
+    Raises InstallError with the reason."""
     from vbatch_pipelines.models.install import (
         MODEL_ID,
         InstallError,
         available_memory,
         check_remote_code,
         fit_check,
-        local_model_dir,
         resolve,
     )
+    local = (policy or model_registry.install_policy()).check(source, trust_remote_code)
     if model_id is None:
-        local = local_model_dir(source)
         model_id = local.name if local is not None else source
     if not MODEL_ID.match(model_id):
         raise InstallError(f"{model_id!r} is not a usable model id: a name or owner/name of letters, digits, '.', "

@@ -139,6 +139,8 @@ class CurationTask(Base):
     reviewed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     changed_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)  # bumps on every change
     reviewer: Mapped[str | None] = mapped_column(String(256), nullable=True)  # who made the current review
+    # Label Studio's updated_at of the recorded annotation (UTC ISO): webhook events older than it are stale
+    annotation_updated_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
     def final_response(self) -> str:
         return self.edited_response if self.edited_response is not None else self.response

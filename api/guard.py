@@ -1,0 +1,125 @@
+"""Protections in front of every route, as pure ASGI middleware (no cost beyond a few header lookups).
+
+- ``BodyLimit``: a request body is bounded while it streams (chunked bodies too, not only by Content-Length):
+  uploads to ``/v1/files`` by VBATCH_MAX_UPLOAD_BYTES, any other body by VBATCH_MAX_REQUEST_BYTES. Once over,
+  the body is read no further and the answer is a 413, whatever the route was doing with it.
+- ``DriveByGuard``: without API keys the API trusts whoever can reach it, which must then be this machine's
+  own user and not a web page their browser happens to show. It answers only requests whose Host is a
+  loopback name or in VBATCH_ALLOWED_HOSTS (DNS rebinding), refuses a foreign ``Origin`` and, on
+  state-changing methods, any body that is not ``application/json`` or ``multipart/form-data`` (a plain
+  HTML form or a ``text/plain`` fetch cannot set those without a CORS preflight this API never grants).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from api.errors import OpenAIError, error_response
+from vbatch_pipelines.files import FileTooLarge
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+BODY_TYPES = ("application/json", "multipart/form-data")
+MULTIPART_OVERHEAD = 1024 * 1024  # part headers and boundaries around an upload at the limit
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    def __init__(self, app, *, max_upload_bytes: int, max_request_bytes: int):
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+        self.max_request_bytes = max_request_bytes
+
+    def _error(self, upload: bool) -> OpenAIError | FileTooLarge:
+        if upload:
+            return FileTooLarge(self.max_upload_bytes)
+        return OpenAIError(413, f"The request body is larger than {self.max_request_bytes} bytes "
+                                "(VBATCH_MAX_REQUEST_BYTES)", code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/files")
+        limit = self.max_upload_bytes + MULTIPART_OVERHEAD if upload else self.max_request_bytes
+        length = _header(scope, b"content-length")
+        if length.isdigit() and int(length) > limit:  # refused before a byte of the body is read
+            return await error_response(self._error(upload))(scope, receive, send)
+
+        state = {"received": 0, "over": False, "started": False}
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > limit:
+                    state["over"] = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message):
+            # Whatever the route made of the cut-off body (a parse error, say), the answer is the 413.
+            if state["over"]:
+                return
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _TooLarge:
+            pass
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["started"]:
+            await error_response(self._error(upload))(scope, receive, send)
+
+
+class DriveByGuard:
+    def __init__(self, app, *, allowed_hosts: tuple[str, ...], enabled: bool):
+        self.app = app
+        self.allowed = LOOPBACK_NAMES | {host.lower() for host in allowed_hosts}
+        self.enabled = enabled
+
+    def _refusal(self, scope) -> OpenAIError | None:
+        host = _hostname(_header(scope, b"host"))
+        if host not in self.allowed:
+            return OpenAIError(403, f"Host {host or '(none)'!r} is not served here: without API keys vbatch answers "
+                                    "only loopback names and VBATCH_ALLOWED_HOSTS", code="host_not_allowed")
+        origin = _header(scope, b"origin")
+        if origin and _hostname(urlsplit(origin).netloc) not in self.allowed:
+            return OpenAIError(403, f"Requests from pages at {origin} are refused: without API keys only this "
+                                    "machine's own clients may call vbatch", code="origin_not_allowed")
+        if scope["method"] in UNSAFE_METHODS:
+            media_type = _header(scope, b"content-type").split(";", 1)[0].strip().lower()
+            has_body = _header(scope, b"content-length") not in ("", "0") or _header(scope, b"transfer-encoding")
+            if (media_type or has_body) and media_type not in BODY_TYPES:
+                return OpenAIError(415, f"Content-Type {media_type or '(none)'!r} is not accepted; send "
+                                        "application/json (or multipart/form-data for uploads)",
+                                   code="unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if self.enabled and scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                return await error_response(refusal)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _header(scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _hostname(netloc: str) -> str:
+    """``host[:port]`` or ``[v6]:port`` → the lower-cased host."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].split("]", 1)[0]
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
