@@ -219,3 +219,26 @@ def test_a_model_id_that_is_a_path_is_refused_before_anything_touches_the_disk(p
     assert set(platform.file_store.home.parent.iterdir()) == outside, "nothing created beside the home"
     created = {p for p in platform.file_store.home.rglob("*")} - before
     assert not [p for p in created if "canary" in str(p)]
+
+
+def test_an_engine_serving_a_hub_id_is_found_and_stopped_at_shutdown(platform, tmp_path):
+    """Model ids with "/" keep their engine's state file in the engines directory itself, where the shutdown
+    of `vbatch up` (InferenceEngine.running_servers) looks for the servers to stop."""
+    import subprocess
+
+    from vbatch_pipelines.models.registry import ModelSpec
+
+    engine = platform.resources["inference_engine"]
+    server = engine.server(ModelSpec("owner/served-model", str(tmp_path)))
+    assert server.state_path.parent == engine.engines_dir and server.state_path.name == "owner+served-model.json"
+    stand_in = subprocess.Popen(["sleep", "300"], start_new_session=True)  # the process a state file names
+    try:
+        engine.engines_dir.mkdir(parents=True, exist_ok=True)
+        server.state_path.write_text(json.dumps({"pid": stand_in.pid, "port": 1, "model": "owner/served-model",
+                                                 "path": str(tmp_path)}))
+        running = engine.running_servers()
+        assert [s.model.id for s in running] == ["owner/served-model"]
+        assert running[0].stop() and stand_in.wait(timeout=30) is not None and not server.state_path.exists()
+    finally:
+        if stand_in.poll() is None:
+            stand_in.kill()

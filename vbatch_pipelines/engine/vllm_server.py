@@ -45,7 +45,9 @@ class ManagedVLLMServer(DetachedServer):
 
     def __init__(self, model: ModelSpec, engines_dir: Path, config: VLLMServerConfig,
                  adapters: Callable[[], dict[str, str]] = dict):
-        super().__init__(engines_dir, model.id)
+        # A hub id's "/" would make a subdirectory that the shutdown scan (engines/*.json) misses; "+" is not a
+        # model id character, so the file name stays unique.
+        super().__init__(engines_dir, model.id.replace("/", "+"))
         self.model = model
         self.adapters = adapters  # the deployed fine-tunes (name -> adapter dir), loaded at start
         self.config = config
