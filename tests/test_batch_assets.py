@@ -164,3 +164,21 @@ def test_settle_sensor_ends_batches_no_run_is_working_on(platform):
     assert platform.batch(cancel_me.id).status == "cancelled"
     assert platform.batch(expire_me.id).status == "expired" and platform.batch(expire_me.id).expired_at
     assert platform.batch(running.id).status == "completed"
+
+
+def test_a_cancel_during_validation_is_never_overwritten(platform):
+    """The run's validation and its start write ``in_progress`` only over ``validating``: a cancel that
+    arrived meanwhile stands, and the run ends the batch as cancelled."""
+    from vbatch_pipelines.batch.service import request_cancel, validate_input
+
+    batch = platform.submit(jsonl(chat_lines(20, prefix="cas")))
+    update_batch(platform.db, batch.id, dagster_run_id="a-run")  # its run has been launched
+    assert request_cancel(platform.db, batch.id).status == "cancelling"
+    report = validate_input(platform.db, platform.batch(batch.id), platform.file_store.batch_dir(batch.id),
+                            platform.registry.served_id)
+    assert report.ok and platform.batch(batch.id).status == "cancelling"
+    platform.materialize(batch.id, raise_on_error=False)
+    record = platform.batch(batch.id)
+    assert record.status == "cancelled" and record.request_completed < 20
+    update_batch(platform.db, batch.id, status="in_progress")  # an ended batch keeps its status
+    assert platform.batch(batch.id).status == "cancelled"

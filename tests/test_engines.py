@@ -142,3 +142,110 @@ def test_many_prompts_are_generated_in_bounded_chunks(tiny_model_path):
     sampled = _ask(small, "/v1/completions", {**texts, "temperature": 1.0, "n": 3}).body
     assert len(sampled["choices"]) == 12
     assert max(sequences_per_call) <= 4 and sequences_per_call[-4:] == [3, 3, 3, 3]  # n=3: a prompt per call
+
+
+class FlakyEngine:
+    """The real engine behind a fault: a server going down answers 5xx for some requests inside a chunk
+    (what vLLM said during a shutdown), then comes back after ``recover``."""
+
+    def __init__(self, engine, failures: int):
+        self.engine, self.failures, self.recovered = engine, failures, 0
+        self.backend, self.model_id = engine.backend, engine.model_id
+
+    async def request_many(self, endpoint, bodies):
+        from vbatch_pipelines.engine.base import EngineResponse
+
+        responses = await self.engine.request_many(endpoint, bodies)
+        if self.failures:
+            self.failures -= 1
+            return [EngineResponse(500, {"error": {"message": "cannot schedule new futures after shutdown"}})
+                    if i % 2 else r for i, r in enumerate(responses)]
+        return responses
+
+    async def recover(self):
+        self.recovered += 1
+
+    async def aclose(self):
+        await self.engine.aclose()
+
+
+def _run(engine, tmp_path, n: int, **options):
+    from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
+
+    rows = [(f"r-{i}", {"messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": 4}) for i in range(n)]
+    results, progress = ResultFiles(tmp_path), BatchProgress(total=n)
+
+    async def go():
+        try:
+            return await run_batch_requests(engine, "/v1/chat/completions", iter(rows), results, progress,
+                                            concurrency=4, chunk_size=4, **options)
+        finally:
+            results.close()
+            await engine.aclose()
+
+    return asyncio.run(go()), results
+
+
+def test_engine_5xx_inside_a_chunk_is_retried_never_blamed_on_the_request(engine, tmp_path):
+    flaky = FlakyEngine(engine, failures=3)
+    finished, results = _run(flaky, tmp_path, 12)
+    assert finished and flaky.failures == 0 and flaky.recovered >= 2
+    ids = [json.loads(line)["custom_id"] for line in results.output_path.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"r-{i}" for i in range(12)) and not results.error_path.exists()
+
+
+def test_an_engine_that_keeps_failing_fails_the_run_and_writes_no_request_errors(engine, tmp_path):
+    from vbatch_pipelines.engine.base import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match="failed 2 times in a row"):
+        _run(FlakyEngine(engine, failures=100), tmp_path, 4, max_attempts=2)
+    assert not (tmp_path / "errors.jsonl").exists(), "the engine's failure is not the requests' error"
+
+
+SLOW_SERVER = """
+import http.server, os, sys, time
+flag = sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if os.path.exists(flag) and open(flag).read() == str(os.getpid()):
+            time.sleep(4)  # busy: answers, but later than a 2 s probe waits
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_busy_server_is_given_time_not_killed_on_one_slow_probe(tmp_path):
+    import httpx
+
+    from vbatch_pipelines.detached import DetachedServer, pid_alive
+
+    script, flag = tmp_path / "slow.py", tmp_path / "busy"
+    script.write_text(SLOW_SERVER)
+
+    class SlowServer(DetachedServer):
+        name = "slow"
+        startup_timeout_s = 30.0
+
+        def argv(self, port):
+            return [sys.executable, str(script), str(port), str(flag)]
+
+        def probe(self, url, timeout):
+            try:
+                return httpx.get(url, timeout=timeout).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+    server = SlowServer(tmp_path / "state", "slow")
+    try:
+        url = server.ensure()
+        pid = server.state()["pid"]
+        flag.write_text(str(pid))  # this process is busy from now on
+        assert not server.healthy(timeout=2.0), "the 2 s probe times out, as on a busy CPU engine"
+        assert server.ensure() == url and server.state()["pid"] == pid and pid_alive(pid), "not restarted"
+        server.busy_grace_s = 1.0  # one that does not answer within its grace is judged hung and replaced
+        assert server.ensure() and server.state()["pid"] != pid
+    finally:
+        flag.unlink(missing_ok=True)
+        server.stop()

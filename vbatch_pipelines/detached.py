@@ -81,6 +81,7 @@ class DetachedServer:
 
     name = "server"
     startup_timeout_s = 300.0
+    busy_grace_s = 30.0  # how long a live server may take to answer before it is judged hung and restarted
 
     def __init__(self, state_dir: Path, key: str):
         self.state_dir = state_dir
@@ -139,8 +140,22 @@ class DetachedServer:
             if self.healthy(state):
                 return self.url_of(state)
             if state and pid_alive(state["pid"]):
+                # Alive but slow to answer: a busy server (a CPU engine mid-batch) is given time before it is
+                # judged hung; killing it would lose every request in flight.
+                if self._answers_within(state, self.busy_grace_s):
+                    return self.url_of(state)
                 kill_group(state["pid"])
             return self._start()
+
+    def _answers_within(self, state: dict[str, Any], grace_s: float) -> bool:
+        deadline = time.monotonic() + grace_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not pid_alive(state["pid"]):
+                return False
+            if self.probe(self.url_of(state), min(10.0, max(left, 0.5))):
+                return True
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+        return False
 
     def _start(self) -> str:
         port = self.choose_port()

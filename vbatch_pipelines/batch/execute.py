@@ -44,7 +44,7 @@ def execute_batch(db: Database, batch_id: str, directory: Path, inference_engine
     done = results.resume(progress)
     if done:
         log(f"{batch_id}: resuming, {len(done)} of {progress.total} requests already finished")
-    update_batch(db, batch_id, status="in_progress", dagster_run_id=run_id,
+    update_batch(db, batch_id, status="in_progress", only_from=("validating", "in_progress"), dagster_run_id=run_id,
                  request_total=progress.total, request_completed=progress.completed,
                  request_failed=progress.failed)
 
@@ -93,7 +93,7 @@ def execute_batch(db: Database, batch_id: str, directory: Path, inference_engine
                 f"{ended.request_failed} failed of {progress.total}")
     wall = time.monotonic() - started
     if finished:
-        update_batch(db, batch_id, status="finalizing")
+        update_batch(db, batch_id, status="finalizing", only_from=("in_progress",))
         end_batch(db, directory, batch_id, "completed")
     return BatchRun(finished, (stop_reason[0] if stop_reason else "cancelled") if not finished else None,
                     progress, wall, results, engine_backend[0])

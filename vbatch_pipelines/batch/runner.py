@@ -151,14 +151,28 @@ async def run_batch_requests(
     chunk_size = max(1, min(chunk_size, concurrency))
 
     async def attempt(bodies: list[dict[str, Any]]) -> list[EngineResponse]:
+        """Every body's answer. The engine's own failures — the call failing, or a 5xx for one request inside
+        a chunk (a server going down answers "cannot schedule new futures after shutdown") — are retried with
+        back-off and never written as the request's error; after ``max_attempts`` the run fails and a new run
+        resumes where this one stopped."""
+        answers: list[EngineResponse | None] = [None] * len(bodies)
+        waiting = list(range(len(bodies)))
         for n in range(1, max_attempts + 1):
             try:
-                return await engine.request_many(endpoint, bodies)
-            except EngineUnavailable:
-                if n == max_attempts:
-                    raise
-                await asyncio.sleep(min(2.0 ** n, 10.0))
-                await engine.recover()
+                responses = await engine.request_many(endpoint, [bodies[i] for i in waiting])
+                for i, response in zip(waiting, responses):
+                    answers[i] = response
+                waiting = [i for i in waiting if answers[i].status_code >= 500]
+                if not waiting:
+                    return answers  # type: ignore[return-value]
+                failure = f"{len(waiting)} of {len(bodies)} requests answered {answers[waiting[0]].status_code}: " \
+                          f"{answers[waiting[0]].body}"
+            except EngineUnavailable as exc:
+                failure = str(exc)
+            if n == max_attempts:
+                raise EngineUnavailable(f"the engine failed {max_attempts} times in a row; last: {failure}")
+            await asyncio.sleep(min(2.0 ** n, 10.0))
+            await engine.recover()
         raise AssertionError("unreachable")
 
     async def worker() -> None:

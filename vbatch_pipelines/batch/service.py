@@ -87,9 +87,11 @@ def validate_input(db: Database, batch: Batch, batch_dir: Path, resolve_model: C
                                  resolve_model=resolve_model,
                                  output=batch_dir / INPUT_FILE)
     if report.ok:
-        update_batch(db, batch.id, status="in_progress", model=report.model, request_total=report.total)
+        update_batch(db, batch.id, status="in_progress", only_from=("validating",), model=report.model,
+                     request_total=report.total)
     else:
-        update_batch(db, batch.id, status="failed", errors=report.openai_errors(), request_total=report.total)
+        update_batch(db, batch.id, status="failed", only_from=("validating", "cancelling"),
+                     errors=report.openai_errors(), request_total=report.total)
     return report
 
 
@@ -97,13 +99,21 @@ def get_batch(db: Database, batch_id: str) -> Batch | None:
     return db.get(Batch, batch_id)
 
 
-def update_batch(db: Database, batch_id: str, **fields: Any) -> Batch:
-    """Set fields on a batch; a ``status`` also stamps its ``<status>_at`` time once."""
+def update_batch(db: Database, batch_id: str, *, only_from: tuple[str, ...] | None = None, **fields: Any) -> Batch:
+    """Set fields on a batch; a ``status`` also stamps its ``<status>_at`` time once.
+
+    Status changes are compare-and-set under the row lock: a batch that has ended keeps its status, and with
+    ``only_from`` the status moves only from one of those (a run starting never writes ``in_progress`` over a
+    ``cancelling`` that arrived meanwhile); the other fields are set either way."""
     with db.session() as session:
         batch = session.get(Batch, batch_id, with_for_update=True)
         if batch is None:
             raise KeyError(batch_id)
         status = fields.get("status")
+        if status is not None and (batch.status in TERMINAL_BATCH_STATUSES
+                                   or (only_from is not None and batch.status not in only_from)):
+            fields.pop("status")
+            status = None
         if status is not None:
             stamp = f"{status}_at"
             if hasattr(batch, stamp) and getattr(batch, stamp) is None and stamp not in fields:
