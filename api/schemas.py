@@ -220,6 +220,8 @@ class CurationTaskObject(BaseModel):
     annotated: bool
     created_at: int
     reviewed_at: int | None = None
+    review_error: str | None = Field(default=None, description="why the edited answer is invalid for its schema "
+                                     "(such a task is left out of datasets until the edit is fixed)")
 
     model_config = ConfigDict(populate_by_name=True)
 

@@ -182,3 +182,50 @@ def test_a_cancel_during_validation_is_never_overwritten(platform):
     assert record.status == "cancelled" and record.request_completed < 20
     update_batch(platform.db, batch.id, status="in_progress")  # an ended batch keeps its status
     assert platform.batch(batch.id).status == "cancelled"
+
+
+def test_one_batch_is_run_by_one_run_at_a_time(platform):
+    """Two runs of one batch at once (possible with more than one gpu slot): the second waits for the first's
+    lease, then finds every request done; nothing is written twice."""
+    import threading
+
+    from vbatch_pipelines.batch.service import BatchBusy, claim_batch, release_batch
+
+    lines = chat_lines(300, prefix="lease")
+    batch = platform.submit(jsonl(lines))
+    outcomes = []
+    runs = [threading.Thread(target=lambda: outcomes.append(platform.materialize(batch.id).success))
+            for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=300)
+    assert outcomes == [True, True]
+    _assert_each_once(platform, batch.id, [line["custom_id"] for line in lines])
+    assert platform.batch(batch.id).status == "completed" and platform.batch(batch.id).lease_owner is None
+
+    claim_batch(platform.db, batch.id, "run-a@elsewhere:1")
+    try:
+        claim_batch(platform.db, batch.id, "run-b@elsewhere:2", wait_s=0.5)
+        raise AssertionError("a held lease was taken")
+    except BatchBusy as busy:
+        assert "run-a@elsewhere:1" in str(busy)
+    claim_batch(platform.db, batch.id, "run-a@elsewhere:1")  # its holder renews it
+    release_batch(platform.db, batch.id, "run-a@elsewhere:1")
+    claim_batch(platform.db, batch.id, "run-c@elsewhere:3", ttl_s=0.2)
+    time.sleep(0.3)
+    claim_batch(platform.db, batch.id, "run-d@elsewhere:4", wait_s=0)  # an expired lease is free
+
+
+def test_a_killed_runs_lease_on_this_host_is_taken_at_once(platform):
+    import socket
+
+    from vbatch_pipelines.batch.service import claim_batch
+
+    batch = platform.submit(jsonl(chat_lines(2, prefix="dead")))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claim_batch(platform.db, batch.id, f"run-x@{socket.gethostname()[:40]}:{dead.pid}")
+    started = time.monotonic()
+    claim_batch(platform.db, batch.id, "run-y@elsewhere:1", wait_s=5)
+    assert time.monotonic() - started < 1 and platform.batch(batch.id).lease_owner == "run-y@elsewhere:1"

@@ -75,11 +75,12 @@ class Curation(Platform):
             no_duplicate_prompts,
             no_empty_responses,
             train_eval_disjoint,
+            valid_answers,
             valid_chat_structure,
         )
 
         result = materialize([gold_star_dataset, no_empty_responses, no_duplicate_prompts, valid_chat_structure,
-                              train_eval_disjoint], resources=self.resources, instance=self.instance,
+                              train_eval_disjoint, valid_answers], resources=self.resources, instance=self.instance,
                              selection=[gold_star_dataset.key])
         assert result.success
         checks = result.get_asset_check_evaluations()

@@ -9,7 +9,6 @@ import logging
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 
 from api.deps import get_db, get_label_studio, get_label_studio_resource, same_secret
 from api.errors import OpenAIError, get_or_404, not_found
@@ -17,7 +16,7 @@ from api.schemas import DATASET_DOWNLOAD, CurationStats, CurationTaskObject, Dat
 from resources import LabelStudio
 from vbatch_pipelines.curation.dataset import export_path
 from vbatch_pipelines.curation.schemas import get_schema
-from vbatch_pipelines.curation.service import clear_annotations, get_task, stats
+from vbatch_pipelines.curation.service import clear_annotations, get_task, ready_datasets, stats
 from vbatch_pipelines.curation.sync import record_annotation
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Dataset
@@ -98,14 +97,16 @@ async def curation_stats(db: Database = Depends(get_db)) -> dict:
 @router.get("/datasets", response_model=DatasetList)
 async def list_datasets(limit: int = Query(default=20, ge=1, le=100), db: Database = Depends(get_db)) -> dict:
     with db.session() as session:
-        rows = list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.version.desc())
-                                    .limit(limit + 1)))
+        rows = list(session.scalars(ready_datasets().limit(limit + 1)))
     data = [row.to_api() for row in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit}
 
 
 def _dataset_or_404(db: Database, version: str) -> Dataset:
-    return get_or_404(db, Dataset, version, "dataset", "version")
+    dataset = get_or_404(db, Dataset, version, "dataset", "version")
+    if dataset.status != "ready":  # claimed by a build still writing it
+        raise not_found("dataset", version, "version")
+    return dataset
 
 
 @router.get("/datasets/{version}", response_model=DatasetObject)

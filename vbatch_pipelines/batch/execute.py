@@ -13,11 +13,15 @@ from pathlib import Path
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
+    claim_batch,
     end_batch,
     get_batch,
     iter_requests,
+    lease_owner,
     now,
     parquet_row_count,
+    release_batch,
+    renew_lease,
     update_batch,
 )
 from vbatch_pipelines.models.registry import ModelSpec
@@ -38,6 +42,18 @@ class BatchRun:
 
 def execute_batch(db: Database, batch_id: str, directory: Path, inference_engine, model: ModelSpec, *,
                   log: Callable[[str], None], run_id: str | None = None) -> BatchRun:
+    """Run the batch under its lease (one run at a time, whatever the pool size: two would append the same
+    results twice); the lease is renewed every second and released at the end."""
+    owner = lease_owner(run_id)
+    claim_batch(db, batch_id, owner)
+    try:
+        return _execute(db, batch_id, directory, inference_engine, model, log=log, run_id=run_id, owner=owner)
+    finally:
+        release_batch(db, batch_id, owner)
+
+
+def _execute(db: Database, batch_id: str, directory: Path, inference_engine, model: ModelSpec, *,
+             log: Callable[[str], None], run_id: str | None, owner: str) -> BatchRun:
     input_path = directory / INPUT_FILE
     results = ResultFiles(directory)
     progress = BatchProgress(total=parquet_row_count(input_path))
@@ -59,6 +75,9 @@ def execute_batch(db: Database, batch_id: str, directory: Path, inference_engine
     stop_reason: list[str] = []
 
     def should_stop() -> bool:
+        if not renew_lease(db, batch_id, owner):
+            stop_reason.append("lease_lost")
+            return True
         current = get_batch(db, batch_id)
         if current is None or current.status in STOP_STATUSES:
             stop_reason.append("cancelled")
@@ -87,6 +106,9 @@ def execute_batch(db: Database, batch_id: str, directory: Path, inference_engine
         finished = asyncio.run(run())
     finally:
         results.close()
+        if stop_reason == ["lease_lost"]:
+            raise RuntimeError(f"{batch_id}: this run stalled past its lease and another run took the batch over; "
+                               "it stopped without writing more")
         if not finished and (stop_reason or get_batch(db, batch_id).status == "cancelling"):
             ended = end_batch(db, directory, batch_id, stop_reason[0] if stop_reason else "cancelled")
             log(f"{batch_id}: {ended.status} with {ended.request_completed} completed, "

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles
 from vbatch_pipelines.errors import VbatchError
@@ -121,6 +121,77 @@ def update_batch(db: Database, batch_id: str, *, only_from: tuple[str, ...] | No
         for key, value in fields.items():
             setattr(batch, key, value)
         return batch
+
+
+LEASE_TTL_S = 30.0
+
+
+class BatchBusy(BatchRequestError):
+    """Another run holds the batch's lease: two runs appending to one result file would duplicate results."""
+
+    def __init__(self, batch_id: str, holder: str | None):
+        super().__init__(f"Batch {batch_id} is being run by {holder}; one run works on a batch at a time",
+                         "batch_id", "batch_busy", 409)
+
+
+def _take_lease(db: Database, batch_id: str, owner: str, ttl_s: float, *, renew_only: bool = False) -> bool:
+    """One atomic UPDATE (the same on SQLite and PostgreSQL): the lease is ours if free, expired or ours."""
+    stamp = time.time()
+    held_by_us = Batch.lease_owner == owner
+    free = held_by_us if renew_only else (Batch.lease_owner.is_(None) | held_by_us | (Batch.lease_until < stamp))
+    with db.session() as session:
+        result = session.execute(update(Batch).where(Batch.id == batch_id, free)
+                                 .values(lease_owner=owner, lease_until=stamp + ttl_s))
+        return result.rowcount == 1
+
+
+def lease_owner(run_id: str | None) -> str:
+    """Who holds a lease: the run, and the process on this host that works for it."""
+    import os
+    import socket
+
+    return f"{(run_id or uuid.uuid4().hex)[:12]}@{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+def _dead_here(holder: str | None) -> bool:
+    """Whether ``holder`` is a process of this host that no longer runs (its lease need not run out)."""
+    import socket
+
+    from vbatch_pipelines.detached import pid_alive
+
+    if not holder or "@" not in holder:
+        return False
+    host, _, pid = holder.rpartition("@")[2].rpartition(":")
+    return host == socket.gethostname()[:40] and pid.isdigit() and not pid_alive(int(pid))
+
+
+def claim_batch(db: Database, batch_id: str, owner: str, *, ttl_s: float = LEASE_TTL_S,
+                wait_s: float | None = None) -> None:
+    """Take the batch's lease before running it. A lease held by a dead process of this host is taken at
+    once; one held elsewhere runs out after ``ttl_s``, so by default this waits that long (and a little)
+    before giving up with BatchBusy."""
+    deadline = time.monotonic() + (ttl_s + 5 if wait_s is None else wait_s)
+    while not _take_lease(db, batch_id, owner, ttl_s):
+        holder = get_batch(db, batch_id).lease_owner
+        if _dead_here(holder):
+            with db.session() as session:
+                session.execute(update(Batch).where(Batch.id == batch_id, Batch.lease_owner == holder)
+                                .values(lease_owner=None, lease_until=None))
+            continue
+        if time.monotonic() >= deadline:
+            raise BatchBusy(batch_id, holder)
+        time.sleep(0.5)
+
+
+def renew_lease(db: Database, batch_id: str, owner: str, ttl_s: float = LEASE_TTL_S) -> bool:
+    """Extend our lease; False when it was lost (we stalled past its end and another run took over)."""
+    return _take_lease(db, batch_id, owner, ttl_s, renew_only=True)
+
+
+def release_batch(db: Database, batch_id: str, owner: str) -> None:
+    with db.session() as session:
+        session.execute(update(Batch).where(Batch.id == batch_id, Batch.lease_owner == owner)
+                        .values(lease_owner=None, lease_until=None))
 
 
 def batches_without_run(db: Database, older_than_s: float = 0) -> list[str]:

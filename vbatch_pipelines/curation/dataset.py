@@ -87,48 +87,94 @@ def export_name(fmt: str, split: str) -> str:
     return f"{split}.{fmt}.{'jsonl' if fmt in ('openai', 'chatml') else 'json'}"
 
 
-def _next_version(db: Database) -> str:
-    latest = latest_dataset(db)
-    number = int(latest.version.lstrip("v")) + 1 if latest else 1
-    return f"v{number}"
+def _claim_version(db: Database, source_seq: int, run_id: str | None) -> Dataset:
+    """The next version number, claimed by inserting its row (``building``): the primary key makes two
+    builds at once take different numbers instead of writing the same directory."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import IntegrityError
+
+    while True:
+        with db.session() as session:
+            taken = session.scalars(select(Dataset.version)).all()
+            number = max((int(v.lstrip("v")) for v in taken), default=0) + 1
+        claim = Dataset(version=f"v{number}", created_at=int(time.time()), path="", examples=0, train_examples=0,
+                        eval_examples=0, fingerprint="", source_seq=source_seq, counts={}, dagster_run_id=run_id,
+                        status="building")
+        try:
+            with db.session() as session:
+                session.add(claim)
+            return claim
+        except IntegrityError:
+            continue  # another build took that number first
 
 
 def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: str | None = None) -> Dataset:
-    """Write the next version from the gold stars in the DB and register it."""
+    """Write the next version from the gold stars in the DB and register it. The version is claimed first;
+    its files are written into a temporary directory renamed into place, so a version directory is whole or
+    absent, and the row turns ``ready`` only after that."""
+    import shutil
+    import uuid
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     examples = examples_of(gold_star_tasks(db))
-    version = _next_version(db)
+    claim = _claim_version(db, source_seq, run_id)
+    version = claim.version
     directory = datasets_dir / version
-    directory.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        "prompt_key": [e["prompt_key"] for e in examples], "split": [e["split"] for e in examples],
-        "schema": [e["schema"] for e in examples], "model": [e["model"] for e in examples],
-        "batch_id": [e["batch_id"] for e in examples], "custom_id": [e["custom_id"] for e in examples],
-        "task_id": pa.array([e["task_id"] for e in examples], pa.int64()),
-        "edited": [e["edited"] for e in examples],
-        "rating": pa.array([e["rating"] for e in examples], pa.int64()),
-        "messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples],
-    })
-    pq.write_table(table, directory / "examples.parquet")
-    for split in SPLITS:
-        part = [e for e in examples if e["split"] == split]
-        for fmt in EXPORT_FORMATS:
-            (directory / export_name(fmt, split)).write_bytes(render(part, fmt))
+    partial = datasets_dir / f".{version}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        partial.mkdir(parents=True)
+        table = pa.table({
+            "prompt_key": [e["prompt_key"] for e in examples], "split": [e["split"] for e in examples],
+            "schema": [e["schema"] for e in examples], "model": [e["model"] for e in examples],
+            "batch_id": [e["batch_id"] for e in examples], "custom_id": [e["custom_id"] for e in examples],
+            "task_id": pa.array([e["task_id"] for e in examples], pa.int64()),
+            "edited": [e["edited"] for e in examples],
+            "rating": pa.array([e["rating"] for e in examples], pa.int64()),
+            "messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples],
+        })
+        pq.write_table(table, partial / "examples.parquet")
+        for split in SPLITS:
+            part = [e for e in examples if e["split"] == split]
+            for fmt in EXPORT_FORMATS:
+                (partial / export_name(fmt, split)).write_bytes(render(part, fmt))
+        _fsync_tree(partial)
+        if directory.exists():  # left by a build that died between rename and registration
+            shutil.rmtree(directory)
+        partial.rename(directory)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        with db.session() as session:
+            session.delete(session.get(Dataset, version))
+        raise
     counts: dict[str, Any] = {"by_schema": {}, "by_model": {}}
     for e in examples:
         counts["by_schema"][e["schema"]] = counts["by_schema"].get(e["schema"], 0) + 1
         counts["by_model"][e["model"]] = counts["by_model"].get(e["model"], 0) + 1
     fingerprint = hashlib.sha256(b"".join(
         (e["prompt_key"] + e["messages"][-1]["content"]).encode() for e in examples)).hexdigest()[:16]
-    dataset = Dataset(version=version, created_at=int(time.time()), path=str(directory), examples=len(examples),
-                      train_examples=sum(e["split"] == "train" for e in examples),
-                      eval_examples=sum(e["split"] == "eval" for e in examples), fingerprint=fingerprint,
-                      source_seq=source_seq, counts=counts, dagster_run_id=run_id)
     with db.session() as session:
-        session.add(dataset)
-    return dataset
+        dataset = session.get(Dataset, version)
+        dataset.path, dataset.examples, dataset.counts, dataset.fingerprint = str(directory), len(examples), counts, \
+            fingerprint
+        dataset.train_examples = sum(e["split"] == "train" for e in examples)
+        dataset.eval_examples = sum(e["split"] == "eval" for e in examples)
+        dataset.created_at, dataset.status = int(time.time()), "ready"
+    return db.get(Dataset, version)
+
+
+def _fsync_tree(directory: Path) -> None:
+    import os
+
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_examples(dataset: Dataset) -> list[dict[str, Any]]:
@@ -149,44 +195,82 @@ def preview(dataset: Dataset, rows: int = 5) -> str:
     return "\n".join(lines)
 
 
+CHECKS = ("empty_responses", "duplicate_prompts", "chat_structure", "split_leak", "valid_answers")
+
+
+def exported_examples(dataset: Dataset) -> list[dict[str, Any]]:
+    """The examples as trainers read them: each split's OpenAI-messages export, line by line, with the schema
+    the version's table records for its prompt. A line that is not an example is kept as ``broken``."""
+    schemas = {row["prompt_key"]: row["schema"] for row in load_examples(dataset)}
+    found = []
+    for split in SPLITS:
+        path = Path(dataset.path) / export_name("openai", split)
+        for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            where = f"{split}:{number}"
+            try:
+                messages = json.loads(raw)["messages"]
+                prompt = prompt_key([{"role": m["role"], "content": m["content"]} for m in messages[:-1]])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                found.append({"where": where, "split": split, "broken": True, "messages": [], "prompt_key": ""})
+                continue
+            found.append({"where": where, "split": split, "broken": False, "messages": messages,
+                          "prompt_key": prompt, "schema": schemas.get(prompt)})
+    return found
+
+
 def problems(examples: list[dict[str, Any]], check: str) -> list[str]:
-    """What a dataset check finds wrong (an empty list: it passes)."""
+    """What a dataset check finds wrong in the exported examples (an empty list: it passes); each problem
+    names the file line (``train:12``)."""
+    from vbatch_pipelines.curation.schemas import SCHEMAS
+
     found: list[str] = []
+    whole = [e for e in examples if not e["broken"]]
     if check == "empty_responses":
-        found = [e["custom_id"] for e in examples if not e["messages"][-1]["content"].strip()]
+        found = [e["where"] for e in whole if not str(e["messages"][-1].get("content") or "").strip()]
     elif check == "duplicate_prompts":
-        seen: set[str] = set()
-        for e in examples:
-            key = prompt_key(e["messages"][:-1])
-            if key in seen:
-                found.append(e["custom_id"])
-            seen.add(key)
+        first: dict[str, str] = {}
+        for e in whole:
+            if e["prompt_key"] in first:
+                found.append(f"{e['where']} repeats {first[e['prompt_key']]}")
+            first.setdefault(e["prompt_key"], e["where"])
     elif check == "chat_structure":
-        for e in examples:
-            roles = [m["role"] for m in e["messages"] if m["role"] not in ("system", "developer")]
+        found = [e["where"] for e in examples if e["broken"]]
+        for e in whole:
+            roles = [m.get("role") for m in e["messages"] if m.get("role") not in ("system", "developer")]
             alternating = all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles))
             if not roles or roles[-1] != "assistant" or not alternating:
-                found.append(e["custom_id"])
+                found.append(e["where"])
     elif check == "split_leak":
-        splits: dict[str, set[str]] = {}
-        for e in examples:
-            splits.setdefault(prompt_key(e["messages"][:-1]), set()).add(e["split"])
-        found = [key[:12] for key, seen_in in splits.items() if len(seen_in) > 1]
+        splits: dict[str, dict[str, str]] = {}
+        for e in whole:
+            splits.setdefault(e["prompt_key"], {})[e["split"]] = e["where"]
+        found = [" and ".join(sorted(seen.values())) for seen in splits.values() if len(seen) > 1]
+    elif check == "valid_answers":
+        for e in whole:
+            schema = SCHEMAS.get(e.get("schema") or "")
+            error = schema.validate(str(e["messages"][-1].get("content") or "")) if schema else None
+            if error:
+                found.append(f"{e['where']}: {error}")
     else:
         raise ValueError(check)
     return found
 
 
-def check_latest(db: Database, check: str) -> tuple[str | None, list[str]]:
-    dataset = latest_dataset(db)
+def dataset_of_run(db: Database, run_id: str | None) -> Dataset | None:
+    """The version a run built (a check runs in the run that built it); the latest when checks run alone."""
+    from sqlalchemy import select
+
+    if run_id:
+        with db.session() as session:
+            built = session.scalars(select(Dataset).where(Dataset.dagster_run_id == run_id,
+                                                          Dataset.status == "ready")).first()
+        if built is not None:
+            return built
+    return latest_dataset(db)
+
+
+def check_dataset(db: Database, run_id: str | None, check: str) -> tuple[str | None, list[str]]:
+    dataset = dataset_of_run(db, run_id)
     if dataset is None:
         return None, []
-    return dataset.version, problems(load_examples(dataset), check)
-
-
-def export_path(dataset: Dataset, fmt: str, split: str) -> Path:
-    if fmt not in EXPORT_FORMATS:
-        raise UnknownFormat(f"Unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}", "format")
-    if split not in SPLITS:
-        raise UnknownFormat(f"Unknown split {split!r}; use train or eval", "split")
-    return Path(dataset.path) / export_name(fmt, split)
+    return dataset.version, problems(exported_examples(dataset), check)

@@ -79,6 +79,9 @@ def apply_review(db: Database, ls_task_id: int, review: Review | None, annotatio
             edited = review.answer if review.answer is not None and review.answer != task.response else None
             wanted = {"edited_response": edited, "rating": review.rating, "gold_star": review.gold_star,
                       "annotated": True, "annotation_id": annotation_id}
+        # An edit made in Label Studio is checked as the API's PATCH checks it (JSON for json_extraction): an
+        # invalid one is recorded with its error, visible on the task, and kept out of datasets.
+        wanted["review_error"] = _edit_error(task.schema, wanted["edited_response"])
         if reviewer is not None and task.reviewer is None:
             task.reviewer = reviewer
         if all(getattr(task, key) == value for key, value in wanted.items()):
@@ -89,6 +92,16 @@ def apply_review(db: Database, ls_task_id: int, review: Review | None, annotatio
         task.reviewed_at = int(time.time())
         task.changed_seq = change_stamp()
         return True
+
+
+def _edit_error(schema_name: str, edited: str | None) -> str | None:
+    from vbatch_pipelines.curation.schemas import SCHEMAS
+
+    schema = SCHEMAS.get(schema_name)
+    if edited is None or schema is None:
+        return None
+    error = schema.validate(edited)
+    return f"The edited answer is not valid for {schema_name}: {error}" if error else None
 
 
 def clear_annotations(db: Database, annotation_ids: Iterable[int]) -> list[int]:
@@ -106,13 +119,21 @@ def latest_change(db: Database) -> int:
 
 def gold_star_tasks(db: Database) -> list[CurationTask]:
     with db.session() as session:
-        return list(session.scalars(select(CurationTask).where(CurationTask.gold_star.is_(True))
+        # A review whose edited answer is invalid for its schema stays out until it is fixed.
+        return list(session.scalars(select(CurationTask).where(CurationTask.gold_star.is_(True),
+                                                               CurationTask.review_error.is_(None))
                                     .order_by(CurationTask.id)))
+
+
+def ready_datasets():
+    """Complete dataset versions, newest first ("v10" after "v9": by length, then text)."""
+    return (select(Dataset).where(Dataset.status == "ready")
+            .order_by(func.length(Dataset.version).desc(), Dataset.version.desc()))
 
 
 def latest_dataset(db: Database) -> Dataset | None:
     with db.session() as session:
-        return session.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.version.desc())).first()
+        return session.scalars(ready_datasets()).first()
 
 
 def stats(db: Database) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Curation: batch results go to Label Studio as review tasks; reviews come back (sensor, webhook, API)
-and gold stars become a versioned dataset, checked by four asset checks."""
+and gold stars become a versioned dataset, checked by five asset checks."""
 
 import json
 
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
@@ -143,32 +144,39 @@ def gold_star_dataset(context: AssetExecutionContext, metadata_db: MetadataDB, f
     )
 
 
-def _check(dataset_check) -> AssetCheckResult:
-    version, problems = dataset_check
+def _check(context: AssetCheckExecutionContext, metadata_db: MetadataDB, check: str) -> AssetCheckResult:
+    """Check the files of the version this run built (the latest when the check is run on its own)."""
+    version, problems = gold.check_dataset(metadata_db.db, context.op_execution_context.run_id, check)
     return AssetCheckResult(passed=not problems, severity=AssetCheckSeverity.ERROR,
                             metadata={"version": version or "none", "problems": MetadataValue.json(problems[:20]),
                                       "count": len(problems)})
 
 
 @asset_check(asset=gold_star_dataset, description="Every example has a non-empty final answer.")
-def no_empty_responses(metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(gold.check_latest(metadata_db.db, "empty_responses"))
+def no_empty_responses(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(context, metadata_db, "empty_responses")
 
 
-@asset_check(asset=gold_star_dataset, description="No prompt appears twice.")
-def no_duplicate_prompts(metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(gold.check_latest(metadata_db.db, "duplicate_prompts"))
+@asset_check(asset=gold_star_dataset, description="No prompt appears twice across the exported splits.")
+def no_duplicate_prompts(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(context, metadata_db, "duplicate_prompts")
 
 
-@asset_check(asset=gold_star_dataset, description="Messages alternate user/assistant after optional system, "
-                                                  "ending with the assistant.")
-def valid_chat_structure(metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(gold.check_latest(metadata_db.db, "chat_structure"))
+@asset_check(asset=gold_star_dataset, description="Every line is an example whose messages alternate user/assistant "
+                                                  "after optional system, ending with the assistant.")
+def valid_chat_structure(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(context, metadata_db, "chat_structure")
 
 
-@asset_check(asset=gold_star_dataset, description="No prompt is in both train and eval.")
-def train_eval_disjoint(metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(gold.check_latest(metadata_db.db, "split_leak"))
+@asset_check(asset=gold_star_dataset, description="No prompt is in both the train and the eval export.")
+def train_eval_disjoint(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(context, metadata_db, "split_leak")
+
+
+@asset_check(asset=gold_star_dataset, description="Every answer is valid for its task schema (JSON for "
+                                                  "json_extraction).")
+def valid_answers(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
+    return _check(context, metadata_db, "valid_answers")
 
 
 gold_star_dataset_job = define_asset_job(
@@ -208,7 +216,7 @@ def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
 
 defs = Definitions(
     assets=[curation_tasks, gold_star_dataset],
-    asset_checks=[no_empty_responses, no_duplicate_prompts, valid_chat_structure, train_eval_disjoint],
+    asset_checks=[no_empty_responses, no_duplicate_prompts, valid_chat_structure, train_eval_disjoint, valid_answers],
     jobs=[gold_star_dataset_job],
     sensors=[label_studio_sensor],
 )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import desc, func, select
 
+from vbatch_pipelines.curation.service import ready_datasets
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import CurationTask, Dataset, FineTuningJob
 
@@ -22,7 +23,7 @@ class RetrainingState:
 
 def retraining_state(db: Database) -> RetrainingState:
     with db.session() as session:
-        latest = session.scalars(select(Dataset).order_by(desc(Dataset.created_at), desc(Dataset.version))).first()
+        latest = session.scalars(ready_datasets()).first()
         if latest is None:
             return RetrainingState(0, None, None)
         last_job = session.scalars(

@@ -74,6 +74,8 @@ def training_sources(db: Database, training_file: str, validation_file: str | No
                      minimum: int) -> dict[str, Any]:
     """Where the job's train and eval examples come from, checked; raises FineTuningError."""
     dataset = db.get(Dataset, training_file) if not training_file.startswith("file-") else None
+    if dataset is not None and dataset.status != "ready":  # a build still writing it
+        dataset = None
     if dataset is not None:
         if validation_file:
             raise FineTuningError("A gold-star dataset brings its own eval split; leave validation_file out",

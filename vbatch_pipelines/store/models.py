@@ -12,6 +12,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Float,
     Integer,
     String,
     Text,
@@ -83,6 +84,8 @@ class Batch(Base):
     metadata_: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
     usage: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the run working on it
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)  # renewed while that run lives
 
     def to_openai(self) -> dict[str, Any]:
         return {
@@ -141,6 +144,8 @@ class CurationTask(Base):
     reviewer: Mapped[str | None] = mapped_column(String(256), nullable=True)  # who made the current review
     # Label Studio's updated_at of the recorded annotation (UTC ISO): webhook events older than it are stale
     annotation_updated_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # why the review's edited answer is invalid for its schema (e.g. not JSON): such a task stays out of datasets
+    review_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     def final_response(self) -> str:
         return self.edited_response if self.edited_response is not None else self.response
@@ -151,7 +156,7 @@ class CurationTask(Base):
             "custom_id": self.custom_id, "schema": self.schema, "model": self.model,
             "messages": self.messages, "response": self.response, "edited_response": self.edited_response,
             "rating": self.rating, "gold_star": self.gold_star, "annotated": self.annotated,
-            "created_at": self.created_at, "reviewed_at": self.reviewed_at,
+            "created_at": self.created_at, "reviewed_at": self.reviewed_at, "review_error": self.review_error,
         }
 
 
@@ -170,6 +175,11 @@ class Dataset(Base):
     source_seq: Mapped[int] = mapped_column(BigInteger)  # the highest curation change it includes
     counts: Mapped[dict] = mapped_column(JSON)
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")  # building | ready
+
+    @property
+    def number(self) -> int:
+        return int(self.version.lstrip("v"))
 
     def to_api(self) -> dict[str, Any]:
         return {"id": self.version, "object": "dataset", "version": self.version, "created_at": self.created_at,
