@@ -310,3 +310,35 @@ def test_fine_tuning_sensor_launches_queued_jobs_and_fails_jobs_whose_run_died(p
     assert isinstance(result, SensorResult) and [r.run_key for r in result.run_requests] == [waiting.id]
     ended = get_job(platform.db, orphaned.id)
     assert ended.status == "failed" and ended.error["code"] == "run_ended"
+
+
+def test_a_fine_tune_the_gate_rejects_says_so_and_can_be_deployed_later(platform):
+    """The job succeeds (a valid OpenAI object) with vbatch's deployment status ``rejected`` and its reason; its
+    model is not served until POST /v1/fine_tuning/jobs/{id}/deploy; deleting it marks it undeployed."""
+    import dataclasses
+
+    from api.main import create_app
+    from tests.conftest import api_client
+    from vbatch_pipelines.fine_tuning.service import get_job
+
+    train = upload(platform, [example(i) for i in range(12)])
+    job = create(platform, training_file=train.id, hyperparameters={**FAST, "n_epochs": 2}, deploy="never")
+    assert run_job(platform, job.id).success
+    done = get_job(platform.db, job.id)
+    assert done.status == "succeeded" and done.deployment["status"] == "rejected"
+    assert "never" in done.deployment["reason"] and done.to_openai()["vbatch"]["deployment"]["status"] == "rejected"
+    assert done.fine_tuned_model not in platform.registry.served_models()
+    settings = dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9")
+    with api_client(create_app(settings)) as client:
+        deployed = client.post(f"/v1/fine_tuning/jobs/{job.id}/deploy")
+        assert deployed.status_code == 200 and deployed.json()["vbatch"]["deployment"]["status"] == "deployed"
+        assert done.fine_tuned_model in [m["id"] for m in client.get("/v1/models").json()["data"]]
+        chat = client.post("/v1/chat/completions", json={"model": done.fine_tuned_model, "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200, chat.text
+        assert client.delete(f"/v1/models/{done.fine_tuned_model}").status_code == 200
+        assert get_job(platform.db, job.id).deployment["status"] == "undeployed"
+        assert client.post("/v1/fine_tuning/jobs/ftjob-nope/deploy").status_code == 404
+        queued = create(platform, training_file=train.id, hyperparameters=FAST)
+        refused = client.post(f"/v1/fine_tuning/jobs/{queued.id}/deploy")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_not_succeeded"

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from api.deps import get_db, get_file_store, get_model_registry, get_settings, get_trainer
+from api.deps import EnginePool, get_db, get_engines, get_file_store, get_model_registry, get_settings, get_trainer
 from api.errors import OpenAIError, get_or_404
 from api.pagination import paginate
 from api.schemas import (
@@ -23,6 +24,7 @@ from resources import FileStore, ModelRegistry, Trainer
 from vbatch_pipelines.fine_tuning.service import (
     cancel_job,
     create_job,
+    deploy_fine_tune,
     get_job,
     list_checkpoints,
     list_events,
@@ -106,6 +108,19 @@ async def retrieve(job_id: str, db: Database = Depends(get_db)) -> dict:
 def cancel(job_id: str, db: Database = Depends(get_db)) -> dict:
     _job_or_404(db, job_id)
     return cancel_job(db, job_id).to_openai()
+
+
+@router.post("/fine_tuning/jobs/{job_id}/deploy", response_model=FineTuningJobObject)
+async def deploy(job_id: str, db: Database = Depends(get_db), model_registry: ModelRegistry = Depends(get_model_registry),
+                 engines: EnginePool = Depends(get_engines)) -> dict:
+    """vbatch's own: serve a succeeded job's fine-tune now — one the deploy gate held back, or one undeployed
+    since — on its base model's warm engine, without a restart."""
+    job = _job_or_404(db, job_id)
+    if job.status != "succeeded":
+        raise OpenAIError(409, f"Job {job_id} is {job.status}; only a succeeded job can be deployed",
+                          param="fine_tuning_job_id", code="job_not_succeeded")
+    await asyncio.to_thread(deploy_fine_tune, db, model_registry, engines.resource, job, "deployed on request")
+    return _job_or_404(db, job_id).to_openai()
 
 
 def _page(list_fn, db: Database, job_id: str, after: str | None, limit: int) -> dict:

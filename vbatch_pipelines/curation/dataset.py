@@ -274,3 +274,11 @@ def check_dataset(db: Database, run_id: str | None, check: str) -> tuple[str | N
     if dataset is None:
         return None, []
     return dataset.version, problems(exported_examples(dataset), check)
+
+
+def export_path(dataset: Dataset, fmt: str, split: str) -> Path:
+    if fmt not in EXPORT_FORMATS:
+        raise UnknownFormat(f"Unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}", "format")
+    if split not in SPLITS:
+        raise UnknownFormat(f"Unknown split {split!r}; use train or eval", "split")
+    return Path(dataset.path) / export_name(fmt, split)

@@ -51,6 +51,7 @@ from vbatch_pipelines.fine_tuning.service import (
     add_event,
     add_events,
     clear_checkpoints,
+    deploy_fine_tune,
     fail_job,
     fine_tuned_model_name,
     get_job,
@@ -59,7 +60,6 @@ from vbatch_pipelines.fine_tuning.service import (
     unfinished_jobs_with_run,
     update_job,
 )
-from vbatch_pipelines.models.store import register_fine_tune
 from vbatch_pipelines.names import (
     FINE_TUNING_JOB,
     FINE_TUNING_JOB_TAG,
@@ -186,7 +186,7 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
 
 
 @asset(partitions_def=fine_tune_partitions, deps=[fine_tuned_checkpoint], group_name="models",
-       kinds={"vllm"})
+       kinds={"vllm"}, pool="gpu")
 def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
                      model_registry: ModelRegistry, inference_engine: InferenceEngine,
                      retraining_policy: RetrainingPolicy) -> MaterializeResult:
@@ -258,22 +258,21 @@ def deployed_model(context: AssetExecutionContext, metadata_db: MetadataDB, mode
         adapter = (job.metrics or {})["adapter_dir"]
         latency = None
         if deploy:
-            base = model_registry.resolve(job.model)
-            spec = base.with_adapter(name, adapter)
-            started = time.monotonic()
-            inference_engine.deploy_adapter(spec)
-            latency = round(time.monotonic() - started, 3)
-            register_fine_tune(db, spec, job_id)
-            add_event(db, job_id, f"New fine-tuned model created and deployed: {name} ({reason})")
+            latency = deploy_fine_tune(db, model_registry, inference_engine, job, reason)
         else:
-            # The comparison loaded it as a candidate; it does not stay in the engine.
+            # The comparison loaded it as a candidate; it does not stay in the engine. The job says so (it
+            # succeeded, its model is not served) and POST /v1/fine_tuning/jobs/{id}/deploy serves it later.
             base = model_registry.lookup(job.model)
             inference_engine.undeploy_adapter(base.with_adapter(name, adapter))
-            add_event(db, job_id, f"Fine-tuned model {name} not deployed: {reason}", level="warn")
-        update_job(db, job_id, status="succeeded", fine_tuned_model=name, finished_at=now())
+            update_job(db, job_id, fine_tuned_model=name,
+                       deployment={"status": "rejected", "reason": reason, "at": now()})
+            add_event(db, job_id, f"Fine-tuned model {name} not deployed: {reason}; deploy it explicitly with "
+                                  f"POST /v1/fine_tuning/jobs/{job_id}/deploy", level="warn")
+        update_job(db, job_id, status="succeeded", finished_at=now())
         add_event(db, job_id, "The job has successfully completed")
     return MaterializeResult(metadata={
         "model": name, "base_model": job.model, "deployed": deploy, "reason": reason,
+        "deployment_status": "deployed" if deploy else "rejected",
         "adapter": MetadataValue.path(adapter), "engine": inference_engine.resolved_backend(),
         **({"load_seconds": latency} if latency is not None else {}),
     })

@@ -58,7 +58,7 @@ def smoke_test(inference_engine: InferenceEngine, spec: ModelSpec) -> tuple[floa
     return seconds, response.body["choices"][0]["message"]["content"]
 
 
-@asset(partitions_def=model_partitions, group_name="models", kinds={"huggingface"})
+@asset(partitions_def=model_partitions, group_name="models", kinds={"huggingface"}, pool="gpu")
 def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB, model_registry: ModelRegistry,
                     inference_engine: InferenceEngine) -> MaterializeResult:
     """A base model on local disk at a pinned revision, checked to fit, smoke-tested on the engine, then

@@ -265,3 +265,23 @@ def list_checkpoints(db: Database, job_id: str, *, after: str | None,
                      limit: int) -> tuple[list[FineTuningCheckpoint], bool]:
     return _children(db, FineTuningCheckpoint, job_id, prefix="ftckpt-", order=FineTuningCheckpoint.step_number,
                      after=after, limit=limit)
+
+
+def deploy_fine_tune(db: Database, model_registry, inference_engine, job: FineTuningJob, reason: str) -> float:
+    """Serve a finished job's adapter on its base model's engine (no restart) under its fine-tuned name;
+    returns the load time in seconds. One path for the deployed_model asset and an explicit deploy."""
+    from vbatch_pipelines.models.store import register_fine_tune
+
+    adapter = (job.metrics or {}).get("adapter_dir")
+    if not adapter:
+        raise FineTuningError(f"Fine-tuning job {job.id} has no trained adapter to deploy (status {job.status})",
+                              "job_id", "not_deployable", status=409)
+    name = fine_tuned_model_name(job.model, job.suffix, job.id)
+    spec = model_registry.resolve(job.model).with_adapter(name, adapter)
+    started = time.monotonic()
+    inference_engine.deploy_adapter(spec)
+    seconds = round(time.monotonic() - started, 3)
+    register_fine_tune(db, spec, job.id)
+    update_job(db, job.id, fine_tuned_model=name, deployment={"status": "deployed", "reason": reason, "at": now()})
+    add_event(db, job.id, f"New fine-tuned model created and deployed: {name} ({reason})")
+    return seconds

@@ -218,6 +218,8 @@ class FineTuningJob(Base):
     error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # train/eval loss, steps, device
     comparison: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # {"status": deployed | rejected | undeployed, "reason": ..., "at": ...}: is the fine-tune served, and why
+    deployment: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     output_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -240,7 +242,8 @@ class FineTuningJob(Base):
             "method": {"type": "supervised", "supervised": {"hyperparameters": openai_hp}},
             # vbatch's own: the full recipe and where the job came from
             "vbatch": {"hyperparameters": hp, "dataset_version": self.dataset_version, "trigger": self.trigger,
-                       "deploy": self.deploy, "metrics": self.metrics, "dagster_run_id": self.dagster_run_id},
+                       "deploy": self.deploy, "deployment": self.deployment, "metrics": self.metrics,
+                       "dagster_run_id": self.dagster_run_id},
         }
 
 

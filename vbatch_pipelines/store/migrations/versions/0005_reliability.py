@@ -5,6 +5,7 @@
 - curation_tasks.review_error: why a review's edited answer is invalid for its schema (kept out of datasets)
 - batches.lease_owner / lease_until: the one run allowed to work on a batch, renewed while it runs
 - datasets.status: ``building`` while a claimed version is written, ``ready`` once complete
+- fine_tuning_jobs.deployment: whether the fine-tune is served (deployed, rejected by the gate, undeployed) and why
 
 Revision ID: 0005
 Revises: 0004
@@ -25,9 +26,11 @@ def upgrade() -> None:
     op.add_column("batches", sa.Column("lease_owner", sa.String(64), nullable=True))
     op.add_column("batches", sa.Column("lease_until", sa.Float(), nullable=True))
     op.add_column("datasets", sa.Column("status", sa.String(16), nullable=False, server_default="ready"))
+    op.add_column("fine_tuning_jobs", sa.Column("deployment", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("fine_tuning_jobs", "deployment")
     op.drop_column("datasets", "status")
     op.drop_column("batches", "lease_until")
     op.drop_column("batches", "lease_owner")
