@@ -4,6 +4,7 @@ runs; Dagster does the work. Run with ``uvicorn --factory api.main:create_app`` 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -17,7 +18,10 @@ from api.guard import BodyLimit, DriveByGuard
 from api.routers import batches, completions, curation, files, fine_tuning, models
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
+from vbatch_pipelines.services import ServiceRegistry
 from vbatch_pipelines.settings import Settings, load_settings
+
+log = logging.getLogger("vbatch.api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -83,13 +87,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         """Liveness and readiness: the metadata DB must answer; Dagster being down is reported, not fatal
         (batches are recorded and launched by a sensor later)."""
-        checks = {"database": "ok", "dagster": dagster_state()}
+        checks: dict = {"database": "ok", "dagster": dagster_state(), "services": services()}
         try:
             with app.state.db.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
-        except Exception as exc:  # noqa: BLE001 - report, don't raise
-            checks["database"] = f"error: {exc}"
+        except Exception as exc:  # noqa: BLE001 - report, don't raise (the details go to the log)
+            log.warning("health: the metadata DB did not answer: %s", exc)
+            checks["database"] = f"error: {type(exc).__name__}"
         healthy = checks["database"] == "ok"
         return JSONResponse({"status": "ok" if healthy else "error", **checks}, status_code=200 if healthy else 503)
+
+    registry = ServiceRegistry(resources["file_store"].run_dir)
+
+    def services() -> dict:
+        now = time.time()
+        report = {}
+        for service in registry.services():
+            running = service.is_running()
+            report[service.name] = {"pid": service.pid, "port": service.port, "running": running,
+                                    "restarts": service.restarts,
+                                    "uptime_s": round(now - service.since, 1) if running else None}
+        return report
 
     return app

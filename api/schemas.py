@@ -273,10 +273,21 @@ class WebhookReceipt(BaseModel):
 # -- operations -------------------------------------------------------------------------------------
 
 
+class ServiceHealth(BaseModel):
+    pid: int
+    port: int | None = None
+    running: bool
+    restarts: int
+    uptime_s: float | None = None
+
+
 class Health(BaseModel):
     status: Literal["ok", "error"]
     database: str
     dagster: str
+    services: dict[str, ServiceHealth] = Field(default_factory=dict,
+                                               description="what `vbatch up` supervises on this home (empty when "
+                                                           "the API runs on its own)")
 
 
 # Bodies that are files or streams, documented by media type.

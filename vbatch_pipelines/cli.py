@@ -239,6 +239,7 @@ def cmd_batch_show(args, ctx: Context) -> int:
 
 
 def cmd_up(args, ctx: Context) -> int:
+    from vbatch_pipelines.services import AlreadyUp
     from vbatch_pipelines.supervisor import Addresses, ExposureError, run_platform
 
     addresses = Addresses(args.host, args.api_port or ctx.settings.api_port, args.dagster_port,
@@ -248,6 +249,31 @@ def cmd_up(args, ctx: Context) -> int:
     except ExposureError as exc:
         print(f"vbatch up: {exc}", file=sys.stderr)
         return 2
+    except AlreadyUp as exc:
+        print(f"vbatch up: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_status(args, ctx: Context) -> int:
+    """What `vbatch up` runs on this home: each service, its pid, port, uptime and restarts."""
+    from vbatch_pipelines.services import ServiceRegistry, process_identity
+
+    registry = ServiceRegistry(ctx["file_store"].run_dir)
+    state = registry.read()
+    owner = (state or {}).get("owner") or {}
+    identity = process_identity(int(owner["pid"])) if owner.get("pid") else None
+    if not state or identity is None or abs(identity[0] - owner.get("started", 0)) > 0.05:
+        print(f"vbatch is not up on {ctx.settings.home}")
+        return 3
+    print(f"vbatch is up on {owner['home']} (pid {owner['pid']}, API {owner['api_url']}, "
+          f"Dagster {owner['dagster_url']})")
+    print(f"{'service':<18} {'pid':>7} {'port':>6} {'uptime':>9} {'restarts':>8}  state")
+    for service in registry.services():
+        running = service.is_running()
+        uptime = f"{time.time() - service.since:.0f}s" if running else "-"
+        print(f"{service.name:<18} {service.pid:>7} {service.port or '-':>6} {uptime:>9} {service.restarts:>8}  "
+              f"{'running' if running else 'down (restarting)'}")
+    return 0
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -265,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dagster-port", type=int, default=int(os.environ.get("VBATCH_DAGSTER_PORT", 3000)))
     up.add_argument("--no-engine", action="store_true", help="do not warm the engine at start")
     up.set_defaults(func=cmd_up)
+
+    sub.add_parser("status", help="the services `vbatch up` runs on this home").set_defaults(func=cmd_status)
 
     models = sub.add_parser("models", help="models vbatch serves").add_subparsers(dest="models", required=True)
     tiny = models.add_parser("create-tiny", help="build the tiny local Llama chat model")

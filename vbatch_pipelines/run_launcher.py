@@ -36,6 +36,7 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_
 
 from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
 from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
+from vbatch_pipelines.services import die_with_parent
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +88,11 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def _start_worker(self) -> subprocess.Popen:
         # The spare also opens the instance ahead of time (storage set-up is another ~0.5 s).
         env = dict(os.environ, VBATCH_RUN_WORKER_INSTANCE=serialize_value(self._instance.get_ref()))
+        # SIGKILL when the daemon goes (even by kill -9): its run then fails, and Dagster's run retries
+        # re-execute it in the next daemon's worker, resuming from the batch's result files.
         return subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.run_launcher", *self._preload_modules],
-                                stdin=subprocess.PIPE, cwd=os.getcwd(), text=True, env=env)
+                                stdin=subprocess.PIPE, cwd=os.getcwd(), text=True, env=env,
+                                preexec_fn=lambda: die_with_parent(signal.SIGKILL))
 
     def _take_spare(self) -> subprocess.Popen:
         """The oldest live spare (the likeliest to be warm), topping the pool up behind it."""

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from vbatch_pipelines.child_env import without_api_keys
 from vbatch_pipelines.net import wait_http
+from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, die_with_parent, process_identity
 from vbatch_pipelines.settings import Settings
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -68,15 +70,66 @@ class Addresses:
 
 
 def spawn(argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
-    """A child in its own session with default signal handlers, so it can be stopped cleanly."""
-    log = open(log_path, "ab")
+    """A child in its own session (stopped as a group) with default signal handlers, which gets SIGTERM if
+    `vbatch up` dies, even by ``kill -9``."""
+    log = open(log_path, "ab")  # noqa: SIM115 - the child's for its life
 
-    def restore_signals() -> None:
+    def prepare_child() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent(signal.SIGTERM)
 
-    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=restore_signals)
+    try:
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=prepare_child)
+    finally:
+        log.close()
+
+
+class Service:
+    """One supervised process: restarted with back-off when it dies, each restart logged and counted."""
+
+    max_backoff_s = 60.0
+    stable_after_s = 60.0  # a run this long resets the back-off
+
+    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path, port: int | None = None):
+        self.name, self.argv, self.env, self.log_path, self.port = name, argv, env, log_path, port
+        self.process: subprocess.Popen | None = None
+        self.record: ServiceRecord | None = None
+        self.restarts = 0
+        self.failures_in_row = 0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = spawn(self.argv, self.env, self.log_path)
+        identity = process_identity(self.process.pid)
+        self.record = ServiceRecord(self.name, self.process.pid, identity[0] if identity else time.time(),
+                                    identity[1] if identity else self.argv, self.port, self.restarts)
+
+    def supervise(self, log) -> bool:
+        """Look after the process once; True when the record changed (started, exited, restarted)."""
+        now = time.monotonic()
+        if self.restart_at is not None:
+            if now < self.restart_at:
+                return False
+            self.restart_at = None
+            self.restarts += 1
+            self.start()
+            log(f"{self.name} restarted (restart {self.restarts}, pid {self.process.pid})")
+            return True
+        if self.process is None or self.process.poll() is None:
+            return False
+        lived = time.time() - (self.record.since if self.record else time.time())
+        self.failures_in_row = 0 if lived >= self.stable_after_s else self.failures_in_row + 1
+        delay = min(self.max_backoff_s, 2.0 ** self.failures_in_row) if self.failures_in_row else 1.0
+        log(f"{self.name} exited with code {self.process.returncode} after {lived:.0f}s; restarting in "
+            f"{delay:.0f}s (see {self.log_path})")
+        self.restart_at = now + delay
+        return True
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
 
 
 def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -147,23 +200,43 @@ def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, w
     from vbatch_pipelines.instance import WORKSPACE_YAML
 
     exposure = addresses.check(settings)  # before anything starts
+    file_store = resources["file_store"]
+    registry = ServiceRegistry(file_store.run_dir)
+    registry.acquire()  # AlreadyUp when another `up` owns this home
+    try:
+        stale = registry.stop_stale()
+        if stale:
+            print(f"Stopped what a previous `vbatch up` left running: {', '.join(stale)}", flush=True)
+        return _run(settings, resources, addresses, registry, exposure, warm, WORKSPACE_YAML)
+    finally:
+        registry.release()
+
+
+def _run(settings: Settings, resources: dict, addresses: Addresses, registry: ServiceRegistry,
+         exposure: list[str], warm: bool, workspace: Path) -> int:
     env = prepare_platform(settings, resources)
     env["VBATCH_DAGSTER_URL"] = addresses.dagster_url
-    file_store = resources["file_store"]
-    logs = file_store.logs_dir
+    logs = resources["file_store"].logs_dir
     logs.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     dagster_env = without_api_keys(env)  # runs need the databases' and Label Studio's secrets, not the API's keys
-    processes = {
-        "dagster-webserver": spawn([str(bin_dir / "dagster-webserver"), "-h", addresses.dagster_host,
-                                    "-p", str(addresses.dagster_port), "-w", str(WORKSPACE_YAML)], dagster_env,
-                                   logs / "dagster-webserver.log"),
-        "dagster-daemon": spawn([str(bin_dir / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)], dagster_env,
-                                logs / "dagster-daemon.log"),
-        "api": spawn([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
-                      "--port", str(addresses.api_port), "--workers", str(api_workers(settings, resources)),
-                      "--log-level", "warning"], env, logs / "api.log"),
-    }
+    services = {service.name: service for service in (
+        Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", addresses.dagster_host,
+                                      "-p", str(addresses.dagster_port), "-w", str(workspace)], dagster_env,
+                logs / "dagster-webserver.log", addresses.dagster_port),
+        Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], dagster_env,
+                logs / "dagster-daemon.log"),
+        Service("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
+                        "--port", str(addresses.api_port), "--workers", str(api_workers(settings, resources)),
+                        "--log-level", "warning"], env, logs / "api.log", addresses.api_port),
+    )}
+    owner = {"pid": os.getpid(), "started": (process_identity(os.getpid()) or (time.time(),))[0],
+             "api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.home)}
+
+    def record() -> None:
+        registry.write(owner, {name: _with_restarts(service) for name, service in services.items()
+                               if service.record is not None})
+
     stopping = threading.Event()
 
     def shutdown(signum=None, frame=None) -> None:
@@ -171,33 +244,36 @@ def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, w
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-
-    engine_note = warm_engine(resources) if warm else "transformers (in-process, per run)"
-    api_ready = wait_http(f"{addresses.api_url}/health", 60)
-    curation_note = start_curation(settings, resources, addresses.api_url) if api_ready else \
-        "off: the API did not start"
-    ready = wait_http(f"{addresses.dagster_url}/server_info", 120)
-    print(f"vbatch is up (home {settings.home})\n"
-          f"  OpenAI API   {addresses.api_url}/v1{'' if api_ready else '  (not answering yet; see logs)'}"
-          f"  (docs {addresses.api_url}/docs)\n"
-          f"  Dagster UI   {addresses.dagster_url}{'' if ready else '  (not answering yet; see logs)'}\n"
-          f"  engine       {engine_note}\n"
-          f"  Label Studio {curation_note}\n"
-          f"  logs         {logs}\n"
-          + "".join(f"  note         {note}\n" for note in exposure)
-          + "Ctrl-C stops everything.", flush=True)
     try:
+        for service in services.values():
+            service.start()
+        record()
+        engine_note = warm_engine(resources) if warm else "transformers (in-process, per run)"
+        api_ready = wait_http(f"{addresses.api_url}/health", 60)
+        curation_note = start_curation(settings, resources, addresses.api_url) if api_ready else \
+            "off: the API did not start"
+        ready = wait_http(f"{addresses.dagster_url}/server_info", 120)
+        print(f"vbatch is up (home {settings.home})\n"
+              f"  OpenAI API   {addresses.api_url}/v1{'' if api_ready else '  (not answering yet; see logs)'}"
+              f"  (docs {addresses.api_url}/docs)\n"
+              f"  Dagster UI   {addresses.dagster_url}{'' if ready else '  (not answering yet; see logs)'}\n"
+              f"  engine       {engine_note}\n"
+              f"  Label Studio {curation_note}\n"
+              f"  logs         {logs}\n"
+              + "".join(f"  note         {note}\n" for note in exposure)
+              + "Ctrl-C stops everything.", flush=True)
+
+        def log(message: str) -> None:
+            print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
         while not stopping.is_set():
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    print(f"{name} exited with code {process.returncode}; see {logs / (name + '.log')}",
-                          file=sys.stderr)
-                    stopping.set()
+            if any([service.supervise(log) for service in services.values()]):
+                record()
             stopping.wait(1.0)
     finally:
         print("Stopping vbatch ...", flush=True)
-        for process in processes.values():
-            stop_process_group(process)
+        for service in services.values():
+            service.stop()
         for server in resources["inference_engine"].running_servers():
             server.stop()
         label_studio = resources["label_studio"].server()
@@ -205,3 +281,8 @@ def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, w
             label_studio.stop()
         print("Stopped.", flush=True)
     return 0
+
+
+def _with_restarts(service: Service) -> ServiceRecord:
+    service.record.restarts = service.restarts
+    return service.record

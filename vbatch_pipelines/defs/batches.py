@@ -13,6 +13,7 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
+    RetryRequested,
     RunRequest,
     SensorEvaluationContext,
     SensorResult,
@@ -38,6 +39,7 @@ from vbatch_pipelines.batch.service import (
 )
 from vbatch_pipelines.batch.validation import BatchInputError
 from vbatch_pipelines.defs.runs import ACTIVE_RUN, LAUNCH_GRACE_S, without_run
+from vbatch_pipelines.engine.base import EngineUnavailable
 from vbatch_pipelines.names import BATCH_ID_TAG, BATCH_JOB, batch_run_tags
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import response_text
@@ -116,6 +118,9 @@ def _preview(results: ResultFiles, rows: int = 5) -> str:
     return "\n".join(lines)
 
 
+ENGINE_RETRIES = 3
+
+
 @asset(
     partitions_def=batch_partitions,
     deps=[batch_input],
@@ -139,8 +144,13 @@ def batch_output(
     if not input_path.exists():
         raise Failure(f"{input_path} is missing: materialize batch_input for {batch_id} first")
     model = model_registry.resolve(batch.model)
-    run = execute_batch(db, batch_id, directory, inference_engine, model, log=context.log.info,
-                        run_id=context.run_id)
+    try:
+        run = execute_batch(db, batch_id, directory, inference_engine, model, log=context.log.info,
+                            run_id=context.run_id)
+    except EngineUnavailable as exc:
+        # The engine, not the batch, failed past the runner's own retries: the step is retried after a pause
+        # and resumes from the result files (nothing is redone, nothing written twice).
+        raise RetryRequested(max_retries=ENGINE_RETRIES, seconds_to_wait=15) from exc
     progress, wall = run.progress, run.wall
     if not run.finished:
         raise Failure(f"Batch {batch_id} was {run.stop_reason} after {progress.finished} of {progress.total} "

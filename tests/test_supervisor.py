@@ -1,0 +1,151 @@
+"""`vbatch up` owns its stack (issue 15): one owner per home, services restarted with back-off and reported,
+nothing left running when it dies, even by kill -9, and a stale record cleaned up only where it is provably
+ours. Real processes throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TINY_MODEL_ID, start_up, survivors
+from vbatch_pipelines.net import free_port
+
+
+def _env(home: Path, tiny_model_path: Path) -> tuple[dict, int, int]:
+    api_port, dagster_port = free_port(), free_port()
+    env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="transformers", VBATCH_CURATION="off",
+               VBATCH_MODELS=f"{TINY_MODEL_ID}={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
+               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}")
+    for key in ("VBATCH_DATABASE_URL", "VBATCH_DAGSTER_DATABASE_URL", "VBATCH_API_KEYS", "VBATCH_ADMIN_KEYS"):
+        env.pop(key, None)
+    return env, api_port, dagster_port
+
+
+def _status(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vbatch_pipelines.cli", "status"], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _health(api_port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{api_port}/health", timeout=10).json()
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (httpx.HTTPError, OSError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_one_owner_restarts_with_status_and_nothing_survives_a_kill_9(tmp_path, tiny_model_path):
+    home = tmp_path / "home"
+    env, api_port, dagster_port = _env(home, tiny_model_path)
+    up, _ = start_up(env, "--api-port", str(api_port), "--dagster-port", str(dagster_port), "--no-engine")
+    try:
+        # A second `up` on a live home says so and starts nothing.
+        second = subprocess.run([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--api-port",
+                                 str(free_port()), "--dagster-port", str(free_port()), "--no-engine"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "already up" in second.stderr and str(up.pid) in second.stderr
+
+        status = _status(env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert all(name in status.stdout for name in ("api", "dagster-webserver", "dagster-daemon"))
+        services = _health(api_port)["services"]
+        assert set(services) == {"api", "dagster-webserver", "dagster-daemon"}
+        assert all(s["running"] and s["restarts"] == 0 for s in services.values())
+
+        # A crashed service is restarted (with back-off), counted and reported.
+        os.killpg(services["dagster-daemon"]["pid"], signal.SIGKILL)
+        restarted = _wait(lambda: (lambda s: s if s["restarts"] == 1 and s["running"] else None)(
+            _health(api_port)["services"]["dagster-daemon"]), 60, "the daemon's restart")
+        assert restarted["pid"] != services["dagster-daemon"]["pid"]
+        assert "dagster-daemon" in _status(env).stdout
+
+        # kill -9 of `up` itself: every service it started goes with it (parent-death signal).
+        up.kill()
+        up.wait(30)
+        _wait(lambda: not survivors(home), 60, "the services to die with `vbatch up`")
+        assert _status(env).returncode == 3
+
+        # The next `up` on the same home starts cleanly.
+        again, banner = start_up(env, "--api-port", str(api_port), "--dagster-port", str(dagster_port),
+                                 "--no-engine")
+        assert "vbatch is up" in banner and _health(api_port)["status"] == "ok"
+        again.send_signal(signal.SIGTERM)
+        again.wait(90)
+        assert not survivors(home)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for survivor in survivors(home):
+            survivor.kill()
+
+
+def test_a_stale_record_stops_only_processes_that_are_provably_ours(tmp_path):
+    """A dead owner's services.json: a process matching pid, start time and command line is stopped; one whose
+    pid was reused by something else (other start time) is left alone."""
+    from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, process_identity
+
+    ours = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    stranger = subprocess.Popen(["sleep", "301"], start_new_session=True)
+    try:
+        started, argv = process_identity(ours.pid)
+        other_started, other_argv = process_identity(stranger.pid)
+        registry = ServiceRegistry(tmp_path / "run")
+        registry.write({"pid": 999_999_999, "started": 0}, {
+            "api": ServiceRecord("api", ours.pid, started, argv),
+            "dagster-daemon": ServiceRecord("dagster-daemon", stranger.pid, other_started - 100, other_argv),
+        })
+        registry.acquire()  # the dead owner's lock is gone with it
+        stopped = registry.stop_stale()
+        assert stopped == [f"api (pid {ours.pid})"]
+        assert ours.wait(30) is not None and stranger.poll() is None
+        assert not registry.path.exists()
+        registry.release()
+    finally:
+        for process in (ours, stranger):
+            if process.poll() is None:
+                process.kill()
+
+
+def test_the_services_file_is_private_and_written_whole(tmp_path):
+    from vbatch_pipelines.services import ServiceRecord, ServiceRegistry
+
+    registry = ServiceRegistry(tmp_path / "run")
+    registry.write({"pid": os.getpid()}, {"api": ServiceRecord("api", os.getpid(), 0.0, ["x"], 4080)})
+    assert (registry.path.stat().st_mode & 0o777) == 0o600
+    assert json.loads(registry.path.read_text())["services"]["api"]["port"] == 4080
+    assert [p.name for p in registry.run_dir.iterdir()] == ["services.json"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL"])
+def test_a_run_worker_dies_with_the_daemon(tmp_path, signal_name):
+    """The parent-death signal the launcher gives its workers: a worker outlives no daemon."""
+    script = ("import signal, subprocess, sys, time\n"
+              "from vbatch_pipelines.services import die_with_parent\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],\n"
+              "                         preexec_fn=lambda: die_with_parent(signal.SIGKILL))\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    os.kill(parent.pid, getattr(signal, signal_name))
+    parent.wait(10)
+    from vbatch_pipelines.services import process_identity
+
+    _wait(lambda: process_identity(child_pid) is None, 10, "the child to die with its parent")
