@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,9 +140,8 @@ def postgres_url() -> Iterator[str]:
 def fresh_database() -> Iterator[str]:
     import sqlalchemy as sa
 
-    from vbatch_pipelines.store.db import normalize_url
-
     from tests.postgres_server import admin_url
+    from vbatch_pipelines.store.db import normalize_url
 
     name = f"vbatch_test_{uuid.uuid4().hex[:10]}"
     server = admin_url()  # VBATCH_TEST_POSTGRES_URL, 127.0.0.1:5432, or one started for this session
@@ -210,6 +210,12 @@ class Stack:
     def __init__(self, env: dict, api_url: str, process: subprocess.Popen):
         self.env, self.api_url, self.process = env, api_url, process
         self.extra: list[subprocess.Popen] = []
+        self.up_args: tuple[str, ...] = ()
+
+    def restart_up(self) -> str:
+        """`vbatch up` again on the same home and ports (after the previous one died); its banner."""
+        self.process, banner = start_up(self.env, *self.up_args)
+        return banner
 
     def client(self, api_key: str = "unused", base_url: str | None = None):
         import openai
@@ -238,13 +244,16 @@ def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> It
     from vbatch_pipelines.net import free_port
 
     api_port, dagster_port = free_port(), free_port()
-    env = dict(os.environ, VBATCH_HOME=str(home), VBATCH_ENGINE="vllm", VBATCH_VLLM_PYTHON=vllm_python(),
-               VBATCH_MODELS=f"{TINY_MODEL_ID}={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
-               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}", **env_overrides)
+    env = dict(os.environ)
     for key in ("VBATCH_DATABASE_URL", "VBATCH_DAGSTER_DATABASE_URL", "VBATCH_API_KEYS", "VBATCH_ADMIN_KEYS"):
         env.pop(key, None)
-    process, _ = start_up(env, "--api-port", str(api_port), "--dagster-port", str(dagster_port))
+    env.update(VBATCH_HOME=str(home), VBATCH_ENGINE="vllm", VBATCH_VLLM_PYTHON=vllm_python(),
+               VBATCH_MODELS=f"{TINY_MODEL_ID}={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
+               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}", **env_overrides)
+    up_args = ("--api-port", str(api_port), "--dagster-port", str(dagster_port))
+    process, _ = start_up(env, *up_args)
     stack = Stack(env, f"http://127.0.0.1:{api_port}", process)
+    stack.up_args = up_args
     try:
         yield stack
     finally:
@@ -253,10 +262,10 @@ def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> It
                 os.killpg(extra.pid, signal.SIGKILL)
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
-        left = survivors(home)
-        for survivor in left:
-            survivor.kill()
-        assert not left, f"still running after `vbatch up` stopped: {[p.cmdline() for p in left]}"
+        left = settled_survivors(home)
+        for pid, _ in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"still running after `vbatch up` stopped: {left}"
 
 
 def survivors(home: Path) -> list:
@@ -271,6 +280,23 @@ def survivors(home: Path) -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def settled_survivors(home: Path, grace_s: float = 15.0) -> list:
+    """Survivors that are still there after ``grace_s`` (a process may be in the middle of exiting when its
+    parent returns), with their command lines for the report."""
+    import psutil
+
+    deadline = time.monotonic() + grace_s
+    while (left := survivors(home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    report = []
+    for process in left:
+        try:
+            report.append((process.pid, process.cmdline()[:4]))
+        except psutil.Error:
+            continue
+    return report
 
 
 def vllm_python() -> str:

@@ -83,21 +83,36 @@ class EmbeddedPostgres:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         subprocess.run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
                         "-E", "UTF8", "--no-sync"], check=True, capture_output=True, **self._as_owner())
-        log = open(self.root / "postgres.log", "ab")  # noqa: SIM115 - the server's for its life
-        self.process = subprocess.Popen(
-            [str(self.bin / "postgres"), "-D", str(self.data), "-h", "127.0.0.1", "-p", str(self.port),
-             "-k", str(self.root), "-c", "fsync=off", "-c", "max_connections=200"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_owner())
+        atexit.register(self.stop)
+        self._launch(timeout)
+        return self.url
+
+    def _launch(self, timeout: float = 60.0) -> None:
+        with open(self.root / "postgres.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [str(self.bin / "postgres"), "-D", str(self.data), "-h", "127.0.0.1", "-p", str(self.port),
+                 "-k", str(self.root), "-c", "max_connections=200"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_owner())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"PostgreSQL exited: {(self.root / 'postgres.log').read_text()[-2000:]}")
             if reachable(self.url, timeout=1):
-                atexit.register(self.stop)
-                return self.url
+                return
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"PostgreSQL did not start in {timeout:.0f}s")
+
+    def crash_and_restart(self, down_s: float = 3.0) -> None:
+        """Kill the postmaster outright (as a crash or an OOM kill would), stay down ``down_s``, start again on
+        the same data directory and port; PostgreSQL recovers from its WAL."""
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        time.sleep(down_s)
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+        self._launch()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

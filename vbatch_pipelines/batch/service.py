@@ -285,6 +285,20 @@ def end_batch(db: Database, directory: Path, batch_id: str, status: str) -> Batc
     return update_batch(db, batch_id, **fields)
 
 
+def fail_batch_on_full_disk(db: Database, directory: Path, batch_id: str, reason: str) -> Batch:
+    """The disk filled up mid-run: keep every whole result line (cut a torn last one), count them, and fail
+    the batch with an error that says what happened and how much was kept."""
+    results = ResultFiles(directory)
+    progress = BatchProgress(total=0)
+    results.resume(progress)  # truncates a torn last line, which frees space too
+    message = (f"The disk holding {directory} is full ({reason}); {progress.completed} completed and "
+               f"{progress.failed} failed results were written and are kept. Free space and create the batch again.")
+    return update_batch(db, batch_id, status="failed", request_completed=progress.completed,
+                        request_failed=progress.failed,
+                        errors={"object": "list", "data": [{"code": "disk_full", "message": message,
+                                                            "param": None, "line": None}]})
+
+
 def batches_to_settle(db: Database) -> list[Batch]:
     """Batches asked to cancel, or past their completion window, that have not ended yet."""
     with db.session() as session:

@@ -2,6 +2,7 @@
 and sends them to review, and the sensors that launch batches accepted while Dagster was unreachable and
 settle those whose run is gone."""
 
+import errno
 import json
 import time
 
@@ -23,6 +24,7 @@ from dagster import (
     in_process_executor,
     sensor,
 )
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from resources import FileStore, InferenceEngine, MetadataDB, ModelRegistry
 from vbatch_pipelines.batch.execute import STOP_STATUSES, execute_batch
@@ -33,6 +35,7 @@ from vbatch_pipelines.batch.service import (
     batches_to_settle,
     batches_without_run,
     end_batch,
+    fail_batch_on_full_disk,
     get_batch,
     update_batch,
     validate_input,
@@ -147,10 +150,17 @@ def batch_output(
     try:
         run = execute_batch(db, batch_id, directory, inference_engine, model, log=context.log.info,
                             run_id=context.run_id)
-    except EngineUnavailable as exc:
-        # The engine, not the batch, failed past the runner's own retries: the step is retried after a pause
-        # and resumes from the result files (nothing is redone, nothing written twice).
+    except (EngineUnavailable, OperationalError, InterfaceError) as exc:
+        # The engine or the metadata DB, not the batch, failed past the runner's own retries: the step is
+        # retried after a pause and resumes from the result files (nothing is redone, nothing written twice).
+        context.log.warning(f"{batch_id}: {type(exc).__name__}: {exc}; retrying the step")
         raise RetryRequested(max_retries=ENGINE_RETRIES, seconds_to_wait=15) from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # The disk is full: what was written stays (a torn last line is cut off), the batch fails saying so.
+        ended = fail_batch_on_full_disk(db, directory, batch_id, str(exc))
+        raise Failure(ended.errors["data"][0]["message"], allow_retries=False) from exc
     progress, wall = run.progress, run.wall
     if not run.finished:
         raise Failure(f"Batch {batch_id} was {run.stop_reason} after {progress.finished} of {progress.total} "

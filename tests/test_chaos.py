@@ -1,0 +1,290 @@
+"""The chaos suite (issue 15): a multi-thousand-request batch with curation on, and one part of the platform
+killed with SIGKILL mid-way. Real processes: `vbatch up` on the vLLM CPU engine, Label Studio, Dagster's
+daemon and run workers, PostgreSQL. Every case asserts the same outcome:
+
+- the batch ends ``completed``;
+- every ``custom_id`` is in the output or error file exactly once, and no line blames a request for the fault;
+- every result is a curation task exactly once, in vbatch and in Label Studio;
+- nothing is left running after the final stop (`running_stack` checks it).
+
+Each case prints a line ``chaos: <fault> ...`` with its recovery time (kill → batch completed); the
+closing note's table is built from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import chat_lines, jsonl, running_stack, survivors
+
+REQUESTS = 2000
+
+
+def _client_call(fn: Callable, timeout: float = 120.0):
+    """A call through the openai SDK that tolerates the API being down (restarting) for a while."""
+    import openai
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except (openai.APIConnectionError, openai.InternalServerError, openai.APITimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def _home(stack) -> Path:
+    return Path(stack.env["VBATCH_HOME"])
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _submit(stack, prefix: str) -> tuple[str, list[str]]:
+    client = stack.client()
+    lines = chat_lines(REQUESTS, prefix=prefix)
+    uploaded = _client_call(lambda: client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch"))
+    batch = _client_call(lambda: client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                                       completion_window="24h"))
+    return batch.id, [line["custom_id"] for line in lines]
+
+
+def _wait_for_progress(stack, batch_id: str, fraction: float = 0.15, timeout: float = 240) -> None:
+    output = _home(stack) / "batches" / batch_id / "output.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if output.exists() and sum(1 for _ in open(output, "rb")) >= REQUESTS * fraction:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{batch_id} made no progress in {timeout}s")
+
+
+def _wait_completed(stack, batch_id: str, timeout: float = 420):
+    client = stack.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            batch = client.batches.retrieve(batch_id)
+            if batch.status in ("completed", "failed", "cancelled", "expired"):
+                return batch
+        except Exception:  # noqa: BLE001 - the API (or its DB) may be down during the fault
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{batch_id} did not end in {timeout}s")
+
+
+def _curation_tasks(stack, batch_id: str, label_studio) -> tuple[Counter, dict[str, int]]:
+    import sqlalchemy as sa
+
+    from vbatch_pipelines.store.db import normalize_url
+
+    url = stack.env.get("VBATCH_DATABASE_URL") or f"sqlite:///{_home(stack) / 'vbatch.db'}"
+    engine = sa.create_engine(normalize_url(url))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT custom_id, ls_task_id, project_id FROM curation_tasks "
+                                    "WHERE batch_id = :b"), {"b": batch_id}).all()
+    engine.dispose()
+    projects = {row.project_id for row in rows if row.project_id}
+    in_studio: dict[str, int] = {}
+    for project in projects:
+        in_studio.update(label_studio.tasks_of_batch(project, batch_id))
+    return Counter(row.custom_id for row in rows if row.ls_task_id), in_studio
+
+
+def _assert_outcome(stack, batch_id: str, custom_ids: list[str], label_studio, fault: str, killed_at: float):
+    batch = _wait_completed(stack, batch_id)
+    recovered = time.monotonic() - killed_at
+    assert batch.status == "completed", (fault, batch.status, batch.errors)
+    directory = _home(stack) / "batches" / batch_id
+    output, errors = _lines(directory / "output.jsonl"), _lines(directory / "errors.jsonl")
+    seen = Counter(line["custom_id"] for line in output + errors)
+    assert set(seen) == set(custom_ids) and max(seen.values()) == 1, \
+        (fault, len(set(custom_ids) - set(seen)), [c for c, n in seen.items() if n > 1][:5])
+    assert not errors, (fault, errors[:3])  # no request was blamed for the fault
+    deadline = time.monotonic() + 240
+    while True:  # curation follows the batch in the same run (and retries while Label Studio is down)
+        recorded, in_studio = _curation_tasks(stack, batch_id, label_studio)
+        if len(recorded) == REQUESTS and len(in_studio) == REQUESTS or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert len(recorded) == REQUESTS and max(recorded.values()) == 1, (fault, len(recorded))
+    assert set(in_studio) == set(custom_ids), (fault, len(in_studio))
+    print(f"chaos: {fault}: completed, {len(output)} results each once, 0 request errors from the fault, "
+          f"{len(in_studio)} curation tasks once; recovered in {recovered:.1f}s", flush=True)
+
+
+def _service_pid(stack, name: str) -> int:
+    import httpx
+
+    return httpx.get(f"{stack.api_url}/health", timeout=10).json()["services"][name]["pid"]
+
+
+def _run_worker_pid(stack, batch_id: str) -> int:
+    """The run worker working on the batch: the pid in the batch's lease (``run@host:pid``)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{_home(stack) / 'vbatch.db'}")
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                owner = conn.execute(sa.text("SELECT lease_owner FROM batches WHERE id = :b"), {"b": batch_id}).scalar()
+            if owner:
+                return int(owner.rsplit(":", 1)[1])
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    raise AssertionError("no run holds the batch's lease")
+
+
+def _engine_pid(stack) -> int:
+    states = [json.loads(p.read_text()) for p in (_home(stack) / "engines").glob("*.json")]
+    return next(state["pid"] for state in states if state.get("model"))
+
+
+@pytest.fixture(scope="module")
+def label_studio(label_studio_server):
+    from resources import LabelStudio
+
+    server, conn = label_studio_server
+    return server, LabelStudio(url=conn.url, token=conn.token)
+
+
+# Cases with a stack of their own first: the shared stack below lives until the module ends.
+
+
+def test_a_postgresql_crash_under_the_metadata_db_loses_nothing(tmp_path, tiny_model_path, label_studio):
+    from tests.postgres_server import EmbeddedPostgres
+
+    _, resource = label_studio
+    database = EmbeddedPostgres()
+    url = database.start()
+    try:
+        with running_stack(tmp_path / "home", tiny_model_path, VBATCH_CURATION="on",
+                           VBATCH_LABEL_STUDIO_URL=resource.url, VBATCH_LABEL_STUDIO_TOKEN=resource.token,
+                           VBATCH_DATABASE_URL=url) as stack:
+            batch_id, custom_ids = _submit(stack, "chaos-pg")
+            _wait_for_progress(stack, batch_id)
+            killed_at = time.monotonic()
+            database.crash_and_restart(down_s=5)
+            _assert_outcome(stack, batch_id, custom_ids, resource, "SIGKILL PostgreSQL (metadata DB), back after 5 s",
+                            killed_at)
+    finally:
+        database.stop()
+
+
+def test_a_full_disk_fails_the_batch_clearly_and_keeps_what_was_written(tmp_path, tiny_model_path, monkeypatch):
+    """The batch's home on a 4 MiB tmpfs: the run fails the batch with a disk_full error naming what it kept,
+    and every line it kept is a whole result."""
+    import subprocess
+
+    from tests.conftest import Platform
+    from tests.conftest import chat_lines as lines_of
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("this machine does not let the tests mount a small tmpfs")
+    try:
+        monkeypatch.setenv("VBATCH_HOME", str(mount / "home"))
+        monkeypatch.setenv("VBATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'vbatch.db'}")  # the DB elsewhere
+        monkeypatch.setenv("VBATCH_ENGINE", "transformers")
+        monkeypatch.setenv("VBATCH_MODELS", f"vbatch-tiny-chat={tiny_model_path}")
+        monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+        platform = Platform()
+        platform.db.upgrade()
+        lines = lines_of(3000, prefix="full", max_tokens=64)
+        batch = platform.submit(jsonl(lines))
+        filler = mount / "filler"
+        size = 4 * 1024 * 1024 - sum(f.stat().st_size for f in mount.rglob("*") if f.is_file()) - 300_000
+        filler.write_bytes(b"\0" * max(size, 0))  # ~300 kB left for the results
+        result = platform.materialize(batch.id, raise_on_error=False)
+        assert not result.success
+        failed = platform.batch(batch.id)
+        assert failed.status == "failed", failed.status
+        error = failed.to_openai()["errors"]["data"][0]
+        assert error["code"] == "disk_full" and "are kept" in error["message"]
+        kept = _lines(platform.file_store.batch_dir(batch.id) / "output.jsonl")  # every line parses: none torn
+        assert kept and failed.request_completed == len(kept) < 3000
+        assert len({line["custom_id"] for line in kept}) == len(kept)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def chaos_stack(tmp_path_factory, tiny_model_path, label_studio):
+    server, resource = label_studio
+    home = tmp_path_factory.mktemp("chaos-home")
+    with running_stack(home, tiny_model_path, VBATCH_CURATION="on", VBATCH_LABEL_STUDIO_URL=resource.url,
+                       VBATCH_LABEL_STUDIO_TOKEN=resource.token) as stack:
+        yield stack
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+FAULTS: dict[str, Callable] = {
+    "the API": lambda stack, batch_id, studio: _kill_group(_service_pid(stack, "api")),
+    "the Dagster daemon": lambda stack, batch_id, studio: _kill_group(_service_pid(stack, "dagster-daemon")),
+    "the run worker": lambda stack, batch_id, studio: os.kill(_run_worker_pid(stack, batch_id), signal.SIGKILL),
+    "the vLLM server": lambda stack, batch_id, studio: _kill_group(_engine_pid(stack)),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_killed_service_loses_nothing_and_blames_no_request(chaos_stack, label_studio, fault):
+    server, resource = label_studio
+    batch_id, custom_ids = _submit(chaos_stack, f"chaos-{fault.split()[-1]}")
+    _wait_for_progress(chaos_stack, batch_id)
+    killed_at = time.monotonic()
+    FAULTS[fault](chaos_stack, batch_id, server)
+    _assert_outcome(chaos_stack, batch_id, custom_ids, resource, f"SIGKILL {fault}", killed_at)
+
+
+def test_a_killed_label_studio_loses_no_curation_task(chaos_stack, label_studio):
+    server, resource = label_studio
+    batch_id, custom_ids = _submit(chaos_stack, "chaos-studio")
+    _wait_for_progress(chaos_stack, batch_id, fraction=0.5)
+    killed_at = time.monotonic()
+    _kill_group(server.state()["pid"])
+    time.sleep(20)  # down while the batch finishes and its curation step first tries
+    server.ensure()  # its own supervisor (here: the test) brings it back
+    _assert_outcome(chaos_stack, batch_id, custom_ids, resource, "SIGKILL Label Studio (back after 20 s)", killed_at)
+
+
+def test_kill_9_of_vbatch_up_then_up_again_finishes_the_batch(chaos_stack, label_studio):
+    """Last in the module: it replaces the stack's `vbatch up`."""
+    _, resource = label_studio
+    batch_id, custom_ids = _submit(chaos_stack, "chaos-up")
+    _wait_for_progress(chaos_stack, batch_id)
+    killed_at = time.monotonic()
+    chaos_stack.process.kill()
+    chaos_stack.process.wait(30)
+    home = _home(chaos_stack)
+    deadline = time.monotonic() + 60  # every service goes with it; the detached engine stays to be adopted
+    while time.monotonic() < deadline and [p for p in survivors(home) if "vllm" not in " ".join(p.cmdline())]:
+        time.sleep(0.5)
+    left = [p.cmdline()[:3] for p in survivors(home) if "vllm" not in " ".join(p.cmdline())]
+    assert not left, f"outlived `vbatch up`: {left}"
+    engine = _engine_pid(chaos_stack)
+    banner = chaos_stack.restart_up()
+    assert "vbatch is up" in banner
+    _assert_outcome(chaos_stack, batch_id, custom_ids, resource, "kill -9 of `vbatch up`, then `vbatch up`",
+                    killed_at)
+    assert psutil.pid_exists(engine) and _engine_pid(chaos_stack) == engine, "the warm engine was adopted"
