@@ -25,21 +25,27 @@ def inside(root: Path, *parts: str) -> Path:
     return path
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (0600), atomically: the temporary file is created 0600 too, so the
-    content is never readable by others, not even for a moment."""
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` whole: a temporary file (created with ``mode`` from the start), fsynced,
+    renamed over it. A reader, or a crash, sees the old content or the new, never a part."""
     import os
     import uuid
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        with os.fdopen(descriptor, "w") as out:
-            out.write(text)
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, path)
     finally:
         if partial.exists():
             partial.unlink()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600), atomically: the temporary file is created 0600 too, so the
+    content is never readable by others, not even for a moment."""
+    write_atomic(path, text, 0o600)

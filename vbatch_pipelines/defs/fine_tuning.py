@@ -66,6 +66,7 @@ from vbatch_pipelines.names import (
     fine_tuning_run_tags,
 )
 from vbatch_pipelines.partitions import fine_tune_partitions
+from vbatch_pipelines.paths import write_atomic
 
 PROGRESS_EVERY_S = 10.0  # training progress appears in the asset's metadata (observations) this often
 
@@ -160,8 +161,8 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
             result = trainer.train(context, params, directory / "train.log", on_messages=on_messages,
                                    should_stop=cancelled)
         svg = loss_curve_svg(steps, result["eval_loss"])
-        (directory / "loss_curve.svg").write_text(svg)
-        (directory / "results.csv").write_bytes(results_csv(steps))
+        write_atomic(directory / "loss_curve.svg", svg)
+        write_atomic(directory / "results.csv", results_csv(steps))
         results_file = register_file(db, directory / "results.csv", f"{job_id}_results.csv", "fine-tune-results")
         metrics = {**(job.metrics or {}), **{k: result[k] for k in (
             "train_loss", "eval_loss", "steps", "backend", "device", "train_seconds", "train_examples",
