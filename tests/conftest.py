@@ -260,8 +260,8 @@ def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> It
         for extra in stack.extra:
             if extra.poll() is None:
                 os.killpg(extra.pid, signal.SIGKILL)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=90)
+        stack.process.send_signal(signal.SIGTERM)  # the current `vbatch up` (a test may have restarted it)
+        stack.process.wait(timeout=90)
         left = settled_survivors(home)
         for pid, _ in left:
             os.kill(pid, signal.SIGKILL)

@@ -217,3 +217,13 @@ def test_label_studio_status_prints_the_password_only_when_asked(vbatch_home):
     assert "admin@vbatch.local" in shown and password not in shown and "--show-password" in shown
     asked = subprocess.run([*status, "--show-password"], capture_output=True, text=True, check=True, timeout=120)
     assert password in asked.stdout
+
+
+def test_every_step_that_runs_inference_or_training_claims_the_gpu_pool():
+    """Batches, training, the comparison's eval batches and the install's smoke test share the `gpu` slots."""
+    from vbatch_pipelines.defs.batches import batch_output
+    from vbatch_pipelines.defs.fine_tuning import fine_tuned_checkpoint, model_comparison
+    from vbatch_pipelines.defs.models import installed_model
+
+    assert {a.op.name: a.op.pool for a in (batch_output, fine_tuned_checkpoint, model_comparison, installed_model)} \
+        == dict.fromkeys(("batch_output", "fine_tuned_checkpoint", "model_comparison", "installed_model"), "gpu")

@@ -74,12 +74,14 @@ def remove_model(db: Database, model_registry, inference_engine, model_id: str) 
         raise ModelNotFound(model_id, [])
     spec = model_registry.lookup(model_id)
     if row.kind == "fine_tune":
-        from vbatch_pipelines.fine_tuning.service import get_job, update_job
+        from vbatch_pipelines.store.models import FineTuningJob
 
         inference_engine.undeploy_adapter(spec)
-        if row.source and get_job(db, row.source) is not None:  # the job that made it says it is not served
-            update_job(db, row.source, deployment={"status": "undeployed", "reason": "deleted through /v1/models",
-                                                   "at": int(time.time())})
+        with db.session() as session:  # the job that made it says it is no longer served
+            job = session.get(FineTuningJob, row.source) if row.source else None
+            if job is not None:
+                job.deployment = {"status": "undeployed", "reason": "deleted through /v1/models",
+                                  "at": int(time.time())}
         return upsert_model(db, model_id, status="undeployed")
     for tune in fine_tunes_of(db, model_id):
         if tune.status == DEPLOYED:
