@@ -69,6 +69,16 @@ def api_client(app, **kwargs):
     return TestClient(app, base_url="http://127.0.0.1", **kwargs)
 
 
+def build_gold_star_dataset(resources: dict, instance=None):
+    """Materialize gold_star_dataset with its checks, as its job does."""
+    from dagster import DagsterInstance, materialize
+
+    from vbatch_pipelines.defs.curation import DATASET_CHECKS, gold_star_dataset
+
+    return materialize([gold_star_dataset, *DATASET_CHECKS], resources=resources,
+                       instance=instance or DagsterInstance.ephemeral(), selection=[gold_star_dataset.key])
+
+
 def replaced(resource, **changes):
     """A copy of a (flat) resource with some fields changed: how tests configure vbatch in-process."""
     return type(resource)(**{**resource.model_dump(), **changes})

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context, materialize
 
-from tests.conftest import Platform, chat_lines, jsonl
+from tests.conftest import Platform, build_gold_star_dataset, chat_lines, jsonl
 from vbatch_pipelines.curation.schemas import annotation_result
 from vbatch_pipelines.net import free_port, wait_http
 
@@ -70,18 +70,7 @@ class Curation(Platform):
         return result
 
     def build_dataset(self):
-        from vbatch_pipelines.defs.curation import (
-            gold_star_dataset,
-            no_duplicate_prompts,
-            no_empty_responses,
-            train_eval_disjoint,
-            valid_answers,
-            valid_chat_structure,
-        )
-
-        result = materialize([gold_star_dataset, no_empty_responses, no_duplicate_prompts, valid_chat_structure,
-                              train_eval_disjoint, valid_answers], resources=self.resources, instance=self.instance,
-                             selection=[gold_star_dataset.key])
+        result = build_gold_star_dataset(self.resources, self.instance)
         assert result.success
         checks = result.get_asset_check_evaluations()
         assert checks and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, materialize
 
+from tests.conftest import build_gold_star_dataset
 from vbatch_pipelines.curation.schemas import annotation_result, read_annotation
 from vbatch_pipelines.store.models import CurationTask, Dataset
 
@@ -25,18 +25,7 @@ def _tasks(platform, n: int, schema: str = "chat_review", answer=lambda i: f"Ans
 
 
 def _build(platform):
-    from vbatch_pipelines.defs.curation import (
-        gold_star_dataset,
-        no_duplicate_prompts,
-        no_empty_responses,
-        train_eval_disjoint,
-        valid_answers,
-        valid_chat_structure,
-    )
-
-    result = materialize([gold_star_dataset, no_empty_responses, no_duplicate_prompts, valid_chat_structure,
-                          train_eval_disjoint, valid_answers], resources=platform.resources,
-                         instance=DagsterInstance.ephemeral(), selection=[gold_star_dataset.key])
+    result = build_gold_star_dataset(platform.resources)
     assert result.success
     version = result.asset_materializations_for_node("gold_star_dataset")[0].metadata["version"].value
     return version, {c.check_name: c for c in result.get_asset_check_evaluations()}

@@ -152,31 +152,26 @@ def _check(context: AssetCheckExecutionContext, metadata_db: MetadataDB, check: 
                                       "count": len(problems)})
 
 
-@asset_check(asset=gold_star_dataset, description="Every example has a non-empty final answer.")
-def no_empty_responses(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(context, metadata_db, "empty_responses")
+def _dataset_check(name: str, check: str, description: str):
+    @asset_check(asset=gold_star_dataset, name=name, description=description)
+    def _run(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
+        return _check(context, metadata_db, check)
+
+    return _run
 
 
-@asset_check(asset=gold_star_dataset, description="No prompt appears twice across the exported splits.")
-def no_duplicate_prompts(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(context, metadata_db, "duplicate_prompts")
-
-
-@asset_check(asset=gold_star_dataset, description="Every line is an example whose messages alternate user/assistant "
-                                                  "after optional system, ending with the assistant.")
-def valid_chat_structure(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(context, metadata_db, "chat_structure")
-
-
-@asset_check(asset=gold_star_dataset, description="No prompt is in both the train and the eval export.")
-def train_eval_disjoint(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(context, metadata_db, "split_leak")
-
-
-@asset_check(asset=gold_star_dataset, description="Every answer is valid for its task schema (JSON for "
-                                                  "json_extraction).")
-def valid_answers(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
-    return _check(context, metadata_db, "valid_answers")
+no_empty_responses = _dataset_check("no_empty_responses", "empty_responses",
+                                    "Every example has a non-empty final answer.")
+no_duplicate_prompts = _dataset_check("no_duplicate_prompts", "duplicate_prompts",
+                                      "No prompt appears twice across the exported splits.")
+valid_chat_structure = _dataset_check("valid_chat_structure", "chat_structure",
+                                      "Every line is an example whose messages alternate user/assistant after "
+                                      "optional system, ending with the assistant.")
+train_eval_disjoint = _dataset_check("train_eval_disjoint", "split_leak",
+                                     "No prompt is in both the train and the eval export.")
+valid_answers = _dataset_check("valid_answers", "valid_answers",
+                               "Every answer is valid for its task schema (JSON for json_extraction).")
+DATASET_CHECKS = [no_empty_responses, no_duplicate_prompts, valid_chat_structure, train_eval_disjoint, valid_answers]
 
 
 gold_star_dataset_job = define_asset_job(
@@ -216,7 +211,7 @@ def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
 
 defs = Definitions(
     assets=[curation_tasks, gold_star_dataset],
-    asset_checks=[no_empty_responses, no_duplicate_prompts, valid_chat_structure, train_eval_disjoint, valid_answers],
+    asset_checks=DATASET_CHECKS,
     jobs=[gold_star_dataset_job],
     sensors=[label_studio_sensor],
 )
