@@ -3,7 +3,9 @@
 1. One 5,000-request batch. run-batch loads the model in every invocation; its processing time is
    taken from its own "Reading batch from" log line (engine ready) to its output file's write, so its
    start-up is not held against it. vbatch runs against its warm managed server (started once before,
-   timed separately), validation and Dagster bookkeeping included. Each side runs ``--trials`` times;
+   timed separately), validation included, as an in-process ``materialize`` of batch_input and batch_output
+   on a throwaway Dagster instance: a SHORTCUT figure, without the API, the run queue or the run worker a
+   user's batch goes through (issue 16 measures that path). Each side runs ``--trials`` times;
    medians are compared. Target: vbatch >= 0.9x.
 2. Ten sequential 500-request batches: ten run-batch invocations vs ten vbatch batches on one warm
    engine (its single start included). Target: vbatch >= 3x faster.
