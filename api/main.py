@@ -98,15 +98,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"status": "ok" if healthy else "error", **checks}, status_code=200 if healthy else 503)
 
     registry = ServiceRegistry(resources["file_store"].run_dir)
+    services_seen: dict = {"at": 0.0, "report": {}}
 
     def services() -> dict:
+        """The supervised services, re-read at most once a second (health checks poll often)."""
         now = time.time()
-        report = {}
-        for service in registry.services():
-            running = service.is_running()
-            report[service.name] = {"pid": service.pid, "port": service.port, "running": running,
-                                    "restarts": service.restarts,
-                                    "uptime_s": round(now - service.since, 1) if running else None}
-        return report
+        if now - services_seen["at"] >= 1.0:
+            report = {}
+            for service in registry.services():
+                running = service.is_running()
+                report[service.name] = {"pid": service.pid, "port": service.port, "running": running,
+                                        "restarts": service.restarts,
+                                        "uptime_s": round(now - service.since, 1) if running else None}
+            services_seen.update(at=now, report=report)
+        return services_seen["report"]
 
     return app

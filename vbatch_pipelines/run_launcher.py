@@ -36,7 +36,7 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_
 
 from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
 from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
-from vbatch_pipelines.services import die_with_parent
+from vbatch_pipelines.services import die_with_parent, process_identity
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +45,9 @@ PRELOAD_MODULES = ("vbatch_pipelines.definitions", "pyarrow.parquet")
 
 
 def _process_started(pid: int) -> float | None:
-    """The process's start time (as psutil reports it), or None when it does not exist."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
+    """The process's start time (as psutil reports it), or None when it does not run (a zombie included)."""
+    identity = process_identity(pid)
+    return identity[0] if identity else None
 
 
 class WarmRunLauncher(RunLauncher, ConfigurableClass):
