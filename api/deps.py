@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, Header, Request
@@ -15,6 +13,7 @@ from fastapi import Depends, Header, Request
 from api.errors import OpenAIError
 from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, Trainer
 from vbatch_pipelines.engine.base import Engine
+from vbatch_pipelines.fine_tuning.training_data import model_max_length
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
@@ -116,11 +115,7 @@ class EnginePool:
         """The longest sequence the model's engine takes: config.json's max_position_embeddings, or the
         engine's VBATCH_MAX_MODEL_LEN when shorter. None when the model's config does not say."""
         if spec.path not in self._contexts:
-            try:
-                config = json.loads((Path(spec.path) / "config.json").read_text())
-                self._contexts[spec.path] = int(config["max_position_embeddings"])
-            except (OSError, ValueError, KeyError, TypeError):
-                self._contexts[spec.path] = None
+            self._contexts[spec.path] = model_max_length(spec.path)
         own = self._contexts[spec.path]
         limits = [n for n in (own, self.resource.max_model_len) if n]
         return min(limits) if limits else None
