@@ -177,10 +177,6 @@ class Dataset(Base):
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")  # building | ready
 
-    @property
-    def number(self) -> int:
-        return int(self.version.lstrip("v"))
-
     def to_api(self) -> dict[str, Any]:
         return {"id": self.version, "object": "dataset", "version": self.version, "created_at": self.created_at,
                 "examples": self.examples, "train_examples": self.train_examples,
