@@ -234,7 +234,7 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
              "api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.home)}
 
     def record() -> None:
-        registry.write(owner, {name: _with_restarts(service) for name, service in services.items()
+        registry.write(owner, {name: service.record for name, service in services.items()
                                if service.record is not None})
 
     stopping = threading.Event()
@@ -281,8 +281,3 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
             label_studio.stop()
         print("Stopped.", flush=True)
     return 0
-
-
-def _with_restarts(service: Service) -> ServiceRecord:
-    service.record.restarts = service.restarts
-    return service.record
