@@ -29,6 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench_api import pct, poll_in_subprocess, wrk  # noqa: E402 - the same open-loop clients as the API benchmark
+
 POSTGRES_URL = os.environ.get("VBATCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 PHILOSOPHER, DOMAIN = "ada@example.com", "engineering"
 

@@ -120,6 +120,19 @@ class Platform:
         return materialize([batch_input, batch_output], partition_key=batch_id, resources=self.resources,
                            instance=instance, raise_on_error=raise_on_error)
 
+    def materialize_together(self, batch_ids: list[str], instance=None, raise_on_error: bool = True):
+        """The batches as the API launches batches created together: one run over their partition range."""
+        from dagster import DagsterInstance, materialize
+
+        from vbatch_pipelines.defs.batches import batch_input, batch_output
+        from vbatch_pipelines.names import batch_run_tags
+        from vbatch_pipelines.partitions import batch_partitions
+
+        instance = instance or DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(batch_partitions.name, batch_ids)
+        return materialize([batch_input, batch_output], tags=batch_run_tags(batch_ids), resources=self.resources,
+                           instance=instance, raise_on_error=raise_on_error)
+
     def batch(self, batch_id: str):
         from vbatch_pipelines.batch.service import get_batch
 

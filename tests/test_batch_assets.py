@@ -229,3 +229,55 @@ def test_a_killed_runs_lease_on_this_host_is_taken_at_once(platform):
     started = time.monotonic()
     claim_batch(platform.db, batch.id, "run-y@elsewhere:1", wait_s=5)
     assert time.monotonic() - started < 1 and platform.batch(batch.id).lease_owner == "run-y@elsewhere:1"
+
+
+def test_batches_launched_together_share_a_run_yet_keep_their_own_results_and_status(platform):
+    """One run over a partition range: every batch its own files, counts and materialization metadata; one
+    cancelled mid-run stops within a second while its neighbours complete, and the run succeeds."""
+    import threading
+
+    small = [platform.submit(jsonl(chat_lines(5 + k, prefix=f"s{k}"))) for k in range(3)]
+    big = platform.submit(jsonl(chat_lines(3000, prefix="big", max_tokens=16)))
+    platform.resources["inference_engine"] = platform.resources["inference_engine"].model_copy(
+        update={"max_concurrency": 4, "chunk_size": 4})
+    cancelled_at = []
+
+    def cancel_when_running():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            record = platform.batch(big.id)
+            if record.status == "in_progress" and record.request_completed > 0:
+                update_batch(platform.db, big.id, status="cancelling")
+                cancelled_at.append(time.time())
+                return
+            time.sleep(0.05)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    result = platform.materialize_together([*(b.id for b in small), big.id])
+    canceller.join()
+    assert result.success and cancelled_at
+    for k, batch in enumerate(small):
+        record = platform.batch(batch.id)
+        assert record.status == "completed" and record.request_completed == 5 + k
+        _assert_each_once(platform, batch.id, [f"s{k}-{i}" for i in range(5 + k)])
+    record = platform.batch(big.id)
+    assert record.status == "cancelled" and record.cancelled_at - cancelled_at[0] <= 2
+    assert 0 < record.request_completed < 3000
+    materialized = {m.partition: m.metadata for m in result.asset_materializations_for_node("batch_output")}
+    assert set(materialized) == {b.id for b in small} | {big.id}
+    for k, batch in enumerate(small):
+        assert materialized[batch.id]["requests_total"].value == 5 + k
+        assert f"s{k}-" in materialized[batch.id]["preview"].value
+    assert "cancelled" in materialized[big.id]["failed"].value
+    inputs = {m.partition: m.metadata["requests"].value for m in result.asset_materializations_for_node("batch_input")}
+    assert inputs == {**{b.id: 5 + k for k, b in enumerate(small)}, big.id: 3000}
+
+
+def test_a_run_whose_batches_all_fail_fails(platform):
+    """The step fails only when none of its batches succeeded (a one-batch run fails as it always did)."""
+    bad = [platform.submit(b'{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n')
+           for _ in range(2)]
+    result = platform.materialize_together([b.id for b in bad], raise_on_error=False)
+    assert not result.success
+    assert all(platform.batch(b.id).status == "failed" for b in bad)

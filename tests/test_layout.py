@@ -219,11 +219,18 @@ def test_label_studio_status_prints_the_password_only_when_asked(vbatch_home):
     assert password in asked.stdout
 
 
-def test_every_step_that_runs_inference_or_training_claims_the_gpu_pool():
-    """Batches, training, the comparison's eval batches and the install's smoke test share the `gpu` slots."""
+def test_batches_share_the_inference_pool_and_steps_that_need_the_gpu_to_themselves_claim_gpu():
+    """Batch steps run side by side (`inference`); training, the comparison's eval batches and the install's
+    smoke test claim `gpu` and then every `inference` slot (test_gpu_sharing.py shows them waiting)."""
+    import inspect
+
     from vbatch_pipelines.defs.batches import batch_output
     from vbatch_pipelines.defs.fine_tuning import fine_tuned_checkpoint, model_comparison
     from vbatch_pipelines.defs.models import installed_model
 
-    assert {a.op.name: a.op.pool for a in (batch_output, fine_tuned_checkpoint, model_comparison, installed_model)} \
-        == dict.fromkeys(("batch_output", "fine_tuned_checkpoint", "model_comparison", "installed_model"), "gpu")
+    exclusive = (fine_tuned_checkpoint, model_comparison, installed_model)
+    assert batch_output.op.pool == "inference"
+    assert {a.op.name: a.op.pool for a in exclusive} == dict.fromkeys(
+        ("fine_tuned_checkpoint", "model_comparison", "installed_model"), "gpu")
+    for asset in exclusive:
+        assert "gpu_to_itself(context)" in inspect.getsource(asset.op.compute_fn.decorated_fn)

@@ -67,6 +67,7 @@ def test_up_prints_urls_and_sets_gpu_pool(running_platform):
 
     with DagsterInstance.get() as instance:
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
+        assert instance.event_log_storage.get_concurrency_info("inference").slot_count == 8
 
 
 def test_launch_batch_through_dagster(running_platform):

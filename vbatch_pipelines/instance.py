@@ -14,6 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DAGSTER_YAML = REPO_ROOT / "dagster.yaml"
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
 GPU_POOL = "gpu"
+INFERENCE_POOL = "inference"
 
 
 def postgres_storage(url: str) -> dict:
@@ -51,8 +52,10 @@ def prepare_dagster_home(settings: Settings) -> Path:
     return home
 
 
-def set_gpu_pool(instance, gpus: int) -> int:
-    """GPU-bound steps share the `gpu` pool: one slot per GPU (one on a CPU-only machine)."""
-    limit = max(1, gpus)
-    instance.event_log_storage.set_concurrency_slots(GPU_POOL, limit)
-    return limit
+def set_pools(instance, gpus: int, inference_runs: int) -> None:
+    """Steps that need a GPU to themselves (training, comparisons, install smoke tests) share the `gpu` pool,
+    one slot per GPU (one on a CPU-only machine); batch steps share the engine through the `inference` pool,
+    ``inference_runs`` at a time, and a `gpu` step takes every `inference` slot while it runs
+    (``defs.gpu.gpu_to_itself``)."""
+    instance.event_log_storage.set_concurrency_slots(GPU_POOL, max(1, gpus))
+    instance.event_log_storage.set_concurrency_slots(INFERENCE_POOL, max(1, inference_runs))

@@ -14,9 +14,12 @@ INSTALL_MODEL_JOB = "installed_model_job"
 RETRAINING_JOB = "retraining_job"
 
 PARTITION_TAG = "dagster/partition"  # Dagster's own
+PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"  # Dagster's own
+PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"  # Dagster's own
 SCHEDULE_NAME_TAG = "dagster/schedule_name"  # Dagster's own
 SENSOR_NAME_TAG = "dagster/sensor_name"  # Dagster's own
 BATCH_ID_TAG = "vbatch/batch_id"
+BATCH_COUNT_TAG = "vbatch/batches"
 FINE_TUNING_JOB_TAG = "vbatch/fine_tuning_job_id"
 MODEL_ID_TAG = "vbatch/model_id"
 CURATION_SEQ_TAG = "vbatch/curation_seq"
@@ -25,8 +28,18 @@ RUN_WORKER_PID_TAG = "vbatch/run_worker_pid"
 RUN_WORKER_STARTED_TAG = "vbatch/run_worker_started"
 
 
-def batch_run_tags(batch_id: str) -> dict[str, str]:
-    return {PARTITION_TAG: batch_id, BATCH_ID_TAG: batch_id}
+# Batches launched together share a run over their partition range, up to this many (and the lock that
+# keeps their partitions contiguous).
+MAX_BATCHES_PER_RUN = 100
+BATCH_LAUNCH_LOCK = "batch-launch"
+
+
+def batch_run_tags(batch_ids: list[str]) -> dict[str, str]:
+    """One batch: its partition. Several (added to the partitions in a row): their partition range."""
+    if len(batch_ids) == 1:
+        return {PARTITION_TAG: batch_ids[0], BATCH_ID_TAG: batch_ids[0]}
+    return {PARTITION_RANGE_START_TAG: batch_ids[0], PARTITION_RANGE_END_TAG: batch_ids[-1],
+            BATCH_COUNT_TAG: str(len(batch_ids))}
 
 
 def fine_tuning_run_tags(job_id: str) -> dict[str, str]:

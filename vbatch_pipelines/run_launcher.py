@@ -1,12 +1,15 @@
-"""A Dagster run launcher that keeps one run worker warm.
+"""A Dagster run launcher that keeps run workers warm and reuses them.
 
 Dagster's default launcher starts every run in a fresh ``dagster api execute_run`` process, which spends
 ~2.5 s of a 2-core machine importing Dagster and the code location before the first step runs: most of a
-small batch's submit -> in_progress time. ``WarmRunLauncher`` keeps a spare worker that has already done
-those imports and waits on stdin; a launch hands it the same ``ExecuteRunArgs`` that ``execute_run`` takes
-and starts the next spare. The worker then runs exactly what ``dagster api execute_run`` runs.
+small batch's latency, and CPU taken from the run that is executing. ``WarmRunLauncher`` keeps spare
+workers that have already done those imports and wait on stdin; a launch hands one the same
+``ExecuteRunArgs`` that ``execute_run`` takes, and the worker runs exactly what ``dagster api execute_run``
+runs. A worker whose run succeeded says so on a status pipe and waits for the next run, so back-to-back
+runs start no process at all; one whose run did not succeed, that ran ``MAX_RUNS_PER_WORKER`` runs or
+grew past ``MAX_WORKER_RSS`` exits, and a new spare takes its place.
 
-A spare whose project source changed after it imported it re-executes itself as a cold
+A worker whose project source changed after it imported it re-executes itself as a cold
 ``dagster api execute_run``, so code edits reach the next run. Workers are tracked by pid and start time
 (run tags), which gives run monitoring a real health check and ``terminate`` a process to interrupt.
 """
@@ -39,6 +42,8 @@ from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
 from vbatch_pipelines.services import die_with_parent, process_identity
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
+MAX_RUNS_PER_WORKER = 200
+MAX_WORKER_RSS = 400 * 2**20
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The code location, and what its first steps import lazily (Parquet for batch_input).
 PRELOAD_MODULES = ("vbatch_pipelines.definitions", "pyarrow.parquet")
@@ -50,15 +55,57 @@ def _process_started(pid: int) -> float | None:
     return identity[0] if identity else None
 
 
+class _Worker:
+    """A run worker process and the read end of its status pipe (one "ready" line after each run it
+    finished and is free to take another)."""
+
+    def __init__(self, process: subprocess.Popen, status_fd: int):
+        self.process = process
+        self.status_fd = status_fd
+        os.set_blocking(status_fd, False)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def said_ready(self) -> bool:
+        try:
+            return b"ready" in os.read(self.status_fd, 4096)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return False
+
+    def hand(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def release(self) -> None:
+        """Let an idle worker go: it exits on end of input."""
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        try:
+            os.close(self.status_fd)
+        except OSError:
+            pass
+
+
 class WarmRunLauncher(RunLauncher, ConfigurableClass):
-    """Launches each run in a pre-imported worker process (one spare kept ready)."""
+    """Launches each run in a pre-imported worker process, reused run after run."""
 
     def __init__(self, inst_data: ConfigurableClassData | None = None,
                  preload_modules: Sequence[str] = PRELOAD_MODULES, spares: int = 2):
         self._inst_data = inst_data
         self._preload_modules = list(preload_modules)
         self._spare_count = max(1, spares)
-        self._spares: list[subprocess.Popen] = []
+        self._idle: list[_Worker] = []  # ready for a run: finished ones first, then fresh spares
+        self._busy: list[_Worker] = []
         self._lock = threading.Lock()
         self._workers: dict[str, subprocess.Popen] = {}
         super().__init__()
@@ -81,23 +128,36 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def from_config_value(cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]):
         return cls(inst_data=inst_data, **config_value)
 
-    def _start_worker(self) -> subprocess.Popen:
+    def _start_worker(self) -> _Worker:
         # The spare also opens the instance ahead of time (storage set-up is another ~0.5 s).
-        env = dict(os.environ, VBATCH_RUN_WORKER_INSTANCE=serialize_value(self._instance.get_ref()))
-        # SIGKILL when the daemon goes (even by kill -9): its run then fails, and Dagster's run retries
-        # re-execute it in the next daemon's worker, resuming from the batch's result files.
-        return subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.run_launcher", *self._preload_modules],
-                                stdin=subprocess.PIPE, cwd=os.getcwd(), text=True, env=env,
-                                preexec_fn=lambda: die_with_parent(signal.SIGKILL))
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, VBATCH_RUN_WORKER_INSTANCE=serialize_value(self._instance.get_ref()),
+                   VBATCH_RUN_WORKER_STATUS_FD=str(write_fd))
+        # SIGKILL when the launching process goes (even by kill -9): its run then fails, and Dagster's run
+        # retries re-execute it in the next worker, resuming from the batch's result files.
+        process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.run_launcher", *self._preload_modules],
+                                   stdin=subprocess.PIPE, cwd=os.getcwd(), text=True, env=env, pass_fds=(write_fd,),
+                                   preexec_fn=lambda: die_with_parent(signal.SIGKILL))
+        os.close(write_fd)
+        return _Worker(process, read_fd)
 
-    def _take_spare(self) -> subprocess.Popen:
-        """The oldest live spare (the likeliest to be warm), topping the pool up behind it."""
+    def _take_worker(self) -> _Worker:
+        """A worker for the next run: one that finished a run (warm for sure), else the oldest spare, topping
+        the spares up behind it."""
         with self._lock:
-            self._spares = [spare for spare in self._spares if spare.poll() is None]
-            spare = self._spares.pop(0) if self._spares else self._start_worker()
-            while len(self._spares) < self._spare_count:
-                self._spares.append(self._start_worker())
-            return spare
+            for worker in list(self._busy):
+                if not worker.alive():
+                    self._busy.remove(worker)
+                    worker.close()
+                elif worker.said_ready():
+                    self._busy.remove(worker)
+                    self._idle.insert(0, worker)
+            self._idle = [worker for worker in self._idle if worker.alive() or worker.close()]
+            worker = self._idle.pop(0) if self._idle else self._start_worker()
+            while len(self._idle) < self._spare_count:
+                self._idle.append(self._start_worker())
+            self._busy.append(worker)
+            return worker
 
     def launch_run(self, context: LaunchRunContext) -> None:
         from dagster._grpc.types import ExecuteRunArgs
@@ -109,18 +169,18 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             instance_ref=self._instance.get_ref(),
             set_exit_code_on_failure=True,
         )
-        worker = self._take_spare()
-        started = _process_started(worker.pid)
-        self._instance.add_run_tags(run.run_id, {PID_TAG: str(worker.pid), STARTED_TAG: repr(started)})
-        assert worker.stdin is not None
-        worker.stdin.write(serialize_value(args) + "\n")
-        worker.stdin.close()
-        self._workers[run.run_id] = worker
+        worker = self._take_worker()
+        started = _process_started(worker.process.pid)
+        self._instance.add_run_tags(run.run_id, {PID_TAG: str(worker.process.pid), STARTED_TAG: repr(started)})
+        worker.hand(serialize_value(args))
+        self._workers[run.run_id] = worker.process
         self._reap()
 
     def _reap(self) -> None:
+        """Forget runs whose worker exited, and all but the latest runs of reused workers (their health is
+        checked by pid from the run's tags either way)."""
         for run_id, worker in list(self._workers.items()):
-            if worker.poll() is not None:
+            if worker.poll() is not None or len(self._workers) > 256:
                 del self._workers[run_id]
 
     def _worker_pid(self, run: DagsterRun) -> int | None:
@@ -162,23 +222,27 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     def dispose(self) -> None:
         with self._lock:
-            spares, self._spares = self._spares, []
-        for spare in spares:
-            if spare.poll() is None:
-                spare.stdin.close()  # an idle spare exits on end of input
-        for spare in spares:
+            idle, self._idle = self._idle, []
+            busy, self._busy = self._busy, []
+        for worker in idle:
+            worker.release()
+        for worker in idle:
             try:
-                spare.wait(timeout=5)
+                worker.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                spare.kill()
+                worker.process.kill()
+        for worker in busy:  # its run goes on; it exits after it
+            worker.release()
 
     def join(self, timeout: int = 30) -> None:
+        """Wait for the runs this launcher started to finish (their workers may stay for the next run)."""
         deadline = time.monotonic() + timeout
-        for worker in list(self._workers.values()):
-            try:
-                worker.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                return
+        for run_id in list(self._workers):
+            while time.monotonic() < deadline:
+                run = self._instance.get_run_by_id(run_id)
+                if run is None or run.is_finished:
+                    break
+                time.sleep(0.1)
 
 
 def _project_changed_since(moment: float) -> bool:
@@ -194,16 +258,23 @@ def _project_changed_since(moment: float) -> bool:
     return False
 
 
+def _worth_keeping(process_runs: int) -> bool:
+    import psutil
+
+    return process_runs < MAX_RUNS_PER_WORKER and psutil.Process().memory_info().rss < MAX_WORKER_RSS
+
+
 def worker_main(preload_modules: Sequence[str]) -> int:
-    """Import Dagster and the code location, open the instance, wait for ExecuteRunArgs on stdin, run it."""
+    """Import Dagster and the code location, open the instance, then run each ExecuteRunArgs read from stdin,
+    saying "ready" on the status pipe after every run that succeeded (and exiting after any other)."""
     imported_at = time.time()
     import importlib
 
-    from dagster import DagsterInstance
+    from dagster import DagsterInstance, DagsterRunStatus
     from dagster._cli.api import _execute_run_command_body
 
-    # A step blocked on a pool (the `gpu` slot) re-checks with a back-off that grows to 15 s, so a freed
-    # GPU could sit idle that long between queued batches; 2 s keeps it busy for a few cheap queries.
+    # A step blocked on a pool re-checks with a back-off that grows to 15 s, so a freed slot could sit idle
+    # that long between queued steps; 2 s keeps it busy for a few cheap queries.
     from dagster._core.execution.plan import instance_concurrency_context
     from dagster._core.instance.ref import InstanceRef
     from dagster._grpc.types import ExecuteRunArgs
@@ -211,28 +282,40 @@ def worker_main(preload_modules: Sequence[str]) -> int:
     from dagster._utils.interrupts import capture_interrupts
 
     instance_concurrency_context.MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL = POOL_CLAIM_MAX_INTERVAL_S
+    status_fd = os.environ.pop("VBATCH_RUN_WORKER_STATUS_FD", None)
     try:
         for module in preload_modules:
             importlib.import_module(module)
         ref = deserialize_value(os.environ.pop("VBATCH_RUN_WORKER_INSTANCE"), InstanceRef)
         instance = DagsterInstance.from_ref(ref)
-        line = sys.stdin.readline()
     except KeyboardInterrupt:  # Ctrl-C of `vbatch up` reaches the idle spare too
         return 0
-    if not line.strip():
-        instance.dispose()
-        return 0  # the launcher let this spare go
-    if _project_changed_since(imported_at):
-        instance.dispose()
-        os.execv(sys.executable, [sys.executable, "-m", "dagster", "api", "execute_run", line.strip()])
-    with capture_interrupts():
-        args = deserialize_value(line, ExecuteRunArgs)
-        if args.instance_ref != ref:
-            instance.dispose()
-            instance = DagsterInstance.from_ref(check.not_none(args.instance_ref))
-        with instance:
-            return _execute_run_command_body(args.run_id, instance, lambda event: None,
-                                             set_exit_code_on_failure=bool(args.set_exit_code_on_failure))
+    runs = 0
+    with instance:
+        while True:
+            try:
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:
+                return 0
+            if not line.strip():
+                return 0  # the launcher let this worker go
+            if _project_changed_since(imported_at):
+                instance.dispose()
+                os.execv(sys.executable, [sys.executable, "-m", "dagster", "api", "execute_run", line.strip()])
+            with capture_interrupts():
+                args = deserialize_value(line, ExecuteRunArgs)
+                if args.instance_ref != ref:
+                    with DagsterInstance.from_ref(check.not_none(args.instance_ref)) as other:
+                        return _execute_run_command_body(args.run_id, other, lambda event: None,
+                                                         set_exit_code_on_failure=bool(args.set_exit_code_on_failure))
+                code = _execute_run_command_body(args.run_id, instance, lambda event: None,
+                                                 set_exit_code_on_failure=bool(args.set_exit_code_on_failure))
+            runs += 1
+            run = instance.get_run_by_id(args.run_id)
+            if code or status_fd is None or run is None or run.status != DagsterRunStatus.SUCCESS \
+                    or not _worth_keeping(runs):
+                return code
+            os.write(int(status_fd), b"ready\n")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class Settings:
     default_model: str | None
     models: dict[str, str]
     gpus: int
+    inference_runs: int  # batch steps running side by side on the engines (the `inference` pool's limit)
     dagster_url: str
     api_keys: tuple[str, ...]  # use keys: files, batches, inference, curation, fine-tuning
     admin_keys: tuple[str, ...]  # also: install and delete base models (VBATCH_ADMIN_KEYS)
@@ -196,6 +197,7 @@ def load_settings() -> Settings:
         default_model=_env("VBATCH_DEFAULT_MODEL"),
         models=_parse_models(_env("VBATCH_MODELS")),
         gpus=gpu_count(),
+        inference_runs=_int("VBATCH_INFERENCE_RUNS", 8, minimum=1),
         dagster_url=_env("VBATCH_DAGSTER_URL", "http://127.0.0.1:3000"),
         api_keys=_list("VBATCH_API_KEYS"),
         admin_keys=_list("VBATCH_ADMIN_KEYS"),

@@ -144,7 +144,7 @@ def prepare_platform(settings: Settings, resources: dict) -> dict:
     Returns the environment the processes run with."""
     from dagster import DagsterInstance
 
-    from vbatch_pipelines.instance import prepare_dagster_home, set_gpu_pool
+    from vbatch_pipelines.instance import prepare_dagster_home, set_pools
 
     settings.home.mkdir(parents=True, exist_ok=True)
     resources["metadata_db"].db.upgrade()
@@ -152,7 +152,7 @@ def prepare_platform(settings: Settings, resources: dict) -> dict:
     env = dict(os.environ, DAGSTER_HOME=str(dagster_home), VBATCH_HOME=str(settings.home))
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     with DagsterInstance.get() as instance:
-        set_gpu_pool(instance, settings.gpus)
+        set_pools(instance, settings.gpus, settings.inference_runs)
     resources["model_registry"].resolve(None)
     return env
 

@@ -21,7 +21,7 @@ from vbatch_pipelines.batch.service import (
     validate_input,
 )
 from vbatch_pipelines.files import get_file
-from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
+from vbatch_pipelines.launch import DagsterUnreachable, launch_batches
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Batch
@@ -54,7 +54,8 @@ def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: S
         except BatchRequestError as exc:  # the file vanished meanwhile: batch_input reports it
             log.warning("batch %s: inline validation skipped: %s", batch.id, exc)
     try:
-        launch_batch(db, batch.id, settings.dagster_url, timeout=5)
+        # With it, every batch recorded meanwhile and not launched yet: concurrent creates share a run.
+        launch_batches(db, settings.dagster_url, batch.id, timeout=5)
     except DagsterUnreachable as exc:
         # The batch is recorded; batch_launch_sensor launches it once Dagster is back.
         log.warning("batch %s recorded, launch deferred to the sensor: %s", batch.id, exc)

@@ -1,13 +1,18 @@
-"""Run one validated batch to its end on the warm engine: what ``batch_output`` does, and what
-``model_comparison`` does for its eval batches. Resumable; stops within a second of a cancel or expiry
-and ends the batch with what finished."""
+"""Run validated batches to their end on the warm engine: what ``batch_output`` does (for one batch, or for
+the batches launched together in one run), and what ``model_comparison`` does for its eval batches.
+
+The batches of one call run side by side in one event loop and share one engine per model, so the engine
+batches their requests together. Each keeps its own lease, result files, progress and status: one ending,
+being cancelled or failing never stops another. Resumable; a batch stops within a second of a cancel or
+expiry and ends with what finished; a batch is marked completed as soon as its own requests are done.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
@@ -28,6 +33,8 @@ from vbatch_pipelines.models.registry import ModelSpec
 from vbatch_pipelines.store.db import Database
 
 STOP_STATUSES = ("cancelling", "cancelled")
+WATCH_EVERY_S = 1.0  # leases renewed, cancels and expiries seen, progress written
+LOG_EVERY_S = 5.0
 
 
 @dataclass
@@ -40,85 +47,173 @@ class BatchRun:
     backend: str
 
 
+@dataclass
+class _Job:
+    """One batch of the call, from its lease to its end."""
+
+    batch_id: str
+    directory: Path
+    model: ModelSpec
+    owner: str
+    results: ResultFiles = field(init=False)
+    progress: BatchProgress = field(init=False)
+    done: set[str] = field(default_factory=set)
+    endpoint: str = ""
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: list[str] = field(default_factory=list)
+    running: bool = False
+    started: float = field(default_factory=time.monotonic)
+    logged_at: float = 0.0
+    written: tuple[int, int] = (-1, -1)
+
+    def __post_init__(self) -> None:
+        self.results = ResultFiles(self.directory)
+
+
 def execute_batch(db: Database, batch_id: str, directory: Path, inference_engine, model: ModelSpec, *,
                   log: Callable[[str], None], run_id: str | None = None) -> BatchRun:
-    """Run the batch under its lease (one run at a time, whatever the pool size: two would append the same
-    results twice); the lease is renewed every second and released at the end."""
+    """Run one batch (see ``execute_batches``); its exception, if any, is raised."""
+    outcome = execute_batches(db, [(batch_id, directory, model)], inference_engine, log=log, run_id=run_id)[batch_id]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def execute_batches(db: Database, batches: list[tuple[str, Path, ModelSpec]], inference_engine, *,
+                    log: Callable[[str], None], run_id: str | None = None) -> dict[str, BatchRun | Exception]:
+    """Run the batches side by side; returns each one's BatchRun, or the exception it ended with. Each runs
+    under its lease (one run at a time per batch, whatever the pool size: two would append the same
+    results twice), renewed every second and released at its end. ``log`` is called from this thread only."""
+    if not batches:
+        return {}
     owner = lease_owner(run_id)
-    claim_batch(db, batch_id, owner)
-    try:
-        return _execute(db, batch_id, directory, inference_engine, model, log=log, run_id=run_id, owner=owner)
-    finally:
-        release_batch(db, batch_id, owner)
+    jobs = [_Job(batch_id, directory, model, owner) for batch_id, directory, model in batches]
+    return asyncio.run(_run_all(db, jobs, inference_engine, log, run_id))
 
 
-def _execute(db: Database, batch_id: str, directory: Path, inference_engine, model: ModelSpec, *,
-             log: Callable[[str], None], run_id: str | None, owner: str) -> BatchRun:
-    input_path = directory / INPUT_FILE
-    results = ResultFiles(directory)
-    progress = BatchProgress(total=parquet_row_count(input_path))
-    done = results.resume(progress)
-    if done:
-        log(f"{batch_id}: resuming, {len(done)} of {progress.total} requests already finished")
-    update_batch(db, batch_id, status="in_progress", only_from=("validating", "in_progress"), dagster_run_id=run_id,
-                 request_total=progress.total, request_completed=progress.completed,
-                 request_failed=progress.failed)
+def _start(db: Database, job: _Job, run_id: str | None) -> str | None:
+    """Take the lease, read what earlier runs finished, mark the batch in progress; returns a log line."""
+    claim_batch(db, job.batch_id, job.owner)
+    job.progress = BatchProgress(total=parquet_row_count(job.directory / INPUT_FILE))
+    job.done = job.results.resume(job.progress)
+    batch = update_batch(db, job.batch_id, status="in_progress", only_from=("validating", "in_progress"),
+                         dagster_run_id=run_id, request_total=job.progress.total,
+                         request_completed=job.progress.completed, request_failed=job.progress.failed)
+    job.endpoint = batch.endpoint
+    job.started = time.monotonic()
+    if job.done:
+        return f"{job.batch_id}: resuming, {len(job.done)} of {job.progress.total} requests already finished"
+    return None
 
-    last_log = [0.0]
 
-    def on_progress(p: BatchProgress) -> None:
-        update_batch(db, batch_id, request_completed=p.completed, request_failed=p.failed)
-        if time.monotonic() - last_log[0] >= 5 or p.finished == p.total:
-            last_log[0] = time.monotonic()
-            log(f"{batch_id}: {p.completed} completed, {p.failed} failed of {p.total}")
-
-    stop_reason: list[str] = []
-
-    def should_stop() -> bool:
-        if not renew_lease(db, batch_id, owner):
-            stop_reason.append("lease_lost")
-            return True
-        current = get_batch(db, batch_id)
+def _watch(db: Database, jobs: list[_Job]) -> list[str]:
+    """One round for the running batches: renew leases, write progress, see cancels and expiries."""
+    lines = []
+    for job in jobs:
+        if not job.running or job.stop.is_set():
+            continue
+        p = job.progress
+        if not renew_lease(db, job.batch_id, job.owner):
+            job.stop_reason.append("lease_lost")
+            continue
+        current = get_batch(db, job.batch_id)
         if current is None or current.status in STOP_STATUSES:
-            stop_reason.append("cancelled")
+            job.stop_reason.append("cancelled")
         elif current.expires_at is not None and now() >= current.expires_at:
-            stop_reason.append("expired")
-        return bool(stop_reason)
+            job.stop_reason.append("expired")
+        if (p.completed, p.failed) != job.written:
+            update_batch(db, job.batch_id, request_completed=p.completed, request_failed=p.failed)
+            job.written = (p.completed, p.failed)
+        if time.monotonic() - job.logged_at >= LOG_EVERY_S:
+            job.logged_at = time.monotonic()
+            lines.append(f"{job.batch_id}: {p.completed} completed, {p.failed} failed of {p.total}")
+    return lines
 
-    engine_backend = [""]
 
-    async def run() -> bool:
-        engine = inference_engine.open(model)
-        engine_backend[0] = engine.backend
-        log(f"{batch_id}: running on {engine.backend} engine for {model.id}")
-        try:
-            return await run_batch_requests(
-                engine, get_batch(db, batch_id).endpoint, iter_requests(input_path, done, model.id), results,
-                progress, concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
-                should_stop=should_stop, on_progress=on_progress,
-            )
-        finally:
-            await engine.aclose()
-
-    started = time.monotonic()
-    finished = False
+def _finish(db: Database, job: _Job, finished: bool) -> BatchRun:
+    """Close the result files and end the batch: completed, or cancelled/expired with what finished."""
     try:
-        finished = asyncio.run(run())
+        job.results.close()
+        if job.stop_reason == ["lease_lost"]:
+            raise RuntimeError(f"{job.batch_id}: this run stalled past its lease and another run took the batch "
+                               "over; it stopped without writing more")
+        update_batch(db, job.batch_id, request_completed=job.progress.completed, request_failed=job.progress.failed)
+        if finished:
+            update_batch(db, job.batch_id, status="finalizing", only_from=("in_progress",))
+            end_batch(db, job.directory, job.batch_id, "completed")
+        elif job.stop_reason or get_batch(db, job.batch_id).status == "cancelling":
+            end_batch(db, job.directory, job.batch_id, job.stop_reason[0] if job.stop_reason else "cancelled")
     finally:
-        results.close()
-        if stop_reason == ["lease_lost"]:
-            raise RuntimeError(f"{batch_id}: this run stalled past its lease and another run took the batch over; "
-                               "it stopped without writing more")
-        if not finished and (stop_reason or get_batch(db, batch_id).status == "cancelling"):
-            ended = end_batch(db, directory, batch_id, stop_reason[0] if stop_reason else "cancelled")
-            log(f"{batch_id}: {ended.status} with {ended.request_completed} completed, "
-                f"{ended.request_failed} failed of {progress.total}")
-    wall = time.monotonic() - started
-    if finished:
-        update_batch(db, batch_id, status="finalizing", only_from=("in_progress",))
-        end_batch(db, directory, batch_id, "completed")
-    return BatchRun(finished, (stop_reason[0] if stop_reason else "cancelled") if not finished else None,
-                    progress, wall, results, engine_backend[0])
+        release_batch(db, job.batch_id, job.owner)
+    reason = None if finished else (job.stop_reason[0] if job.stop_reason else "cancelled")
+    return BatchRun(finished, reason, job.progress, time.monotonic() - job.started, job.results, "")
+
+
+async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callable[[str], None],
+                   run_id: str | None) -> dict[str, BatchRun | Exception]:
+    outcomes: dict[str, BatchRun | Exception] = {}
+    engines: dict[str, object] = {}
+    opening: dict[str, asyncio.Task] = {}
+
+    async def engine_for(model: ModelSpec):
+        if model.id not in opening:  # one engine per model, shared by every batch on it
+            opening[model.id] = asyncio.create_task(asyncio.to_thread(inference_engine.open, model))
+        engine = await opening[model.id]
+        if model.id not in engines:
+            engines[model.id] = engine
+            log(f"running on {engine.backend} engine for {model.id}")
+        return engine
+
+    async def run(job: _Job) -> None:
+        try:
+            line = await asyncio.to_thread(_start, db, job, run_id)
+        except Exception as exc:  # noqa: BLE001 - this batch's problem (busy, file gone); the others go on
+            outcomes[job.batch_id] = exc
+            await asyncio.to_thread(release_batch, db, job.batch_id, job.owner)
+            return
+        if line:
+            log(line)
+        finished = False
+        try:
+            engine = await engine_for(job.model)
+            job.running = True
+            finished = await run_batch_requests(
+                engine, job.endpoint, iter_requests(job.directory / INPUT_FILE, job.done, job.model.id), job.results,
+                job.progress, concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
+                stop=job.stop)
+        except Exception as exc:  # noqa: BLE001
+            outcomes[job.batch_id] = exc
+        finally:
+            job.running = False
+            try:
+                ended = await asyncio.to_thread(_finish, db, job, finished)
+            except Exception as exc:  # noqa: BLE001
+                outcomes.setdefault(job.batch_id, exc)
+            else:
+                ended.backend = getattr(engines.get(job.model.id), "backend", "")
+                outcomes.setdefault(job.batch_id, ended)
+                p = job.progress
+                state = "completed" if finished else ended.stop_reason
+                log(f"{job.batch_id}: {state} with {p.completed} completed, {p.failed} failed of {p.total}")
+
+    async def watcher() -> None:
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            for line in await asyncio.to_thread(_watch, db, jobs):
+                log(line)
+            for job in jobs:
+                if job.stop_reason:
+                    job.stop.set()
+
+    watch = asyncio.create_task(watcher())
+    try:
+        await asyncio.gather(*(run(job) for job in jobs))
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        for engine in engines.values():
+            await engine.aclose()
+    return outcomes
 
 
 def run_lines(db: Database, file_store, inference_engine, name: str, lines: list[dict], model: ModelSpec, *,

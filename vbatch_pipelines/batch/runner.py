@@ -14,7 +14,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,17 +137,16 @@ async def run_batch_requests(
     *,
     concurrency: int = 128,
     chunk_size: int = 16,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_progress: Callable[[BatchProgress], None] = lambda p: None,
-    progress_every_s: float = 1.0,
+    stop: asyncio.Event | None = None,
     max_attempts: int = 5,
 ) -> bool:
-    """Run every request; returns False if ``should_stop`` ended it early (finished results are kept).
+    """Run every request; returns False if ``stop`` was set before the end (finished results are kept).
 
     ``concurrency`` requests are in flight, sent to the engine in chunks of ``chunk_size`` (one HTTP call
-    each on vLLM), so per-request overhead stays off the engine's critical path.
+    each on vLLM), so per-request overhead stays off the engine's critical path. Several batches may run on
+    one engine at once, each with its own call of this function.
     """
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     chunk_size = max(1, min(chunk_size, concurrency))
 
     async def attempt(bodies: list[dict[str, Any]]) -> list[EngineResponse]:
@@ -175,10 +174,13 @@ async def run_batch_requests(
             await engine.recover()
         raise AssertionError("unreachable")
 
+    exhausted = asyncio.Event()  # every request was taken by a worker
+
     async def worker() -> None:
         while not stop.is_set():
             chunk = list(itertools.islice(requests, chunk_size))
             if not chunk:
+                exhausted.set()
                 return
             responses = await attempt([body for _, body in chunk])
             for (custom_id, _), response in zip(chunk, responses):
@@ -189,27 +191,19 @@ async def run_batch_requests(
                 else:
                     progress.failed += 1
 
-    async def watcher() -> None:
-        while True:
-            await asyncio.sleep(progress_every_s)
-            on_progress(progress)
-            if await asyncio.to_thread(should_stop):
-                stop.set()
-                return
-
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency // chunk_size))]
-    watch = asyncio.create_task(watcher())
+    stopped = asyncio.create_task(stop.wait())
+    pending = set(workers)
     try:
-        pending = set(workers)
         while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            done, pending = await asyncio.wait(pending | {stopped}, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(stopped)
+            for task in done - {stopped}:
                 task.result()  # re-raise a worker's failure at once
             if stop.is_set():
                 break
     finally:
-        for task in workers + [watch]:
+        for task in workers + [stopped]:
             task.cancel()
-        await asyncio.gather(*workers, watch, return_exceptions=True)
-        on_progress(progress)
-    return not stop.is_set()
+        await asyncio.gather(*workers, stopped, return_exceptions=True)
+    return exhausted.is_set() and not pending

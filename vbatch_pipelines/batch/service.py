@@ -194,15 +194,27 @@ def release_batch(db: Database, batch_id: str, owner: str) -> None:
                         .values(lease_owner=None, lease_until=None))
 
 
-def batches_without_run(db: Database, older_than_s: float = 0) -> list[str]:
-    """Batches accepted but never launched (e.g. Dagster was down): the launch sensor's work list."""
-    cutoff = now() - older_than_s
+LAUNCHING = "launching"  # dagster_run_id while the launch sensor's run request becomes a run
+
+
+def waiting_for_run(db: Database, *, older_than_s: float | None = None) -> list[Batch]:
+    """Batches accepted and not launched yet, oldest first. With ``older_than_s`` (the launch sensor's view,
+    for batches whose launch failed), also those the sensor already requested a run for, which it checks
+    against the runs that exist."""
+    query = select(Batch).where(Batch.status.in_(("validating", "in_progress")))
+    if older_than_s is None:
+        query = query.where(Batch.dagster_run_id.is_(None))
+    else:
+        query = query.where((Batch.dagster_run_id.is_(None)) | (Batch.dagster_run_id == LAUNCHING),
+                            Batch.created_at <= now() - older_than_s)
     with db.session() as session:
-        rows = session.scalars(
-            select(Batch.id).where(Batch.dagster_run_id.is_(None), Batch.status.in_(("validating", "in_progress")),
-                                   Batch.created_at <= cutoff).order_by(Batch.created_at)
-        )
-        return list(rows)
+        return list(session.scalars(query.order_by(Batch.created_at, Batch.id)))
+
+
+def record_run(db: Database, batch_ids: list[str], run_id: str) -> None:
+    """The run launched (or, ``LAUNCHING``, requested) for these batches."""
+    with db.session() as session:
+        session.execute(update(Batch).where(Batch.id.in_(batch_ids)).values(dagster_run_id=run_id))
 
 
 def is_terminal(status: str) -> bool:

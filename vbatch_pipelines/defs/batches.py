@@ -5,6 +5,7 @@ settle those whose run is gone."""
 import errno
 import json
 import time
+from pathlib import Path
 
 from dagster import (
     AssetExecutionContext,
@@ -27,23 +28,27 @@ from dagster import (
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from resources import FileStore, InferenceEngine, MetadataDB, ModelRegistry
-from vbatch_pipelines.batch.execute import STOP_STATUSES, execute_batch
+from vbatch_pipelines.batch.execute import STOP_STATUSES, BatchRun, execute_batches
 from vbatch_pipelines.batch.runner import ResultFiles
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
+    LAUNCHING,
     BatchRequestError,
     batches_to_settle,
-    batches_without_run,
     end_batch,
     fail_batch_on_full_disk,
     get_batch,
+    record_run,
     update_batch,
     validate_input,
+    waiting_for_run,
 )
 from vbatch_pipelines.batch.validation import BatchInputError
-from vbatch_pipelines.defs.runs import ACTIVE_RUN, LAUNCH_GRACE_S, without_run
+from vbatch_pipelines.defs.runs import ACTIVE_RUN, without_run
 from vbatch_pipelines.engine.base import EngineUnavailable
-from vbatch_pipelines.names import BATCH_ID_TAG, BATCH_JOB, batch_run_tags
+from vbatch_pipelines.instance import INFERENCE_POOL
+from vbatch_pipelines.models.registry import ModelSpec
+from vbatch_pipelines.names import BATCH_ID_TAG, BATCH_JOB, BATCH_LAUNCH_LOCK, batch_run_tags
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import response_text
 
@@ -60,11 +65,33 @@ def _batch_or_fail(metadata_db: MetadataDB, batch_id: str):
     return batch
 
 
-@asset(partitions_def=batch_partitions, group_name="batches", kinds={"parquet"})
-def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
-                model_registry: ModelRegistry) -> MaterializeResult:
-    """The batch's JSONL input, stream-validated and stored as Parquet (one row per request)."""
-    batch_id = context.partition_key
+def each_batch(context: AssetExecutionContext, outcomes: dict[str, dict | Failure]) -> MaterializeResult:
+    """Record a step's outcome for every batch of its run (one batch, or a partition range of batches launched
+    together): each batch's metadata goes to its own partition's materialization. A batch that failed does
+    not fail its neighbours (its materialization says why); the step fails when none of its batches
+    succeeded, so a one-batch run fails exactly as it always did."""
+    failures = {key: outcome for key, outcome in outcomes.items() if isinstance(outcome, Failure)}
+    if len(outcomes) == 1 and failures:
+        raise next(iter(failures.values()))
+    if failures and len(failures) == len(outcomes):
+        raise Failure(f"All {len(outcomes)} batches failed: " + "; ".join(
+            f"{key}: {failure.description}" for key, failure in list(failures.items())[:5]))
+    for key, outcome in outcomes.items():
+        metadata = {"failed": outcome.description or "", **outcome.metadata} if isinstance(outcome, Failure) \
+            else outcome
+        context.add_asset_metadata(metadata, partition_key=key)
+    return MaterializeResult(metadata={"batches_in_run": len(outcomes)} if len(outcomes) > 1 else None)
+
+
+def _outcome(work, *args) -> dict | Failure:
+    try:
+        return work(*args)
+    except Failure as failure:
+        return failure
+
+
+def _validated_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
+                     model_registry: ModelRegistry, batch_id: str) -> dict:
     db = metadata_db.db
     batch = _batch_or_fail(metadata_db, batch_id)
     update_batch(db, batch_id, dagster_run_id=context.run_id)
@@ -72,10 +99,8 @@ def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_st
     if batch.status == "in_progress" and parquet.exists():
         # The API validated this small file when the batch was created (its fast path): nothing to redo.
         context.log.info(f"{batch_id}: {batch.request_total} valid requests (validated by the API)")
-        return MaterializeResult(metadata={
-            "requests": batch.request_total, "model": batch.model or "", "endpoint": batch.endpoint,
-            "input_file_id": batch.input_file_id, "validated_by": "api", "path": MetadataValue.path(str(parquet)),
-        })
+        return {"requests": batch.request_total, "model": batch.model or "", "endpoint": batch.endpoint,
+                "input_file_id": batch.input_file_id, "validated_by": "api", "path": MetadataValue.path(str(parquet))}
     started = time.monotonic()
     try:
         report = validate_input(db, batch, file_store.batch_dir(batch_id), model_registry.served_id)
@@ -89,7 +114,7 @@ def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_st
             "error_count": report.error_count,
         })
     context.log.info(f"{batch_id}: {report.total} valid requests for {report.model} in {seconds:.2f}s")
-    return MaterializeResult(metadata={
+    return {
         "requests": report.total,
         "model": report.model,
         "endpoint": batch.endpoint,
@@ -98,7 +123,15 @@ def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_st
         "validation_seconds": round(seconds, 3),
         "validated_by": "batch_input",
         "path": MetadataValue.path(str(parquet)),
-    })
+    }
+
+
+@asset(partitions_def=batch_partitions, group_name="batches", kinds={"parquet"})
+def batch_input(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
+                model_registry: ModelRegistry) -> MaterializeResult:
+    """The batch's JSONL input, stream-validated and stored as Parquet (one row per request)."""
+    return each_batch(context, {key: _outcome(_validated_input, context, metadata_db, file_store, model_registry, key)
+                                for key in context.partition_keys})
 
 
 def _preview(results: ResultFiles, rows: int = 5) -> str:
@@ -122,12 +155,14 @@ def _preview(results: ResultFiles, rows: int = 5) -> str:
 
 
 ENGINE_RETRIES = 3
+# The engine or the metadata DB, not the batch, failed past the runner's own retries.
+PLATFORM_ERRORS = (EngineUnavailable, OperationalError, InterfaceError)
 
 
 @asset(
     partitions_def=batch_partitions,
     deps=[batch_input],
-    pool="gpu",
+    pool=INFERENCE_POOL,
     group_name="batches",
     kinds={"vllm", "jsonl"},
 )
@@ -138,36 +173,50 @@ def batch_output(
     model_registry: ModelRegistry,
     inference_engine: InferenceEngine,
 ) -> MaterializeResult:
-    """Every request run on the warm engine: OpenAI output and error JSONL files, resumable."""
-    batch_id = context.partition_key
+    """Every request run on the warm engine: OpenAI output and error JSONL files, resumable. The batches of
+    one run run side by side, each under its own lease, with its own files, status and metadata."""
     db = metadata_db.db
-    batch = _batch_or_fail(metadata_db, batch_id)
-    directory = file_store.batch_dir(batch_id)
-    input_path = directory / INPUT_FILE
-    if not input_path.exists():
-        raise Failure(f"{input_path} is missing: materialize batch_input for {batch_id} first")
-    model = model_registry.resolve(batch.model)
-    try:
-        run = execute_batch(db, batch_id, directory, inference_engine, model, log=context.log.info,
-                            run_id=context.run_id)
-    except (EngineUnavailable, OperationalError, InterfaceError) as exc:
-        # The engine or the metadata DB, not the batch, failed past the runner's own retries: the step is
-        # retried after a pause and resumes from the result files (nothing is redone, nothing written twice).
-        context.log.warning(f"{batch_id}: {type(exc).__name__}: {exc}; retrying the step")
-        raise RetryRequested(max_retries=ENGINE_RETRIES, seconds_to_wait=15) from exc
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+    outcomes: dict[str, dict | Failure] = {}
+    work: list[tuple[str, Path, ModelSpec]] = []
+    for batch_id in context.partition_keys:
+        try:
+            batch = _batch_or_fail(metadata_db, batch_id)
+            directory = file_store.batch_dir(batch_id)
+            if not (directory / INPUT_FILE).exists():
+                raise Failure(f"{directory / INPUT_FILE} is missing: materialize batch_input for {batch_id} first")
+            work.append((batch_id, directory, model_registry.resolve(batch.model)))
+        except Failure as failure:
+            outcomes[batch_id] = failure
+    runs = execute_batches(db, work, inference_engine, log=context.log.info, run_id=context.run_id)
+    retry = [f"{key}: {type(exc).__name__}: {exc}" for key, exc in runs.items() if isinstance(exc, PLATFORM_ERRORS)]
+    if retry:
+        # The step is retried after a pause; every batch resumes from its result files (nothing is redone,
+        # nothing written twice) and a batch that completed meanwhile is reported as it is.
+        context.log.warning(f"retrying the step: {'; '.join(retry[:3])}")
+        raise RetryRequested(max_retries=ENGINE_RETRIES, seconds_to_wait=15) from next(
+            exc for exc in runs.values() if isinstance(exc, PLATFORM_ERRORS))
+    for batch_id, directory, model in work:
+        outcomes[batch_id] = _output_outcome(db, batch_id, directory, model, runs[batch_id])
+    return each_batch(context, {key: outcomes[key] for key in context.partition_keys})
+
+
+def _output_outcome(db, batch_id: str, directory: Path, model: ModelSpec,
+                    run: BatchRun | BaseException) -> dict | Failure:
+    if isinstance(run, OSError) and run.errno in (errno.ENOSPC, errno.EDQUOT):
         # The disk is full: what was written stays (a torn last line is cut off), the batch fails saying so.
-        ended = fail_batch_on_full_disk(db, directory, batch_id, str(exc))
-        raise Failure(ended.errors["data"][0]["message"], allow_retries=False) from exc
+        ended = fail_batch_on_full_disk(db, directory, batch_id, str(run))
+        return Failure(ended.errors["data"][0]["message"], allow_retries=False)
+    if isinstance(run, BatchRequestError):  # e.g. another run holds the batch's lease
+        return Failure(str(run))
+    if isinstance(run, BaseException):
+        raise run
     progress, wall = run.progress, run.wall
     if not run.finished:
-        raise Failure(f"Batch {batch_id} was {run.stop_reason} after {progress.finished} of {progress.total} "
-                      "requests; finished results are kept")
+        return Failure(f"Batch {batch_id} was {run.stop_reason} after {progress.finished} of {progress.total} "
+                       "requests; finished results are kept")
     new_tokens = progress.completion_tokens - progress.completion_tokens_before
     ran = progress.finished - progress.done_before
-    return MaterializeResult(metadata={
+    return {
         "model": model.id,
         "engine": run.backend,
         "requests_total": progress.total,
@@ -181,7 +230,7 @@ def batch_output(
         "output_tokens_per_second": round(new_tokens / wall, 2) if wall > 0 else 0.0,
         "output_path": MetadataValue.path(str(run.results.output_path)),
         "preview": MetadataValue.md(_preview(run.results)),
-    })
+    }
 
 
 # The in-process executor saves ~2 s of subprocess start per step on small machines.
@@ -194,17 +243,27 @@ batch_job = define_asset_job(
 )
 
 
+# The API launches a batch as it is created; this is the fallback for a launch that failed (Dagster down),
+# late enough never to split batches that concurrent creates are about to launch together.
+BATCH_LAUNCH_GRACE_S = 30
+
+
 @sensor(job=batch_job, minimum_interval_seconds=2, default_status=DefaultSensorStatus.RUNNING)
 def batch_launch_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB):
-    """Batches recorded without a run for a few seconds get one (run_key = batch id: at most one)."""
-    waiting = batches_without_run(metadata_db.db, older_than_s=LAUNCH_GRACE_S)
-    launch = without_run(context.instance, BATCH_ID_TAG, waiting)
-    if not launch:
-        return SkipReason(f"No batch waiting for a run ({len(waiting)} recorded without one already have runs)")
-    return SensorResult(
-        run_requests=[RunRequest(run_key=b, partition_key=b, tags=batch_run_tags(b)) for b in launch],
-        dynamic_partitions_requests=[batch_partitions.build_add_request(launch)],
-    )
+    """Batches recorded without a run for a while get one each (run_key = batch id: at most one). Under the
+    lock the API's launches take, their partitions are added and they are marked as being launched."""
+    db = metadata_db.db
+    with db.lock(BATCH_LAUNCH_LOCK):
+        waiting = [batch.id for batch in waiting_for_run(db, older_than_s=BATCH_LAUNCH_GRACE_S)]
+        launch = without_run(context.instance, BATCH_ID_TAG, waiting)
+        if not launch:
+            return SkipReason(f"No batch waiting for a run ({len(waiting)} recorded without one already have runs)")
+        context.instance.add_dynamic_partitions(
+            batch_partitions.name, [key for key in launch
+                                    if not context.instance.has_dynamic_partition(batch_partitions.name, key)])
+        record_run(db, launch, LAUNCHING)  # batch_input records the run's id
+    return SensorResult(run_requests=[RunRequest(run_key=b, partition_key=b, tags=batch_run_tags([b]))
+                                      for b in launch])
 
 
 @sensor(minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)

@@ -42,7 +42,7 @@ from vbatch_pipelines.curation.service import (
     set_task_ids,
 )
 from vbatch_pipelines.curation.sync import record_task
-from vbatch_pipelines.defs.batches import batch_output
+from vbatch_pipelines.defs.batches import batch_output, each_batch
 from vbatch_pipelines.names import CURATION_SEQ_TAG, GOLD_STAR_DATASET_JOB
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import response_text
@@ -59,16 +59,22 @@ from vbatch_pipelines.settings import is_off
 def curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
                    label_studio: LabelStudio) -> MaterializeResult:
     """Every successful result of the batch as a review task in Label Studio (never twice)."""
-    batch_id = context.partition_key
+    return each_batch(context, {key: _curation_tasks(context, metadata_db, file_store, label_studio, key)
+                                for key in context.partition_keys})
+
+
+def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
+                    label_studio: LabelStudio, batch_id: str) -> dict:
     db = metadata_db.db
     batch = get_batch(db, batch_id)
     if batch is None:
         raise ValueError(f"Batch {batch_id} is not in the metadata DB")
     if not label_studio.enabled:
-        return MaterializeResult(metadata={"skipped": label_studio.disabled_reason, "tasks": 0})
+        return {"skipped": label_studio.disabled_reason, "tasks": 0}
     if is_off((batch.metadata_ or {}).get("curation", "on")):
-        return MaterializeResult(metadata={"skipped": "curation is off for this batch (metadata.curation)",
-                                           "tasks": 0})
+        return {"skipped": "curation is off for this batch (metadata.curation)", "tasks": 0}
+    if batch.status != "completed":  # a neighbour in its run was cancelled or expired: nothing to review
+        return {"skipped": f"the batch is {batch.status}", "tasks": 0}
     directory = file_store.batch_dir(batch_id)
     output_path = directory / "output.jsonl"
     responses: dict[str, str] = {}
@@ -115,12 +121,12 @@ def curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, file
         set_task_ids(db, batch_id, project_id, {r["custom_id"]: task_id for r, task_id in zip(rows, ids)})
         imported += len(ids)
         context.log.info(f"{batch_id}: {len(ids)} tasks imported into project {project_id} ({schema.name})")
-    return MaterializeResult(metadata={
+    return {
         "tasks": len(known_custom_ids(db, batch_id)),
         "imported_now": imported,
         "schemas": ", ".join(sorted(by_schema)) or "none",
         "label_studio": MetadataValue.url(label_studio.url),
-    })
+    }
 
 
 @asset(group_name="curation", kinds={"parquet", "jsonl"}, deps=[curation_tasks])

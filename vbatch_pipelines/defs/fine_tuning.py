@@ -37,6 +37,7 @@ from resources import (
 from resources.trainer import Trainer, TrainingCancelled
 from vbatch_pipelines.batch.execute import run_lines
 from vbatch_pipelines.defs.curation import gold_star_dataset
+from vbatch_pipelines.defs.gpu import gpu_to_itself
 from vbatch_pipelines.defs.models import installed_model
 from vbatch_pipelines.defs.runs import ACTIVE_RUN, LAUNCH_GRACE_S, without_run
 from vbatch_pipelines.files import register_file
@@ -157,7 +158,7 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
             current = get_job(db, job_id)
             return current is None or current.status == "cancelled"
 
-        with inference_engine.released_for_training(log=context.log.info):
+        with gpu_to_itself(context), inference_engine.released_for_training(log=context.log.info):
             result = trainer.train(context, params, directory / "train.log", on_messages=on_messages,
                                    should_stop=cancelled)
         svg = loss_curve_svg(steps, result["eval_loss"])
@@ -197,7 +198,7 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
     db = metadata_db.db
     job = _job_or_fail(db, job_id)
     judge_model = retraining_policy.judge_model
-    with _failing_job(db, job_id, "comparison_failed"):
+    with gpu_to_itself(context), _failing_job(db, job_id, "comparison_failed"):
         eval_path = file_store.fine_tune_dir(job_id) / "data" / "eval.jsonl"
         items = compare.eval_items(eval_path) if eval_path.exists() else []
         if not items:

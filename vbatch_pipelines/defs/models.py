@@ -23,6 +23,7 @@ from dagster import (
 )
 
 from resources import InferenceEngine, MetadataDB, ModelRegistry
+from vbatch_pipelines.defs.gpu import gpu_to_itself
 from vbatch_pipelines.defs.runs import LAUNCH_GRACE_S
 from vbatch_pipelines.models.install import (
     InstallError,
@@ -73,7 +74,8 @@ def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB, mod
         path = download(source, inside(model_registry.models_dir, *model_id.split("/")), None,
                         progress=context.log.info)
         spec = ModelSpec(model_id, str(path), trust_remote_code=row.trust_remote_code)
-        latency, answer = smoke_test(inference_engine, spec)
+        with gpu_to_itself(context):
+            latency, answer = smoke_test(inference_engine, spec)
     except Exception as exc:
         upsert_model(db, model_id, status="failed", details={**(row.details or {}), "error": str(exc)[:4000]})
         raise Failure(f"Installing {model_id} failed: {exc}") from exc

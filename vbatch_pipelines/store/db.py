@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -11,6 +14,7 @@ from typing import TypeVar
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
+_process_locks: dict[str, threading.Lock] = {}
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 T = TypeVar("T")
 
@@ -63,6 +67,33 @@ class Database:
         with self._sessions() as session:
             with session.begin():
                 yield session
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A lock held across every process that uses this database, for work that must not interleave
+        (adding a batch's Dagster partitions in order): a PostgreSQL advisory lock, or a file lock beside a
+        SQLite file (one machine, like SQLite itself)."""
+        if self.engine.dialect.name == "postgresql":
+            key = zlib.crc32(name.encode()) & 0x7FFFFFFF
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT pg_advisory_lock(%s)", (key,))
+                try:
+                    yield
+                finally:
+                    connection.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
+                    connection.commit()
+            return
+        database = self.url.removeprefix("sqlite:///")
+        if database in ("", ":memory:") or database == self.url:
+            with _process_locks.setdefault(name, threading.Lock()):
+                yield
+            return
+        with open(f"{database}.{name}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def get(self, model: type[T], key: str) -> T | None:
         """One row by primary key as a detached object, read without a Session: the hot read path

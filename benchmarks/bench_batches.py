@@ -1,0 +1,87 @@
+"""Many batches sharing the warm engine, end to end through a real `vbatch up` and the openai SDK.
+
+1. Lone small batch: create -> completed for ``--lone`` sequential 20-request batches (the upload before
+   each is not timed). Targets: p50 <= 1.5 s, p95 <= 3 s.
+2. Many small batches vs one batch of the same requests, side by side: one 400-request batch
+   (create -> completed), then 20 concurrent 20-request batches (all uploaded first; from the first create
+   to the last completed). Target: ratio one/many >= 0.7 (the many finish within 1.4x).
+3. A crowd: 100 concurrent 20-request batches: total time, and the engine's busy fraction (vLLM's own
+   `num_requests_running` gauge sampled at 20 Hz) over that time.
+Every batch is checked: completed, each custom_id exactly once in its own output file.
+
+Usage: python benchmarks/bench_batches.py [--lone 20] [--many 20] [--size 20] [--crowd 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.stack import EngineBusy, Stack, pct, requests_jsonl  # noqa: E402
+
+
+def check(stack: Stack, batch, prefix: str, n: int) -> None:
+    ids = stack.output_ids(batch)
+    if batch.status != "completed" or sorted(ids) != sorted(f"{prefix}-{i}" for i in range(n)):
+        raise AssertionError(f"{batch.id}: {batch.status}, {len(ids)} outputs, {len(set(ids))} distinct")
+
+
+def concurrent(stack: Stack, count: int, size: int, tag: str) -> float:
+    """``count`` batches of ``size`` requests created at once; seconds from the first create to the last
+    completed (uploads done before)."""
+    files = [stack.upload(requests_jsonl(size, f"{tag}{k}")) for k in range(count)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=min(count, 32)) as pool:
+        ids = list(pool.map(stack.create, files))
+        batches = list(pool.map(stack.wait, ids))
+    elapsed = time.monotonic() - started
+    for k, batch in enumerate(batches):
+        check(stack, batch, f"{tag}{k}", size)
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lone", type=int, default=20)
+    parser.add_argument("--many", type=int, default=20)
+    parser.add_argument("--size", type=int, default=20)
+    parser.add_argument("--crowd", type=int, default=100)
+    args = parser.parse_args()
+    stack = Stack()
+    try:
+        stack.run(requests_jsonl(args.size, "warm"))  # the first run pays one-off imports
+        if args.lone:
+            latencies = []
+            for k in range(args.lone):
+                seconds, batch = stack.run(requests_jsonl(args.size, f"lone{k}"))
+                check(stack, batch, f"lone{k}", args.size)
+                latencies.append(seconds)
+            print(f"1) lone {args.size}-request batch, create -> completed over {args.lone} batches: "
+                  f"p50 {statistics.median(latencies):.2f}s, p95 {pct(latencies, 95):.2f}s, max {max(latencies):.2f}s "
+                  "(targets p50 <= 1.5 s, p95 <= 3 s)", flush=True)
+        if args.many:
+            total = args.many * args.size
+            one, batch = stack.run(requests_jsonl(total, "one"))
+            check(stack, batch, "one", total)
+            many = concurrent(stack, args.many, args.size, "many")
+            print(f"2) one {total}-request batch {one:.2f}s; {args.many} concurrent {args.size}-request batches "
+                  f"{many:.2f}s; ratio {one / many:.2f} (target >= 0.7)", flush=True)
+        if args.crowd:
+            with EngineBusy(stack.engine_url()) as busy:
+                crowd = concurrent(stack, args.crowd, args.size, "crowd")
+            print(f"3) {args.crowd} concurrent {args.size}-request batches: {crowd:.2f}s, "
+                  f"{args.crowd * args.size / crowd:.0f} req/s, engine busy {busy.fraction:.0%} of the time",
+                  flush=True)
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

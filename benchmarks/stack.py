@@ -1,0 +1,182 @@
+"""What the end-to-end benchmarks share: a real `vbatch up` on a temporary home, request files, waiting for
+batches through the openai SDK, and the peak memory of the platform's processes.
+
+Every end-to-end figure goes through the path a user takes: the openai SDK -> the API -> a Dagster run on
+the daemon's run worker -> the warm engine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+
+from vbatch_pipelines.net import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ENDED = ("completed", "failed", "cancelled", "expired")
+
+
+def requests_jsonl(n: int, prefix: str, max_tokens: int = 16) -> bytes:
+    return "".join(json.dumps({"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": "vbatch-tiny-chat", "max_tokens": max_tokens, "temperature": 0,
+                                        "messages": [{"role": "user", "content": f"What is {i % 97} plus {i % 13}?"}]}})
+                   + "\n" for i in range(n)).encode()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+class Stack:
+    """`vbatch up` (curation off unless asked) on a fresh home; ``client`` is an openai SDK client."""
+
+    def __init__(self, home: Path | None = None, *, curation: bool = False, env: dict[str, str] | None = None):
+        self.home = home or Path(tempfile.mkdtemp(prefix="vbatch-bench-"))
+        api_port, dagster_port = free_port(), free_port()
+        full_env = dict(os.environ, VBATCH_HOME=str(self.home), DAGSTER_HOME=str(self.home / "dagster"),
+                        VBATCH_CURATION="on" if curation else "off", **(env or {}))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vbatch_pipelines.cli", "up", "--api-port", str(api_port),
+             "--dagster-port", str(dagster_port)], env=full_env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in self.process.stdout:
+            if "Ctrl-C stops everything" in line:
+                break
+        if self.process.poll() is not None:
+            raise RuntimeError("vbatch up failed")
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep its pipe drained
+        self.api = f"http://127.0.0.1:{api_port}"
+        self.client = openai.OpenAI(base_url=self.api + "/v1", api_key="bench", max_retries=0)
+
+    def upload(self, data: bytes, name: str = "input.jsonl", client: openai.OpenAI | None = None) -> str:
+        return (client or self.client).files.create(file=(name, io.BytesIO(data)), purpose="batch").id
+
+    def create(self, file_id: str, client: openai.OpenAI | None = None) -> str:
+        return (client or self.client).batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                      completion_window="24h").id
+
+    def wait(self, batch_id: str, timeout: float = 3600, interval: float = 0.02):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = self.client.batches.retrieve(batch_id)
+            if batch.status in ENDED:
+                return batch
+            time.sleep(interval)
+        raise TimeoutError(batch_id)
+
+    def run(self, data: bytes) -> tuple[float, object]:
+        """Upload (not timed), then create -> completed; returns (seconds, batch)."""
+        file_id = self.upload(data)
+        started = time.monotonic()
+        batch = self.wait(self.create(file_id))
+        return time.monotonic() - started, batch
+
+    def output_ids(self, batch) -> list[str]:
+        if not batch.output_file_id:
+            return []
+        return [json.loads(line)["custom_id"] for line in
+                self.client.files.content(batch.output_file_id).text.splitlines()]
+
+    def services(self) -> dict[str, int]:
+        record = json.loads((self.home / "run" / "services.json").read_text())
+        return {name: entry["pid"] for name, entry in record["services"].items()}
+
+    def engine_url(self) -> str:
+        states = [json.loads(p.read_text()) for p in (self.home / "engines").glob("*.json")]
+        return next(f"http://127.0.0.1:{s['port']}" for s in states if s.get("port"))
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+
+
+class PeakMemory:
+    """Peak RSS of the API (all its processes), the Dagster daemon and each run worker, sampled in a thread;
+    run workers are the daemon's children running ``vbatch_pipelines.run_launcher``. vLLM is not counted."""
+
+    def __init__(self, stack: Stack, every_s: float = 0.2):
+        self.stack, self.every_s = stack, every_s
+        self.peak: dict[str, int] = {"api": 0, "daemon": 0, "run worker": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _rss(self, process: psutil.Process) -> int:
+        try:
+            return process.memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def _sample(self) -> None:
+        pids = self.stack.services()
+        api, daemon = psutil.Process(pids["api"]), psutil.Process(pids["dagster-daemon"])
+        while not self._stop.is_set():
+            try:
+                api_children = api.children(recursive=True)
+                workers = [p for p in daemon.children(recursive=True)
+                           if "vbatch_pipelines.run_launcher" in " ".join(p.cmdline())]
+            except psutil.Error:
+                api_children, workers = [], []
+            # uvicorn's workers each hold a copy: the API's figure is its largest process
+            self.peak["api"] = max(self.peak["api"], *(self._rss(p) for p in [api, *api_children]))
+            self.peak["daemon"] = max(self.peak["daemon"], self._rss(daemon))
+            self.peak["run worker"] = max(self.peak["run worker"], *(self._rss(p) for p in workers), 0)
+            self._stop.wait(self.every_s)
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {value / 2**20:.0f} MB" for name, value in self.peak.items())
+
+
+class EngineBusy:
+    """The fraction of time the engine had requests running, from vLLM's own Prometheus gauge sampled at
+    ~20 Hz (``vllm:num_requests_running``)."""
+
+    def __init__(self, url: str, every_s: float = 0.05):
+        self.url, self.every_s = url + "/metrics", every_s
+        self.samples: list[bool] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> EngineBusy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        with httpx.Client(timeout=5) as http:
+            while not self._stop.is_set():
+                try:
+                    text = http.get(self.url).text
+                except httpx.HTTPError:
+                    text = ""
+                running = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                              if line.startswith("vllm:num_requests_running"))
+                self.samples.append(running > 0)
+                self._stop.wait(self.every_s)
+
+    @property
+    def fraction(self) -> float:
+        return sum(self.samples) / len(self.samples) if self.samples else 0.0
