@@ -29,9 +29,14 @@ up: engine
 test: engine
 	$(BIN)/python -m pytest
 
+# Every benchmark script; each prints its figures (see the README's Benchmarks table).
 bench: engine
 	$(BIN)/python benchmarks/bench_validation.py
 	$(BIN)/python benchmarks/bench_vs_run_batch.py
+	$(BIN)/python benchmarks/bench_batches.py
+	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_api.py
+	$(BIN)/python benchmarks/bench_curation.py
 	$(BIN)/python benchmarks/bench_fine_tuning.py
 	$(BIN)/python benchmarks/bench_aris.py
 

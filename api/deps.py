@@ -14,6 +14,7 @@ from api.errors import OpenAIError
 from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, Trainer
 from vbatch_pipelines.engine.base import Engine
 from vbatch_pipelines.fine_tuning.training_data import model_max_length
+from vbatch_pipelines.launch import BatchLauncher
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
@@ -27,6 +28,10 @@ async def get_settings(request: Request) -> Settings:
 
 async def get_db(request: Request) -> Database:
     return request.app.state.db
+
+
+async def get_batch_launcher(request: Request) -> BatchLauncher:
+    return request.app.state.batch_launcher
 
 
 async def get_file_store(request: Request) -> FileStore:

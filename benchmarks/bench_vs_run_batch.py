@@ -1,16 +1,17 @@
 """vbatch vs `vllm run-batch` on the same JSONL, model, engine flags and sampling, side by side.
 
-1. One 5,000-request batch. run-batch loads the model in every invocation; its processing time is
-   taken from its own "Reading batch from" log line (engine ready) to its output file's write, so its
-   start-up is not held against it. vbatch runs against its warm managed server (started once before,
-   timed separately), validation included, as an in-process ``materialize`` of batch_input and batch_output
-   on a throwaway Dagster instance: a SHORTCUT figure, without the API, the run queue or the run worker a
-   user's batch goes through (issue 16 measures that path). Each side runs ``--trials`` times;
-   medians are compared. Target: vbatch >= 0.9x.
-2. Ten sequential 500-request batches: ten run-batch invocations vs ten vbatch batches on one warm
-   engine (its single start included). Target: vbatch >= 3x faster.
+vbatch is driven as a user drives it: a real `vbatch up` on a fresh home, the openai SDK uploading the file
+and creating the batch, the API launching a Dagster run on the daemon's run worker, the warm engine.
 
-Usage: python benchmarks/bench_vs_run_batch.py [--requests 5000] [--small 500] [--repeats 10]
+1. One 5,000-request batch. run-batch loads the model in every invocation; its processing time is taken
+   from its own "Reading batch from" log line (engine ready) to its output file's write, so its start-up is
+   not held against it (its wall time is printed too). vbatch: create -> completed on the warm engine
+   (the upload before it is timed separately). Each side runs ``--trials`` times; medians are compared.
+   Target: vbatch >= 1.1x run-batch's processing throughput.
+2. Ten sequential 500-request batches: ten run-batch invocations vs ten vbatch batches on one warm engine
+   (`vbatch up`'s engine start, timed separately, added once). Target: vbatch >= 3x faster.
+
+Usage: python benchmarks/bench_vs_run_batch.py [--requests 5000] [--small 500] [--repeats 10] [--trials 3]
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -67,68 +67,60 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="vbatch-bench-"))
-    os.environ["VBATCH_HOME"] = str(work / "home")
-    os.environ["VBATCH_ENGINE"] = "vllm"
-    from dagster import DagsterInstance, materialize
+    from benchmarks.stack import Stack
 
-    from resources.factory import build_resources
-    from vbatch_pipelines.batch.service import create_batch, get_batch
-    from vbatch_pipelines.defs.batches import batch_input, batch_output
-    from vbatch_pipelines.files import store_file
-    from vbatch_pipelines.partitions import batch_partitions
-    from vbatch_pipelines.settings import load_settings
-
-    resources = build_resources(load_settings(), defer_secrets=False)
-    engine = resources["inference_engine"]
-    model = resources["model_registry"].resolve(None)
-    server = engine.server(model)
-    engine_args = server.engine_args()
-    python = server.config.python
-    db = resources["metadata_db"].db
-    instance = DagsterInstance.ephemeral()
-
-    def vbatch(source: Path) -> float:
-        started = time.monotonic()
-        with open(source, "rb") as f:
-            stored = store_file(db, resources["file_store"].files_dir, f, source.name, "batch")
-        batch = create_batch(db, input_file_id=stored.id, endpoint="/v1/chat/completions")
-        instance.add_dynamic_partitions(batch_partitions.name, [batch.id])
-        materialize([batch_input, batch_output], partition_key=batch.id, resources=resources, instance=instance)
-        elapsed = time.monotonic() - started
-        record = get_batch(db, batch.id)
-        assert record.status == "completed" and record.request_completed == record.request_total
-        return elapsed
-
-    print(f"model {model.id} ({model.path}); engine flags: {' '.join(engine_args)}")
-    big = make_input(work / "big.jsonl", args.requests, "big")
-
-    runs = [run_batch(python, model.path, big, work / "big.out", engine_args) for _ in range(args.trials)]
-    rb_wall, rb_net = median(w for w, _ in runs), median(p for _, p in runs)
     started = time.monotonic()
-    server.ensure()
-    vb_start = time.monotonic() - started
-    vb_big = median(vbatch(big) for _ in range(args.trials))
-    print(f"\n1) {args.requests}-request batch (medians of {args.trials} trials)")
-    print(f"   run-batch: {rb_wall:.1f}s wall, of which processing {rb_net:.1f}s (from its 'Reading batch' log "
-          f"line to its output file) -> {args.requests / rb_net:.0f} req/s")
-    print(f"   vbatch:    {vb_big:.1f}s on the warm engine, validation included (engine start {vb_start:.1f}s, "
-          f"once) -> {args.requests / vb_big:.0f} req/s")
-    ratio = rb_net / vb_big
-    print(f"   throughput ratio vbatch/run-batch: {ratio:.2f}x (target >= 0.9x)")
+    stack = Stack()
+    up_seconds = time.monotonic() - started  # `vbatch up` including the engine's start
+    try:
+        os.environ["VBATCH_HOME"] = str(stack.home)
+        from resources.factory import build_resources
+        from vbatch_pipelines.settings import load_settings
 
-    smalls = [make_input(work / f"small{k}.jsonl", args.small, f"s{k}") for k in range(args.repeats)]
-    rb_total = sum(run_batch(python, model.path, s, work / f"small{k}.out", engine_args)[0]
-                   for k, s in enumerate(smalls))
-    server.stop()
-    started = time.monotonic()
-    server.ensure()
-    vb_total = (time.monotonic() - started) + sum(vbatch(s) for s in smalls)
-    print(f"\n2) {args.repeats} sequential {args.small}-request batches")
-    print(f"   run-batch: {rb_total:.1f}s ({args.repeats} invocations)")
-    print(f"   vbatch:    {vb_total:.1f}s (one engine start included)")
-    print(f"   speed-up: {rb_total / vb_total:.2f}x (target >= 3x)")
-    server.stop()
+        resources = build_resources(load_settings(), defer_secrets=False)
+        model = resources["model_registry"].resolve(None)
+        server = resources["inference_engine"].server(model)
+        engine_args, python = server.engine_args(), server.config.python
+        print(f"model {model.id} ({model.path}); engine flags: {' '.join(engine_args)}; `vbatch up` {up_seconds:.1f}s")
+        work = stack.home / "bench"
+        work.mkdir()
+
+        def vbatch(source: Path) -> tuple[float, float]:
+            """(create -> completed, upload) seconds through the API."""
+            started = time.monotonic()
+            file_id = stack.upload(source.read_bytes(), source.name)
+            uploaded = time.monotonic()
+            batch = stack.wait(stack.create(file_id))
+            done = time.monotonic()
+            assert batch.status == "completed" and batch.request_counts.completed == batch.request_counts.total
+            return done - uploaded, uploaded - started
+
+        big = make_input(work / "big.jsonl", args.requests, "big")
+        vbatch(make_input(work / "warm.jsonl", 20, "warm"))
+        runs = [run_batch(python, model.path, big, work / "big.out", engine_args) for _ in range(args.trials)]
+        rb_wall, rb_net = median(w for w, _ in runs), median(p for _, p in runs)
+        vb_runs = [vbatch(big) for _ in range(args.trials)]
+        vb_big, vb_upload = median(r for r, _ in vb_runs), median(u for _, u in vb_runs)
+        print(f"\n1) {args.requests}-request batch (medians of {args.trials} trials)")
+        print(f"   run-batch: {rb_wall:.1f}s wall, of which processing {rb_net:.1f}s (from its 'Reading batch' log "
+              f"line to its output file) -> {args.requests / rb_net:.0f} req/s")
+        print(f"   vbatch:    {vb_big:.1f}s create -> completed through the API and a Dagster run "
+              f"(upload {vb_upload:.1f}s before it) -> {args.requests / vb_big:.0f} req/s")
+        print(f"   throughput ratio vbatch/run-batch processing: {rb_net / vb_big:.2f}x (target >= 1.1x); "
+              f"wall-clock ratio with run-batch's start-up: {rb_wall / vb_big:.2f}x; with the upload counted on "
+              f"vbatch's side: {rb_net / (vb_big + vb_upload):.2f}x")
+
+        smalls = [make_input(work / f"small{k}.jsonl", args.small, f"s{k}") for k in range(args.repeats)]
+        rb_total = sum(run_batch(python, model.path, s, work / f"small{k}.out", engine_args)[0]
+                       for k, s in enumerate(smalls))
+        vb_total = sum(sum(vbatch(s)) for s in smalls)
+        print(f"\n2) {args.repeats} sequential {args.small}-request batches")
+        print(f"   run-batch: {rb_total:.1f}s ({args.repeats} invocations)")
+        print(f"   vbatch:    {vb_total:.1f}s uploads and batches, + {up_seconds:.1f}s `vbatch up` with its engine "
+              f"start once = {vb_total + up_seconds:.1f}s")
+        print(f"   speed-up: {rb_total / (vb_total + up_seconds):.2f}x (target >= 3x)")
+    finally:
+        stack.stop()
     return 0
 
 

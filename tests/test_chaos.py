@@ -268,6 +268,51 @@ def test_a_killed_label_studio_loses_no_curation_task(chaos_stack, label_studio)
     _assert_outcome(chaos_stack, batch_id, custom_ids, resource, "SIGKILL Label Studio (back after 20 s)", killed_at)
 
 
+def test_a_killed_run_worker_loses_nothing_of_batches_running_side_by_side(chaos_stack, label_studio):
+    """Batches created together run in one run, side by side on the engine: SIGKILL its worker mid-way and
+    every batch still completes with each custom_id exactly once, and its own curation tasks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, resource = label_studio
+    client, size = chaos_stack.client(), 400
+    inputs = {f"side{k}": chat_lines(size, prefix=f"side{k}") for k in range(5)}
+    files = {prefix: _client_call(lambda lines=lines: client.files.create(file=("in.jsonl", jsonl(lines)),
+                                                                         purpose="batch")).id
+             for prefix, lines in inputs.items()}
+
+    def create(file_id: str) -> str:
+        return _client_call(lambda: client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                          completion_window="24h")).id
+
+    with ThreadPoolExecutor(len(files)) as pool:
+        batch_ids = dict(zip(files, pool.map(create, files.values())))
+    first = next(iter(batch_ids.values()))
+    output = _home(chaos_stack) / "batches" / first / "output.jsonl"
+    deadline = time.monotonic() + 240
+    while not (output.exists() and sum(1 for _ in open(output, "rb")) >= size // 5) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed_at = time.monotonic()
+    os.kill(_run_worker_pid(chaos_stack, first), signal.SIGKILL)
+    for prefix, batch_id in batch_ids.items():
+        batch = _wait_completed(chaos_stack, batch_id)
+        assert batch.status == "completed", (batch_id, batch.status, batch.errors)
+        directory = _home(chaos_stack) / "batches" / batch_id
+        output_lines, errors = _lines(directory / "output.jsonl"), _lines(directory / "errors.jsonl")
+        seen = Counter(line["custom_id"] for line in output_lines + errors)
+        assert set(seen) == {line["custom_id"] for line in inputs[prefix]} and max(seen.values()) == 1
+        assert not errors, errors[:3]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        recorded = {b: _curation_tasks(chaos_stack, b, resource)[0] for b in batch_ids.values()}
+        if all(len(r) == size for r in recorded.values()):
+            break
+        time.sleep(2)
+    assert all(len(r) == size and max(r.values()) == 1 for r in recorded.values()), \
+        {b: len(r) for b, r in recorded.items()}
+    print(f"chaos: SIGKILL the run worker of {len(batch_ids)} batches side by side: all completed, each result "
+          f"once; recovered in {time.monotonic() - killed_at:.1f}s", flush=True)
+
+
 def test_kill_9_of_vbatch_up_then_up_again_finishes_the_batch(chaos_stack, label_studio):
     """Last in the module: it replaces the stack's `vbatch up`."""
     _, resource = label_studio

@@ -234,3 +234,34 @@ def test_batches_share_the_inference_pool_and_steps_that_need_the_gpu_to_themsel
         ("fine_tuned_checkpoint", "model_comparison", "installed_model"), "gpu")
     for asset in exclusive:
         assert "gpu_to_itself(context)" in inspect.getsource(asset.op.compute_fn.decorated_fn)
+
+
+def test_the_embedded_dagster_event_log_commits_without_an_fsync_per_event(vbatch_home, monkeypatch):
+    """`vbatch` installs its SQLite event log class (synchronous=NORMAL over Dagster's WAL, one engine per
+    shard); with a PostgreSQL URL, dagster-postgres instead."""
+    from dagster import DagsterInstance, asset, materialize
+
+    from vbatch_pipelines.dagster_storage import SqliteEventLogStorage
+    from vbatch_pipelines.instance import prepare_dagster_home
+    from vbatch_pipelines.settings import load_settings
+
+    home = prepare_dagster_home(load_settings())
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+
+    @asset
+    def probe() -> int:
+        return 1
+
+    with DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        assert type(storage) is SqliteEventLogStorage
+        run_id = materialize([probe], instance=instance).run_id
+        with storage.run_connection(run_id) as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL (FULL is 2)
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert instance.get_run_by_id(run_id).is_success and len(instance.all_logs(run_id)) > 5
+    monkeypatch.setenv("VBATCH_DAGSTER_DATABASE_URL", "postgresql://u@127.0.0.1:5432/d")
+    from vbatch_pipelines.instance import instance_config
+
+    config = instance_config(load_settings())
+    assert "event_log_storage" not in config and "postgres" in config["storage"]

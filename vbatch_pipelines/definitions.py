@@ -12,7 +12,7 @@ SETTINGS = load_settings()
 RESOURCES = build_resources(SETTINGS)
 
 DOMAINS = [
-    batches.defs,
+    batches.build_defs(curation=SETTINGS.curation),
     curation.defs,
     models.defs,
     fine_tuning.defs,

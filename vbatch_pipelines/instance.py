@@ -35,9 +35,15 @@ def postgres_storage(url: str) -> dict:
 
 
 def instance_config(settings: Settings) -> dict:
+    """The repo's dagster.yaml plus storage: dagster-postgres when a URL is set, else SQLite under
+    DAGSTER_HOME (Dagster's own layout) with vbatch's event log class (``dagster_storage.py``)."""
     config = yaml.safe_load(DAGSTER_YAML.read_text())
     if settings.dagster_database_url:
         config["storage"] = postgres_storage(settings.dagster_database_url)
+    else:
+        config["event_log_storage"] = {
+            "module": "vbatch_pipelines.dagster_storage", "class": "SqliteEventLogStorage",
+            "config": {"base_dir": str(settings.dagster_home / "history" / "runs")}}
     return config
 
 

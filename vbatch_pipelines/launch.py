@@ -8,6 +8,9 @@ lost.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -31,6 +34,8 @@ from vbatch_pipelines.partitions import (
     model_partitions,
 )
 from vbatch_pipelines.store.db import Database
+
+log = logging.getLogger("vbatch.launch")
 
 _LAUNCH_RUN = """
 mutation LaunchRun($params: ExecutionParams!) {
@@ -110,24 +115,22 @@ def launch_partition(dagster_url: str, job: str, partitions: str, key: str, tags
     return launch_run(dagster_url, job, tags, timeout=timeout)
 
 
-def launch_batches(db: Database, dagster_url: str, batch_id: str, *, timeout: float = 10.0) -> dict[str, list[str]]:
-    """Launch ``batch_id`` and every other validated batch recorded without a run; returns {run id: batch ids}.
+def launch_batches(db: Database, dagster_url: str, include: frozenset[str] = frozenset(), *,
+                   timeout: float = 120.0) -> dict[str, list[str]]:
+    """Launch every validated batch recorded without a run, and the batches in ``include`` (files too large
+    for the API to validate, which ``batch_input`` validates); returns {run id: batch ids}.
 
     Validated batches are launched together, up to ``MAX_BATCHES_PER_RUN`` per run over their partition
-    range: one run start for all of them, and one step that runs them side by side on the engine.
-    ``batch_id`` still ``validating`` (a file too large for the API to validate) gets a run of its own;
-    other batches still validating belong to creates in flight, which launch them when done. Everything
-    happens under the lock every batch launcher takes (API processes, the launch sensor), so the partitions
-    are added in order and a range holds exactly the batches launched with it; a caller that waited for the
-    lock usually finds its batch launched by the one before. What a failed launch leaves, the next launch
-    or the launch sensor picks up."""
-    from vbatch_pipelines.batch.service import waiting_for_run
-
+    range: one run start for all of them, and one step that runs them side by side on the engine. A batch
+    still validating gets a run of its own. Everything happens under the lock every batch launcher takes
+    (API processes, the launch sensor), so the partitions are added in order and a range holds exactly
+    the batches launched with it. What a failed launch leaves, the next launch or the launch sensor picks
+    up (a batch whose partition was added already then gets a run of its own)."""
     launched: dict[str, list[str]] = {}
     with db.lock(BATCH_LAUNCH_LOCK):
-        waiting = waiting_for_run(db)
+        waiting = _with_creates_in_flight(db, include)
         validated = [b.id for b in waiting if b.status == "in_progress"]
-        validating = [b.id for b in waiting if b.status != "in_progress" and b.id == batch_id]
+        validating = [b.id for b in waiting if b.status != "in_progress" and b.id in include]
         if not validated and not validating:
             return launched
         new = set(add_partitions(dagster_url, batch_partitions.name, validated + validating, timeout=timeout))
@@ -140,6 +143,62 @@ def launch_batches(db: Database, dagster_url: str, batch_id: str, *, timeout: fl
             record_run(db, group, run_id)
             launched[run_id] = group
     return launched
+
+
+class BatchLauncher:
+    """Launches the batches an API process records, from a thread of its own: a create returns as soon as
+    its batch is recorded (and validated), and a burst of creates shares the launches that run meanwhile.
+    Nothing accepted is lost if a launch fails: the next one, or the launch sensor, picks it up."""
+
+    def __init__(self, db: Database, dagster_url: str):
+        self.db, self.dagster_url = db, dagster_url
+        self._wake = threading.Event()
+        self._stopping = False
+        self._include: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="batch-launcher", daemon=True)
+        self._thread.start()
+
+    def launch(self, batch_id: str, *, validated: bool) -> None:
+        if not validated:
+            with self._lock:
+                self._include.add(batch_id)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            with self._lock:
+                include, self._include = frozenset(self._include), set()
+            try:
+                launch_batches(self.db, self.dagster_url, include)
+            except DagsterUnreachable as exc:  # batch_launch_sensor launches them once Dagster is back
+                log.warning("batch launch deferred to the launch sensor: %s", exc)
+            except Exception:  # noqa: BLE001 - the thread must live on; the sensor covers what it missed
+                log.exception("batch launch failed; the launch sensor will retry")
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+
+def _with_creates_in_flight(db: Database, include: frozenset[str], wait_s: float = 0.25) -> list:
+    """The batches waiting for a run, once the creates a moment behind this one (other batches recorded
+    in the last second and still being validated by the API) had up to ``wait_s`` to join: a burst of
+    creates then shares one run instead of the first going alone. A lone create waits for nothing."""
+    from vbatch_pipelines.batch.service import now, waiting_for_run
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        waiting = waiting_for_run(db)
+        if time.monotonic() >= deadline or not any(
+                b.status == "validating" and b.id not in include and b.created_at >= now() - 1 for b in waiting):
+            return waiting
+        time.sleep(0.02)
 
 
 def launch_batch(db: Database, batch_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:

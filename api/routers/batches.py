@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.deps import get_db, get_file_store, get_model_registry, get_settings
+from api.deps import get_batch_launcher, get_db, get_file_store, get_model_registry, get_settings
 from api.errors import get_or_404
 from api.pagination import paginate
 from api.schemas import BatchObject, Page
@@ -21,7 +21,7 @@ from vbatch_pipelines.batch.service import (
     validate_input,
 )
 from vbatch_pipelines.files import get_file
-from vbatch_pipelines.launch import DagsterUnreachable, launch_batches
+from vbatch_pipelines.launch import BatchLauncher
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Batch
@@ -40,11 +40,13 @@ class CreateBatchRequest(BaseModel):
 @router.post("/batches", response_model=BatchObject)
 def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: Settings = Depends(get_settings),
            file_store: FileStore = Depends(get_file_store),
-           model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
+           model_registry: ModelRegistry = Depends(get_model_registry),
+           launcher: BatchLauncher = Depends(get_batch_launcher)) -> dict:
     batch = create_batch(db, input_file_id=body.input_file_id, endpoint=body.endpoint,
                          completion_window=body.completion_window, metadata=body.metadata)
     input_file = get_file(db, batch.input_file_id)
-    if input_file is not None and input_file.bytes <= settings.inline_validation_bytes:
+    inline = input_file is not None and input_file.bytes <= settings.inline_validation_bytes
+    if inline:
         # Fast path: a small file (under a second for 8 MiB) is validated here, so the batch is in_progress (or
         # failed, with its line errors) when this returns; batch_input then only records the result.
         # Larger files stay `validating` until batch_input streams them.
@@ -53,12 +55,8 @@ def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: S
                 return get_batch(db, batch.id).to_openai()
         except BatchRequestError as exc:  # the file vanished meanwhile: batch_input reports it
             log.warning("batch %s: inline validation skipped: %s", batch.id, exc)
-    try:
-        # With it, every batch recorded meanwhile and not launched yet: concurrent creates share a run.
-        launch_batches(db, settings.dagster_url, batch.id, timeout=5)
-    except DagsterUnreachable as exc:
-        # The batch is recorded; batch_launch_sensor launches it once Dagster is back.
-        log.warning("batch %s recorded, launch deferred to the sensor: %s", batch.id, exc)
+    # In the background, with every batch recorded meanwhile: concurrent creates share a run.
+    launcher.launch(batch.id, validated=inline)
     return (get_batch(db, batch.id) or batch).to_openai()
 
 

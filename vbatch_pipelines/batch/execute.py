@@ -100,7 +100,7 @@ def _start(db: Database, job: _Job, run_id: str | None) -> str | None:
                          dagster_run_id=run_id, request_total=job.progress.total,
                          request_completed=job.progress.completed, request_failed=job.progress.failed)
     job.endpoint = batch.endpoint
-    job.started = time.monotonic()
+    job.started = job.logged_at = time.monotonic()  # progress lines for batches that run 5 s and more
     if job.done:
         return f"{job.batch_id}: resuming, {len(job.done)} of {job.progress.total} requests already finished"
     return None
@@ -130,22 +130,23 @@ def _watch(db: Database, jobs: list[_Job]) -> list[str]:
     return lines
 
 
-def _finish(db: Database, job: _Job, finished: bool) -> BatchRun:
-    """Close the result files and end the batch: completed, or cancelled/expired with what finished."""
+def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str]) -> BatchRun:
+    """Close the result files and end the batch: completed, or cancelled/expired with what finished.
+    ``stop_reason`` is the job's as it stopped (the watcher may still be looking at it meanwhile)."""
     try:
         job.results.close()
-        if job.stop_reason == ["lease_lost"]:
+        if stop_reason == ["lease_lost"]:
             raise RuntimeError(f"{job.batch_id}: this run stalled past its lease and another run took the batch "
                                "over; it stopped without writing more")
         update_batch(db, job.batch_id, request_completed=job.progress.completed, request_failed=job.progress.failed)
         if finished:
             update_batch(db, job.batch_id, status="finalizing", only_from=("in_progress",))
             end_batch(db, job.directory, job.batch_id, "completed")
-        elif job.stop_reason or get_batch(db, job.batch_id).status == "cancelling":
-            end_batch(db, job.directory, job.batch_id, job.stop_reason[0] if job.stop_reason else "cancelled")
+        elif stop_reason or get_batch(db, job.batch_id).status == "cancelling":
+            end_batch(db, job.directory, job.batch_id, stop_reason[0] if stop_reason else "cancelled")
     finally:
         release_batch(db, job.batch_id, job.owner)
-    reason = None if finished else (job.stop_reason[0] if job.stop_reason else "cancelled")
+    reason = None if finished else (stop_reason[0] if stop_reason else "cancelled")
     return BatchRun(finished, reason, job.progress, time.monotonic() - job.started, job.results, "")
 
 
@@ -185,21 +186,23 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
             outcomes[job.batch_id] = exc
         finally:
             job.running = False
+            stop_reason = [] if finished else list(job.stop_reason)
             try:
-                ended = await asyncio.to_thread(_finish, db, job, finished)
+                ended = await asyncio.to_thread(_finish, db, job, finished, stop_reason)
             except Exception as exc:  # noqa: BLE001
                 outcomes.setdefault(job.batch_id, exc)
             else:
                 ended.backend = getattr(engines.get(job.model.id), "backend", "")
                 outcomes.setdefault(job.batch_id, ended)
-                p = job.progress
-                state = "completed" if finished else ended.stop_reason
-                log(f"{job.batch_id}: {state} with {p.completed} completed, {p.failed} failed of {p.total}")
 
     async def watcher() -> None:
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
-            for line in await asyncio.to_thread(_watch, db, jobs):
+            try:
+                lines = await asyncio.to_thread(_watch, db, jobs)
+            except Exception as exc:  # noqa: BLE001 - the metadata DB hiccuped: look again next round
+                lines = [f"could not check the batches' status this round: {exc}"]
+            for line in lines:
                 log(line)
             for job in jobs:
                 if job.stop_reason:

@@ -94,11 +94,11 @@ def _validated_input(context: AssetExecutionContext, metadata_db: MetadataDB, fi
                      model_registry: ModelRegistry, batch_id: str) -> dict:
     db = metadata_db.db
     batch = _batch_or_fail(metadata_db, batch_id)
-    update_batch(db, batch_id, dagster_run_id=context.run_id)
+    if batch.dagster_run_id != context.run_id:
+        update_batch(db, batch_id, dagster_run_id=context.run_id)
     parquet = file_store.batch_dir(batch_id) / INPUT_FILE
     if batch.status == "in_progress" and parquet.exists():
         # The API validated this small file when the batch was created (its fast path): nothing to redo.
-        context.log.info(f"{batch_id}: {batch.request_total} valid requests (validated by the API)")
         return {"requests": batch.request_total, "model": batch.model or "", "endpoint": batch.endpoint,
                 "input_file_id": batch.input_file_id, "validated_by": "api", "path": MetadataValue.path(str(parquet))}
     started = time.monotonic()
@@ -197,7 +197,20 @@ def batch_output(
             exc for exc in runs.values() if isinstance(exc, PLATFORM_ERRORS))
     for batch_id, directory, model in work:
         outcomes[batch_id] = _output_outcome(db, batch_id, directory, model, runs[batch_id])
+    context.log.info(_summary(outcomes))
     return each_batch(context, {key: outcomes[key] for key in context.partition_keys})
+
+
+def _summary(outcomes: dict[str, dict | Failure]) -> str:
+    """One log line for the step: each batch's counts (its own materialization holds the rest)."""
+    parts = []
+    for key, outcome in outcomes.items():
+        if isinstance(outcome, Failure):
+            parts.append(f"{key}: {outcome.description}")
+        else:
+            parts.append(f"{key}: completed, {outcome['requests_completed']} completed and "
+                         f"{outcome['requests_failed']} failed of {outcome['requests_total']}")
+    return "; ".join(parts) if len(parts) <= 20 else f"{len(parts)} batches: " + "; ".join(parts[:20]) + "; ..."
 
 
 def _output_outcome(db, batch_id: str, directory: Path, model: ModelSpec,
@@ -233,14 +246,18 @@ def _output_outcome(db, batch_id: str, directory: Path, model: ModelSpec,
     }
 
 
-# The in-process executor saves ~2 s of subprocess start per step on small machines.
-batch_job = define_asset_job(
-    BATCH_JOB,
-    selection=AssetSelection.assets(batch_input, batch_output) | AssetSelection.keys("curation_tasks"),
-    partitions_def=batch_partitions,
-    executor_def=in_process_executor,
-    description="Validate a batch's input file, run every request on the warm engine, send results to review.",
-)
+def build_batch_job(curation: bool):
+    """Validate, run, and (with curation on) send results to review. In one process: the in-process executor
+    saves ~2 s of subprocess start per step on small machines. With curation off, ``curation_tasks`` is left
+    out: it would record a "skipped" materialization for every batch (a third of a batch run's events)."""
+    selection = AssetSelection.assets(batch_input, batch_output)
+    if curation:
+        selection = selection | AssetSelection.keys("curation_tasks")
+    return define_asset_job(
+        BATCH_JOB, selection=selection, partitions_def=batch_partitions, executor_def=in_process_executor,
+        description="Validate a batch's input file, run every request on the warm engine"
+                    + (", send results to review." if curation else "."),
+    )
 
 
 # The API launches a batch as it is created; this is the fallback for a launch that failed (Dagster down),
@@ -248,7 +265,7 @@ batch_job = define_asset_job(
 BATCH_LAUNCH_GRACE_S = 30
 
 
-@sensor(job=batch_job, minimum_interval_seconds=2, default_status=DefaultSensorStatus.RUNNING)
+@sensor(job_name=BATCH_JOB, minimum_interval_seconds=2, default_status=DefaultSensorStatus.RUNNING)
 def batch_launch_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB):
     """Batches recorded without a run for a while get one each (run_key = batch id: at most one). Under the
     lock the API's launches take, their partitions are added and they are marked as being launched."""
@@ -284,5 +301,6 @@ def batch_settle_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
     return SkipReason(f"Settled {len(settled)} batch(es): {', '.join(settled)}")
 
 
-defs = Definitions(assets=[batch_input, batch_output], jobs=[batch_job],
-                   sensors=[batch_launch_sensor, batch_settle_sensor])
+def build_defs(curation: bool) -> Definitions:
+    return Definitions(assets=[batch_input, batch_output], jobs=[build_batch_job(curation)],
+                       sensors=[batch_launch_sensor, batch_settle_sensor])
