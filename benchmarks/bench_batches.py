@@ -5,8 +5,8 @@
 2. Many small batches vs one batch of the same requests, side by side: one 400-request batch
    (create -> completed), then 20 concurrent 20-request batches (all uploaded first; from the first create
    to the last completed). Target: ratio one/many >= 0.7 (the many finish within 1.4x).
-3. A crowd: 100 concurrent 20-request batches: total time, and the engine's busy fraction (vLLM's own
-   `num_requests_running` gauge sampled at 20 Hz) over that time.
+3. A crowd: 100 concurrent 20-request batches: total time, and the engine's busy fraction (its processes'
+   CPU sampled every 0.1 s) over that time.
 Every batch is checked: completed, each custom_id exactly once in its own output file.
 
 Usage: python benchmarks/bench_batches.py [--lone 20] [--many 20] [--size 20] [--crowd 100]
@@ -73,7 +73,7 @@ def main() -> int:
             print(f"2) one {total}-request batch {one:.2f}s; {args.many} concurrent {args.size}-request batches "
                   f"{many:.2f}s; ratio {one / many:.2f} (target >= 0.7)", flush=True)
         if args.crowd:
-            with EngineBusy(stack.engine_url()) as busy:
+            with EngineBusy(stack) as busy:
                 crowd = concurrent(stack, args.crowd, args.size, "crowd")
             print(f"3) {args.crowd} concurrent {args.size}-request batches: {crowd:.2f}s, "
                   f"{args.crowd * args.size / crowd:.0f} req/s, engine busy {busy.fraction:.0%} of the time",

@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 
@@ -94,10 +93,6 @@ class Stack:
         record = json.loads((self.home / "run" / "services.json").read_text())
         return {name: entry["pid"] for name, entry in record["services"].items()}
 
-    def engine_url(self) -> str:
-        states = [json.loads(p.read_text()) for p in (self.home / "engines").glob("*.json")]
-        return next(f"http://127.0.0.1:{s['port']}" for s in states if s.get("port"))
-
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=120)
@@ -148,11 +143,14 @@ class PeakMemory:
 
 
 class EngineBusy:
-    """The fraction of time the engine had requests running, from vLLM's own Prometheus gauge sampled at
-    ~20 Hz (``vllm:num_requests_running``)."""
+    """The fraction of time the engine was working: its processes (the vLLM server and its engine core)
+    sampled every 0.1 s, busy when together they used more than half a core. (vLLM's own Prometheus gauges
+    are off: vbatch starts it with --disable-log-stats.)"""
 
-    def __init__(self, url: str, every_s: float = 0.05):
-        self.url, self.every_s = url + "/metrics", every_s
+    def __init__(self, stack: Stack, every_s: float = 0.1):
+        states = [json.loads(p.read_text()) for p in (stack.home / "engines").glob("*.json")]
+        self.root = psutil.Process(next(s["pid"] for s in states if s.get("model")))
+        self.every_s = every_s
         self.samples: list[bool] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -165,17 +163,22 @@ class EngineBusy:
         self._stop.set()
         self._thread.join()
 
+    def _cpu(self) -> float:
+        total = 0.0
+        for process in [self.root, *self.root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
     def _sample(self) -> None:
-        with httpx.Client(timeout=5) as http:
-            while not self._stop.is_set():
-                try:
-                    text = http.get(self.url).text
-                except httpx.HTTPError:
-                    text = ""
-                running = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                              if line.startswith("vllm:num_requests_running"))
-                self.samples.append(running > 0)
-                self._stop.wait(self.every_s)
+        last, at = self._cpu(), time.monotonic()
+        while not self._stop.wait(self.every_s):
+            now_cpu, now = self._cpu(), time.monotonic()
+            self.samples.append((now_cpu - last) / max(now - at, 1e-6) > 0.5)
+            last, at = now_cpu, now
 
     @property
     def fraction(self) -> float:

@@ -483,3 +483,16 @@ def test_label_studio_down_a_victory_waits_then_completes(aris, label_studio_ser
     assert _requested(aris.aris_tick())
     aris.sync()  # now every check passes
     assert aris.task(tasks["l-1"]).gold_star
+
+
+def test_a_victory_with_a_nul_character_is_a_400_not_a_driver_error():
+    """PostgreSQL text cannot hold NUL; the fuzzer once sent one and psycopg2 raised (a 500)."""
+    import pydantic
+
+    from integrations.aris.api import VictoryRequest
+
+    for field in ("conquest_id", "philosopher", "domain", "result_notes"):
+        body = {"conquest_id": "c1", "philosopher": "p", "domain": "d", field: "bad\x00value"}
+        with pytest.raises(pydantic.ValidationError, match="pattern"):
+            VictoryRequest(**body)
+    assert VictoryRequest(conquest_id="c1", philosopher="p", domain="d", result_notes="fine").result_notes == "fine"

@@ -63,8 +63,11 @@ def test_batches_created_together_share_runs_and_keep_their_own_results_and_part
     assert len(set(runs.values())) < len(batch_ids), "every batch started a run of its own"
     with DagsterInstance.from_config(stack.env["DAGSTER_HOME"]) as instance:
         for k, batch_id in enumerate(batch_ids):
-            records = instance.fetch_materializations(
-                AssetRecordsFilter(asset_key=AssetKey("batch_output"), asset_partitions=[batch_id]), limit=1).records
+            deadline = time.monotonic() + 60  # a batch is completed when its requests are; its run records after
+            while not (records := instance.fetch_materializations(
+                    AssetRecordsFilter(asset_key=AssetKey("batch_output"), asset_partitions=[batch_id]),
+                    limit=1).records) and time.monotonic() < deadline:
+                time.sleep(0.5)
             assert records, f"{batch_id} has no batch_output materialization"
             event = records[0].event_log_entry
             metadata = event.asset_materialization.metadata

@@ -39,11 +39,14 @@ async def get_aristotle(request: Request) -> Aristotle:
 # -- push: VICTORY -> gold star ------------------------------------------------------------------------
 
 
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refused here (400), not by the driver (500)
+
+
 class VictoryRequest(BaseModel):
-    conquest_id: str = Field(min_length=1, max_length=256)
-    philosopher: str = Field(min_length=1, max_length=256)
-    domain: str = Field(min_length=1, max_length=256)
-    result_notes: str | None = Field(default=None, max_length=10_000)
+    conquest_id: str = Field(min_length=1, max_length=256, pattern=NO_NUL)
+    philosopher: str = Field(min_length=1, max_length=256, pattern=NO_NUL)
+    domain: str = Field(min_length=1, max_length=256, pattern=NO_NUL)
+    result_notes: str | None = Field(default=None, max_length=10_000, pattern=NO_NUL)
 
 
 class VictoryResponse(BaseModel):
