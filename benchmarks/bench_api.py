@@ -16,15 +16,12 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,46 +29,10 @@ from pathlib import Path
 import httpx
 import openai
 
-from vbatch_pipelines.net import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.stack import Stack, pct, requests_jsonl  # noqa: E402
 
-
-def requests_jsonl(n: int, prefix: str) -> bytes:
-    return "".join(json.dumps({"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
-                               "body": {"max_tokens": 16, "temperature": 0, "messages": [
-                                   {"role": "user", "content": f"What is {i} plus {i % 9}?"}]}}) + "\n"
-                   for i in range(n)).encode()
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
-
-
-def start_stack(home: Path) -> tuple[subprocess.Popen, str]:
-    api_port, dagster_port = free_port(), free_port()
-    # The front door alone: curation (Label Studio) has its own benchmark, bench_curation.py.
-    env = dict(os.environ, VBATCH_HOME=str(home), DAGSTER_HOME=str(home / "dagster"), VBATCH_CURATION="off")
-    process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--api-port", str(api_port),
-                                "--dagster-port", str(dagster_port)], env=env, cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if "Ctrl-C stops everything" in line:
-            break
-    if process.poll() is not None:
-        raise RuntimeError("vbatch up failed")
-    return process, f"http://127.0.0.1:{api_port}"
-
-
-def wait_done(client: openai.OpenAI, batch_id: str, timeout: float = 600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in ("completed", "failed", "cancelled", "expired"):
-            return batch
-        time.sleep(0.25)
-    raise TimeoutError(batch_id)
 
 
 async def _poll_client(host: str, port: int, path: str, interval: float, until: float, out: list[float]) -> None:
@@ -138,8 +99,12 @@ def main() -> int:
     if args.poll:
         print(json.dumps(poll(args.poll, args.clients, args.rate, args.seconds)))
         return 0
-    home = Path(tempfile.mkdtemp(prefix="vbatch-api-bench-"))
-    process, api = start_stack(home)
+    stack = Stack()
+    api = stack.api
+
+    def wait_done(client, batch_id):
+        return stack.wait(batch_id, timeout=600, interval=0.25)
+
     try:
         client = openai.OpenAI(base_url=api + "/v1", api_key="bench", max_retries=0)
         file_id = client.files.create(file=("small.jsonl", io.BytesIO(requests_jsonl(10, "lat"))),
@@ -191,8 +156,7 @@ def main() -> int:
         print(f"3) {args.concurrent} batches submitted concurrently in {submitted:.1f}s: {len(set(ids))} distinct, "
               f"{ok} completed with every custom_id exactly once, all done after {time.monotonic() - started:.1f}s")
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
+        stack.stop()
     return 0
 
 

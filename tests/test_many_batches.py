@@ -13,22 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import chat_lines, jsonl, running_stack
+from tests.test_api import _wait_batch
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_path):
     with running_stack(tmp_path_factory.mktemp("many-home"), tiny_model_path, VBATCH_CURATION="off") as stack:
         yield stack
-
-
-def _wait(client, batch_id: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in ("completed", "failed", "cancelled", "expired"):
-            return batch
-        time.sleep(0.1)
-    raise AssertionError(f"{batch_id} did not end")
 
 
 def _create_together(client, inputs: list[list[dict]]) -> list[str]:
@@ -55,7 +46,7 @@ def test_batches_created_together_share_runs_and_keep_their_own_results_and_part
     inputs = [chat_lines(10 + k, prefix=f"t{k}") for k in range(12)]
     batch_ids = _create_together(client, inputs)
     for k, batch_id in enumerate(batch_ids):
-        batch = _wait(client, batch_id)
+        batch = _wait_batch(client, batch_id)
         assert batch.status == "completed" and batch.request_counts.completed == 10 + k
         ids = [json.loads(line)["custom_id"] for line in client.files.content(batch.output_file_id).text.splitlines()]
         assert sorted(ids) == sorted(f"t{k}-{i}" for i in range(10 + k))
@@ -83,9 +74,9 @@ def test_cancelling_one_of_batches_running_side_by_side_stops_it_within_a_second
         time.sleep(0.05)
     asked = time.time()
     client.batches.cancel(long_id)
-    cancelled = _wait(client, long_id)
+    cancelled = _wait_batch(client, long_id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at - asked <= 2
     assert 0 < cancelled.request_counts.completed < 3000
     for k, batch_id in enumerate(neighbours):
-        batch = _wait(client, batch_id)
+        batch = _wait_batch(client, batch_id)
         assert batch.status == "completed" and batch.request_counts.completed == 300, (k, batch.status)
