@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.stack import Stack, pct, requests_jsonl  # noqa: E402
 
 
-
 async def _poll_client(host: str, port: int, path: str, interval: float, until: float, out: list[float]) -> None:
     """One polling client on a keep-alive connection (raw HTTP/1.1: the load generator shares the box's
     two cores with the server, so it must cost little). Open loop: requests are due every ``interval``
