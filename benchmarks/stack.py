@@ -98,23 +98,35 @@ class Stack:
         self.process.wait(timeout=120)
 
 
-class PeakMemory:
-    """Peak RSS of the API (all its processes), the Dagster daemon and each run worker, sampled in a thread;
-    run workers are the daemon's children running ``vbatch_pipelines.run_launcher``. vLLM is not counted."""
+class _Sampler:
+    """Samples something in a thread for the duration of a ``with`` block."""
 
-    def __init__(self, stack: Stack, every_s: float = 0.2):
-        self.stack, self.every_s = stack, every_s
-        self.peak: dict[str, int] = {"api": 0, "daemon": 0, "run worker": 0}
+    def __init__(self, every_s: float):
+        self.every_s = every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+
+class PeakMemory(_Sampler):
+    """Peak RSS of the API (its largest process), the Dagster daemon and each run worker, sampled in a thread.
+    Run workers are the processes running ``vbatch_pipelines.run_launcher`` under the webserver (runs the API
+    launches) or the daemon (runs its sensors and retries launch). vLLM is not counted."""
+
+    def __init__(self, stack: Stack, every_s: float = 0.2):
+        super().__init__(every_s)
+        self.stack = stack
+        self.peak: dict[str, int] = {"api": 0, "daemon": 0, "run worker": 0}
 
     def _rss(self, process: psutil.Process) -> int:
         try:
@@ -125,10 +137,11 @@ class PeakMemory:
     def _sample(self) -> None:
         pids = self.stack.services()
         api, daemon = psutil.Process(pids["api"]), psutil.Process(pids["dagster-daemon"])
+        launchers = [daemon, psutil.Process(pids["dagster-webserver"])]
         while not self._stop.is_set():
             try:
                 api_children = api.children(recursive=True)
-                workers = [p for p in daemon.children(recursive=True)
+                workers = [p for launcher in launchers for p in launcher.children(recursive=True)
                            if "vbatch_pipelines.run_launcher" in " ".join(p.cmdline())]
             except psutil.Error:
                 api_children, workers = [], []
@@ -142,26 +155,16 @@ class PeakMemory:
         return ", ".join(f"{name} {value / 2**20:.0f} MB" for name, value in self.peak.items())
 
 
-class EngineBusy:
+class EngineBusy(_Sampler):
     """The fraction of time the engine was working: its processes (the vLLM server and its engine core)
     sampled every 0.1 s, busy when together they used more than half a core. (vLLM's own Prometheus gauges
     are off: vbatch starts it with --disable-log-stats.)"""
 
     def __init__(self, stack: Stack, every_s: float = 0.1):
         states = [json.loads(p.read_text()) for p in (stack.home / "engines").glob("*.json")]
+        super().__init__(every_s)
         self.root = psutil.Process(next(s["pid"] for s in states if s.get("model")))
-        self.every_s = every_s
         self.samples: list[bool] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> EngineBusy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def _cpu(self) -> float:
         total = 0.0
