@@ -166,6 +166,79 @@ def test_settle_sensor_ends_batches_no_run_is_working_on(platform):
     assert platform.batch(running.id).status == "completed"
 
 
+def test_a_batch_its_runs_left_unfinished_is_run_again_then_failed_clearly(platform, monkeypatch):
+    """A run that ended without finishing its batch (here: only batch_input ran, as when a run is retried past
+    Dagster's run retries) leaves the batch in progress; the settle sensor runs it again, and after
+    MAX_RESCUES such runs fails it saying why, with what finished kept. A run terminated in Dagster
+    cancels its batch."""
+    from dagster import (
+        AssetKey,
+        DagsterInstance,
+        Definitions,
+        SensorResult,
+        SkipReason,
+        build_sensor_context,
+        materialize,
+    )
+
+    from vbatch_pipelines.defs import batches as batch_defs
+    from vbatch_pipelines.names import BATCH_JOB, RESCUE_TAG
+    from vbatch_pipelines.partitions import batch_partitions
+
+    monkeypatch.setattr(batch_defs, "RESCUE_AFTER_S", 0)
+    recover = platform.submit(jsonl(chat_lines(3, prefix="recover")))
+    give_up = platform.submit(jsonl(chat_lines(3, prefix="giveup")))
+    terminated = platform.submit(jsonl(chat_lines(3, prefix="terminated")))
+    other_job = platform.submit(jsonl(chat_lines(3, prefix="other")))
+    with DagsterInstance.ephemeral() as instance:
+        def sensor():
+            context = build_sensor_context(instance=instance, resources={
+                "metadata_db": platform.resources["metadata_db"], "file_store": platform.resources["file_store"]})
+            return batch_defs.batch_settle_sensor(context)
+
+        job = Definitions(assets=[batch_defs.batch_input, batch_defs.batch_output],
+                          jobs=[batch_defs.build_batch_job(curation=False)],
+                          resources=platform.resources).resolve_job_def(BATCH_JOB)
+
+        def input_only(batch_id, tags=None):  # a batch_job run that ends with batch_input
+            instance.add_dynamic_partitions(batch_partitions.name, [batch_id])
+            return job.execute_in_process(partition_key=batch_id, instance=instance, tags=tags,
+                                          asset_selection=[AssetKey("batch_input")])
+
+        for batch in (recover, give_up, terminated):
+            assert input_only(batch.id).success and platform.batch(batch.id).status == "in_progress"
+        instance.report_run_canceled(instance.get_run_by_id(platform.batch(terminated.id).dagster_run_id))
+        # A batch run inside another job's run (as a fine-tune's evaluation batch is) ends with that run.
+        instance.add_dynamic_partitions(batch_partitions.name, [other_job.id])
+        assert materialize([batch_defs.batch_input], partition_key=other_job.id, resources=platform.resources,
+                           instance=instance).success
+
+        result = sensor()
+        assert isinstance(result, SensorResult)
+        requested = {request.partition_key: request for request in result.run_requests}
+        assert set(requested) == {recover.id, give_up.id}
+        assert requested[recover.id].tags[RESCUE_TAG] == recover.id
+        assert platform.batch(terminated.id).status == "cancelled"
+        assert platform.batch(other_job.id).status == "failed"
+        assert platform.batch(other_job.id).to_openai()["errors"]["data"][0]["code"] == "run_failed"
+
+        assert requested[recover.id].run_key == f"{recover.id}@{platform.batch(recover.id).dagster_run_id}"
+        job.execute_in_process(partition_key=recover.id, instance=instance, tags=requested[recover.id].tags)
+        assert platform.batch(recover.id).status == "completed"
+
+        for _ in range(batch_defs.MAX_RESCUES):  # every rescue of give_up ends unfinished again
+            assert input_only(give_up.id, tags=requested[give_up.id].tags).success
+            result = sensor()
+            requested = {request.partition_key: request for request in getattr(result, "run_requests", [])}
+            assert recover.id not in requested
+        assert give_up.id not in requested
+        failed = platform.batch(give_up.id)
+        assert failed.status == "failed", failed.status
+        error = failed.to_openai()["errors"]["data"][0]
+        assert error["code"] == "run_failed" and "ended without finishing it" in error["message"]
+        assert isinstance(sensor(), SkipReason)  # nothing left to settle or rescue
+
+
 def test_a_cancel_during_validation_is_never_overwritten(platform):
     """The run's validation and its start write ``in_progress`` only over ``validating``: a cancel that
     arrived meanwhile stands, and the run ends the batch as cancelled."""

@@ -82,7 +82,33 @@ def _wait_completed(stack, batch_id: str, timeout: float = 420):
         except Exception:  # noqa: BLE001 - the API (or its DB) may be down during the fault
             pass
         time.sleep(1)
-    raise AssertionError(f"{batch_id} did not end in {timeout}s")
+    raise AssertionError(f"{batch_id} did not end in {timeout}s\n{_diagnosis(stack, batch_id)}")
+
+
+def _diagnosis(stack, batch_id: str) -> str:
+    """What a hung case needs for its post-mortem: the batch's record, the stack's Dagster runs with their
+    status and last events, and the tail of each service log."""
+    import sqlalchemy as sa
+    from dagster import DagsterInstance
+
+    from vbatch_pipelines.detached import tail
+
+    lines = []
+    engine = sa.create_engine(f"sqlite:///{_home(stack) / 'vbatch.db'}")
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT status, dagster_run_id, lease_owner, lease_until, request_completed, "
+                                   "request_failed FROM batches WHERE id = :b"), {"b": batch_id}).one_or_none()
+    engine.dispose()
+    lines.append(f"batch: {row}")
+    with DagsterInstance.from_config(stack.env["DAGSTER_HOME"]) as instance:
+        for record in instance.get_run_records(limit=6):
+            run = record.dagster_run
+            lines.append(f"run {run.run_id} {run.status.value} tags={dict(run.tags)}")
+            for event in instance.all_logs(run.run_id)[-8:]:
+                lines.append(f"    {event.dagster_event_type or ''} {event.message[:300]}")
+    for log in sorted((_home(stack) / "logs").glob("*.log")):
+        lines.append(f"--- {log.name}\n{tail(log, 15)}")
+    return "\n".join(lines)
 
 
 def _curation_tasks(stack, batch_id: str, label_studio) -> tuple[Counter, dict[str, int]]:

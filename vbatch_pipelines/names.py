@@ -20,6 +20,7 @@ SCHEDULE_NAME_TAG = "dagster/schedule_name"  # Dagster's own
 SENSOR_NAME_TAG = "dagster/sensor_name"  # Dagster's own
 BATCH_ID_TAG = "vbatch/batch_id"
 BATCH_COUNT_TAG = "vbatch/batches"
+RESCUE_TAG = "vbatch/rescue_of"  # a run the settle sensor launched for a batch its runs left unfinished
 FINE_TUNING_JOB_TAG = "vbatch/fine_tuning_job_id"
 MODEL_ID_TAG = "vbatch/model_id"
 CURATION_SEQ_TAG = "vbatch/curation_seq"

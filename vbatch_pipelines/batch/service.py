@@ -297,18 +297,41 @@ def end_batch(db: Database, directory: Path, batch_id: str, status: str) -> Batc
     return update_batch(db, batch_id, **fields)
 
 
-def fail_batch_on_full_disk(db: Database, directory: Path, batch_id: str, reason: str) -> Batch:
-    """The disk filled up mid-run: keep every whole result line (cut a torn last one), count them, and fail
-    the batch with an error that says what happened and how much was kept."""
+def fail_batch(db: Database, directory: Path, batch_id: str, code: str, reason: str, advice: str) -> Batch:
+    """Fail a batch that cannot go on, keeping every whole result line it wrote (a torn last one is cut):
+    they are counted, recorded as its output and error files, and the error says how many were kept."""
     results = ResultFiles(directory)
     progress = BatchProgress(total=0)
-    results.resume(progress)  # truncates a torn last line, which frees space too
-    message = (f"The disk holding {directory} is full ({reason}); {progress.completed} completed and "
-               f"{progress.failed} failed results were written and are kept. Free space and create the batch again.")
+    results.resume(progress)  # truncates a torn last line (which frees space on a full disk too)
+    message = (f"{reason}; {progress.completed} completed and {progress.failed} failed results were written "
+               f"and are kept. {advice}")
+    fields: dict[str, Any] = {}
+    batch = get_batch(db, batch_id)
+    for path, name, field in ((results.output_path, "output", "output_file_id"),
+                              (results.error_path, "error", "error_file_id")):
+        if getattr(batch, field) is None and path.exists() and path.stat().st_size:
+            fields[field] = register_file(db, path, f"{batch_id}_{name}.jsonl", "batch_output").id
     return update_batch(db, batch_id, status="failed", request_completed=progress.completed,
-                        request_failed=progress.failed,
-                        errors={"object": "list", "data": [{"code": "disk_full", "message": message,
+                        request_failed=progress.failed, **fields,
+                        errors={"object": "list", "data": [{"code": code, "message": message,
                                                             "param": None, "line": None}]})
+
+
+def fail_batch_on_full_disk(db: Database, directory: Path, batch_id: str, reason: str) -> Batch:
+    """The disk filled up mid-run: fail the batch saying so and how much was kept."""
+    return fail_batch(db, directory, batch_id, "disk_full", f"The disk holding {directory} is full ({reason})",
+                      "Free space and create the batch again.")
+
+
+def unfinished_batches_with_run(db: Database) -> list[Batch]:
+    """Batches a run was launched for that have not ended, and whose lease no live run holds: either a run
+    is about to take them, or the runs launched for them ended without finishing them."""
+    with db.session() as session:
+        return list(session.scalars(select(Batch).where(
+            Batch.status.in_(("validating", "in_progress", "finalizing")),
+            Batch.dagster_run_id.is_not(None), Batch.dagster_run_id != LAUNCHING,
+            Batch.lease_owner.is_(None) | (Batch.lease_until < time.time()),
+        )))
 
 
 def batches_to_settle(db: Database) -> list[Batch]:

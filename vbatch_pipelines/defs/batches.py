@@ -10,6 +10,7 @@ from pathlib import Path
 from dagster import (
     AssetExecutionContext,
     AssetSelection,
+    DagsterRunStatus,
     DefaultSensorStatus,
     Definitions,
     Failure,
@@ -17,6 +18,7 @@ from dagster import (
     MetadataValue,
     RetryRequested,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -36,9 +38,11 @@ from vbatch_pipelines.batch.service import (
     BatchRequestError,
     batches_to_settle,
     end_batch,
+    fail_batch,
     fail_batch_on_full_disk,
     get_batch,
     record_run,
+    unfinished_batches_with_run,
     update_batch,
     validate_input,
     waiting_for_run,
@@ -48,7 +52,7 @@ from vbatch_pipelines.defs.runs import ACTIVE_RUN, without_run
 from vbatch_pipelines.engine.base import EngineUnavailable
 from vbatch_pipelines.instance import INFERENCE_POOL
 from vbatch_pipelines.models.registry import ModelSpec
-from vbatch_pipelines.names import BATCH_ID_TAG, BATCH_JOB, BATCH_LAUNCH_LOCK, batch_run_tags
+from vbatch_pipelines.names import BATCH_ID_TAG, BATCH_JOB, BATCH_LAUNCH_LOCK, RESCUE_TAG, batch_run_tags
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import response_text
 
@@ -283,21 +287,75 @@ def batch_launch_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
                                       for b in launch])
 
 
-@sensor(minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)
+# A batch its runs left unfinished (a run retried past Dagster's run retries, a batch that failed on its own
+# inside a run with others) gets a run of its own this many times, then fails saying so.
+MAX_RESCUES = 2
+# Dagster's own run retry goes first: a run must have ended this long ago, with no retry running.
+RESCUE_AFTER_S = 60
+
+
+def _run_left_it(instance, run_id: str, ended_runs: dict) -> tuple[str, str, str] | None:
+    """Whether the runs launched for a batch are all over: None while one of them (the run, or a retry of
+    it) is active or ended less than ``RESCUE_AFTER_S`` ago, else (the last run's status, id and job)."""
+    if run_id not in ended_runs:
+        record = instance.get_run_record_by_id(run_id)
+        if record is None:
+            ended_runs[run_id] = ("missing", run_id, "")
+        else:
+            group = instance.get_run_group(run_id)
+            ids = [run.run_id for run in group[1]] if group else [run_id]
+            records = instance.get_run_records(RunsFilter(run_ids=ids))
+            latest = max(records, key=lambda r: r.create_timestamp.timestamp())
+            active = any(r.dagster_run.status in ACTIVE_RUN for r in records)
+            recent = any(time.time() - (r.end_time or r.update_timestamp.timestamp()) < RESCUE_AFTER_S for r in records)
+            ended_runs[run_id] = None if active or recent else (
+                latest.dagster_run.status.value, latest.dagster_run.run_id, latest.dagster_run.job_name)
+    return ended_runs[run_id]
+
+
+@sensor(job_name=BATCH_JOB, minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)
 def batch_settle_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, file_store: FileStore):
-    """A batch asked to cancel, or past its completion window, ends here when no run is working on it
-    (never launched, crashed, or terminated); a running batch_output ends it itself within a second."""
-    settled = []
-    for batch in batches_to_settle(metadata_db.db):
+    """No batch waits forever. A batch asked to cancel, or past its completion window, ends here when no run
+    is working on it (never launched, crashed, or terminated); a running batch_output ends it itself within
+    a second. A batch whose runs all ended without finishing it gets a run of its own (``MAX_RESCUES`` times,
+    then it fails saying why, with what finished kept); one whose run was terminated in Dagster is cancelled."""
+    db = metadata_db.db
+    settled, rescue = [], []
+    for batch in batches_to_settle(db):
         run = context.instance.get_run_by_id(batch.dagster_run_id) if batch.dagster_run_id else None
         if run is not None and run.status in ACTIVE_RUN:
             continue
         status = "cancelled" if batch.status == "cancelling" else "expired"
-        end_batch(metadata_db.db, file_store.batch_dir(batch.id), batch.id, status)
+        end_batch(db, file_store.batch_dir(batch.id), batch.id, status)
         settled.append(f"{batch.id} {status}")
+    ended_runs: dict = {}
+    for batch in unfinished_batches_with_run(db):
+        left = _run_left_it(context.instance, batch.dagster_run_id, ended_runs)
+        if left is None:
+            continue
+        status, run_id, job = left
+        directory = file_store.batch_dir(batch.id)
+        if status == DagsterRunStatus.CANCELED.value:
+            end_batch(db, directory, batch.id, "cancelled")
+            settled.append(f"{batch.id} cancelled (its run {run_id} was terminated)")
+        elif job != BATCH_JOB or len(context.instance.get_run_records(
+                RunsFilter(tags={RESCUE_TAG: batch.id}))) >= MAX_RESCUES:
+            # A batch another job ran inside its own run (a fine-tune's evaluation) ends with that run.
+            again = f"; it was run again {MAX_RESCUES} times" if job == BATCH_JOB else ""
+            fail_batch(db, directory, batch.id, "run_failed",
+                       f"The Dagster run working on this batch ended without finishing it (the last, {run_id}, "
+                       f"ended {status}{again})", "See the run's logs in the Dagster UI, then create the batch again.")
+            settled.append(f"{batch.id} failed (its runs ended without finishing it)")
+        else:
+            context.log.info(f"{batch.id}: its run {run_id} ended ({status}) without finishing it; running it again")
+            rescue.append(RunRequest(run_key=f"{batch.id}@{run_id}", partition_key=batch.id,
+                                     tags={**batch_run_tags([batch.id]), RESCUE_TAG: batch.id}))
+    if settled:
+        context.log.info("settled: " + ", ".join(settled))
+    if rescue:
+        return SensorResult(run_requests=rescue)
     if not settled:
         return SkipReason("No batch to settle")
-    context.log.info("settled: " + ", ".join(settled))
     return SkipReason(f"Settled {len(settled)} batch(es): {', '.join(settled)}")
 
 
