@@ -149,3 +149,34 @@ def test_a_run_worker_dies_with_the_daemon(tmp_path, signal_name):
     from vbatch_pipelines.services import process_identity
 
     _wait(lambda: process_identity(child_pid) is None, 10, "the child to die with its parent")
+
+
+def test_a_run_worker_outlives_the_request_thread_that_launched_it(tmp_path):
+    """Linux sends the parent-death signal when the thread that started a child ends; the webserver launches
+    runs from pool threads that end when idle. The launcher's workers must live on after that thread."""
+    import threading
+
+    from dagster import DagsterInstance
+
+    from vbatch_pipelines.run_launcher import WarmRunLauncher
+    from vbatch_pipelines.services import process_identity
+
+    (tmp_path / "dagster").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
+        launcher = WarmRunLauncher(spares=1)
+        launcher.register_instance(instance)
+        taken = []
+        request = threading.Thread(target=lambda: taken.append(launcher._take_worker()))
+        request.start()
+        request.join()
+        time.sleep(1.5)
+        try:
+            workers = [taken[0], *launcher._idle]
+            assert len(workers) == 2
+            assert all(process_identity(w.process.pid) is not None for w in workers), \
+                [w.process.poll() for w in workers]
+        finally:
+            launcher.dispose()
+            for worker in taken:
+                worker.process.kill()
+                worker.process.wait(10)

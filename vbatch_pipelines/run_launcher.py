@@ -39,7 +39,7 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_
 
 from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
 from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
-from vbatch_pipelines.services import die_with_parent, process_identity
+from vbatch_pipelines.services import LastingSpawner, die_with_parent, process_identity
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
 MAX_RUNS_PER_WORKER = 200
@@ -108,6 +108,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         self._busy: list[_Worker] = []
         self._lock = threading.Lock()
         self._workers: dict[str, subprocess.Popen] = {}
+        self._spawner: LastingSpawner | None = None
         super().__init__()
 
     @property
@@ -135,9 +136,14 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                    VBATCH_RUN_WORKER_STATUS_FD=str(write_fd))
         # SIGKILL when the launching process goes (even by kill -9): its run then fails, and Dagster's run
         # retries re-execute it in the next worker, resuming from the batch's result files.
-        process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.run_launcher", *self._preload_modules],
-                                   stdin=subprocess.PIPE, cwd=os.getcwd(), text=True, env=env, pass_fds=(write_fd,),
-                                   preexec_fn=lambda: die_with_parent(signal.SIGKILL))
+        if self._spawner is None:
+            # Launches come from the webserver's request threads, which end when idle: the parent-death signal
+            # must be tied to a thread that lasts, or a worker would die with the request that started it.
+            self._spawner = LastingSpawner("run-worker-spawner")
+        process = self._spawner.popen(
+            [sys.executable, "-m", "vbatch_pipelines.run_launcher", *self._preload_modules],
+            stdin=subprocess.PIPE, cwd=os.getcwd(), text=True, env=env, pass_fds=(write_fd,),
+            preexec_fn=lambda: die_with_parent(signal.SIGKILL))
         os.close(write_fd)
         return _Worker(process, read_fd)
 

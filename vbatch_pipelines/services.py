@@ -37,6 +37,37 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         pass
 
 
+class LastingSpawner:
+    """Starts children from one thread that lives as long as this process. Linux sends the parent-death
+    signal when the *thread* that forked the child ends, not the process: a child started from a request
+    handler's pool thread (as the webserver launches runs) would be killed when that thread idles out."""
+
+    def __init__(self, name: str = "spawner"):
+        import queue
+        import threading
+
+        self._requests: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            start, done = self._requests.get()
+            try:
+                done.set_result(start())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+    def popen(self, *args: Any, **kwargs: Any):
+        """``subprocess.Popen(*args, **kwargs)``, forked from the lasting thread."""
+        import subprocess
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        self._requests.put((lambda: subprocess.Popen(*args, **kwargs), done))
+        return done.result()
+
+
 def process_identity(pid: int) -> tuple[float, list[str]] | None:
     """(start time, command line) of a live, non-zombie process, or None."""
     import psutil
