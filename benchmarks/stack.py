@@ -76,6 +76,24 @@ class Stack:
             time.sleep(interval)
         raise TimeoutError(batch_id)
 
+    def wait_all(self, batch_ids: list[str], timeout: float = 3600, interval: float = 0.05) -> dict[str, tuple]:
+        """Watch many batches as a dashboard does, one list call a round (not a poller per batch, whose
+        requests would take the CPU the platform needs); returns {id: (seconds until seen ended, batch)}."""
+        started, pending, ended = time.monotonic(), set(batch_ids), {}
+        while pending and time.monotonic() - started < timeout:
+            unseen = set(pending)
+            for batch in self.client.batches.list(limit=100):  # newest first: stops once ours are all seen
+                unseen.discard(batch.id)
+                if batch.id in pending and batch.status in ENDED:
+                    ended[batch.id] = (time.monotonic() - started, batch)
+                    pending.discard(batch.id)
+                if not unseen:
+                    break
+            time.sleep(interval)
+        if pending:
+            raise TimeoutError(sorted(pending)[:3])
+        return ended
+
     def run(self, data: bytes) -> tuple[float, object]:
         """Upload (not timed), then create -> completed; returns (seconds, batch)."""
         file_id = self.upload(data)

@@ -127,13 +127,17 @@ def launch_batches(db: Database, dagster_url: str, include: frozenset[str] = fro
     the batches launched with it. What a failed launch leaves, the next launch or the launch sensor picks
     up (a batch whose partition was added already then gets a run of its own)."""
     launched: dict[str, list[str]] = {}
+    began = time.monotonic()
     with db.lock(BATCH_LAUNCH_LOCK):
+        locked = time.monotonic()
         waiting = _with_creates_in_flight(db, include)
         validated = [b.id for b in waiting if b.status == "in_progress"]
         validating = [b.id for b in waiting if b.status != "in_progress" and b.id in include]
         if not validated and not validating:
             return launched
+        gathered = time.monotonic()
         new = set(add_partitions(dagster_url, batch_partitions.name, validated + validating, timeout=timeout))
+        added = time.monotonic()
         # New keys were appended in this order, so the new validated ones form one contiguous range.
         grouped = [key for key in validated if key in new]
         groups = [grouped[i:i + MAX_BATCHES_PER_RUN] for i in range(0, len(grouped), MAX_BATCHES_PER_RUN)]
@@ -142,6 +146,9 @@ def launch_batches(db: Database, dagster_url: str, include: frozenset[str] = fro
             run_id = launch_run(dagster_url, BATCH_JOB, batch_run_tags(group), timeout=timeout)
             record_run(db, group, run_id)
             launched[run_id] = group
+    log.info("launched %d run(s) for %d batch(es) in %.3fs (lock %.3fs, gathering %.3fs, partitions %.3fs, runs %.3fs)",
+             len(launched), sum(map(len, launched.values())), time.monotonic() - began, locked - began,
+             gathered - locked, added - gathered, time.monotonic() - added)
     return launched
 
 
