@@ -104,3 +104,22 @@ def test_bad_file_fails_its_batch_and_disturbs_nothing_else(platform):
     assert platform.batch(good.id).status == "validating"  # untouched
     assert platform.materialize(good.id, instance=instance).success
     assert platform.batch(good.id).status == "completed"
+
+
+@pytest.mark.parametrize("digests", ["real", "all colliding"])
+def test_duplicate_custom_ids_are_found_by_line_and_digest_collisions_are_not_duplicates(tmp_path, monkeypatch, digests):
+    """custom_ids are kept as 8-byte digests; a repeated digest is checked against the ids themselves, so
+    only true repeats are errors (each at the line that repeats), whatever the digests do."""
+    from vbatch_pipelines.batch import validation
+
+    if digests == "all colliding":
+        monkeypatch.setattr(validation._SeenIds, "digest", staticmethod(lambda custom_id: 7))
+    lines = chat_lines(6, prefix="dup")
+    data = jsonl(lines + [chat_line("dup-2", "again"), chat_line("dup-5", "again"), chat_line("dup-2", "thrice")])
+    report, out = _validate(tmp_path, data)
+    assert [(e["code"], e["line"], e["param"]) for e in report.errors] == [
+        ("duplicate_custom_id", 7, "custom_id"), ("duplicate_custom_id", 8, "custom_id"),
+        ("duplicate_custom_id", 9, "custom_id")]
+    assert "'dup-2'" in report.errors[0]["message"] and not out.exists()
+    report, out = _validate(tmp_path, jsonl(lines))
+    assert report.ok and pq.ParquetFile(out).metadata.num_rows == 6

@@ -18,7 +18,7 @@ Every problem is reported OpenAI-style ``{code, line, message, param}`` (lines c
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -122,7 +122,7 @@ def validate_batch_file(
     request_model = ENDPOINT_REQUESTS[endpoint]
 
     writer = _ParquetSink(output) if output is not None else None
-    seen: set[str] = set()
+    seen = _SeenIds()
     named_model: str | None = None
     named_line = 0
     try:
@@ -153,10 +153,6 @@ def validate_batch_file(
                 if not isinstance(custom_id, str) or not custom_id:
                     error("missing_required_parameter", number, "custom_id must be a non-empty string", "custom_id")
                     custom_id = None
-                elif custom_id in seen:
-                    error("duplicate_custom_id", number,
-                          f"The custom_id {custom_id!r} is used more than once; custom_ids must be unique",
-                          "custom_id")
                 else:
                     seen.add(custom_id)
                 if item.get("method") != "POST":
@@ -199,6 +195,9 @@ def validate_batch_file(
             writer.abort()
         raise
 
+    for number, custom_id in seen.repeated(source, max_line_bytes):
+        error("duplicate_custom_id", number,
+              f"The custom_id {custom_id!r} is used more than once; custom_ids must be unique", "custom_id")
     if report.total == 0 and report.error_count == 0:
         error("empty_file", None, "The input file contains no requests")
     if report.error_count == 0:
@@ -212,6 +211,51 @@ def validate_batch_file(
         else:
             writer.close()
     return report
+
+
+class _SeenIds:
+    """The custom_ids of a file, kept as 8-byte digests in a flat array: a set of a million id strings would
+    take ~100 MB. Ids whose digests repeat are checked against the ids themselves in a second pass, which
+    runs only when a digest repeats (a duplicate, or a one-in-10^7 collision for a million ids)."""
+
+    def __init__(self) -> None:
+        from array import array
+
+        self.digests = array("Q")
+
+    @staticmethod
+    def digest(custom_id: str) -> int:
+        from hashlib import blake2b
+
+        return int.from_bytes(blake2b(custom_id.encode(), digest_size=8).digest(), "little")
+
+    def add(self, custom_id: str) -> None:
+        self.digests.append(self.digest(custom_id))
+
+    def repeated(self, source: str | Path, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+        """(line, custom_id) of every line that repeats an earlier line's custom_id."""
+        if len(self.digests) < 2:
+            return
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        counts = pc.value_counts(pa.array(self.digests, pa.uint64()))
+        suspects = set(pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist())
+        del counts
+        if not suspects:
+            return
+        first_line: dict[str, int] = {}
+        with open(source, "rb") as stream:
+            for number, raw, _ in _iter_lines(stream, max_line_bytes):
+                try:
+                    custom_id = json.loads(raw).get("custom_id")
+                except (TypeError, ValueError, AttributeError):
+                    continue
+                if isinstance(custom_id, str) and custom_id and self.digest(custom_id) in suspects:
+                    if custom_id in first_line:
+                        yield number, custom_id
+                    else:
+                        first_line[custom_id] = number
 
 
 class _ParquetSink:
@@ -228,7 +272,7 @@ class _ParquetSink:
         lines, ids, bodies = self._rows
         lines.append(line)
         ids.append(custom_id)
-        bodies.append(body)
+        bodies.append(json.dumps(body, separators=(",", ":"), ensure_ascii=False))  # ~10x smaller than the dict
         if len(lines) >= ROWS_PER_GROUP:
             self._flush()
 
@@ -239,9 +283,8 @@ class _ParquetSink:
         lines, ids, bodies = self._rows
         if not lines:
             return
-        encoded = [json.dumps(b, separators=(",", ":"), ensure_ascii=False) for b in bodies]
         table = pa.table({"line": pa.array(lines, pa.int64()), "custom_id": pa.array(ids, pa.string()),
-                          "body": pa.array(encoded, pa.large_string())})
+                          "body": pa.array(bodies, pa.large_string())})
         if self._writer is None:
             self._writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
         self._writer.write_table(table)
