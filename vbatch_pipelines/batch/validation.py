@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from vbatch_pipelines.protocol import ENDPOINT_REQUESTS, SUPPORTED_ENDPOINTS
+from vbatch_pipelines.services import release_freed_memory
 
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 ROWS_PER_GROUP = 20_000
@@ -210,6 +211,7 @@ def validate_batch_file(
             writer.abort()
         else:
             writer.close()
+    release_freed_memory()  # a pass over a large file churns through as many objects as it has lines
     return report
 
 
