@@ -5,7 +5,7 @@ SQLite's default ``synchronous=FULL`` each commit waits for an fsync, and a run 
 batch (each materialization twice: its run's file and the cross-run index), so a run over many batches
 spent much of its time waiting on the disk. ``synchronous=NORMAL`` is SQLite's recommended setting with WAL:
 it syncs at checkpoints, so a power cut may lose the last events but never corrupts a file. Each shard's
-SQLAlchemy engine is also made once instead of once per event. vbatch's own records are in its metadata DB,
+SQLAlchemy engine is also made once, and its connection kept open, instead of both once per event. vbatch's own records are in its metadata DB,
 not here. For production, PostgreSQL (``VBATCH_DAGSTER_DATABASE_URL``) replaces all of this.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as db
 from dagster._core.storage.event_log import SqliteEventLogStorage as DagsterSqliteEventLogStorage
 from dagster._serdes import ConfigurableClassData
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import QueuePool
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 ENGINES_KEPT = 32  # shards are per run: keep the engines of the latest ones
@@ -32,7 +32,7 @@ def _normal_sync(dbapi_connection, _record) -> None:
 
 
 class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
-    """Dagster's ``SqliteEventLogStorage`` with ``synchronous=NORMAL`` and one engine per shard."""
+    """Dagster's ``SqliteEventLogStorage`` with ``synchronous=NORMAL`` and one open connection per shard."""
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None):
         self._engines: OrderedDict[str, Any] = OrderedDict()
@@ -45,8 +45,11 @@ class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
     def _engine(self, shard: str):
         engine = self._engines.get(shard)
         if engine is None:
-            engine = db.create_engine(self.conn_string_for_shard(shard), poolclass=NullPool,
-                                      connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+            # One connection kept open per shard (this process's writes to a shard are serialised by _db_lock):
+            # opening a SQLite file, and setting its pragmas, for every event cost more than the insert.
+            engine = db.create_engine(self.conn_string_for_shard(shard), poolclass=QueuePool, pool_size=1,
+                                      max_overflow=4, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS,
+                                                                    "check_same_thread": False})
             db.event.listen(engine, "connect", _normal_sync)
             self._engines[shard] = engine
             while len(self._engines) > ENGINES_KEPT:

@@ -1,7 +1,8 @@
 """Launch a batch's or a fine-tuning job's Dagster run from outside Dagster (the REST API, the CLI).
 
-The batch or job is already recorded; this adds its partition and launches its Dagster job through the
-webserver's GraphQL API (batches recorded together share one run over their partition range). If Dagster
+The batch or job is already recorded; this adds its partition on the Dagster instance and launches its
+Dagster job through the webserver's GraphQL API, which has the code location loaded (batches recorded
+together share one run over their partition range). If Dagster
 cannot be reached it stays recorded without a run and a sensor launches it later, so nothing accepted is
 lost.
 """
@@ -70,27 +71,43 @@ def _graphql(url: str, query: str, variables: dict[str, Any], timeout: float) ->
     return payload["data"]
 
 
-def add_partitions(dagster_url: str, partitions: str, keys: list[str], *, timeout: float = 10.0) -> list[str]:
-    """Add ``keys`` to the dynamic partitions ``partitions``, in this order, in one request (GraphQL runs a
-    request's mutations one after another); returns the keys that were new."""
+_instance_lock = threading.Lock()
+_instances: dict[str, Any] = {}
+
+
+def dagster_instance():
+    """This process's handle on the Dagster instance (``$DAGSTER_HOME``, which `vbatch up` sets for every
+    service), opened once."""
+    import os
+
+    from dagster import DagsterInstance
+
+    home = os.environ.get("DAGSTER_HOME", "")
+    with _instance_lock:
+        if home not in _instances:
+            try:
+                _instances[home] = DagsterInstance.get()
+            except Exception as exc:  # noqa: BLE001 - DAGSTER_HOME unset, missing, or a bad dagster.yaml
+                raise DagsterUnreachable(f"The Dagster instance (DAGSTER_HOME={home!r}) cannot be opened: {exc}") \
+                    from exc
+        return _instances[home]
+
+
+def add_partitions(partitions: str, keys: list[str]) -> list[str]:
+    """Add ``keys`` to the dynamic partitions ``partitions``, in this order, in one statement on the
+    instance's storage (through the webserver it took a GraphQL mutation each); returns the keys that
+    were new."""
     if not keys:
         return []
-    selector = {"repositoryLocationName": LOCATION_NAME, "repositoryName": REPOSITORY_NAME}
-    fields = "\n".join(
-        f"a{i}: addDynamicPartition(repositorySelector: $selector, partitionsDefName: $name, partitionKey: $k{i}) "
-        "{ __typename ... on PythonError { message } ... on UnauthorizedError { message } }"
-        for i in range(len(keys)))
-    arguments = ", ".join(f"$k{i}: String!" for i in range(len(keys)))
-    query = f"mutation AddPartitions($selector: RepositorySelector!, $name: String!, {arguments}) {{ {fields} }}"
-    data = _graphql(dagster_url, query, {"selector": selector, "name": partitions,
-                                         **{f"k{i}": key for i, key in enumerate(keys)}}, timeout)
-    new = []
-    for i, key in enumerate(keys):
-        added = data[f"a{i}"]
-        if added["__typename"] == "AddDynamicPartitionSuccess":
-            new.append(key)
-        elif added["__typename"] != "DuplicateDynamicPartitionError":
-            raise DagsterUnreachable(f"Could not add partition {key}: {added.get('message', added['__typename'])}")
+    try:
+        instance = dagster_instance()
+        existing = instance.get_existing_dynamic_partitions(partitions, keys)
+        new = [key for key in keys if key not in existing]
+        instance.add_dynamic_partitions(partitions, new)
+    except DagsterUnreachable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - its storage (PostgreSQL) is down: the sensor launches later
+        raise DagsterUnreachable(f"Could not add partitions to {partitions}: {exc}") from exc
     return new
 
 
@@ -111,7 +128,7 @@ def launch_run(dagster_url: str, job: str, tags: dict[str, str], *, timeout: flo
 def launch_partition(dagster_url: str, job: str, partitions: str, key: str, tags: dict[str, str], *,
                      timeout: float = 10.0) -> str:
     """Add ``key`` to the dynamic partitions ``partitions`` and launch ``job`` for it; returns the run id."""
-    add_partitions(dagster_url, partitions, [key], timeout=timeout)
+    add_partitions(partitions, [key])
     return launch_run(dagster_url, job, tags, timeout=timeout)
 
 
@@ -136,7 +153,7 @@ def launch_batches(db: Database, dagster_url: str, include: frozenset[str] = fro
         if not validated and not validating:
             return launched
         gathered = time.monotonic()
-        new = set(add_partitions(dagster_url, batch_partitions.name, validated + validating, timeout=timeout))
+        new = set(add_partitions(batch_partitions.name, validated + validating))
         added = time.monotonic()
         # New keys were appended in this order, so the new validated ones form one contiguous range.
         grouped = [key for key in validated if key in new]
@@ -211,7 +228,7 @@ def _with_creates_in_flight(db: Database, include: frozenset[str], wait_s: float
 def launch_batch(db: Database, batch_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:
     """Launch a run for this one batch and record its id; returns the run id."""
     with db.lock(BATCH_LAUNCH_LOCK):
-        add_partitions(dagster_url, batch_partitions.name, [batch_id], timeout=timeout)
+        add_partitions(batch_partitions.name, [batch_id])
         run_id = launch_run(dagster_url, BATCH_JOB, batch_run_tags([batch_id]), timeout=timeout)
         record_run(db, [batch_id], run_id)
     return run_id
