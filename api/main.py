@@ -30,8 +30,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # What validating a batch's file needs (~0.8 s of imports), loaded before the first create needs it.
+        # What validating a batch's file needs (~0.8 s of imports), loaded before the first create needs it:
+        # Parquet, and pandas, which pyarrow imports when it builds its first array (when installed).
+        import pyarrow
         import pyarrow.parquet  # noqa: F401
+
+        pyarrow.array([0])
 
         yield
         app.state.batch_launcher.close()

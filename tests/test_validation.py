@@ -107,11 +107,16 @@ def test_bad_file_fails_its_batch_and_disturbs_nothing_else(platform):
 
 
 @pytest.mark.parametrize("digests", ["real", "all colliding"])
-def test_duplicate_custom_ids_are_found_by_line_and_digest_collisions_are_not_duplicates(tmp_path, monkeypatch, digests):
+@pytest.mark.parametrize("size", ["small file", "large file"])
+def test_duplicate_custom_ids_are_found_by_line_and_digest_collisions_are_not_duplicates(tmp_path, monkeypatch, digests,
+                                                                                         size):
     """custom_ids are kept as 8-byte digests; a repeated digest is checked against the ids themselves, so
-    only true repeats are errors (each at the line that repeats), whatever the digests do."""
+    only true repeats are errors (each at the line that repeats), whatever the digests do. Large files count
+    repeated digests with Arrow, small ones in a set."""
     from vbatch_pipelines.batch import validation
 
+    if size == "large file":
+        monkeypatch.setattr(validation, "SMALL_FILE_IDS", 0)
     if digests == "all colliding":
         monkeypatch.setattr(validation._SeenIds, "digest", staticmethod(lambda custom_id: 7))
     lines = chat_lines(6, prefix="dup")

@@ -210,17 +210,26 @@ class BatchLauncher:
         self._thread.join(timeout=10)
 
 
-def _with_creates_in_flight(db: Database, include: frozenset[str], wait_s: float = 0.25) -> list:
-    """The batches waiting for a run, once the creates a moment behind this one (other batches recorded
-    in the last second and still being validated by the API) had up to ``wait_s`` to join: a burst of
-    creates then shares one run instead of the first going alone. A lone create waits for nothing."""
+def _with_creates_in_flight(db: Database, include: frozenset[str], quiet_s: float = 0.05,
+                            max_s: float = 1.0) -> list:
+    """The batches waiting for a run, once a burst of creates has settled: until no batch was recorded for
+    ``quiet_s`` and none recorded in the last second is still being validated by an API process (at most
+    ``max_s``). A burst (one client creating many batches, spread over the API's workers) then shares one
+    run instead of the first create going alone and the rest queueing behind its launch; a lone create
+    waits ``quiet_s``."""
     from vbatch_pipelines.batch.service import now, waiting_for_run
 
-    deadline = time.monotonic() + wait_s
+    started = time.monotonic()
+    seen: set[str] | None = None
+    changed = started
     while True:
         waiting = waiting_for_run(db)
-        if time.monotonic() >= deadline or not any(
-                b.status == "validating" and b.id not in include and b.created_at >= now() - 1 for b in waiting):
+        ids = {b.id for b in waiting}
+        if ids != seen:
+            seen, changed = ids, time.monotonic()
+        validating = any(b.status == "validating" and b.id not in include and b.created_at >= now() - 1
+                         for b in waiting)
+        if time.monotonic() - started >= max_s or (not validating and time.monotonic() - changed >= quiet_s):
             return waiting
         time.sleep(0.02)
 

@@ -215,6 +215,9 @@ def validate_batch_file(
     return report
 
 
+SMALL_FILE_IDS = 50_000
+
+
 class _SeenIds:
     """The custom_ids of a file, kept as 8-byte digests in a flat array: a set of a million id strings would
     take ~100 MB. Ids whose digests repeat are checked against the ids themselves in a second pass, which
@@ -238,12 +241,18 @@ class _SeenIds:
         """(line, custom_id) of every line that repeats an earlier line's custom_id."""
         if len(self.digests) < 2:
             return
-        import pyarrow as pa
-        import pyarrow.compute as pc
+        if len(self.digests) <= SMALL_FILE_IDS:  # a set of this many ints is small; Arrow is not imported
+            suspects, once = set(), set()
+            for value in self.digests:
+                (suspects if value in once else once).add(value)
+            del once
+        else:
+            import pyarrow as pa
+            import pyarrow.compute as pc
 
-        counts = pc.value_counts(pa.array(self.digests, pa.uint64()))
-        suspects = set(pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist())
-        del counts
+            counts = pc.value_counts(pa.array(self.digests, pa.uint64()))
+            suspects = set(pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist())
+            del counts
         if not suspects:
             return
         first_line: dict[str, int] = {}
