@@ -2,9 +2,8 @@
 
 The batch or job is already recorded; this adds its partition on the Dagster instance and launches its
 Dagster job through the webserver's GraphQL API, which has the code location loaded (batches recorded
-together share one run over their partition range). If Dagster
-cannot be reached it stays recorded without a run and a sensor launches it later, so nothing accepted is
-lost.
+together share one run over their partition range). If Dagster cannot be reached it stays recorded
+without a run and a sensor launches it later, so nothing accepted is lost.
 """
 
 from __future__ import annotations
