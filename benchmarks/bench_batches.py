@@ -5,12 +5,11 @@
 2. Many small batches vs one batch of the same requests, side by side: one 400-request batch
    (create -> completed), then 20 concurrent 20-request batches (all uploaded first; from the first create
    to the last completed, watched as a dashboard does: one list call every 0.05 s). Target: ratio
-   one/many >= 0.7 (the many finish within 1.4x).
+   one/many >= 0.7 (the many finish within 1.4x). Run ``--trials`` times, alternating; the medians are
+   compared (single trials scatter by +-20 % here).
 3. A crowd: 100 concurrent 20-request batches: total time, and the engine's busy fraction (its processes'
    CPU sampled every 0.1 s) over that time.
 Every batch is checked: completed, each custom_id exactly once in its own output file.
-
-   Run ``--trials`` times, alternating; the medians are compared (single trials scatter by +-20 % here).
 
 Usage: python benchmarks/bench_batches.py [--lone 20] [--many 20] [--size 20] [--crowd 100] [--trials 5]
 """

@@ -5,8 +5,8 @@ SQLite's default ``synchronous=FULL`` each commit waits for an fsync, and a run 
 batch (each materialization twice: its run's file and the cross-run index), so a run over many batches
 spent much of its time waiting on the disk. ``synchronous=NORMAL`` is SQLite's recommended setting with WAL:
 it syncs at checkpoints, so a power cut may lose the last events but never corrupts a file. Each shard's
-SQLAlchemy engine is also made once, and its connection kept open, instead of both once per event. vbatch's own records are in its metadata DB,
-not here. For production, PostgreSQL (``VBATCH_DAGSTER_DATABASE_URL``) replaces all of this.
+SQLAlchemy engine is also made once, and its connection kept open, instead of both once per event.
+vbatch's own records are in its metadata DB, not here. For production, PostgreSQL (``VBATCH_DAGSTER_DATABASE_URL``) replaces all of this.
 """
 
 from __future__ import annotations

@@ -277,7 +277,6 @@ def end_batch(db: Database, directory: Path, batch_id: str, status: str) -> Batc
                                 "This request could not be executed before the completion window expired.")
             progress.failed += 1
     results.close()
-    batch = get_batch(db, batch_id)
     fields: dict[str, Any] = {
         "status": status,
         "request_completed": progress.completed,
@@ -290,11 +289,18 @@ def end_batch(db: Database, directory: Path, batch_id: str, status: str) -> Batc
             "output_tokens_details": {"reasoning_tokens": 0},
         },
     }
+    return update_batch(db, batch_id, **fields, **_result_file_ids(db, batch_id, results))
+
+
+def _result_file_ids(db: Database, batch_id: str, results: ResultFiles) -> dict[str, str]:
+    """The batch's output and error JSONL registered as files (purpose batch_output), those not yet."""
+    batch = get_batch(db, batch_id)
+    ids = {}
     for path, name, field in ((results.output_path, "output", "output_file_id"),
                               (results.error_path, "error", "error_file_id")):
         if getattr(batch, field) is None and path.exists() and path.stat().st_size:
-            fields[field] = register_file(db, path, f"{batch_id}_{name}.jsonl", "batch_output").id
-    return update_batch(db, batch_id, **fields)
+            ids[field] = register_file(db, path, f"{batch_id}_{name}.jsonl", "batch_output").id
+    return ids
 
 
 def fail_batch(db: Database, directory: Path, batch_id: str, code: str, reason: str, advice: str) -> Batch:
@@ -305,14 +311,8 @@ def fail_batch(db: Database, directory: Path, batch_id: str, code: str, reason: 
     results.resume(progress)  # truncates a torn last line (which frees space on a full disk too)
     message = (f"{reason}; {progress.completed} completed and {progress.failed} failed results were written "
                f"and are kept. {advice}")
-    fields: dict[str, Any] = {}
-    batch = get_batch(db, batch_id)
-    for path, name, field in ((results.output_path, "output", "output_file_id"),
-                              (results.error_path, "error", "error_file_id")):
-        if getattr(batch, field) is None and path.exists() and path.stat().st_size:
-            fields[field] = register_file(db, path, f"{batch_id}_{name}.jsonl", "batch_output").id
     return update_batch(db, batch_id, status="failed", request_completed=progress.completed,
-                        request_failed=progress.failed, **fields,
+                        request_failed=progress.failed, **_result_file_ids(db, batch_id, results),
                         errors={"object": "list", "data": [{"code": code, "message": message,
                                                             "param": None, "line": None}]})
 
