@@ -50,9 +50,14 @@ def store_file(db: Database, files_dir: Path, source: BinaryIO, filename: str, p
     return register_file(db, path, filename, purpose, file_id=file_id)
 
 
+def file_record(path: Path, filename: str, purpose: str, *, file_id: str | None = None) -> File:
+    """The record of a file written at ``path``, for the caller to add in its own transaction."""
+    return File(id=file_id or new_file_id(), bytes=path.stat().st_size, created_at=int(time.time()),
+                filename=filename, purpose=purpose, status="processed", path=str(path))
+
+
 def register_file(db: Database, path: Path, filename: str, purpose: str, *, file_id: str | None = None) -> File:
-    record = File(id=file_id or new_file_id(), bytes=path.stat().st_size, created_at=int(time.time()),
-                  filename=filename, purpose=purpose, status="processed", path=str(path))
+    record = file_record(path, filename, purpose, file_id=file_id)
     with db.session() as session:
         session.add(record)
     return record

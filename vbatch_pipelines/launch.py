@@ -28,6 +28,7 @@ from vbatch_pipelines.names import (
     fine_tuning_run_tags,
     install_run_tags,
 )
+from vbatch_pipelines.net import local_http
 from vbatch_pipelines.partitions import (
     batch_partitions,
     fine_tune_partitions,
@@ -59,7 +60,7 @@ class DagsterUnreachable(RuntimeError):
 
 def _graphql(url: str, query: str, variables: dict[str, Any], timeout: float) -> dict[str, Any]:
     try:
-        response = httpx.post(f"{url.rstrip('/')}/graphql", json={"query": query, "variables": variables},
+        response = local_http().post(f"{url.rstrip('/')}/graphql", json={"query": query, "variables": variables},
                               timeout=timeout)
         response.raise_for_status()
         payload = response.json()

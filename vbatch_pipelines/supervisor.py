@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vbatch_pipelines.child_env import without_api_keys
+from vbatch_pipelines.names import MAX_BATCHES_PER_RUN
 from vbatch_pipelines.net import wait_http
 from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, die_with_parent, process_identity
 from vbatch_pipelines.settings import Settings
@@ -139,6 +140,9 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None
     process.wait()
 
 
+EVENT_BATCH_SIZE = 3 * MAX_BATCHES_PER_RUN  # a run's planned events: up to three steps per batch
+
+
 def prepare_platform(settings: Settings, resources: dict) -> dict:
     """Everything `up` needs before processes start: DB schema, Dagster home, gpu pool, default model.
     Returns the environment the processes run with."""
@@ -149,7 +153,10 @@ def prepare_platform(settings: Settings, resources: dict) -> dict:
     settings.home.mkdir(parents=True, exist_ok=True)
     resources["metadata_db"].db.upgrade()
     dagster_home = prepare_dagster_home(settings)
-    env = dict(os.environ, DAGSTER_HOME=str(dagster_home), VBATCH_HOME=str(settings.home))
+    # Dagster's event batching (off unless set): a run over many batches writes each step's planned events
+    # and materializations in one go (see dagster_storage.SqliteEventLogStorage.store_event_batch).
+    env = {"DAGSTER_EVENT_BATCH_SIZE": str(EVENT_BATCH_SIZE), **os.environ,
+           "DAGSTER_HOME": str(dagster_home), "VBATCH_HOME": str(settings.home)}
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     with DagsterInstance.get() as instance:
         set_pools(instance, settings.gpus, settings.inference_runs)

@@ -131,21 +131,28 @@ def _watch(db: Database, jobs: list[_Job]) -> list[str]:
 
 
 def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str]) -> BatchRun:
-    """Close the result files and end the batch: completed, or cancelled/expired with what finished.
-    ``stop_reason`` is the job's as it stopped (the watcher may still be looking at it meanwhile)."""
+    """Close the result files and end the batch: completed, or cancelled/expired with what finished, its
+    lease freed in the same transaction. ``stop_reason`` is the job's as it stopped (the watcher may still
+    be looking at it meanwhile)."""
+    ended = False
     try:
         job.results.close()
         if stop_reason == ["lease_lost"]:
             raise RuntimeError(f"{job.batch_id}: this run stalled past its lease and another run took the batch "
                                "over; it stopped without writing more")
-        update_batch(db, job.batch_id, request_completed=job.progress.completed, request_failed=job.progress.failed)
         if finished:
-            update_batch(db, job.batch_id, status="finalizing", only_from=("in_progress",))
-            end_batch(db, job.directory, job.batch_id, "completed")
+            end_batch(db, job.directory, job.batch_id, "completed", progress=job.progress, lease_owner=job.owner)
+            ended = True
         elif stop_reason or get_batch(db, job.batch_id).status == "cancelling":
-            end_batch(db, job.directory, job.batch_id, stop_reason[0] if stop_reason else "cancelled")
+            end_batch(db, job.directory, job.batch_id, stop_reason[0] if stop_reason else "cancelled",
+                      progress=job.progress, lease_owner=job.owner)
+            ended = True
+        else:  # the run stopped short (its engine failed): what finished is counted, a later run resumes
+            update_batch(db, job.batch_id, request_completed=job.progress.completed,
+                         request_failed=job.progress.failed)
     finally:
-        release_batch(db, job.batch_id, job.owner)
+        if not ended:
+            release_batch(db, job.batch_id, job.owner)
     reason = None if finished else (stop_reason[0] if stop_reason else "cancelled")
     return BatchRun(finished, reason, job.progress, time.monotonic() - job.started, job.results, "")
 

@@ -52,6 +52,12 @@ class ResultFiles:
         directory.mkdir(parents=True, exist_ok=True)
         self._output = None
         self._errors = None
+        # Line and request ids: 32 hex digits as before, a random half per instance and a counter (a uuid4 per
+        # id drew from the kernel's entropy twice per result: a tenth of a small batch's run-worker time).
+        self._prefix, self._serial = uuid.uuid4().hex[:16], itertools.count()
+
+    def _new_id(self) -> str:
+        return f"{self._prefix}{next(self._serial):016x}"
 
     @staticmethod
     def _scan(path: Path, progress: BatchProgress | None, ok: bool) -> set[str]:
@@ -98,9 +104,9 @@ class ResultFiles:
 
     def write(self, custom_id: str, response: EngineResponse) -> None:
         line = {
-            "id": f"batch_req_{uuid.uuid4().hex}",
+            "id": f"batch_req_{self._new_id()}",
             "custom_id": custom_id,
-            "response": {"status_code": response.status_code, "request_id": uuid.uuid4().hex,
+            "response": {"status_code": response.status_code, "request_id": self._new_id(),
                          "body": response.body},
             "error": None,
         }
@@ -111,7 +117,7 @@ class ResultFiles:
 
     def write_error(self, custom_id: str, code: str, message: str) -> None:
         """A request that never reached the engine (batch expired or cancelled), OpenAI-style."""
-        line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
+        line = {"id": f"batch_req_{self._new_id()}", "custom_id": custom_id, "response": None,
                 "error": {"code": code, "message": message}}
         self._append("_errors", self.error_path, line)
 

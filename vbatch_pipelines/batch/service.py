@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles
 from vbatch_pipelines.errors import VbatchError
-from vbatch_pipelines.files import get_file, register_file
+from vbatch_pipelines.files import file_record, get_file
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch
@@ -109,18 +109,23 @@ def update_batch(db: Database, batch_id: str, *, only_from: tuple[str, ...] | No
         batch = session.get(Batch, batch_id, with_for_update=True)
         if batch is None:
             raise KeyError(batch_id)
-        status = fields.get("status")
-        if status is not None and (batch.status in TERMINAL_BATCH_STATUSES
-                                   or (only_from is not None and batch.status not in only_from)):
-            fields.pop("status")
-            status = None
-        if status is not None:
-            stamp = f"{status}_at"
-            if hasattr(batch, stamp) and getattr(batch, stamp) is None and stamp not in fields:
-                fields[stamp] = now()
-        for key, value in fields.items():
-            setattr(batch, key, value)
+        _set_fields(batch, fields, only_from)
         return batch
+
+
+def _set_fields(batch: Batch, fields: dict[str, Any], only_from: tuple[str, ...] | None = None) -> None:
+    """``update_batch``'s rules, on a row its caller holds locked."""
+    status = fields.get("status")
+    if status is not None and (batch.status in TERMINAL_BATCH_STATUSES
+                               or (only_from is not None and batch.status not in only_from)):
+        fields = {key: value for key, value in fields.items() if key != "status"}
+        status = None
+    if status is not None:
+        stamp = f"{status}_at"
+        if hasattr(batch, stamp) and getattr(batch, stamp) is None and stamp not in fields:
+            fields = {**fields, stamp: now()}
+    for key, value in fields.items():
+        setattr(batch, key, value)
 
 
 LEASE_TTL_S = 30.0
@@ -264,20 +269,26 @@ def request_cancel(db: Database, batch_id: str) -> Batch:
         return batch
 
 
-def end_batch(db: Database, directory: Path, batch_id: str, status: str) -> Batch:
+def end_batch(db: Database, directory: Path, batch_id: str, status: str, *,
+              progress: BatchProgress | None = None, lease_owner: str | None = None) -> Batch:
     """Finish a batch as completed, cancelled or expired from what is on disk: requests not finished
     by expiry get ``batch_expired`` error lines (OpenAI's semantics), the output and error JSONL are
-    recorded as files (purpose batch_output), counts and usage are summed from them."""
+    recorded as files (purpose batch_output), counts and usage are summed from them.
+
+    A run that wrote the files passes what it counted as ``progress`` (they are then not read back: for a
+    100k-request batch that is seconds of parsing) and its ``lease_owner``, freed in the same transaction:
+    a run ending 20 batches at once paid six metadata-DB commits for each."""
     results = ResultFiles(directory)
-    progress = BatchProgress(total=0)
-    done = results.resume(progress)
-    if status == "expired" and (directory / INPUT_FILE).exists():
-        for custom_id, _ in iter_requests(directory / INPUT_FILE, done, model=""):
-            results.write_error(custom_id, "batch_expired",
-                                "This request could not be executed before the completion window expired.")
-            progress.failed += 1
+    if progress is None or status == "expired":
+        progress = BatchProgress(total=0)
+        done = results.resume(progress)
+        if status == "expired" and (directory / INPUT_FILE).exists():
+            for custom_id, _ in iter_requests(directory / INPUT_FILE, done, model=""):
+                results.write_error(custom_id, "batch_expired",
+                                    "This request could not be executed before the completion window expired.")
+                progress.failed += 1
     results.close()
-    fields: dict[str, Any] = {
+    return _end(db, batch_id, results, lease_owner, {
         "status": status,
         "request_completed": progress.completed,
         "request_failed": progress.failed,
@@ -288,19 +299,29 @@ def end_batch(db: Database, directory: Path, batch_id: str, status: str) -> Batc
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens_details": {"reasoning_tokens": 0},
         },
-    }
-    return update_batch(db, batch_id, **fields, **_result_file_ids(db, batch_id, results))
+    })
 
 
-def _result_file_ids(db: Database, batch_id: str, results: ResultFiles) -> dict[str, str]:
-    """The batch's output and error JSONL registered as files (purpose batch_output), those not yet."""
-    batch = get_batch(db, batch_id)
-    ids = {}
-    for path, name, field in ((results.output_path, "output", "output_file_id"),
-                              (results.error_path, "error", "error_file_id")):
-        if getattr(batch, field) is None and path.exists() and path.stat().st_size:
-            ids[field] = register_file(db, path, f"{batch_id}_{name}.jsonl", "batch_output").id
-    return ids
+def _end(db: Database, batch_id: str, results: ResultFiles, lease_owner: str | None, fields: dict[str, Any]) -> Batch:
+    """One transaction: the batch's result files registered (purpose batch_output, those not yet), its fields
+    set, and its lease freed when ``lease_owner`` holds it."""
+    with db.session() as session:
+        batch = session.get(Batch, batch_id, with_for_update=True)
+        if batch is None:
+            raise KeyError(batch_id)
+        fields = dict(fields)
+        for path, name, field in ((results.output_path, "output", "output_file_id"),
+                                  (results.error_path, "error", "error_file_id")):
+            if getattr(batch, field) is None and path.exists() and path.stat().st_size:
+                record = file_record(path, f"{batch_id}_{name}.jsonl", "batch_output")
+                session.add(record)
+                fields[field] = record.id
+        _set_fields(batch, fields)
+        if batch.status == "completed" and batch.finalizing_at is None:
+            batch.finalizing_at = batch.completed_at  # results were final as they were written
+        if lease_owner is not None and batch.lease_owner == lease_owner:
+            batch.lease_owner, batch.lease_until = None, None
+        return batch
 
 
 def fail_batch(db: Database, directory: Path, batch_id: str, code: str, reason: str, advice: str) -> Batch:
@@ -311,10 +332,9 @@ def fail_batch(db: Database, directory: Path, batch_id: str, code: str, reason: 
     results.resume(progress)  # truncates a torn last line (which frees space on a full disk too)
     message = (f"{reason}; {progress.completed} completed and {progress.failed} failed results were written "
                f"and are kept. {advice}")
-    return update_batch(db, batch_id, status="failed", request_completed=progress.completed,
-                        request_failed=progress.failed, **_result_file_ids(db, batch_id, results),
-                        errors={"object": "list", "data": [{"code": code, "message": message,
-                                                            "param": None, "line": None}]})
+    return _end(db, batch_id, results, None, {
+        "status": "failed", "request_completed": progress.completed, "request_failed": progress.failed,
+        "errors": {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}})
 
 
 def fail_batch_on_full_disk(db: Database, directory: Path, batch_id: str, reason: str) -> Batch:

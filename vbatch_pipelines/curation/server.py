@@ -20,6 +20,7 @@ import httpx
 from vbatch_pipelines.child_env import without_secrets
 from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
+from vbatch_pipelines.net import local_http
 from vbatch_pipelines.paths import write_private
 
 REQUIREMENTS = Path(__file__).with_name("label-studio.txt")
@@ -112,7 +113,7 @@ class ManagedLabelStudio(DetachedServer):
         # A busy port makes Label Studio silently take the next one: check ours answers with our token.
         try:
             token = self.credentials()["token"]
-            response = httpx.get(f"{url}/api/projects", params={"page_size": 1}, timeout=timeout,
+            response = local_http().get(f"{url}/api/projects", params={"page_size": 1}, timeout=timeout,
                                  headers={"Authorization": f"Token {token}"})
             return response.status_code == 200
         except httpx.HTTPError:

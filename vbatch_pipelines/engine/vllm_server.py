@@ -20,6 +20,7 @@ from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
 from vbatch_pipelines.models.registry import ModelSpec
+from vbatch_pipelines.net import local_http
 
 
 @dataclass
@@ -56,9 +57,9 @@ class ManagedVLLMServer(DetachedServer):
 
     def probe(self, url: str, timeout: float) -> bool:
         try:
-            if httpx.get(f"{url}/health", timeout=timeout).status_code != 200:
+            if local_http().get(f"{url}/health", timeout=timeout).status_code != 200:
                 return False
-            served = httpx.get(f"{url}/v1/models", timeout=timeout).json()
+            served = local_http().get(f"{url}/v1/models", timeout=timeout).json()
             return any(m.get("id") == self.model.id for m in served.get("data", []))
         except (httpx.HTTPError, ValueError):
             return False
@@ -105,14 +106,14 @@ class ManagedVLLMServer(DetachedServer):
         ]
 
     def loaded_models(self, url: str) -> list[str]:
-        return [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json().get("data", [])]
+        return [m["id"] for m in local_http().get(f"{url}/v1/models", timeout=10).json().get("data", [])]
 
     def load_adapter(self, name: str, path: str) -> None:
         """Serve a LoRA adapter under ``name`` on the running server (started if needed): no restart."""
         url = self.ensure()
         if name in self.loaded_models(url):
             return
-        response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+        response = local_http().post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
                               timeout=300)
         if response.status_code != 200 and "already been loaded" not in response.text:
             raise AdapterLoadError(f"vLLM refused to load the adapter {name} from {path}: "
@@ -124,7 +125,7 @@ class ManagedVLLMServer(DetachedServer):
         if not self.healthy(state):
             return False
         try:
-            return httpx.post(f"{self.url_of(state)}/sleep", params={"level": 1}, timeout=120).status_code == 200
+            return local_http().post(f"{self.url_of(state)}/sleep", params={"level": 1}, timeout=120).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -133,7 +134,7 @@ class ManagedVLLMServer(DetachedServer):
         if not self.healthy(state):
             return False
         try:
-            return httpx.post(f"{self.url_of(state)}/wake_up", timeout=300).status_code == 200
+            return local_http().post(f"{self.url_of(state)}/wake_up", timeout=300).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -145,7 +146,7 @@ class ManagedVLLMServer(DetachedServer):
         url = self.url_of(state)
         if name not in self.loaded_models(url):
             return False
-        response = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+        response = local_http().post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
         if response.status_code != 200:
             raise AdapterLoadError(f"vLLM refused to unload {name}: {response.status_code} {response.text[:500]}")
         return True
