@@ -290,6 +290,36 @@ def test_one_batch_is_run_by_one_run_at_a_time(platform):
     claim_batch(platform.db, batch.id, "run-d@elsewhere:4", wait_s=0)  # an expired lease is free
 
 
+def test_ending_a_batch_frees_only_its_runs_lease_and_counts_what_the_run_counted(platform):
+    """A run ends its batch in one transaction: status, counts and usage from what it counted, result files
+    registered, and its own lease freed; a lease another run took meanwhile stays held."""
+    from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles
+    from vbatch_pipelines.batch.service import claim_batch, end_batch
+    from vbatch_pipelines.engine.base import EngineResponse
+
+    ended = []
+    for name, holder, ender in (("mine", "run-a@elsewhere:1", "run-a@elsewhere:1"),
+                                ("taken", "run-b@elsewhere:2", "run-a@elsewhere:1")):
+        batch = platform.submit(jsonl(chat_lines(2, prefix=name)))
+        directory = platform.file_store.batch_dir(batch.id)
+        claim_batch(platform.db, batch.id, holder)
+        results = ResultFiles(directory)
+        body = {"choices": [{"message": {"role": "assistant", "content": "hi"}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        results.write(f"{name}-0", EngineResponse(200, body))
+        results.write(f"{name}-1", EngineResponse(400, {"error": {"message": "bad"}}))
+        results.close()
+        progress = BatchProgress(total=2, completed=1, failed=1, prompt_tokens=3, completion_tokens=2)
+        ended.append(end_batch(platform.db, directory, batch.id, "completed", progress=progress, lease_owner=ender))
+    mine, taken = (platform.batch(batch.id) for batch in ended)
+    assert mine.status == "completed" and mine.lease_owner is None
+    assert (mine.request_completed, mine.request_failed, mine.usage["total_tokens"]) == (1, 1, 5)
+    assert mine.output_file_id and mine.error_file_id and mine.finalizing_at == mine.completed_at
+    assert taken.status == "completed" and taken.lease_owner == "run-b@elsewhere:2"
+    lines = [json.loads(x) for x in (platform.file_store.batch_dir(mine.id) / "output.jsonl").read_text().splitlines()]
+    assert lines[0]["id"].startswith("batch_req_") and len(lines[0]["id"]) == len("batch_req_") + 32
+
+
 def test_a_killed_runs_lease_on_this_host_is_taken_at_once(platform):
     import socket
 
