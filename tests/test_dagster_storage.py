@@ -92,3 +92,28 @@ def test_a_missing_table_is_not_remembered(instance):
     with storage.index_connection() as conn:
         conn.execute(sa.text("CREATE TABLE vbatch_probe (id INTEGER)"))
     assert storage.has_table("vbatch_probe")
+
+
+def test_a_new_run_file_comes_from_the_template_and_an_old_one_goes_through_dagsters_set_up(instance, monkeypatch):
+    import sqlite3
+
+    from dagster._core.storage.event_log import SqliteEventLogStorage as DagsterSqliteEventLogStorage
+
+    storage = instance.event_log_storage
+    set_ups: list[str] = []
+    initdb = DagsterSqliteEventLogStorage._initdb
+    monkeypatch.setattr(DagsterSqliteEventLogStorage, "_initdb",
+                        lambda self, engine, for_index_shard=False: set_ups.append(engine.url.database)
+                        or initdb(self, engine, for_index_shard))
+    with storage.run_connection("fresh-run") as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM event_logs")
+    revision = storage._template()[1]
+    assert set_ups == [] and revision  # a copy of the template, stamped with this Dagster's revision
+
+    old = storage.path_for_shard("old-run")
+    with sqlite3.connect(old) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.execute("INSERT INTO alembic_version VALUES ('an-older-revision')")
+    with storage.run_connection("old-run"):
+        pass
+    assert set_ups == [old]  # not taken as set up: Dagster's own _initdb decides

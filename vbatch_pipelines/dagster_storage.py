@@ -8,12 +8,17 @@ it syncs at checkpoints, so a power cut may lose the last events but never corru
 SQLAlchemy engine is also made once, and its connection kept open, instead of both once per event. A batch
 of asset events (what a run over many partitions plans and materializes: two events per batch per step)
 is written in one transaction per file instead of one each (`vbatch up` turns on Dagster's event batching,
-``DAGSTER_EVENT_BATCH_SIZE``).
+``DAGSTER_EVENT_BATCH_SIZE``). A new run's file is a copy of a template Dagster's own set-up made once, and a file
+stamped with this Dagster's schema revision is taken as it is: Dagster checks (loading alembic's migration
+scripts) and sets up every run's file in each process that opens it, ~60 ms a run on a small machine.
 vbatch's own records are in its metadata DB, not here. For production, PostgreSQL (``VBATCH_DAGSTER_DATABASE_URL``) replaces all of this.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,12 +42,24 @@ def _normal_sync(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _stamped_revision(path: str, *, immutable: bool = False) -> str | None:
+    """The alembic revision a shard file is stamped with (None when it has none yet)."""
+    mode = "immutable=1" if immutable else "mode=ro"  # the template never changes: no -shm beside it
+    try:
+        with sqlite3.connect(f"file:{path}?{mode}", uri=True, timeout=SQLITE_BUSY_TIMEOUT_SECONDS) as conn:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
 class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
     """Dagster's ``SqliteEventLogStorage`` with ``synchronous=NORMAL`` and one open connection per shard."""
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None):
         self._engines: OrderedDict[str, Any] = OrderedDict()
         self._tables_seen: set[str] = set()
+        self._template_info: tuple[str, str] | None = None
         super().__init__(base_dir, inst_data=inst_data)
 
     @classmethod
@@ -64,6 +81,53 @@ class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
         else:
             self._engines.move_to_end(shard)
         return engine
+
+    def _template(self) -> tuple[str, str] | None:
+        """(path, revision) of an empty shard set up by Dagster's own ``_initdb`` (once per Dagster version and
+        base dir; made by whichever process needs it first), or None if it cannot be made."""
+        if self._template_info is None:
+            import dagster
+
+            path = os.path.join(self._base_dir, f".shard-template-{dagster.__version__}.sqlite")
+            try:
+                if not os.path.exists(path):
+                    scratch = f"{path}.{os.getpid()}.part"
+                    engine = db.create_engine(f"sqlite:///{scratch}")
+                    try:
+                        super()._initdb(engine)
+                        with engine.connect() as conn:  # everything in the main file, none in a -wal beside it
+                            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                    finally:
+                        engine.dispose()
+                    os.replace(scratch, path)
+                    for suffix in ("-wal", "-shm"):
+                        if os.path.exists(scratch + suffix):
+                            os.remove(scratch + suffix)
+                revision = _stamped_revision(path, immutable=True)
+            except (OSError, sqlite3.Error, db.exc.SQLAlchemyError):
+                return None
+            if revision is None:
+                return None
+            self._template_info = (path, revision)
+        return self._template_info
+
+    def _initdb(self, engine, for_index_shard: bool = False) -> None:
+        template = None if for_index_shard else self._template()
+        path = engine.url.database
+        if template is not None and path:
+            if not os.path.exists(path):
+                scratch = f"{path}.{os.getpid()}.part"
+                shutil.copyfile(template[0], scratch)
+                try:
+                    os.link(scratch, path)  # only if no other process made the file meanwhile
+                    return
+                except FileExistsError:
+                    pass
+                finally:
+                    os.remove(scratch)
+            if _stamped_revision(path) == template[1]:
+                return
+        super()._initdb(engine, for_index_shard)
 
     @contextmanager
     def _connect(self, shard: str) -> Iterator[Any]:
