@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class Stack:
     """`vbatch up` (curation off unless asked) on a fresh home; ``client`` is an openai SDK client."""
 
     def __init__(self, home: Path | None = None, *, curation: bool = False, env: dict[str, str] | None = None):
+        self._own_home = home is None  # a home made here is removed by stop()
         self.home = home or Path(tempfile.mkdtemp(prefix="vbatch-bench-"))
         api_port, dagster_port = free_port(), free_port()
         full_env = dict(os.environ, VBATCH_HOME=str(self.home), DAGSTER_HOME=str(self.home / "dagster"),
@@ -114,6 +116,8 @@ class Stack:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=120)
+        if self._own_home:
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 class _Sampler:

