@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch (a local wheel on the project's machines; from PyPI elsewhere).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install engine up test bench clean
+.PHONY: install engine test-tools up test bench clean
 
 $(BIN)/vbatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,14 @@ engine: install
 up: engine
 	$(BIN)/vbatch up
 
-test: engine
+# System tools the tests drive: Debian's prometheus (the shipped Prometheus config and Grafana dashboard
+# are checked against a running platform). Installed with apt when missing.
+test-tools:
+	@command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: engine test-tools
 	$(BIN)/python -m pytest
 
 # Every benchmark script; each prints its figures (see the README's Benchmarks table).

@@ -11,11 +11,12 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 
 from api.deps import EnginePool, caller_role
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard
-from api.routers import batches, completions, curation, files, fine_tuning, models
+from api.routers import batches, completions, curation, files, fine_tuning, metrics, models
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
 from vbatch_pipelines.launch import BatchLauncher
@@ -23,6 +24,34 @@ from vbatch_pipelines.services import ServiceRegistry
 from vbatch_pipelines.settings import Settings, load_settings
 
 log = logging.getLogger("vbatch.api")
+
+
+def metrics_registry(db, services, engines_dir) -> CollectorRegistry:
+    """The registry ``GET /metrics`` renders: the platform's own collector only (no per-process defaults,
+    which would differ between API workers)."""
+    from vbatch_pipelines.metrics import PlatformCollector, engine_states, read_engine_metrics
+    from vbatch_pipelines.net import local_http
+
+    def fetch(url: str) -> str:
+        response = local_http().get(url, timeout=2.0)
+        response.raise_for_status()
+        return response.text
+
+    def dagster_queued() -> int | None:
+        from dagster import DagsterRunStatus, RunsFilter
+
+        from vbatch_pipelines.launch import DagsterUnreachable, dagster_instance
+
+        try:
+            return dagster_instance().get_runs_count(RunsFilter(statuses=[DagsterRunStatus.QUEUED]))
+        except DagsterUnreachable:
+            return None
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PlatformCollector(
+        db, services=services, dagster_queued=dagster_queued,
+        engines=lambda: [read_engine_metrics(engine, fetch) for engine in engine_states(engines_dir)]))
+    return registry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -123,4 +152,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services_seen.update(at=now, report=report)
         return services_seen["report"]
 
+    app.include_router(metrics.router, dependencies=[Depends(caller_role)])
+    app.state.metrics_registry = metrics_registry(app.state.db, services, resources["file_store"].engines_dir)
     return app

@@ -94,8 +94,7 @@ class ManagedVLLMServer(DetachedServer):
             "--served-model-name", self.model.id,
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--disable-uvicorn-access-log",
-            "--disable-log-stats",
+            "--disable-uvicorn-access-log",  # its stats stay on: its /metrics feeds Prometheus and the dashboard
             "--middleware", f"{BATCH_MIDDLEWARE.__name__}.batch_requests",
             *(["--trust-remote-code"] if self.model.trust_remote_code else []),
             # Sleep mode lets a fine-tune borrow the GPU without a restart (released_for_training).

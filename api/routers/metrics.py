@@ -1,0 +1,30 @@
+"""GET /metrics: the platform in Prometheus' text format (names prefixed ``vbatch_``), computed when scraped
+(``vbatch_pipelines.metrics``), so every API worker answers alike. GET /metrics/targets: the engines vbatch
+runs, in Prometheus' HTTP service-discovery format (their ports change as they restart)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+def metrics(request: Request) -> Response:
+    """Batches by status, requests and tokens by model, queue depth, reviews and gold stars, fine-tunes by
+    status, services and engines; for Prometheus (`deploy/prometheus.yml`) or a look with curl."""
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/metrics/targets", response_class=JSONResponse)
+def metric_targets(request: Request) -> JSONResponse:
+    """Each running engine as a scrape target (``http_sd_configs`` in `deploy/prometheus.yml`), labelled with
+    its model: vLLM's own ``/metrics`` (requests running and waiting, KV-cache use, tokens)."""
+    from vbatch_pipelines.metrics import engine_states
+
+    engines = engine_states(request.app.state.resources["file_store"].engines_dir)
+    return JSONResponse([{"targets": [engine.url.removeprefix("http://")], "labels": {"model": engine.model}}
+                         for engine in engines if engine.up])

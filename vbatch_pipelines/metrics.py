@@ -1,0 +1,168 @@
+"""The platform's Prometheus metrics, read when scraped: from the metadata DB (batches, requests, tokens,
+reviews, fine-tunes), the supervisor's service record and the engines' state files and own ``/metrics``.
+No process counts anything in memory, so every API worker answers the same and a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import BATCH_STATUSES, FINE_TUNING_STATUSES, Batch, CurationTask, FineTuningJob
+
+# What the dashboard shows of each vLLM engine (names as vLLM exports them).
+ENGINE_GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+                 "vllm:kv_cache_usage_perc": "kv_cache_usage"}
+ENGINE_COUNTERS = {"vllm:prompt_tokens": "prompt_tokens", "vllm:generation_tokens": "generation_tokens"}
+
+
+@dataclass
+class EngineState:
+    """One engine vbatch started, as its state file records it, and what its ``/metrics`` said."""
+
+    model: str
+    url: str
+    pid: int
+    up: bool = False
+    stats: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def engine_states(engines_dir: Path) -> list[EngineState]:
+    """The engines recorded under ``engines_dir`` (one state file each), alive or not."""
+    from vbatch_pipelines.detached import pid_alive
+
+    engines = []
+    for path in sorted(engines_dir.glob("*.json")) if engines_dir.is_dir() else []:
+        try:
+            state = json.loads(path.read_text())
+            model, port, pid = state["model"], int(state["port"]), int(state["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        engines.append(EngineState(model=model, url=f"http://127.0.0.1:{port}", pid=pid, up=pid_alive(pid)))
+    return engines
+
+
+def read_engine_metrics(engine: EngineState, get: Callable[[str], str]) -> EngineState:
+    """Fill ``engine.stats`` from its Prometheus text (``get(url)`` fetches it); a failure is recorded, not
+    raised: a dashboard shows an engine that does not answer as such."""
+    if not engine.up:
+        return engine
+    try:
+        text = get(f"{engine.url}/metrics")
+    except Exception as exc:  # noqa: BLE001 - down, starting or hung: say so
+        engine.up, engine.error = False, f"{type(exc).__name__}: {exc}"
+        return engine
+    stats: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        name = ENGINE_GAUGES.get(family.name) or ENGINE_COUNTERS.get(family.name)
+        if name is None:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            stats[name] = stats.get(name, 0.0) + sample.value  # summed over the engine's label sets
+    engine.stats = stats
+    return engine
+
+
+class PlatformCollector(Collector):
+    """Everything ``GET /metrics`` reports, computed at scrape time."""
+
+    def __init__(self, db: Database, *, services: Callable[[], dict[str, dict[str, Any]]],
+                 engines: Callable[[], list[EngineState]], dagster_queued: Callable[[], int | None]):
+        self.db, self.services, self.engines, self.dagster_queued = db, services, engines, dagster_queued
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.monotonic()
+        yield from self._batches()
+        yield from self._curation()
+        yield from self._fine_tunes()
+        yield from self._services()
+        yield from self._engines()
+        queued = self.dagster_queued()
+        if queued is not None:
+            yield GaugeMetricFamily("vbatch_dagster_runs_queued", "Dagster runs queued, not yet started",
+                                    value=queued)
+        yield GaugeMetricFamily("vbatch_scrape_duration_seconds", "Time this scrape took to compute",
+                                value=time.monotonic() - started)
+
+    def _batches(self) -> Iterator[Metric]:
+        by_status = GaugeMetricFamily("vbatch_batches", "Batches by status", labels=["status"])
+        requests = CounterMetricFamily("vbatch_requests", "Batch requests finished, by model and outcome",
+                                       labels=["model", "outcome"])
+        tokens = CounterMetricFamily("vbatch_tokens", "Tokens of finished batch requests, by model and kind",
+                                     labels=["model", "kind"])
+        with self.db.engine.connect() as conn:
+            counts = dict(conn.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
+            per_model = conn.execute(select(
+                Batch.model, func.sum(Batch.request_completed), func.sum(Batch.request_failed),
+                func.sum(Batch.usage["input_tokens"].as_integer()),
+                func.sum(Batch.usage["output_tokens"].as_integer())).group_by(Batch.model)).all()
+            waiting = conn.execute(select(func.count()).select_from(Batch).where(
+                Batch.status.in_(("validating", "in_progress")), Batch.lease_owner.is_(None))).scalar_one()
+        for status in BATCH_STATUSES:
+            by_status.add_metric([status], counts.get(status, 0))
+        for model, completed, failed, input_tokens, output_tokens in per_model:
+            name = model or "unknown"
+            requests.add_metric([name, "completed"], completed or 0)
+            requests.add_metric([name, "failed"], failed or 0)
+            tokens.add_metric([name, "input"], input_tokens or 0)
+            tokens.add_metric([name, "output"], output_tokens or 0)
+        yield by_status
+        yield requests
+        yield tokens
+        yield GaugeMetricFamily("vbatch_batches_waiting", "Batches accepted and not yet run by any run (the "
+                                "queue in front of the engine)", value=waiting)
+
+    def _curation(self) -> Iterator[Metric]:
+        with self.db.engine.connect() as conn:
+            total, reviewed, gold = conn.execute(select(
+                func.count(), func.count().filter(CurationTask.annotated.is_(True)),
+                func.count().filter(CurationTask.gold_star.is_(True)))).one()
+        tasks = GaugeMetricFamily("vbatch_curation_tasks", "Results sent to review, by state", labels=["state"])
+        tasks.add_metric(["reviewed"], reviewed)
+        tasks.add_metric(["pending"], total - reviewed)
+        yield tasks
+        yield GaugeMetricFamily("vbatch_gold_stars", "Results marked gold stars", value=gold)
+
+    def _fine_tunes(self) -> Iterator[Metric]:
+        with self.db.engine.connect() as conn:
+            counts = dict(conn.execute(select(FineTuningJob.status, func.count())
+                                       .group_by(FineTuningJob.status)).all())
+        jobs = GaugeMetricFamily("vbatch_fine_tunes", "Fine-tuning jobs by status", labels=["status"])
+        for status in FINE_TUNING_STATUSES:
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+
+    def _services(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("vbatch_service_up", "Whether a supervised service runs", labels=["service"])
+        restarts = CounterMetricFamily("vbatch_service_restarts", "Restarts of a supervised service by `vbatch up`",
+                                       labels=["service"])
+        for name, service in sorted(self.services().items()):
+            up.add_metric([name], 1 if service.get("running") else 0)
+            restarts.add_metric([name], service.get("restarts", 0))
+        yield up
+        yield restarts
+
+    def _engines(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("vbatch_engine_up", "Whether a model's engine answers", labels=["model"])
+        gauges = {name: GaugeMetricFamily(f"vbatch_engine_{name}", f"vLLM's {source}, per model",
+                                          labels=["model"]) for source, name in ENGINE_GAUGES.items()}
+        for engine in self.engines():
+            up.add_metric([engine.model], 1 if engine.up else 0)
+            for name, family in gauges.items():
+                if name in engine.stats:
+                    family.add_metric([engine.model], engine.stats[name])
+        yield up
+        yield from gauges.values()
