@@ -152,6 +152,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services_seen.update(at=now, report=report)
         return services_seen["report"]
 
-    app.include_router(metrics.router, dependencies=[Depends(caller_role)])
+    app.include_router(metrics.router, dependencies=[Depends(caller_role)], responses=ERRORS)
     app.state.metrics_registry = metrics_registry(app.state.db, services, resources["file_store"].engines_dir)
     return app

@@ -7,19 +7,27 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+class ScrapeTarget(BaseModel):
+    """One target group of Prometheus' HTTP service discovery."""
+
+    targets: list[str]
+    labels: dict[str, str]
+
+
+@router.get("/metrics", response_class=Response, responses={200: {
+    "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 def metrics(request: Request) -> Response:
     """Batches by status, requests and tokens by model, queue depth, reviews and gold stars, fine-tunes by
     status, services and engines; for Prometheus (`deploy/prometheus.yml`) or a look with curl."""
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/metrics/targets", response_class=JSONResponse)
+@router.get("/metrics/targets", response_class=JSONResponse, response_model=list[ScrapeTarget])
 def metric_targets(request: Request) -> JSONResponse:
     """Each running engine as a scrape target (``http_sd_configs`` in `deploy/prometheus.yml`), labelled with
     its model: vLLM's own ``/metrics`` (requests running and waiting, KV-cache use, tokens)."""
