@@ -27,11 +27,14 @@ up: engine
 	$(BIN)/vbatch up
 
 # System tools the tests drive: Debian's prometheus (the shipped Prometheus config and Grafana dashboard
-# are checked against a running platform). Installed with apt when missing.
+# are checked against a running platform) and chromium (the console's browser tests, through Playwright).
+# Installed with apt when missing.
 test-tools:
-	@command -v prometheus >/dev/null || { \
+	@missing=""; for tool in prometheus chromium; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 test: engine test-tools
 	$(BIN)/python -m pytest

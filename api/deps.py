@@ -77,7 +77,15 @@ async def caller_role(request: Request, authorization: str | None = Header(defau
     if not authorization or not authorization.startswith("Bearer "):
         raise OpenAIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                           code="missing_api_key")
-    token = authorization.removeprefix("Bearer ").strip()
+    role = role_of_key(settings, authorization.removeprefix("Bearer ").strip())
+    if role is None:
+        log.warning("refused an API request to %s %s: invalid API key", request.method, request.url.path)
+        raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return role
+
+
+def role_of_key(settings, token: str) -> Role | None:
+    """The role a key gives (the API's bearer key, the console's login), None for an unknown key."""
     # Every key is compared (no early exit), so the time taken says nothing of which list matched.
     admin = [same_secret(token, key) for key in settings.admin_keys]
     use = [same_secret(token, key) for key in settings.api_keys]
@@ -85,8 +93,7 @@ async def caller_role(request: Request, authorization: str | None = Header(defau
         return "admin"
     if any(use):
         return "use"
-    log.warning("refused an API request to %s %s: invalid API key", request.method, request.url.path)
-    raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return None
 
 
 async def require_admin(role: Role = Depends(caller_role)) -> None:

@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
+from api import console
 from api.deps import EnginePool, caller_role
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard
@@ -29,13 +30,7 @@ log = logging.getLogger("vbatch.api")
 def metrics_registry(db, services, engines_dir) -> CollectorRegistry:
     """The registry ``GET /metrics`` renders: the platform's own collector only (no per-process defaults,
     which would differ between API workers)."""
-    from vbatch_pipelines.metrics import PlatformCollector, engine_states, read_engine_metrics
-    from vbatch_pipelines.net import local_http
-
-    def fetch(url: str) -> str:
-        response = local_http().get(url, timeout=2.0)
-        response.raise_for_status()
-        return response.text
+    from vbatch_pipelines.metrics import PlatformCollector, engines_with_stats
 
     def dagster_queued() -> int | None:
         from dagster import DagsterRunStatus, RunsFilter
@@ -48,9 +43,8 @@ def metrics_registry(db, services, engines_dir) -> CollectorRegistry:
             return None
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PlatformCollector(
-        db, services=services, dagster_queued=dagster_queued,
-        engines=lambda: [read_engine_metrics(engine, fetch) for engine in engine_states(engines_dir)]))
+    registry.register(PlatformCollector(db, services=services, dagster_queued=dagster_queued,
+                                        engines=lambda: engines_with_stats(engines_dir)))
     return registry
 
 
@@ -153,5 +147,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return services_seen["report"]
 
     app.include_router(metrics.router, dependencies=[Depends(caller_role)], responses=ERRORS)
+    console.install(app)
     app.state.metrics_registry = metrics_registry(app.state.db, services, resources["file_store"].engines_dir)
     return app

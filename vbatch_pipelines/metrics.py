@@ -76,6 +76,76 @@ def read_engine_metrics(engine: EngineState, get: Callable[[str], str]) -> Engin
     return engine
 
 
+def engines_with_stats(engines_dir: Path) -> list[EngineState]:
+    """Every engine vbatch started, with what its own ``/metrics`` says now (2 s at most each)."""
+    from vbatch_pipelines.net import local_http
+
+    def fetch(url: str) -> str:
+        response = local_http().get(url, timeout=2.0)
+        response.raise_for_status()
+        return response.text
+
+    return [read_engine_metrics(engine, fetch) for engine in engine_states(engines_dir)]
+
+
+@dataclass
+class PlatformSummary:
+    """What the metadata DB says of the platform: the figures ``/metrics`` and the console's dashboard show."""
+
+    batches: dict[str, int]  # by status
+    waiting: int  # accepted, no run working on them yet
+    requests: dict[str, tuple[int, int]]  # model -> (completed, failed)
+    tokens: dict[str, tuple[int, int]]  # model -> (input, output)
+    reviewed: int
+    pending_review: int
+    gold_stars: int
+    fine_tunes: dict[str, int]  # by status
+
+
+def summarize(db: Database, *, ended_since: int | None = None) -> PlatformSummary:
+    """The platform's figures; with ``ended_since`` (a Unix time) requests and tokens count only batches that
+    ended since then (the dashboard's "today")."""
+    ended = func.coalesce(Batch.completed_at, Batch.cancelled_at, Batch.expired_at, Batch.failed_at)
+    per_model = select(Batch.model, func.sum(Batch.request_completed), func.sum(Batch.request_failed),
+                       func.sum(Batch.usage["input_tokens"].as_integer()),
+                       func.sum(Batch.usage["output_tokens"].as_integer())).group_by(Batch.model)
+    if ended_since is not None:
+        per_model = per_model.where(ended >= ended_since)
+    with db.engine.connect() as conn:
+        statuses = dict(conn.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
+        models = conn.execute(per_model).all()
+        waiting = conn.execute(select(func.count()).select_from(Batch).where(
+            Batch.status.in_(("validating", "in_progress")), Batch.lease_owner.is_(None))).scalar_one()
+        total, reviewed, gold = conn.execute(select(
+            func.count(), func.count().filter(CurationTask.annotated.is_(True)),
+            func.count().filter(CurationTask.gold_star.is_(True))).select_from(CurationTask)).one()
+        jobs = dict(conn.execute(select(FineTuningJob.status, func.count()).group_by(FineTuningJob.status)).all())
+    return PlatformSummary(
+        batches={status: statuses.get(status, 0) for status in BATCH_STATUSES}, waiting=waiting,
+        requests={model or "unknown": (completed or 0, failed or 0) for model, completed, failed, _, _ in models},
+        tokens={model or "unknown": (i or 0, o or 0) for model, _, _, i, o in models},
+        reviewed=reviewed, pending_review=total - reviewed, gold_stars=gold,
+        fine_tunes={status: jobs.get(status, 0) for status in FINE_TUNING_STATUSES})
+
+
+def gold_stars_by_day(db: Database, *, days: int) -> list[tuple[str, int]]:
+    """Gold stars given on each of the last ``days`` days (by review time, local dates), oldest first."""
+    import datetime as dt
+
+    today = dt.date.today()
+    first = today - dt.timedelta(days=days - 1)
+    since = int(time.mktime(first.timetuple()))
+    with db.engine.connect() as conn:
+        stamps = conn.execute(select(CurationTask.reviewed_at).where(
+            CurationTask.gold_star.is_(True), CurationTask.reviewed_at >= since)).scalars().all()
+    counts = {first + dt.timedelta(days=n): 0 for n in range(days)}
+    for stamp in stamps:
+        day = dt.date.fromtimestamp(stamp)
+        if day in counts:
+            counts[day] += 1
+    return [(day.isoformat(), count) for day, count in counts.items()]
+
+
 class PlatformCollector(Collector):
     """Everything ``GET /metrics`` reports, computed at scrape time."""
 
@@ -85,9 +155,7 @@ class PlatformCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
-        yield from self._batches()
-        yield from self._curation()
-        yield from self._fine_tunes()
+        yield from self._summary(summarize(self.db))
         yield from self._services()
         yield from self._engines()
         queued = self.dagster_queued()
@@ -97,52 +165,34 @@ class PlatformCollector(Collector):
         yield GaugeMetricFamily("vbatch_scrape_duration_seconds", "Time this scrape took to compute",
                                 value=time.monotonic() - started)
 
-    def _batches(self) -> Iterator[Metric]:
+    @staticmethod
+    def _summary(summary: PlatformSummary) -> Iterator[Metric]:
         by_status = GaugeMetricFamily("vbatch_batches", "Batches by status", labels=["status"])
+        for status, count in summary.batches.items():
+            by_status.add_metric([status], count)
         requests = CounterMetricFamily("vbatch_requests", "Batch requests finished, by model and outcome",
                                        labels=["model", "outcome"])
+        for model, (completed, failed) in summary.requests.items():
+            requests.add_metric([model, "completed"], completed)
+            requests.add_metric([model, "failed"], failed)
         tokens = CounterMetricFamily("vbatch_tokens", "Tokens of finished batch requests, by model and kind",
                                      labels=["model", "kind"])
-        with self.db.engine.connect() as conn:
-            counts = dict(conn.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
-            per_model = conn.execute(select(
-                Batch.model, func.sum(Batch.request_completed), func.sum(Batch.request_failed),
-                func.sum(Batch.usage["input_tokens"].as_integer()),
-                func.sum(Batch.usage["output_tokens"].as_integer())).group_by(Batch.model)).all()
-            waiting = conn.execute(select(func.count()).select_from(Batch).where(
-                Batch.status.in_(("validating", "in_progress")), Batch.lease_owner.is_(None))).scalar_one()
-        for status in BATCH_STATUSES:
-            by_status.add_metric([status], counts.get(status, 0))
-        for model, completed, failed, input_tokens, output_tokens in per_model:
-            name = model or "unknown"
-            requests.add_metric([name, "completed"], completed or 0)
-            requests.add_metric([name, "failed"], failed or 0)
-            tokens.add_metric([name, "input"], input_tokens or 0)
-            tokens.add_metric([name, "output"], output_tokens or 0)
+        for model, (input_tokens, output_tokens) in summary.tokens.items():
+            tokens.add_metric([model, "input"], input_tokens)
+            tokens.add_metric([model, "output"], output_tokens)
+        tasks = GaugeMetricFamily("vbatch_curation_tasks", "Results sent to review, by state", labels=["state"])
+        tasks.add_metric(["reviewed"], summary.reviewed)
+        tasks.add_metric(["pending"], summary.pending_review)
+        jobs = GaugeMetricFamily("vbatch_fine_tunes", "Fine-tuning jobs by status", labels=["status"])
+        for status, count in summary.fine_tunes.items():
+            jobs.add_metric([status], count)
         yield by_status
+        yield GaugeMetricFamily("vbatch_batches_waiting", "Batches accepted and not yet run by any run (the "
+                                "queue in front of the engine)", value=summary.waiting)
         yield requests
         yield tokens
-        yield GaugeMetricFamily("vbatch_batches_waiting", "Batches accepted and not yet run by any run (the "
-                                "queue in front of the engine)", value=waiting)
-
-    def _curation(self) -> Iterator[Metric]:
-        with self.db.engine.connect() as conn:
-            total, reviewed, gold = conn.execute(select(
-                func.count(), func.count().filter(CurationTask.annotated.is_(True)),
-                func.count().filter(CurationTask.gold_star.is_(True)))).one()
-        tasks = GaugeMetricFamily("vbatch_curation_tasks", "Results sent to review, by state", labels=["state"])
-        tasks.add_metric(["reviewed"], reviewed)
-        tasks.add_metric(["pending"], total - reviewed)
         yield tasks
-        yield GaugeMetricFamily("vbatch_gold_stars", "Results marked gold stars", value=gold)
-
-    def _fine_tunes(self) -> Iterator[Metric]:
-        with self.db.engine.connect() as conn:
-            counts = dict(conn.execute(select(FineTuningJob.status, func.count())
-                                       .group_by(FineTuningJob.status)).all())
-        jobs = GaugeMetricFamily("vbatch_fine_tunes", "Fine-tuning jobs by status", labels=["status"])
-        for status in FINE_TUNING_STATUSES:
-            jobs.add_metric([status], counts.get(status, 0))
+        yield GaugeMetricFamily("vbatch_gold_stars", "Results marked gold stars", value=summary.gold_stars)
         yield jobs
 
     def _services(self) -> Iterator[Metric]:

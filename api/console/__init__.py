@@ -1,0 +1,175 @@
+"""The web console (``/ui``) for people who do not write code: server-rendered pages over the same domain
+functions the REST API uses, with the same roles. Login takes an API key, kept in an HttpOnly, SameSite=Strict
+cookie; with no keys configured (a loopback-only platform) its one user is the operator, as for the API."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from api.deps import Role, role_of_key
+
+HERE = Path(__file__).parent
+COOKIE = "vbatch_console"
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+class LoginRequired(Exception):
+    """The console's own 401: a redirect to the login page, not an API error."""
+
+    def __init__(self, next_path: str):
+        self.next_path = next_path
+
+
+def console_role(request: Request) -> Role:
+    settings = request.app.state.settings
+    if not settings.api_keys and not settings.admin_keys:
+        return "admin"
+    role = role_of_key(settings, request.cookies.get(COOKIE, ""))
+    if role is None:
+        raise LoginRequired(request.url.path)
+    return role
+
+
+def _page(request: Request, name: str, role: Role, **context) -> HTMLResponse:
+    settings = request.app.state.settings
+    return templates.TemplateResponse(request, name, {
+        "role": role, "keys_on": bool(settings.api_keys or settings.admin_keys),
+        "dagster_url": settings.dagster_url, "label_studio_url": _label_studio_url(request), **context})
+
+
+def _label_studio_url(request: Request) -> str | None:
+    resource = request.app.state.resources.get("label_studio")
+    return getattr(resource, "url", None) if resource is not None else None
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = "/ui", error: str | None = None) -> HTMLResponse:
+    return templates.TemplateResponse(request, "login.html", {"next": _safe_next(next), "error": error,
+                                                              "role": None, "keys_on": True})
+
+
+@router.post("/login")
+def login(request: Request, key: str = Form(max_length=512), next: str = Form("/ui")) -> Response:
+    settings = request.app.state.settings
+    if role_of_key(settings, key.strip()) is None:
+        return RedirectResponse(f"/ui/login?error=That+key+is+not+valid&next={quote(_safe_next(next))}",
+                                status_code=303)
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(COOKIE, key.strip(), httponly=True, samesite="strict", path="/ui",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+def _safe_next(path: str) -> str:
+    """Only a console path: a login link must not send anyone elsewhere."""
+    return path if path.startswith("/ui") and "//" not in path and "\\" not in path else "/ui"
+
+
+@router.get("", response_class=HTMLResponse)
+def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLResponse:
+    from api.console.charts import bar_chart
+    from vbatch_pipelines.metrics import engines_with_stats, gold_stars_by_day, summarize
+    from vbatch_pipelines.store.models import FineTuningJob
+
+    db = request.app.state.db
+    midnight = int(time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1)))
+    with db.session() as session:
+        fine_tunes = session.query(FineTuningJob).order_by(FineTuningJob.created_at.desc()).limit(5).all()
+        fine_tunes = [{"id": job.id, "model": job.model, "status": job.status,
+                       "verdict": (job.comparison or {}).get("verdict"), "deployed": bool(job.deployment)}
+                      for job in fine_tunes]
+    engines = [{"model": engine.model, "state": "up" if engine.up else f"down{': ' + engine.error if engine.error else ''}",
+                "running": _count(engine.stats.get("running")), "waiting": _count(engine.stats.get("waiting")),
+                "kv_cache": f"{100 * engine.stats['kv_cache_usage']:.0f} %" if "kv_cache_usage" in engine.stats else "–"}
+               for engine in engines_with_stats(request.app.state.resources["file_store"].engines_dir)]
+    return _page(request, "dashboard.html", role, summary=summarize(db), today=summarize(db, ended_since=midnight),
+                 engines=engines, fine_tunes=fine_tunes, gold_chart=bar_chart(gold_stars_by_day(db, days=14)))
+
+
+def _count(value: float | None) -> str:
+    return "–" if value is None else str(int(value))
+
+
+@router.get("/batches", response_class=HTMLResponse)
+def batches(request: Request, status: str | None = Query(default=None, max_length=16),
+            after: str | None = Query(default=None, max_length=64), role: Role = Depends(console_role)) -> HTMLResponse:
+    from api.errors import OpenAIError
+    from api.pagination import paginate
+    from vbatch_pipelines.store.models import BATCH_STATUSES, Batch
+
+    if status and status not in BATCH_STATUSES:
+        status = None
+    where = (Batch.status == status,) if status else ()
+    try:
+        with request.app.state.db.session() as session:
+            page = paginate(session, Batch, after=after, limit=25, where=where)
+    except OpenAIError:
+        with request.app.state.db.session() as session:
+            page = paginate(session, Batch, after=None, limit=25, where=where)
+    return _page(request, "batches.html", role, page=page, status=status, statuses=BATCH_STATUSES)
+
+
+@router.get("/batches/{batch_id}", response_class=HTMLResponse)
+def batch(request: Request, batch_id: str, role: Role = Depends(console_role)) -> HTMLResponse:
+    from vbatch_pipelines.batch.service import get_batch
+
+    record = get_batch(request.app.state.db, batch_id[:64])
+    if record is None:
+        return _page(request, "missing.html", role, what=f"batch {batch_id[:64]}", back="/ui/batches")
+    return _page(request, "batch.html", role, batch=record.to_openai())
+
+
+@router.get("/batches/{batch_id}/progress", response_class=HTMLResponse)
+def batch_progress(request: Request, batch_id: str, role: Role = Depends(console_role)) -> HTMLResponse:
+    """The live part of a batch's page (the page's script swaps it in every 2 s until the batch ends)."""
+    from vbatch_pipelines.batch.service import get_batch
+
+    record = get_batch(request.app.state.db, batch_id[:64])
+    if record is None:
+        return HTMLResponse("<p class=error>This batch is gone.</p>", status_code=404)
+    return _page(request, "batch_progress.html", role, batch=record.to_openai())
+
+
+@router.post("/batches/{batch_id}/cancel")
+def cancel(request: Request, batch_id: str, role: Role = Depends(console_role)) -> Response:
+    from vbatch_pipelines.batch.service import get_batch, request_cancel
+
+    if get_batch(request.app.state.db, batch_id[:64]) is not None:
+        request_cancel(request.app.state.db, batch_id[:64])
+    return RedirectResponse(f"/ui/batches/{quote(batch_id[:64])}", status_code=303)
+
+
+@router.get("/files/{file_id}", response_class=FileResponse)
+def download(request: Request, file_id: str, role: Role = Depends(console_role)) -> Response:
+    from vbatch_pipelines.files import get_file
+
+    record = get_file(request.app.state.db, file_id[:64])
+    if record is None or not Path(record.path).exists():
+        return _page(request, "missing.html", role, what=f"file {file_id[:64]}", back="/ui/batches")
+    return FileResponse(record.path, media_type="application/octet-stream", filename=record.filename)
+
+
+def install(app) -> None:
+    """Mount the console and its static files on the API's app."""
+    from fastapi.staticfiles import StaticFiles
+
+    app.include_router(router)
+    app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="console-static")
+
+    @app.exception_handler(LoginRequired)
+    async def to_login(request: Request, exc: LoginRequired) -> Response:
+        return RedirectResponse(f"/ui/login?next={quote(_safe_next(exc.next_path))}", status_code=303)

@@ -1,0 +1,131 @@
+"""The web console (issue 17): server-rendered pages on the API's port, the API's roles, live progress.
+The browser tests drive Debian's chromium with Playwright against a running platform."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import api_client, chat_lines, jsonl, running_stack
+
+USE_KEY, ADMIN_KEY = "console-use-key", "console-admin-key"
+ARTIFACTS = Path(os.environ.get("VBATCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / ".artifacts"))
+
+
+def _app(**changes):
+    from api.main import create_app
+    from vbatch_pipelines.settings import load_settings
+
+    return create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9", **changes))
+
+
+def test_the_console_asks_for_a_key_when_keys_are_set_and_keeps_it_in_a_strict_cookie(vbatch_home):
+    with api_client(_app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,)), follow_redirects=False) as client:
+        for page in ("/ui", "/ui/batches", "/ui/batches/batch_x", "/ui/files/file-x"):
+            refused = client.get(page)
+            assert refused.status_code == 303 and refused.headers["location"].startswith("/ui/login?next=")
+        wrong = client.post("/ui/login", data={"key": "not-a-key", "next": "/ui/batches"})
+        assert wrong.status_code == 303 and "error=" in wrong.headers["location"] and "set-cookie" not in wrong.headers
+        # a login link cannot send anyone off the console
+        assert client.post("/ui/login", data={"key": USE_KEY, "next": "//evil.example"}).headers["location"] == "/ui"
+        logged_in = client.post("/ui/login", data={"key": USE_KEY, "next": "/ui/batches"})
+        assert logged_in.headers["location"] == "/ui/batches"
+        cookie = logged_in.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+        assert client.get("/ui/batches").status_code == 200
+        assert client.get("/v1/batches").status_code == 401  # the console's cookie is not an API key
+
+
+def test_the_dashboard_and_batch_pages_show_what_the_api_says(platform):
+    from vbatch_pipelines.batch.service import update_batch, validate_input
+
+    batch = platform.submit(jsonl(chat_lines(4, prefix="ui")))
+    validate_input(platform.db, batch, platform.file_store.batch_dir(batch.id), lambda name: "vbatch-tiny-chat")
+    update_batch(platform.db, batch.id, request_completed=3, request_failed=1)
+    from vbatch_pipelines.store.models import CurationTask
+
+    with platform.db.session() as session:
+        session.add(CurationTask(batch_id=batch.id, custom_id="ui-0", schema="chat", messages=[], response="r",
+                                 annotated=True, gold_star=True, created_at=int(time.time()),
+                                 reviewed_at=int(time.time())))
+    bad = platform.submit(b'{"custom_id": "x"}\nnot json\n')
+    validate_input(platform.db, bad, platform.file_store.batch_dir(bad.id), lambda name: "vbatch-tiny-chat")
+    with api_client(_app()) as client:
+        dashboard = client.get("/ui").text
+        assert 'data-metric="batches-in_progress">1<' in dashboard and 'data-metric="batches-failed">1<' in dashboard
+        assert 'data-metric="gold-stars">1<' in dashboard and '<svg class="chart"' in dashboard
+        listing = client.get("/ui/batches?status=in_progress").text
+        assert batch.id in listing and bad.id not in listing
+        page = client.get(f"/ui/batches/{batch.id}").text
+        assert "3 completed, 1 failed of 4" in page and 'data-refresh="/ui/batches/' in page
+        failed = client.get(f"/ui/batches/{bad.id}").text
+        assert "invalid_json" in failed and "data-refresh" not in failed  # ended: nothing polls
+        assert client.get("/ui/batches/batch_nope").status_code == 200  # says so, with a way back
+        assert "There is no batch batch_nope" in client.get("/ui/batches/batch_nope").text
+        cancelled = client.post(f"/ui/batches/{batch.id}/cancel", follow_redirects=False)
+        assert cancelled.status_code == 303
+        assert platform.batch(batch.id).status in ("cancelling", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        yield browser
+        browser.close()
+
+
+def _watched_page(browser, base_url: str):
+    """A page at laptop size whose console errors and failed requests are collected."""
+    page = browser.new_page(viewport={"width": 1366, "height": 768}, base_url=base_url)
+    page.problems = []
+    page.on("console", lambda message: message.type == "error" and page.problems.append(message.text))
+    page.on("pageerror", lambda error: page.problems.append(str(error)))
+    page.on("response", lambda response: response.status >= 400 and page.problems.append(
+        f"{response.status} {response.url}"))
+    return page
+
+
+def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(browser, tmp_path, tiny_model_path):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with running_stack(tmp_path / "home", tiny_model_path, VBATCH_CURATION="off", VBATCH_API_KEYS=USE_KEY,
+                       VBATCH_ADMIN_KEYS=ADMIN_KEY) as stack:
+        client = stack.client(api_key=USE_KEY)
+        file_id = client.files.create(file=("in.jsonl", jsonl(chat_lines(30, prefix="web"))), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+
+        page = _watched_page(browser, stack.api_url)
+        page.goto(f"/ui/batches/{batch.id}")
+        assert "/ui/login" in page.url
+        page.fill("#key", USE_KEY)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#batch-status")
+        page.wait_for_function("document.querySelector('#batch-status').textContent.trim() === 'completed'",
+                               timeout=240_000)
+        page.screenshot(path=str(ARTIFACTS / "console-batch.png"), full_page=True)
+        with page.expect_download() as download:
+            page.click("#download-output")
+        lines = Path(download.value.path()).read_text().splitlines()
+        assert sorted(json.loads(line)["custom_id"] for line in lines) == sorted(f"web-{i}" for i in range(30))
+
+        page.goto("/ui")
+        api_completed = sum(1 for b in client.batches.list(limit=100) if b.status == "completed")
+        assert page.text_content('[data-metric="batches-completed"]').strip() == str(api_completed)
+        today = page.text_content('[data-metric="today-requests-vbatch-tiny-chat"]').strip()
+        assert today == "30"
+        page.screenshot(path=str(ARTIFACTS / "console-dashboard.png"), full_page=True)
+        page.goto("/ui/batches")
+        assert batch.id in page.content()
+        assert page.problems == [], page.problems
+        time.sleep(0)  # keep the stack until the pages are done
