@@ -66,6 +66,9 @@ def test_the_dashboard_and_batch_pages_show_what_the_api_says(platform):
         assert "3 completed, 1 failed of 4" in page and 'data-refresh="/ui/batches/' in page
         failed = client.get(f"/ui/batches/{bad.id}").text
         assert "invalid_json" in failed and "data-refresh" not in failed  # ended: nothing polls
+        refused = client.post("/ui/batches", data={"endpoint": "/v1/embeddings"},
+                              files={"file": ("in.jsonl", jsonl(chat_lines(2, prefix="x")))}, follow_redirects=True)
+        assert "endpoint must be one of" in refused.text and 'id="form-error"' in refused.text
         assert client.get("/ui/batches/batch_nope").status_code == 200  # says so, with a way back
         assert "There is no batch batch_nope" in client.get("/ui/batches/batch_nope").text
         cancelled = client.post(f"/ui/batches/{batch.id}/cancel", follow_redirects=False)
@@ -102,15 +105,23 @@ def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(b
     with running_stack(tmp_path / "home", tiny_model_path, VBATCH_CURATION="off", VBATCH_API_KEYS=USE_KEY,
                        VBATCH_ADMIN_KEYS=ADMIN_KEY) as stack:
         client = stack.client(api_key=USE_KEY)
-        file_id = client.files.create(file=("in.jsonl", jsonl(chat_lines(30, prefix="web"))), purpose="batch").id
-        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        requests = tmp_path / "requests.jsonl"
+        lines = chat_lines(30, prefix="web")
+        for line in lines:
+            line["body"].pop("model", None)  # the form's model picker fills it in
+        requests.write_text(jsonl(lines).decode())
 
         page = _watched_page(browser, stack.api_url)
-        page.goto(f"/ui/batches/{batch.id}")
+        page.goto("/ui/batches/new")
         assert "/ui/login" in page.url
         page.fill("#key", USE_KEY)
         page.click("button[type=submit]")
+        page.wait_for_selector("#file")
+        page.set_input_files("#file", str(requests))
+        page.select_option("#model", "vbatch-tiny-chat")
+        page.click("#create")
         page.wait_for_selector("#batch-status")
+        batch = client.batches.retrieve(page.url.rstrip("/").rsplit("/", 1)[1])
         page.wait_for_function("document.querySelector('#batch-status').textContent.trim() === 'completed'",
                                timeout=240_000)
         page.screenshot(path=str(ARTIFACTS / "console-batch.png"), full_page=True)

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from api.deps import Role, role_of_key
+from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 
 HERE = Path(__file__).parent
 COOKIE = "vbatch_console"
@@ -121,6 +122,58 @@ def batches(request: Request, status: str | None = Query(default=None, max_lengt
         with request.app.state.db.session() as session:
             page = paginate(session, Batch, after=None, limit=25, where=where)
     return _page(request, "batches.html", role, page=page, status=status, statuses=BATCH_STATUSES)
+
+
+@router.get("/batches/new", response_class=HTMLResponse)
+def new_batch(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
+    registry = request.app.state.resources["model_registry"]
+    return _page(request, "new_batch.html", role, models=sorted(registry.served_models()),
+                 default_model=registry.default_model_id(), error=error, endpoints=SUPPORTED_ENDPOINTS)
+
+
+@router.post("/batches")
+def create_batch_from_form(request: Request, file: UploadFile = File(...), endpoint: str = Form(max_length=64),
+                           model: str = Form("", max_length=256), curation: str = Form("on", max_length=8),
+                           role: Role = Depends(console_role)) -> Response:
+    """Upload a JSONL and create its batch, as the API's two calls do; lines that name no model get the one
+    picked. A refusal comes back to the form with the API's message."""
+    from api.routers.batches import accept_batch
+    from vbatch_pipelines.batch.service import BatchRequestError
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.files import store_file
+
+    state, settings = request.app.state, request.app.state.settings
+    resources = state.resources
+    source = file.file if not model else _with_model(file.file, model)
+    try:
+        stored = store_file(state.db, resources["file_store"].files_dir, source, file.filename or "upload.jsonl",
+                            "batch", max_bytes=settings.max_upload_bytes)
+        metadata = {"curation": "off"} if curation == "off" else None
+        batch = accept_batch(state.db, settings, resources["file_store"], resources["model_registry"],
+                             state.batch_launcher, input_file_id=stored.id, endpoint=endpoint, metadata=metadata)
+    except (BatchRequestError, VbatchError) as exc:
+        return RedirectResponse(f"/ui/batches/new?error={quote(str(exc)[:300])}", status_code=303)
+    return RedirectResponse(f"/ui/batches/{quote(batch.id)}", status_code=303)
+
+
+def _with_model(upload, model: str):
+    """The upload with ``model`` set in each line's body that names none; a line that is not a JSON object is
+    left as it is (validation reports it with its line number)."""
+    import json
+    import tempfile
+
+    out = tempfile.SpooledTemporaryFile(max_size=8 * 2**20)
+    for raw in upload:
+        try:
+            line = json.loads(raw)
+            if isinstance(line, dict) and isinstance(line.get("body"), dict) and not line["body"].get("model"):
+                line["body"]["model"] = model
+                raw = (json.dumps(line, ensure_ascii=False) + "\n").encode()
+        except ValueError:
+            pass
+        out.write(raw)
+    out.seek(0)
+    return out
 
 
 @router.get("/batches/{batch_id}", response_class=HTMLResponse)

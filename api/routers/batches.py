@@ -42,8 +42,17 @@ def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: S
            file_store: FileStore = Depends(get_file_store),
            model_registry: ModelRegistry = Depends(get_model_registry),
            launcher: BatchLauncher = Depends(get_batch_launcher)) -> dict:
-    batch = create_batch(db, input_file_id=body.input_file_id, endpoint=body.endpoint,
-                         completion_window=body.completion_window, metadata=body.metadata)
+    return accept_batch(db, settings, file_store, model_registry, launcher, input_file_id=body.input_file_id,
+                        endpoint=body.endpoint, completion_window=body.completion_window,
+                        metadata=body.metadata).to_openai()
+
+
+def accept_batch(db: Database, settings: Settings, file_store: FileStore, model_registry: ModelRegistry,
+                 launcher: BatchLauncher, *, input_file_id: str, endpoint: str, completion_window: str = "24h",
+                 metadata: dict[str, str] | None = None) -> Batch:
+    """Record a batch and have it launched (the API's create and the console's form)."""
+    batch = create_batch(db, input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
+                         metadata=metadata)
     input_file = get_file(db, batch.input_file_id)
     inline = input_file is not None and input_file.bytes <= settings.inline_validation_bytes
     if inline:
@@ -52,12 +61,12 @@ def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: S
         # Larger files stay `validating` until batch_input streams them.
         try:
             if not validate_input(db, batch, file_store.batch_dir(batch.id), model_registry.served_id).ok:
-                return get_batch(db, batch.id).to_openai()
+                return get_batch(db, batch.id)
         except BatchRequestError as exc:  # the file vanished meanwhile: batch_input reports it
             log.warning("batch %s: inline validation skipped: %s", batch.id, exc)
     # In the background, with every batch recorded meanwhile: concurrent creates share a run.
     launcher.launch(batch.id, validated=inline)
-    return (get_batch(db, batch.id) or batch).to_openai()
+    return get_batch(db, batch.id) or batch
 
 
 def _batch_or_404(db: Database, batch_id: str) -> Batch:
