@@ -140,3 +140,30 @@ def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(b
         assert batch.id in page.content()
         assert page.problems == [], page.problems
         time.sleep(0)  # keep the stack until the pages are done
+
+
+def test_the_datasets_pages_show_versions_checks_a_preview_and_every_download(platform):
+    from dagster import DagsterInstance
+
+    from tests.conftest import build_gold_star_dataset
+    from tests.test_datasets import _tasks
+    from vbatch_pipelines.instance import prepare_dagster_home
+
+    _tasks(platform, 12)
+    prepare_dagster_home(platform.settings)
+    instance = DagsterInstance.get()  # the instance the console asks for the version's checks ($DAGSTER_HOME)
+    result = build_gold_star_dataset(platform.resources, instance=instance)
+    version = result.asset_materializations_for_node("gold_star_dataset")[0].metadata["version"].value
+    with api_client(_app()) as client:
+        listing = client.get("/ui/datasets").text
+        assert f'href="/ui/datasets/{version}"' in listing
+        page = client.get(f"/ui/datasets/{version}").text
+        assert 'id="examples">12<' in page and page.count("for chat_review?</p>") == 3  # three examples shown
+        assert page.count(">passed<") == len(result.get_asset_check_evaluations()) > 0
+        for fmt in ("openai", "chatml", "alpaca", "sharegpt"):
+            for split in ("train", "eval"):
+                download = client.get(f"/ui/datasets/{version}/export?format={fmt}&split={split}")
+                assert download.status_code == 200 and "attachment" in download.headers["content-disposition"]
+        refused = client.get(f"/ui/datasets/{version}/export?format=../../etc&split=train")
+        assert "Unknown format" in refused.text
+        assert "There is no dataset version v999" in client.get("/ui/datasets/v999").text

@@ -4,6 +4,7 @@ cookie; with no keys configured (a loopback-only platform) its one user is the o
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -214,6 +215,70 @@ def download(request: Request, file_id: str, role: Role = Depends(console_role))
     if record is None or not Path(record.path).exists():
         return _page(request, "missing.html", role, what=f"file {file_id[:64]}", back="/ui/batches")
     return FileResponse(record.path, media_type="application/octet-stream", filename=record.filename)
+
+
+@router.get("/datasets", response_class=HTMLResponse)
+def datasets(request: Request, role: Role = Depends(console_role)) -> HTMLResponse:
+    from vbatch_pipelines.curation.service import ready_datasets
+
+    with request.app.state.db.session() as session:
+        rows = [row.to_api() for row in session.scalars(ready_datasets().limit(50))]
+    return _page(request, "datasets.html", role, datasets=rows)
+
+
+@router.get("/datasets/{version}", response_class=HTMLResponse)
+def dataset(request: Request, version: str, role: Role = Depends(console_role)) -> HTMLResponse:
+    from vbatch_pipelines.curation.dataset import export_path
+    from vbatch_pipelines.store.models import EXPORT_FORMATS, Dataset
+
+    record = request.app.state.db.get(Dataset, version[:32])
+    if record is None or record.status != "ready":
+        return _page(request, "missing.html", role, what=f"dataset version {version[:32]}", back="/ui/datasets")
+    preview = []
+    train = export_path(record, "openai", "train")
+    if train.exists():
+        with open(train, encoding="utf-8") as f:
+            for raw, _ in zip(f, range(3)):
+                preview.append(json.loads(raw).get("messages", []))
+    return _page(request, "dataset.html", role, dataset=record.to_api(), formats=EXPORT_FORMATS, preview=preview,
+                 checks=_dataset_checks(record.dagster_run_id))
+
+
+def _dataset_checks(run_id: str | None) -> list[dict] | None:
+    """The dataset checks of the run that built the version, from Dagster (None when it cannot be asked)."""
+    if not run_id:
+        return None
+    from dagster import DagsterEventType
+
+    from vbatch_pipelines.launch import DagsterUnreachable, dagster_instance
+
+    try:
+        records = dagster_instance().get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+    except (DagsterUnreachable, Exception):  # noqa: BLE001 - the page shows the version without its checks
+        return None
+    checks = []
+    for record in records.records:
+        evaluation = record.event_log_entry.dagster_event.event_specific_data
+        checks.append({"name": evaluation.check_name, "passed": evaluation.passed,
+                       "severity": evaluation.severity.value if evaluation.severity else ""})
+    return checks
+
+
+@router.get("/datasets/{version}/export")
+def dataset_export(request: Request, version: str, format: str = Query(max_length=16),
+                   split: str = Query(max_length=8), role: Role = Depends(console_role)) -> Response:
+    from vbatch_pipelines.curation.dataset import UnknownFormat, export_path
+    from vbatch_pipelines.store.models import Dataset
+
+    record = request.app.state.db.get(Dataset, version[:32])
+    if record is None or record.status != "ready":
+        return _page(request, "missing.html", role, what=f"dataset version {version[:32]}", back="/ui/datasets")
+    try:
+        path = export_path(record, format, split)
+    except UnknownFormat as exc:
+        return _page(request, "missing.html", role, what=str(exc), back=f"/ui/datasets/{quote(record.version)}")
+    return FileResponse(path, filename=f"gold-stars-{record.version}-{path.name}",
+                        media_type="application/octet-stream")
 
 
 def install(app) -> None:
