@@ -138,8 +138,10 @@ def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(b
         page.screenshot(path=str(ARTIFACTS / "console-dashboard.png"), full_page=True)
         page.goto("/ui/batches")
         assert batch.id in page.content()
+        for path in ("/ui/datasets", "/ui/fine-tunes", "/ui/batches/new"):  # every page, no script errors
+            page.goto(path)
+            page.wait_for_load_state("networkidle")
         assert page.problems == [], page.problems
-        time.sleep(0)  # keep the stack until the pages are done
 
 
 def test_the_datasets_pages_show_versions_checks_a_preview_and_every_download(platform):
@@ -167,3 +169,32 @@ def test_the_datasets_pages_show_versions_checks_a_preview_and_every_download(pl
         refused = client.get(f"/ui/datasets/{version}/export?format=../../etc&split=train")
         assert "Unknown format" in refused.text
         assert "There is no dataset version v999" in client.get("/ui/datasets/v999").text
+
+
+def test_a_fine_tunes_page_shows_its_loss_chart_comparison_and_deploys_only_a_succeeded_job(platform):
+    from vbatch_pipelines.fine_tuning.service import add_event
+    from vbatch_pipelines.store.models import FineTuningJob
+
+    now = int(time.time())
+    comparison = {"examples": 2, "base": {"normalized_match": 0.0, "exact_match": 0.0},
+                  "fine_tuned": {"normalized_match": 0.5, "exact_match": 0.5},
+                  "rows": [{"prompt": "2+2?", "gold": "4", "base": "5", "fine_tuned": "4", "base_match": False,
+                            "fine_tuned_match": True}]}
+    with platform.db.session() as session:
+        for job_id, status in (("ftjob-ui-done", "succeeded"), ("ftjob-ui-running", "running")):
+            session.add(FineTuningJob(id=job_id, model="vbatch-tiny-chat", status=status, training_file="v1",
+                                      hyperparameters={}, seed=1, created_at=now,
+                                      comparison=comparison if status == "succeeded" else None))
+    for step, loss in ((1, 2.5), (2, 1.9), (3, 1.2)):
+        add_event(platform.db, "ftjob-ui-done", f"Step {step}/3: training loss={loss}", type="metrics",
+                  data={"step": step, "total_steps": 3, "loss": loss})
+    with api_client(_app()) as client:
+        assert "better: 0 → 0.5 normalized match on 2 examples" in client.get("/ui/fine-tunes").text
+        page = client.get("/ui/fine-tunes/ftjob-ui-done").text
+        assert '<svg class="chart line"' in page and "<polyline" in page
+        assert "2+2?" in page and 'id="deploy"' in page
+        running = client.get("/ui/fine-tunes/ftjob-ui-running").text
+        assert 'id="deploy"' not in running and "No comparison yet" in running
+        refused = client.post("/ui/fine-tunes/ftjob-ui-running/deploy", follow_redirects=True).text
+        assert "Only a succeeded job can be deployed; this one is running." in refused
+        assert "There is no fine-tune ftjob-nope" in client.get("/ui/fine-tunes/ftjob-nope").text

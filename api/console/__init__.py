@@ -92,7 +92,7 @@ def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLRespo
     with db.session() as session:
         fine_tunes = session.query(FineTuningJob).order_by(FineTuningJob.created_at.desc()).limit(5).all()
         fine_tunes = [{"id": job.id, "model": job.model, "status": job.status,
-                       "verdict": (job.comparison or {}).get("verdict"), "deployed": bool(job.deployment)}
+                       "verdict": comparison_verdict(job.comparison), "deployed": bool(job.deployment)}
                       for job in fine_tunes]
     engines = [{"model": engine.model, "state": "up" if engine.up else f"down{': ' + engine.error if engine.error else ''}",
                 "running": _count(engine.stats.get("running")), "waiting": _count(engine.stats.get("waiting")),
@@ -215,6 +215,79 @@ def download(request: Request, file_id: str, role: Role = Depends(console_role))
     if record is None or not Path(record.path).exists():
         return _page(request, "missing.html", role, what=f"file {file_id[:64]}", back="/ui/batches")
     return FileResponse(record.path, media_type="application/octet-stream", filename=record.filename)
+
+
+def comparison_verdict(comparison: dict | None) -> str | None:
+    """One line for a comparison: how the fine-tune's normalized match moved against its base model's."""
+    if not comparison or not comparison.get("examples"):
+        return None
+    base = (comparison.get("base") or {}).get("normalized_match")
+    tuned = (comparison.get("fine_tuned") or {}).get("normalized_match")
+    if base is None or tuned is None:
+        return None
+    word = "better" if tuned > base else "worse" if tuned < base else "the same"
+    return f"{word}: {base:g} → {tuned:g} normalized match on {comparison['examples']} examples"
+
+
+@router.get("/fine-tunes", response_class=HTMLResponse)
+def fine_tunes(request: Request, after: str | None = Query(default=None, max_length=64),
+               role: Role = Depends(console_role)) -> HTMLResponse:
+    from api.errors import OpenAIError
+    from api.pagination import paginate
+    from vbatch_pipelines.store.models import FineTuningJob
+
+    with request.app.state.db.session() as session:
+        try:
+            page = paginate(session, FineTuningJob, after=after, limit=25)
+        except OpenAIError:
+            page = paginate(session, FineTuningJob, after=None, limit=25)
+        jobs = {row.id: row for row in session.query(FineTuningJob).filter(
+            FineTuningJob.id.in_([job["id"] for job in page["data"]]))}
+    for job in page["data"]:
+        job["verdict"] = comparison_verdict(jobs[job["id"]].comparison)
+        job["deployed"] = bool(jobs[job["id"]].deployment)
+    return _page(request, "fine_tunes.html", role, page=page)
+
+
+@router.get("/fine-tunes/{job_id}", response_class=HTMLResponse)
+def fine_tune(request: Request, job_id: str, error: str | None = None,
+              role: Role = Depends(console_role)) -> HTMLResponse:
+    from api.console.charts import line_chart
+    from vbatch_pipelines.fine_tuning.service import get_job, list_checkpoints, list_events
+
+    db = request.app.state.db
+    job = get_job(db, job_id[:64])
+    if job is None:
+        return _page(request, "missing.html", role, what=f"fine-tune {job_id[:64]}", back="/ui/fine-tunes")
+    events, _ = list_events(db, job.id, after=None, limit=100)
+    losses = sorted((e.data["step"], e.data["loss"]) for e in events
+                    if e.type == "metrics" and e.data and e.data.get("loss") is not None and "step" in e.data)
+    checkpoints, _ = list_checkpoints(db, job.id, after=None, limit=20)
+    return _page(request, "fine_tune.html", role, job=job.to_openai(), comparison=job.comparison,
+                 verdict=comparison_verdict(job.comparison), deployed=bool(job.deployment), error=error,
+                 events=[e.to_openai() for e in events if e.type != "metrics"][:30],
+                 loss_chart=line_chart(losses, label="training loss by step"),
+                 checkpoints=[c.to_openai() for c in checkpoints])
+
+
+@router.post("/fine-tunes/{job_id}/deploy")
+def deploy(request: Request, job_id: str, role: Role = Depends(console_role)) -> Response:
+    """Serve a succeeded job's fine-tune now, as ``POST /v1/fine_tuning/jobs/{id}/deploy`` does."""
+    from vbatch_pipelines.fine_tuning.service import deploy_fine_tune, get_job
+
+    state = request.app.state
+    job = get_job(state.db, job_id[:64])
+    target = f"/ui/fine-tunes/{quote(job_id[:64])}"
+    if job is None:
+        return RedirectResponse("/ui/fine-tunes", status_code=303)
+    if job.status != "succeeded":
+        return RedirectResponse(f"{target}?error={quote(f'Only a succeeded job can be deployed; this one is {job.status}.')}",
+                                status_code=303)
+    try:
+        deploy_fine_tune(state.db, state.resources["model_registry"], state.engines.resource, job, "deployed on request")
+    except Exception as exc:  # noqa: BLE001 - the engine's refusal, shown on the page
+        return RedirectResponse(f"{target}?error={quote(f'The engine did not load it: {exc}'[:300])}", status_code=303)
+    return RedirectResponse(target, status_code=303)
 
 
 @router.get("/datasets", response_class=HTMLResponse)

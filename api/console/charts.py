@@ -23,3 +23,20 @@ def bar_chart(points: list[tuple[str, float]], *, width: int = 320, height: int 
     return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">'
             + "".join(bars) + f'<text x="0" y="{height - 4}">{first}</text>'
             f'<text x="{width}" y="{height - 4}" text-anchor="end">{last}</text></svg>')
+
+
+def line_chart(points: list[tuple[float, float]], *, width: int = 640, height: int = 180, label: str = "") -> str:
+    """A polyline through (x, y) points, with the first and last x and the y range written on the axes."""
+    if len(points) < 2:
+        return '<p class="hint">Not enough points to chart yet.</p>'
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    span_x, span_y = (x1 - x0) or 1, (y1 - y0) or 1
+    pad = 24
+    coords = " ".join(f"{pad + (x - x0) / span_x * (width - 2 * pad):.1f},"
+                      f"{height - pad - (y - y0) / span_y * (height - 2 * pad):.1f}" for x, y in points)
+    return (f'<svg class="chart line" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">'
+            f'<polyline points="{coords}" fill="none" stroke-width="2"/>'
+            f'<text x="{pad}" y="{height - 6}">{x0:g}</text>'
+            f'<text x="{width - pad}" y="{height - 6}" text-anchor="end">{x1:g}</text>'
+            f'<text x="2" y="{pad}">{y1:.3g}</text><text x="2" y="{height - pad}">{y0:.3g}</text></svg>')
