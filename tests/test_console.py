@@ -138,7 +138,7 @@ def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(b
         page.screenshot(path=str(ARTIFACTS / "console-dashboard.png"), full_page=True)
         page.goto("/ui/batches")
         assert batch.id in page.content()
-        for path in ("/ui/datasets", "/ui/fine-tunes", "/ui/batches/new"):  # every page, no script errors
+        for path in ("/ui/models", "/ui/datasets", "/ui/fine-tunes", "/ui/batches/new"):  # every page, no script errors
             page.goto(path)
             page.wait_for_load_state("networkidle")
         assert page.problems == [], page.problems
@@ -198,3 +198,28 @@ def test_a_fine_tunes_page_shows_its_loss_chart_comparison_and_deploys_only_a_su
         refused = client.post("/ui/fine-tunes/ftjob-ui-running/deploy", follow_redirects=True).text
         assert "Only a succeeded job can be deployed; this one is running." in refused
         assert "There is no fine-tune ftjob-nope" in client.get("/ui/fine-tunes/ftjob-nope").text
+
+
+def test_the_models_page_lists_installs_for_admins_only_and_says_why_an_install_is_refused(vbatch_home, tmp_path,
+                                                                                          tiny_model_path):
+    import shutil as files
+
+    local = tmp_path / "local-model"
+    files.copytree(tiny_model_path, local)
+    app = _app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))
+    with api_client(app) as user:
+        user.post("/ui/login", data={"key": USE_KEY, "next": "/ui/models"})
+        page = user.get("/ui/models").text
+        assert "vbatch-tiny-chat" in page and 'id="install-form"' not in page  # no admin action shown
+        refused = user.post("/ui/models", data={"source": str(local)}, follow_redirects=True).text
+        assert "Installing a model needs an admin key." in refused
+    with api_client(app) as admin:
+        admin.post("/ui/login", data={"key": ADMIN_KEY, "next": "/ui/models"})
+        assert 'id="install-form"' in admin.get("/ui/models").text
+        outside = admin.post("/ui/models", data={"source": "/etc"}, follow_redirects=True).text
+        assert 'id="models-error"' in outside
+        installing = admin.post("/ui/models", data={"source": str(local), "model_id": "local-copy"},
+                                follow_redirects=True)
+        assert installing.url.path == "/ui/models/local-copy/status"
+        assert 'id="model-state">installing<' in installing.text and "<td>fits</td>" in installing.text
+        assert "local-copy" in admin.get("/ui/models").text

@@ -290,6 +290,97 @@ def deploy(request: Request, job_id: str, role: Role = Depends(console_role)) ->
     return RedirectResponse(target, status_code=303)
 
 
+@router.get("/models", response_class=HTMLResponse)
+def models(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
+    from vbatch_pipelines.store.models import Model
+
+    registry = request.app.state.resources["model_registry"]
+    served = registry.served_models()
+    with request.app.state.db.session() as session:
+        stored = {row.id: row for row in session.query(Model)}
+    rows = []
+    for model_id, spec in sorted(served.items()):
+        row = stored.get(model_id)
+        rows.append({"id": model_id, "kind": "fine-tune" if spec.parent else "base", "parent": spec.parent,
+                     "status": row.status if row is not None else "configured", "source": row.source if row else None,
+                     "removable": row is not None, "default": model_id == registry.default_model_id()})
+    rows += [{"id": row.id, "kind": row.kind.replace("_", "-"), "parent": row.parent, "status": row.status,
+              "source": row.source, "removable": True, "default": False}
+             for row in stored.values() if row.id not in served]
+    return _page(request, "models.html", role, models=rows, error=error)
+
+
+@router.get("/models/{model_id:path}/status", response_class=HTMLResponse)
+def model_status(request: Request, model_id: str, role: Role = Depends(console_role)) -> HTMLResponse:
+    """A model's install: the fit check's numbers, its state, the latest line of its run (the page refreshes
+    this part until the install ends)."""
+    from vbatch_pipelines.models.store import get_model
+
+    row = get_model(request.app.state.db, model_id[:512])
+    if row is None:
+        return _page(request, "missing.html", role, what=f"model {model_id[:512]}", back="/ui/models")
+    details = dict(row.details or {})
+    return _page(request, "model_status.html", role, model=row, fit=details.get("fit") or {},
+                 error=details.get("error"), latest=_latest_run_line(details.get("dagster_run_id")),
+                 run_id=details.get("dagster_run_id"))
+
+
+def _latest_run_line(run_id: str | None) -> str | None:
+    if not run_id:
+        return None
+    from vbatch_pipelines.launch import DagsterUnreachable, dagster_instance
+
+    try:
+        logs = dagster_instance().all_logs(run_id)
+    except (DagsterUnreachable, Exception):  # noqa: BLE001 - the page shows the state without it
+        return None
+    messages = [entry.message for entry in logs if entry.user_message]
+    return messages[-1][:300] if messages else None
+
+
+@router.post("/models")
+def install_model(request: Request, source: str = Form(max_length=512), model_id: str = Form("", max_length=256),
+                  role: Role = Depends(console_role)) -> Response:
+    """For admins, as ``POST /v1/models``: refused at once when the policy or the fit check says no."""
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.launch import DagsterUnreachable, launch_install
+    from vbatch_pipelines.models.store import request_install, upsert_model
+
+    if role != "admin":
+        return RedirectResponse("/ui/models?error=" + quote("Installing a model needs an admin key."), status_code=303)
+    state = request.app.state
+    try:
+        row = request_install(state.db, state.resources["model_registry"], state.engines.resource, source.strip(),
+                              model_id=model_id.strip() or None)
+    except VbatchError as exc:
+        return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)
+    try:
+        run_id = launch_install(row.id, state.settings.dagster_url, timeout=5)
+        upsert_model(state.db, row.id, details={**(row.details or {}), "dagster_run_id": run_id})
+    except DagsterUnreachable:
+        pass  # recorded as installing: the install sensor launches it once Dagster is back
+    return RedirectResponse(f"/ui/models/{quote(row.id)}/status", status_code=303)
+
+
+@router.post("/models/{model_id:path}/delete")
+def delete_model(request: Request, model_id: str, role: Role = Depends(console_role)) -> Response:
+    """Undeploy a fine-tune (any key) or delete an installed base model (admins), as ``DELETE /v1/models``."""
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.models.store import get_model, remove_model
+
+    state = request.app.state
+    row = get_model(state.db, model_id[:512])
+    if row is not None and row.kind == "base" and role != "admin":
+        return RedirectResponse("/ui/models?error=" + quote("Deleting a base model needs an admin key."),
+                                status_code=303)
+    try:
+        remove_model(state.db, state.resources["model_registry"], state.engines.resource, model_id[:512])
+    except VbatchError as exc:
+        return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)
+    state.engines.forget(model_id[:512])
+    return RedirectResponse("/ui/models", status_code=303)
+
+
 @router.get("/datasets", response_class=HTMLResponse)
 def datasets(request: Request, role: Role = Depends(console_role)) -> HTMLResponse:
     from vbatch_pipelines.curation.service import ready_datasets

@@ -16,7 +16,12 @@ function refresh(element) {
     try {
       const response = await fetch(element.dataset.refresh, {credentials: "same-origin"});
       if (!response.ok) throw new Error(`${response.status}`);
-      element.innerHTML = await response.text();
+      let html = await response.text();
+      if (element.dataset.select) {  // a whole page: keep the part this element shows
+        const part = new DOMParser().parseFromString(html, "text/html").querySelector(element.dataset.select);
+        if (part) html = part.outerHTML;
+      }
+      element.innerHTML = html;
       localTimes(element);
       const status = element.querySelector("[data-status]");
       if (status && ENDED.includes(status.dataset.status)) return;
