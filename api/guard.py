@@ -78,6 +78,9 @@ class BodyLimit:
             await error_response(self._error(upload))(scope, receive, send)
 
 
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
 class DriveByGuard:
     def __init__(self, app, *, allowed_hosts: tuple[str, ...], enabled: bool):
         self.app = app
@@ -96,7 +99,10 @@ class DriveByGuard:
         if scope["method"] in UNSAFE_METHODS:
             media_type = _header(scope, b"content-type").split(";", 1)[0].strip().lower()
             has_body = _header(scope, b"content-length") not in ("", "0") or _header(scope, b"transfer-encoding")
-            if (media_type or has_body) and media_type not in BODY_TYPES:
+            # The console's forms post form-urlencoded bodies from its own pages: accepted with an Origin this
+            # guard allows (checked above; browsers send one with every form POST), never without one.
+            console_form = scope["path"].startswith("/ui/") and media_type == FORM_TYPE and origin
+            if (media_type or has_body) and media_type not in BODY_TYPES and not console_form:
                 return OpenAIError(415, f"Content-Type {media_type or '(none)'!r} is not accepted; send "
                                         "application/json (or multipart/form-data for uploads)",
                                    code="unsupported_media_type")

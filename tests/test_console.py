@@ -138,7 +138,7 @@ def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(b
         page.screenshot(path=str(ARTIFACTS / "console-dashboard.png"), full_page=True)
         page.goto("/ui/batches")
         assert batch.id in page.content()
-        for path in ("/ui/models", "/ui/datasets", "/ui/fine-tunes", "/ui/batches/new"):  # every page, no script errors
+        for path in ("/ui/models", "/ui/datasets", "/ui/fine-tunes", "/ui/fine-tunes/new", "/ui/batches/new"):
             page.goto(path)
             page.wait_for_load_state("networkidle")
         assert page.problems == [], page.problems
@@ -223,3 +223,41 @@ def test_the_models_page_lists_installs_for_admins_only_and_says_why_an_install_
         assert installing.url.path == "/ui/models/local-copy/status"
         assert 'id="model-state">installing<' in installing.text and "<td>fits</td>" in installing.text
         assert "local-copy" in admin.get("/ui/models").text
+
+
+SAME_ORIGIN = {"Origin": "http://127.0.0.1"}  # what a browser sends with a form posted from the console's page
+
+
+def test_without_keys_a_console_form_is_taken_only_from_a_page_of_this_machine(vbatch_home):
+    with api_client(_app(), follow_redirects=False) as client:
+        form = {"model": "vbatch-tiny-chat", "training": "v1"}
+        assert client.post("/ui/fine-tunes", data=form).status_code == 415  # no Origin: not a browser's form
+        assert client.post("/ui/fine-tunes", data=form, headers={"Origin": "http://evil.example"}).status_code == 403
+        assert client.post("/ui/fine-tunes", data=form, headers=SAME_ORIGIN).status_code == 303
+        assert client.post("/v1/batches", content="input_file_id=x", headers={
+            **SAME_ORIGIN, "Content-Type": "application/x-www-form-urlencoded"}).status_code == 415  # the API: JSON only
+
+
+def test_a_fine_tune_starts_from_the_form_and_a_bad_recipe_is_refused_with_its_reason(platform):
+    from tests.conftest import build_gold_star_dataset
+    from tests.test_datasets import _tasks
+    from vbatch_pipelines.fine_tuning.service import get_job
+
+    _tasks(platform, 12)
+    result = build_gold_star_dataset(platform.resources)
+    version = result.asset_materializations_for_node("gold_star_dataset")[0].metadata["version"].value
+    with api_client(_app()) as client:
+        form = client.get("/ui/fine-tunes/new").text
+        assert f'<option value="{version}">' in form and 'value="vbatch-tiny-chat" selected' in form
+        for fields, reason in (({"training": "v999"}, "v999"), ({"training": version, "n_epochs": "many"}, "n_epochs"),
+                               ({"training": version, "lora_rank": "4096"}, "lora_rank")):
+            refused = client.post("/ui/fine-tunes", data={"model": "vbatch-tiny-chat", **fields}, headers=SAME_ORIGIN,
+                                  follow_redirects=True)
+            assert 'id="form-error"' in refused.text and reason in refused.text, (fields, refused.text[-600:])
+        started = client.post("/ui/fine-tunes", data={"model": "vbatch-tiny-chat", "training": version,
+                                                       "n_epochs": "2", "lora_rank": "8"}, headers=SAME_ORIGIN,
+                              follow_redirects=True)
+        job_id = started.url.path.rsplit("/", 1)[1]
+        job = get_job(platform.db, job_id)
+        assert job is not None and job.dataset_version == version and job.hyperparameters["n_epochs"] == 2
+        assert 'id="job-status">queued<' in started.text

@@ -249,6 +249,53 @@ def fine_tunes(request: Request, after: str | None = Query(default=None, max_len
     return _page(request, "fine_tunes.html", role, page=page)
 
 
+@router.get("/fine-tunes/new", response_class=HTMLResponse)
+def new_fine_tune(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
+    from vbatch_pipelines.curation.service import ready_datasets
+
+    registry = request.app.state.resources["model_registry"]
+    with request.app.state.db.session() as session:
+        versions = [row.version for row in session.scalars(ready_datasets().limit(50))]
+    return _page(request, "new_fine_tune.html", role, error=error, versions=versions,
+                 models=sorted(registry.base_models()), default_model=registry.default_model_id())
+
+
+@router.post("/fine-tunes")
+def create_fine_tune(request: Request, model: str = Form(max_length=256), training: str = Form(max_length=64),
+                     n_epochs: str = Form("auto", max_length=8), lora_rank: str = Form("16", max_length=8),
+                     learning_rate_multiplier: str = Form("auto", max_length=16),
+                     suffix: str = Form("", max_length=64), role: Role = Depends(console_role)) -> Response:
+    """Start a fine-tune as ``POST /v1/fine_tuning/jobs`` does: checked first, the reason shown on the form."""
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.fine_tuning.service import create_job
+    from vbatch_pipelines.launch import DagsterUnreachable, launch_fine_tune
+
+    state = request.app.state
+    resources = state.resources
+    hyperparameters = {"n_epochs": n_epochs if n_epochs == "auto" else _number(n_epochs, int),
+                       "learning_rate_multiplier": learning_rate_multiplier if learning_rate_multiplier == "auto"
+                       else _number(learning_rate_multiplier, float), "lora_rank": _number(lora_rank, int)}
+    try:
+        job = create_job(state.db, resources["model_registry"], resources["file_store"], resources["trainer"],
+                         model=model, training_file=training.strip(), hyperparameters=hyperparameters,
+                         suffix=suffix.strip() or None)
+    except (VbatchError, ValueError) as exc:
+        return RedirectResponse(f"/ui/fine-tunes/new?error={quote(str(exc)[:300])}", status_code=303)
+    try:
+        launch_fine_tune(state.db, job.id, state.settings.dagster_url, timeout=5)
+    except DagsterUnreachable:
+        pass  # recorded and queued: the fine-tuning sensor launches it once Dagster is back
+    return RedirectResponse(f"/ui/fine-tunes/{quote(job.id)}", status_code=303)
+
+
+def _number(text: str, kind):
+    """A form's number, or the text itself (the job's own validation then names the field and its rule)."""
+    try:
+        return kind(text)
+    except ValueError:
+        return text
+
+
 @router.get("/fine-tunes/{job_id}", response_class=HTMLResponse)
 def fine_tune(request: Request, job_id: str, error: str | None = None,
               role: Role = Depends(console_role)) -> HTMLResponse:
