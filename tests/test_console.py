@@ -136,6 +136,13 @@ def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(b
         today = page.text_content('[data-metric="today-requests-vbatch-tiny-chat"]').strip()
         assert today == "30"
         page.screenshot(path=str(ARTIFACTS / "console-dashboard.png"), full_page=True)
+        page.goto("/ui/models")
+        page.fill("#chat-input", "Hello there")
+        page.click("#chat-send")
+        page.wait_for_function("document.querySelector('#chat-output').textContent.trim().length > 0", timeout=60_000)
+        assert not page.get_attribute("#chat-output", "class")  # an answer, not an error
+        assert page.query_selector("#install-form") is None  # a use key sees no admin action
+        page.screenshot(path=str(ARTIFACTS / "console-models.png"), full_page=True)
         page.goto("/ui/batches")
         assert batch.id in page.content()
         for path in ("/ui/models", "/ui/datasets", "/ui/fine-tunes", "/ui/fine-tunes/new", "/ui/batches/new"):
@@ -261,3 +268,16 @@ def test_a_fine_tune_starts_from_the_form_and_a_bad_recipe_is_refused_with_its_r
         job = get_job(platform.db, job_id)
         assert job is not None and job.dataset_version == version and job.hyperparameters["n_epochs"] == 2
         assert 'id="job-status">queued<' in started.text
+
+
+def test_the_try_it_box_streams_a_models_answer_and_says_why_when_it_cannot(vbatch_home):
+    with api_client(_app()) as client:
+        with client.stream("POST", "/ui/chat", json={"model": "vbatch-tiny-chat", "content": "Hello", "max_tokens": 8},
+                           headers=SAME_ORIGIN) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 2
+        chunks = [json.loads(line[6:]) for line in events[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        unknown = client.post("/ui/chat", json={"model": "no-such-model", "content": "Hi"}, headers=SAME_ORIGIN)
+        assert unknown.status_code == 404 and "no-such-model" in unknown.json()["error"]["message"]

@@ -12,6 +12,8 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+from pydantic import Field as PydanticField
 
 from api.deps import Role, role_of_key
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
@@ -350,9 +352,10 @@ def models(request: Request, error: str | None = None, role: Role = Depends(cons
         row = stored.get(model_id)
         rows.append({"id": model_id, "kind": "fine-tune" if spec.parent else "base", "parent": spec.parent,
                      "status": row.status if row is not None else "configured", "source": row.source if row else None,
-                     "removable": row is not None, "default": model_id == registry.default_model_id()})
+                     "removable": row is not None, "default": model_id == registry.default_model_id(),
+                     "served": True})
     rows += [{"id": row.id, "kind": row.kind.replace("_", "-"), "parent": row.parent, "status": row.status,
-              "source": row.source, "removable": True, "default": False}
+              "source": row.source, "removable": True, "default": False, "served": False}
              for row in stored.values() if row.id not in served]
     return _page(request, "models.html", role, models=rows, error=error)
 
@@ -426,6 +429,24 @@ def delete_model(request: Request, model_id: str, role: Role = Depends(console_r
         return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)
     state.engines.forget(model_id[:512])
     return RedirectResponse("/ui/models", status_code=303)
+
+
+class TryIt(BaseModel):
+    model: str = PydanticField(max_length=512)
+    content: str = PydanticField(min_length=1, max_length=8000)
+    max_tokens: int = PydanticField(default=256, ge=1, le=2048)
+
+
+@router.post("/chat")
+async def try_it(request: Request, body: TryIt, role: Role = Depends(console_role)):
+    """The models page's try-it box: one user message to a model, its answer streamed back as the chat route's
+    server-sent events."""
+    from api.routers.completions import serve_completion
+    from vbatch_pipelines.protocol import ChatCompletionRequest
+
+    chat = ChatCompletionRequest(model=body.model, messages=[{"role": "user", "content": body.content}],
+                                 max_tokens=body.max_tokens, stream=True)
+    return await serve_completion("/v1/chat/completions", chat, request.app.state.engines)
 
 
 @router.get("/datasets", response_class=HTMLResponse)

@@ -20,7 +20,7 @@ from vbatch_pipelines.protocol import (
 router = APIRouter(tags=["inference"])
 
 
-async def _serve(endpoint: str, request, engines: EnginePool):
+async def serve_completion(endpoint: str, request, engines: EnginePool):
     await engines.check_length(request.model, request.max_new_tokens(0))
     engine = await engines.get(request.model)
     body = request.model_dump(exclude_unset=True)
@@ -43,9 +43,9 @@ async def _serve(endpoint: str, request, engines: EnginePool):
 @router.post("/chat/completions", response_model=ChatCompletionResponse,
              responses={200: {"content": COMPLETION_STREAM}})
 async def chat_completions(request: ChatCompletionRequest, engines: EnginePool = Depends(get_engines)):
-    return await _serve("/v1/chat/completions", request, engines)
+    return await serve_completion("/v1/chat/completions", request, engines)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses={200: {"content": COMPLETION_STREAM}})
 async def completions(request: CompletionRequest, engines: EnginePool = Depends(get_engines)):
-    return await _serve("/v1/completions", request, engines)
+    return await serve_completion("/v1/completions", request, engines)

@@ -33,7 +33,46 @@ function refresh(element) {
   setTimeout(tick, every);
 }
 
+// The try-it box: the answer is streamed in as the model writes it (the chat route's server-sent events).
+function chatBox(form) {
+  const output = form.querySelector("#chat-output");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    output.textContent = "";
+    output.classList.remove("error");
+    const body = {model: form.querySelector("#chat-model").value, content: form.querySelector("#chat-input").value};
+    try {
+      const response = await fetch(form.dataset.chat, {method: "POST", credentials: "same-origin",
+        headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+      if (!response.ok) {
+        const failure = await response.json().catch(() => ({}));
+        throw new Error((failure.error && failure.error.message) || `HTTP ${response.status}`);
+      }
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let pending = "";
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        pending += decoder.decode(value, {stream: true});
+        const lines = pending.split("\n");
+        pending = lines.pop();
+        for (const line of lines) {
+          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+          const chunk = JSON.parse(line.slice(6));
+          const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+          if (delta && delta.content) output.textContent += delta.content;
+        }
+      }
+    } catch (error) {
+      output.textContent = `Could not get an answer: ${error.message}`;
+      output.classList.add("error");
+    }
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   localTimes(document);
+  document.querySelectorAll("form[data-chat]").forEach(chatBox);
   document.querySelectorAll("[data-refresh]").forEach(refresh);
 });
