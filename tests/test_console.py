@@ -281,3 +281,27 @@ def test_the_try_it_box_streams_a_models_answer_and_says_why_when_it_cannot(vbat
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         unknown = client.post("/ui/chat", json={"model": "no-such-model", "content": "Hi"}, headers=SAME_ORIGIN)
         assert unknown.status_code == 404 and "no-such-model" in unknown.json()["error"]["message"]
+
+
+def test_the_dashboard_turns_engine_busy_time_into_cost_per_1k_tokens(platform, monkeypatch):
+    from vbatch_pipelines.batch.service import update_batch
+    from vbatch_pipelines.settings import SettingsError, load_settings
+
+    now = int(time.time())
+    # Two batches side by side (their spans overlap: the engine was busy 300 s, not 400 s), 2,000 tokens in all.
+    for start, end, tokens in ((now - 400, now - 200, 1500), (now - 300, now - 100, 500)):
+        batch = platform.submit(jsonl(chat_lines(2, prefix=f"cost{start}")))
+        update_batch(platform.db, batch.id, status="completed", model="vbatch-tiny-chat", in_progress_at=start,
+                     completed_at=end, usage={"input_tokens": tokens // 2, "output_tokens": tokens // 2})
+    with api_client(_app(gpu_hour_cost=3.6)) as client:
+        page = client.get("/ui").text
+    # 300 s at 3.6 an hour = 0.3; per 1k of 2,000 tokens = 0.15
+    assert 'data-metric="cost-per-1k-vbatch-tiny-chat">0.150000<' in page and "5.0 min" in page
+    with api_client(_app()) as client:
+        assert "engine-hour" not in client.get("/ui").text  # no price set: no cost shown
+    monkeypatch.setenv("VBATCH_GPU_HOUR_COST", "two dollars")
+    try:
+        load_settings()
+        raise AssertionError("a price that is not a number was taken")
+    except SettingsError as exc:
+        assert "VBATCH_GPU_HOUR_COST" in str(exc)

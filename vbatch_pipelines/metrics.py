@@ -128,6 +128,30 @@ def summarize(db: Database, *, ended_since: int | None = None) -> PlatformSummar
         fine_tunes={status: jobs.get(status, 0) for status in FINE_TUNING_STATUSES})
 
 
+def busy_seconds(db: Database, *, ended_since: int) -> dict[str, float]:
+    """Per model, how long batches kept its engine busy among those that ended since ``ended_since``: the
+    union of their in-progress spans (batches side by side count once)."""
+    ended = func.coalesce(Batch.completed_at, Batch.cancelled_at, Batch.expired_at, Batch.failed_at)
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(Batch.model, Batch.in_progress_at, ended).where(
+            ended >= ended_since, Batch.in_progress_at.is_not(None))).all()
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for model, start, end in rows:
+        spans.setdefault(model or "unknown", []).append((start, max(start, end)))
+    busy = {}
+    for model, intervals in spans.items():
+        total, current_start, current_end = 0, None, None
+        for start, end in sorted(intervals):
+            if current_end is None or start > current_end:
+                total += (current_end - current_start) if current_end is not None else 0
+                current_start, current_end = start, end
+            else:
+                current_end = max(current_end, end)
+        total += current_end - current_start
+        busy[model] = float(total)
+    return busy
+
+
 def gold_stars_by_day(db: Database, *, days: int) -> list[tuple[str, int]]:
     """Gold stars given on each of the last ``days`` days (by review time, local dates), oldest first."""
     import datetime as dt

@@ -70,7 +70,7 @@ def _int(name: str, default: int | None, minimum: int | None = None) -> int | No
     return value
 
 
-def _float(name: str, default: float, low: float, high: float) -> float:
+def _float(name: str, default: float | None, low: float, high: float) -> float | None:
     raw = _env(name)
     if raw is None:
         return default
@@ -108,6 +108,7 @@ class Settings:
     models: dict[str, str]
     gpus: int
     inference_runs: int  # batch steps running side by side on the engines (the `inference` pool's limit)
+    gpu_hour_cost: float | None  # what an hour of an engine's machine costs: the dashboard's cost per 1k tokens
     dagster_url: str
     api_keys: tuple[str, ...]  # use keys: files, batches, inference, curation, fine-tuning
     admin_keys: tuple[str, ...]  # also: install and delete base models (VBATCH_ADMIN_KEYS)
@@ -198,6 +199,7 @@ def load_settings() -> Settings:
         models=_parse_models(_env("VBATCH_MODELS")),
         gpus=gpu_count(),
         inference_runs=_int("VBATCH_INFERENCE_RUNS", 8, minimum=1),
+        gpu_hour_cost=_float("VBATCH_GPU_HOUR_COST", None, 0.0, 1_000_000.0),
         dagster_url=_env("VBATCH_DAGSTER_URL", "http://127.0.0.1:3000"),
         api_keys=_list("VBATCH_API_KEYS"),
         admin_keys=_list("VBATCH_ADMIN_KEYS"),

@@ -86,7 +86,7 @@ def _safe_next(path: str) -> str:
 @router.get("", response_class=HTMLResponse)
 def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLResponse:
     from api.console.charts import bar_chart
-    from vbatch_pipelines.metrics import engines_with_stats, gold_stars_by_day, summarize
+    from vbatch_pipelines.metrics import busy_seconds, engines_with_stats, gold_stars_by_day, summarize
     from vbatch_pipelines.store.models import FineTuningJob
 
     db = request.app.state.db
@@ -100,7 +100,17 @@ def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLRespo
                 "running": _count(engine.stats.get("running")), "waiting": _count(engine.stats.get("waiting")),
                 "kv_cache": f"{100 * engine.stats['kv_cache_usage']:.0f} %" if "kv_cache_usage" in engine.stats else "–"}
                for engine in engines_with_stats(request.app.state.resources["file_store"].engines_dir)]
-    return _page(request, "dashboard.html", role, summary=summarize(db), today=summarize(db, ended_since=midnight),
+    today = summarize(db, ended_since=midnight)
+    costs = {}
+    hour_cost = request.app.state.settings.gpu_hour_cost
+    if hour_cost is not None:
+        for model, seconds in busy_seconds(db, ended_since=midnight).items():
+            cost = seconds / 3600 * hour_cost
+            tokens = sum(today.tokens.get(model, (0, 0)))
+            costs[model] = {"busy": f"{seconds / 60:.1f} min", "cost": f"{cost:.4f}",
+                            "per_1k": f"{1000 * cost / tokens:.6f}" if tokens else "–"}
+    return _page(request, "dashboard.html", role, summary=summarize(db), today=today, costs=costs,
+                 hour_cost=hour_cost,
                  engines=engines, fine_tunes=fine_tunes, gold_chart=bar_chart(gold_stars_by_day(db, days=14)))
 
 
