@@ -62,6 +62,7 @@ def test_the_dashboard_and_batch_pages_show_what_the_api_says(platform):
         assert 'data-metric="gold-stars">1<' in dashboard and '<svg class="chart"' in dashboard
         listing = client.get("/ui/batches?status=in_progress").text
         assert batch.id in listing and bad.id not in listing
+        assert batch.id in client.get("/ui/batches?after=batch_gone").text  # a stale page link starts over
         page = client.get(f"/ui/batches/{batch.id}").text
         assert "3 completed, 1 failed of 4" in page and 'data-refresh="/ui/batches/' in page
         failed = client.get(f"/ui/batches/{bad.id}").text

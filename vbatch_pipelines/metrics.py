@@ -88,6 +88,10 @@ def engines_with_stats(engines_dir: Path) -> list[EngineState]:
     return [read_engine_metrics(engine, fetch) for engine in engine_states(engines_dir)]
 
 
+# When a batch ended, whichever way it did.
+BATCH_ENDED_AT = func.coalesce(Batch.completed_at, Batch.cancelled_at, Batch.expired_at, Batch.failed_at)
+
+
 @dataclass
 class PlatformSummary:
     """What the metadata DB says of the platform: the figures ``/metrics`` and the console's dashboard show."""
@@ -105,12 +109,11 @@ class PlatformSummary:
 def summarize(db: Database, *, ended_since: int | None = None) -> PlatformSummary:
     """The platform's figures; with ``ended_since`` (a Unix time) requests and tokens count only batches that
     ended since then (the dashboard's "today")."""
-    ended = func.coalesce(Batch.completed_at, Batch.cancelled_at, Batch.expired_at, Batch.failed_at)
     per_model = select(Batch.model, func.sum(Batch.request_completed), func.sum(Batch.request_failed),
                        func.sum(Batch.usage["input_tokens"].as_integer()),
                        func.sum(Batch.usage["output_tokens"].as_integer())).group_by(Batch.model)
     if ended_since is not None:
-        per_model = per_model.where(ended >= ended_since)
+        per_model = per_model.where(BATCH_ENDED_AT >= ended_since)
     with db.engine.connect() as conn:
         statuses = dict(conn.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
         models = conn.execute(per_model).all()
@@ -131,10 +134,9 @@ def summarize(db: Database, *, ended_since: int | None = None) -> PlatformSummar
 def busy_seconds(db: Database, *, ended_since: int) -> dict[str, float]:
     """Per model, how long batches kept its engine busy among those that ended since ``ended_since``: the
     union of their in-progress spans (batches side by side count once)."""
-    ended = func.coalesce(Batch.completed_at, Batch.cancelled_at, Batch.expired_at, Batch.failed_at)
     with db.engine.connect() as conn:
-        rows = conn.execute(select(Batch.model, Batch.in_progress_at, ended).where(
-            ended >= ended_since, Batch.in_progress_at.is_not(None))).all()
+        rows = conn.execute(select(Batch.model, Batch.in_progress_at, BATCH_ENDED_AT).where(
+            BATCH_ENDED_AT >= ended_since, Batch.in_progress_at.is_not(None))).all()
     spans: dict[str, list[tuple[int, int]]] = {}
     for model, start, end in rows:
         spans.setdefault(model or "unknown", []).append((start, max(start, end)))

@@ -121,20 +121,25 @@ def _count(value: float | None) -> str:
 @router.get("/batches", response_class=HTMLResponse)
 def batches(request: Request, status: str | None = Query(default=None, max_length=16),
             after: str | None = Query(default=None, max_length=64), role: Role = Depends(console_role)) -> HTMLResponse:
-    from api.errors import OpenAIError
-    from api.pagination import paginate
     from vbatch_pipelines.store.models import BATCH_STATUSES, Batch
 
     if status and status not in BATCH_STATUSES:
         status = None
     where = (Batch.status == status,) if status else ()
-    try:
-        with request.app.state.db.session() as session:
-            page = paginate(session, Batch, after=after, limit=25, where=where)
-    except OpenAIError:
-        with request.app.state.db.session() as session:
-            page = paginate(session, Batch, after=None, limit=25, where=where)
+    with request.app.state.db.session() as session:
+        page = _list_page(session, Batch, after, where)
     return _page(request, "batches.html", role, page=page, status=status, statuses=BATCH_STATUSES)
+
+
+def _list_page(session, model, after: str | None, where=()) -> dict:
+    """25 rows after ``after``; an ``after`` that is not on the list (a stale link) starts from the newest."""
+    from api.errors import OpenAIError
+    from api.pagination import paginate
+
+    try:
+        return paginate(session, model, after=after, limit=25, where=where)
+    except OpenAIError:
+        return paginate(session, model, after=None, limit=25, where=where)
 
 
 @router.get("/batches/new", response_class=HTMLResponse)
@@ -244,15 +249,10 @@ def comparison_verdict(comparison: dict | None) -> str | None:
 @router.get("/fine-tunes", response_class=HTMLResponse)
 def fine_tunes(request: Request, after: str | None = Query(default=None, max_length=64),
                role: Role = Depends(console_role)) -> HTMLResponse:
-    from api.errors import OpenAIError
-    from api.pagination import paginate
     from vbatch_pipelines.store.models import FineTuningJob
 
     with request.app.state.db.session() as session:
-        try:
-            page = paginate(session, FineTuningJob, after=after, limit=25)
-        except OpenAIError:
-            page = paginate(session, FineTuningJob, after=None, limit=25)
+        page = _list_page(session, FineTuningJob, after)
         jobs = {row.id: row for row in session.query(FineTuningJob).filter(
             FineTuningJob.id.in_([job["id"] for job in page["data"]]))}
     for job in page["data"]:
