@@ -278,9 +278,8 @@ def create_fine_tune(request: Request, model: str = Form(max_length=256), traini
                      learning_rate_multiplier: str = Form("auto", max_length=16),
                      suffix: str = Form("", max_length=64), role: Role = Depends(console_role)) -> Response:
     """Start a fine-tune as ``POST /v1/fine_tuning/jobs`` does: checked first, the reason shown on the form."""
+    from api.routers.fine_tuning import start_fine_tune
     from vbatch_pipelines.errors import VbatchError
-    from vbatch_pipelines.fine_tuning.service import create_job
-    from vbatch_pipelines.launch import DagsterUnreachable, launch_fine_tune
 
     state = request.app.state
     resources = state.resources
@@ -288,15 +287,11 @@ def create_fine_tune(request: Request, model: str = Form(max_length=256), traini
                        "learning_rate_multiplier": learning_rate_multiplier if learning_rate_multiplier == "auto"
                        else _number(learning_rate_multiplier, float), "lora_rank": _number(lora_rank, int)}
     try:
-        job = create_job(state.db, resources["model_registry"], resources["file_store"], resources["trainer"],
-                         model=model, training_file=training.strip(), hyperparameters=hyperparameters,
-                         suffix=suffix.strip() or None)
+        job = start_fine_tune(state.db, resources["model_registry"], resources["file_store"], resources["trainer"],
+                              state.settings.dagster_url, model=model, training_file=training.strip(),
+                              hyperparameters=hyperparameters, suffix=suffix.strip() or None)
     except (VbatchError, ValueError) as exc:
         return RedirectResponse(f"/ui/fine-tunes/new?error={quote(str(exc)[:300])}", status_code=303)
-    try:
-        launch_fine_tune(state.db, job.id, state.settings.dagster_url, timeout=5)
-    except DagsterUnreachable:
-        pass  # recorded and queued: the fine-tuning sensor launches it once Dagster is back
     return RedirectResponse(f"/ui/fine-tunes/{quote(job.id)}", status_code=303)
 
 
@@ -388,11 +383,11 @@ def model_status(request: Request, model_id: str, role: Role = Depends(console_r
 def _latest_run_line(run_id: str | None) -> str | None:
     if not run_id:
         return None
-    from vbatch_pipelines.launch import DagsterUnreachable, dagster_instance
+    from vbatch_pipelines.launch import dagster_instance
 
     try:
         logs = dagster_instance().all_logs(run_id)
-    except (DagsterUnreachable, Exception):  # noqa: BLE001 - the page shows the state without it
+    except Exception:  # noqa: BLE001 - the page shows the state without it
         return None
     messages = [entry.message for entry in logs if entry.user_message]
     return messages[-1][:300] if messages else None
@@ -402,23 +397,17 @@ def _latest_run_line(run_id: str | None) -> str | None:
 def install_model(request: Request, source: str = Form(max_length=512), model_id: str = Form("", max_length=256),
                   role: Role = Depends(console_role)) -> Response:
     """For admins, as ``POST /v1/models``: refused at once when the policy or the fit check says no."""
+    from api.routers.models import start_install
     from vbatch_pipelines.errors import VbatchError
-    from vbatch_pipelines.launch import DagsterUnreachable, launch_install
-    from vbatch_pipelines.models.store import request_install, upsert_model
 
     if role != "admin":
         return RedirectResponse("/ui/models?error=" + quote("Installing a model needs an admin key."), status_code=303)
     state = request.app.state
     try:
-        row = request_install(state.db, state.resources["model_registry"], state.engines.resource, source.strip(),
-                              model_id=model_id.strip() or None)
+        row = start_install(state.db, state.resources["model_registry"], state.engines.resource,
+                            state.settings.dagster_url, source.strip(), model_id=model_id.strip() or None)
     except VbatchError as exc:
         return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)
-    try:
-        run_id = launch_install(row.id, state.settings.dagster_url, timeout=5)
-        upsert_model(state.db, row.id, details={**(row.details or {}), "dagster_run_id": run_id})
-    except DagsterUnreachable:
-        pass  # recorded as installing: the install sensor launches it once Dagster is back
     return RedirectResponse(f"/ui/models/{quote(row.id)}/status", status_code=303)
 
 
@@ -492,11 +481,11 @@ def _dataset_checks(run_id: str | None) -> list[dict] | None:
         return None
     from dagster import DagsterEventType
 
-    from vbatch_pipelines.launch import DagsterUnreachable, dagster_instance
+    from vbatch_pipelines.launch import dagster_instance
 
     try:
         records = dagster_instance().get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
-    except (DagsterUnreachable, Exception):  # noqa: BLE001 - the page shows the version without its checks
+    except Exception:  # noqa: BLE001 - the page shows the version without its checks
         return None
     checks = []
     for record in records.records:

@@ -74,15 +74,22 @@ def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
     if body.integrations:
         raise OpenAIError(400, "integrations are not supported here; training metrics are in the job's events "
                                "and in Dagster", param="integrations")
-    job = create_job(db, model_registry, file_store, trainer, model=body.model, training_file=body.training_file,
-                     validation_file=body.validation_file, hyperparameters=_hyperparameters(body),
-                     suffix=body.suffix, seed=body.seed, metadata=body.metadata)
+    return start_fine_tune(db, model_registry, file_store, trainer, settings.dagster_url, model=body.model,
+                           training_file=body.training_file, validation_file=body.validation_file,
+                           hyperparameters=_hyperparameters(body), suffix=body.suffix, seed=body.seed,
+                           metadata=body.metadata).to_openai()
+
+
+def start_fine_tune(db: Database, model_registry: ModelRegistry, file_store: FileStore, trainer: Trainer,
+                    dagster_url: str, **job: Any) -> FineTuningJob:
+    """Check and record a job, then launch its run (the API's create and the console's form)."""
+    created = create_job(db, model_registry, file_store, trainer, **job)
     try:
-        launch_fine_tune(db, job.id, settings.dagster_url, timeout=5)
+        launch_fine_tune(db, created.id, dagster_url, timeout=5)
     except DagsterUnreachable as exc:
         # Recorded and queued: fine_tuning_sensor launches it once Dagster is back.
-        log.warning("fine-tuning job %s recorded, launch deferred to the sensor: %s", job.id, exc)
-    return (get_job(db, job.id) or job).to_openai()
+        log.warning("fine-tuning job %s recorded, launch deferred to the sensor: %s", created.id, exc)
+    return get_job(db, created.id) or created
 
 
 def _job_or_404(db: Database, job_id: str) -> FineTuningJob:

@@ -78,15 +78,24 @@ def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
     """vbatch's own, for admins: install a base model. Refused at once when the server's policy does not
     allow the source or remote code, or the model would not fit; otherwise recorded as ``installing`` and
     installed by the installed_model asset."""
-    row = request_install(db, model_registry, engines.resource, body.source, model_id=body.id,
-                          revision=body.revision, trust_remote_code=body.trust_remote_code)
+    row = start_install(db, model_registry, engines.resource, settings.dagster_url, body.source, model_id=body.id,
+                        revision=body.revision, trust_remote_code=body.trust_remote_code)
+    return _store_object(row)
+
+
+def start_install(db: Database, model_registry: ModelRegistry, inference_engine, dagster_url: str, source: str, *,
+                  model_id: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
+    """Check and record an install, then launch its run (the API's install and the console's form); returns
+    its record. Refused (InstallError) before anything is recorded when the policy or the fit check says no."""
+    row = request_install(db, model_registry, inference_engine, source, model_id=model_id, revision=revision,
+                          trust_remote_code=trust_remote_code)
     try:
-        run_id = launch_install(row.id, settings.dagster_url, timeout=5)
+        run_id = launch_install(row.id, dagster_url, timeout=5)
         upsert_model(db, row.id, details={**(row.details or {}), "dagster_run_id": run_id})
     except DagsterUnreachable as exc:
         # Recorded as installing: model_install_sensor launches it once Dagster is back.
         log.warning("install of %s recorded, launch deferred to the sensor: %s", row.id, exc)
-    return _store_object(get_model(db, row.id))
+    return get_model(db, row.id)
 
 
 @router.delete("/models/{model_id:path}", response_model=Deleted)
