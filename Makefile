@@ -27,10 +27,12 @@ up: engine
 	$(BIN)/vbatch up
 
 # System tools the tests drive: Debian's prometheus (the shipped Prometheus config and Grafana dashboard
-# are checked against a running platform) and chromium (the console's browser tests, through Playwright).
-# Installed with apt when missing.
+# are checked against a running platform), chromium (the console's browser tests, through Playwright) and
+# redis-server (cluster mode's broker, started by the cluster tests and bench_scale_out.py). Installed with
+# apt when missing; `make bench` asks only for redis-server.
+TOOLS ?= prometheus chromium redis-server
 test-tools:
-	@missing=""; for tool in prometheus chromium; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in $(TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
@@ -41,14 +43,17 @@ test: engine test-tools
 
 # Every benchmark script; each prints its figures (see the README's Benchmarks table).
 bench: engine
+	@$(MAKE) --no-print-directory test-tools TOOLS=redis-server
 	$(BIN)/python benchmarks/bench_validation.py
 	$(BIN)/python benchmarks/bench_vs_run_batch.py
+	$(BIN)/python benchmarks/bench_embeddings.py --list-size 32
 	$(BIN)/python benchmarks/bench_batches.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_api.py
 	$(BIN)/python benchmarks/bench_curation.py
 	$(BIN)/python benchmarks/bench_fine_tuning.py
 	$(BIN)/python benchmarks/bench_aris.py
+	$(BIN)/python benchmarks/bench_scale_out.py
 
 clean:
 	rm -rf $(VENV) .vbatch

@@ -113,8 +113,10 @@ class EnginePool:
         self._contexts: dict[str, int | None] = {}
         self._lock = asyncio.Lock()
 
-    async def get(self, model_name: str | None) -> Engine:
-        spec = self.registry.lookup(model_name)  # ModelNotFound: a 404 naming the served models
+    async def get(self, model_name: str | None, endpoint: str | None = None) -> Engine:
+        """The warm engine of the model a request names (for ``endpoint``: its default model, and a 400 when
+        the model cannot serve it); ModelNotFound is a 404 naming the served models."""
+        spec = self.registry.for_endpoint(model_name, endpoint) if endpoint else self.registry.lookup(model_name)
         async with self._lock:
             engine = self._engines.get(spec.id)
             if engine is None:
@@ -132,13 +134,15 @@ class EnginePool:
         limits = [n for n in (own, self.resource.max_model_len) if n]
         return min(limits) if limits else None
 
-    async def check_length(self, model_name: str | None, max_new_tokens: int) -> None:
-        """Refuse, before any engine starts, what the model can never produce."""
-        spec = self.registry.lookup(model_name)
+    async def check_length(self, model_name: str | None, max_new_tokens: int,
+                           endpoint: str = "/v1/chat/completions", param: str = "max_tokens") -> None:
+        """Refuse, before any engine starts, what the model can never produce (or a model that does not
+        generate); ``param`` is the request's field that asked for ``max_new_tokens``."""
+        spec = self.registry.for_endpoint(model_name, endpoint)
         context = self.context_length(spec)
         if context is not None and max_new_tokens >= context:
-            raise OpenAIError(400, f"max_tokens is {max_new_tokens}, but {spec.id}'s context length is {context} "
-                                   "tokens, prompt included", param="max_tokens", code="context_length_exceeded")
+            raise OpenAIError(400, f"{param} is {max_new_tokens}, but {spec.id}'s context length is {context} "
+                                   "tokens, prompt included", param=param, code="context_length_exceeded")
 
     def forget(self, model_id: str) -> None:
         """Drop a removed model's engine (its connections close with it)."""

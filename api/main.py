@@ -3,12 +3,10 @@ runs; Dagster does the work. Run with ``uvicorn --factory api.main:create_app`` 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
@@ -17,6 +15,7 @@ from api import console
 from api.deps import EnginePool, caller_role
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard
+from api.probes import BackgroundProbe, FixedState, http_check
 from api.routers import batches, completions, curation, files, fine_tuning, metrics, models
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
@@ -27,7 +26,7 @@ from vbatch_pipelines.settings import Settings, load_settings
 log = logging.getLogger("vbatch.api")
 
 
-def metrics_registry(db, services, engines_dir) -> CollectorRegistry:
+def metrics_registry(db, services, inference_engine) -> CollectorRegistry:
     """The registry ``GET /metrics`` renders: the platform's own collector only (no per-process defaults,
     which would differ between API workers)."""
     from vbatch_pipelines.metrics import PlatformCollector, engines_with_stats
@@ -44,8 +43,21 @@ def metrics_registry(db, services, engines_dir) -> CollectorRegistry:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PlatformCollector(db, services=services, dagster_queued=dagster_queued,
-                                        engines=lambda: engines_with_stats(engines_dir)))
+                                        engines=lambda: engines_with_stats(inference_engine)))
     return registry
+
+
+def service_probes(settings: Settings, resources: dict) -> dict[str, BackgroundProbe | FixedState]:
+    """The services a page or /health reports on, each checked in the background at most every 5 s."""
+    probes = {"dagster": BackgroundProbe(http_check(f"{settings.dagster_url}/server_info"))}
+    label_studio = resources["label_studio"]
+    if label_studio.enabled:
+        probes["label_studio"] = BackgroundProbe(http_check(
+            f"{label_studio.url}/api/projects?page_size=1",
+            headers=lambda: {"Authorization": f"Token {label_studio.api_token}"}))
+    else:
+        probes["label_studio"] = FixedState(f"off: {label_studio.disabled_reason}")
+    return probes
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,8 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for hook in app.state.shutdown_hooks:
             hook()
         await app.state.engines.aclose()
-        if dagster_check["client"] is not None:
-            await dagster_check["client"].aclose()
 
     app = FastAPI(title="vbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible batch and online inference on your own models.")
@@ -89,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (files.router, batches.router, models.router, completions.router, curation.router,
                    fine_tuning.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(caller_role)], responses=ERRORS)
+    app.include_router(completions.vllm_paths, dependencies=[Depends(caller_role)], responses=ERRORS)
     # Label Studio authenticates its webhooks with a shared secret header, not an API key.
     app.include_router(curation.webhooks, prefix="/v1")
     if settings.aris_database_url:  # the Aris extension, only when it is configured
@@ -96,31 +107,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         aris.enable_api(app)
 
-    dagster_check: dict = {"at": 0.0, "state": "unknown", "task": None, "client": None}
-
-    async def probe_dagster() -> None:
-        # One client for the app's life: building one (its SSL context) blocks the event loop ~20 ms.
-        if dagster_check.get("client") is None:
-            dagster_check["client"] = httpx.AsyncClient(timeout=2)
-        try:
-            (await dagster_check["client"].get(f"{settings.dagster_url}/server_info")).raise_for_status()
-            dagster_check["state"] = "ok"
-        except httpx.HTTPError as exc:
-            dagster_check["state"] = f"unreachable: {exc!r}"
-
-    def dagster_state() -> str:
-        """Dagster's last known state, refreshed in the background at most every 5 s: its webserver
-        answers slowly under load and a health check must not wait for it."""
-        if time.monotonic() - dagster_check["at"] > 5:
-            dagster_check["at"] = time.monotonic()
-            dagster_check["task"] = asyncio.create_task(probe_dagster())
-        return dagster_check["state"]
+    app.state.probes = service_probes(settings, resources)
 
     @app.get("/health", tags=["operations"], response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
-        """Liveness and readiness: the metadata DB must answer; Dagster being down is reported, not fatal
-        (batches are recorded and launched by a sensor later)."""
-        checks: dict = {"database": "ok", "dagster": dagster_state(), "services": services()}
+        """Liveness and readiness: the metadata DB must answer; Dagster or Label Studio being down is
+        reported, not fatal (batches are recorded and launched by a sensor later; reviews wait)."""
+        checks: dict = {"database": "ok", **{name: probe() for name, probe in app.state.probes.items()},
+                        "services": services()}
         try:
             with app.state.db.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
@@ -148,5 +142,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(metrics.router, dependencies=[Depends(caller_role)], responses=ERRORS)
     console.install(app)
-    app.state.metrics_registry = metrics_registry(app.state.db, services, resources["file_store"].engines_dir)
+    app.state.metrics_registry = metrics_registry(app.state.db, services, resources["inference_engine"])
     return app

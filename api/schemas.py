@@ -285,6 +285,7 @@ class Health(BaseModel):
     status: Literal["ok", "error"]
     database: str
     dagster: str
+    label_studio: str = Field(description='"ok", what is wrong, or "off: <why>" (curation off, not installed)')
     services: dict[str, ServiceHealth] = Field(default_factory=dict,
                                                description="what `vbatch up` supervises on this home (empty when "
                                                            "the API runs on its own)")
@@ -296,7 +297,8 @@ FILE_DOWNLOAD = {200: {"content": {"application/octet-stream": BINARY}, "descrip
 DATASET_DOWNLOAD = {200: {"content": {"application/jsonl": BINARY, "application/json": BINARY},
                           "description": "the dataset split in the chosen format"}}
 # With ``stream: true``: server-sent events, each ``data:`` a JSON chunk (``chat.completion.chunk`` or a
-# text_completion) and the last ``[DONE]``. The schema describes one event.
+# text_completion) and the last ``[DONE]``, or (Responses) each a typed ``event:`` with its ``data:``. The
+# schema describes one event.
 COMPLETION_STREAM = {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},

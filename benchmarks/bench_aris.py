@@ -107,7 +107,8 @@ def bench_sensor(db, resources, aristotle_engine, n: int) -> None:
     seed(db, aristotle_engine, "tick", n, starred=False, agreed_victory=False)
     with DagsterInstance.ephemeral() as instance:
         context = build_sensor_context(instance=instance, resources={
-            "metadata_db": resources["metadata_db"], "aristotle": resources["aristotle"]})
+            "metadata_db": resources["metadata_db"], "aristotle": resources["aristotle"],
+            "label_studio": resources["label_studio"]})
         aristotle_sensor(context)  # the first tick: the whole table, nothing differs from what was seen
         with aristotle_engine.begin() as connection:  # the Aristotle app decides every one of them
             connection.execute(text("""UPDATE "Conquest" SET result = 'DEFEAT', "updatedAt" = now()

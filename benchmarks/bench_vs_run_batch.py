@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,26 +38,6 @@ def make_input(path: Path, n: int, prefix: str) -> Path:
     return path
 
 
-def run_batch(python: str, model_path: str, source: Path, out: Path, engine_args: list[str]) -> tuple[float, float]:
-    """(wall seconds, processing seconds): processing runs from run-batch's "Reading batch from" log
-    line (engine loaded) to its output file being written, so its start-up is not counted against it."""
-    argv = [python, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(source), "-o", str(out),
-            "--model", model_path, "--served-model-name", "vbatch-tiny-chat", *engine_args]
-    out.unlink(missing_ok=True)
-    started = time.time()
-    reading_at = None
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if reading_at is None and "Reading batch from" in line:
-            reading_at = time.time()
-    if process.wait() != 0 or reading_at is None:
-        raise RuntimeError(f"run-batch failed (exit {process.returncode})")
-    wall = time.time() - started
-    lines = out.read_text().splitlines()
-    assert len(lines) == sum(1 for _ in open(source)), "run-batch lost requests"
-    return wall, out.stat().st_mtime - reading_at
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=5000)
@@ -68,33 +46,20 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
 
-    from benchmarks.stack import Stack
+    from benchmarks.stack import Stack, alternate, run_batch
 
     started = time.monotonic()
     stack = Stack()
     up_seconds = time.monotonic() - started  # `vbatch up` including the engine's start
     try:
-        os.environ["VBATCH_HOME"] = str(stack.home)
-        from resources.factory import build_resources
-        from vbatch_pipelines.settings import load_settings
-
-        resources = build_resources(load_settings(), defer_secrets=False)
-        model = resources["model_registry"].resolve(None)
-        server = resources["inference_engine"].server(model)
-        engine_args, python = server.engine_args(), server.config.python
+        model, engine_args, python = stack.engine()
         print(f"model {model.id} ({model.path}); engine flags: {' '.join(engine_args)}; `vbatch up` {up_seconds:.1f}s")
         work = stack.home / "bench"
         work.mkdir()
 
         def vbatch(source: Path) -> tuple[float, float]:
             """(create -> completed, upload) seconds through the API."""
-            started = time.monotonic()
-            file_id = stack.upload(source.read_bytes(), source.name)
-            uploaded = time.monotonic()
-            batch = stack.wait(stack.create(file_id))
-            done = time.monotonic()
-            assert batch.status == "completed" and batch.request_counts.completed == batch.request_counts.total
-            return done - uploaded, uploaded - started
+            return stack.timed(source)[:2]
 
         big = make_input(work / "big.jsonl", args.requests, "big")
         vbatch(make_input(work / "warm.jsonl", 20, "warm"))
@@ -105,12 +70,10 @@ def main() -> int:
             if flag in plain_args:
                 del plain_args[plain_args.index(flag):plain_args.index(flag) + 2]
         runs, plain_runs, vb_runs = [], [], []
-        for trial in range(args.trials):  # alternating, each side first in turn: the machine's drift hits all
-            sides = [lambda: runs.append(run_batch(python, model.path, big, work / "big.out", engine_args)),
-                     lambda: vb_runs.append(vbatch(big)),
-                     lambda: plain_runs.append(run_batch(python, model.path, big, work / "big.out", plain_args))]
-            for side in sides if trial % 2 == 0 else reversed(sides):
-                side()
+        sides = [lambda: runs.append(run_batch(python, model.path, big, work / "big.out", engine_args)),
+                 lambda: vb_runs.append(vbatch(big)),
+                 lambda: plain_runs.append(run_batch(python, model.path, big, work / "big.out", plain_args))]
+        for trial in alternate(args.trials, sides):
             print(f"   trial {trial + 1}: run-batch processing {runs[-1][1]:.2f}s (without LoRA "
                   f"{plain_runs[-1][1]:.2f}s), vbatch {vb_runs[-1][0]:.2f}s, ratio {runs[-1][1] / vb_runs[-1][0]:.2f}x "
                   f"({plain_runs[-1][1] / vb_runs[-1][0]:.2f}x)", flush=True)

@@ -1,8 +1,9 @@
-"""What the end-to-end benchmarks share: a real `vbatch up` on a temporary home, request files, waiting for
-batches through the openai SDK, and the peak memory of the platform's processes.
+"""What the end-to-end benchmarks share: a real `vbatch up` on a temporary home (or cluster mode: `vbatch up
+--mode cluster` and a `vbatch worker`), request files, waiting for batches through the openai SDK, and the peak
+memory of the platform's processes.
 
 Every end-to-end figure goes through the path a user takes: the openai SDK -> the API -> a Dagster run on
-the daemon's run worker -> the warm engine.
+the daemon's run worker (in cluster mode: a node's Celery worker) -> the warm engine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
@@ -35,47 +37,114 @@ def requests_jsonl(n: int, prefix: str, max_tokens: int = 16) -> bytes:
                    + "\n" for i in range(n)).encode()
 
 
+def run_batch(python: str, model_path: str, source: Path, out: Path, engine_args: list[str],
+              served_model: str = "vbatch-tiny-chat") -> tuple[float, float]:
+    """`vllm run-batch` on ``source``: (wall seconds, processing seconds). Processing runs from its "Reading
+    batch from" log line (engine loaded) to its output file being written, so its start-up is not counted
+    against it."""
+    argv = [python, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(source), "-o", str(out),
+            "--model", model_path, "--served-model-name", served_model, *engine_args]
+    out.unlink(missing_ok=True)
+    started = time.time()
+    reading_at = None
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in process.stdout:
+        tail = (tail + [line])[-40:]
+        if reading_at is None and "Reading batch from" in line:
+            reading_at = time.time()
+    if process.wait() != 0 or reading_at is None:
+        raise RuntimeError(f"run-batch failed (exit {process.returncode}):\n{''.join(tail)}")
+    wall = time.time() - started
+    with open(out) as written, open(source) as given:
+        assert sum(1 for _ in written) == sum(1 for _ in given), "run-batch lost requests"
+    return wall, out.stat().st_mtime - reading_at
+
+
+def alternate(trials: int, sides: list[Callable[[], object]]) -> Iterator[int]:
+    """Run every side once per trial, each first in turn (so the machine's drift hits all sides alike);
+    yields each trial's index after it ran. Compare the medians."""
+    for trial in range(trials):
+        for side in sides if trial % 2 == 0 else reversed(sides):
+            side()
+        yield trial
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: the machine is shared, so figures come with the load they ran under."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
 class Stack:
-    """`vbatch up` (curation off unless asked) on a fresh home; ``client`` is an openai SDK client."""
+    """`vbatch up` (curation off unless asked) on a fresh home; ``client`` is an openai SDK client.
 
-    def __init__(self, home: Path | None = None, *, curation: bool = False, env: dict[str, str] | None = None):
+    With ``cluster`` (VBATCH_DATABASE_URL, VBATCH_DAGSTER_DATABASE_URL and VBATCH_BROKER_URL: PostgreSQL and
+    Redis, see tests/postgres_server.py and tests/redis_server.py): `vbatch up --mode cluster` and one `vbatch
+    worker` node (no GPU) with a home of its own under this one, sharing the store ``home/store``."""
+
+    def __init__(self, home: Path | None = None, *, curation: bool = False, env: dict[str, str] | None = None,
+                 cluster: dict[str, str] | None = None):
         self._own_home = home is None  # a home made here is removed by stop()
         self.home = home or Path(tempfile.mkdtemp(prefix="vbatch-bench-"))
         api_port, dagster_port = free_port(), free_port()
         full_env = dict(os.environ, VBATCH_HOME=str(self.home), DAGSTER_HOME=str(self.home / "dagster"),
                         VBATCH_CURATION="on" if curation else "off", **(env or {}))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vbatch_pipelines.cli", "up", "--api-port", str(api_port),
-             "--dagster-port", str(dagster_port)], env=full_env, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in self.process.stdout:
-            if "Ctrl-C stops everything" in line:
-                break
-        if self.process.poll() is not None:
-            raise RuntimeError("vbatch up failed")
-        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep its pipe drained
+        mode = []
+        if cluster:
+            full_env.update(cluster, VBATCH_STORE=str(self.home / "store"),
+                            VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}")
+            mode = ["--mode", "cluster"]
+        self.env = full_env
+        self.process: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.process = self._start(["up", "--api-port", str(api_port), "--dagster-port", str(dagster_port), *mode],
+                                   full_env, "Ctrl-C stops everything")
+        if cluster:
+            node = self.home / "node"
+            self.worker = self._start(["worker", "--node", "bench", "--gpus", "0"],
+                                      {**full_env, "VBATCH_HOME": str(node), "DAGSTER_HOME": str(node / "dagster")},
+                                      "Ctrl-C stops it.")
         self.api = f"http://127.0.0.1:{api_port}"
         self.client = openai.OpenAI(base_url=self.api + "/v1", api_key="bench", max_retries=0)
+
+    def _start(self, command: list[str], env: dict[str, str], ready: str) -> subprocess.Popen:
+        """A vbatch command, once it printed ``ready`` (its banner's last line)."""
+        process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", *command], env=env, cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if ready in line:
+                break
+        if process.poll() is not None:
+            if self.process is not None:
+                self.stop()
+            raise RuntimeError(f"vbatch {command[0]} failed:\n{''.join(seen)[-3000:]}")
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # keep its pipe drained
+        return process
 
     def upload(self, data: bytes, name: str = "input.jsonl", client: openai.OpenAI | None = None) -> str:
         return (client or self.client).files.create(file=(name, io.BytesIO(data)), purpose="batch").id
 
-    def create(self, file_id: str, client: openai.OpenAI | None = None) -> str:
-        return (client or self.client).batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+    def create(self, file_id: str, client: openai.OpenAI | None = None, endpoint: str = "/v1/chat/completions") -> str:
+        return (client or self.client).batches.create(input_file_id=file_id, endpoint=endpoint,
                                                       completion_window="24h").id
 
     def wait(self, batch_id: str, timeout: float = 3600, interval: float = 0.02):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Poll every ``interval`` s, or every 0.5 % of the time waited so far when that is longer: the end is
+        seen as precisely, but a batch of minutes is not polled 50 times a second (on 2 cores the polls, the
+        API answering them included, took a tenth of a core from the engine)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
             batch = self.client.batches.retrieve(batch_id)
             if batch.status in ENDED:
                 return batch
-            time.sleep(interval)
+            time.sleep(max(interval, 0.005 * (time.monotonic() - started)))
         raise TimeoutError(batch_id)
 
     def wait_all(self, batch_ids: list[str], timeout: float = 3600, interval: float = 0.05) -> dict[str, tuple]:
@@ -103,6 +172,34 @@ class Stack:
         batch = self.wait(self.create(file_id))
         return time.monotonic() - started, batch
 
+    def timed(self, source: Path, endpoint: str = "/v1/chat/completions") -> tuple[float, float, object]:
+        """``source`` through the API as a user sends it: (create -> completed seconds, upload seconds, batch);
+        asserts every request completed."""
+        started = time.monotonic()
+        file_id = self.upload(source.read_bytes(), source.name)
+        uploaded = time.monotonic()
+        batch = self.wait(self.create(file_id, endpoint=endpoint))
+        done = time.monotonic()
+        assert batch.status == "completed" and batch.request_counts.completed == batch.request_counts.total, batch
+        return done - uploaded, uploaded - started, batch
+
+    def engine(self, model: str | None = None) -> tuple[object, list[str], str]:
+        """(model spec, engine flags, vLLM's python) of the engine this stack serves ``model`` on (None: the
+        default), from the platform's own resources: what run-batch is given for a like-for-like comparison."""
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            from resources.factory import build_resources
+            from vbatch_pipelines.settings import load_settings
+
+            resources = build_resources(load_settings(), defer_secrets=False)
+            spec = resources["model_registry"].resolve(model)
+            server = resources["inference_engine"].server(spec)
+            return spec, server.engine_args(), server.config.python
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
     def output_ids(self, batch) -> list[str]:
         if not batch.output_file_id:
             return []
@@ -114,8 +211,11 @@ class Stack:
         return {name: entry["pid"] for name, entry in record["services"].items()}
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
+        processes = [process for process in (self.worker, self.process) if process is not None]
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=120)
         if self._own_home:
             shutil.rmtree(self.home, ignore_errors=True)
 
@@ -179,13 +279,15 @@ class PeakMemory(_Sampler):
 
 class EngineBusy(_Sampler):
     """The fraction of time the engine was working: its processes (the vLLM server and its engine core)
-    sampled every 0.1 s, busy when together they used more than half a core. (vLLM's own Prometheus gauges
-    are off: vbatch starts it with --disable-log-stats.)"""
+    sampled every 0.1 s, busy when together they used more than half a core."""
 
-    def __init__(self, stack: Stack, every_s: float = 0.1):
-        states = [json.loads(p.read_text()) for p in (stack.home / "engines").glob("*.json")]
+    def __init__(self, stack: Stack | None = None, every_s: float = 0.1, *, pid: int | None = None):
+        """The engine ``stack`` started, or the server whose process is ``pid`` (a replica elsewhere)."""
+        if pid is None:
+            states = [json.loads(p.read_text()) for p in (stack.home / "engines").glob("*.json")]
+            pid = next(s["pid"] for s in states if s.get("model"))
         super().__init__(every_s)
-        self.root = psutil.Process(next(s["pid"] for s in states if s.get("model")))
+        self.root = psutil.Process(pid)
         self.samples: list[bool] = []
 
     def _cpu(self) -> float:

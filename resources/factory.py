@@ -28,7 +28,7 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
             return EnvVar(name)
         return value
 
-    file_store = FileStore(root=str(settings.home))
+    file_store = settings.layout()
     metadata_db = MetadataDB(url=secret("VBATCH_DATABASE_URL", settings.database_url))
     model_registry = ModelRegistry(metadata_db=metadata_db, file_store=file_store, models=settings.models,
                                    default_model=settings.default_model,
@@ -54,6 +54,8 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
             max_lora_rank=settings.max_lora_rank,
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_fraction if settings.gpus else None,
+            external_engines=[f"{model}={url}" for model, url in settings.engines],
+            node=settings.node, engine_host=settings.engine_host,
         ),
         "trainer": Trainer(backend=settings.trainer, gpus=settings.gpus, envs_dir=str(settings.envs_dir),
                            min_training_examples=settings.min_training_examples,

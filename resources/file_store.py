@@ -1,8 +1,10 @@
-"""Where vbatch keeps its files: every path under the home directory is built here and nowhere else.
+"""Where vbatch keeps its files: every path vbatch writes is built here and nowhere else.
 
-Uploaded files and batch results, gold-star datasets, fine-tuning jobs, installed models, the state of
-managed engines and of the managed Label Studio, logs and the default Dagster home all live under one
-root (``VBATCH_HOME``, default ``./.vbatch``).
+Two roots. The store (``VBATCH_STORE``, default the home) holds what every node of a cluster must see:
+uploaded files and batch results, gold-star datasets, fine-tuning jobs, installed models, and Dagster's
+compute logs in cluster mode; nodes share it over a shared filesystem mounted at the same path. The home
+(``VBATCH_HOME``, default ``./.vbatch``) holds what belongs to one node: the state of its managed engines and
+Label Studio, its run dir and logs, its Dagster home and the SQLite metadata DB of single-machine mode.
 """
 
 from __future__ import annotations
@@ -12,46 +14,58 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from vbatch_pipelines.models.registry import TINY_MODEL_ID
+from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
 
 
 class FileStore(ConfigurableResource):
-    root: str = Field(description="VBATCH_HOME: everything vbatch writes lives under it")
+    root: str = Field(description="VBATCH_HOME: this node's own state (engines, run dir, logs, Dagster home)")
+    store: str | None = Field(default=None, description="VBATCH_STORE: files every node shares (files, batches, "
+                                                        "datasets, fine-tunes, models); default the home")
 
     @property
     def home(self) -> Path:
         return Path(self.root)
 
     @property
+    def shared(self) -> Path:
+        """The store root: on a shared filesystem when several nodes run vbatch."""
+        return Path(self.store) if self.store else self.home
+
+    @property
     def files_dir(self) -> Path:
-        return self.home / "files"
+        return self.shared / "files"
 
     @property
     def batches_dir(self) -> Path:
-        return self.home / "batches"
+        return self.shared / "batches"
 
     def batch_dir(self, batch_id: str) -> Path:
         return self.batches_dir / batch_id
 
     @property
     def datasets_dir(self) -> Path:
-        return self.home / "datasets"
+        return self.shared / "datasets"
 
     @property
     def fine_tunes_dir(self) -> Path:
-        return self.home / "fine_tunes"
+        return self.shared / "fine_tunes"
 
     def fine_tune_dir(self, job_id: str) -> Path:
         return self.fine_tunes_dir / job_id
 
     @property
     def models_dir(self) -> Path:
-        return self.home / "models"
+        return self.shared / "models"
 
     @property
     def tiny_model_path(self) -> Path:
         """Where the locally built tiny chat model lives (built on first use)."""
         return self.models_dir / TINY_MODEL_ID
+
+    @property
+    def tiny_embed_model_path(self) -> Path:
+        """Where the locally built tiny embedding model lives (built on first use)."""
+        return self.models_dir / TINY_EMBED_MODEL_ID
 
     @property
     def engines_dir(self) -> Path:
@@ -71,6 +85,11 @@ class FileStore(ConfigurableResource):
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def shared_dagster_dir(self) -> Path:
+        """Cluster mode: Dagster's compute logs and artifacts, so the UI shows a run's output from any node."""
+        return self.shared / "dagster"
 
     @property
     def dagster_dir(self) -> Path:

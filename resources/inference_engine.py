@@ -17,11 +17,12 @@ from pydantic import Field
 
 from resources.file_store import FileStore
 from resources.model_registry import ModelRegistry
-from vbatch_pipelines.engine.base import Engine, EngineBackend
+from vbatch_pipelines.engine.base import Engine, EngineBackend, EngineUnavailable
 from vbatch_pipelines.engine.envs import find_vllm_python
-from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, VLLMServerConfig
+from vbatch_pipelines.engine.registry import UP, EngineRegistry
+from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, RemoteVLLMServer, VLLMServerConfig
 from vbatch_pipelines.errors import Unavailable
-from vbatch_pipelines.models.registry import ModelSpec
+from vbatch_pipelines.models.registry import EMBED, GENERATE, ModelSpec
 
 
 class EngineNotAvailable(Unavailable):
@@ -43,6 +44,11 @@ class InferenceEngine(ConfigurableResource):
     gpu_memory_utilization: float | None = None
     extra_vllm_args: list[str] = Field(default_factory=list)
     max_lora_rank: int = Field(default=16, description="the largest LoRA rank the engine accepts")
+    external_engines: list[str] = Field(default_factory=list, description="vLLM servers running elsewhere, "
+                                        "as model=base URL, one per replica (VBATCH_ENGINES)")
+    node: str = Field(default="local", description="this node's name in the engine registry (VBATCH_NODE)")
+    engine_host: str = Field(default="127.0.0.1", description="the address this node's engines bind to "
+                             "(VBATCH_ENGINE_HOST; 0.0.0.0 to serve other nodes)")
 
     def _vllm_python(self) -> str | None:
         return find_vllm_python(self.vllm_python, Path(self.envs_dir), self.gpus)
@@ -67,36 +73,84 @@ class InferenceEngine(ConfigurableResource):
         config = VLLMServerConfig(
             python=python, gpus=self.gpus, max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization, extra_args=list(self.extra_vllm_args),
-            startup_timeout_s=self.startup_timeout_s, max_lora_rank=self.max_lora_rank,
+            startup_timeout_s=self.startup_timeout_s, max_lora_rank=self.max_lora_rank, host=self.engine_host,
         )
         base = model.base
-        return ManagedVLLMServer(base, self.engines_dir, config, adapters=lambda: self._deployed_adapters(base.id))
+        return ManagedVLLMServer(base, self.engines_dir, config, adapters=lambda: self._deployed_adapters(base.id),
+                                 registry=self.registry(), node=self.node)
+
+    def registry(self) -> EngineRegistry:
+        return EngineRegistry(self.model_registry.metadata_db.db)
+
+    def external_urls(self, base_id: str) -> list[str]:
+        return [url for model, _, url in (entry.partition("=") for entry in self.external_engines) if model == base_id]
+
+    def replica_servers(self, model: ModelSpec) -> list[ManagedVLLMServer | RemoteVLLMServer]:
+        """Every vLLM server of ``model``'s base model requests may go to. External engines when the model has
+        some (vbatch starts none of its own then); otherwise this node's managed server, started on demand,
+        and the managed servers other nodes registered as up."""
+        base = model.base
+        adapters = lambda: self._deployed_adapters(base.id)  # noqa: E731
+        urls, registry = self.external_urls(base.id), self.registry()
+        if urls:
+            return [RemoteVLLMServer(base, url, adapters, registry) for url in urls]
+        others = [RemoteVLLMServer(base, replica.base_url, adapters, registry, replica_id=replica.id,
+                                   node=replica.node, kind="managed")
+                  for replica in registry.replicas(base.id, status=UP)
+                  if replica.kind == "managed" and replica.node != self.node]
+        return [self.server(model), *others]
 
     def _deployed_adapters(self, base_id: str) -> dict[str, str]:
         return {name: spec.adapter for name, spec in self.model_registry.fine_tuned_models(base_id).items()}
 
     def open(self, model: ModelSpec) -> Engine:
-        """An engine serving ``model``, warm and ready; close it with ``await engine.aclose()``."""
+        """An engine serving ``model``, warm and ready, over every replica that answers; close it with
+        ``await engine.aclose()``."""
         if self.resolved_backend() == "vllm":
+            from vbatch_pipelines.engine.replicated import ReplicatedEngine
             from vbatch_pipelines.engine.vllm_server import VLLMEngine
 
-            return VLLMEngine(self.server(model), model, max_connections=self.max_concurrency,
-                              timeout_s=self.request_timeout_s)
+            def connect() -> list[VLLMEngine]:
+                engines, failure = [], None
+                for server in self.replica_servers(model):
+                    try:
+                        engines.append(VLLMEngine(server, model, max_connections=self.max_concurrency,
+                                                  timeout_s=self.request_timeout_s))
+                    except EngineUnavailable as exc:  # a remote replica that does not answer now
+                        failure = exc
+                if not engines:
+                    raise failure or EngineUnavailable(f"no replica of {model.base.id} answers")
+                return engines
+
+            return ReplicatedEngine(model.id, connect)
+        if model.task == EMBED:
+            from vbatch_pipelines.engine.transformers_embeddings import TransformersEmbeddingEngine
+
+            return TransformersEmbeddingEngine(model)
         from vbatch_pipelines.engine.transformers_engine import TransformersEngine
 
         return TransformersEngine(model)
 
-
     def deploy_adapter(self, model: ModelSpec) -> None:
-        """Make a fine-tune servable: on vLLM its adapter is loaded into the running base server (started if
-        needed) without a restart; the transformers engine loads it on first use."""
-        if self.resolved_backend() == "vllm":
-            self.server(model).load_adapter(model.id, model.adapter)
+        """Make a fine-tune servable: on vLLM its adapter is loaded into every running replica of its base
+        model (this node's started if needed) without a restart; a replica down now gets it when it is next
+        used. The transformers engine loads it on first use."""
+        if self.resolved_backend() != "vllm":
+            return
+        loaded, failure = 0, None
+        for server in self.replica_servers(model):
+            try:
+                server.load_adapter(model.id, model.adapter)
+                loaded += 1
+            except EngineUnavailable as exc:
+                failure = exc
+        if not loaded:
+            raise failure or EngineUnavailable(f"no replica of {model.base.id} answers")
 
     def undeploy_adapter(self, model: ModelSpec) -> bool:
-        if self.resolved_backend() == "vllm":
-            return self.server(model).unload_adapter(model.id)
-        return False
+        if self.resolved_backend() != "vllm":
+            return False
+        return any([server.unload_adapter(model.id) for server in self.replica_servers(model)])
 
     @contextmanager
     def released_for_training(self, log: Callable[[str], None] = print) -> Iterator[None]:
@@ -140,7 +194,7 @@ class InferenceEngine(ConfigurableResource):
                 continue
             if not state.get("model"):
                 continue
-            spec = ModelSpec(state["model"], state["path"])
+            spec = ModelSpec(state["model"], state["path"], task=state.get("task", GENERATE))
             try:
                 found.append(self.server(spec))
             except EngineNotAvailable:  # started by a vLLM env no longer found: enough to stop it

@@ -40,6 +40,12 @@ def iso(value: Any) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _since(since: str | None) -> list[dict[str, Any]]:
+    """The task filter "updated after ``since``" (none: every task)."""
+    return [{"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime", "value": since}] \
+        if since else []
+
+
 class LabelStudio(ConfigurableResource):
     url: str = ""
     token: str | None = Field(default=None, description="an external server's API token (EnvVar); the managed "
@@ -164,12 +170,15 @@ class LabelStudio(ConfigurableResource):
 
     def changed_tasks(self, project_id: int, since: str | None) -> list[Any]:
         """Tasks updated after ``since`` (strictly), oldest first, with their annotations."""
-        items = []
-        if since:
-            items.append({"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
-                          "value": since})
-        return list(self._filtered(project_id, {"conjunction": "and", "items": items},
+        return list(self._filtered(project_id, {"conjunction": "and", "items": _since(since)},
                                    include="id,annotations,updated_at,result,was_cancelled,completed_by"))
+
+    def tasks_with_data(self, project_id: int, field: str, since: str | None) -> list[Any]:
+        """Tasks whose data has ``field`` (present, not empty), updated after ``since`` (strictly), oldest
+        first, with their id, data and updated_at (an extension's own key, e.g. Aris' ``conquest_id``)."""
+        items = [{"filter": f"filter:tasks:data.{field}", "operator": "empty", "type": "String", "value": False},
+                 *_since(since)]
+        return list(self._filtered(project_id, {"conjunction": "and", "items": items}, include="id,data,updated_at"))
 
     def task(self, task_id: int) -> Any:
         return self._call(self.client.tasks.get, str(task_id))

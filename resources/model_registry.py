@@ -2,9 +2,14 @@
 
 Base models come from configuration (``VBATCH_MODELS``, ``name=path`` pairs) and from the model store
 (``installed_model``: rows of the ``models`` table with status ``ready``). With none configured, the
-locally built tiny chat model is served (built on first use). Fine-tunes are served as LoRA adapters on
-their base model's engine once deployed (status ``deployed``). ``default_model`` picks the default;
-otherwise it is the first configured model.
+locally built tiny chat and embedding models are served (each built on first use). Fine-tunes are served as
+LoRA adapters on their base model's engine once deployed (status ``deployed``).
+
+Each base model either generates (chat, completions) or embeds: a ``:embed`` / ``:generate`` suffix on its
+VBATCH_MODELS path says which, else its files do (``detect_task``: a sentence-transformers pooling module or
+an encoder-only architecture means embeddings). A request for an endpoint its model cannot serve is refused
+(``for_endpoint``). ``default_model`` picks the default; otherwise it is the first configured model, and for
+embeddings the first embedding model.
 """
 
 from __future__ import annotations
@@ -16,19 +21,26 @@ from resources.file_store import FileStore
 from resources.metadata_db import MetadataDB
 from vbatch_pipelines.models.registry import (
     DEPLOYED,
+    ENDPOINT_TASKS,
+    GENERATE,
     READY,
+    TINY_EMBED_MODEL_ID,
     TINY_MODEL_ID,
     ModelNotFound,
     ModelSpec,
+    ModelTaskMismatch,
+    detect_task,
+    dimensions_error,
     ensure_tiny_model,
+    parse_model_entry,
 )
 
 
 class ModelRegistry(ConfigurableResource):
     metadata_db: MetadataDB
     file_store: FileStore
-    models: dict[str, str] = Field(default_factory=dict,
-                                   description="configured base models, name -> path (VBATCH_MODELS)")
+    models: dict[str, str] = Field(default_factory=dict, description="configured base models, name -> path, "
+                                   "optionally path:embed (VBATCH_MODELS)")
     default_model: str | None = Field(default=None, description="VBATCH_DEFAULT_MODEL; default: the first configured")
     model_sources: list[str] = Field(default_factory=list, description="directories API installs may take local "
                                      "models from (VBATCH_MODEL_SOURCES); default: the models directory")
@@ -59,15 +71,24 @@ class ModelRegistry(ConfigurableResource):
                                         .order_by(Model.created_at)))
 
     def configured_models(self) -> dict[str, ModelSpec]:
-        models = {name: ModelSpec(name, path) for name, path in self.models.items()}
+        models = {}
+        for name, entry in self.models.items():
+            path, task = parse_model_entry(entry)
+            models[name] = ModelSpec(name, path, task=task or detect_task(path))
         if not models:
             models[TINY_MODEL_ID] = ModelSpec(TINY_MODEL_ID, str(self.file_store.tiny_model_path))
+            models[TINY_EMBED_MODEL_ID] = ModelSpec(TINY_EMBED_MODEL_ID, str(self.file_store.tiny_embed_model_path),
+                                                    task="embed")
         return models
+
+    @staticmethod
+    def _installed(row) -> ModelSpec:
+        return ModelSpec(row.id, row.path, trust_remote_code=row.trust_remote_code, task=detect_task(row.path))
 
     def base_models(self) -> dict[str, ModelSpec]:
         models = self.configured_models()
         for row in self._rows("base", READY):
-            models.setdefault(row.id, ModelSpec(row.id, row.path, trust_remote_code=row.trust_remote_code))
+            models.setdefault(row.id, self._installed(row))
         return models
 
     def fine_tuned_models(self, base: str | None = None) -> dict[str, ModelSpec]:
@@ -80,16 +101,29 @@ class ModelRegistry(ConfigurableResource):
     def served_models(self) -> dict[str, ModelSpec]:
         return {**self.base_models(), **self.fine_tuned_models()}
 
-    def default_model_id(self) -> str:
+    def default_model_id(self, task: str = GENERATE) -> str:
+        """The model a request naming none gets: VBATCH_DEFAULT_MODEL, else the first configured model; when
+        that one cannot do ``task`` (an embeddings request, a chat model first), the first served model that
+        can. With none that can, the default all the same (the request is then refused naming why)."""
+        configured = self.configured_models()
         if self.default_model:
-            if self.default_model not in self.base_models():
-                raise ModelNotFound(self.default_model, list(self.base_models()))
-            return self.default_model
-        return next(iter(self.configured_models()))
+            bases = self.base_models()
+            if self.default_model not in bases:
+                raise ModelNotFound(self.default_model, list(bases))
+            default = bases[self.default_model]
+        else:
+            default = next(iter(configured.values()))
+        if default.task == task:
+            return default.id
+        for spec in (configured if task in {m.task for m in configured.values()} else self.base_models()).values():
+            if spec.task == task:
+                return spec.id
+        return default.id
 
-    def lookup(self, name: str | None) -> ModelSpec:
-        """The model a request names (None: the default); raises ModelNotFound. Reads no weights."""
-        name = name or self.default_model_id()
+    def lookup(self, name: str | None, task: str = GENERATE) -> ModelSpec:
+        """The model a request names (None: the default for ``task``); raises ModelNotFound. Reads no
+        weights."""
+        name = name or self.default_model_id(task)
         configured = self.configured_models()
         if name in configured:  # the hot path: no DB read
             return configured[name]
@@ -97,7 +131,7 @@ class ModelRegistry(ConfigurableResource):
 
         row = self.metadata_db.db.get(Model, name)
         if row is not None and row.kind == "base" and row.status == READY:
-            return ModelSpec(row.id, row.path, trust_remote_code=row.trust_remote_code)
+            return self._installed(row)
         if row is not None and row.kind == "fine_tune" and row.status == DEPLOYED:
             try:
                 return self.lookup(row.parent).with_adapter(row.id, row.path)
@@ -109,13 +143,44 @@ class ModelRegistry(ConfigurableResource):
         """The id a request's model name is served as (how batch validation resolves names)."""
         return self.lookup(name).id
 
+    def for_endpoint(self, name: str | None, endpoint: str) -> ModelSpec:
+        """The model a request to ``endpoint`` names (None: the endpoint's default); ModelNotFound, or
+        ModelTaskMismatch when the model cannot serve that endpoint."""
+        task = ENDPOINT_TASKS.get(endpoint, GENERATE)
+        spec = self.lookup(name, task)
+        if spec.task != task:
+            raise ModelTaskMismatch(spec, endpoint, [m.id for m in self.base_models().values() if m.task == task])
+        return spec
+
+    def resolver(self, endpoint: str) -> "EndpointResolver":
+        """How a batch for ``endpoint`` resolves and checks its model (validate_batch_file's resolve_model)."""
+        return EndpointResolver(self, endpoint)
+
     def prepare(self, spec: ModelSpec) -> ModelSpec:
-        """Make sure the model's files exist (the tiny model is built on first use)."""
-        tiny = self.file_store.tiny_model_path
-        if spec.base.id == TINY_MODEL_ID and spec.path == str(tiny):
-            ensure_tiny_model(tiny)
+        """Make sure the model's files exist (the tiny models are built on first use)."""
+        for tiny_id, path in ((TINY_MODEL_ID, self.file_store.tiny_model_path),
+                              (TINY_EMBED_MODEL_ID, self.file_store.tiny_embed_model_path)):
+            if spec.base.id == tiny_id and spec.path == str(path):
+                ensure_tiny_model(path, spec.task)
         return spec
 
     def resolve(self, name: str | None) -> ModelSpec:
         """``lookup`` then ``prepare``: the model ready to load."""
         return self.prepare(self.lookup(name))
+
+
+class EndpointResolver:
+    """A batch's model, resolved for its endpoint: the served id (or ModelNotFound / ModelTaskMismatch),
+    and whether an embeddings line's ``dimensions`` suits it."""
+
+    def __init__(self, registry: ModelRegistry, endpoint: str):
+        self.registry, self.endpoint = registry, endpoint
+
+    def __call__(self, name: str | None) -> str:
+        return self.registry.for_endpoint(name, self.endpoint).id
+
+    def dimensions_error(self, model_id: str, dimensions: int) -> str | None:
+        spec = self.registry.lookup(model_id)
+        if spec.path == str(self.registry.file_store.tiny_embed_model_path):
+            self.registry.prepare(spec)  # its config says what it supports
+        return dimensions_error(spec, dimensions)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres_server import fresh_database
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
 # Curation needs Label Studio: tests that want it point at the session's server (the label_studio
@@ -29,6 +30,14 @@ def tiny_model_path(tmp_path_factory) -> Path:
     from vbatch_pipelines.models.tiny import create_tiny_model
 
     return create_tiny_model(tmp_path_factory.mktemp("models") / TINY_MODEL_ID)
+
+
+@pytest.fixture(scope="session")
+def tiny_embed_model_path(tmp_path_factory) -> Path:
+    from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID
+    from vbatch_pipelines.models.tiny import create_tiny_embedding_model
+
+    return create_tiny_embedding_model(tmp_path_factory.mktemp("models") / TINY_EMBED_MODEL_ID)
 
 
 @pytest.fixture()
@@ -46,6 +55,15 @@ def vbatch_home(tmp_path, tiny_model_path, monkeypatch) -> Path:
     monkeypatch.delenv("VBATCH_DAGSTER_DATABASE_URL", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     return home
+
+
+@pytest.fixture()
+def embed_home(vbatch_home, tiny_model_path, tiny_embed_model_path, monkeypatch):
+    """Both tiny models configured; the embedding one is known as such from its files (modules.json)."""
+    from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID
+
+    monkeypatch.setenv("VBATCH_MODELS", f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path}")
+    return vbatch_home
 
 
 def chat_line(custom_id: str, content: str, **body) -> dict:
@@ -159,30 +177,6 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@contextmanager
-def fresh_database() -> Iterator[str]:
-    import sqlalchemy as sa
-
-    from tests.postgres_server import admin_url
-    from vbatch_pipelines.store.db import normalize_url
-
-    name = f"vbatch_test_{uuid.uuid4().hex[:10]}"
-    server = admin_url()  # VBATCH_TEST_POSTGRES_URL, 127.0.0.1:5432, or one started for this session
-    admin = sa.create_engine(normalize_url(server), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = server.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        yield url
-    finally:
-        from vbatch_pipelines.store.db import get_database
-
-        get_database.cache_clear()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
 @dataclass(frozen=True)
 class LabelStudioConnection:
     url: str
@@ -272,7 +266,8 @@ def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> It
         env.pop(key, None)
     env.update(VBATCH_HOME=str(home), VBATCH_ENGINE="vllm", VBATCH_VLLM_PYTHON=vllm_python(),
                VBATCH_MODELS=f"{TINY_MODEL_ID}={tiny_model_path}", DAGSTER_HOME=str(home / "dagster"),
-               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}", **env_overrides)
+               VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}")
+    env.update(env_overrides)  # may replace any of the above (VBATCH_MODELS with more models)
     up_args = ("--api-port", str(api_port), "--dagster-port", str(dagster_port))
     process, _ = start_up(env, *up_args)
     stack = Stack(env, f"http://127.0.0.1:{api_port}", process)
@@ -289,6 +284,41 @@ def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> It
         for pid, _ in left:
             os.kill(pid, signal.SIGKILL)
         assert not left, f"still running after `vbatch up` stopped: {left}"
+
+
+@contextmanager
+def platform_of(stack: Stack) -> Iterator[Platform]:
+    """Resources bound to a running stack's home, to set up what a test needs as the platform would."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("VBATCH_HOME", "VBATCH_ENGINE", "VBATCH_VLLM_PYTHON", "VBATCH_MODELS", "DAGSTER_HOME"):
+            mp.setenv(key, stack.env[key])
+        mp.delenv("VBATCH_DATABASE_URL", raising=False)
+        yield Platform()
+
+
+def submit_batch(client, lines: list[dict] | str, endpoint: str):
+    """Upload ``lines`` (or a file's text) and create a batch on ``endpoint`` with the openai SDK, as a user does."""
+    data = lines.encode() if isinstance(lines, str) else jsonl(lines)
+    uploaded = client.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch")
+    return client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
+
+
+def on_both_engines(stack: Stack, model_id: str, fallback: type, ask) -> tuple:
+    """What ``await ask(engine)`` gives on the stack's vLLM engine and on the transformers ``fallback`` engine
+    class for the same model (each engine closed after), to compare the two."""
+    import asyncio
+
+    async def run(engine):
+        try:
+            return await ask(engine)
+        finally:
+            await engine.aclose()
+
+    with platform_of(stack) as platform:
+        spec = platform.registry.lookup(model_id)
+        served = platform.resources["inference_engine"].open(spec)
+        assert served.backend == "vllm"
+        return asyncio.run(run(served)), asyncio.run(run(fallback(spec)))
 
 
 def survivors(home: Path) -> list:
@@ -335,6 +365,44 @@ def vllm_python() -> str:
     return python
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """Cluster mode's broker: VBATCH_TEST_REDIS_URL, else Debian's redis-server on a free port with a password
+    (so the tests see that it never lands in a file)."""
+    from tests.node_network import namespaces_unavailable
+    from tests.redis_server import redis_server
+
+    given = os.environ.get("VBATCH_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    bind = "127.0.0.1" if namespaces_unavailable() else "0.0.0.0"  # nodes in namespaces reach it at their veth's
+    with redis_server(tmp_path_factory.mktemp("redis"), f"redis-{uuid.uuid4().hex[:12]}", bind=bind) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, tiny_model_path) -> Iterator[list]:
+    """Two vLLM CPU replicas of the tiny model (tests.scale_out.Replica), started side by side, stopped after the
+    module."""
+    import threading
+
+    from tests.scale_out import Replica
+
+    python = vllm_python()
+    pair = [Replica(tmp_path_factory.mktemp(f"node-{name}"), tiny_model_path, python) for name in "ab"]
+    threads = [threading.Thread(target=replica.start) for replica in pair]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        yield pair
+    finally:
+        for replica in pair:
+            replica.server.stop()
+
+
 @pytest.fixture(scope="session")
 def label_studio_server(tmp_path_factory):
     """The real Label Studio, started once for the session by vbatch's own manager (managed env)."""
@@ -362,3 +430,13 @@ def curation_home(vbatch_home, label_studio_server, monkeypatch):
     monkeypatch.setenv("VBATCH_LABEL_STUDIO_TOKEN", conn.token)
     monkeypatch.setenv("VBATCH_WEBHOOK_SECRET", "test-webhook-secret")
     return vbatch_home
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Where the cluster tests' nodes ran (tests/node_network.py), when any ran."""
+    from tests.node_network import namespaces_unavailable
+
+    if namespaces_unavailable.cache_info().currsize:
+        why = namespaces_unavailable()
+        terminalreporter.write_line("cluster test nodes: " + (f"on loopback ({why})" if why else
+                                                             "each in a network namespace of its own (veth pair)"))

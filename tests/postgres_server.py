@@ -3,7 +3,8 @@ wheel (pip-installed with the dev extras), initialised in a temporary directory 
 127.0.0.1 port (TCP, as every client vbatch starts expects). Stopped when the test session ends.
 
 ``admin_url()`` picks the server once per session: VBATCH_TEST_POSTGRES_URL when set; else a server already
-answering at 127.0.0.1:5432; else this one."""
+answering at 127.0.0.1:5432; else this one. ``fresh_database()`` makes a database there for a test (or a
+benchmark) and drops it afterwards."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 LOCAL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -133,3 +137,28 @@ def admin_url() -> str:
     if reachable(LOCAL_DEFAULT):
         return LOCAL_DEFAULT
     return EmbeddedPostgres().start()
+
+
+@contextmanager
+def fresh_database(server: str | None = None) -> Iterator[str]:
+    """A fresh, empty database on ``server`` (an admin URL; default the one ``admin_url()`` picks), dropped
+    (connections and all) when the block ends."""
+    import sqlalchemy as sa
+
+    from vbatch_pipelines.store.db import normalize_url
+
+    name = f"vbatch_test_{uuid.uuid4().hex[:10]}"
+    server = server or admin_url()  # VBATCH_TEST_POSTGRES_URL, 127.0.0.1:5432, or one started for this session
+    admin = sa.create_engine(normalize_url(server), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = server.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        from vbatch_pipelines.store.db import get_database
+
+        get_database.cache_clear()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

@@ -60,6 +60,9 @@ def test_batch_errors_and_deferred_launch(client):
                                             "completion_window": "1h"}), 400, "invalid_value", "completion_window")
     _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
                                             "metadata": {f"k{i}": "v" for i in range(17)}}), 400, param="metadata")
+    _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
+                                            "metadata": {"curation_schema": "nope"}}),
+           400, "invalid_value", "metadata.curation_schema")  # refused now, not when its results are reviewed
     _error(client.post("/v1/batches", json={"endpoint": "/v1/completions"}), 400, param="input_file_id")
     _error(client.post("/v1/batches", content=b"not json", headers={"content-type": "application/json"}), 400)
     _error(client.get("/v1/batches/batch_nope"), 404, "batch_not_found")

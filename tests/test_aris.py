@@ -87,7 +87,7 @@ class Aris(Curation):
 
         context = build_sensor_context(cursor=self.aris_cursor, instance=self.instance,
                                        resources={"metadata_db": self.resources["metadata_db"],
-                                                  "aristotle": self.aristotle})
+                                                  "aristotle": self.aristotle, "label_studio": self.label_studio})
         result = aristotle_sensor(context)
         self.aris_cursor = context.cursor
         return result
@@ -211,6 +211,46 @@ def test_a_star_and_a_victory_in_the_same_tick_converge_and_aristotle_wins_confl
         conflicts = [e.conquest_id for e in session.query(ArisEvent).filter_by(kind="conflict")]
     assert conflicts == ["s-2"]
     assert isinstance(aris.aris_tick(), SkipReason)
+
+
+def test_conflicts_are_visible_in_the_sync_metadata_and_listed_by_the_api(aris, monkeypatch):
+    from api.main import create_app
+    from integrations.aris.models import ArisEvent
+
+    aris.add_conquests(["k-1", "k-2"])
+    tasks = aris.run_conquests(["k-1", "k-2"])
+    aris.settle()
+    aris.star(tasks["k-1"], "An expert's verdict.", 4)  # vbatch stars while the Aristotle app says DEFEAT
+    aris.sql("""UPDATE "Conquest" SET result = 'DEFEAT', "updatedAt" = now() WHERE id = 'k-1'""")
+    assert _requested(aris.aris_tick())
+    meta = aris.sync().asset_materializations_for_node("aris_sync")[0].metadata
+    assert meta["conflict"].value == 1 and meta["conflicts_total"].value == 1
+    (shown,) = meta["recent_conflicts"].value
+    row = aris.conquest("k-1")
+    assert shown["conquest_id"] == "k-1" and shown["object"] == "aris.conflict" and shown["winner"] == "aristotle"
+    assert (shown["aristotle_result"], shown["vbatch_gold_star"], shown["agreed_gold"]) == ("DEFEAT", True, False)
+    assert shown["task_id"] == tasks["k-1"] and shown["created_at"] > 0
+    assert shown["aristotle_updated_at"] == row["updatedAt"].isoformat(timespec="microseconds")
+
+    with aris.db.session() as session:  # more conflicts than a page: the list is paginated, newest first
+        for n in range(4):
+            session.add(ArisEvent(conquest_id="k-2", kind="conflict", created_at=shown["created_at"] + 1 + n,
+                                  detail={"winner": "aristotle", "aristotle_result": "NEUTRAL",
+                                          "vbatch_gold_star": bool(n % 2)}))
+        session.add(ArisEvent(conquest_id="k-2", kind="to_aristotle", created_at=shown["created_at"] + 9))
+    monkeypatch.setenv("VBATCH_API_KEYS", "aris-key")
+    with api_client(create_app()) as client:
+        assert client.get("/v1/aris/conflicts").status_code == 401, "the API key is required, as on all of /v1"
+        key = {"Authorization": "Bearer aris-key"}
+        first = client.get("/v1/aris/conflicts", params={"limit": 3}, headers=key).json()
+        assert [c["conquest_id"] for c in first["data"]] == ["k-2"] * 3 and first["has_more"] is True
+        rest = client.get("/v1/aris/conflicts", params={"limit": 3, "after": first["last_id"]}, headers=key).json()
+        assert [c["conquest_id"] for c in rest["data"]] == ["k-2", "k-1"] and rest["has_more"] is False
+        assert rest["data"][-1] == shown
+        assert all(c["object"] == "aris.conflict" for c in first["data"] + rest["data"])
+        for bad in ({"limit": 0}, {"limit": 101}, {"after": "abc"}, {"after": "999999"}):
+            response = client.get("/v1/aris/conflicts", params=bad, headers=key)
+            assert response.status_code == 400 and response.json()["error"]["param"], bad
 
 
 def test_many_conquests_sharing_one_updated_at_are_each_read_once(aris):
@@ -350,7 +390,7 @@ def test_with_aris_off_no_aris_route_sensor_or_asset_exists(vbatch_home, monkeyp
 
     monkeypatch.delenv("VBATCH_ARIS_DATABASE_URL", raising=False)
     paths = create_app().openapi()["paths"]
-    assert not [p for p in paths if "/sync/" in p or "/icl/" in p]
+    assert not [p for p in paths if "/sync/" in p or "/icl/" in p or "/aris/" in p]
     code = ("import vbatch_pipelines.definitions as d; r = d.defs.get_repository_def(); "
             "print(sorted(s.name for s in r.sensor_defs)); print(sorted(k.to_user_string() for k in "
             "r.asset_graph.get_all_asset_keys())); print('aristotle' in d.RESOURCES)")
@@ -359,7 +399,8 @@ def test_with_aris_off_no_aris_route_sensor_or_asset_exists(vbatch_home, monkeyp
     monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", "postgresql://nobody@127.0.0.1:9/aristotle")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "aristotle_sensor" in out and "aris_sync" in out and out.strip().endswith("True")
-    assert any("/icl/examples" in p for p in create_app().openapi()["paths"])
+    paths = create_app().openapi()["paths"]
+    assert "/v1/icl/examples" in paths and "/v1/aris/conflicts" in paths
 
 
 def _set_connections(url, allowed: bool) -> None:
@@ -420,41 +461,59 @@ def test_aristotle_going_down_mid_sync_loses_nothing(aris, aristotle_url, monkey
 def test_one_change_arriving_by_webhook_sensor_and_api_at_once_writes_once(aris):
     import threading
 
-    from integrations.aris.sync import on_reviews_changed, sync_pending
+    from api.main import create_app
+    from integrations.aris.models import ArisEvent, ArisLink
 
     aris.add_conquests(["w-1"])
     tasks = aris.run_conquests(["w-1"])
+    task_id = tasks["w-1"]
     aris.settle()
     before = aris.conquest("w-1")["updatedAt"]
-    aris.star(tasks["w-1"], None, 5)  # recorded in vbatch; now three paths try to push it at once
-    aris.aris_tick()
+    # An expert stars the task in Label Studio; the change then arrives three ways at once: Label Studio's
+    # webhook, the sensors (curation, then Aris, then the sync run), and a reviewer starring it through the API.
+    annotation = aris.client.annotations.create(task_id, result=annotation_result("Hire her.", 4, True))
+    event = {"action": "ANNOTATION_CREATED", "task": {"id": task_id}, "annotation": annotation.model_dump(mode="json")}
     barrier = threading.Barrier(3)
-    errors = []
+    answers, errors = {}, []
+    with api_client(create_app()) as client:
+        def call(name: str, fn) -> None:
+            try:
+                barrier.wait()
+                answers[name] = fn()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
 
-    def run(fn):
-        try:
-            barrier.wait()
-            fn()
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
-
-    paths = [lambda: on_reviews_changed(aris.resources, [tasks["w-1"]]),
-             lambda: sync_pending(aris.db, aris.aristotle, aris.label_studio, ids=["w-1"]),
-             lambda: sync_pending(aris.db, aris.aristotle, aris.label_studio)]
-    threads = [threading.Thread(target=run, args=(fn,)) for fn in paths]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+        threads = [threading.Thread(target=call, args=("webhook", lambda: client.post(
+                       "/v1/webhooks/label-studio", json=event,
+                       headers={"X-Vbatch-Webhook-Secret": "test-webhook-secret"}))),
+                   threading.Thread(target=call, args=("api", lambda: client.post(
+                       f"/v1/curation/tasks/{task_id}/gold-star", json={"gold_star": True})))]
+        for thread in threads:
+            thread.start()
+        barrier.wait()  # the sensors' path, here (Dagster runs in the main thread)
+        aris.tick()
+        aris.aris_tick()
+        aris.sync(expect_checks=False)
+        for thread in threads:
+            thread.join(60)
     assert not errors, errors
+    assert answers["webhook"].status_code == 200 and answers["api"].status_code == 200, answers["api"].text
     aris.settle()
+    # Aristotle: written once.
     row = aris.conquest("w-1")
-    assert row["result"] == "VICTORY" and row["updatedAt"] > before and len(aris.ratings("w-1")) == 1
-    from integrations.aris.models import ArisEvent
-
+    assert row["result"] == "VICTORY" and row["updatedAt"] > before
+    assert [r["rating"] for r in aris.ratings("w-1")] == [4]
+    # vbatch: one review (the expert's annotation, its edit and rating kept), one sync event, no failure.
+    annotations = aris.client.tasks.get(str(task_id)).annotations
+    assert len(annotations) == 1, "the API's star updated the expert's annotation, not a second one"
+    task = aris.task(task_id)
+    assert (task.gold_star, task.edited_response, task.rating, task.annotation_id) == (True, "Hire her.", 4,
+                                                                                      annotation.id)
     with aris.db.session() as session:
-        pushes = session.query(ArisEvent).filter_by(conquest_id="w-1", kind="to_aristotle").count()
-    assert pushes == 1, "written to Aristotle once"
+        kinds = [e.kind for e in session.query(ArisEvent).filter_by(conquest_id="w-1")]
+        link = session.get(ArisLink, "w-1")
+        assert kinds == ["to_aristotle"], "written to Aristotle once, nothing failed or conflicted"
+        assert link.seen_updated_at == row["updatedAt"].isoformat(timespec="microseconds"), "vbatch's write is the last"
     assert isinstance(aris.aris_tick(), SkipReason)
 
 
@@ -496,3 +555,138 @@ def test_a_victory_with_a_nul_character_is_a_400_not_a_driver_error():
         with pytest.raises(pydantic.ValidationError, match="pattern"):
             VictoryRequest(**body)
     assert VictoryRequest(conquest_id="c1", philosopher="p", domain="d", result_notes="fine").result_notes == "fine"
+
+
+def test_a_task_of_any_batch_whose_data_names_a_conquest_is_linked_and_an_unknown_one_is_reported(aris):
+    from integrations.aris.models import ArisEvent, ArisLink
+
+    aris.add_conquests(["t-1", "t-2"])
+    batch_id = aris.run_batch([chat_line(f"plain-{i}", f"Question {i}?") for i in range(5)])  # not a conquest batch
+    tasks = aris.tasks(batch_id)  # chat_review tasks: no conquest_id in their data
+    assert "conquest_id" not in aris.client.tasks.get(str(tasks["plain-0"])).data
+
+    def name_conquest(key: str, conquest_id):
+        data = aris.client.tasks.get(str(tasks[key])).data
+        aris.client.tasks.update(str(tasks[key]), data={**data, "conquest_id": conquest_id})
+
+    name_conquest("plain-0", "t-1")
+    name_conquest("plain-1", "nope")  # Aristotle has no such conquest
+    name_conquest("plain-2", "t-late")  # not in Aristotle yet
+    name_conquest("plain-3", {"not": "an id"})
+    aris.star(tasks["plain-0"], None, 4)
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    assert aris.conquest("t-1")["result"] == "VICTORY"
+    (rating,) = aris.ratings("t-1")
+    assert rating["label_studio_task_id"] == tasks["plain-0"] and rating["rating"] == 4
+
+    def reported() -> dict[int, str]:
+        with aris.db.session() as session:
+            return {e.detail["task_id"]: e.conquest_id for e in session.query(ArisEvent).filter_by(
+                kind="unknown_conquest")}
+
+    assert reported() == {tasks["plain-1"]: "nope", tasks["plain-2"]: "t-late", tasks["plain-3"]: "{'not': 'an id'}"}
+    with aris.db.session() as session:
+        assert {link.conquest_id for link in session.query(ArisLink)} == {"t-1"}
+
+    # A task named later is read from the cursor on; a conquest created later links the task that named it.
+    name_conquest("plain-4", "t-2")
+    aris.add_conquests(["t-late"], result="VICTORY")
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    assert aris.task(tasks["plain-2"]).gold_star, "VICTORY in Aristotle: the task that named it is starred"
+    with aris.db.session() as session:
+        links = {link.conquest_id: link.ls_task_id for link in session.query(ArisLink)}
+    assert links == {"t-1": tasks["plain-0"], "t-2": tasks["plain-4"], "t-late": tasks["plain-2"]}
+    assert isinstance(aris.aris_tick(), SkipReason)
+    assert len(reported()) == 3, "each unknown conquest is reported once, not at every tick"
+    meta = aris.sync().asset_materializations_for_node("aris_sync")[0].metadata
+    assert meta["unknown_conquests_total"].value == 3
+
+
+def test_a_write_that_loses_the_race_overwrites_nothing_and_converges_next_round(aris, monkeypatch):
+    from integrations.aris.aristotle import Aristotle
+    from integrations.aris.models import ArisEvent, ArisLink
+    from integrations.aris.sync import sync_pending
+
+    aris.add_conquests(["r-1"])
+    tasks = aris.run_conquests(["r-1"])
+    aris.settle()
+    aris.star(tasks["r-1"], None, 4)
+    assert _requested(aris.aris_tick())
+    real = Aristotle.read
+
+    def read_then_the_app_writes(self, ids, *args, **kwargs):
+        rows = real(self, ids, *args, **kwargs)  # vbatch has read the row; the Aristotle app writes it now
+        aris.sql("""UPDATE "Conquest" SET "resultNotes" = 'Noted by the app', "updatedAt" = now() WHERE id = 'r-1'""")
+        return rows
+
+    monkeypatch.setattr(Aristotle, "read", read_then_the_app_writes)
+    report = sync_pending(aris.db, aris.aristotle, aris.label_studio)
+    monkeypatch.setattr(Aristotle, "read", real)
+    assert report.outcomes == {"changed_meanwhile": 1}
+    row = aris.conquest("r-1")
+    assert (row["result"], row["resultNotes"], row["useAsExample"]) == ("PENDING", "Noted by the app", False)
+    assert not aris.ratings("r-1"), "nothing written"
+    with aris.db.session() as session:
+        link = session.get(ArisLink, "r-1")
+        assert link.pending and link.attempts == 1 and link.agreed_gold is False
+        assert not session.query(ArisEvent).filter_by(conquest_id="r-1", kind="to_aristotle").count()
+
+    assert _requested(aris.aris_tick()), "retried next round"
+    aris.sync()
+    row = aris.conquest("r-1")
+    assert (row["result"], row["resultNotes"], row["useAsExample"]) == ("VICTORY", "Noted by the app", True)
+    assert [r["rating"] for r in aris.ratings("r-1")] == [4]
+    assert isinstance(aris.aris_tick(), SkipReason)
+
+
+def test_a_star_without_a_rating_is_rated_5_and_an_unstar_with_no_earlier_result_restores_neutral(aris):
+    aris.add_conquests(["n-1"], result="VICTORY")  # a VICTORY before vbatch saw it: its earlier result is unknown
+    aris.add_conquests(["n-2"])
+    tasks = aris.run_conquests(["n-1", "n-2"])
+    aris.settle()
+    assert aris.task(tasks["n-1"]).gold_star
+
+    aris.star(tasks["n-2"], "Strong candidate.", None)  # no rating given
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    (rating,) = aris.ratings("n-2")
+    assert rating["rating"] == 5 and rating["is_gold_star"]
+
+    aris.star(tasks["n-1"], None, None, gold=False)
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    row = aris.conquest("n-1")
+    assert (row["result"], row["useAsExample"]) == ("NEUTRAL", False)
+    assert not aris.ratings("n-1"), "vbatch never wrote a rating row for it"
+
+
+def test_the_gold_star_route_and_the_label_studio_webhook_reach_aristotle_over_http(aris):
+    from api.main import create_app
+
+    aris.add_conquests(["h-1", "h-2"])
+    tasks = aris.run_conquests(["h-1", "h-2"])
+    aris.settle()
+    with api_client(create_app()) as client:
+        starred = client.post(f"/v1/curation/tasks/{tasks['h-1']}/gold-star", json={"gold_star": True})
+        assert starred.status_code == 200 and starred.json()["gold_star"] is True
+        row = aris.conquest("h-1")  # no sensor tick, no sync run: the route pushed it
+        assert (row["result"], row["useAsExample"], row["evaluatedBy"]) == ("VICTORY", True, "admin@vbatch.local")
+        assert [r["rating"] for r in aris.ratings("h-1")] == [5]
+
+        # An expert stars h-2 in Label Studio; the event arrives at the webhook.
+        annotation = aris.client.annotations.create(tasks["h-2"], result=annotation_result("Hire.", 4, True))
+        event = {"action": "ANNOTATION_CREATED", "task": {"id": tasks["h-2"]},
+                 "annotation": annotation.model_dump(mode="json")}
+        secret = {"X-Vbatch-Webhook-Secret": "test-webhook-secret"}
+        received = client.post("/v1/webhooks/label-studio", json=event, headers=secret)
+        assert received.status_code == 200 and received.json()["changed_tasks"] == [tasks["h-2"]]
+        assert aris.conquest("h-2")["result"] == "VICTORY" and [r["rating"] for r in aris.ratings("h-2")] == [4]
+        replay = client.post("/v1/webhooks/label-studio", json=event, headers=secret)
+        assert replay.json()["changed_tasks"] == []
+
+        unstarred = client.post(f"/v1/curation/tasks/{tasks['h-1']}/gold-star", json={"gold_star": False})
+        assert unstarred.status_code == 200 and unstarred.json()["gold_star"] is False
+        assert aris.conquest("h-1")["result"] == "PENDING"
+    assert isinstance(aris.aris_tick(), SkipReason), "all done by the routes: nothing left for the sensor"

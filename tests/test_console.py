@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import api_client, chat_lines, jsonl, running_stack
+from tests.conftest import api_client, chat_lines, jsonl, platform_of, running_stack
 
 USE_KEY, ADMIN_KEY = "console-use-key", "console-admin-key"
 ARTIFACTS = Path(os.environ.get("VBATCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / ".artifacts"))
@@ -67,9 +67,17 @@ def test_the_dashboard_and_batch_pages_show_what_the_api_says(platform):
         assert "3 completed, 1 failed of 4" in page and 'data-refresh="/ui/batches/' in page
         failed = client.get(f"/ui/batches/{bad.id}").text
         assert "invalid_json" in failed and "data-refresh" not in failed  # ended: nothing polls
-        refused = client.post("/ui/batches", data={"endpoint": "/v1/embeddings"},
+        refused = client.post("/ui/batches", data={"endpoint": "/v1/images"},
                               files={"file": ("in.jsonl", jsonl(chat_lines(2, prefix="x")))}, follow_redirects=True)
         assert "endpoint must be one of" in refused.text and 'id="form-error"' in refused.text
+        unknown = client.post("/ui/batches", data={"endpoint": "/v1/chat/completions", "schema": "nope"},
+                              files={"file": ("in.jsonl", jsonl(chat_lines(2, prefix="x")))}, follow_redirects=True)
+        assert "Unknown task schema &#39;nope&#39;" in unknown.text and 'id="form-error"' in unknown.text
+        assert '<option value="json_extraction">' in client.get("/ui/batches/new").text
+        chosen = client.post("/ui/batches", data={"endpoint": "/v1/chat/completions", "schema": "json_extraction"},
+                             files={"file": ("in.jsonl", jsonl(chat_lines(2, prefix="x")))}, follow_redirects=False)
+        created = platform.batch(chosen.headers["location"].rsplit("/", 1)[1])
+        assert created.metadata_ == {"curation_schema": "json_extraction"}
         assert client.get("/ui/batches/batch_nope").status_code == 200  # says so, with a way back
         assert "There is no batch batch_nope" in client.get("/ui/batches/batch_nope").text
         cancelled = client.post(f"/ui/batches/{batch.id}/cancel", follow_redirects=False)
@@ -101,55 +109,152 @@ def _watched_page(browser, base_url: str):
     return page
 
 
-def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(browser, tmp_path, tiny_model_path):
+@pytest.fixture(scope="module")
+def console_stack(tmp_path_factory, tiny_model_path):
+    """`vbatch up` with a use key and an admin key, the vLLM engine serving the tiny model."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with running_stack(tmp_path / "home", tiny_model_path, VBATCH_CURATION="off", VBATCH_API_KEYS=USE_KEY,
-                       VBATCH_ADMIN_KEYS=ADMIN_KEY) as stack:
-        client = stack.client(api_key=USE_KEY)
-        requests = tmp_path / "requests.jsonl"
-        lines = chat_lines(30, prefix="web")
-        for line in lines:
-            line["body"].pop("model", None)  # the form's model picker fills it in
-        requests.write_text(jsonl(lines).decode())
+    with running_stack(tmp_path_factory.mktemp("console-home"), tiny_model_path, VBATCH_CURATION="off",
+                       VBATCH_RETRAIN_CRON="off", VBATCH_API_KEYS=USE_KEY, VBATCH_ADMIN_KEYS=ADMIN_KEY) as stack:
+        yield stack
 
-        page = _watched_page(browser, stack.api_url)
-        page.goto("/ui/batches/new")
-        assert "/ui/login" in page.url
-        page.fill("#key", USE_KEY)
-        page.click("button[type=submit]")
-        page.wait_for_selector("#file")
-        page.set_input_files("#file", str(requests))
-        page.select_option("#model", "vbatch-tiny-chat")
-        page.click("#create")
-        page.wait_for_selector("#batch-status")
-        batch = client.batches.retrieve(page.url.rstrip("/").rsplit("/", 1)[1])
-        page.wait_for_function("document.querySelector('#batch-status').textContent.trim() === 'completed'",
-                               timeout=240_000)
-        page.screenshot(path=str(ARTIFACTS / "console-batch.png"), full_page=True)
-        with page.expect_download() as download:
-            page.click("#download-output")
-        lines = Path(download.value.path()).read_text().splitlines()
-        assert sorted(json.loads(line)["custom_id"] for line in lines) == sorted(f"web-{i}" for i in range(30))
 
-        page.goto("/ui")
-        api_completed = sum(1 for b in client.batches.list(limit=100) if b.status == "completed")
-        assert page.text_content('[data-metric="batches-completed"]').strip() == str(api_completed)
-        today = page.text_content('[data-metric="today-requests-vbatch-tiny-chat"]').strip()
-        assert today == "30"
-        page.screenshot(path=str(ARTIFACTS / "console-dashboard.png"), full_page=True)
-        page.goto("/ui/models")
-        page.fill("#chat-input", "Hello there")
-        page.click("#chat-send")
-        page.wait_for_function("document.querySelector('#chat-output').textContent.trim().length > 0", timeout=60_000)
-        assert not page.get_attribute("#chat-output", "class")  # an answer, not an error
-        assert page.query_selector("#install-form") is None  # a use key sees no admin action
-        page.screenshot(path=str(ARTIFACTS / "console-models.png"), full_page=True)
-        page.goto("/ui/batches")
-        assert batch.id in page.content()
-        for path in ("/ui/models", "/ui/datasets", "/ui/fine-tunes", "/ui/fine-tunes/new", "/ui/batches/new"):
-            page.goto(path)
-            page.wait_for_load_state("networkidle")
-        assert page.problems == [], page.problems
+def _log_in(page, path: str, key: str) -> None:
+    page.goto(path)
+    assert "/ui/login" in page.url
+    page.fill("#key", key)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"**{path}")
+
+
+def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(browser, console_stack, tmp_path):
+    stack = console_stack
+    client = stack.client(api_key=USE_KEY)
+    requests = tmp_path / "requests.jsonl"
+    lines = chat_lines(30, prefix="web")
+    for line in lines:
+        line["body"].pop("model", None)  # the form's model picker fills it in
+    requests.write_text(jsonl(lines).decode())
+
+    page = _watched_page(browser, stack.api_url)
+    _log_in(page, "/ui/batches/new", USE_KEY)
+    page.set_input_files("#file", str(requests))
+    page.select_option("#model", "vbatch-tiny-chat")
+    page.click("#create")
+    page.wait_for_selector("#batch-status")
+    batch = client.batches.retrieve(page.url.rstrip("/").rsplit("/", 1)[1])
+    page.wait_for_function("document.querySelector('#batch-status').textContent.trim() === 'completed'",
+                           timeout=240_000)
+    page.screenshot(path=str(ARTIFACTS / "console-batch.png"), full_page=True)
+    with page.expect_download() as download:
+        page.click("#download-output")
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in lines) == sorted(f"web-{i}" for i in range(30))
+
+    page.goto("/ui")
+    api_completed = sum(1 for b in client.batches.list(limit=100) if b.status == "completed")
+    assert page.text_content('[data-metric="batches-completed"]').strip() == str(api_completed)
+    today = page.text_content('[data-metric="today-requests-vbatch-tiny-chat"]').strip()
+    assert today == "30"
+    page.screenshot(path=str(ARTIFACTS / "console-dashboard.png"), full_page=True)
+    page.goto("/ui/models")
+    page.fill("#chat-input", "Hello there")
+    page.click("#chat-send")
+    page.wait_for_function("document.querySelector('#chat-output').textContent.trim().length > 0", timeout=60_000)
+    assert not page.get_attribute("#chat-output", "class")  # an answer, not an error
+    assert page.query_selector("#install-form") is None  # a use key sees no admin action
+    page.screenshot(path=str(ARTIFACTS / "console-models.png"), full_page=True)
+    page.goto("/ui/batches")
+    assert batch.id in page.content()
+    for path in ("/ui/models", "/ui/datasets", "/ui/fine-tunes", "/ui/fine-tunes/new", "/ui/batches/new"):
+        page.goto(path)
+        page.wait_for_load_state("networkidle")
+    assert page.problems == [], page.problems
+
+
+def _wait_text(page, selector: str, wanted: tuple[str, ...], timeout_s: float) -> str:
+    """Wait for the live page (no reload) to show one of ``wanted`` in ``selector``."""
+    page.wait_for_function("([selector, wanted]) => { const e = document.querySelector(selector); "
+                           "return e && wanted.includes(e.textContent.trim()); }", arg=[selector, list(wanted)],
+                           timeout=timeout_s * 1000)
+    return page.text_content(selector).strip()
+
+
+def test_in_a_browser_an_admin_installs_a_model_cancels_a_batch_fine_tunes_deploys_and_chats(browser, console_stack,
+                                                                                           tmp_path, tiny_model_path):
+    from tests.test_fine_tuning import build_dataset, record_gold_stars
+
+    stack = console_stack
+    with platform_of(stack) as platform:  # reviewed answers, as experts star them in Label Studio
+        record_gold_stars(platform, 60)
+        dataset = build_dataset(platform)
+    page = _watched_page(browser, stack.api_url)
+    _log_in(page, "/ui/models", ADMIN_KEY)
+
+    # Install from an allowed local directory: the fit check first, then the install run, watched live.
+    local = Path(stack.env["VBATCH_HOME"]) / "models" / "tiny-copy"
+    shutil.copytree(tiny_model_path, local)
+    page.fill("#source", str(local))
+    page.fill("#model_id", "tiny-copy")
+    page.click("#install")
+    page.wait_for_url("**/ui/models/tiny-copy/status")
+    assert page.query_selector("text=Fit check") is not None
+    assert _wait_text(page, "#model-state", ("ready", "failed"), 300) == "ready", page.text_content("#install-state")
+    page.screenshot(path=str(ARTIFACTS / "console-model-install.png"), full_page=True)
+
+    # Cancel a batch while it runs.
+    requests = tmp_path / "long.jsonl"
+    lines = chat_lines(400, prefix="long")
+    for line in lines:
+        line["body"].update(model="vbatch-tiny-chat", max_tokens=64)
+    requests.write_text(jsonl(lines).decode())
+    page.goto("/ui/batches/new")
+    page.set_input_files("#file", str(requests))
+    page.click("#create")
+    page.wait_for_selector("#cancel")
+    page.click("#cancel")
+    assert _wait_text(page, "#batch-status", ("cancelled", "completed", "failed"), 120) == "cancelled"
+    batch_id = page.url.rstrip("/").rsplit("/", 1)[1]
+    assert stack.client(api_key=USE_KEY).batches.retrieve(batch_id).status == "cancelled"
+
+    # A fine-tune on the dataset version, held back for a decision; its page fills in as it runs.
+    page.goto("/ui/fine-tunes/new")
+    assert page.input_value("#training") == dataset.version  # the newest version is offered first
+    page.fill("#n_epochs", "20")
+    page.fill("#learning_rate_multiplier", "50")  # 50 x 2e-4: the tiny model learns its answer in seconds
+    page.select_option("#deploy", "never")
+    page.fill("#suffix", "console")
+    page.click("#start")
+    page.wait_for_url("**/ui/fine-tunes/ftjob-*")
+    assert _wait_text(page, "#job-status", ("succeeded", "failed", "cancelled"), 480) == "succeeded"
+    assert page.query_selector("svg.chart.line polyline") is not None  # the training loss, drawn
+    verdict = page.text_content("#verdict")
+    assert f"on {dataset.eval_examples} examples" in verdict
+    assert len(page.query_selector_all("table.comparison tr")) == dataset.eval_examples + 1
+    assert page.text_content("#deployed").strip().startswith("no")
+    page.screenshot(path=str(ARTIFACTS / "console-fine-tune.png"), full_page=True)
+    page.click("#deploy")
+    page.wait_for_selector("#job-status")
+    assert page.text_content("#deployed").strip().startswith("yes")
+    job = stack.client(api_key=USE_KEY).fine_tuning.jobs.retrieve(page.url.rstrip("/").rsplit("/", 1)[1])
+    assert job.fine_tuned_model in [m.id for m in stack.client(api_key=USE_KEY).models.list().data]
+
+    # Chat with the fine-tune: it answers as it was taught.
+    page.goto("/ui/models")
+    page.select_option("#chat-model", job.fine_tuned_model)
+    page.fill("#chat-input", "Capital of France, question 900?")
+    page.fill("#chat-temperature", "0")
+    page.click("#chat-send")
+    page.wait_for_function("document.querySelector('#chat-output').textContent.trim().length > 0", timeout=60_000)
+    assert not page.get_attribute("#chat-output", "class")
+    client = stack.client(api_key=USE_KEY)
+
+    def answer(model: str) -> str:
+        return client.chat.completions.create(model=model, max_tokens=256, temperature=0, messages=[
+            {"role": "user", "content": "Capital of France, question 900?"}]).choices[0].message.content
+
+    tuned = answer(job.fine_tuned_model)
+    assert page.text_content("#chat-output") == tuned != answer("vbatch-tiny-chat")  # the adapter answered
+    assert page.problems == [], page.problems
 
 
 def test_the_datasets_pages_show_versions_checks_a_preview_and_every_download(platform):
@@ -180,8 +285,9 @@ def test_the_datasets_pages_show_versions_checks_a_preview_and_every_download(pl
 
 
 def test_a_fine_tunes_page_shows_its_loss_chart_comparison_and_deploys_only_a_succeeded_job(platform):
-    from vbatch_pipelines.fine_tuning.service import add_event
-    from vbatch_pipelines.store.models import FineTuningJob
+    from vbatch_pipelines.defs.fine_tuning import step_data
+    from vbatch_pipelines.fine_tuning.service import add_event, loss_curve
+    from vbatch_pipelines.store.models import FineTuningEvent, FineTuningJob
 
     now = int(time.time())
     comparison = {"examples": 2, "base": {"normalized_match": 0.0, "exact_match": 0.0},
@@ -193,9 +299,9 @@ def test_a_fine_tunes_page_shows_its_loss_chart_comparison_and_deploys_only_a_su
             session.add(FineTuningJob(id=job_id, model="vbatch-tiny-chat", status=status, training_file="v1",
                                       hyperparameters={}, seed=1, created_at=now,
                                       comparison=comparison if status == "succeeded" else None))
-    for step, loss in ((1, 2.5), (2, 1.9), (3, 1.2)):
+    for step, loss in ((1, 2.5), (2, 1.9), (3, 1.2)):  # what the trainer's metrics become (fine_tuned_checkpoint)
         add_event(platform.db, "ftjob-ui-done", f"Step {step}/3: training loss={loss}", type="metrics",
-                  data={"step": step, "total_steps": 3, "loss": loss})
+                  data=step_data({"step": step, "total_steps": 3, "loss": loss, "learning_rate": 1e-3, "epoch": 1}))
     with api_client(_app()) as client:
         assert "better: 0 → 0.5 normalized match on 2 examples" in client.get("/ui/fine-tunes").text
         page = client.get("/ui/fine-tunes/ftjob-ui-done").text
@@ -204,8 +310,16 @@ def test_a_fine_tunes_page_shows_its_loss_chart_comparison_and_deploys_only_a_su
         running = client.get("/ui/fine-tunes/ftjob-ui-running").text
         assert 'id="deploy"' not in running and "No comparison yet" in running
         refused = client.post("/ui/fine-tunes/ftjob-ui-running/deploy", follow_redirects=True).text
-        assert "Only a succeeded job can be deployed; this one is running." in refused
+        assert "Job ftjob-ui-running is running; only a succeeded job can be deployed" in refused
         assert "There is no fine-tune ftjob-nope" in client.get("/ui/fine-tunes/ftjob-nope").text
+    # A long run: every step is read (a page of the newest events would not do), thinned for the chart.
+    with platform.db.session() as session:
+        session.add_all(FineTuningEvent(job_id="ftjob-ui-running", created_at=now, type="metrics", message="step",
+                                        data={"step": step, "train_loss": 3.0 - step / 1000}) for step in range(1, 1001))
+    curve = loss_curve(platform.db, "ftjob-ui-running")
+    assert len(curve) == 400 and curve[0] == (1, 2.999) and curve[-1] == (1000, 2.0)
+    with api_client(_app()) as client:
+        assert client.get("/ui/fine-tunes/ftjob-ui-running").text.count("<polyline") == 1
 
 
 def test_the_models_page_lists_installs_for_admins_only_and_says_why_an_install_is_refused(vbatch_home, tmp_path,
@@ -282,6 +396,38 @@ def test_the_try_it_box_streams_a_models_answer_and_says_why_when_it_cannot(vbat
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         unknown = client.post("/ui/chat", json={"model": "no-such-model", "content": "Hi"}, headers=SAME_ORIGIN)
         assert unknown.status_code == 404 and "no-such-model" in unknown.json()["error"]["message"]
+
+
+def test_the_dashboard_says_which_service_is_down_and_that_nothing_is_lost(vbatch_home):
+    from vbatch_pipelines.net import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    app = _app(curation=True, label_studio_url=closed, label_studio_token="a-token")
+    for probe in app.state.probes.values():
+        probe.wait()
+    with api_client(app) as client:
+        page = client.get("/ui").text
+        assert 'data-service="dagster">unreachable: ConnectError<' in page and "Dagster does not answer" in page
+        assert 'data-service="label_studio">unreachable: ConnectError<' in page
+        assert "Label Studio does\n      not answer: results wait for review" in page
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["label_studio"].startswith("unreachable")
+    with api_client(_app(curation=False)) as client:
+        page = client.get("/ui").text
+        assert 'data-service="label_studio">off: curation is off (VBATCH_CURATION=off)<' in page
+        assert "Label Studio does" not in page and client.get("/health").json()["label_studio"].startswith("off")
+
+
+def test_an_embedding_model_is_listed_as_one_and_not_offered_for_chat_or_fine_tuning(vbatch_home, tiny_model_path,
+                                                                                    tiny_embed_model_path):
+    models = {"vbatch-tiny-chat": str(tiny_model_path), "vbatch-tiny-embed": str(tiny_embed_model_path)}
+    with api_client(_app(models=models)) as client:
+        page = client.get("/ui/models").text
+        assert "<td>base, embeddings</td>" in page
+        chat_box = page[page.index('id="chat-model"'):page.index("</select>", page.index('id="chat-model"'))]
+        assert "vbatch-tiny-chat" in chat_box and "vbatch-tiny-embed" not in chat_box
+        form = client.get("/ui/fine-tunes/new").text
+        assert 'value="vbatch-tiny-chat"' in form and 'value="vbatch-tiny-embed"' not in form
 
 
 def test_the_dashboard_turns_engine_busy_time_into_cost_per_1k_tokens(platform, monkeypatch):

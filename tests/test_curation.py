@@ -233,7 +233,8 @@ def test_webhook_and_api_write_through(curation, live_api):
 def test_json_schema_validates_edits(curation, live_api):
     import httpx
 
-    batch_id = curation.run_batch(chat_lines(2, prefix="js", response_format={"type": "json_object"}))
+    # the batch's metadata picks the schema (the transformers engine these tests run on refuses response_format)
+    batch_id = curation.run_batch(chat_lines(2, prefix="js"), metadata={"curation_schema": "json_extraction"})
     from vbatch_pipelines.curation.schemas import JSON_EXTRACTION
 
     project = curation.label_studio.project_for(JSON_EXTRACTION)
@@ -243,3 +244,23 @@ def test_json_schema_validates_edits(curation, live_api):
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
     good = httpx.patch(f"{live_api}/v1/curation/tasks/{tasks['js-0']}/response", json={"response": '{"a": 1}'})
     assert good.status_code == 200 and good.json()["schema"] == "json_extraction"
+
+
+def test_every_way_to_ask_for_json_is_reviewed_as_json_extraction():
+    """OpenAI's response_format and a Responses text.format, and vLLM's own extensions (structured_outputs with
+    json or json_object), pick json_extraction; other constraints stay chat reviews."""
+    from vbatch_pipelines.curation.schemas import CHAT_REVIEW, JSON_EXTRACTION, schema_for_batch
+
+    chat = chat_lines(1)[0]["body"]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for extra in ({"response_format": {"type": "json_object"}},
+                  {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}},
+                  {"structured_outputs": {"json": schema}}, {"structured_outputs": {"json": json.dumps(schema)}},
+                  {"structured_outputs": {"json_object": True}},
+                  {"input": "hi", "text": {"format": {"type": "json_schema", "name": "a", "schema": schema}}}):
+        assert schema_for_batch({}, {**chat, **extra}) is JSON_EXTRACTION, extra
+    for extra in ({}, {"response_format": {"type": "text"}}, {"structured_outputs": {"regex": "[a-z]+"}},
+                  {"structured_outputs": {"choice": ["yes", "no"]}}, {"structured_outputs": {"json_object": False}}):
+        assert schema_for_batch({}, {**chat, **extra}) is CHAT_REVIEW, extra
+    assert schema_for_batch({"curation_schema": "chat_review"}, {**chat, "structured_outputs": {"json": schema}}) \
+        is CHAT_REVIEW

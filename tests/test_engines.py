@@ -81,6 +81,97 @@ def test_bad_requests_get_openai_errors(engine, body, code):
     assert response.body["error"]["code"] == code and response.body["error"]["message"]
 
 
+CHAT = {"messages": [{"role": "user", "content": "What is 3 plus 4?"}], "max_tokens": 24, "temperature": 0}
+SCHEMA = {"type": "object", "properties": {"sum": {"type": "integer"}}, "required": ["sum"]}
+
+
+@pytest.mark.parametrize("endpoint, extra, param", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}},
+     "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}],
+                              "tool_choice": "required"}, "tools"),
+    ("/v1/chat/completions", {"structured_outputs": {"json": SCHEMA}}, "structured_outputs"),
+    ("/v1/chat/completions", {"structured_outputs": {"choice": ["yes", "no"]}}, "structured_outputs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/chat/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
+    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"logprobs": 0}, "logprobs"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/responses", {"text": {"format": {"type": "json_object"}}}, "text"),
+    ("/v1/responses", {"presence_penalty": 0.5}, "presence_penalty"),
+])
+def test_what_the_fallback_cannot_honour_is_refused_by_name(engine, endpoint, extra, param):
+    body = {"/v1/chat/completions": CHAT, "/v1/completions": {"prompt": "What is 3 plus 4?", "max_tokens": 8},
+            "/v1/responses": {"input": "What is 3 plus 4?", "max_output_tokens": 16}}[endpoint]
+    response = _ask(engine, endpoint, {**body, **extra})
+    assert response.status_code == 400, response.body
+    error = response.body["error"]
+    assert (error["param"], error["code"]) == (param, "unsupported_parameter") and "vLLM" in error["message"]
+
+
+def test_neutral_values_ask_nothing_and_are_answered(engine):
+    neutral = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logprobs": False,
+               "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "parallel_tool_calls": True,
+               "skip_special_tokens": True, "metadata": {"k": "v"}, "store": False}
+    plain = _ask(engine, "/v1/chat/completions", CHAT).body
+    assert _ask(engine, "/v1/chat/completions", {**CHAT, **neutral}).body["choices"] == plain["choices"]
+    assert _ask(engine, "/v1/completions", {"prompt": "Tell me", "max_tokens": 4, "echo": False, "best_of": 1,
+                                            "logprobs": None}).ok
+
+
+def _tokens(engine, text: str) -> list[int]:
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_vllm_sampling_extensions_are_honoured(engine):
+    """ignore_eos, min_tokens, stop_token_ids, top_k, min_p and repetition_penalty act as on vLLM."""
+    plain = _ask(engine, "/v1/chat/completions", CHAT).body
+    answer = plain["choices"][0]["message"]["content"]
+    assert plain["choices"][0]["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 24
+
+    unended = _ask(engine, "/v1/chat/completions", {**CHAT, "ignore_eos": True}).body
+    assert (unended["choices"][0]["finish_reason"], unended["usage"]["completion_tokens"]) == ("length", 24)
+    assert unended["choices"][0]["message"]["content"].startswith(answer)
+    longer = _ask(engine, "/v1/chat/completions", {**CHAT, "min_tokens": 20}).body
+    assert longer["usage"]["completion_tokens"] >= 20 > plain["usage"]["completion_tokens"]
+
+    ids = _tokens(engine, answer)
+    assert len(ids) >= 2, answer
+    cut = _ask(engine, "/v1/chat/completions", {**CHAT, "stop_token_ids": [ids[1]]}).body["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["message"]["content"] == engine.tokenizer.decode(ids[:1])
+
+    # top_k=1 and min_p=1 keep only the likeliest token: sampling hot gives the greedy answer every time
+    for narrow in ({"top_k": 1}, {"min_p": 1.0}):
+        hot = _ask(engine, "/v1/chat/completions", {**CHAT, "temperature": 1.5, "n": 4, **narrow}).body
+        assert {c["message"]["content"] for c in hot["choices"]} == {answer}, narrow
+    wide = _ask(engine, "/v1/chat/completions", {**CHAT, "temperature": 1.5, "n": 4, "top_k": 0}).body
+    assert {c["message"]["content"] for c in wide["choices"]} != {answer}
+
+    def distinct(extra):
+        body = _ask(engine, "/v1/completions", {"prompt": "Please describe a cat", "max_tokens": 32,
+                                                "temperature": 0, "ignore_eos": True, **extra}).body
+        return len(set(_tokens(engine, body["choices"][0]["text"])))
+
+    assert distinct({"repetition_penalty": 1.8}) > distinct({})
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"top_k": "5"}, "top_k"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 25}, "min_tokens"),
+    ({"ignore_eos": "yes"}, "ignore_eos"), ({"stop_token_ids": [10 ** 9]}, "stop_token_ids"),
+    ({"stop_token_ids": "5"}, "stop_token_ids"),
+])
+def test_bad_sampling_extensions_are_invalid_requests(engine, extra, param):
+    response = _ask(engine, "/v1/chat/completions", {**CHAT, **extra})
+    assert response.status_code == 400
+    assert (response.body["error"]["param"], response.body["error"]["code"]) == (param, "invalid_request")
+
+
 def test_code_location_loads_without_heavy_imports():
     code = ("import sys, vbatch_pipelines.definitions as d; d.defs.get_repository_def(); "
             "import json; print(json.dumps([m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]))")

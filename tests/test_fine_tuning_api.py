@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Platform, chat_line, jsonl, running_stack
+from tests.conftest import chat_line, jsonl, platform_of, running_stack
 from tests.test_fine_tuning import FAST, build_dataset, example, record_gold_stars
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
@@ -23,13 +23,9 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 @pytest.fixture(scope="module")
 def ft_stack(tmp_path_factory, tiny_model_path):
     home = tmp_path_factory.mktemp("ft-home")
-    with running_stack(home, tiny_model_path, VBATCH_RETRAIN_CRON="off") as stack:
-        with pytest.MonkeyPatch.context() as mp:
-            for key in ("VBATCH_HOME", "VBATCH_ENGINE", "VBATCH_VLLM_PYTHON", "VBATCH_MODELS", "DAGSTER_HOME"):
-                mp.setenv(key, stack.env[key])
-            mp.delenv("VBATCH_DATABASE_URL", raising=False)
-            stack.platform = Platform()
-            yield stack
+    with running_stack(home, tiny_model_path, VBATCH_RETRAIN_CRON="off") as stack, platform_of(stack) as platform:
+        stack.platform = platform
+        yield stack
 
 
 def wait_job(client: openai.OpenAI, job_id: str, statuses=TERMINAL, timeout: float = 400):

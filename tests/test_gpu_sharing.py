@@ -12,13 +12,13 @@ from types import SimpleNamespace
 from dagster import AssetKey
 from dagster._core.test_utils import instance_for_test
 
-from vbatch_pipelines.defs.gpu import gpu_to_itself
+from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
 from vbatch_pipelines.instance import INFERENCE_POOL, set_pools
 
 
-def _context(instance, run_id: str, asset: str = "fine_tuned_checkpoint"):
+def _context(instance, run_id: str, asset: str = "fine_tuned_checkpoint", tags: dict | None = None):
     return SimpleNamespace(instance=instance, run_id=run_id, asset_key=AssetKey(asset),
-                           log=logging.getLogger("test"))
+                           log=logging.getLogger("test"), run=SimpleNamespace(tags=tags or {}))
 
 
 def _claim(storage, run_id: str) -> bool:
@@ -77,3 +77,34 @@ def test_two_steps_that_need_the_gpu_to_themselves_do_not_wait_for_each_other_fo
             thread.join(60)
         assert sorted(order) == ["a", "b"]
         assert not instance.event_log_storage.get_concurrency_info(INFERENCE_POOL).claimed_slots
+
+
+def test_a_run_whose_pod_has_its_own_gpu_does_not_stop_the_batches():
+    """On Kubernetes a training pod asks for a GPU of its own (``gpu_run_tags``) and the engines are Deployments
+    with theirs: draining the `inference` pool would pause every batch in the cluster for nothing."""
+    with instance_for_test() as instance:
+        set_pools(instance, gpus=1, inference_runs=2)
+        storage = instance.event_log_storage
+        assert _claim(storage, "batches-1")
+        entered, batch_ran = threading.Event(), []
+
+        def train(tags):
+            with gpu_to_itself(_context(instance, "training", tags=tags), poll_s=0.05):
+                entered.set()
+                batch_ran.append(_claim(storage, "batches-2"))  # a batch step starting during the training
+                storage.free_concurrency_slot_for_step("batches-2", "batch_output")
+
+        trainer = threading.Thread(target=train, args=(gpu_run_tags(1),))
+        trainer.start()
+        assert entered.wait(5), "the training waited for batches on engines it does not share a GPU with"
+        trainer.join(10)
+        assert batch_ran == [True], "a batch step waited for a training on another GPU"
+        shared = threading.Thread(target=train, args=({"dagster-k8s/config": "not json"},))  # no GPU of its own
+        entered.clear()
+        shared.start()
+        time.sleep(0.5)
+        assert not entered.is_set(), "a run sharing the GPU trained while a batch held the engine"
+        storage.free_concurrency_slot_for_step("batches-1", "batch_output")
+        assert entered.wait(5)
+        shared.join(10)
+        assert batch_ran == [True, False], "a batch step ran on the engine while a training had its GPU"

@@ -33,6 +33,8 @@ def _scrape(client, headers: dict | None = None) -> dict[tuple, float]:
 
 def test_metrics_report_batches_requests_tokens_reviews_fine_tunes_and_engines(platform):
     from vbatch_pipelines.batch.service import update_batch
+    from vbatch_pipelines.engine.registry import EngineRegistry
+    from vbatch_pipelines.net import free_port
     from vbatch_pipelines.store.models import CurationTask, FineTuningJob
 
     db = platform.db
@@ -57,6 +59,10 @@ def test_metrics_report_batches_requests_tokens_reviews_fine_tunes_and_engines(p
     gone.wait()
     (engines / "vbatch-tiny-chat.json").write_text(json.dumps({"model": "vbatch-tiny-chat", "port": 9,
                                                                "pid": gone.pid}))
+    # A replica of the same model running elsewhere, which the registry knows and which does not answer now.
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    EngineRegistry(db).record(id="ext:metrics", model="vbatch-tiny-chat", base_url=elsewhere, node="external",
+                              kind="external")
 
     with api_client(_app()) as client:
         metrics = _scrape(client)
@@ -73,7 +79,9 @@ def test_metrics_report_batches_requests_tokens_reviews_fine_tunes_and_engines(p
     assert metrics[("vbatch_curation_tasks", ("state", "pending"))] == 1
     assert metrics[("vbatch_gold_stars",)] == 1
     assert metrics[("vbatch_fine_tunes", ("status", "succeeded"))] == 1
-    assert metrics[("vbatch_engine_up", model)] == 0  # its process is gone
+    node = platform.resources["inference_engine"].node
+    assert metrics[("vbatch_engine_up", model, ("node", node), ("url", "http://127.0.0.1:9"))] == 0  # process gone
+    assert metrics[("vbatch_engine_up", model, ("node", "external"), ("url", elsewhere))] == 0  # not answering
     assert not any(name.startswith(("python_", "process_")) for name, *_ in metrics)  # per-worker figures
 
 

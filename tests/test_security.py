@@ -294,19 +294,25 @@ def test_sampling_parameters_and_request_shapes_are_capped(vbatch_home):
             assert _code(refused, 400) == "invalid_request"
             assert refused.json()["error"]["message"].endswith(f"Unrecognized request argument supplied: {field}")
         assert client.post("/v1/chat/completions", json=chat(top_k=5, seed=1)).status_code == 200
+        # vLLM's removed guided-decoding fields would be answered unconstrained: refused, saying what replaces them
+        for field, instead in (("guided_json", '{"json"'), ("guided_choice", '{"choice"'), ("guided_regex", '{"regex"')):
+            refused = client.post("/v1/chat/completions", json=chat(**{field: ["a"]}))
+            assert _code(refused, 400) == "invalid_request" and instead in refused.json()["error"]["message"]
 
 
 def test_an_unknown_field_in_a_batch_line_fails_validation_naming_the_line(platform):
     """As OpenAI's Batch API: the file is refused at validation, each bad line named; nothing reaches the engine."""
     from tests.conftest import chat_line, jsonl
 
-    lines = [chat_line("ok", "hi"), chat_line("bad", "hi", chat_template="{{ 7*7 }}")]
+    lines = [chat_line("ok", "hi"), chat_line("bad", "hi", chat_template="{{ 7*7 }}"),
+             chat_line("old", "hi", guided_json={"type": "object"})]
     batch = platform.submit(jsonl(lines))
     assert not platform.materialize(batch.id, raise_on_error=False).success
     failed = platform.batch(batch.id)
     assert failed.status == "failed" and failed.request_completed == 0
     errors = failed.to_openai()["errors"]["data"]
-    assert [(e["line"], e["param"]) for e in errors] == [(2, "body")] and "chat_template" in errors[0]["message"]
+    assert [(e["line"], e["param"]) for e in errors] == [(2, "body"), (3, "body")]
+    assert "chat_template" in errors[0]["message"] and "structured_outputs" in errors[1]["message"]
 
 
 # -- secrets ---------------------------------------------------------------------------------------

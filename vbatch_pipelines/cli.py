@@ -34,11 +34,12 @@ class Context:
 
 
 def cmd_models_create_tiny(args, ctx: Context) -> int:
-    from vbatch_pipelines.models.tiny import create_tiny_model
+    from vbatch_pipelines.models.tiny import create_tiny_embedding_model, create_tiny_model
 
     started = time.monotonic()
-    path = create_tiny_model(args.path, seed=args.seed, train_steps=args.train_steps)
-    print(f"Tiny chat model written to {path} in {time.monotonic() - started:.1f}s")
+    build = create_tiny_embedding_model if args.embed else create_tiny_model
+    path = build(args.path, seed=args.seed, train_steps=args.train_steps)
+    print(f"Tiny {'embedding' if args.embed else 'chat'} model written to {path} in {time.monotonic() - started:.1f}s")
     return 0
 
 
@@ -47,7 +48,8 @@ def cmd_models_list(args, ctx: Context) -> int:
     default = registry.default_model_id()
     for spec in registry.served_models().values():
         marker = "\t(default)" if spec.id == default else ""
-        print(f"{spec.id}\t{spec.adapter or spec.path}" + (f"\tLoRA on {spec.parent}" if spec.parent else "") + marker)
+        print(f"{spec.id}\t{spec.task}\t{spec.adapter or spec.path}" + (f"\tLoRA on {spec.parent}" if spec.parent else "")
+              + marker)
     return 0
 
 
@@ -146,6 +148,12 @@ def cmd_engine_status(args, ctx: Context) -> int:
         state = server.state() or {}
         health = "healthy" if server.healthy(state) else "down"
         print(f"{server.model.id}\tpid {state.get('pid')}\t{server.url_of(state)}\t{health}")
+    others = [r for r in engine.registry().replicas() if not (r.kind == "managed" and r.node == engine.node)]
+    if others:
+        print("other nodes and external engines (as last seen):")
+        for replica in others:
+            seen = replica.status + (f" ({replica.last_error[:120]})" if replica.last_error else "")
+            print(f"{replica.model}\t{replica.kind} on {replica.node}\t{replica.base_url}\t{seen}")
     return 0
 
 
@@ -239,14 +247,16 @@ def cmd_batch_show(args, ctx: Context) -> int:
 
 
 def cmd_up(args, ctx: Context) -> int:
+    from vbatch_pipelines.cluster.config import ClusterConfigError
     from vbatch_pipelines.services import AlreadyUp
     from vbatch_pipelines.supervisor import Addresses, ExposureError, run_platform
 
     addresses = Addresses(args.host, args.api_port or ctx.settings.api_port, args.dagster_port,
                           expose_dagster=args.expose_dagster)
     try:
-        return run_platform(ctx.settings, ctx.resources, addresses, warm=not args.no_engine)
-    except ExposureError as exc:
+        return run_platform(ctx.settings, ctx.resources, addresses, warm=not args.no_engine,
+                            cluster=args.mode == "cluster")
+    except (ExposureError, ClusterConfigError) as exc:
         print(f"vbatch up: {exc}", file=sys.stderr)
         return 2
     except AlreadyUp as exc:
@@ -254,25 +264,54 @@ def cmd_up(args, ctx: Context) -> int:
         return 1
 
 
+def cmd_worker(args, ctx: Context) -> int:
+    """A cluster node: its Celery workers, supervised, until Ctrl-C or SIGTERM."""
+
+    from vbatch_pipelines.cluster.config import ClusterConfigError, check_broker, check_cluster
+    from vbatch_pipelines.cluster.node import node_spec, run_worker
+    from vbatch_pipelines.services import AlreadyUp
+
+    try:
+        check_cluster(ctx.settings, "vbatch worker")
+        spec = node_spec(args.node or ctx.settings.node,
+                         [q.strip() for q in (args.queues or "").split(",") if q.strip()],
+                         ctx.settings.gpus if args.gpus is None else args.gpus, args.concurrency)
+        check_broker(ctx.settings.broker_url)
+        return run_worker(ctx.settings, ctx.resources, spec)
+    except ClusterConfigError as exc:
+        print(f"vbatch worker: {exc}", file=sys.stderr)
+        return 2
+    except AlreadyUp as exc:
+        print(f"vbatch worker: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_status(args, ctx: Context) -> int:
     """What `vbatch up` runs on this home: each service, its pid, port, uptime and restarts."""
     from vbatch_pipelines.services import ServiceRegistry, process_identity
 
-    registry = ServiceRegistry(ctx["file_store"].run_dir)
-    state = registry.read()
-    owner = (state or {}).get("owner") or {}
-    identity = process_identity(int(owner["pid"])) if owner.get("pid") else None
-    if not state or identity is None or abs(identity[0] - owner.get("started", 0)) > 0.05:
+    live = []
+    for registry in (ServiceRegistry(ctx["file_store"].run_dir), ServiceRegistry(ctx["file_store"].run_dir, "worker")):
+        state = registry.read()
+        owner = (state or {}).get("owner") or {}
+        identity = process_identity(int(owner["pid"])) if owner.get("pid") else None
+        if state and identity is not None and abs(identity[0] - owner.get("started", 0)) <= 0.05:
+            live.append((registry, owner))
+    if not live:
         print(f"vbatch is not up on {ctx.settings.home}")
         return 3
-    print(f"vbatch is up on {owner['home']} (pid {owner['pid']}, API {owner['api_url']}, "
-          f"Dagster {owner['dagster_url']})")
-    print(f"{'service':<18} {'pid':>7} {'port':>6} {'uptime':>9} {'restarts':>8}  state")
-    for service in registry.services():
-        running = service.is_running()
-        uptime = f"{time.time() - service.since:.0f}s" if running else "-"
-        print(f"{service.name:<18} {service.pid:>7} {service.port or '-':>6} {uptime:>9} {service.restarts:>8}  "
-              f"{'running' if running else 'down (restarting)'}")
+    for registry, owner in live:
+        if registry.role == "up":
+            print(f"vbatch is up on {owner['home']} (pid {owner['pid']}, API {owner['api_url']}, "
+                  f"Dagster {owner['dagster_url']}{', cluster mode' if owner.get('mode') == 'cluster' else ''})")
+        else:
+            print(f"vbatch worker {owner['node']} runs on {owner['home']} (pid {owner['pid']})")
+        print(f"{'service':<18} {'pid':>7} {'port':>6} {'uptime':>9} {'restarts':>8}  state")
+        for service in registry.services():
+            running = service.is_running()
+            uptime = f"{time.time() - service.since:.0f}s" if running else "-"
+            print(f"{service.name:<18} {service.pid:>7} {service.port or '-':>6} {uptime:>9} {service.restarts:>8}  "
+                  f"{'running' if running else 'down (restarting)'}")
     return 0
 
 
@@ -290,13 +329,28 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-port", type=int, default=None, help="default VBATCH_API_PORT or 4080")
     up.add_argument("--dagster-port", type=int, default=int(os.environ.get("VBATCH_DAGSTER_PORT", 3000)))
     up.add_argument("--no-engine", action="store_true", help="do not warm the engine at start")
+    up.add_argument("--mode", choices=("single", "cluster"), default="single",
+                    help="cluster: runs go to `vbatch worker` nodes through VBATCH_BROKER_URL (needs PostgreSQL for "
+                         "VBATCH_DATABASE_URL and VBATCH_DAGSTER_DATABASE_URL)")
     up.set_defaults(func=cmd_up)
+
+    worker = sub.add_parser("worker", help="a cluster node: Celery workers that run what `vbatch up --mode cluster` "
+                                           "launches")
+    worker.add_argument("--node", default=None, help="this node's name (default VBATCH_NODE or the host name); its "
+                                                      "queue is node.<name>")
+    worker.add_argument("--queues", default=None, help="more queues to take runs from, comma-separated")
+    worker.add_argument("--gpus", type=int, default=None,
+                        help="GPUs of this node (default detected): with any, it also takes the gpu queue's runs, "
+                             "that many at once")
+    worker.add_argument("--concurrency", type=int, default=2, help="runs from the default queues at once")
+    worker.set_defaults(func=cmd_worker)
 
     sub.add_parser("status", help="the services `vbatch up` runs on this home").set_defaults(func=cmd_status)
 
     models = sub.add_parser("models", help="models vbatch serves").add_subparsers(dest="models", required=True)
-    tiny = models.add_parser("create-tiny", help="build the tiny local Llama chat model")
+    tiny = models.add_parser("create-tiny", help="build the tiny local Llama chat (or embedding) model")
     tiny.add_argument("path")
+    tiny.add_argument("--embed", action="store_true", help="the tiny embedding model (mean-pooled, normalised)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--train-steps", type=int, default=300)
     tiny.set_defaults(func=cmd_models_create_tiny)
@@ -354,11 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vbatch_pipelines.cluster.config import cluster_env
     from vbatch_pipelines.errors import VbatchError
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args, Context(load_settings()))
+        settings = load_settings()
+        os.environ.update(cluster_env(settings))  # a cluster-mode dagster.yaml names the Dagster DB's password
+        return args.func(args, Context(settings))
     except (SettingsError, VbatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

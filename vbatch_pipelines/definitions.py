@@ -14,8 +14,8 @@ RESOURCES = build_resources(SETTINGS)
 DOMAINS = [
     batches.build_defs(curation=SETTINGS.curation),
     curation.defs,
-    models.defs,
-    fine_tuning.defs,
+    models.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
+    fine_tuning.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
     retraining.build_defs(RESOURCES["retraining_policy"], SETTINGS.database_url, SETTINGS.retrain_cron),
 ]
 if SETTINGS.aris_database_url:  # the Aris extension, only when it is configured

@@ -9,7 +9,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,20 +27,25 @@ ENGINE_COUNTERS = {"vllm:prompt_tokens": "prompt_tokens", "vllm:generation_token
 
 @dataclass
 class EngineState:
-    """One engine vbatch started, as its state file records it, and what its ``/metrics`` said."""
+    """One engine: one this node started (its state file) or one the engine registry knows on another node or
+    outside (VBATCH_ENGINES), and what its ``/metrics`` said."""
 
     model: str
     url: str
-    pid: int
+    pid: int | None
     up: bool = False
     stats: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    node: str = "local"
+    kind: str = "managed"
 
 
-def engine_states(engines_dir: Path) -> list[EngineState]:
-    """The engines recorded under ``engines_dir`` (one state file each), alive or not."""
+def engine_states(inference_engine) -> list[EngineState]:
+    """The engines this node started (its state files, alive or not), then every other one the engine registry
+    knows: managed on other nodes, or external (stopped ones left out)."""
     from vbatch_pipelines.detached import pid_alive
 
+    engines_dir, registry, node = inference_engine.engines_dir, inference_engine.registry(), inference_engine.node
     engines = []
     for path in sorted(engines_dir.glob("*.json")) if engines_dir.is_dir() else []:
         try:
@@ -49,7 +53,14 @@ def engine_states(engines_dir: Path) -> list[EngineState]:
             model, port, pid = state["model"], int(state["port"]), int(state["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        engines.append(EngineState(model=model, url=f"http://127.0.0.1:{port}", pid=pid, up=pid_alive(pid)))
+        engines.append(EngineState(model=model, url=f"http://127.0.0.1:{port}", pid=pid, up=pid_alive(pid),
+                                   node=node))
+    for replica in registry.replicas():
+        if (replica.kind == "managed" and replica.node == node) or replica.status == "stopped":
+            continue  # this node's own are its state files
+        # Checked now, whatever was last recorded: a replica marked down may be back.
+        engines.append(EngineState(model=replica.model, url=replica.base_url, pid=replica.pid, up=True,
+                                   node=replica.node, kind=replica.kind))
     return engines
 
 
@@ -76,8 +87,11 @@ def read_engine_metrics(engine: EngineState, get: Callable[[str], str]) -> Engin
     return engine
 
 
-def engines_with_stats(engines_dir: Path) -> list[EngineState]:
-    """Every engine vbatch started, with what its own ``/metrics`` says now (2 s at most each)."""
+def engines_with_stats(inference_engine) -> list[EngineState]:
+    """Every engine (``engine_states``) with what its own ``/metrics`` says now: asked side by side, 2 s at most
+    in all, so a scrape or the dashboard does not wait 2 s per replica that does not answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from vbatch_pipelines.net import local_http
 
     def fetch(url: str) -> str:
@@ -85,7 +99,11 @@ def engines_with_stats(engines_dir: Path) -> list[EngineState]:
         response.raise_for_status()
         return response.text
 
-    return [read_engine_metrics(engine, fetch) for engine in engine_states(engines_dir)]
+    engines = engine_states(inference_engine)
+    if len(engines) <= 1:
+        return [read_engine_metrics(engine, fetch) for engine in engines]
+    with ThreadPoolExecutor(max_workers=min(len(engines), 16)) as pool:
+        return list(pool.map(lambda engine: read_engine_metrics(engine, fetch), engines))
 
 
 # When a batch ended, whichever way it did.
@@ -232,13 +250,15 @@ class PlatformCollector(Collector):
         yield restarts
 
     def _engines(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("vbatch_engine_up", "Whether a model's engine answers", labels=["model"])
-        gauges = {name: GaugeMetricFamily(f"vbatch_engine_{name}", f"vLLM's {source}, per model",
-                                          labels=["model"]) for source, name in ENGINE_GAUGES.items()}
+        labels = ["model", "node", "url"]  # a model may have several replicas, on several nodes
+        up = GaugeMetricFamily("vbatch_engine_up", "Whether an engine (a replica of a model) answers", labels=labels)
+        gauges = {name: GaugeMetricFamily(f"vbatch_engine_{name}", f"vLLM's {source}, per replica",
+                                          labels=labels) for source, name in ENGINE_GAUGES.items()}
         for engine in self.engines():
-            up.add_metric([engine.model], 1 if engine.up else 0)
+            values = [engine.model, engine.node, engine.url]
+            up.add_metric(values, 1 if engine.up else 0)
             for name, family in gauges.items():
                 if name in engine.stats:
-                    family.add_metric([engine.model], engine.stats[name])
+                    family.add_metric(values, engine.stats[name])
         yield up
         yield from gauges.values()

@@ -27,6 +27,11 @@ CURATION_SEQ_TAG = "vbatch/curation_seq"
 TRIGGER_TAG = "vbatch/trigger"
 RUN_WORKER_PID_TAG = "vbatch/run_worker_pid"
 RUN_WORKER_STARTED_TAG = "vbatch/run_worker_started"
+# Cluster mode: the Celery queue a run went to (dagster-celery's own tag), and who ran it (set as it starts).
+CELERY_QUEUE_TAG = "dagster-celery/queue"  # dagster-celery's own
+NODE_TAG = "vbatch/node"
+CELERY_WORKER_TAG = "vbatch/celery_worker"  # the Celery worker's hostname, e.g. default@node-a
+CELERY_WORKER_PID_TAG = "vbatch/celery_worker_pid"  # the pool process that executed the run
 
 
 # Batches launched together share a run over their partition range, up to this many (and the lock that

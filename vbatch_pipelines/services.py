@@ -111,12 +111,14 @@ class AlreadyUp(RuntimeError):
 
 
 class ServiceRegistry:
-    """``run/services.json`` and ``run/up.lock`` of one home."""
+    """``run/services.json`` and ``run/up.lock`` of one home (``role="up"``), or ``run/worker-services.json`` and
+    ``run/worker.lock`` for `vbatch worker`, so that a node may run both on one home."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, role: str = "up"):
         self.run_dir = run_dir
-        self.path = run_dir / "services.json"
-        self.lock_path = run_dir / "up.lock"
+        self.role = role
+        self.path = run_dir / ("services.json" if role == "up" else f"{role}-services.json")
+        self.lock_path = run_dir / f"{role}.lock"
         self._lock_fd: int | None = None
 
     # -- the owner's lock ----------------------------------------------------------------------------
@@ -129,9 +131,10 @@ class ServiceRegistry:
         except BlockingIOError:
             os.close(fd)
             owner = (self.read() or {}).get("owner") or {}
-            raise AlreadyUp(f"vbatch is already up on this home (pid {owner.get('pid', '?')}, API "
-                            f"{owner.get('api_url', '?')}); `vbatch status` shows it, Ctrl-C or SIGTERM stops it") \
-                from None
+            what = f"API {owner.get('api_url', '?')}" if self.role == "up" else f"node {owner.get('node', '?')}"
+            raise AlreadyUp(f"vbatch {'is already up' if self.role == 'up' else 'worker already runs'} on this home "
+                            f"(pid {owner.get('pid', '?')}, {what}); `vbatch status` shows it, Ctrl-C or SIGTERM "
+                            "stops it") from None
         self._lock_fd = fd
 
     def release(self) -> None:

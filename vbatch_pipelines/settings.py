@@ -3,8 +3,9 @@ the API app and the CLI. Everything that runs inside Dagster gets its configurat
 (built from these settings by ``resources.factory.build_resources``).
 
 Everything lives under one home directory (``VBATCH_HOME``, default ``./.vbatch``; its layout is the
-``FileStore`` resource's) unless an environment variable points a piece elsewhere: the Dagster instance,
-the metadata DB (SQLite unless ``VBATCH_DATABASE_URL`` is set), managed virtualenvs.
+``FileStore`` resource's) unless an environment variable points a piece elsewhere: the shared files
+(``VBATCH_STORE``), the Dagster instance, the metadata DB (SQLite unless ``VBATCH_DATABASE_URL`` is set),
+managed virtualenvs, the Celery broker of cluster mode (``VBATCH_BROKER_URL``).
 
 A value that cannot work (an unknown backend or gate, a number that is not one) fails here, naming the
 variable and what it takes — so a typo stops the code location from loading instead of failing a run.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -106,8 +108,12 @@ class Settings:
     envs_dir: Path
     default_model: str | None
     models: dict[str, str]
+    engines: tuple[tuple[str, str], ...]  # (base model, URL) of vLLM servers running elsewhere, one per replica
+    node: str  # VBATCH_NODE (default the short host name): this node in the engine registry and cluster mode
+    engine_host: str  # the address this node's engines bind to
     gpus: int
     inference_runs: int  # batch steps running side by side on the engines (the `inference` pool's limit)
+    k8s_run_gpus: int  # GPUs a run with `gpu` steps asks Kubernetes for (its job's dagster-k8s/config tag); 0: none
     gpu_hour_cost: float | None  # what an hour of an engine's machine costs: the dashboard's cost per 1k tokens
     dagster_url: str
     api_keys: tuple[str, ...]  # use keys: files, batches, inference, curation, fine-tuning
@@ -140,6 +146,15 @@ class Settings:
     judge_model: str | None  # an LLM judge for model_comparison (None: no judge)
     dagster_home: Path  # DAGSTER_HOME, default $VBATCH_HOME/dagster
     aris_database_url: str | None = None  # Aristotle's PostgreSQL: the Aris extension is on when set
+    store: Path | None = None  # VBATCH_STORE: files every node shares (None: the home)
+    broker_url: str | None = None  # VBATCH_BROKER_URL: cluster mode's Celery broker (redis://...)
+    cluster_gpus: int = 1  # VBATCH_CLUSTER_GPUS: cluster mode's `gpu` pool limit, the GPUs of all nodes together
+
+    def layout(self):
+        """The FileStore of these settings: this node's home and the (shared) store."""
+        from resources.file_store import FileStore
+
+        return FileStore(root=str(self.home), store=str(self.store) if self.store else None)
 
 
 
@@ -148,7 +163,8 @@ def _switchable(value: str | None) -> str | None:
 
 
 def _parse_models(spec: str | None) -> dict[str, str]:
-    """``VBATCH_MODELS="name=path,name2=path2"``: the base models vbatch may serve."""
+    """``VBATCH_MODELS="name=path,name2=path2:embed"``: the base models vbatch may serve; a path may end in
+    ``:embed`` (or ``:generate``) to say what the model does when its files do not (models/registry.py)."""
     models: dict[str, str] = {}
     for item in (spec or "").split(","):
         item = item.strip()
@@ -159,6 +175,29 @@ def _parse_models(spec: str | None) -> dict[str, str]:
             raise SettingsError(f"VBATCH_MODELS entry {item!r} is not of the form name=path")
         models[name.strip()] = path.strip()
     return models
+
+
+def _parse_engines(spec: str | None) -> tuple[tuple[str, str], ...]:
+    """``VBATCH_ENGINES="model=http://host:port,model=http://host2:port"``: vLLM servers that run elsewhere (a
+    Deployment behind a Service, another box); a model named twice has two replicas."""
+    from urllib.parse import urlsplit
+
+    engines = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, url = item.partition("=")
+        parts = urlsplit(url.strip())
+        if not sep or not name.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"VBATCH_ENGINES entry {item!r} is not of the form model=http://host:port")
+        if (parts.path or "/") != "/" or parts.query or parts.username:
+            raise SettingsError(f"VBATCH_ENGINES entry {item!r}: give the server's base URL (scheme, host, port) "
+                                "without a path, query or credentials")
+        engines.append((name.strip(), url.strip().rstrip("/")))
+    if len(set(engines)) != len(engines):
+        raise SettingsError("VBATCH_ENGINES names the same model and URL twice")
+    return tuple(engines)
 
 
 def _retrain_hyperparameters() -> dict:
@@ -186,7 +225,8 @@ def load_settings() -> Settings:
     from resources.file_store import FileStore
 
     home = Path(_env("VBATCH_HOME", ".vbatch")).expanduser().resolve()
-    layout = FileStore(root=str(home))
+    store = Path(_env("VBATCH_STORE")).expanduser().resolve() if _env("VBATCH_STORE") else None
+    layout = FileStore(root=str(home), store=str(store) if store else None)
     database_url = _env("VBATCH_DATABASE_URL") or f"sqlite:///{layout.database_path}"
     return Settings(
         home=home,
@@ -197,8 +237,12 @@ def load_settings() -> Settings:
         envs_dir=Path(_env("VBATCH_ENVS_DIR", str(Path.home() / ".cache" / "vbatch" / "envs"))),
         default_model=_env("VBATCH_DEFAULT_MODEL"),
         models=_parse_models(_env("VBATCH_MODELS")),
+        engines=_parse_engines(_env("VBATCH_ENGINES")),
+        node=_env("VBATCH_NODE") or socket.gethostname().split(".")[0],
+        engine_host=_env("VBATCH_ENGINE_HOST", "127.0.0.1"),
         gpus=gpu_count(),
         inference_runs=_int("VBATCH_INFERENCE_RUNS", 8, minimum=1),
+        k8s_run_gpus=_int("VBATCH_K8S_RUN_GPUS", 0, minimum=0),
         gpu_hour_cost=_float("VBATCH_GPU_HOUR_COST", None, 0.0, 1_000_000.0),
         dagster_url=_env("VBATCH_DAGSTER_URL", "http://127.0.0.1:3000"),
         api_keys=_list("VBATCH_API_KEYS"),
@@ -232,12 +276,23 @@ def load_settings() -> Settings:
         judge_model=_env("VBATCH_JUDGE_MODEL"),
         dagster_home=Path(_env("DAGSTER_HOME") or layout.dagster_dir),
         aris_database_url=_postgres_url("VBATCH_ARIS_DATABASE_URL"),
+        store=store,
+        broker_url=_broker_url("VBATCH_BROKER_URL"),
+        cluster_gpus=_int("VBATCH_CLUSTER_GPUS", 1, minimum=1),
     )
 
 
 def _list(name: str) -> tuple[str, ...]:
     """A comma-separated setting, blanks dropped."""
     return tuple(item.strip() for item in (_env(name) or "").split(",") if item.strip())
+
+
+def _broker_url(name: str) -> str | None:
+    """Cluster mode's broker: Redis (the transport the workers' prefetch-free scheduling needs)."""
+    value = _env(name)
+    if value is not None and value.split("://", 1)[0] not in ("redis", "rediss"):
+        raise SettingsError(f"{name} takes a Redis URL (redis://[:password@]host:port/db or rediss://...)")
+    return value
 
 
 def _postgres_url(name: str) -> str | None:

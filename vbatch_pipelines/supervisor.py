@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,46 @@ class Service:
             stop_process_group(self.process)
 
 
+def supervise(title: str, registry: ServiceRegistry, owner: dict, services: dict[str, Service], resources: dict,
+              ready: Callable[[], None], stop_detached: Callable[[], None] = lambda: None) -> None:
+    """Start ``services``, record them, call ``ready`` (the banner), then restart what dies (with back-off, each
+    change recorded) until Ctrl-C or SIGTERM; stop the services, the engines of this home and ``stop_detached``.
+    `vbatch up` and `vbatch worker` both run this."""
+    stopping = threading.Event()
+
+    def shutdown(signum=None, frame=None) -> None:
+        stopping.set()
+
+    def log(message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+    owner = {"pid": os.getpid(), "started": (process_identity(os.getpid()) or (time.time(),))[0], **owner}
+
+    def record() -> None:
+        registry.write(owner, {name: service.record for name, service in services.items()
+                               if service.record is not None})
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    try:
+        for service in services.values():
+            service.start()
+        record()
+        ready()
+        while not stopping.is_set():
+            if any([service.supervise(log) for service in services.values()]):
+                record()
+            stopping.wait(1.0)
+    finally:
+        print(f"Stopping {title} ...", flush=True)
+        for service in services.values():
+            service.stop()
+        for server in resources["inference_engine"].running_servers():
+            server.stop()
+        stop_detached()
+        print("Stopped.", flush=True)
+
+
 def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
     from vbatch_pipelines.detached import kill_group
 
@@ -143,23 +184,32 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None
 EVENT_BATCH_SIZE = 3 * MAX_BATCHES_PER_RUN  # a run's planned events: up to three steps per batch
 
 
-def prepare_platform(settings: Settings, resources: dict) -> dict:
+def instance_env(settings: Settings, *, cluster: bool = False) -> dict:
+    """Write this node's dagster.yaml; the environment its processes open the instance with (also set here)."""
+    from vbatch_pipelines.cluster.config import cluster_env
+    from vbatch_pipelines.instance import prepare_dagster_home
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    dagster_home = prepare_dagster_home(settings, cluster=cluster)
+    extra = {"DAGSTER_HOME": str(dagster_home), "VBATCH_HOME": str(settings.home),
+             **(cluster_env(settings) if cluster else {})}
+    os.environ.update(extra)
+    # Dagster's event batching (off unless set): a run over many batches writes each step's planned events
+    # and materializations in one go (see dagster_storage.SqliteEventLogStorage.store_event_batch).
+    return {"DAGSTER_EVENT_BATCH_SIZE": str(EVENT_BATCH_SIZE), **os.environ, **extra}
+
+
+def prepare_platform(settings: Settings, resources: dict, *, cluster: bool = False) -> dict:
     """Everything `up` needs before processes start: DB schema, Dagster home, gpu pool, default model.
     Returns the environment the processes run with."""
     from dagster import DagsterInstance
 
-    from vbatch_pipelines.instance import prepare_dagster_home, set_pools
+    from vbatch_pipelines.instance import set_pools
 
-    settings.home.mkdir(parents=True, exist_ok=True)
+    env = instance_env(settings, cluster=cluster)
     resources["metadata_db"].db.upgrade()
-    dagster_home = prepare_dagster_home(settings)
-    # Dagster's event batching (off unless set): a run over many batches writes each step's planned events
-    # and materializations in one go (see dagster_storage.SqliteEventLogStorage.store_event_batch).
-    env = {"DAGSTER_EVENT_BATCH_SIZE": str(EVENT_BATCH_SIZE), **os.environ,
-           "DAGSTER_HOME": str(dagster_home), "VBATCH_HOME": str(settings.home)}
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
-    with DagsterInstance.get() as instance:
-        set_pools(instance, settings.gpus, settings.inference_runs)
+    with DagsterInstance.get() as instance:  # in cluster mode the pools' limits hold for every node
+        set_pools(instance, settings.cluster_gpus if cluster else settings.gpus, settings.inference_runs)
     resources["model_registry"].resolve(None)
     return env
 
@@ -197,16 +247,43 @@ def warm_engine(resources: dict) -> str:
         return "transformers (in-process, per run)"
     model = resources["model_registry"].resolve(None)
     print(f"Warming vLLM for {model.id} ...", flush=True)
-    try:
-        return f"vLLM {engine.server(model).ensure()} ({model.id})"
-    except Exception as exc:  # noqa: BLE001 - keep the platform up; batches retry the engine
-        return f"vLLM failed to start: {exc}"
+    urls = []
+    for server in engine.replica_servers(model):  # this node's started; external ones checked
+        try:
+            urls.append(server.ensure())
+        except Exception as exc:  # noqa: BLE001 - keep the platform up; batches retry the engine
+            urls.append(f"failed: {exc}")
+    return f"vLLM {', '.join(urls)} ({model.id})"
 
 
-def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, warm: bool = True) -> int:
+def broker_address(url: str) -> str:
+    """The broker URL without its credentials, for banners and logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+
+
+def cluster_note(settings: Settings) -> str:
+    from vbatch_pipelines.cluster.config import DEFAULT_QUEUE, GPU_QUEUE
+
+    return (f"cluster mode: runs go to `vbatch worker` nodes through {broker_address(settings.broker_url)} (queues "
+            f"{DEFAULT_QUEUE}, {GPU_QUEUE}, node.<name>); files in {settings.layout().shared}")
+
+
+def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, warm: bool = True,
+                 cluster: bool = False) -> int:
+    """`vbatch up`. In cluster mode (``cluster``) the same services run, but Dagster hands runs to the nodes'
+    Celery workers (`vbatch worker`) instead of starting them here."""
+    from vbatch_pipelines.cluster.config import check_broker, check_cluster
     from vbatch_pipelines.instance import WORKSPACE_YAML
 
-    exposure = addresses.check(settings)  # before anything starts
+    if cluster:
+        check_cluster(settings, "vbatch up --mode cluster")  # ClusterConfigError, before anything starts
+        check_broker(settings.broker_url)
+        exposure = addresses.check(settings) + [cluster_note(settings)]
+    else:
+        exposure = addresses.check(settings)  # before anything starts
     file_store = resources["file_store"]
     registry = ServiceRegistry(file_store.run_dir)
     registry.acquire()  # AlreadyUp when another `up` owns this home
@@ -214,14 +291,14 @@ def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, w
         stale = registry.stop_stale()
         if stale:
             print(f"Stopped what a previous `vbatch up` left running: {', '.join(stale)}", flush=True)
-        return _run(settings, resources, addresses, registry, exposure, warm, WORKSPACE_YAML)
+        return _run(settings, resources, addresses, registry, exposure, warm, WORKSPACE_YAML, cluster)
     finally:
         registry.release()
 
 
 def _run(settings: Settings, resources: dict, addresses: Addresses, registry: ServiceRegistry,
-         exposure: list[str], warm: bool, workspace: Path) -> int:
-    env = prepare_platform(settings, resources)
+         exposure: list[str], warm: bool, workspace: Path, cluster: bool) -> int:
+    env = prepare_platform(settings, resources, cluster=cluster)
     env["VBATCH_DAGSTER_URL"] = addresses.dagster_url
     logs = resources["file_store"].logs_dir
     logs.mkdir(parents=True, exist_ok=True)
@@ -237,24 +314,10 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
                         "--port", str(addresses.api_port), "--workers", str(api_workers(settings, resources)),
                         "--log-level", "warning"], env, logs / "api.log", addresses.api_port),
     )}
-    owner = {"pid": os.getpid(), "started": (process_identity(os.getpid()) or (time.time(),))[0],
-             "api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.home)}
+    owner = {"api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.home),
+             "mode": "cluster" if cluster else "single"}
 
-    def record() -> None:
-        registry.write(owner, {name: service.record for name, service in services.items()
-                               if service.record is not None})
-
-    stopping = threading.Event()
-
-    def shutdown(signum=None, frame=None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGINT, shutdown)
-    signal.signal(signal.SIGTERM, shutdown)
-    try:
-        for service in services.values():
-            service.start()
-        record()
+    def ready() -> None:
         engine_note = warm_engine(resources) if warm else "transformers (in-process, per run)"
         api_ready = wait_http(f"{addresses.api_url}/health", 60)
         curation_note = start_curation(settings, resources, addresses.api_url) if api_ready else \
@@ -270,21 +333,10 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
               + "".join(f"  note         {note}\n" for note in exposure)
               + "Ctrl-C stops everything.", flush=True)
 
-        def log(message: str) -> None:
-            print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-        while not stopping.is_set():
-            if any([service.supervise(log) for service in services.values()]):
-                record()
-            stopping.wait(1.0)
-    finally:
-        print("Stopping vbatch ...", flush=True)
-        for service in services.values():
-            service.stop()
-        for server in resources["inference_engine"].running_servers():
-            server.stop()
+    def stop_detached() -> None:
         label_studio = resources["label_studio"].server()
         if label_studio is not None:
             label_studio.stop()
-        print("Stopped.", flush=True)
+
+    supervise("vbatch", registry, owner, services, resources, ready, stop_detached)
     return 0

@@ -49,8 +49,8 @@ def _page(request: Request, name: str, role: Role, **context) -> HTMLResponse:
 
 
 def _label_studio_url(request: Request) -> str | None:
-    resource = request.app.state.resources.get("label_studio")
-    return getattr(resource, "url", None) if resource is not None else None
+    resource = request.app.state.resources["label_studio"]
+    return resource.url if resource.enabled and resource.url else None
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -94,12 +94,12 @@ def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLRespo
     with db.session() as session:
         fine_tunes = session.query(FineTuningJob).order_by(FineTuningJob.created_at.desc()).limit(5).all()
         fine_tunes = [{"id": job.id, "model": job.model, "status": job.status,
-                       "verdict": comparison_verdict(job.comparison), "deployed": bool(job.deployment)}
+                       "verdict": comparison_verdict(job.comparison), "deployed": job.deployed}
                       for job in fine_tunes]
-    engines = [{"model": engine.model, "state": "up" if engine.up else f"down{': ' + engine.error if engine.error else ''}",
+    engines = [{"model": engine.model, "node": engine.node, "url": engine.url, "state": "up" if engine.up else f"down{': ' + engine.error if engine.error else ''}",
                 "running": _count(engine.stats.get("running")), "waiting": _count(engine.stats.get("waiting")),
                 "kv_cache": f"{100 * engine.stats['kv_cache_usage']:.0f} %" if "kv_cache_usage" in engine.stats else "–"}
-               for engine in engines_with_stats(request.app.state.resources["file_store"].engines_dir)]
+               for engine in engines_with_stats(request.app.state.resources["inference_engine"])]
     today = summarize(db, ended_since=midnight)
     costs = {}
     hour_cost = request.app.state.settings.gpu_hour_cost
@@ -110,7 +110,7 @@ def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLRespo
             costs[model] = {"busy": f"{seconds / 60:.1f} min", "cost": f"{cost:.4f}",
                             "per_1k": f"{1000 * cost / tokens:.6f}" if tokens else "–"}
     return _page(request, "dashboard.html", role, summary=summarize(db), today=today, costs=costs,
-                 hour_cost=hour_cost,
+                 hour_cost=hour_cost, services={name: probe() for name, probe in request.app.state.probes.items()},
                  engines=engines, fine_tunes=fine_tunes, gold_chart=bar_chart(gold_stars_by_day(db, days=14)))
 
 
@@ -144,21 +144,24 @@ def _list_page(session, model, after: str | None, where=()) -> dict:
 
 @router.get("/batches/new", response_class=HTMLResponse)
 def new_batch(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
+    from vbatch_pipelines.curation.schemas import SCHEMAS
+
     registry = request.app.state.resources["model_registry"]
     return _page(request, "new_batch.html", role, models=sorted(registry.served_models()),
-                 default_model=registry.default_model_id(), error=error, endpoints=SUPPORTED_ENDPOINTS)
+                 default_model=registry.default_model_id(), error=error, endpoints=SUPPORTED_ENDPOINTS,
+                 schemas=sorted(SCHEMAS))
 
 
 @router.post("/batches")
 def create_batch_from_form(request: Request, file: UploadFile = File(...), endpoint: str = Form(max_length=64),
                            model: str = Form("", max_length=256), curation: str = Form("on", max_length=8),
-                           role: Role = Depends(console_role)) -> Response:
+                           schema: str = Form("", max_length=64), role: Role = Depends(console_role)) -> Response:
     """Upload a JSONL and create its batch, as the API's two calls do; lines that name no model get the one
     picked. A refusal comes back to the form with the API's message."""
-    from api.routers.batches import accept_batch
     from vbatch_pipelines.batch.service import BatchRequestError
     from vbatch_pipelines.errors import VbatchError
     from vbatch_pipelines.files import store_file
+    from vbatch_pipelines.submit import accept_batch
 
     state, settings = request.app.state, request.app.state.settings
     resources = state.resources
@@ -166,9 +169,10 @@ def create_batch_from_form(request: Request, file: UploadFile = File(...), endpo
     try:
         stored = store_file(state.db, resources["file_store"].files_dir, source, file.filename or "upload.jsonl",
                             "batch", max_bytes=settings.max_upload_bytes)
-        metadata = {"curation": "off"} if curation == "off" else None
-        batch = accept_batch(state.db, settings, resources["file_store"], resources["model_registry"],
-                             state.batch_launcher, input_file_id=stored.id, endpoint=endpoint, metadata=metadata)
+        metadata = {"curation": "off"} if curation == "off" else {"curation_schema": schema} if schema else None
+        batch = accept_batch(state.db, resources["file_store"], resources["model_registry"], state.batch_launcher,
+                             input_file_id=stored.id, endpoint=endpoint, metadata=metadata,
+                             inline_validation_bytes=settings.inline_validation_bytes)
     except (BatchRequestError, VbatchError) as exc:
         return RedirectResponse(f"/ui/batches/new?error={quote(str(exc)[:300])}", status_code=303)
     return RedirectResponse(f"/ui/batches/{quote(batch.id)}", status_code=303)
@@ -257,29 +261,32 @@ def fine_tunes(request: Request, after: str | None = Query(default=None, max_len
             FineTuningJob.id.in_([job["id"] for job in page["data"]]))}
     for job in page["data"]:
         job["verdict"] = comparison_verdict(jobs[job["id"]].comparison)
-        job["deployed"] = bool(jobs[job["id"]].deployment)
+        job["deployed"] = jobs[job["id"]].deployed
     return _page(request, "fine_tunes.html", role, page=page)
 
 
 @router.get("/fine-tunes/new", response_class=HTMLResponse)
 def new_fine_tune(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
     from vbatch_pipelines.curation.service import ready_datasets
+    from vbatch_pipelines.models.registry import GENERATE
 
     registry = request.app.state.resources["model_registry"]
     with request.app.state.db.session() as session:
         versions = [row.version for row in session.scalars(ready_datasets().limit(50))]
     return _page(request, "new_fine_tune.html", role, error=error, versions=versions,
-                 models=sorted(registry.base_models()), default_model=registry.default_model_id())
+                 models=sorted(m for m, spec in registry.base_models().items() if spec.task == GENERATE),
+                 default_model=registry.default_model_id())
 
 
 @router.post("/fine-tunes")
 def create_fine_tune(request: Request, model: str = Form(max_length=256), training: str = Form(max_length=64),
                      n_epochs: str = Form("auto", max_length=8), lora_rank: str = Form("16", max_length=8),
                      learning_rate_multiplier: str = Form("auto", max_length=16),
-                     suffix: str = Form("", max_length=64), role: Role = Depends(console_role)) -> Response:
+                     suffix: str = Form("", max_length=64), deploy: str = Form("no_worse", max_length=16),
+                     role: Role = Depends(console_role)) -> Response:
     """Start a fine-tune as ``POST /v1/fine_tuning/jobs`` does: checked first, the reason shown on the form."""
-    from api.routers.fine_tuning import start_fine_tune
     from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.submit import start_fine_tune
 
     state = request.app.state
     resources = state.resources
@@ -289,7 +296,7 @@ def create_fine_tune(request: Request, model: str = Form(max_length=256), traini
     try:
         job = start_fine_tune(state.db, resources["model_registry"], resources["file_store"], resources["trainer"],
                               state.settings.dagster_url, model=model, training_file=training.strip(),
-                              hyperparameters=hyperparameters, suffix=suffix.strip() or None)
+                              hyperparameters=hyperparameters, suffix=suffix.strip() or None, deploy=deploy)
     except (VbatchError, ValueError) as exc:
         return RedirectResponse(f"/ui/fine-tunes/new?error={quote(str(exc)[:300])}", status_code=303)
     return RedirectResponse(f"/ui/fine-tunes/{quote(job.id)}", status_code=303)
@@ -307,38 +314,36 @@ def _number(text: str, kind):
 def fine_tune(request: Request, job_id: str, error: str | None = None,
               role: Role = Depends(console_role)) -> HTMLResponse:
     from api.console.charts import line_chart
-    from vbatch_pipelines.fine_tuning.service import get_job, list_checkpoints, list_events
+    from vbatch_pipelines.fine_tuning.service import get_job, list_checkpoints, loss_curve, recent_messages
 
     db = request.app.state.db
     job = get_job(db, job_id[:64])
     if job is None:
         return _page(request, "missing.html", role, what=f"fine-tune {job_id[:64]}", back="/ui/fine-tunes")
-    events, _ = list_events(db, job.id, after=None, limit=100)
-    losses = sorted((e.data["step"], e.data["loss"]) for e in events
-                    if e.type == "metrics" and e.data and e.data.get("loss") is not None and "step" in e.data)
-    checkpoints, _ = list_checkpoints(db, job.id, after=None, limit=20)
+    checkpoints, more_checkpoints = list_checkpoints(db, job.id, after=None, limit=5)
     return _page(request, "fine_tune.html", role, job=job.to_openai(), comparison=job.comparison,
-                 verdict=comparison_verdict(job.comparison), deployed=bool(job.deployment), error=error,
-                 events=[e.to_openai() for e in events if e.type != "metrics"][:30],
-                 loss_chart=line_chart(losses, label="training loss by step"),
-                 checkpoints=[c.to_openai() for c in checkpoints])
+                 verdict=comparison_verdict(job.comparison), deployed=job.deployed, job_deployment=job.deployment,
+                 error=error, events=[e.to_openai() for e in recent_messages(db, job.id)],
+                 loss_chart=line_chart(loss_curve(db, job.id), label="training loss by step", x_name="step",
+                                       y_name="loss"),
+                 checkpoints=[c.to_openai() for c in checkpoints], more_checkpoints=more_checkpoints)
 
 
 @router.post("/fine-tunes/{job_id}/deploy")
 def deploy(request: Request, job_id: str, role: Role = Depends(console_role)) -> Response:
     """Serve a succeeded job's fine-tune now, as ``POST /v1/fine_tuning/jobs/{id}/deploy`` does."""
-    from vbatch_pipelines.fine_tuning.service import deploy_fine_tune, get_job
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.fine_tuning.service import deploy_on_request, get_job
 
     state = request.app.state
     job = get_job(state.db, job_id[:64])
-    target = f"/ui/fine-tunes/{quote(job_id[:64])}"
     if job is None:
         return RedirectResponse("/ui/fine-tunes", status_code=303)
-    if job.status != "succeeded":
-        return RedirectResponse(f"{target}?error={quote(f'Only a succeeded job can be deployed; this one is {job.status}.')}",
-                                status_code=303)
+    target = f"/ui/fine-tunes/{quote(job.id)}"
     try:
-        deploy_fine_tune(state.db, state.resources["model_registry"], state.engines.resource, job, "deployed on request")
+        deploy_on_request(state.db, state.resources["model_registry"], state.engines.resource, job)
+    except VbatchError as exc:
+        return RedirectResponse(f"{target}?error={quote(str(exc)[:300])}", status_code=303)
     except Exception as exc:  # noqa: BLE001 - the engine's refusal, shown on the page
         return RedirectResponse(f"{target}?error={quote(f'The engine did not load it: {exc}'[:300])}", status_code=303)
     return RedirectResponse(target, status_code=303)
@@ -346,6 +351,7 @@ def deploy(request: Request, job_id: str, role: Role = Depends(console_role)) ->
 
 @router.get("/models", response_class=HTMLResponse)
 def models(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
+    from vbatch_pipelines.models.registry import GENERATE
     from vbatch_pipelines.store.models import Model
 
     registry = request.app.state.resources["model_registry"]
@@ -355,7 +361,8 @@ def models(request: Request, error: str | None = None, role: Role = Depends(cons
     rows = []
     for model_id, spec in sorted(served.items()):
         row = stored.get(model_id)
-        rows.append({"id": model_id, "kind": "fine-tune" if spec.parent else "base", "parent": spec.parent,
+        kind = "fine-tune" if spec.parent else "base" if spec.task == GENERATE else "base, embeddings"
+        rows.append({"id": model_id, "kind": kind, "parent": spec.parent, "chat": spec.task == GENERATE,
                      "status": row.status if row is not None else "configured", "source": row.source if row else None,
                      "removable": row is not None, "default": model_id == registry.default_model_id(),
                      "served": True})
@@ -397,8 +404,8 @@ def _latest_run_line(run_id: str | None) -> str | None:
 def install_model(request: Request, source: str = Form(max_length=512), model_id: str = Form("", max_length=256),
                   role: Role = Depends(console_role)) -> Response:
     """For admins, as ``POST /v1/models``: refused at once when the policy or the fit check says no."""
-    from api.routers.models import start_install
     from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.submit import start_install
 
     if role != "admin":
         return RedirectResponse("/ui/models?error=" + quote("Installing a model needs an admin key."), status_code=303)
@@ -434,6 +441,7 @@ class TryIt(BaseModel):
     model: str = PydanticField(max_length=512)
     content: str = PydanticField(min_length=1, max_length=8000)
     max_tokens: int = PydanticField(default=256, ge=1, le=2048)
+    temperature: float = PydanticField(default=0.7, ge=0.0, le=2.0)
 
 
 @router.post("/chat")
@@ -444,7 +452,7 @@ async def try_it(request: Request, body: TryIt, role: Role = Depends(console_rol
     from vbatch_pipelines.protocol import ChatCompletionRequest
 
     chat = ChatCompletionRequest(model=body.model, messages=[{"role": "user", "content": body.content}],
-                                 max_tokens=body.max_tokens, stream=True)
+                                 max_tokens=body.max_tokens, temperature=body.temperature, stream=True)
     return await serve_completion("/v1/chat/completions", chat, request.app.state.engines)
 
 

@@ -25,18 +25,24 @@ def bar_chart(points: list[tuple[str, float]], *, width: int = 320, height: int 
             f'<text x="{width}" y="{height - 4}" text-anchor="end">{last}</text></svg>')
 
 
-def line_chart(points: list[tuple[float, float]], *, width: int = 640, height: int = 180, label: str = "") -> str:
+def line_chart(points: list[tuple[float, float]], *, width: int = 640, height: int = 220, label: str = "",
+               x_name: str = "", y_name: str = "") -> str:
     """A polyline through (x, y) points, with the first and last x and the y range written on the axes."""
     if len(points) < 2:
         return '<p class="hint">Not enough points to chart yet.</p>'
     xs, ys = [x for x, _ in points], [y for _, y in points]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     span_x, span_y = (x1 - x0) or 1, (y1 - y0) or 1
-    pad = 24
-    coords = " ".join(f"{pad + (x - x0) / span_x * (width - 2 * pad):.1f},"
+    left, pad = 48, 24
+    coords = " ".join(f"{left + (x - x0) / span_x * (width - left - pad):.1f},"
                       f"{height - pad - (y - y0) / span_y * (height - 2 * pad):.1f}" for x, y in points)
     return (f'<svg class="chart line" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">'
+            f'<line x1="{left}" y1="{pad}" x2="{left}" y2="{height - pad}" class="axis"/>'
+            f'<line x1="{left}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" class="axis"/>'
             f'<polyline points="{coords}" fill="none" stroke-width="2"/>'
-            f'<text x="{pad}" y="{height - 6}">{x0:g}</text>'
+            f'<text x="{left}" y="{height - 6}">{x0:g}</text>'
+            f'<text x="{(left + width - pad) / 2:.0f}" y="{height - 6}" text-anchor="middle">{escape(x_name)}</text>'
             f'<text x="{width - pad}" y="{height - 6}" text-anchor="end">{x1:g}</text>'
-            f'<text x="2" y="{pad}">{y1:.3g}</text><text x="2" y="{height - pad}">{y0:.3g}</text></svg>')
+            f'<text x="{left - 4}" y="{pad + 4}" text-anchor="end">{y1:.3g}</text>'
+            f'<text x="{left - 4}" y="{height - pad}" text-anchor="end">{y0:.3g}</text>'
+            f'<text x="{left - 4}" y="{height / 2:.0f}" text-anchor="end">{escape(y_name)}</text></svg>')

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -13,21 +11,14 @@ from api.errors import get_or_404
 from api.pagination import paginate
 from api.schemas import BatchObject, Page
 from resources import FileStore, ModelRegistry
-from vbatch_pipelines.batch.service import (
-    BatchRequestError,
-    create_batch,
-    get_batch,
-    request_cancel,
-    validate_input,
-)
-from vbatch_pipelines.files import get_file
+from vbatch_pipelines.batch.service import request_cancel
 from vbatch_pipelines.launch import BatchLauncher
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Batch
+from vbatch_pipelines.submit import accept_batch
 
 router = APIRouter(tags=["batches"])
-log = logging.getLogger("vbatch.api")
 
 
 class CreateBatchRequest(BaseModel):
@@ -42,31 +33,9 @@ def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: S
            file_store: FileStore = Depends(get_file_store),
            model_registry: ModelRegistry = Depends(get_model_registry),
            launcher: BatchLauncher = Depends(get_batch_launcher)) -> dict:
-    return accept_batch(db, settings, file_store, model_registry, launcher, input_file_id=body.input_file_id,
-                        endpoint=body.endpoint, completion_window=body.completion_window,
-                        metadata=body.metadata).to_openai()
-
-
-def accept_batch(db: Database, settings: Settings, file_store: FileStore, model_registry: ModelRegistry,
-                 launcher: BatchLauncher, *, input_file_id: str, endpoint: str, completion_window: str = "24h",
-                 metadata: dict[str, str] | None = None) -> Batch:
-    """Record a batch and have it launched (the API's create and the console's form)."""
-    batch = create_batch(db, input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
-                         metadata=metadata)
-    input_file = get_file(db, batch.input_file_id)
-    inline = input_file is not None and input_file.bytes <= settings.inline_validation_bytes
-    if inline:
-        # Fast path: a small file (under a second for 8 MiB) is validated here, so the batch is in_progress (or
-        # failed, with its line errors) when this returns; batch_input then only records the result.
-        # Larger files stay `validating` until batch_input streams them.
-        try:
-            if not validate_input(db, batch, file_store.batch_dir(batch.id), model_registry.served_id).ok:
-                return get_batch(db, batch.id)
-        except BatchRequestError as exc:  # the file vanished meanwhile: batch_input reports it
-            log.warning("batch %s: inline validation skipped: %s", batch.id, exc)
-    # In the background, with every batch recorded meanwhile: concurrent creates share a run.
-    launcher.launch(batch.id, validated=inline)
-    return get_batch(db, batch.id) or batch
+    return accept_batch(db, file_store, model_registry, launcher, input_file_id=body.input_file_id,
+                        endpoint=body.endpoint, completion_window=body.completion_window, metadata=body.metadata,
+                        inline_validation_bytes=settings.inline_validation_bytes).to_openai()
 
 
 def _batch_or_404(db: Database, batch_id: str) -> Batch:

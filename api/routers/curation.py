@@ -17,7 +17,7 @@ from resources import LabelStudio
 from vbatch_pipelines.curation.dataset import export_path
 from vbatch_pipelines.curation.schemas import get_schema
 from vbatch_pipelines.curation.service import clear_annotations, get_task, ready_datasets, stats
-from vbatch_pipelines.curation.sync import record_annotation
+from vbatch_pipelines.curation.sync import record_annotation, record_task
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Dataset
 
@@ -64,6 +64,18 @@ async def _write_review(request: Request, label_studio: LabelStudio, db: Databas
     return _task_or_404(db, task_id).to_api()
 
 
+async def _reviewed_task(request: Request, label_studio: LabelStudio, db: Database, task_id: int):
+    """The task as vbatch knows it. When it has recorded no review yet, Label Studio's current one (an expert's,
+    not yet brought by the sensor or the webhook) is recorded first, so a review written here updates that
+    annotation and keeps its edit and rating instead of adding a second annotation."""
+    task = _task_or_404(db, task_id)
+    if task.annotation_id is not None:
+        return task
+    if await asyncio.to_thread(lambda: record_task(db, label_studio.task(task_id))):
+        await notify_reviews(request, [task_id])
+    return _task_or_404(db, task_id)
+
+
 @router.get("/curation/tasks/{task_id}", response_model=CurationTaskObject)
 async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db)) -> dict:
     return _task_or_404(db, task_id).to_api()
@@ -73,7 +85,7 @@ async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db)) -
 async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarRequest | None = None,
                         db: Database = Depends(get_db), label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
-    task = _task_or_404(db, task_id)
+    task = await _reviewed_task(request, label_studio, db, task_id)
     return await _write_review(request, label_studio, db, task_id, answer=task.edited_response,
                                gold_star=(body or GoldStarRequest()).gold_star)
 
@@ -82,10 +94,10 @@ async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarR
 async def edit_response(body: EditRequest, request: Request, task_id: int = TaskId, db: Database = Depends(get_db),
                         label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
-    task = _task_or_404(db, task_id)
-    problem = get_schema(task.schema).validate(body.response)
+    problem = get_schema(_task_or_404(db, task_id).schema).validate(body.response)
     if problem:
         raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
+    task = await _reviewed_task(request, label_studio, db, task_id)
     return await _write_review(request, label_studio, db, task_id, answer=body.response, gold_star=task.gold_star)
 
 

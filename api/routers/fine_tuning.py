@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -23,19 +22,16 @@ from api.schemas import (
 from resources import FileStore, ModelRegistry, Trainer
 from vbatch_pipelines.fine_tuning.service import (
     cancel_job,
-    create_job,
-    deploy_fine_tune,
-    get_job,
+    deploy_on_request,
     list_checkpoints,
     list_events,
 )
-from vbatch_pipelines.launch import DagsterUnreachable, launch_fine_tune
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import FineTuningJob
+from vbatch_pipelines.submit import start_fine_tune
 
 router = APIRouter(tags=["fine-tuning"])
-log = logging.getLogger("vbatch.api")
 
 
 class SupervisedMethod(BaseModel):
@@ -80,18 +76,6 @@ def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
                            metadata=body.metadata).to_openai()
 
 
-def start_fine_tune(db: Database, model_registry: ModelRegistry, file_store: FileStore, trainer: Trainer,
-                    dagster_url: str, **job: Any) -> FineTuningJob:
-    """Check and record a job, then launch its run (the API's create and the console's form)."""
-    created = create_job(db, model_registry, file_store, trainer, **job)
-    try:
-        launch_fine_tune(db, created.id, dagster_url, timeout=5)
-    except DagsterUnreachable as exc:
-        # Recorded and queued: fine_tuning_sensor launches it once Dagster is back.
-        log.warning("fine-tuning job %s recorded, launch deferred to the sensor: %s", created.id, exc)
-    return get_job(db, created.id) or created
-
-
 def _job_or_404(db: Database, job_id: str) -> FineTuningJob:
     return get_or_404(db, FineTuningJob, job_id, "fine_tuning_job", "fine_tuning_job_id")
 
@@ -122,11 +106,7 @@ async def deploy(job_id: str, db: Database = Depends(get_db), model_registry: Mo
                  engines: EnginePool = Depends(get_engines)) -> dict:
     """vbatch's own: serve a succeeded job's fine-tune now — one the deploy gate held back, or one undeployed
     since — on its base model's warm engine, without a restart."""
-    job = _job_or_404(db, job_id)
-    if job.status != "succeeded":
-        raise OpenAIError(409, f"Job {job_id} is {job.status}; only a succeeded job can be deployed",
-                          param="fine_tuning_job_id", code="job_not_succeeded")
-    await asyncio.to_thread(deploy_fine_tune, db, model_registry, engines.resource, job, "deployed on request")
+    await asyncio.to_thread(deploy_on_request, db, model_registry, engines.resource, _job_or_404(db, job_id))
     return _job_or_404(db, job_id).to_openai()
 
 

@@ -4,6 +4,8 @@ runs, in Prometheus' HTTP service-discovery format (their ports change as they r
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,10 +31,16 @@ def metrics(request: Request) -> Response:
 
 @router.get("/metrics/targets", response_class=JSONResponse, response_model=list[ScrapeTarget])
 def metric_targets(request: Request) -> JSONResponse:
-    """Each running engine as a scrape target (``http_sd_configs`` in `deploy/prometheus.yml`), labelled with
-    its model: vLLM's own ``/metrics`` (requests running and waiting, KV-cache use, tokens)."""
+    """Each engine (every replica, on every node) as a scrape target (``http_sd_configs`` in
+    `deploy/prometheus.yml`), labelled with its model and node: vLLM's own ``/metrics`` (requests running and
+    waiting, KV-cache use, tokens)."""
     from vbatch_pipelines.metrics import engine_states
 
-    engines = engine_states(request.app.state.resources["file_store"].engines_dir)
-    return JSONResponse([{"targets": [engine.url.removeprefix("http://")], "labels": {"model": engine.model}}
-                         for engine in engines if engine.up])
+    engines = engine_states(request.app.state.resources["inference_engine"])
+    targets = []
+    for engine in engines:
+        if engine.up:
+            url = urlsplit(engine.url)
+            targets.append({"targets": [url.netloc], "labels": {"model": engine.model, "node": engine.node,
+                                                                 "__scheme__": url.scheme}})
+    return JSONResponse(targets)

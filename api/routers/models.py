@@ -5,7 +5,6 @@ running engine) or removes an installed model."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
@@ -23,14 +22,13 @@ from api.deps import (
 )
 from api.schemas import Deleted, ModelList, ModelObject
 from resources import ModelRegistry
-from vbatch_pipelines.launch import DagsterUnreachable, launch_install
 from vbatch_pipelines.models.registry import ModelNotFound, ModelSpec
-from vbatch_pipelines.models.store import get_model, remove_model, request_install, upsert_model
+from vbatch_pipelines.models.store import get_model, remove_model
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.submit import start_install
 
 router = APIRouter(tags=["models"])
-log = logging.getLogger("vbatch.api")
 
 
 def _model_object(spec: ModelSpec) -> dict:
@@ -81,21 +79,6 @@ def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
     row = start_install(db, model_registry, engines.resource, settings.dagster_url, body.source, model_id=body.id,
                         revision=body.revision, trust_remote_code=body.trust_remote_code)
     return _store_object(row)
-
-
-def start_install(db: Database, model_registry: ModelRegistry, inference_engine, dagster_url: str, source: str, *,
-                  model_id: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
-    """Check and record an install, then launch its run (the API's install and the console's form); returns
-    its record. Refused (InstallError) before anything is recorded when the policy or the fit check says no."""
-    row = request_install(db, model_registry, inference_engine, source, model_id=model_id, revision=revision,
-                          trust_remote_code=trust_remote_code)
-    try:
-        run_id = launch_install(row.id, dagster_url, timeout=5)
-        upsert_model(db, row.id, details={**(row.details or {}), "dagster_run_id": run_id})
-    except DagsterUnreachable as exc:
-        # Recorded as installing: model_install_sensor launches it once Dagster is back.
-        log.warning("install of %s recorded, launch deferred to the sensor: %s", row.id, exc)
-    return get_model(db, row.id)
 
 
 @router.delete("/models/{model_id:path}", response_model=Deleted)

@@ -1,6 +1,7 @@
 """The Aris REST routes (mounted under /v1 only when Aris is on, behind the API key like the rest):
-``POST /v1/sync/victory-to-gold-star`` (Aristotle says a conquest is a VICTORY) and ``GET /v1/icl/examples``
-(gold-star examples for Eidos' in-context learning, served from vbatch's own DB)."""
+``POST /v1/sync/victory-to-gold-star`` (Aristotle says a conquest is a VICTORY), ``GET /v1/icl/examples``
+(gold-star examples for Eidos' in-context learning, served from vbatch's own DB) and ``GET /v1/aris/conflicts``
+(where both sides had changed and Aristotle won)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from sqlalchemy import bindparam, select, update
 
 from api.deps import get_db, get_label_studio
 from api.errors import OpenAIError
+from api.pagination import paginate
+from api.schemas import Page
 from integrations.aris.aristotle import Aristotle
-from integrations.aris.models import ArisLink
+from integrations.aris.models import ArisEvent, ArisLink
 from integrations.aris.sync import ensure_link, link_new_tasks, sync_pending
 from resources import LabelStudio
 from vbatch_pipelines.curation.dataset import alpaca_record, chatml_text
@@ -92,6 +95,34 @@ async def victory_to_gold_star(body: VictoryRequest, db: Database = Depends(get_
     return VictoryResponse(status="success", conquest_id=conquest.id, task_id=link.ls_task_id, gold_star=True,
                            changed=changed, message="Gold star set from the VICTORY" if changed
                            else "Already a gold star; nothing changed")
+
+
+# -- conflicts: both sides changed, Aristotle won -------------------------------------------------------
+
+
+class ArisConflict(BaseModel):
+    id: str
+    object: Literal["aris.conflict"]
+    conquest_id: str
+    created_at: int
+    winner: str
+    task_id: int | None = None
+    aristotle_result: str | None = Field(description="the result Aristotle had, which both sides now have")
+    aristotle_updated_at: str | None = None
+    vbatch_gold_star: bool = Field(description="the gold star vbatch had, undone in favour of Aristotle's")
+    vbatch_reviewer: str | None = None
+    agreed_gold: bool | None = Field(default=None, description="the gold state both sides last agreed on")
+    agreed_result: str | None = None
+
+
+@router.get("/aris/conflicts", response_model=Page[ArisConflict])
+async def list_conflicts(after: str | None = Query(default=None, pattern=r"^[0-9]{1,18}$"),
+                         limit: int = Query(default=20, ge=1, le=100), db: Database = Depends(get_db)) -> dict:
+    """Where vbatch and Aristotle had both changed a linked conquest since they last agreed: Aristotle's
+    state was kept and vbatch's undone. Newest first; ``after`` a conflict's id for the next page."""
+    with db.session() as session:
+        return paginate(session, ArisEvent, after=int(after) if after else None, limit=limit,
+                        where=(ArisEvent.kind == "conflict",))
 
 
 # -- Eidos: in-context learning examples ---------------------------------------------------------------

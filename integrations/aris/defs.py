@@ -33,13 +33,17 @@ from integrations.aris.aristotle import Aristotle, AristotleUnavailable
 from integrations.aris.models import ArisEvent, ArisLink
 from integrations.aris.sync import (
     link_new_tasks,
+    link_reported,
+    link_tasks_in_label_studio,
     linked_ids,
     mark_vbatch_changes,
     observe,
     pending_links,
+    recent_events,
     sync_pending,
 )
 from resources import LabelStudio, MetadataDB
+from resources.label_studio import LabelStudioUnavailable
 from vbatch_pipelines.store.models import CurationTask
 
 ARIS_SYNC_JOB = "aris_sync_job"
@@ -60,10 +64,16 @@ def aris_sync(context: AssetExecutionContext, metadata_db: MetadataDB, aristotle
     except AristotleUnavailable as exc:
         raise Failure(f"Aristotle is unreachable; pending changes wait and are retried: {exc}") from exc
     waiting = len(pending_links(db, due_only=False))
+    conflicts, recent_conflicts = recent_events(db, "conflict")
+    unknown, recent_unknown = recent_events(db, "unknown_conquest")
     return MaterializeResult(metadata={
         **{f"{k}": v for k, v in sorted(report.outcomes.items())},
         "written": report.written, "still_pending": waiting,
         "errors": MetadataValue.json(report.errors[:20]),
+        # Aristotle won these (both sides had changed); the API lists them all: GET /v1/aris/conflicts.
+        "conflicts_total": conflicts, "recent_conflicts": MetadataValue.json(recent_conflicts),
+        # tasks whose Label Studio data names a conquest Aristotle does not have: left unlinked
+        "unknown_conquests_total": unknown, "recent_unknown_conquests": MetadataValue.json(recent_unknown),
     })
 
 
@@ -125,11 +135,13 @@ def _cursor(raw: str | None) -> dict:
 
 
 @sensor(job=aris_sync_job, minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)
-def aristotle_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, aristotle: Aristotle):
+def aristotle_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, aristotle: Aristotle,
+                     label_studio: LabelStudio):
     """Conquests changed in Aristotle since the cursor (``"updatedAt"``, id; with a look-back for late commits)
-    and, every few minutes, every linked conquest; gold stars changed in vbatch. Whatever differs from what both
-    sides last agreed on is pending, and one sync run is requested for that state (run_key: a replayed tick asks
-    for nothing new). Aristotle down: skip, the cursor stays."""
+    and, every few minutes, every linked conquest; gold stars changed in vbatch; tasks whose Label Studio data
+    names a conquest (linked once Aristotle has it). Whatever differs from what both sides last agreed on is
+    pending, and one sync run is requested for that state (run_key: a replayed tick asks for nothing new).
+    Aristotle down: skip, the cursor stays; Label Studio down: its tasks are read from the same cursor next tick."""
     import time
 
     db = metadata_db.db
@@ -140,8 +152,16 @@ def aristotle_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, 
     after = datetime.fromisoformat(cursor["at"]) - timedelta(seconds=LOOKBACK_S) if cursor["at"] else None
     last = (cursor["at"], cursor["id"])
     try:
+        try:  # tasks of any batch whose Label Studio data names a conquest
+            cursor["ls"], _, problems = link_tasks_in_label_studio(db, aristotle, label_studio, cursor.get("ls", {}))
+            for problem in problems:
+                context.log.warning(f"Task {problem['task_id']} names conquest {problem['conquest_id']!r} in its "
+                                    f"data: {problem['reason']}; it stays unlinked")
+        except LabelStudioUnavailable as exc:
+            context.log.info(f"Label Studio is unreachable; its tasks' conquest ids are read next tick ({exc})")
         for page in aristotle.changed_since(after, ""):
             read += len(page)
+            link_reported(db, aristotle, page)
             changed += observe(db, page)
             tail = page[-1]
             if tail.stamp and (last[0] is None or (tail.stamp, tail.id) > last):
@@ -152,7 +172,7 @@ def aristotle_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, 
     except AristotleUnavailable as exc:
         return SkipReason(f"Aristotle is unreachable; will read from the same cursor next tick ({exc})")
     changed += mark_vbatch_changes(db)
-    context.update_cursor(json.dumps({"at": last[0], "id": last[1],
+    context.update_cursor(json.dumps({"at": last[0], "id": last[1], "ls": cursor.get("ls", {}),
                                       "full_at": time.time() if full else cursor["full_at"]}))
     pending = [(link.conquest_id, link.attempts) for link in pending_links(db) if link.ls_task_id is not None]
     if not pending:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import JSON, BigInteger, Boolean, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -46,3 +48,7 @@ class ArisEvent(Base):
     detail: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
 
+    def to_openai(self) -> dict[str, Any]:
+        """As the API lists it (``GET /v1/aris/conflicts``) and the sync asset's metadata shows it."""
+        return {"id": str(self.id), "object": f"aris.{self.kind}", "conquest_id": self.conquest_id,
+                "created_at": self.created_at, **(self.detail or {})}

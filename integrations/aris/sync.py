@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from integrations.aris.aristotle import Aristotle, AristotleUnavailable, Conquest
 from integrations.aris.models import ArisEvent, ArisLink
-from integrations.aris.schemas import conquest_schemas
+from integrations.aris.schemas import ID_FIELD, conquest_schemas
 from vbatch_pipelines.curation.sync import record_annotation
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Batch, CurationTask
@@ -59,6 +59,15 @@ def record_event(db: Database, conquest_id: str, kind: str, **detail: Any) -> No
         session.add(ArisEvent(conquest_id=conquest_id, kind=kind, detail=detail or None, created_at=now()))
 
 
+def recent_events(db: Database, kind: str, limit: int = 20) -> tuple[int, list[dict]]:
+    """How many events of ``kind`` there are, and the newest ``limit`` of them (newest first)."""
+    with db.session() as session:
+        total = session.scalar(select(func.count()).select_from(ArisEvent).where(ArisEvent.kind == kind))
+        newest = session.scalars(select(ArisEvent).where(ArisEvent.kind == kind)
+                                 .order_by(ArisEvent.created_at.desc(), ArisEvent.id.desc()).limit(limit))
+        return int(total or 0), [event.to_openai() for event in newest]
+
+
 # -- links ----------------------------------------------------------------------------------------------
 
 
@@ -66,7 +75,6 @@ def link_new_tasks(db: Database) -> int:
     """Link each conquest batch's curation tasks (custom_id = conquest id) once Label Studio has them; a link
     waiting for its task (a VICTORY pushed before the batch was reviewed) gets it. Returns how many."""
     names = list(conquest_schemas())
-    stamp = now()
     with db.session() as session:
         linked = select(ArisLink.ls_task_id).where(ArisLink.ls_task_id.is_not(None))
         rows = session.execute(
@@ -74,26 +82,123 @@ def link_new_tasks(db: Database) -> int:
             .join(Batch, Batch.id == CurationTask.batch_id)
             .where(CurationTask.schema.in_(names), CurationTask.ls_task_id.is_not(None),
                    CurationTask.ls_task_id.not_in(linked))).all()
-        if not rows:
-            return 0
-        existing = {link.conquest_id: link for link in session.scalars(
-            select(ArisLink).where(ArisLink.conquest_id.in_([r.custom_id for r in rows])))}
-        count = 0
-        for task_id, conquest_id, batch_id, metadata in rows:
-            metadata = metadata or {}
-            link = existing.get(conquest_id)
-            if link is not None and link.ls_task_id is not None:
-                continue  # linked to an earlier review of the same conquest; the first one stays
-            if link is None:
-                link = ArisLink(conquest_id=conquest_id, created_at=stamp, icl_uses=0, attempts=0, next_attempt_at=0)
-                session.add(link)
-                existing[conquest_id] = link
-            link.ls_task_id, link.batch_id, link.pending, link.updated_at = task_id, batch_id, True, stamp
-            link.philosopher = link.philosopher or metadata.get("philosopher")
-            link.domain = link.domain or metadata.get("domain")
-            link.conquest_type = link.conquest_type or metadata.get("conquest_type")
-            count += 1
-        return count
+        return len(_attach(session, [(task_id, conquest_id, batch_id, metadata or {})
+                                     for task_id, conquest_id, batch_id, metadata in rows]))
+
+
+def _attach(session, rows: list[tuple[int, str, str | None, dict]]) -> list[str]:
+    """Link each (task id, conquest id, batch id, {philosopher, domain, conquest_type}) not linked yet;
+    a conquest already linked to an earlier task keeps that one. Returns the conquest ids linked."""
+    if not rows:
+        return []
+    stamp = now()
+    existing = {link.conquest_id: link for link in session.scalars(
+        select(ArisLink).where(ArisLink.conquest_id.in_([r[1] for r in rows])))}
+    attached = []
+    for task_id, conquest_id, batch_id, about in rows:
+        link = existing.get(conquest_id)
+        if link is not None and link.ls_task_id is not None:
+            continue  # linked to an earlier review of the same conquest; the first one stays
+        if link is None:
+            link = ArisLink(conquest_id=conquest_id, created_at=stamp, icl_uses=0, attempts=0, next_attempt_at=0)
+            session.add(link)
+            existing[conquest_id] = link
+        link.ls_task_id, link.batch_id, link.pending, link.updated_at = task_id, batch_id, True, stamp
+        link.philosopher = link.philosopher or about.get("philosopher")
+        link.domain = link.domain or about.get("domain")
+        link.conquest_type = link.conquest_type or about.get("conquest_type")
+        attached.append(conquest_id)
+    return attached
+
+
+def _conquest_id(value: Any) -> str | None:
+    """A task data's ``conquest_id`` as an id Aristotle could hold (None: it cannot be one)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return value if 0 < len(value) <= 256 and "\x00" not in value else None
+
+
+def link_tasks_by_data(db: Database, aristotle: Aristotle,
+                       tasks: Iterable[tuple[int, Any]]) -> tuple[list[str], list[dict]]:
+    """Curation tasks whose Label Studio data carries ``conquest_id`` (``tasks``: task id, that value), from
+    whatever batch, are linked to it once Aristotle shows the conquest exists. Any other value leaves the task
+    unlinked and is reported (an ``unknown_conquest`` event, once per task and value). Aristotle down: raises
+    AristotleUnavailable, nothing linked. Returns (conquest ids linked, problems reported now)."""
+    found = {int(task_id): value for task_id, value in tasks}
+    with db.session() as session:
+        ours = dict(session.execute(select(CurationTask.ls_task_id, CurationTask.batch_id)
+                                    .where(CurationTask.ls_task_id.in_(list(found)))).all())
+        linked = set(session.scalars(select(ArisLink.ls_task_id).where(ArisLink.ls_task_id.in_(list(ours)))))
+    wanted: dict[int, str] = {}
+    problems: list[dict] = []
+    for task_id in sorted(set(ours) - linked):
+        conquest_id = _conquest_id(found[task_id])
+        if conquest_id is None:
+            problems.append({"task_id": task_id, "conquest_id": str(found[task_id])[:256].replace("\x00", ""),
+                             "reason": "not a conquest id"})
+        else:
+            wanted[task_id] = conquest_id
+    rows = aristotle.read(wanted.values())
+    problems += [{"task_id": task_id, "conquest_id": c, "reason": "no such conquest in Aristotle"}
+                 for task_id, c in wanted.items() if c not in rows]
+    with db.session() as session:
+        attached = _attach(session, [
+            (task_id, c, ours[task_id], {"philosopher": rows[c].philosopher, "domain": rows[c].domain,
+                                         "conquest_type": rows[c].conquest_type})
+            for task_id, c in wanted.items() if c in rows])
+        reported = {(e.conquest_id, (e.detail or {}).get("task_id")) for e in session.scalars(
+            select(ArisEvent).where(ArisEvent.kind == "unknown_conquest",
+                                    ArisEvent.conquest_id.in_([p["conquest_id"] for p in problems])))}
+        problems = [p for p in problems if (p["conquest_id"], p["task_id"]) not in reported]
+        session.add_all(ArisEvent(conquest_id=p["conquest_id"], kind="unknown_conquest",
+                                  detail={"task_id": p["task_id"], "reason": p["reason"]}, created_at=now())
+                        for p in problems)
+    return attached, problems
+
+
+def link_tasks_in_label_studio(db: Database, aristotle: Aristotle, label_studio,
+                               since: dict[str, str]) -> tuple[dict[str, str], list[str], list[dict]]:
+    """Read the tasks changed in vbatch's other projects (not the conquest ones: their tasks are linked by
+    their batch) since ``since`` (project id -> Label Studio ``updated_at``) whose data has ``conquest_id``,
+    and link them (``link_tasks_by_data``). Returns the new ``since``, the conquest ids linked, the problems."""
+    from resources.label_studio import iso
+
+    if not label_studio.enabled:
+        return since, [], []
+    conquest_projects = {schema.project_title for schema in conquest_schemas().values()}
+    since, found = dict(since), []
+    for project_id, title in label_studio.projects().items():
+        if title in conquest_projects:
+            continue
+        tasks = label_studio.tasks_with_data(project_id, ID_FIELD, since.get(str(project_id)))
+        if tasks:
+            found += [(task.id, (task.data or {}).get(ID_FIELD)) for task in tasks]
+            since[str(project_id)] = max(iso(task.updated_at) for task in tasks)
+    linked: list[str] = []
+    problems: list[dict] = []
+    for start in range(0, len(found), 900):
+        done, reported = link_tasks_by_data(db, aristotle, found[start:start + 900])
+        linked, problems = linked + done, problems + reported
+    return since, linked, problems
+
+
+def link_reported(db: Database, aristotle: Aristotle, conquests: Iterable[Conquest], chunk: int = 900) -> list[str]:
+    """Conquests read from Aristotle that a task's data named before they existed there (reported as
+    ``unknown_conquest``): those tasks are linked now. Returns the conquest ids linked."""
+    ids = [c.id for c in conquests]
+    tasks: list[tuple[int, str]] = []
+    with db.session() as session:
+        if session.scalar(select(ArisEvent.id).where(ArisEvent.kind == "unknown_conquest").limit(1)) is None:
+            return []  # the usual case: one indexed look, not one per chunk of the page
+        for start in range(0, len(ids), chunk):
+            tasks += [(e.detail["task_id"], e.conquest_id) for e in session.scalars(
+                select(ArisEvent).where(ArisEvent.kind == "unknown_conquest",
+                                        ArisEvent.conquest_id.in_(ids[start:start + chunk])))
+                      if (e.detail or {}).get("task_id") is not None]
+    return link_tasks_by_data(db, aristotle, tasks)[0] if tasks else []
 
 
 def ensure_link(db: Database, conquest: Conquest) -> ArisLink:
@@ -228,9 +333,10 @@ def sync_link(db: Database, aristotle: Aristotle, label_studio, link: ArisLink, 
                                                task.annotation_id)
         record_annotation(db, task.ls_task_id, annotation)
         _agreed(db, link, row, row.victory)
-        if vbatch_changed:
-            record_event(db, link.conquest_id, "conflict", winner="aristotle", aristotle_result=row.result,
-                         vbatch_gold_star=task.gold_star)
+        if vbatch_changed:  # both sides' states, and the one they last agreed on, for GET /v1/aris/conflicts
+            record_event(db, link.conquest_id, "conflict", winner="aristotle", task_id=task.ls_task_id,
+                         aristotle_result=row.result, aristotle_updated_at=row.stamp, vbatch_gold_star=task.gold_star,
+                         vbatch_reviewer=task.reviewer, agreed_gold=link.agreed_gold, agreed_result=link.seen_result)
             return "conflict"
         record_event(db, link.conquest_id, "to_vbatch", result=row.result, gold_star=row.victory)
         return "to_vbatch"

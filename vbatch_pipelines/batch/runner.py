@@ -38,9 +38,11 @@ class BatchProgress:
         return self.completed + self.failed
 
     def add_usage(self, body: dict[str, Any]) -> None:
+        """A response's tokens: ``prompt_tokens``/``completion_tokens``, or a Response's ``input_tokens``/
+        ``output_tokens``."""
         usage = body.get("usage") or {}
-        self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        self.completion_tokens += int(usage.get("completion_tokens") or 0)
+        self.prompt_tokens += int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+        self.completion_tokens += int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
 
 
 class ResultFiles:

@@ -55,6 +55,13 @@ def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_
             if not isinstance(key, str) or not isinstance(value, str) or len(key) > 64 or len(value) > 512:
                 raise BatchRequestError("metadata keys are strings of at most 64 characters and values "
                                         "strings of at most 512", "metadata")
+        if metadata.get("curation_schema"):
+            from vbatch_pipelines.curation.schemas import UnknownSchema, get_schema
+
+            try:
+                get_schema(metadata["curation_schema"])
+            except UnknownSchema as exc:
+                raise BatchRequestError(str(exc), "metadata.curation_schema", "invalid_value") from exc
     input_file = get_file(db, input_file_id)
     if input_file is None:
         raise BatchRequestError(f"No file with id {input_file_id!r}", "input_file_id", "file_not_found", 404)

@@ -6,11 +6,14 @@ held), so memory stays flat however large the file is; only the set of custom_id
 Rules (OpenAI's, plus what a local server needs):
 - every non-blank line is a JSON object ``{custom_id, method, url, body}``; blank lines are ignored;
 - ``custom_id`` is a non-empty string, unique within the file;
-- ``method`` is ``POST``; ``url`` is a supported endpoint and the batch's own endpoint;
+- ``method`` is ``POST``; ``url`` is a supported endpoint and the batch's own endpoint (vLLM's own score and
+  rerank paths, ``/score``, ``/rerank`` and ``/v2/rerank``, name ``/v1/score`` and ``/v1/rerank`` as in
+  ``vllm run-batch`` files);
 - ``body`` is an object valid for that endpoint (the same pydantic models the REST API uses), not streamed;
 - models: a body may name a model or leave it out. Left out, the batch's model is used (the model the
-  first naming line chose, else the server's default). All lines must name the same model, as OpenAI
-  requires, and it must be one vbatch serves.
+  first naming line chose, else the server's default for the endpoint). All lines must name the same model,
+  as OpenAI requires, and it must be one vbatch serves for that endpoint (an embedding model cannot chat);
+  ``dimensions`` on an embeddings line must be one the model supports.
 Every problem is reported OpenAI-style ``{code, line, message, param}`` (lines count from 1); the first
 ``max_errors`` are kept, all are counted. A file with any error produces no Parquet.
 """
@@ -25,7 +28,8 @@ from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
-from vbatch_pipelines.protocol import ENDPOINT_REQUESTS, SUPPORTED_ENDPOINTS
+from vbatch_pipelines.errors import VbatchError
+from vbatch_pipelines.protocol import ENDPOINT_ALIASES, ENDPOINT_REQUESTS, SUPPORTED_ENDPOINTS, canonical_endpoint
 from vbatch_pipelines.services import release_freed_memory
 
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
@@ -107,7 +111,9 @@ def validate_batch_file(
     """Validate ``source``; when it is valid and ``output`` is given, write the requests as Parquet.
 
     ``resolve_model(name)`` returns the served model id for a body's model name (None: the default) or
-    raises LookupError with a message for the user.
+    raises LookupError (or a VbatchError, whose code is reported) with a message for the user. When it also
+    has ``dimensions_error(model_id, dimensions)`` (``ModelRegistry.resolver``), each ``dimensions`` value
+    the lines ask for is checked against the model, reported on the first line that asks for it.
     """
     report = ValidationReport()
 
@@ -126,6 +132,7 @@ def validate_batch_file(
     seen = _SeenIds()
     named_model: str | None = None
     named_line = 0
+    dimensions: dict[int, int] = {}  # each distinct `dimensions` value asked for -> its first line
     try:
         with open(source, "rb") as stream:
             for number, raw, length in _iter_lines(stream, max_line_bytes):
@@ -159,11 +166,11 @@ def validate_batch_file(
                 if item.get("method") != "POST":
                     error("invalid_method", number, f"method must be POST, got {item.get('method')!r}", "method")
                 url = item.get("url")
-                if url not in ENDPOINT_REQUESTS:
-                    error("invalid_url", number,
-                          f"url {url!r} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}", "url")
+                if canonical_endpoint(url) not in ENDPOINT_REQUESTS:
+                    error("invalid_url", number, f"url {url!r} is not supported; use one of "
+                          f"{', '.join(SUPPORTED_ENDPOINTS + tuple(ENDPOINT_ALIASES))}", "url")
                     continue
-                if url != endpoint:
+                if canonical_endpoint(url) != endpoint:
                     error("mismatched_endpoint", number,
                           f"url {url!r} differs from the batch's endpoint {endpoint!r}", "url")
                     continue
@@ -177,6 +184,8 @@ def validate_batch_file(
                     first = exc.errors()[0]
                     error("invalid_request", number, f"{_loc(first)}: {first['msg']}", _loc(first))
                     continue
+                if isinstance(body.get("dimensions"), int):
+                    dimensions.setdefault(body["dimensions"], number)
                 if body.get("stream"):
                     error("invalid_request", number, "stream is not supported in batch requests", "body.stream")
                     continue
@@ -204,8 +213,15 @@ def validate_batch_file(
     if report.error_count == 0:
         try:
             report.model = resolve_model(named_model)
-        except LookupError as exc:
-            error("model_not_found", named_line or None, str(exc.args[0] if exc.args else exc), "body.model")
+        except (LookupError, VbatchError) as exc:
+            error(getattr(exc, "code", None) or "model_not_found", named_line or None,
+                  str(exc.args[0] if exc.args else exc), "body.model")
+        check = getattr(resolve_model, "dimensions_error", None)
+        if report.model is not None and check is not None:
+            for value, number in sorted(dimensions.items(), key=lambda item: item[1]):
+                message = check(report.model, value)
+                if message:
+                    error("invalid_value", number, message, "body.dimensions")
     if writer is not None:
         if report.error_count:
             writer.abort()

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vbatch_pipelines.protocol import responses_messages
+
 # Control names shared by every labeling config.
 ANSWER = "answer"  # editable TextArea, pre-filled with the model's response through a prediction
 RATING = "rating"  # 1-5
@@ -39,7 +41,10 @@ DIALOGUE = '<Paragraphs name="prompt" value="$messages" layout="dialogue" nameKe
 
 
 def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    """The request as chat messages (a completions prompt becomes one user message)."""
+    """The request as chat messages (a completions prompt becomes one user message; a Responses request's
+    instructions and input become the messages vLLM answered)."""
+    if "input" in body:
+        return responses_messages(body, strict=False)
     if "messages" in body:
         out = []
         for message in body["messages"]:
@@ -111,18 +116,26 @@ def get_schema(name: str | None) -> TaskSchema:
     return schema
 
 
+def asks_for_json(body: dict[str, Any]) -> bool:
+    """Whether a request asks for a JSON answer: OpenAI's ``response_format`` (a Responses request's
+    ``text.format``) of a JSON type, or vLLM's own extensions, ``structured_outputs`` with ``json`` or
+    ``json_object``."""
+    response_format = body.get("response_format") or (body.get("text") or {}).get("format") or {}
+    if response_format.get("type") in ("json_object", "json_schema"):
+        return True
+    structured = body.get("structured_outputs") or {}
+    return isinstance(structured, dict) and (structured.get("json") is not None or bool(structured.get("json_object")))
+
+
 def schema_for_batch(metadata: dict[str, str] | None, body: dict[str, Any] | None = None) -> TaskSchema:
-    """``metadata.curation_schema`` picks the schema; a JSON response_format means json_extraction."""
+    """``metadata.curation_schema`` picks the schema; a request that asks for JSON means json_extraction."""
     metadata = metadata or {}
     if metadata.get("curation_schema"):
         return get_schema(metadata["curation_schema"])
     for rule in SCHEMA_RULES:
         if (name := rule(metadata)) is not None:
             return get_schema(name)
-    response_format = (body or {}).get("response_format") or {}
-    if response_format.get("type") in ("json_object", "json_schema"):
-        return JSON_EXTRACTION
-    return CHAT_REVIEW
+    return JSON_EXTRACTION if asks_for_json(body or {}) else CHAT_REVIEW
 
 
 def prediction(response_text: str) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def _validated_input(context: AssetExecutionContext, metadata_db: MetadataDB, fi
                 "input_file_id": batch.input_file_id, "validated_by": "api", "path": MetadataValue.path(str(parquet))}
     started = time.monotonic()
     try:
-        report = validate_input(db, batch, file_store.batch_dir(batch_id), model_registry.served_id)
+        report = validate_input(db, batch, file_store.batch_dir(batch_id), model_registry.resolver(batch.endpoint))
     except BatchRequestError as exc:
         raise Failure(str(exc)) from exc
     seconds = time.monotonic() - started
@@ -150,12 +150,24 @@ def _preview(results: ResultFiles, rows: int = 5) -> str:
                 line = json.loads(raw)
                 response = line.get("response") or {}
                 body = response.get("body") or {}
-                text = response_text(body)
+                text = response_text(body) or _pooling_summary(body)
                 if text is None:
                     text = (body.get("error") or line.get("error") or {}).get("message", "")
                 text = str(text).replace("|", "\\|").replace("\n", " ")[:120]
                 lines.append(f"| {line['custom_id']} | {response.get('status_code', 'error')} | {text} |")
     return "\n".join(lines)
+
+
+def _pooling_summary(body: dict) -> str | None:
+    """An embeddings, score or rerank response in a few words (None for any other body)."""
+    data = body.get("data") or [{}]
+    if body.get("object") == "list" and "score" in data[0]:
+        return "scores " + ", ".join(f"{item['score']:.4f}" for item in data[:8])
+    if body.get("object") == "list":
+        return f"{len(data)} embedding(s) of {len(data[0].get('embedding') or [])} values"
+    if "results" in body:  # rerank: the documents best first
+        return "ranked " + ", ".join(f"#{r['index']} {r['relevance_score']:.4f}" for r in body["results"][:8])
+    return None
 
 
 ENGINE_RETRIES = 3

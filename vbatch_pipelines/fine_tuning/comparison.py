@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 
 GateMetric = Literal["exact_match", "normalized_match", "mean_length", "judge_win_rate"]
 DeployGate = Literal["always", "no_worse", "never"]  # no_worse: the comparison must not be worse
+DEPLOY_GATES: tuple[str, ...] = get_args(DeployGate)
 METRICS: tuple[str, ...] = get_args(GateMetric)
 HIGHER_IS_BETTER = {"exact_match": True, "normalized_match": True, "judge_win_rate": True}
 _PUNCT = str.maketrans("", "", string.punctuation)

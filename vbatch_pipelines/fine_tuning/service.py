@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import desc, select
 
 from vbatch_pipelines.fine_tuning import FineTuningError
+from vbatch_pipelines.fine_tuning.comparison import DEPLOY_GATES
 from vbatch_pipelines.fine_tuning.training_data import model_max_length, training_sources
+from vbatch_pipelines.models.registry import GENERATE
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import (
     TERMINAL_FINE_TUNING_STATUSES,
@@ -106,7 +108,12 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
     """Check everything a job needs, record it (``queued``) and copy its data into the job dir. The
     resources say which models exist (``model_registry``), where jobs live (``file_store``) and what the
     trainer accepts (``trainer``: minimum examples, largest LoRA rank, GPUs)."""
+    if deploy not in DEPLOY_GATES:
+        raise FineTuningError(f"deploy must be one of {', '.join(DEPLOY_GATES)}", "deploy", "invalid_value")
     spec = model_registry.lookup(model)
+    if spec.task != GENERATE:  # the trainer is supervised fine-tuning of a language model
+        raise FineTuningError(f"{model} is an embedding model; only text-generation models can be fine-tuned",
+                              "model", "invalid_model")
     if spec.adapter:
         raise FineTuningError(f"{model} is itself a fine-tune; fine-tune its base model {spec.parent} instead",
                               "model", "invalid_model")
@@ -246,6 +253,27 @@ def list_events(db: Database, job_id: str, *, after: str | None, limit: int) -> 
                      limit=limit)
 
 
+def recent_messages(db: Database, job_id: str, limit: int = 30) -> list[FineTuningEvent]:
+    """A job's newest message events, without its per-step metrics (a page of events can be all metrics)."""
+    with db.session() as session:
+        return list(session.scalars(select(FineTuningEvent).where(
+            FineTuningEvent.job_id == job_id, FineTuningEvent.type != "metrics").order_by(
+            desc(FineTuningEvent.id)).limit(limit)))
+
+
+def loss_curve(db: Database, job_id: str, max_points: int = 400) -> list[tuple[int, float]]:
+    """(step, training loss) from the whole run, thinned evenly to at most ``max_points`` (first and last kept)."""
+    with db.session() as session:
+        rows = session.scalars(select(FineTuningEvent.data).where(
+            FineTuningEvent.job_id == job_id, FineTuningEvent.type == "metrics").order_by(FineTuningEvent.id))
+        points = sorted({(data["step"], data["train_loss"]) for data in rows
+                         if data and data.get("train_loss") is not None and data.get("step") is not None})
+    if len(points) <= max_points:
+        return points
+    last = len(points) - 1
+    return [points[round(i * last / (max_points - 1))] for i in range(max_points)]
+
+
 def clear_checkpoints(db: Database, job_id: str) -> None:
     """A retrained job (Dagster's re-execute) replaces its checkpoints."""
     from sqlalchemy import delete
@@ -265,6 +293,15 @@ def list_checkpoints(db: Database, job_id: str, *, after: str | None,
                      limit: int) -> tuple[list[FineTuningCheckpoint], bool]:
     return _children(db, FineTuningCheckpoint, job_id, prefix="ftckpt-", order=FineTuningCheckpoint.step_number,
                      after=after, limit=limit)
+
+
+def deploy_on_request(db: Database, model_registry, inference_engine, job: FineTuningJob) -> float:
+    """Serve a succeeded job's fine-tune now: one the deploy gate held back, or one undeployed since (the
+    API's deploy route and the console's deploy button)."""
+    if job.status != "succeeded":
+        raise FineTuningError(f"Job {job.id} is {job.status}; only a succeeded job can be deployed",
+                              "fine_tuning_job_id", "job_not_succeeded", status=409)
+    return deploy_fine_tune(db, model_registry, inference_engine, job, "deployed on request")
 
 
 def deploy_fine_tune(db: Database, model_registry, inference_engine, job: FineTuningJob, reason: str) -> float:

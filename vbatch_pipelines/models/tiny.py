@@ -6,6 +6,11 @@ corpus, a ChatML chat template (with ``{% generation %}`` markers so trainers ca
 seeded LlamaConfig with ``head_dim=32`` (vLLM's CPU attention rejects 16), then 300 AdamW steps on the
 corpus (~4 s) so it answers in the corpus' style and ends its turns with ``<|im_end|>``: greedy output is
 short, deterministic and the same under transformers and vLLM. ``train_steps=0`` leaves random weights.
+
+The tiny embedding model (``create_tiny_embedding_model``) is that trained transformer without its LM head
+(``LlamaModel``), laid out as a sentence-transformers model (``modules.json``: mean pooling, then L2
+normalisation) so vLLM's pooling runner and the transformers fallback read the same pooling from the same
+files; ``is_matryoshka`` lets requests shorten vectors with ``dimensions``.
 """
 
 from __future__ import annotations
@@ -86,13 +91,11 @@ def build_tokenizer(corpus: list[list[dict[str, str]]], vocab_size: int = 1000):
     return fast
 
 
-def create_tiny_model(path: str | Path, *, seed: int = 0, train_steps: int = 300) -> Path:
-    """Build and save the tiny chat model (``save_pretrained``) at ``path``; returns the path."""
+def _trained_model(seed: int, train_steps: int):
+    """The tiny Llama LM and its tokenizer, trained on the corpus."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     corpus = generate_corpus(seed=seed)
     tokenizer = build_tokenizer(corpus)
     config = LlamaConfig(
@@ -114,6 +117,16 @@ def create_tiny_model(path: str | Path, *, seed: int = 0, train_steps: int = 300
     model = LlamaForCausalLM(config)
     if train_steps:
         _train_on_corpus(model, tokenizer, corpus, train_steps, seed)
+    return model, tokenizer
+
+
+def create_tiny_model(path: str | Path, *, seed: int = 0, train_steps: int = 300) -> Path:
+    """Build and save the tiny chat model (``save_pretrained``) at ``path``; returns the path."""
+    from transformers import GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _trained_model(seed, train_steps)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -123,6 +136,37 @@ def create_tiny_model(path: str | Path, *, seed: int = 0, train_steps: int = 300
     tokenizer.save_pretrained(path)
     (path / "vbatch_model.json").write_text(
         json.dumps({"recipe": "vbatch tiny chat", "seed": seed, "train_steps": train_steps}, indent=2)
+    )
+    return path
+
+
+# A sentence-transformers layout: vLLM's get_pooling_config and the transformers fallback both read it.
+ST_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def create_tiny_embedding_model(path: str | Path, *, seed: int = 0, train_steps: int = 300) -> Path:
+    """Build and save the tiny embedding model at ``path``: the tiny chat model's trained transformer (no LM
+    head), mean-pooled and normalised; returns the path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _trained_model(seed, train_steps)
+    encoder = model.model  # LlamaModel: saved with architectures ["LlamaModel"], which vLLM pools
+    encoder.config.is_matryoshka = True
+    encoder.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": encoder.config.hidden_size, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False, "pooling_mode_lasttoken": False,
+    }, indent=2))
+    (path / "2_Normalize").mkdir(exist_ok=True)
+    (path / "vbatch_model.json").write_text(
+        json.dumps({"recipe": "vbatch tiny embed", "seed": seed, "train_steps": train_steps}, indent=2)
     )
     return path
 

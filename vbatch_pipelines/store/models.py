@@ -223,6 +223,11 @@ class FineTuningJob(Base):
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
+    @property
+    def deployed(self) -> bool:
+        """Served now (a gate's rejection and an undeploy are recorded in ``deployment`` too)."""
+        return (self.deployment or {}).get("status") == "deployed"
+
     def to_openai(self) -> dict[str, Any]:
         hp = self.hyperparameters or {}
         openai_hp = {"n_epochs": hp.get("n_epochs"), "batch_size": hp.get("batch_size"),
@@ -295,3 +300,22 @@ class Model(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
 
+
+class EngineRecord(Base):
+    """An inference server requests can be sent to: a replica of one base model, started by vbatch on a node
+    (``managed``) or running elsewhere (``external``, VBATCH_ENGINES). The source of truth for which replicas
+    of a model exist and which answered when last checked, whatever node asks."""
+
+    __tablename__ = "engines"
+
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)  # <node>/<model> or ext:<model>@<url>
+    model: Mapped[str] = mapped_column(String(512), index=True)  # the base model it serves
+    base_url: Mapped[str] = mapped_column(Text)
+    node: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))  # managed | external
+    status: Mapped[str] = mapped_column(String(16), index=True)  # up | down | stopped
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)  # a managed engine's, on its node
+    adapters: Mapped[list | None] = mapped_column(JSON, nullable=True)  # LoRA adapters loaded when last checked
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)

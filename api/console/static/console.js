@@ -1,7 +1,7 @@
 // The console's live parts: an element with data-refresh="<url>" is replaced by that URL's HTML every
-// data-every milliseconds, until the fragment says its batch has ended. Unix times are shown in local time.
+// data-every milliseconds, until the fragment says its batch or job has ended. Unix times are shown in local time.
 "use strict";
-const ENDED = ["completed", "failed", "expired", "cancelled"];
+const ENDED = ["completed", "succeeded", "failed", "expired", "cancelled"];
 
 function localTimes(root) {
   for (const cell of root.querySelectorAll("[data-unix]")) {
@@ -40,7 +40,8 @@ function chatBox(form) {
     event.preventDefault();
     output.textContent = "";
     output.classList.remove("error");
-    const body = {model: form.querySelector("#chat-model").value, content: form.querySelector("#chat-input").value};
+    const body = {model: form.querySelector("#chat-model").value, content: form.querySelector("#chat-input").value,
+                  temperature: Number(form.querySelector("#chat-temperature").value || 0.7)};
     try {
       const response = await fetch(form.dataset.chat, {method: "POST", credentials: "same-origin",
         headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});

@@ -1,0 +1,66 @@
+"""What a user submits through the REST API or the console: checked, recorded, then launched as a Dagster run.
+A launch that cannot reach Dagster leaves the record in place and a sensor launches it later, so nothing that
+was accepted is lost. One function per kind of work, shared by both front doors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vbatch_pipelines.batch.service import BatchRequestError, create_batch, get_batch, validate_input
+from vbatch_pipelines.files import get_file
+from vbatch_pipelines.fine_tuning.service import create_job, get_job
+from vbatch_pipelines.launch import BatchLauncher, DagsterUnreachable, launch_fine_tune, launch_install
+from vbatch_pipelines.models.store import get_model, request_install, upsert_model
+from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import Batch, FineTuningJob, Model
+
+log = logging.getLogger("vbatch.submit")
+
+
+def accept_batch(db: Database, file_store, model_registry, launcher: BatchLauncher, *, input_file_id: str,
+                 endpoint: str, completion_window: str = "24h", metadata: dict[str, str] | None = None,
+                 inline_validation_bytes: int = 0) -> Batch:
+    """Record a batch and have it launched. A file of at most ``inline_validation_bytes`` is validated here
+    (under a second for 8 MiB), so the batch is in_progress, or failed with its line errors, on return;
+    a larger one stays ``validating`` until batch_input streams it."""
+    batch = create_batch(db, input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
+                         metadata=metadata)
+    input_file = get_file(db, batch.input_file_id)
+    inline = input_file is not None and input_file.bytes <= inline_validation_bytes
+    if inline:
+        try:
+            if not validate_input(db, batch, file_store.batch_dir(batch.id),
+                              model_registry.resolver(batch.endpoint)).ok:
+                return get_batch(db, batch.id)
+        except BatchRequestError as exc:  # the file vanished meanwhile: batch_input reports it
+            log.warning("batch %s: inline validation skipped: %s", batch.id, exc)
+    # In the background, with every batch recorded meanwhile: concurrent creates share a run.
+    launcher.launch(batch.id, validated=inline)
+    return get_batch(db, batch.id) or batch
+
+
+def start_install(db: Database, model_registry, inference_engine, dagster_url: str, source: str, *,
+                  model_id: str | None = None, revision: str | None = None, trust_remote_code: bool = False) -> Model:
+    """Check and record an install, then launch its run; returns its record. Refused (InstallError) before
+    anything is recorded when the policy or the fit check says no."""
+    row = request_install(db, model_registry, inference_engine, source, model_id=model_id, revision=revision,
+                          trust_remote_code=trust_remote_code)
+    try:
+        run_id = launch_install(row.id, dagster_url, timeout=5)
+        upsert_model(db, row.id, details={**(row.details or {}), "dagster_run_id": run_id})
+    except DagsterUnreachable as exc:
+        # Recorded as installing: model_install_sensor launches it once Dagster is back.
+        log.warning("install of %s recorded, launch deferred to the sensor: %s", row.id, exc)
+    return get_model(db, row.id)
+
+
+def start_fine_tune(db: Database, model_registry, file_store, trainer, dagster_url: str, **job: Any) -> FineTuningJob:
+    """Check and record a fine-tuning job (``create_job``'s arguments), then launch its run."""
+    created = create_job(db, model_registry, file_store, trainer, **job)
+    try:
+        launch_fine_tune(db, created.id, dagster_url, timeout=5)
+    except DagsterUnreachable as exc:
+        # Recorded and queued: fine_tuning_sensor launches it once Dagster is back.
+        log.warning("fine-tuning job %s recorded, launch deferred to the sensor: %s", created.id, exc)
+    return get_job(db, created.id) or created
