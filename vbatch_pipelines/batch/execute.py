@@ -169,7 +169,7 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
         engine = await opening[model.id]
         if model.id not in engines:
             engines[model.id] = engine
-            log(f"running on {engine.backend} engine for {model.id}")
+            log(f"running on {engine.backend} engine for {model.id} ({engine.where})")
         return engine
 
     async def run(job: _Job) -> None:

@@ -34,6 +34,7 @@ class EngineUnavailable(Unavailable):
 class Engine(Protocol):
     backend: str
     model_id: str
+    where: str  # where it runs, for run logs: "in this process", or the servers' URLs
 
     async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         """Run one OpenAI request body against ``endpoint`` (e.g. ``/v1/chat/completions``)."""

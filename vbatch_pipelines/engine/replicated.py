@@ -33,6 +33,10 @@ class ReplicatedEngine:
     def replicas(self) -> list[Any]:
         return list(self._replicas)
 
+    @property
+    def where(self) -> str:
+        return f"{len(self._replicas)} replica(s): " + ", ".join(engine.url for engine in self._replicas)
+
     def _order(self) -> list[Any]:
         return sorted(self._replicas, key=lambda engine: self._in_flight.get(id(engine), 0))
 

@@ -95,6 +95,7 @@ class _Job:
 
 class TransformersEmbeddingEngine(MicroBatching):
     backend = "transformers"
+    where = "in this process"
 
     def __init__(self, model: ModelSpec, *, max_batch_size: int = 64):
         import torch

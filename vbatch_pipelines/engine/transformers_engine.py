@@ -49,6 +49,7 @@ class _Job:
 
 class TransformersEngine(MicroBatching):
     backend = "transformers"
+    where = "in this process"
 
     def __init__(self, model: ModelSpec, *, max_batch_size: int = 64, default_max_tokens: int = 256):
         import torch
