@@ -43,6 +43,8 @@ class InferenceEngine(ConfigurableResource):
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     extra_vllm_args: list[str] = Field(default_factory=list)
+    tool_parsers: dict[str, str] = Field(default_factory=dict, description="base model -> the vLLM tool parser "
+                                         "for the calls it writes itself: tool_choice \"auto\" (VBATCH_TOOL_PARSERS)")
     max_lora_rank: int = Field(default=16, description="the largest LoRA rank the engine accepts")
     external_engines: list[str] = Field(default_factory=list, description="vLLM servers running elsewhere, "
                                         "as model=base URL, one per replica (VBATCH_ENGINES)")
@@ -74,6 +76,7 @@ class InferenceEngine(ConfigurableResource):
             python=python, gpus=self.gpus, max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization, extra_args=list(self.extra_vllm_args),
             startup_timeout_s=self.startup_timeout_s, max_lora_rank=self.max_lora_rank, host=self.engine_host,
+            tool_parser=self.tool_parsers.get(model.base.id),
         )
         base = model.base
         return ManagedVLLMServer(base, self.engines_dir, config, adapters=lambda: self._deployed_adapters(base.id),

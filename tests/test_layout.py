@@ -133,6 +133,9 @@ BAD_VALUES = [
     ("VBATCH_RETRAIN_HYPERPARAMETERS", '{"epochs": 2}', "hyperparameters.epochs"),
     ("VBATCH_RETRAIN_HYPERPARAMETERS", "[1, 2]", "JSON object"),
     ("VBATCH_MODELS", "no-equals-sign", "name=path"),
+    ("VBATCH_TOOL_PARSERS", "hermes", "model=parser"),
+    ("VBATCH_TOOL_PARSERS", "qwen=--enable-lora", "model=parser"),  # a parser name, never another flag
+    ("VBATCH_TOOL_PARSERS", "qwen=hermes,qwen=mistral", "names 'qwen' twice"),
 ]
 
 

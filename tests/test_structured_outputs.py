@@ -265,3 +265,54 @@ def test_vllm_run_batch_chat_inputs(stack):
     refused = _wait_batch(client, client.batches.create(input_file_id=_upload(client, jsonl(no_id)).id,
                                                         endpoint="/v1/chat/completions", completion_window="24h").id)
     assert refused.status == "failed" and [e.line for e in refused.errors.data] == [1], refused.errors.data
+
+
+# What a Hermes-style model (Qwen2.5, Hermes) writes when it calls a tool itself. The tiny model cannot: a regex
+# (vLLM's structured_outputs) makes it write exactly this, as the model would, so that vLLM's own "hermes"
+# parser is what turns the text into tool_calls.
+HERMES_CALL = r'<tool_call>\{"name": "add", "arguments": \{"a": 3, "b": 4\}\}</tool_call>'
+
+
+def test_a_model_with_its_tool_parser_serves_auto_tool_calls(tmp_path_factory, tiny_model_path):
+    """VBATCH_TOOL_PARSERS names a model family's parser: that model's managed engine starts with it, "auto" (and
+    tools without a tool_choice) is served in a batch and online, a call the model writes is read into
+    ``tool_calls``, an answer without one stays text, and forced calls still go through the JSON schema."""
+    from vbatch_pipelines.settings import load_settings
+
+    with running_stack(tmp_path_factory.mktemp("tool-parser-home"), tiny_model_path, VBATCH_CURATION="off",
+                       VBATCH_TOOL_PARSERS=f"{TINY_MODEL_ID}=hermes") as stack:
+        client = stack.client()
+        writes_a_call = {"structured_outputs": {"regex": HERMES_CALL}}
+        lines = [chat_line("auto-call", PROMPTS[3], max_tokens=128, tools=TOOLS, tool_choice="auto", **writes_a_call),
+                 chat_line("default-call", PROMPTS[3], max_tokens=128, tools=TOOLS, **writes_a_call),
+                 chat_line("auto-text", PROMPTS[1], max_tokens=32, tools=TOOLS, tool_choice="auto"),
+                 chat_line("named", PROMPTS[0], max_tokens=128, tools=TOOLS,
+                           tool_choice={"type": "function", "function": {"name": "get_weather"}})]
+        done, output, errors = _run(client, lines)
+        assert done.status == "completed" and errors == [], (done, errors)
+        completions = _completions(output)
+        for custom_id in ("auto-call", "default-call"):
+            choice = completions[custom_id].choices[0]
+            assert choice.finish_reason == "tool_calls" and not choice.message.content, choice
+            [call] = choice.message.tool_calls
+            assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 3, "b": 4}
+        text = completions["auto-text"].choices[0]
+        assert text.message.content and not text.message.tool_calls and text.finish_reason in ("stop", "length")
+        named = completions["named"].choices[0]
+        assert named.message.tool_calls[0].function.name == "get_weather"
+        _valid(named.message.tool_calls[0].function.arguments, WEATHER)
+
+        online = client.chat.completions.create(model=TINY_MODEL_ID, messages=[{"role": "user", "content": PROMPTS[3]}],
+                                                tools=TOOLS, tool_choice="auto", max_tokens=128, extra_body=writes_a_call)
+        assert online.choices[0].finish_reason == "tool_calls"
+        assert json.loads(online.choices[0].message.tool_calls[0].function.arguments) == {"a": 3, "b": 4}
+
+        with pytest.MonkeyPatch.context() as mp:  # the engine that answered is the one the setting describes
+            for key in ("VBATCH_HOME", "VBATCH_VLLM_PYTHON", "VBATCH_MODELS", "VBATCH_TOOL_PARSERS"):
+                mp.setenv(key, stack.env[key])
+            from resources.factory import build_resources
+
+            engine = build_resources(load_settings())["inference_engine"]
+            model = engine.model_registry.lookup(TINY_MODEL_ID)
+            argv = engine.server(model).state()["argv"]
+        assert argv[argv.index("--tool-call-parser") + 1] == "hermes" and "--tool-parser-plugin" not in argv

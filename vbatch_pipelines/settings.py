@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class Settings:
     default_model: str | None
     models: dict[str, str]
     engines: tuple[tuple[str, str], ...]  # (base model, URL) of vLLM servers running elsewhere, one per replica
+    tool_parsers: dict[str, str]  # base model -> vLLM tool parser its managed engine reads "auto" tool calls with
     node: str  # VBATCH_NODE (default the short host name): this node in the engine registry and cluster mode
     engine_host: str  # the address this node's engines bind to
     gpus: int
@@ -200,6 +202,29 @@ def _parse_engines(spec: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(engines)
 
 
+TOOL_PARSER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def _parse_tool_parsers(spec: str | None) -> dict[str, str]:
+    """``VBATCH_TOOL_PARSERS="qwen2.5-7b=hermes,llama-3.1-8b=llama3_json"``: the vLLM tool parser that reads the
+    calls a model writes itself (its family's syntax), so its managed engine serves ``tool_choice: "auto"``.
+    A model not named forces calls only (named and "required"). The name is vLLM's ``--tool-call-parser``;
+    vLLM says which it has if the engine does not start."""
+    parsers: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, parser = (part.strip() for part in item.partition("="))
+        if not sep or not name or not TOOL_PARSER_NAME.fullmatch(parser):
+            raise SettingsError(f"VBATCH_TOOL_PARSERS entry {item!r} is not of the form model=parser "
+                                "(a vLLM --tool-call-parser name such as hermes, llama3_json, mistral)")
+        if name in parsers:
+            raise SettingsError(f"VBATCH_TOOL_PARSERS names {name!r} twice")
+        parsers[name] = parser
+    return parsers
+
+
 def _retrain_hyperparameters() -> dict:
     from vbatch_pipelines.fine_tuning.service import (
         FineTuningError,
@@ -238,6 +263,7 @@ def load_settings() -> Settings:
         default_model=_env("VBATCH_DEFAULT_MODEL"),
         models=_parse_models(_env("VBATCH_MODELS")),
         engines=_parse_engines(_env("VBATCH_ENGINES")),
+        tool_parsers=_parse_tool_parsers(_env("VBATCH_TOOL_PARSERS")),
         node=_env("VBATCH_NODE") or socket.gethostname().split(".")[0],
         engine_host=_env("VBATCH_ENGINE_HOST", "127.0.0.1"),
         gpus=gpu_count(),

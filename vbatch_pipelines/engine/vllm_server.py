@@ -38,8 +38,16 @@ STRUCTURED_OUTPUTS = {"backend": "guidance", "disable_any_whitespace": True, "di
 # choice on. vbatch's own (vllm_tool_parser.py) forces a named function or "required" through structured
 # outputs, for any model, and refuses "auto" with a clear 400 on tool_choice.
 # The plugin imports vLLM, so it is named here, not imported.
-TOOL_CALL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "vbatch_forced",
-                  "--tool-parser-plugin", "vbatch_pipelines.engine.vllm_tool_parser"]
+FORCED_TOOL_CALL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "vbatch_forced",
+                         "--tool-parser-plugin", "vbatch_pipelines.engine.vllm_tool_parser"]
+
+
+def tool_call_args(tool_parser: str | None) -> list[str]:
+    """vbatch's forced-calls parser, or the model family's own (VBATCH_TOOL_PARSERS), which also reads the
+    calls the model writes under "auto"; named and "required" calls take vLLM's JSON-schema path either way."""
+    if tool_parser is None:
+        return list(FORCED_TOOL_CALL_ARGS)
+    return ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser]
 
 
 @dataclass
@@ -51,6 +59,7 @@ class VLLMServerConfig:
     max_loras: int = 4
     gpu_memory_utilization: float | None = None
     extra_args: list[str] = field(default_factory=list)
+    tool_parser: str | None = None  # vLLM's parser for the model's own tool calls; None: forced calls only
     startup_timeout_s: float = 300.0
     host: str = "127.0.0.1"  # the address it binds to: loopback on one machine, the node's on several
     advertise_host: str | None = None  # how other nodes reach it when it binds to every address
@@ -196,7 +205,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
             # Sleep mode lets a fine-tune borrow the GPU without a restart (released_for_training).
             *(["--enable-sleep-mode"] if cfg.gpus else []),
             *(["--lora-modules", *loras] if loras else []),
-            *(TOOL_CALL_ARGS if self.model.task != EMBED else []),
+            *(tool_call_args(cfg.tool_parser) if self.model.task != EMBED else []),
             *self.engine_args(),
         ]
 

@@ -16,7 +16,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
 
 
-@ToolParserManager.register_module("vbatch_forced")  # the name vllm_server.TOOL_CALL_ARGS gives the server
+@ToolParserManager.register_module("vbatch_forced")  # the name vllm_server.FORCED_TOOL_CALL_ARGS gives the server
 class ForcedToolCallParser(ToolParser):
     """Named and ``"required"`` tool choices through structured outputs (the base class's JSON path); ``"auto"``
     refused."""
