@@ -42,6 +42,12 @@ FORCED_TOOL_CALL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "vba
                          "--tool-parser-plugin", "vbatch_pipelines.engine.vllm_tool_parser"]
 
 
+# A model family's parser (hermes, ...) would force named and "required" calls with xgrammar's structural tags,
+# which the guidance backend above cannot read ("Invalid grammar specification: 'triggers'"): off, they take
+# the same JSON-schema path as every other model.
+TOOL_CALL_ENV = {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
+
+
 def tool_call_args(tool_parser: str | None) -> list[str]:
     """vbatch's forced-calls parser, or the model family's own (VBATCH_TOOL_PARSERS), which also reads the
     calls the model writes under "auto"; named and "required" calls take vLLM's JSON-schema path either way."""
@@ -246,7 +252,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         # Runtime LoRA loading, and the /sleep and /wake_up routes (served only in dev mode).
         # The model is on disk: the engine needs none of vbatch's secrets (nor HF_TOKEN).
         return without_secrets(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1",
-                               PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
+                               PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath, **TOOL_CALL_ENV)
 
 
 class RemoteVLLMServer(VLLMServerAPI):
