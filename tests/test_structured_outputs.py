@@ -113,7 +113,7 @@ def test_a_json_schema_batch_every_answer_validates_and_is_reviewed_as_json(stac
 
     # Curation: every item in the json_extraction project, pre-filled with the JSON answer; none as a chat review.
     json_project, chat_project = label_studio.project_for(JSON_EXTRACTION), label_studio.project_for(CHAT_REVIEW)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while len(tasks := label_studio.tasks_of_batch(json_project, done.id)) < len(lines) and time.monotonic() < deadline:
         time.sleep(1)
     assert sorted(tasks) == sorted(completions)
@@ -164,7 +164,7 @@ def test_a_tool_calling_batch_returns_tool_calls(stack, label_studio):
         assert error["param"] == "tool_choice" and '"auto"' in error["message"], error
 
     # Curation: the text answer is reviewed; tool calls are not text to correct, so they are not imported.
-    chat_project, deadline = label_studio.project_for(CHAT_REVIEW), time.monotonic() + 120
+    chat_project, deadline = label_studio.project_for(CHAT_REVIEW), time.monotonic() + 300
     while not (tasks := label_studio.tasks_of_batch(chat_project, done.id)) and time.monotonic() < deadline:
         time.sleep(1)
     assert sorted(tasks) == ["none"]
