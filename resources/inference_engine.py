@@ -22,7 +22,7 @@ from vbatch_pipelines.engine.envs import find_vllm_python
 from vbatch_pipelines.engine.registry import UP, EngineRegistry
 from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, RemoteVLLMServer, VLLMServerConfig
 from vbatch_pipelines.errors import Unavailable
-from vbatch_pipelines.models.registry import EMBED, GENERATE, ModelSpec
+from vbatch_pipelines.models.registry import EMBED, GENERATE, SCORE, ModelSpec
 
 
 class EngineNotAvailable(Unavailable):
@@ -130,6 +130,10 @@ class InferenceEngine(ConfigurableResource):
             from vbatch_pipelines.engine.transformers_embeddings import TransformersEmbeddingEngine
 
             return TransformersEmbeddingEngine(model)
+        if model.task == SCORE:
+            from vbatch_pipelines.engine.transformers_embeddings import TransformersCrossEncoderEngine
+
+            return TransformersCrossEncoderEngine(model)
         from vbatch_pipelines.engine.transformers_engine import TransformersEngine
 
         return TransformersEngine(model)

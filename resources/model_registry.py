@@ -5,11 +5,13 @@ Base models come from configuration (``VBATCH_MODELS``, ``name=path`` pairs) and
 locally built tiny chat and embedding models are served (each built on first use). Fine-tunes are served as
 LoRA adapters on their base model's engine once deployed (status ``deployed``).
 
-Each base model either generates (chat, completions) or embeds: a ``:embed`` / ``:generate`` suffix on its
-VBATCH_MODELS path says which, else its files do (``detect_task``: a sentence-transformers pooling module or
-an encoder-only architecture means embeddings). A request for an endpoint its model cannot serve is refused
-(``for_endpoint``). ``default_model`` picks the default; otherwise it is the first configured model, and for
-embeddings the first embedding model.
+Each base model generates (chat, completions), embeds, or scores pairs (a cross-encoder): a ``:embed`` /
+``:generate`` suffix on its VBATCH_MODELS path says which, else its files do (``detect_task``: a one-label
+``*ForSequenceClassification`` architecture means a cross-encoder, a sentence-transformers pooling module or
+an encoder-only architecture means embeddings). Score and rerank are served by embedding models (cosine) and
+cross-encoders. A request for an endpoint its model cannot serve is refused (``for_endpoint``).
+``default_model`` picks the default; otherwise it is the first configured model, and for another endpoint the
+first configured model that serves it.
 """
 
 from __future__ import annotations
@@ -101,10 +103,10 @@ class ModelRegistry(ConfigurableResource):
     def served_models(self) -> dict[str, ModelSpec]:
         return {**self.base_models(), **self.fine_tuned_models()}
 
-    def default_model_id(self, task: str = GENERATE) -> str:
+    def default_model_id(self, tasks: tuple[str, ...] = (GENERATE,)) -> str:
         """The model a request naming none gets: VBATCH_DEFAULT_MODEL, else the first configured model; when
-        that one cannot do ``task`` (an embeddings request, a chat model first), the first served model that
-        can. With none that can, the default all the same (the request is then refused naming why)."""
+        that one does none of ``tasks`` (an embeddings request, a chat model first), the first served model
+        that does. With none that can, the default all the same (the request is then refused naming why)."""
         configured = self.configured_models()
         if self.default_model:
             bases = self.base_models()
@@ -113,17 +115,18 @@ class ModelRegistry(ConfigurableResource):
             default = bases[self.default_model]
         else:
             default = next(iter(configured.values()))
-        if default.task == task:
+        if default.task in tasks:
             return default.id
-        for spec in (configured if task in {m.task for m in configured.values()} else self.base_models()).values():
-            if spec.task == task:
+        candidates = configured if any(m.task in tasks for m in configured.values()) else self.base_models()
+        for spec in candidates.values():
+            if spec.task in tasks:
                 return spec.id
         return default.id
 
-    def lookup(self, name: str | None, task: str = GENERATE) -> ModelSpec:
-        """The model a request names (None: the default for ``task``); raises ModelNotFound. Reads no
+    def lookup(self, name: str | None, tasks: tuple[str, ...] = (GENERATE,)) -> ModelSpec:
+        """The model a request names (None: the default for ``tasks``); raises ModelNotFound. Reads no
         weights."""
-        name = name or self.default_model_id(task)
+        name = name or self.default_model_id(tasks)
         configured = self.configured_models()
         if name in configured:  # the hot path: no DB read
             return configured[name]
@@ -146,10 +149,10 @@ class ModelRegistry(ConfigurableResource):
     def for_endpoint(self, name: str | None, endpoint: str) -> ModelSpec:
         """The model a request to ``endpoint`` names (None: the endpoint's default); ModelNotFound, or
         ModelTaskMismatch when the model cannot serve that endpoint."""
-        task = ENDPOINT_TASKS.get(endpoint, GENERATE)
-        spec = self.lookup(name, task)
-        if spec.task != task:
-            raise ModelTaskMismatch(spec, endpoint, [m.id for m in self.base_models().values() if m.task == task])
+        tasks = ENDPOINT_TASKS.get(endpoint, (GENERATE,))
+        spec = self.lookup(name, tasks)
+        if spec.task not in tasks:
+            raise ModelTaskMismatch(spec, endpoint, [m.id for m in self.base_models().values() if m.task in tasks])
         return spec
 
     def resolver(self, endpoint: str) -> "EndpointResolver":

@@ -40,6 +40,14 @@ def tiny_embed_model_path(tmp_path_factory) -> Path:
     return create_tiny_embedding_model(tmp_path_factory.mktemp("models") / TINY_EMBED_MODEL_ID)
 
 
+@pytest.fixture(scope="session")
+def tiny_rerank_model_path(tmp_path_factory) -> Path:
+    from vbatch_pipelines.models.registry import TINY_RERANK_MODEL_ID
+    from vbatch_pipelines.models.tiny import create_tiny_cross_encoder
+
+    return create_tiny_cross_encoder(tmp_path_factory.mktemp("models") / TINY_RERANK_MODEL_ID)
+
+
 @pytest.fixture()
 def vbatch_home(tmp_path, tiny_model_path, monkeypatch) -> Path:
     """An isolated VBATCH_HOME serving the session's tiny model on the transformers engine."""

@@ -419,15 +419,19 @@ def test_the_dashboard_says_which_service_is_down_and_that_nothing_is_lost(vbatc
 
 
 def test_an_embedding_model_is_listed_as_one_and_not_offered_for_chat_or_fine_tuning(vbatch_home, tiny_model_path,
-                                                                                    tiny_embed_model_path):
-    models = {"vbatch-tiny-chat": str(tiny_model_path), "vbatch-tiny-embed": str(tiny_embed_model_path)}
+                                                                                    tiny_embed_model_path,
+                                                                                    tiny_rerank_model_path):
+    models = {"vbatch-tiny-chat": str(tiny_model_path), "vbatch-tiny-embed": str(tiny_embed_model_path),
+              "vbatch-tiny-rerank": str(tiny_rerank_model_path)}
     with api_client(_app(models=models)) as client:
         page = client.get("/ui/models").text
-        assert "<td>base, embeddings</td>" in page
+        assert "<td>base, embeddings</td>" in page and "<td>base, cross-encoder</td>" in page
         chat_box = page[page.index('id="chat-model"'):page.index("</select>", page.index('id="chat-model"'))]
         assert "vbatch-tiny-chat" in chat_box and "vbatch-tiny-embed" not in chat_box
+        assert "vbatch-tiny-rerank" not in chat_box
         form = client.get("/ui/fine-tunes/new").text
         assert 'value="vbatch-tiny-chat"' in form and 'value="vbatch-tiny-embed"' not in form
+        assert 'value="vbatch-tiny-rerank"' not in form
 
 
 def test_the_dashboard_turns_engine_busy_time_into_cost_per_1k_tokens(platform, monkeypatch):

@@ -146,6 +146,23 @@ def test_install_from_a_local_directory_keeps_its_files(platform, tiny_model_pat
     assert (tiny_model_path / "config.json").exists(), "a directory vbatch did not download is left alone"
 
 
+def test_an_installed_cross_encoder_is_smoke_tested_by_scoring(platform, tmp_path, tiny_rerank_model_path):
+    """A local cross-encoder install: known as one from its config, smoke-tested with a /v1/score pair on the
+    engine that serves it, then served for score only."""
+    from vbatch_pipelines.models.registry import ModelTaskMismatch
+    from vbatch_pipelines.models.store import get_model, request_install
+
+    source = tmp_path / "reranker"
+    shutil.copytree(tiny_rerank_model_path, source)
+    request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(source),
+                    model_id="local-rerank")
+    assert install(platform, "local-rerank").success
+    answer = get_model(platform.db, "local-rerank").details["smoke_test"]["answer"]
+    assert answer.startswith("a score of 0.") and 0 < float(answer.split()[-1]) < 1, answer
+    assert platform.registry.for_endpoint("local-rerank", "/v1/rerank").task == "score"
+    with pytest.raises(ModelTaskMismatch):
+        platform.registry.for_endpoint("local-rerank", "/v1/embeddings")
+
 @pytest.mark.parametrize("source", ["x" * 5000, "a/b\x00c", "not a model", "no-such-dir/model!"])
 def test_a_source_that_names_nothing_is_a_clear_error(platform, source):
     from vbatch_pipelines.models.install import InstallError

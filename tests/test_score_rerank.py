@@ -1,7 +1,9 @@
 """Score and rerank (issue 19, part 3): /v1/score and /v1/rerank batches and online routes on the tiny embedding
-model (its score is the cosine of two texts' embeddings, as vLLM's bi-encoder scoring), the line errors, the
-chat model refused. First in-process on the transformers fallback; then (marked vllm) against `vbatch up` on
-vLLM's pooling runner, with vLLM's own run-batch score and rerank inputs, and the two engines compared."""
+model (its score is the cosine of two texts' embeddings, as vLLM's bi-encoder scoring) and on the tiny
+cross-encoder (a one-label LlamaForSequenceClassification: each pair's logit through a sigmoid, as vLLM's
+cross-encoder scoring), the line errors, the chat model refused, the cross-encoder refused for anything else.
+First in-process on the transformers fallback; then (marked vllm) against `vbatch up` on vLLM's pooling runner,
+with vLLM's own run-batch score and rerank inputs, and the two engines compared."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 from tests.conftest import Platform, api_client, chat_line, jsonl, on_both_engines, running_stack, submit_batch
 from tests.test_api import _wait_batch
 from tests.test_embeddings import _validate
-from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
+from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID, TINY_RERANK_MODEL_ID
 from vbatch_pipelines.protocol import RerankResponse, ScoreResponse
 
 # The query and documents of vLLM's run-batch score and rerank tests (tests/entrypoints/openai/test_run_batch.py).
@@ -47,10 +49,10 @@ def check_line(line: dict) -> dict:
     return line["response"]["body"]
 
 
-def check_rerank(body: dict, documents: list[str], top_n: int = 0) -> None:
+def check_rerank(body: dict, documents: list[str], top_n: int = 0, model: str = TINY_EMBED_MODEL_ID) -> None:
     RerankResponse.model_validate(body)
     results = body["results"]
-    assert len(results) == (top_n or len(documents)) and body["model"] == TINY_EMBED_MODEL_ID
+    assert len(results) == (top_n or len(documents)) and body["model"] == model
     assert [r["relevance_score"] for r in results] == sorted((r["relevance_score"] for r in results), reverse=True)
     assert len({r["index"] for r in results}) == len(results)
     assert all(r["document"] == {"text": documents[r["index"]], "multi_modal": None} for r in results)
@@ -294,12 +296,151 @@ def test_score_and_rerank_routes_have_no_server_errors(embed_home):
     fuzz_operations(operations, examples=60)
 
 
+# ---- the cross-encoder, on the transformers fallback ---------------------------------------------------------
+
+
+def rerank_model_line(custom_id: str, url: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": TINY_RERANK_MODEL_ID, **body}}
+
+
+def pair_scores(path, pairs: list[tuple[str, str]]) -> list[float]:
+    """Each pair's score computed here, one pair at a time (no padding): the tokenizer's pair encoding, the
+    classifier's one logit, a sigmoid."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.inference_mode():
+        return [float(torch.sigmoid(model(**tokenizer(q, d, return_tensors="pt")).logits[0, 0])) for q, d in pairs]
+
+
+@pytest.fixture()
+def rerank_home(embed_home, tiny_model_path, tiny_embed_model_path, tiny_rerank_model_path, monkeypatch):
+    """The chat, embedding and cross-encoder tiny models configured (the cross-encoder known from its config)."""
+    monkeypatch.setenv("VBATCH_MODELS", f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}="
+                       f"{tiny_embed_model_path},{TINY_RERANK_MODEL_ID}={tiny_rerank_model_path}")
+    return embed_home
+
+
+def test_tiny_cross_encoder_is_known_by_its_architecture(tiny_rerank_model_path, tiny_embed_model_path,
+                                                        tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from vbatch_pipelines.models.registry import detect_task, is_cross_encoder
+
+    config = json.loads((tiny_rerank_model_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["head_dim"] == 32
+    assert [detect_task(str(p)) for p in (tiny_rerank_model_path, tiny_embed_model_path, tiny_model_path)] == \
+        ["score", "embed", "generate"]
+    assert not is_cross_encoder({**config, "id2label": {"0": "no", "1": "yes"}})  # a two-label classifier
+    # A pair is the query, a separator, the document, a separator: its last token is the same for every pair.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_rerank_model_path)
+    sep = tokenizer.bos_token_id
+    plain = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (QUERY, DOCUMENTS[1])]
+    assert tokenizer(QUERY, DOCUMENTS[1])["input_ids"] == plain[0] + [sep] + plain[1] + [sep]
+    assert set(tokenizer(QUERY, DOCUMENTS[1])) == {"input_ids", "attention_mask"}
+
+
+def test_cross_encoder_batches_on_the_transformers_fallback(rerank_home, tiny_rerank_model_path):
+    from transformers import AutoTokenizer
+
+    platform = Platform()
+    lines = {"/v1/score": [rerank_model_line("one-to-many", "/v1/score", queries=QUERY, documents=DOCUMENTS + OTHERS),
+                           rerank_model_line("pairs", "/score", text_1=[QUERY, OTHERS[0]], text_2=DOCUMENTS)],
+             "/v1/rerank": [rerank_model_line("all", "/v1/rerank", query=QUERY, documents=DOCUMENTS + OTHERS),
+                            rerank_model_line("top-2", "/v2/rerank", query=QUERY, documents=DOCUMENTS + OTHERS,
+                                              top_n=2)]}
+    outputs = {}
+    for endpoint, batch_lines in lines.items():
+        batch = platform.submit(jsonl(batch_lines), endpoint=endpoint)
+        assert platform.materialize(batch.id).success
+        record = platform.batch(batch.id)
+        assert record.status == "completed" and record.model == TINY_RERANK_MODEL_ID
+        out, err = platform.results(batch.id)
+        assert not err and sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in batch_lines)
+        outputs.update({x["custom_id"]: check_line(x) for x in out})
+    expected = pair_scores(tiny_rerank_model_path, [(QUERY, d) for d in DOCUMENTS + OTHERS])
+    assert max(expected) - min(expected) > 0.05, expected  # scores that tell pairs apart
+    scores = outputs["one-to-many"]
+    ScoreResponse.model_validate(scores)
+    assert scores["model"] == TINY_RERANK_MODEL_ID
+    assert np.allclose([d["score"] for d in scores["data"]], expected, atol=1e-5)
+    assert np.allclose([d["score"] for d in outputs["pairs"]["data"]],
+                       pair_scores(tiny_rerank_model_path, [(QUERY, DOCUMENTS[0]), (OTHERS[0], DOCUMENTS[1])]),
+                       atol=1e-5)
+    # Usage counts each pair's tokens: the query once per document.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_rerank_model_path)
+    pair_tokens = sum(len(tokenizer(QUERY, d)["input_ids"]) for d in DOCUMENTS + OTHERS)
+    assert scores["usage"]["prompt_tokens"] == pair_tokens == outputs["all"]["usage"]["prompt_tokens"]
+    check_rerank(outputs["all"], DOCUMENTS + OTHERS, model=TINY_RERANK_MODEL_ID)
+    check_rerank(outputs["top-2"], DOCUMENTS + OTHERS, top_n=2, model=TINY_RERANK_MODEL_ID)
+    assert [r["index"] for r in outputs["all"]["results"]] == sorted(range(4), key=lambda i: -expected[i])
+    assert outputs["top-2"]["results"] == outputs["all"]["results"][:2]
+
+
+def test_a_cross_encoder_only_scores(rerank_home):
+    """A cross-encoder named on an embeddings or chat line is that line's error before anything runs; a chat
+    model asked to score is refused naming both kinds of model that can."""
+    platform = Platform()
+    report, errors = _validate(platform, [{"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                                           "body": {"model": TINY_RERANK_MODEL_ID, "input": QUERY}}],
+                               endpoint="/v1/embeddings")
+    assert errors == [("model_not_supported", 1, "body.model")]
+    assert "serves score and rerank (a cross-encoder) only" in report.errors[0]["message"]
+    assert TINY_EMBED_MODEL_ID in report.errors[0]["message"]  # the model that can
+    report, errors = _validate(platform, [chat_line("c", "hi", model=TINY_RERANK_MODEL_ID)],
+                               endpoint="/v1/chat/completions")
+    assert errors == [("model_not_supported", 1, "body.model")] and TINY_MODEL_ID in report.errors[0]["message"]
+    report, errors = _validate(platform, [score_line("s", model=TINY_MODEL_ID, queries=QUERY, documents=DOCUMENTS)],
+                               endpoint="/v1/score")
+    assert errors == [("model_not_supported", 1, "body.model")]
+    assert TINY_EMBED_MODEL_ID in report.errors[0]["message"] and TINY_RERANK_MODEL_ID in report.errors[0]["message"]
+
+
+def test_online_cross_encoder_routes(rerank_home):
+    from api.main import create_app
+    from vbatch_pipelines.settings import load_settings
+
+    with api_client(create_app(load_settings())) as api:
+        body = {"model": TINY_RERANK_MODEL_ID, "queries": QUERY, "documents": DOCUMENTS + OTHERS}
+        scored = api.post("/v1/score", json=body)
+        assert scored.status_code == 200, scored.text
+        ScoreResponse.model_validate(scored.json())
+        assert scored.json()["model"] == TINY_RERANK_MODEL_ID and len(scored.json()["data"]) == 4
+        ranked = api.post("/rerank", json={"model": TINY_RERANK_MODEL_ID, "query": QUERY,
+                                           "documents": DOCUMENTS + OTHERS, "top_n": 3})
+        assert ranked.status_code == 200, ranked.text
+        check_rerank(ranked.json(), DOCUMENTS + OTHERS, top_n=3, model=TINY_RERANK_MODEL_ID)
+        by_index = {r["index"]: r["relevance_score"] for r in ranked.json()["results"]}
+        assert all(by_index[i] == pytest.approx(scored.json()["data"][i]["score"], abs=1e-6) for i in by_index)
+        for path, payload in (("/v1/embeddings", {"input": QUERY}),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            refused = api.post(path, json={"model": TINY_RERANK_MODEL_ID, **payload})
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and (error["code"], error["param"]) == ("model_not_supported", "model")
+            assert "cross-encoder" in error["message"]
+
+
+def test_tiny_cross_encoder_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "vbatch_pipelines.cli", "models", "create-tiny", "--rerank",
+                             "--train-steps", "0", str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Tiny cross-encoder model" in result.stdout
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+
+
 # ---- on vLLM, through `vbatch up` ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_path, tiny_embed_model_path):
-    models = f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path}"
+def stack(tmp_path_factory, tiny_model_path, tiny_embed_model_path, tiny_rerank_model_path):
+    models = (f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path},"
+              f"{TINY_RERANK_MODEL_ID}={tiny_rerank_model_path}")
     with running_stack(tmp_path_factory.mktemp("score-home"), tiny_model_path, VBATCH_MODELS=models) as stack:
         yield stack
 
@@ -419,6 +560,85 @@ def test_vllm_and_transformers_give_the_same_scores(stack):
             assert len({body["usage"]["prompt_tokens"] for body in bodies}) == 1
             for body in bodies[1:]:
                 assert np.allclose(_scores(body), _scores(bodies[0]), atol=1e-3)
+
+
+@pytest.mark.vllm
+def test_cross_encoder_batches_and_routes_on_vllm_match_the_fallback(stack, tiny_rerank_model_path):
+    """The tiny cross-encoder on vLLM's pooling runner (its classify task): score and rerank batches give one
+    result per custom_id in vLLM's shapes, the online routes the same scores, and the transformers fallback
+    the same scores to 1e-3, the same order and the same usage; a pair longer than the context is a 400 on
+    both."""
+    from vbatch_pipelines.engine.transformers_embeddings import TransformersCrossEncoderEngine
+
+    client = stack.client()
+    score_lines = [rerank_model_line("one-to-many", "/v1/score", queries=QUERY, documents=DOCUMENTS + OTHERS),
+                   rerank_model_line("pairs", "/v1/score", text_1=[QUERY, OTHERS[0]], text_2=DOCUMENTS),
+                   rerank_model_line("vllm-path", "/score", data_1=QUERY, data_2=DOCUMENTS + OTHERS)]
+    done = _run(client, score_lines, "/v1/score")
+    assert done.request_counts.total == done.request_counts.completed == 3
+    scored = _output(client, done)
+    assert sorted(scored) == sorted(line["custom_id"] for line in score_lines)
+    for body in scored.values():
+        ScoreResponse.model_validate(body)
+        assert body["model"] == TINY_RERANK_MODEL_ID and body["object"] == "list"
+    assert scored["one-to-many"]["data"] == scored["vllm-path"]["data"]
+    on_vllm = [d["score"] for d in scored["one-to-many"]["data"]]
+    assert max(on_vllm) - min(on_vllm) > 0.05 and all(0 < s < 1 for s in on_vllm), on_vllm  # a sigmoid's spread
+    assert done.usage.input_tokens == sum(body["usage"]["prompt_tokens"] for body in scored.values()) > 0
+
+    rerank_lines = [rerank_model_line("all", "/v1/rerank", query=QUERY, documents=DOCUMENTS + OTHERS),
+                    rerank_model_line("top-1", "/v2/rerank", query=QUERY, documents=DOCUMENTS + OTHERS, top_n=1)]
+    ranked = _output(client, _run(client, rerank_lines, "/v1/rerank"))
+    assert sorted(ranked) == ["all", "top-1"]
+    check_rerank(ranked["all"], DOCUMENTS + OTHERS, model=TINY_RERANK_MODEL_ID)
+    check_rerank(ranked["top-1"], DOCUMENTS + OTHERS, top_n=1, model=TINY_RERANK_MODEL_ID)
+    assert ranked["top-1"]["results"] == ranked["all"]["results"][:1]
+    by_index = {r["index"]: r["relevance_score"] for r in ranked["all"]["results"]}
+    assert [by_index[i] for i in range(4)] == pytest.approx(on_vllm, abs=1e-5)
+
+    online = [httpx.post(f"{stack.api_url}/v1/score", json=score_lines[1]["body"], timeout=120),
+              httpx.post(f"{stack.api_url}/rerank", json=rerank_lines[0]["body"], timeout=120)]
+    assert [r.status_code for r in online] == [200, 200], [r.text for r in online]
+    assert online[0].json()["data"] == scored["pairs"]["data"]
+    assert online[1].json()["results"] == ranked["all"]["results"]
+
+    long_text = " ".join(DOCUMENTS * 60)
+
+    async def ask(engine):
+        too_long = await engine.request("/v1/score", {"model": TINY_RERANK_MODEL_ID, "text_1": QUERY,
+                                                      "text_2": long_text})
+        return too_long, {endpoint: await engine.request_many(endpoint, [line["body"] for line in lines])
+                          for endpoint, lines in (("/v1/score", score_lines), ("/v1/rerank", rerank_lines))}
+
+    (vllm_refusal, batched), (local_refusal, computed) = on_both_engines(stack, TINY_RERANK_MODEL_ID,
+                                                                         TransformersCrossEncoderEngine, ask)
+    for refusal in (vllm_refusal, local_refusal):
+        assert refusal.status_code == 400 and "maximum context length is 1024 tokens" in \
+            refusal.body["error"]["message"], refusal.body
+    for endpoint, lines in (("/v1/score", score_lines), ("/v1/rerank", rerank_lines)):
+        for line, chunk, local in zip(lines, batched[endpoint], computed[endpoint]):
+            assert chunk.ok and local.ok, (chunk.body, local.body)
+            bodies = [(scored if endpoint == "/v1/score" else ranked)[line["custom_id"]], chunk.body, local.body]
+            assert set(bodies[0]) == set(bodies[1]) == set(bodies[2])
+            assert len({json.dumps(_ranking(body)) for body in bodies}) == 1, [_ranking(body) for body in bodies]
+            assert len({body["usage"]["prompt_tokens"] for body in bodies}) == 1
+            for body in bodies[1:]:
+                assert np.allclose(_scores(body), _scores(bodies[0]), atol=1e-3), (_scores(body), _scores(bodies[0]))
+
+
+@pytest.mark.vllm
+def test_a_cross_encoder_cannot_embed_or_chat_on_vllm(stack):
+    client = stack.client()
+    failed = _run(client, [{"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+                            "body": {"model": TINY_RERANK_MODEL_ID, "input": QUERY}}], "/v1/embeddings")
+    assert failed.status == "failed"
+    assert [(e.code, e.line, e.param) for e in failed.errors.data] == [("model_not_supported", 1, "body.model")]
+    assert "cross-encoder" in failed.errors.data[0].message
+    failed = _run(client, [chat_line("c", "hi", model=TINY_RERANK_MODEL_ID)], "/v1/chat/completions")
+    assert [(e.code, e.line, e.param) for e in failed.errors.data] == [("model_not_supported", 1, "body.model")]
+    refused = httpx.post(f"{stack.api_url}/v1/embeddings", json={"model": TINY_RERANK_MODEL_ID, "input": "a"},
+                         timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_supported"
 
 
 def _scores(body: dict) -> list[float]:

@@ -34,12 +34,14 @@ class Context:
 
 
 def cmd_models_create_tiny(args, ctx: Context) -> int:
-    from vbatch_pipelines.models.tiny import create_tiny_embedding_model, create_tiny_model
+    from vbatch_pipelines.models.registry import EMBED, GENERATE, SCORE
+    from vbatch_pipelines.models.tiny import TINY_BUILDERS
 
     started = time.monotonic()
-    build = create_tiny_embedding_model if args.embed else create_tiny_model
-    path = build(args.path, seed=args.seed, train_steps=args.train_steps)
-    print(f"Tiny {'embedding' if args.embed else 'chat'} model written to {path} in {time.monotonic() - started:.1f}s")
+    task = SCORE if args.rerank else EMBED if args.embed else GENERATE
+    path = TINY_BUILDERS[task](args.path, seed=args.seed, train_steps=args.train_steps)
+    kind = {GENERATE: "chat", EMBED: "embedding", SCORE: "cross-encoder"}[task]
+    print(f"Tiny {kind} model written to {path} in {time.monotonic() - started:.1f}s")
     return 0
 
 
@@ -348,9 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="the services `vbatch up` runs on this home").set_defaults(func=cmd_status)
 
     models = sub.add_parser("models", help="models vbatch serves").add_subparsers(dest="models", required=True)
-    tiny = models.add_parser("create-tiny", help="build the tiny local Llama chat (or embedding) model")
+    tiny = models.add_parser("create-tiny", help="build the tiny local Llama chat (embedding, cross-encoder) model")
     tiny.add_argument("path")
-    tiny.add_argument("--embed", action="store_true", help="the tiny embedding model (mean-pooled, normalised)")
+    kind = tiny.add_mutually_exclusive_group()
+    kind.add_argument("--embed", action="store_true", help="the tiny embedding model (mean-pooled, normalised)")
+    kind.add_argument("--rerank", action="store_true",
+                      help="the tiny cross-encoder (one-label sequence classifier) for /v1/score and /v1/rerank")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--train-steps", type=int, default=300)
     tiny.set_defaults(func=cmd_models_create_tiny)

@@ -351,7 +351,7 @@ def deploy(request: Request, job_id: str, role: Role = Depends(console_role)) ->
 
 @router.get("/models", response_class=HTMLResponse)
 def models(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
-    from vbatch_pipelines.models.registry import GENERATE
+    from vbatch_pipelines.models.registry import EMBED, GENERATE
     from vbatch_pipelines.store.models import Model
 
     registry = request.app.state.resources["model_registry"]
@@ -361,7 +361,8 @@ def models(request: Request, error: str | None = None, role: Role = Depends(cons
     rows = []
     for model_id, spec in sorted(served.items()):
         row = stored.get(model_id)
-        kind = "fine-tune" if spec.parent else "base" if spec.task == GENERATE else "base, embeddings"
+        kind = "fine-tune" if spec.parent else "base" if spec.task == GENERATE else \
+            "base, embeddings" if spec.task == EMBED else "base, cross-encoder"
         rows.append({"id": model_id, "kind": kind, "parent": spec.parent, "chat": spec.task == GENERATE,
                      "status": row.status if row is not None else "configured", "source": row.source if row else None,
                      "removable": row is not None, "default": model_id == registry.default_model_id(),

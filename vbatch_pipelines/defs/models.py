@@ -31,7 +31,7 @@ from vbatch_pipelines.models.install import (
     download,
     resolve,
 )
-from vbatch_pipelines.models.registry import EMBED, READY, ModelSpec, detect_task
+from vbatch_pipelines.models.registry import EMBED, READY, SCORE, ModelSpec, detect_task
 from vbatch_pipelines.models.store import get_model, installs_without_run, upsert_model
 from vbatch_pipelines.names import INSTALL_MODEL_JOB, install_run_tags
 from vbatch_pipelines.partitions import model_partitions
@@ -41,11 +41,14 @@ SMOKE_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 
 
 def smoke_test(inference_engine: InferenceEngine, spec: ModelSpec) -> tuple[float, str]:
-    """One chat completion (an embedding, for an embedding model) on the engine that will serve the model:
-    (seconds, answer)."""
-    embed = spec.task == EMBED
-    endpoint, body = ("/v1/embeddings", {"model": spec.id, "input": SMOKE_PROMPT[0]["content"]}) if embed else \
-        ("/v1/chat/completions", {"model": spec.id, "messages": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0})
+    """One chat completion (an embedding for an embedding model, a score for a cross-encoder) on the engine
+    that will serve the model: (seconds, answer)."""
+    text = SMOKE_PROMPT[0]["content"]
+    endpoint, body = {
+        EMBED: ("/v1/embeddings", {"model": spec.id, "input": text}),
+        SCORE: ("/v1/score", {"model": spec.id, "text_1": text, "text_2": "Hello."}),
+    }.get(spec.task, ("/v1/chat/completions",
+                      {"model": spec.id, "messages": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0}))
 
     async def ask():
         engine = inference_engine.open(spec)
@@ -59,8 +62,10 @@ def smoke_test(inference_engine: InferenceEngine, spec: ModelSpec) -> tuple[floa
     seconds, response = asyncio.run(ask())
     if not response.ok:
         raise InstallError(f"The smoke test failed: {response.body.get('error', response.body)}", "smoke_test_failed")
-    if embed:
+    if spec.task == EMBED:
         return seconds, f"a vector of {len(response.body['data'][0]['embedding'])} dimensions"
+    if spec.task == SCORE:
+        return seconds, f"a score of {response.body['data'][0]['score']:.4f}"
     return seconds, response.body["choices"][0]["message"]["content"]
 
 

@@ -1,5 +1,6 @@
-"""The transformers fallback for embedding models: the same vectors vLLM's pooling runner computes, and the
-same scores (``/v1/score``, ``/v1/rerank``: the cosine of two texts' embeddings, as vLLM's bi-encoder scoring).
+"""The transformers fallback for embedding models and cross-encoders: the same vectors vLLM's pooling runner
+computes, and the same scores (``/v1/score``, ``/v1/rerank``: the cosine of two texts' embeddings, as vLLM's
+bi-encoder scoring; or a cross-encoder's relevance score of each pair, as vLLM's cross-encoder scoring).
 
 vLLM reads how to pool from the model's sentence-transformers files (``modules.json``, ``1_Pooling``): the
 pooling mode (mean, CLS, last token) and whether a Normalize module follows; without them it uses the
@@ -9,6 +10,11 @@ hidden states over each input's own tokens, cuts the vector to ``dimensions`` an
 order. Concurrent requests are gathered into micro-batches (right padding, at most ``max_batch_size``
 sequences a forward pass). Responses have the shape vLLM's ``/v1/embeddings``, ``/score`` and ``/rerank``
 return.
+
+A cross-encoder (``TransformersCrossEncoderEngine``) is run as vLLM's CrossEncoderIOProcessor runs it: each
+(query, document) pair tokenised together (``tokenizer(text=query, text_pair=document)``, special tokens
+added), the sequence classifier's one logit for it, through vLLM's activation for one label (``score_activation``:
+sigmoid unless the config names another).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
@@ -77,6 +83,42 @@ def pooling_of(path: str | Path) -> tuple[str, bool]:
         default = _default_mode(root)
         return default, normalize
     return _default_mode(root), True
+
+
+def scoring_response(model_id: str, request: ScoreRequest | RerankRequest, scores: list[float],
+                     tokens: int) -> EngineResponse:
+    """vLLM's /score body (one score per pair, in order) or /rerank body (the documents best first, cut to
+    ``top_n``), with ``tokens`` prompt tokens."""
+    if isinstance(request, ScoreRequest):
+        return EngineResponse(200, ScoreResponse(
+            model=model_id, data=[ScoreData(index=i, score=score) for i, score in enumerate(scores)],
+            usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens)).model_dump())
+    documents = request.texts()[1]
+    results = sorted((RerankResult(index=i, document=RerankDocument(text=documents[i]), relevance_score=score)
+                      for i, score in enumerate(scores)), key=lambda r: r.relevance_score, reverse=True)
+    return EngineResponse(200, RerankResponse(
+        model=model_id, results=results[:request.top_n or None],
+        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)).model_dump())
+
+
+def score_activation(config) -> Callable:
+    """What vLLM applies to a one-label classifier's logit (pooler/activations.py ``get_act_fn``): nothing for a
+    regression head, the sentence-transformers activation the config names (torch.nn modules only, as vLLM
+    allows), else a sigmoid."""
+    import importlib
+
+    import torch
+
+    if getattr(config, "problem_type", None) == "regression":
+        return torch.nn.Identity()
+    name = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn") or \
+        getattr(config, "sbert_ce_default_activation_function", None)
+    if name:
+        if not name.startswith("torch.nn.modules."):
+            raise ValueError(f"activation {name!r}: only torch.nn.modules activations are loaded, as vLLM does")
+        module, _, cls = name.rpartition(".")
+        return getattr(importlib.import_module(module), cls)()
+    return torch.sigmoid
 
 
 def _default_mode(root: Path) -> str:
@@ -158,16 +200,7 @@ class TransformersEmbeddingEngine(MicroBatching):
         queries, documents = vectors[:len(first)], vectors[len(first):]
         scores = [float(q @ d / max(float(np.linalg.norm(q) * np.linalg.norm(d)), 1e-8))
                   for q, d in zip(queries * len(documents) if len(queries) == 1 else queries, documents)]
-        tokens = sum(len(x) for x in ids)
-        if isinstance(request, ScoreRequest):
-            return EngineResponse(200, ScoreResponse(
-                model=self.model_id, data=[ScoreData(index=i, score=score) for i, score in enumerate(scores)],
-                usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens)).model_dump())
-        results = sorted((RerankResult(index=i, document=RerankDocument(text=second[i]), relevance_score=score)
-                          for i, score in enumerate(scores)), key=lambda r: r.relevance_score, reverse=True)
-        return EngineResponse(200, RerankResponse(
-            model=self.model_id, results=results[:request.top_n or None],
-            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)).model_dump())
+        return scoring_response(self.model_id, request, scores, sum(len(x) for x in ids))
 
     async def _pooled(self, ids: list[list[int]]) -> list[Any]:
         """The pooled vectors of these token sequences, computed in the next micro-batch."""
@@ -254,4 +287,92 @@ class TransformersEmbeddingEngine(MicroBatching):
                 pooled = hidden[torch.arange(len(chunk), device=self.device), lengths - 1]
             for row, i in enumerate(chunk):
                 out[i] = pooled[row].cpu().numpy()
+        return out
+
+
+class TransformersCrossEncoderEngine(MicroBatching):
+    """A cross-encoder's /v1/score and /v1/rerank: every pair (one query against each document, or pair by pair)
+    run through the sequence classifier, micro-batched like the embedding engine; usage counts each pair's
+    tokens (the query once per document, as vLLM counts them)."""
+
+    backend = "transformers"
+    where = "in this process"
+
+    def __init__(self, model: ModelSpec, *, max_batch_size: int = 64):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.spec = model
+        self.model_id = model.id
+        self._torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model.path, dtype="auto", trust_remote_code=model.trust_remote_code).to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{model.path}: a cross-encoder has one label, this model {self.model.config.num_labels}")
+        self.activation = score_activation(self.model.config)
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 512))
+        # The classifier finds each right-padded row's last real token by its pad id: pad with the one it knows.
+        self.pad_id = next(p for p in (self.model.config.pad_token_id, self.tokenizer.pad_token_id, 0) if p is not None)
+        self.model.config.pad_token_id = self.pad_id
+        self.max_batch_size = max_batch_size
+
+    async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        if endpoint not in SCORING_REQUESTS:
+            return EngineResponse(400, error_body(f"The model {self.model_id!r} serves score and rerank only, "
+                                                  f"not {endpoint}", param="model", code="model_not_supported"))
+        try:
+            request = SCORING_REQUESTS[endpoint].model_validate(body)
+        except ValidationError as exc:
+            return EngineResponse(400, error_body(str(exc), code="invalid_request"))
+        first, second = request.texts()
+        pairs = list(zip(first * len(second) if len(first) == 1 else first, second))
+        ids = []
+        for index, (query, document) in enumerate(pairs):
+            tokens = self.tokenizer(text=query, text_pair=document, add_special_tokens=True)["input_ids"]
+            if len(tokens) > self.max_len:
+                return EngineResponse(400, error_body(
+                    f"This model's maximum context length is {self.max_len} tokens. However, pair {index} has "
+                    f"{len(tokens)} tokens. Please reduce the length of the input.", code="invalid_request"))
+            ids.append(list(tokens))
+        job = _Job(ids, asyncio.get_running_loop().create_future())
+        await self._enqueue(job)
+        return scoring_response(self.model_id, request, await job.future, sum(len(x) for x in ids))
+
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
+        return list(await asyncio.gather(*(self.request(endpoint, body) for body in bodies)))
+
+    async def open_stream(self, endpoint: str, body: dict[str, Any]):
+        return EngineResponse(400, error_body(f"stream is not supported for {endpoint}", param="stream"))
+
+    async def _work(self) -> None:
+        while True:
+            jobs = await self._gather(lambda jobs: sum(len(j.ids) for j in jobs) >= 4 * self.max_batch_size)
+            try:
+                scores = await asyncio.to_thread(self._score, [ids for job in jobs for ids in job.ids])
+            except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting caller
+                self._settle(jobs, error=exc)
+                continue
+            starts = [sum(len(j.ids) for j in jobs[:k]) for k in range(len(jobs))]
+            self._settle(jobs, [scores[start:start + len(job.ids)] for start, job in zip(starts, jobs)])
+
+    def _score(self, sequences: list[list[int]]) -> list[float]:
+        """Each pair's score, in order (right padding: the classifier reads each row's last real token)."""
+        torch = self._torch
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out: list[float] = [0.0] * len(sequences)
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start:start + self.max_batch_size]
+            width = max(len(sequences[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            scores = self.activation(logits.float()[:, 0])
+            for row, i in enumerate(chunk):
+                out[i] = float(scores[row])
         return out

@@ -24,7 +24,7 @@ from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
 from vbatch_pipelines.engine.registry import DOWN, STOPPED, UP, EngineRegistry, external_id, managed_id
-from vbatch_pipelines.models.registry import EMBED, ModelSpec
+from vbatch_pipelines.models.registry import GENERATE, ModelSpec
 from vbatch_pipelines.net import local_http
 
 # Structured outputs (response_format json_schema, a Responses text.format, vLLM's structured_outputs) as a
@@ -177,9 +177,10 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
 
     def engine_args(self) -> list[str]:
         """Engine flags any vLLM entrypoint takes (the benchmark gives run-batch the same ones). LoRA is on so
-        a fine-tune deploys into the running engine; an embedding model runs on the pooling runner."""
+        a fine-tune deploys into the running engine; an embedding model or a cross-encoder runs on the pooling
+        runner (which converts a ``*ForSequenceClassification`` model for its classify task by itself)."""
         cfg = self.config
-        if self.model.task == EMBED:
+        if self.model.task != GENERATE:
             args: list[str] = ["--runner", "pooling"]
         else:
             args = ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(cfg.max_loras),
@@ -198,7 +199,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
     def argv(self, port: int) -> list[str]:
         cfg = self.config
         loras = [json.dumps({"name": name, "path": path, "base_model_name": self.model.id})
-                 for name, path in self.adapters().items()] if self.model.task != EMBED else []
+                 for name, path in self.adapters().items()] if self.model.task == GENERATE else []
         return [
             cfg.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model.path,
@@ -211,7 +212,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
             # Sleep mode lets a fine-tune borrow the GPU without a restart (released_for_training).
             *(["--enable-sleep-mode"] if cfg.gpus else []),
             *(["--lora-modules", *loras] if loras else []),
-            *(tool_call_args(cfg.tool_parser) if self.model.task != EMBED else []),
+            *(tool_call_args(cfg.tool_parser) if self.model.task == GENERATE else []),
             *self.engine_args(),
         ]
 

@@ -21,7 +21,7 @@ from sqlalchemy import desc, select
 from vbatch_pipelines.fine_tuning import FineTuningError
 from vbatch_pipelines.fine_tuning.comparison import DEPLOY_GATES
 from vbatch_pipelines.fine_tuning.training_data import model_max_length, training_sources
-from vbatch_pipelines.models.registry import GENERATE
+from vbatch_pipelines.models.registry import EMBED, GENERATE
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import (
     TERMINAL_FINE_TUNING_STATUSES,
@@ -112,7 +112,8 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
         raise FineTuningError(f"deploy must be one of {', '.join(DEPLOY_GATES)}", "deploy", "invalid_value")
     spec = model_registry.lookup(model)
     if spec.task != GENERATE:  # the trainer is supervised fine-tuning of a language model
-        raise FineTuningError(f"{model} is an embedding model; only text-generation models can be fine-tuned",
+        kind = "an embedding model" if spec.task == EMBED else "a cross-encoder"
+        raise FineTuningError(f"{model} is {kind}; only text-generation models can be fine-tuned",
                               "model", "invalid_model")
     if spec.adapter:
         raise FineTuningError(f"{model} is itself a fine-tune; fine-tune its base model {spec.parent} instead",

@@ -13,15 +13,19 @@ from vbatch_pipelines.errors import NotFound, VbatchError
 
 TINY_MODEL_ID = "vbatch-tiny-chat"
 TINY_EMBED_MODEL_ID = "vbatch-tiny-embed"
+TINY_RERANK_MODEL_ID = "vbatch-tiny-rerank"
 
-# What a base model does, as vLLM's runners split it: text generation (chat, completions, responses) or embeddings
-# (vLLM's pooling runner, which also scores and reranks with them: the cosine of two texts' embeddings). An
-# engine serves one or the other, never both.
+# What a base model does, as vLLM's runners split it: text generation (chat, completions, responses), embeddings
+# (vLLM's pooling runner, which also scores and reranks with them: the cosine of two texts' embeddings) or
+# cross-encoder scoring (the pooling runner's classify task: one model pass over each query-document pair,
+# its one logit through a sigmoid). An engine serves one of them, never two.
 GENERATE = "generate"
 EMBED = "embed"
-TASKS = (GENERATE, EMBED)
-ENDPOINT_TASKS = {"/v1/chat/completions": GENERATE, "/v1/completions": GENERATE, "/v1/responses": GENERATE,
-                  "/v1/embeddings": EMBED, "/v1/score": EMBED, "/v1/rerank": EMBED}
+SCORE = "score"
+DECLARABLE_TASKS = (GENERATE, EMBED)  # a cross-encoder is known by its architecture, never declared
+# The tasks that serve each endpoint; a request naming no model gets the first configured model of one of them.
+ENDPOINT_TASKS = {"/v1/chat/completions": (GENERATE,), "/v1/completions": (GENERATE,), "/v1/responses": (GENERATE,),
+                  "/v1/embeddings": (EMBED,), "/v1/score": (EMBED, SCORE), "/v1/rerank": (EMBED, SCORE)}
 
 READY = "ready"  # an installed base model that can be served
 DEPLOYED = "deployed"  # a fine-tune whose adapter is served
@@ -34,7 +38,7 @@ class ModelSpec:
     parent: str | None = None  # a fine-tune's base model id
     adapter: str | None = None  # a fine-tune's LoRA adapter dir
     trust_remote_code: bool = False
-    task: str = GENERATE  # GENERATE or EMBED: which endpoints it serves, which vLLM runner serves it
+    task: str = GENERATE  # GENERATE, EMBED or SCORE: which endpoints it serves, which vLLM runner serves it
 
     @property
     def base(self) -> ModelSpec:
@@ -59,13 +63,14 @@ class ModelNotFound(NotFound):
 
 
 class ModelTaskMismatch(VbatchError):
-    """A model asked for what its engine cannot do: an embedding model asked to chat, or the reverse."""
+    """A model asked for what its engine cannot do: an embedding model asked to chat, a cross-encoder asked for
+    embeddings, a chat model asked to score."""
 
     code = "model_not_supported"
 
     def __init__(self, spec: ModelSpec, endpoint: str, alternatives: list[str]):
-        does = ("embeddings (and score, rerank)" if spec.task == EMBED
-                else "text generation (chat, completions and responses)")
+        does = {EMBED: "embeddings (and score, rerank)", SCORE: "score and rerank (a cross-encoder)"}.get(
+            spec.task, "text generation (chat, completions and responses)")
         others = f"; models that serve {endpoint}: {', '.join(alternatives)}" if alternatives else ""
         super().__init__(f"The model {spec.id!r} serves {does} only and cannot serve {endpoint}{others}", "model")
 
@@ -78,32 +83,47 @@ _EMBEDDING_ARCHITECTURE_SUFFIXES = ("Model", "ForMaskedLM", "EmbeddingModel")
 def parse_model_entry(value: str) -> tuple[str, str | None]:
     """``path`` or ``path:embed`` / ``path:generate`` (a VBATCH_MODELS value): the path and the declared task."""
     path, sep, task = value.rpartition(":")
-    if sep and task in TASKS and path:
+    if sep and task in DECLARABLE_TASKS and path:
         return path, task
     return value, None
 
 
 @lru_cache(maxsize=256)
 def detect_task(path: str) -> str:
-    """What a model directory is, by the rule vLLM's ``--runner auto`` follows: a sentence-transformers
-    ``modules.json`` with a Pooling module, or an architecture that is a bare encoder/transformer
-    (``BertModel``, ``LlamaModel``, ``*ForMaskedLM``), is an embedding model; anything else generates.
-    A decoder to be converted into an embedding model that says neither is declared with ``:embed``."""
+    """What a model directory is, by the rule vLLM's ``--runner auto`` follows: a ``*ForSequenceClassification``
+    architecture with one label is a cross-encoder (vLLM's classify task, which its /score and /rerank use);
+    a sentence-transformers ``modules.json`` with a Pooling module, or an architecture that is a bare
+    encoder/transformer (``BertModel``, ``LlamaModel``, ``*ForMaskedLM``), is an embedding model; anything
+    else generates. A decoder to be converted into an embedding model that says neither is declared with
+    ``:embed``."""
     root = Path(path)
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    if is_cross_encoder(config):
+        return SCORE
     try:
         modules = json.loads((root / "modules.json").read_text())
         if any("Pooling" in str(module.get("type", "")) for module in modules):
             return EMBED
     except (OSError, ValueError, AttributeError):
         pass
-    try:
-        architectures = json.loads((root / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return GENERATE
+    architectures = config.get("architectures") or []
     if architectures and all(arch.endswith(_EMBEDDING_ARCHITECTURE_SUFFIXES) and not arch.endswith("LMHeadModel")
                              for arch in architectures):
         return EMBED
     return GENERATE
+
+
+def is_cross_encoder(config: dict) -> bool:
+    """A sequence classifier with one label (its config's ``id2label``, else ``num_labels``, as transformers
+    reads them): the relevance scorer vLLM serves /score and /rerank with."""
+    architectures = config.get("architectures") or []
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    return bool(architectures) and labels == 1 and all(
+        str(arch).endswith("ForSequenceClassification") for arch in architectures)
 
 
 def embedding_dimensions(path: str) -> tuple[int | None, bool, list[int] | None]:
@@ -133,7 +153,8 @@ def dimensions_error(spec: ModelSpec, dimensions: int) -> str | None:
 
 
 def ensure_tiny_model(path: Path, task: str = GENERATE) -> Path:
-    """Build the tiny chat (or embedding) model at ``path`` once (a lock keeps concurrent builders apart)."""
+    """Build the tiny chat (embedding, cross-encoder) model at ``path`` once (a lock keeps concurrent builders
+    apart)."""
     from filelock import FileLock
 
     if (path / "config.json").exists():
@@ -141,9 +162,9 @@ def ensure_tiny_model(path: Path, task: str = GENERATE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not (path / "config.json").exists():
-            from vbatch_pipelines.models.tiny import create_tiny_embedding_model, create_tiny_model
+            from vbatch_pipelines.models.tiny import TINY_BUILDERS
 
             tmp = path.with_name(path.name + ".building")
-            (create_tiny_embedding_model if task == EMBED else create_tiny_model)(tmp)
+            TINY_BUILDERS[task](tmp)
             tmp.rename(path)
     return path

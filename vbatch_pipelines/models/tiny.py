@@ -11,6 +11,13 @@ The tiny embedding model (``create_tiny_embedding_model``) is that trained trans
 (``LlamaModel``), laid out as a sentence-transformers model (``modules.json``: mean pooling, then L2
 normalisation) so vLLM's pooling runner and the transformers fallback read the same pooling from the same
 files; ``is_matryoshka`` lets requests shorten vectors with ``dimensions``.
+
+The tiny cross-encoder (``create_tiny_cross_encoder``) is that trained transformer with a one-label score head
+(``LlamaForSequenceClassification``, the layout vLLM converts for its classify task and scores pairs with). Its
+head is random (seeded) but wide enough that pairs' scores spread over (0, 1) instead of all sitting at 0.5,
+so two engines that tokenise a pair differently disagree visibly. Its tokenizer ends a text, and each text of
+a pair, with ``<|endoftext|>``, as a BERT-style cross-encoder's separators do: the query and the document stay
+apart, and the last token (the one vLLM's pooler and transformers score) is the same for every pair.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+
+from vbatch_pipelines.models.registry import EMBED, GENERATE, SCORE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
@@ -171,6 +180,34 @@ def create_tiny_embedding_model(path: str | Path, *, seed: int = 0, train_steps:
     return path
 
 
+def create_tiny_cross_encoder(path: str | Path, *, seed: int = 0, train_steps: int = 300) -> Path:
+    """Build and save the tiny cross-encoder at ``path``: the tiny chat model's trained transformer under a
+    seeded one-label score head; returns the path."""
+    import torch
+    from tokenizers import processors
+    from transformers import LlamaForSequenceClassification
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _trained_model(seed, train_steps)
+    sep = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {sep}", pair=f"$A {sep} $B {sep}", special_tokens=[(sep, tokenizer.bos_token_id)])
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # no token types: a decoder has none
+    config = model.config
+    config.num_labels, config.tie_word_embeddings = 1, False
+    scorer = LlamaForSequenceClassification(config)
+    scorer.model.load_state_dict(model.model.state_dict())
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(scorer.score.weight, std=0.3)
+    scorer.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "vbatch_model.json").write_text(
+        json.dumps({"recipe": "vbatch tiny cross-encoder", "seed": seed, "train_steps": train_steps}, indent=2)
+    )
+    return path
+
+
 def _train_on_corpus(model, tokenizer, corpus, steps: int, seed: int) -> None:
     """A few causal-LM steps so the model speaks the corpus' language and ends its turns."""
     import torch
@@ -187,3 +224,7 @@ def _train_on_corpus(model, tokenizer, corpus, steps: int, seed: int) -> None:
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
+
+
+# The builder of each task's tiny model (``ensure_tiny_model``, ``vbatch models create-tiny``).
+TINY_BUILDERS = {GENERATE: create_tiny_model, EMBED: create_tiny_embedding_model, SCORE: create_tiny_cross_encoder}
