@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -135,9 +136,62 @@ class _Job:
     future: asyncio.Future
 
 
-class TransformersEmbeddingEngine(MicroBatching):
+class _SequenceEngine(MicroBatching, ABC):
+    """What the embedding and cross-encoder engines share: token sequences of concurrent requests run together,
+    in micro-batches of similar lengths with right padding, one result per sequence (``_forward``)."""
+
     backend = "transformers"
     where = "in this process"
+    max_batch_size: int
+    pad_id: int
+
+    @abstractmethod
+    def _forward(self, ids, mask) -> list[Any]:
+        """One result per row of a padded batch (``ids`` and ``mask`` on the CPU)."""
+
+    async def _run(self, ids: list[list[int]]) -> list[Any]:
+        """The results of these sequences, computed in the next micro-batch."""
+        job = _Job(ids, asyncio.get_running_loop().create_future())
+        await self._enqueue(job)
+        return await job.future
+
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
+        return list(await asyncio.gather(*(self.request(endpoint, body) for body in bodies)))
+
+    async def open_stream(self, endpoint: str, body: dict[str, Any]):
+        return EngineResponse(400, error_body(f"stream is not supported for {endpoint}", param="stream"))
+
+    async def _work(self) -> None:
+        while True:
+            jobs = await self._gather(lambda jobs: sum(len(j.ids) for j in jobs) >= 4 * self.max_batch_size)
+            try:
+                results = await asyncio.to_thread(self._run_sequences, [ids for job in jobs for ids in job.ids])
+            except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting caller
+                self._settle(jobs, error=exc)
+                continue
+            starts = [sum(len(j.ids) for j in jobs[:k]) for k in range(len(jobs))]
+            self._settle(jobs, [results[start:start + len(job.ids)] for start, job in zip(starts, jobs)])
+
+    def _run_sequences(self, sequences: list[list[int]]) -> list[Any]:
+        torch = self._torch
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad little
+        out: list[Any] = [None] * len(sequences)
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start:start + self.max_batch_size]
+            width = max(len(sequences[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            with torch.inference_mode():
+                results = self._forward(ids, mask)
+            for row, i in enumerate(chunk):
+                out[i] = results[row]
+        return out
+
+
+class TransformersEmbeddingEngine(_SequenceEngine):
 
     def __init__(self, model: ModelSpec, *, max_batch_size: int = 64):
         import torch
@@ -177,7 +231,7 @@ class TransformersEmbeddingEngine(MicroBatching):
             ids = self._tokenize(inputs, [f"input {index}" for index in range(len(inputs))])
         except ValueError as exc:
             return EngineResponse(400, error_body(str(exc), param="input", code="invalid_request"))
-        return EngineResponse(200, self._response(request, ids, await self._pooled(ids)))
+        return EngineResponse(200, self._response(request, ids, await self._run(ids)))
 
     async def _scores(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         """vLLM's bi-encoder scoring: every text embedded once (queries, then documents), each pair's score the
@@ -196,23 +250,11 @@ class TransformersEmbeddingEngine(MicroBatching):
             ids = self._tokenize(first + second, names)
         except ValueError as exc:
             return EngineResponse(400, error_body(str(exc), code="invalid_request"))
-        vectors = [np.asarray(v, dtype=np.float32) for v in await self._pooled(ids)]
+        vectors = [np.asarray(v, dtype=np.float32) for v in await self._run(ids)]
         queries, documents = vectors[:len(first)], vectors[len(first):]
         scores = [float(q @ d / max(float(np.linalg.norm(q) * np.linalg.norm(d)), 1e-8))
                   for q, d in zip(queries * len(documents) if len(queries) == 1 else queries, documents)]
         return scoring_response(self.model_id, request, scores, sum(len(x) for x in ids))
-
-    async def _pooled(self, ids: list[list[int]]) -> list[Any]:
-        """The pooled vectors of these token sequences, computed in the next micro-batch."""
-        job = _Job(ids, asyncio.get_running_loop().create_future())
-        await self._enqueue(job)
-        return await job.future
-
-    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
-        return list(await asyncio.gather(*(self.request(endpoint, body) for body in bodies)))
-
-    async def open_stream(self, endpoint: str, body: dict[str, Any]):
-        return EngineResponse(400, error_body(f"stream is not supported for {endpoint}", param="stream"))
 
     def _tokenize(self, inputs: list[str | list[int]], names: list[str]) -> list[list[int]]:
         """Token ids of each input, as vLLM renders them (special tokens added to texts), within the context;
@@ -248,55 +290,25 @@ class TransformersEmbeddingEngine(MicroBatching):
         return EmbeddingResponse(model=self.model_id, data=data,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)).model_dump()
 
-    # -- micro-batching ----------------------------------------------------------------------------
-
-    async def _work(self) -> None:
-        while True:
-            jobs = await self._gather(lambda jobs: sum(len(j.ids) for j in jobs) >= 4 * self.max_batch_size)
-            try:
-                pooled = await asyncio.to_thread(self._embed, [ids for job in jobs for ids in job.ids])
-            except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting caller
-                self._settle(jobs, error=exc)
-                continue
-            starts = [sum(len(j.ids) for j in jobs[:k]) for k in range(len(jobs))]
-            self._settle(jobs, [pooled[start:start + len(job.ids)] for start, job in zip(starts, jobs)])
-
-    def _embed(self, sequences: list[list[int]]):
-        """Pooled (not yet cut or normalised) float32 vectors, one per sequence, in order."""
+    def _forward(self, ids, mask) -> list[Any]:
+        """Pooled (not yet cut or normalised) float32 vectors, one per row."""
         torch = self._torch
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad little
-        out: list[Any] = [None] * len(sequences)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
-            width = max(len(sequences[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                mask[row, : len(sequences[i])] = 1
-            with torch.inference_mode():
-                hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-                                    ).last_hidden_state.float()
-            lengths = mask.sum(dim=1).to(self.device)
-            if self.pooling == "MEAN":
-                m = mask.to(self.device).unsqueeze(-1).float()
-                pooled = (hidden * m).sum(dim=1) / lengths.unsqueeze(-1)
-            elif self.pooling == "CLS":
-                pooled = hidden[:, 0]
-            else:  # LAST: each sequence's own last token (right padding)
-                pooled = hidden[torch.arange(len(chunk), device=self.device), lengths - 1]
-            for row, i in enumerate(chunk):
-                out[i] = pooled[row].cpu().numpy()
-        return out
+        hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state.float()
+        lengths = mask.sum(dim=1).to(self.device)
+        if self.pooling == "MEAN":
+            m = mask.to(self.device).unsqueeze(-1).float()
+            pooled = (hidden * m).sum(dim=1) / lengths.unsqueeze(-1)
+        elif self.pooling == "CLS":
+            pooled = hidden[:, 0]
+        else:  # LAST: each sequence's own last token (right padding)
+            pooled = hidden[torch.arange(len(ids), device=self.device), lengths - 1]
+        return [row.cpu().numpy() for row in pooled]
 
 
-class TransformersCrossEncoderEngine(MicroBatching):
+class TransformersCrossEncoderEngine(_SequenceEngine):
     """A cross-encoder's /v1/score and /v1/rerank: every pair (one query against each document, or pair by pair)
     run through the sequence classifier, micro-batched like the embedding engine; usage counts each pair's
     tokens (the query once per document, as vLLM counts them)."""
-
-    backend = "transformers"
-    where = "in this process"
 
     def __init__(self, model: ModelSpec, *, max_batch_size: int = 64):
         import torch
@@ -336,43 +348,9 @@ class TransformersCrossEncoderEngine(MicroBatching):
                     f"This model's maximum context length is {self.max_len} tokens. However, pair {index} has "
                     f"{len(tokens)} tokens. Please reduce the length of the input.", code="invalid_request"))
             ids.append(list(tokens))
-        job = _Job(ids, asyncio.get_running_loop().create_future())
-        await self._enqueue(job)
-        return scoring_response(self.model_id, request, await job.future, sum(len(x) for x in ids))
+        return scoring_response(self.model_id, request, await self._run(ids), sum(len(x) for x in ids))
 
-    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
-        return list(await asyncio.gather(*(self.request(endpoint, body) for body in bodies)))
-
-    async def open_stream(self, endpoint: str, body: dict[str, Any]):
-        return EngineResponse(400, error_body(f"stream is not supported for {endpoint}", param="stream"))
-
-    async def _work(self) -> None:
-        while True:
-            jobs = await self._gather(lambda jobs: sum(len(j.ids) for j in jobs) >= 4 * self.max_batch_size)
-            try:
-                scores = await asyncio.to_thread(self._score, [ids for job in jobs for ids in job.ids])
-            except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting caller
-                self._settle(jobs, error=exc)
-                continue
-            starts = [sum(len(j.ids) for j in jobs[:k]) for k in range(len(jobs))]
-            self._settle(jobs, [scores[start:start + len(job.ids)] for start, job in zip(starts, jobs)])
-
-    def _score(self, sequences: list[list[int]]) -> list[float]:
-        """Each pair's score, in order (right padding: the classifier reads each row's last real token)."""
-        torch = self._torch
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        out: list[float] = [0.0] * len(sequences)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
-            width = max(len(sequences[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                mask[row, : len(sequences[i])] = 1
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            scores = self.activation(logits.float()[:, 0])
-            for row, i in enumerate(chunk):
-                out[i] = float(scores[row])
-        return out
+    def _forward(self, ids, mask) -> list[float]:
+        """Each row's score (right padding: the classifier reads each row's last real token by the pad id)."""
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return [float(score) for score in self.activation(logits.float()[:, 0])]
