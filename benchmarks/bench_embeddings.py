@@ -39,8 +39,8 @@ from vbatch_pipelines.models.registry import (  # noqa: E402
     EMBED,
     TINY_EMBED_MODEL_ID,
     embedding_dimensions,
-    ensure_tiny_model,
 )
+from vbatch_pipelines.models.tiny import ensure_tiny_model  # noqa: E402
 
 ENDPOINT = "/v1/embeddings"
 SAMPLE = 500  # custom_ids whose vectors are compared between the two sides

@@ -33,9 +33,9 @@ from vbatch_pipelines.models.registry import (
     ModelTaskMismatch,
     detect_task,
     dimensions_error,
-    ensure_tiny_model,
     parse_model_entry,
 )
+from vbatch_pipelines.models.tiny import ensure_tiny_model
 
 
 class ModelRegistry(ConfigurableResource):

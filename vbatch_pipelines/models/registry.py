@@ -1,5 +1,6 @@
-"""What a served model is (``ModelSpec``), the error for one that is not served, and the tiny model's
-builder. Which models are served is the ``ModelRegistry`` resource's answer (resources/model_registry.py).
+"""What a served model is (``ModelSpec``) and the error for one that is not served (the tiny models' builder
+is models/tiny.py). Which models are served is the ``ModelRegistry`` resource's answer
+(resources/model_registry.py).
 """
 
 from __future__ import annotations
@@ -150,21 +151,3 @@ def dimensions_error(spec: ModelSpec, dimensions: int) -> str | None:
     if allowed and dimensions not in allowed:
         return f"Model {spec.id!r} only supports Matryoshka dimensions {allowed}, got {dimensions}."
     return None
-
-
-def ensure_tiny_model(path: Path, task: str = GENERATE) -> Path:
-    """Build the tiny chat (embedding, cross-encoder) model at ``path`` once (a lock keeps concurrent builders
-    apart)."""
-    from filelock import FileLock
-
-    if (path / "config.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not (path / "config.json").exists():
-            from vbatch_pipelines.models.tiny import TINY_BUILDERS
-
-            tmp = path.with_name(path.name + ".building")
-            TINY_BUILDERS[task](tmp)
-            tmp.rename(path)
-    return path

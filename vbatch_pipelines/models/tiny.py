@@ -228,3 +228,19 @@ def _train_on_corpus(model, tokenizer, corpus, steps: int, seed: int) -> None:
 
 # The builder of each task's tiny model (``ensure_tiny_model``, ``vbatch models create-tiny``).
 TINY_BUILDERS = {GENERATE: create_tiny_model, EMBED: create_tiny_embedding_model, SCORE: create_tiny_cross_encoder}
+
+
+def ensure_tiny_model(path: Path, task: str = GENERATE) -> Path:
+    """Build the tiny chat (embedding, cross-encoder) model at ``path`` once (a lock keeps concurrent builders
+    apart)."""
+    from filelock import FileLock
+
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / "config.json").exists():
+            tmp = path.with_name(path.name + ".building")
+            TINY_BUILDERS[task](tmp)
+            tmp.rename(path)
+    return path
