@@ -333,14 +333,11 @@ def survivors(home: Path) -> list:
     """Processes still running with this VBATCH_HOME: after `vbatch up` stops there must be none."""
     import psutil
 
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.pid != os.getpid() and process.environ().get("VBATCH_HOME") == str(home) and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    # Read once, at the scan: a process may exit (and stay a zombie until reaped) before a caller looks again;
+    # ``process.info["cmdline"]`` is what it ran.
+    return [process for process in psutil.process_iter(["environ", "cmdline", "status"])
+            if process.pid != os.getpid() and (process.info["environ"] or {}).get("VBATCH_HOME") == str(home)
+            and process.info["cmdline"] and process.info["status"] not in (None, psutil.STATUS_ZOMBIE)]
 
 
 def settled_survivors(home: Path, grace_s: float = 15.0) -> list:

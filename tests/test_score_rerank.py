@@ -15,7 +15,16 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import Platform, api_client, chat_line, jsonl, on_both_engines, running_stack, submit_batch
+from tests.conftest import (
+    Platform,
+    api_client,
+    chat_line,
+    jsonl,
+    on_both_engines,
+    platform_of,
+    running_stack,
+    submit_batch,
+)
 from tests.test_api import _wait_batch
 from tests.test_embeddings import _validate
 from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID, TINY_RERANK_MODEL_ID
@@ -562,6 +571,16 @@ def test_vllm_and_transformers_give_the_same_scores(stack):
                 assert np.allclose(_scores(body), _scores(bodies[0]), atol=1e-3)
 
 
+def _only_engine_up(stack, model_id: str) -> None:
+    """Stop the stack's other engines. Each vLLM CPU engine reserves a fifth of the machine's memory for its KV
+    cache: on a 24 GiB machine the third one of this module (chat, embedding, cross-encoder) is refused for
+    memory ("Available memory on node 0 ... is less than desired CPU memory utilization")."""
+    with platform_of(stack) as platform:
+        for server in platform.resources["inference_engine"].running_servers():
+            if server.model.id != model_id:
+                server.stop()
+
+
 @pytest.mark.vllm
 def test_cross_encoder_batches_and_routes_on_vllm_match_the_fallback(stack, tiny_rerank_model_path):
     """The tiny cross-encoder on vLLM's pooling runner (its classify task): score and rerank batches give one
@@ -570,6 +589,7 @@ def test_cross_encoder_batches_and_routes_on_vllm_match_the_fallback(stack, tiny
     both."""
     from vbatch_pipelines.engine.transformers_embeddings import TransformersCrossEncoderEngine
 
+    _only_engine_up(stack, TINY_RERANK_MODEL_ID)
     client = stack.client()
     score_lines = [rerank_model_line("one-to-many", "/v1/score", queries=QUERY, documents=DOCUMENTS + OTHERS),
                    rerank_model_line("pairs", "/v1/score", text_1=[QUERY, OTHERS[0]], text_2=DOCUMENTS),
