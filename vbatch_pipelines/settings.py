@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -164,19 +165,23 @@ def _switchable(value: str | None) -> str | None:
     return None if value is None or is_off(value) else value
 
 
-def _parse_models(spec: str | None) -> dict[str, str]:
-    """``VBATCH_MODELS="name=path,name2=path2:embed"``: the base models vbatch may serve; a path may end in
-    ``:embed`` (or ``:generate``) to say what the model does when its files do not (models/registry.py)."""
-    models: dict[str, str] = {}
+def _entries(variable: str, spec: str | None, form: str) -> Iterator[tuple[str, str, str]]:
+    """The ``key=value`` entries of a comma-separated setting, as (entry, key, value), stripped; an entry
+    without both sides is refused naming the variable and the form it takes."""
     for item in (spec or "").split(","):
         item = item.strip()
         if not item:
             continue
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise SettingsError(f"VBATCH_MODELS entry {item!r} is not of the form name=path")
-        models[name.strip()] = path.strip()
-    return models
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise SettingsError(f"{variable} entry {item!r} is not of the form {form}")
+        yield item, key, value
+
+
+def _parse_models(spec: str | None) -> dict[str, str]:
+    """``VBATCH_MODELS="name=path,name2=path2:embed"``: the base models vbatch may serve; a path may end in
+    ``:embed`` (or ``:generate``) to say what the model does when its files do not (models/registry.py)."""
+    return {name: path for _, name, path in _entries("VBATCH_MODELS", spec, "name=path")}
 
 
 def _parse_engines(spec: str | None) -> tuple[tuple[str, str], ...]:
@@ -184,19 +189,15 @@ def _parse_engines(spec: str | None) -> tuple[tuple[str, str], ...]:
     Deployment behind a Service, another box); a model named twice has two replicas."""
     from urllib.parse import urlsplit
 
-    engines = []
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, url = item.partition("=")
-        parts = urlsplit(url.strip())
-        if not sep or not name.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SettingsError(f"VBATCH_ENGINES entry {item!r} is not of the form model=http://host:port")
+    engines, form = [], "model=http://host:port"
+    for item, name, url in _entries("VBATCH_ENGINES", spec, form):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"VBATCH_ENGINES entry {item!r} is not of the form {form}")
         if (parts.path or "/") != "/" or parts.query or parts.username:
             raise SettingsError(f"VBATCH_ENGINES entry {item!r}: give the server's base URL (scheme, host, port) "
                                 "without a path, query or credentials")
-        engines.append((name.strip(), url.strip().rstrip("/")))
+        engines.append((name, url.rstrip("/")))
     if len(set(engines)) != len(engines):
         raise SettingsError("VBATCH_ENGINES names the same model and URL twice")
     return tuple(engines)
@@ -211,14 +212,10 @@ def _parse_tool_parsers(spec: str | None) -> dict[str, str]:
     A model not named forces calls only (named and "required"). The name is vLLM's ``--tool-call-parser``;
     vLLM says which it has if the engine does not start."""
     parsers: dict[str, str] = {}
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, parser = (part.strip() for part in item.partition("="))
-        if not sep or not name or not TOOL_PARSER_NAME.fullmatch(parser):
-            raise SettingsError(f"VBATCH_TOOL_PARSERS entry {item!r} is not of the form model=parser "
-                                "(a vLLM --tool-call-parser name such as hermes, llama3_json, mistral)")
+    form = "model=parser (a vLLM --tool-call-parser name such as hermes, llama3_json, mistral)"
+    for item, name, parser in _entries("VBATCH_TOOL_PARSERS", spec, form):
+        if not TOOL_PARSER_NAME.fullmatch(parser):
+            raise SettingsError(f"VBATCH_TOOL_PARSERS entry {item!r} is not of the form {form}")
         if name in parsers:
             raise SettingsError(f"VBATCH_TOOL_PARSERS names {name!r} twice")
         parsers[name] = parser
