@@ -1,11 +1,12 @@
-# vbatch: `make up` brings the platform up, `make test` runs every test. Both set up what they need.
+# vbatch: `make up` brings the platform up, `make test` runs every test, `make check` the in-process ones (the
+# developer loop, a few minutes). Each sets up what it needs.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch (a local wheel on the project's machines; from PyPI elsewhere).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install engine test-tools up test bench clean
+.PHONY: install engine test-tools up check test bench clean
 
 $(BIN)/vbatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +39,16 @@ test-tools:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# Tests run on two xdist workers, a module to a worker (a module's stack starts once, and modules whose tests
+# depend on order keep it); the slowest 25 are listed at the end. PYTEST_ARGS adds to both targets.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadscope --durations=25 $(PYTEST_ARGS)
+
+# The in-process tier: no `vbatch up`, engine, Label Studio, Celery node or browser (tests/tiers.py).
+check: install
+	$(PYTEST) -m "not stack"
+
 test: engine test-tools
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # Every benchmark script; each prints its figures (see the README's Benchmarks table).
 bench: engine

@@ -42,6 +42,8 @@ class InferenceEngine(ConfigurableResource):
     startup_timeout_s: float = 600.0
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
+    kv_cache_sequences: int = Field(default=16, description="on CPU: full-context sequences an engine's KV cache "
+                                    "holds, sized from the model's config (VBATCH_KV_CACHE_SEQUENCES)")
     extra_vllm_args: list[str] = Field(default_factory=list)
     tool_parsers: dict[str, str] = Field(default_factory=dict, description="base model -> the vLLM tool parser "
                                          "for the calls it writes itself: tool_choice \"auto\" (VBATCH_TOOL_PARSERS)")
@@ -74,7 +76,8 @@ class InferenceEngine(ConfigurableResource):
             )
         config = VLLMServerConfig(
             python=python, gpus=self.gpus, max_model_len=self.max_model_len,
-            gpu_memory_utilization=self.gpu_memory_utilization, extra_args=list(self.extra_vllm_args),
+            gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_sequences=self.kv_cache_sequences,
+            extra_args=list(self.extra_vllm_args),
             startup_timeout_s=self.startup_timeout_s, max_lora_rank=self.max_lora_rank, host=self.engine_host,
             tool_parser=self.tool_parsers.get(model.base.id),
         )

@@ -16,12 +16,48 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
 from tests.postgres_server import fresh_database
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
 # Curation needs Label Studio: tests that want it point at the session's server (the label_studio
 # fixture); everything else runs with curation off so no test starts a Label Studio of its own.
 os.environ["VBATCH_CURATION"] = "off"
+
+
+def pytest_configure(config) -> None:
+    for name, description in tiers.MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        tiers.mark_from_fixtures(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    tiers.running(item)
+    try:
+        yield
+    finally:
+        tiers.running(None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stack_starts_are_marked():
+    """The managed vLLM and Label Studio servers, however a test reaches them, start only in ``stack`` tests."""
+    from vbatch_pipelines.curation.server import ManagedLabelStudio
+    from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer
+
+    with pytest.MonkeyPatch.context() as patch:
+        for server in (ManagedVLLMServer, ManagedLabelStudio):
+            def guarded(self, _start=server._start):
+                tiers.starting(f"a {self.name} server")
+                return _start(self)
+
+            patch.setattr(server, "_start", guarded)
+        yield
 
 
 
@@ -215,17 +251,39 @@ def aristotle_database() -> Iterator[str]:
         yield url
 
 
+CLI = [sys.executable, "-m", "vbatch_pipelines.cli"]
+
+
+def start_process(argv: list[str], env: dict, ready: str, timeout: float, what: str,
+                  cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A command that starts a stack (``what``), in the background; returns it and its output once it printed
+    ``ready`` (its banner), or fails the test with that output after ``timeout`` s or when it exits first. Its
+    output is read on to the end by a thread, so a chatty process never blocks on a full pipe."""
+    import queue
+    import threading
+
+    tiers.starting(what)
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] and None, daemon=True).start()
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if ready in line:
+            return process, "".join(seen)
+    process.kill()
+    pytest.fail(f"{what} did not come up in {timeout:.0f}s:\n{''.join(seen)[-3000:]}")
+
+
 def start_up(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
     """`vbatch up` in a subprocess; returns it once it printed its banner (and the banner)."""
-    process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", *args], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    banner = []
-    for line in process.stdout:
-        banner.append(line)
-        if "Ctrl-C stops everything" in line:
-            break
-    assert process.poll() is None, "".join(banner)
-    return process, "".join(banner)
+    return start_process([*CLI, "up", *args], env, "Ctrl-C stops everything", 300, "`vbatch up`")
 
 
 class Stack:

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psutil
 import pytest
 
-from tests.conftest import jsonl, settled_survivors
+from tests.conftest import CLI, jsonl, settled_survivors, start_process
 from tests.node_network import NodeNetwork, Relay, namespaces_unavailable, node_networks
 from tests.postgres_server import fresh_database
 from tests.test_api import _wait_batch
@@ -41,7 +38,6 @@ from vbatch_pipelines.names import NODE_TAG
 from vbatch_pipelines.net import free_port, local_http
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "vbatch_pipelines.cli"]
 
 
 def _with_password(url: str, password: str) -> str:
@@ -58,26 +54,6 @@ def _seen_from(env: dict, host: str) -> dict:
             for key, value in env.items()}
 
 
-def _start(argv: list[str], env: dict, ready: str, timeout: float) -> tuple[subprocess.Popen, str]:
-    """A vbatch command in the background; returns once it printed ``ready`` (its banner), or fails."""
-    process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] and None, daemon=True).start()
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            if process.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        if ready in line:
-            return process, "".join(seen)
-    process.kill()
-    pytest.fail(f"{' '.join(argv[2:])} did not come up in {timeout:.0f}s:\n{''.join(seen)[-3000:]}")
-
-
 @dataclass
 class Node:
     name: str
@@ -89,8 +65,8 @@ class Node:
 
     def start(self) -> None:
         argv = [*CLI, "worker", "--node", self.name, "--gpus", "1", "--concurrency", "1"]
-        self.process, self.banner = _start(self.network.run(argv) if self.network else argv, self.env,
-                                           "Ctrl-C stops it.", 240)
+        self.process, self.banner = start_process(self.network.run(argv) if self.network else argv, self.env,
+                                                  "Ctrl-C stops it.", 240, f"the node {self.name}'s worker", ROOT)
 
     def kill(self) -> list[int]:
         """SIGKILL the worker and every process under it at once: the node is gone."""
@@ -201,9 +177,9 @@ def running_cluster(tmp: Path, tiny_model_path: Path, redis: str, **env: str) ->
             for network in networks:
                 for port in (urlsplit(metadata_db).port, dagster_port):  # PostgreSQL and Dagster: loopback only
                     relay.forward(network.host_address, port)
-            cluster.process, cluster.banner = _start(
+            cluster.process, cluster.banner = start_process(
                 [*CLI, "up", "--mode", "cluster", "--api-port", str(api_port), "--dagster-port", str(dagster_port)],
-                cluster.env, "Ctrl-C stops everything.", 300)
+                cluster.env, "Ctrl-C stops everything.", 300, "`vbatch up --mode cluster`", ROOT)
             for node in nodes.values():
                 node.start()
             with pytest.MonkeyPatch.context() as mp:

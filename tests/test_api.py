@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import chat_line, chat_lines, jsonl, running_stack
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ import pytest
 
 from tests.conftest import chat_lines, jsonl, running_stack, survivors
 
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
+
 REQUESTS = 2000
 
 

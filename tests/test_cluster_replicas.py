@@ -16,7 +16,7 @@ from tests.scale_out import Cluster, Replica, running_cluster
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 from vbatch_pipelines.names import BATCH_ID_TAG, NODE_TAG
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
 from tests.conftest import api_client, chat_lines, jsonl, platform_of, running_stack
 
 USE_KEY, ADMIN_KEY = "console-use-key", "console-admin-key"
@@ -90,6 +91,7 @@ def browser():
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
+    tiers.starting("chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -126,6 +128,8 @@ def _log_in(page, path: str, key: str) -> None:
     page.wait_for_url(f"**{path}")
 
 
+@pytest.mark.stack
+@pytest.mark.vllm
 def test_in_a_browser_a_user_logs_in_watches_a_batch_complete_and_downloads_it(browser, console_stack, tmp_path):
     stack = console_stack
     client = stack.client(api_key=USE_KEY)
@@ -179,6 +183,8 @@ def _wait_text(page, selector: str, wanted: tuple[str, ...], timeout_s: float) -
     return page.text_content(selector).strip()
 
 
+@pytest.mark.stack
+@pytest.mark.vllm
 def test_in_a_browser_an_admin_installs_a_model_cancels_a_batch_fine_tunes_deploys_and_chats(browser, console_stack,
                                                                                            tmp_path, tiny_model_path):
     from tests.test_fine_tuning import build_dataset, record_gold_stars

@@ -17,7 +17,7 @@ from tests.test_api import _wait_batch
 from tests.test_embeddings import TEXTS, decode, embed_line
 from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")

@@ -342,3 +342,47 @@ def test_a_fine_tune_the_gate_rejects_says_so_and_can_be_deployed_later(platform
         queued = create(platform, training_file=train.id, hyperparameters=FAST)
         refused = client.post(f"/v1/fine_tuning/jobs/{queued.id}/deploy")
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_not_succeeded"
+
+
+@pytest.mark.parametrize("reader", ["dagster", "vbatch"])
+def test_a_progress_message_read_while_the_trainer_writes_it_arrives_whole(tmp_path, reader):
+    """The reader finds half a message (the trainer is writing it), then the rest: vbatch's reader hands over
+    both messages whole; Dagster's own hands over the half as a line, and its thread dies on it."""
+    from dagster import PipesFileMessageReader
+
+    from resources.trainer import whole_line_reader
+
+    path = tmp_path / "messages.pipes"
+    first = {"__dagster_pipes_version": "0.1", "method": "report_custom_message", "params": {"payload": {"step": 1}}}
+    second = {**first, "params": {"payload": {"step": 2}}}
+    text = json.dumps(first) + "\n" + json.dumps(second) + "\n"
+    path.write_text(text[:20])
+    checks = []
+
+    class Complete:  # asked each time the reader finds no whole line: the writer goes on meanwhile
+        def is_set(self) -> bool:
+            checks.append(1)
+            if len(checks) == 1:
+                with open(path, "a") as stream:
+                    stream.write(text[20:])
+            return len(checks) > 2
+
+    class Handler:
+        messages: list = []
+        failures: list = []
+
+        def handle_message(self, message):
+            self.messages.append(message)
+
+        def report_pipes_framework_exception(self, origin, exc_info):
+            self.failures.append(exc_info[1])
+
+    handler = Handler()
+    chosen = whole_line_reader(path) if reader == "vbatch" else PipesFileMessageReader(str(path))
+    if reader == "vbatch":
+        chosen._reader_thread(handler, Complete())
+        assert handler.messages == [first, second] and handler.failures == []
+    else:
+        with pytest.raises(json.JSONDecodeError):
+            chosen._reader_thread(handler, Complete())
+        assert handler.messages == [] and isinstance(handler.failures[0], json.JSONDecodeError)

@@ -16,7 +16,7 @@ from tests.conftest import chat_line, jsonl, platform_of, running_stack
 from tests.test_fine_tuning import FAST, build_dataset, example, record_gold_stars
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

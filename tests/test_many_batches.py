@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import chat_lines, jsonl, running_stack
 from tests.test_api import _wait_batch
 
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_path):

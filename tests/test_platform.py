@@ -17,6 +17,8 @@ from vbatch_pipelines.batch.service import is_terminal
 from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
 from vbatch_pipelines.net import free_port
 
+pytestmark = pytest.mark.stack
+
 
 def _wait_terminal(platform, batch_id, timeout=180):
     deadline = time.monotonic() + timeout

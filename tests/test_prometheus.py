@@ -14,7 +14,10 @@ import httpx
 import pytest
 import yaml
 
+from tests import tiers
 from tests.conftest import chat_lines, jsonl, running_stack
+
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +44,7 @@ def test_prometheus_scrapes_the_platform_and_every_dashboard_query_returns_data(
         pytest.fail("Debian's `prometheus` is not installed: `make test` installs it (apt-get install prometheus)")
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "vbatch-dashboard.json").read_text())
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    tiers.starting("Prometheus")
     with running_stack(tmp_path / "home", tiny_model_path, VBATCH_CURATION="off") as stack:
         client = stack.client()
         file_id = client.files.create(file=("in.jsonl", jsonl(chat_lines(20, prefix="prom"))), purpose="batch").id

@@ -16,8 +16,6 @@ import pytest
 from tests.conftest import Platform, chat_lines, jsonl, vllm_python
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
-pytestmark = pytest.mark.vllm
-
 
 @pytest.fixture()
 def cluster(vbatch_home, replicas, monkeypatch):

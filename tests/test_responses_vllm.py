@@ -16,7 +16,7 @@ from tests.test_api import _wait_batch
 from tests.test_responses import INSTRUCTIONS, QUESTIONS, assert_openai_response, responses_line, responses_lines
 from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")

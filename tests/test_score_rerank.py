@@ -465,6 +465,7 @@ def _output(client: openai.OpenAI, batch) -> dict[str, dict]:
     return {line["custom_id"]: check_line(line) for line in lines}
 
 
+@pytest.mark.stack
 @pytest.mark.vllm
 def test_score_and_rerank_batches_on_vllm(stack):
     client = stack.client()
@@ -491,6 +492,7 @@ def test_score_and_rerank_batches_on_vllm(stack):
     assert [by_index[0], by_index[1]] == pytest.approx([d["score"] for d in scored["one-to-many"]["data"]], abs=1e-5)
 
 
+@pytest.mark.stack
 @pytest.mark.vllm
 def test_vllm_run_batch_score_and_rerank_inputs(stack):
     """vLLM's own run-batch score and rerank files (INPUT_SCORE_BATCH, INPUT_RERANK_BATCH), its reranker model
@@ -518,6 +520,7 @@ def test_vllm_run_batch_score_and_rerank_inputs(stack):
         assert result["results"] == ranked["request-1"]["results"]
 
 
+@pytest.mark.stack
 @pytest.mark.vllm
 def test_a_chat_model_cannot_score_on_vllm(stack):
     client = stack.client()
@@ -533,6 +536,7 @@ def test_a_chat_model_cannot_score_on_vllm(stack):
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_supported"
 
 
+@pytest.mark.stack
 @pytest.mark.vllm
 def test_vllm_and_transformers_give_the_same_scores(stack):
     """The same bodies online (vLLM's /score and /rerank, through vbatch's routes), in a batch chunk (the
@@ -581,6 +585,7 @@ def _only_engine_up(stack, model_id: str) -> None:
                 server.stop()
 
 
+@pytest.mark.stack
 @pytest.mark.vllm
 def test_cross_encoder_batches_and_routes_on_vllm_match_the_fallback(stack, tiny_rerank_model_path):
     """The tiny cross-encoder on vLLM's pooling runner (its classify task): score and rerank batches give one
@@ -646,6 +651,7 @@ def test_cross_encoder_batches_and_routes_on_vllm_match_the_fallback(stack, tiny
                 assert np.allclose(_scores(body), _scores(bodies[0]), atol=1e-3), (_scores(body), _scores(bodies[0]))
 
 
+@pytest.mark.stack
 @pytest.mark.vllm
 def test_a_cross_encoder_cannot_embed_or_chat_on_vllm(stack):
     client = stack.client()

@@ -27,7 +27,7 @@ from tests.conftest import chat_line, jsonl, running_stack
 from tests.test_api import _upload, _wait_batch
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 WEATHER = {
     "type": "object", "additionalProperties": False, "required": ["colour", "count", "label", "ok", "tags"],

@@ -51,6 +51,7 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.stack
 def test_one_owner_restarts_with_status_and_nothing_survives_a_kill_9(tmp_path, tiny_model_path):
     home = tmp_path / "home"
     env, api_port, dagster_port = _env(home, tiny_model_path)

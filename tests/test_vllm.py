@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import Platform, chat_lines, jsonl, vllm_python
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")

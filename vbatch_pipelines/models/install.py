@@ -96,6 +96,32 @@ def kv_cache_bytes(config: dict[str, Any], context: int, bytes_per_value: float)
     return int(2 * c["num_hidden_layers"] * kv_heads * head_dim * context * bytes_per_value)
 
 
+def serving_context(config: dict[str, Any], context: int | None) -> int:
+    """The context the engine serves: VBATCH_MAX_MODEL_LEN when set (never past the model's own), else the
+    model's."""
+    own = _text_config(config).get("max_position_embeddings")
+    return min(context or own or 4096, own or 1 << 30)
+
+
+# A CPU engine's KV cache is sized to its model instead of a fraction of the machine: ``sequences`` sequences
+# of the full context (float32, the CPU build's dtype), no less than the floor (vLLM's blocks for a model whose
+# tokens cost next to nothing), no more than the fifth of the machine's memory CPU engines reserved before.
+CPU_KV_CACHE_FLOOR = 16 * 1024**2
+CPU_KV_CACHE_CAP_FRACTION = 0.2
+
+
+def cpu_kv_cache_reservation(config: dict[str, Any] | None, context: int | None, sequences: int) -> int:
+    """The cap when ``config`` (None: unreadable) lacks the numbers."""
+    import psutil
+
+    cap = int(CPU_KV_CACHE_CAP_FRACTION * psutil.virtual_memory().total)
+    try:
+        need = kv_cache_bytes(config or {}, serving_context(config or {}, context), 4.0) * sequences
+    except (KeyError, TypeError, ZeroDivisionError):
+        return cap
+    return min(max(need, CPU_KV_CACHE_FLOOR), cap)
+
+
 def available_memory(gpus: int, memory_fraction: float) -> tuple[int, str]:
     if gpus:
         import subprocess
@@ -109,19 +135,22 @@ def available_memory(gpus: int, memory_fraction: float) -> tuple[int, str]:
 
 
 def fit_check(config: dict[str, Any], *, gpus: int, context: int | None, available: int, device: str,
-              weight_bytes: int | None = None) -> FitReport:
-    c = _text_config(config)
+              weight_bytes: int | None = None, kv_reservation: int | None = None) -> FitReport:
+    """``kv_reservation``: what a CPU engine reserves for this model's KV cache (cpu_kv_cache_reservation); one
+    sequence of the full context must fit in it, and the reservation beside the weights in ``available``."""
     dtype, per_param = serving_dtype(config, gpus)
     params = parameter_count(config)
     weights = weight_bytes if weight_bytes is not None else int(params * per_param)
-    context = min(context or c.get("max_position_embeddings") or 4096, c.get("max_position_embeddings") or 1 << 30)
+    context = serving_context(config, context)
     kv_value_bytes = 4.0 if not gpus else 2.0
     kv = kv_cache_bytes(config, context, kv_value_bytes)
-    fits = weights + kv <= available
     per_token = kv_cache_bytes(config, 1, kv_value_bytes) or 1
+    reserved = max(kv, kv_reservation or 0)
+    fits = weights + reserved <= available and (kv_reservation is None or kv <= kv_reservation)
 
     def longest_context(weight: int) -> int:
-        return int(max(0, available - weight) // per_token)
+        room = max(0, available - weight)
+        return int(min(room, kv_reservation or room) // per_token)
 
     suggestion = ""
     if not fits and weights > available:
@@ -135,7 +164,7 @@ def fit_check(config: dict[str, Any], *, gpus: int, context: int | None, availab
     elif not fits:
         suggestion = (f"the weights fit but the KV cache for {context} tokens does not: set "
                       f"VBATCH_MAX_MODEL_LEN={longest_context(weights)} or less")
-    return FitReport(params, weights, kv, context, available, device, dtype, fits, suggestion)
+    return FitReport(params, weights, reserved, context, available, device, dtype, fits, suggestion)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,7 @@ def request_install(db: Database, model_registry, inference_engine, source: str,
         InstallError,
         available_memory,
         check_remote_code,
+        cpu_kv_cache_reservation,
         fit_check,
         resolve,
     )
@@ -136,7 +137,9 @@ def request_install(db: Database, model_registry, inference_engine, source: str,
     gpus = inference_engine.gpus
     available, device = available_memory(gpus, inference_engine.gpu_memory_utilization or 1.0)
     report = fit_check(resolved.config, gpus=gpus, context=inference_engine.max_model_len, available=available,
-                       device=device, weight_bytes=resolved.weight_bytes)
+                       device=device, weight_bytes=resolved.weight_bytes,
+                       kv_reservation=None if gpus else cpu_kv_cache_reservation(
+                           resolved.config, inference_engine.max_model_len, inference_engine.kv_cache_sequences))
     if not report.fits:
         raise InstallError(f"{source} does not fit: it {report.describe()}. Suggestion: {report.suggestion}",
                            "model_does_not_fit")

@@ -1,0 +1,45 @@
+"""Test tiers, by what a test starts. A test that starts a stack (`vbatch up`, a vLLM engine, Label Studio,
+Celery nodes, Prometheus or chromium: tens of seconds to minutes each) is marked ``stack``; everything else runs
+in-process and makes up `make check`, the developer loop. `make test` runs both.
+
+The mark is checked where the cost is paid: every starter calls ``starting(what)``, which fails an unmarked
+test before anything starts, so a stack test cannot slip into the fast tier unnoticed. Tests that use the shared
+fixtures below are marked from those fixtures (``mark_from_fixtures``) and cannot forget it."""
+
+from __future__ import annotations
+
+import pytest
+
+STACK = "stack"
+MARKERS = {
+    STACK: "starts services (`vbatch up`, a vLLM engine, Label Studio, Celery nodes, Prometheus or chromium); "
+           "`make check` leaves these out, `make test` runs them",
+    "vllm": "needs the vLLM engine environment (vbatch engine install)",
+    "postgres": "needs PostgreSQL: VBATCH_TEST_POSTGRES_URL, one at 127.0.0.1:5432, or the test's own server",
+}
+# conftest fixtures by what they need: a test using one gets those marks.
+FIXTURE_MARKS = {"label_studio_server": (STACK,), "curation_home": (STACK,), "redis_url": (STACK,),
+                 "replicas": (STACK, "vllm"), "postgres_url": ("postgres",), "aristotle_url": ("postgres",)}
+
+_current: pytest.Item | None = None
+
+
+def mark_from_fixtures(item: pytest.Item) -> None:
+    for mark in sorted({mark for name in getattr(item, "fixturenames", ()) for mark in FIXTURE_MARKS.get(name, ())}):
+        if item.get_closest_marker(mark) is None:
+            item.add_marker(mark)
+
+
+def running(item: pytest.Item | None) -> None:
+    """The test whose setup, call or teardown is running (None between tests)."""
+    global _current
+    _current = item
+
+
+def starting(what: str) -> None:
+    """Called by everything that starts a stack: fails the running test, before ``what`` starts, unless the
+    test is marked ``stack``."""
+    if _current is not None and _current.get_closest_marker(STACK) is None:
+        pytest.fail(f"{_current.nodeid} starts {what} but is not marked `{STACK}`: add "
+                    f"`pytestmark = pytest.mark.{STACK}` to its module (or mark the test), so that `make check` "
+                    "leaves it out", pytrace=False)
