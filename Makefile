@@ -17,12 +17,12 @@ $(BIN)/vbatch: pyproject.toml
 
 install: $(BIN)/vbatch
 
-# vLLM, Label Studio and (on a GPU) Unsloth in virtualenvs of their own (their pins clash with ours);
-# skipped when built.
+# vLLM, Label Studio and (on a GPU) Unsloth in virtualenvs of their own (their pins clash with ours), built side
+# by side; skipped when built.
 engine: install
-	$(BIN)/vbatch engine install
-	$(BIN)/vbatch label-studio install
-	$(BIN)/vbatch trainer install
+	@$(BIN)/vbatch engine install & e=$$!; $(BIN)/vbatch label-studio install & l=$$!; \
+	$(BIN)/vbatch trainer install & t=$$!; \
+	wait $$e; a=$$?; wait $$l; b=$$?; wait $$t; c=$$?; [ $$a$$b$$c = 000 ] || { echo "an engine env failed"; exit 1; }
 
 up: engine
 	$(BIN)/vbatch up
@@ -41,7 +41,7 @@ test-tools:
 
 # Tests run on two xdist workers, a module to a worker (a module's stack starts once, and modules whose tests
 # depend on order keep it); the slowest 25 are listed at the end. PYTEST_ARGS adds to both targets.
-PYTEST := $(BIN)/python -m pytest -n 2 --dist loadscope --durations=25 $(PYTEST_ARGS)
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 # The in-process tier: no `vbatch up`, engine, Label Studio, Celery node or browser (tests/tiers.py).
 check: install

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +35,11 @@ def pytest_configure(config) -> None:
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         tiers.mark_from_fixtures(item)
+        tiers.check_shared_stack(item)
+    # Modules with stack tests first (a stable sort): the long ones start early, in-process ones fill the gaps
+    # at the end, so two xdist workers (--dist loadscope, a module to a worker) finish close together.
+    stacked = {item.module.__name__ for item in items if item.get_closest_marker(tiers.STACK)}
+    items.sort(key=lambda item: item.module.__name__ not in stacked)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -42,6 +49,19 @@ def pytest_runtest_protocol(item, nextitem):
         yield
     finally:
         tiers.running(None)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadscope, with the modules of a shared stack as one unit (tiers.scope_of)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedStackScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return tiers.scope_of(nodeid)
+
+    return SharedStackScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,27 +81,51 @@ def _stack_starts_are_marked():
 
 
 
+def test_cache() -> Path:
+    """What the tests build once per machine and reuse in every session and xdist worker: the tiny models and a
+    Label Studio home past its first start (VBATCH_TEST_CACHE, default ~/.cache/vbatch/tests)."""
+    return Path(os.environ.get("VBATCH_TEST_CACHE") or Path.home() / ".cache" / "vbatch" / "tests")
+
+
+@functools.cache
+def tiny_models_dir() -> Path:
+    """The tiny models, keyed by their builder's source and the versions of what builds them (the build is
+    deterministic). Tests read them and never change them."""
+    import hashlib
+    from importlib.metadata import version
+
+    import vbatch_pipelines.models.tiny as builder
+
+    key = hashlib.sha256(Path(builder.__file__).read_bytes())
+    key.update(f"{version('torch')} {version('transformers')} {version('tokenizers')}".encode())
+    return test_cache() / "models" / key.hexdigest()[:16]
+
+
+def _tiny(model_id: str, task: str) -> Path:
+    from vbatch_pipelines.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tiny_models_dir() / model_id, task)
+
+
 @pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory) -> Path:
-    from vbatch_pipelines.models.tiny import create_tiny_model
+def tiny_model_path() -> Path:
+    from vbatch_pipelines.models.registry import GENERATE
 
-    return create_tiny_model(tmp_path_factory.mktemp("models") / TINY_MODEL_ID)
-
-
-@pytest.fixture(scope="session")
-def tiny_embed_model_path(tmp_path_factory) -> Path:
-    from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID
-    from vbatch_pipelines.models.tiny import create_tiny_embedding_model
-
-    return create_tiny_embedding_model(tmp_path_factory.mktemp("models") / TINY_EMBED_MODEL_ID)
+    return _tiny(TINY_MODEL_ID, GENERATE)
 
 
 @pytest.fixture(scope="session")
-def tiny_rerank_model_path(tmp_path_factory) -> Path:
-    from vbatch_pipelines.models.registry import TINY_RERANK_MODEL_ID
-    from vbatch_pipelines.models.tiny import create_tiny_cross_encoder
+def tiny_embed_model_path() -> Path:
+    from vbatch_pipelines.models.registry import EMBED, TINY_EMBED_MODEL_ID
 
-    return create_tiny_cross_encoder(tmp_path_factory.mktemp("models") / TINY_RERANK_MODEL_ID)
+    return _tiny(TINY_EMBED_MODEL_ID, EMBED)
+
+
+@pytest.fixture(scope="session")
+def tiny_rerank_model_path() -> Path:
+    from vbatch_pipelines.models.registry import SCORE, TINY_RERANK_MODEL_ID
+
+    return _tiny(TINY_RERANK_MODEL_ID, SCORE)
 
 
 @pytest.fixture()
@@ -352,6 +396,26 @@ def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> It
         assert not left, f"still running after `vbatch up` stopped: {left}"
 
 
+@pytest.fixture(scope="session")
+def default_stack(tmp_path_factory, tiny_model_path) -> Iterator[Stack]:
+    """`vbatch up` on vLLM serving the tiny chat model, curation and the retrain schedule off: one for the
+    modules of tiers.SHARED_STACKS["default_stack"]."""
+    with running_stack(tmp_path_factory.mktemp("default-stack"), tiny_model_path, VBATCH_CURATION="off",
+                       VBATCH_RETRAIN_CRON="off") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def chat_embed_stack(tmp_path_factory, tiny_model_path, tiny_embed_model_path) -> Iterator[Stack]:
+    """`vbatch up` on vLLM serving the tiny chat and embedding models: one for the modules of
+    tiers.SHARED_STACKS["chat_embed_stack"]."""
+    from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID
+
+    models = f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path}"
+    with running_stack(tmp_path_factory.mktemp("chat-embed-stack"), tiny_model_path, VBATCH_MODELS=models) as stack:
+        yield stack
+
+
 @contextmanager
 def platform_of(stack: Stack) -> Iterator[Platform]:
     """Resources bound to a running stack's home, to set up what a test needs as the platform would."""
@@ -466,6 +530,34 @@ def replicas(tmp_path_factory, tiny_model_path) -> Iterator[list]:
             replica.server.stop()
 
 
+def label_studio_template(envs_dir: Path) -> Path:
+    """A Label Studio home whose first start (~400 migrations, its admin user and token) is done: built once per
+    machine and Label Studio env (the first session or xdist worker builds it, the others wait), copied by each
+    session, so their servers start warm (seconds instead of a minute)."""
+    from filelock import FileLock
+
+    from vbatch_pipelines.curation.server import ManagedLabelStudio, managed_env_dir
+    from vbatch_pipelines.net import free_port
+
+    template = test_cache() / "label-studio" / managed_env_dir(envs_dir).name
+    if (template / "data").is_dir():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(template) + ".lock"):
+        if not (template / "data").is_dir():
+            building = template.with_name(template.name + ".building")
+            shutil.rmtree(building, ignore_errors=True)
+            server = ManagedLabelStudio(building, envs_dir, free_port())
+            try:
+                server.ensure()
+            finally:
+                server.stop()
+            for leftover in building.glob("server.*"):  # its pid, port and log: each copy starts its own
+                leftover.unlink()
+            building.rename(template)
+    return template
+
+
 @pytest.fixture(scope="session")
 def label_studio_server(tmp_path_factory):
     """The real Label Studio, started once for the session by vbatch's own manager (managed env)."""
@@ -474,9 +566,11 @@ def label_studio_server(tmp_path_factory):
     from vbatch_pipelines.settings import load_settings
 
     home = tmp_path_factory.mktemp("label-studio-home")
-    server = ManagedLabelStudio(home / "label-studio", load_settings().envs_dir, free_port())
+    envs_dir = load_settings().envs_dir
+    server = ManagedLabelStudio(home / "label-studio", envs_dir, free_port())
     if not server.installed():
         pytest.fail("Label Studio is not installed: run `vbatch label-studio install` (make test does)")
+    shutil.copytree(label_studio_template(envs_dir), server.state_dir)
     conn = LabelStudioConnection(server.ensure(), server.credentials()["token"])
     try:
         yield server, conn

@@ -330,8 +330,9 @@ def test_a_killed_runs_lease_on_this_host_is_taken_at_once(platform):
     dead.wait()
     claim_batch(platform.db, batch.id, f"run-x@{socket.gethostname()[:40]}:{dead.pid}")
     started = time.monotonic()
-    claim_batch(platform.db, batch.id, "run-y@elsewhere:1", wait_s=5)
-    assert time.monotonic() - started < 1 and platform.batch(batch.id).lease_owner == "run-y@elsewhere:1"
+    claim_batch(platform.db, batch.id, "run-y@elsewhere:1", wait_s=120)
+    # at once, not after waiting out the dead owner's lease (a wait would take the whole 120 s)
+    assert time.monotonic() - started < 60 and platform.batch(batch.id).lease_owner == "run-y@elsewhere:1"
 
 
 def test_batches_launched_together_share_a_run_yet_keep_their_own_results_and_status(platform):

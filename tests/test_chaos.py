@@ -314,9 +314,33 @@ def test_a_killed_label_studio_loses_no_curation_task(chaos_stack, label_studio)
     _wait_for_progress(chaos_stack, batch_id, fraction=0.5)
     killed_at = time.monotonic()
     _kill_group(server.state()["pid"])
-    time.sleep(20)  # down while the batch finishes and its curation step first tries
+    _wait_for_curation_retry(chaos_stack, batch_id)  # down while the batch finishes and its curation step tries
+    down_s = time.monotonic() - killed_at
     server.ensure()  # its own supervisor (here: the test) brings it back
-    _assert_outcome(chaos_stack, batch_id, custom_ids, resource, "SIGKILL Label Studio (back after 20 s)", killed_at)
+    _assert_outcome(chaos_stack, batch_id, custom_ids, resource,
+                    f"SIGKILL Label Studio (back after {down_s:.0f} s, once curation had failed on it)", killed_at)
+
+
+def _wait_for_curation_retry(stack, batch_id: str, timeout: float = 300) -> None:
+    """Until the batch's curation step has failed for want of Label Studio and waits for its retry."""
+    import sqlalchemy as sa
+    from dagster import DagsterEventType, DagsterInstance
+
+    engine = sa.create_engine(f"sqlite:///{_home(stack) / 'vbatch.db'}")
+    deadline = time.monotonic() + timeout
+    with DagsterInstance.from_config(stack.env["DAGSTER_HOME"]) as instance:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                run_id = conn.execute(sa.text("SELECT dagster_run_id FROM batches WHERE id = :b"),
+                                      {"b": batch_id}).scalar()
+            if run_id and any((event.step_key or "").startswith("curation_tasks") for event in
+                              instance.all_logs(run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)):
+                engine.dispose()
+                return
+            time.sleep(0.5)
+    engine.dispose()
+    raise AssertionError(f"{batch_id}'s curation step never failed on the killed Label Studio\n"
+                         f"{_diagnosis(stack, batch_id)}")
 
 
 def test_a_killed_run_worker_loses_nothing_of_batches_running_side_by_side(chaos_stack, label_studio):

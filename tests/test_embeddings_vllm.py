@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import chat_line, on_both_engines, running_stack, submit_batch
+from tests.conftest import chat_line, on_both_engines, submit_batch
 from tests.test_api import _wait_batch
 from tests.test_embeddings import TEXTS, decode, embed_line
 from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
@@ -20,11 +20,9 @@ from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
 pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_path, tiny_embed_model_path):
-    models = f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path}"
-    with running_stack(tmp_path_factory.mktemp("embed-home"), tiny_model_path, VBATCH_MODELS=models) as stack:
-        yield stack
+@pytest.fixture()
+def stack(chat_embed_stack):
+    return chat_embed_stack
 
 
 _submit = functools.partial(submit_batch, endpoint="/v1/embeddings")

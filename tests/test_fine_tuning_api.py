@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import chat_line, jsonl, platform_of, running_stack
+from tests.conftest import chat_line, jsonl, platform_of
 from tests.test_fine_tuning import FAST, build_dataset, example, record_gold_stars
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
@@ -21,11 +21,10 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @pytest.fixture(scope="module")
-def ft_stack(tmp_path_factory, tiny_model_path):
-    home = tmp_path_factory.mktemp("ft-home")
-    with running_stack(home, tiny_model_path, VBATCH_RETRAIN_CRON="off") as stack, platform_of(stack) as platform:
-        stack.platform = platform
-        yield stack
+def ft_stack(default_stack):
+    with platform_of(default_stack) as platform:
+        default_stack.platform = platform
+        yield default_stack
 
 
 def wait_job(client: openai.OpenAI, job_id: str, statuses=TERMINAL, timeout: float = 400):

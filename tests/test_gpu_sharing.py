@@ -12,13 +12,39 @@ from types import SimpleNamespace
 from dagster import AssetKey
 from dagster._core.test_utils import instance_for_test
 
-from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
+from vbatch_pipelines.defs.gpu import DRAIN_MARK, gpu_run_tags, gpu_to_itself
 from vbatch_pipelines.instance import INFERENCE_POOL, set_pools
 
 
 def _context(instance, run_id: str, asset: str = "fine_tuned_checkpoint", tags: dict | None = None):
     return SimpleNamespace(instance=instance, run_id=run_id, asset_key=AssetKey(asset),
                            log=logging.getLogger("test"), run=SimpleNamespace(tags=tags or {}))
+
+
+class DrainRounds:
+    """Counts a draining step's claim rounds (its claims of the `inference` slots), so a test waits until the
+    step has looked again and is still waiting, instead of sleeping and hoping it looked."""
+
+    def __init__(self, storage, slots: int):
+        self.slots, self.attempts, self.changed = slots, 0, threading.Condition()
+        claim = storage.claim_concurrency_slot
+
+        def counted(pool, run_id, step_key, *args, **kwargs):
+            result = claim(pool, run_id, step_key, *args, **kwargs)
+            if DRAIN_MARK in step_key:
+                with self.changed:
+                    self.attempts += 1
+                    self.changed.notify_all()
+            return result
+
+        storage.claim_concurrency_slot = counted  # this instance's storage only
+
+    def wait(self, rounds: int = 2, timeout: float = 30) -> None:
+        """Until the step made ``rounds`` more claim rounds (its slots' count each) than when this was called."""
+        with self.changed:
+            start = self.attempts
+            assert self.changed.wait_for(lambda: self.attempts >= start + rounds * self.slots, timeout), \
+                "the draining step stopped polling"
 
 
 def _claim(storage, run_id: str) -> bool:
@@ -29,6 +55,7 @@ def test_training_waits_for_running_batches_and_new_batches_wait_for_training():
     with instance_for_test() as instance:
         set_pools(instance, gpus=0, inference_runs=3)
         storage = instance.event_log_storage
+        rounds = DrainRounds(storage, slots=3)
         assert _claim(storage, "batches-1") and _claim(storage, "batches-2")  # two batch steps running
         entered, leave = threading.Event(), threading.Event()
 
@@ -39,11 +66,11 @@ def test_training_waits_for_running_batches_and_new_batches_wait_for_training():
 
         trainer = threading.Thread(target=train)
         trainer.start()
-        time.sleep(0.5)
+        rounds.wait()
         assert not entered.is_set(), "training started while batches held the engine"
         assert not _claim(storage, "batches-3"), "a new batch step jumped ahead of the waiting training"
         storage.free_concurrency_slot_for_step("batches-1", "batch_output")
-        time.sleep(0.3)
+        rounds.wait()
         assert not entered.is_set()
         storage.free_concurrency_slot_for_step("batches-2", "batch_output")
         assert entered.wait(5), "training did not get the GPU once the batches were done"
@@ -85,6 +112,7 @@ def test_a_run_whose_pod_has_its_own_gpu_does_not_stop_the_batches():
     with instance_for_test() as instance:
         set_pools(instance, gpus=1, inference_runs=2)
         storage = instance.event_log_storage
+        rounds = DrainRounds(storage, slots=2)
         assert _claim(storage, "batches-1")
         entered, batch_ran = threading.Event(), []
 
@@ -102,7 +130,7 @@ def test_a_run_whose_pod_has_its_own_gpu_does_not_stop_the_batches():
         shared = threading.Thread(target=train, args=({"dagster-k8s/config": "not json"},))  # no GPU of its own
         entered.clear()
         shared.start()
-        time.sleep(0.5)
+        rounds.wait()
         assert not entered.is_set(), "a run sharing the GPU trained while a batch held the engine"
         storage.free_concurrency_slot_for_step("batches-1", "batch_output")
         assert entered.wait(5)

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import chat_lines, jsonl, running_stack
+from tests.conftest import chat_lines, jsonl
 from tests.test_api import _wait_batch
 
 pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_path):
-    with running_stack(tmp_path_factory.mktemp("many-home"), tiny_model_path, VBATCH_CURATION="off") as stack:
-        yield stack
+@pytest.fixture()
+def stack(default_stack):
+    return default_stack
 
 
 def _create_together(client, inputs: list[list[dict]]) -> list[str]:

@@ -43,6 +43,36 @@ def test_fit_check_refuses_with_a_suggestion():
     assert fit_check(LLAMA_70B, gpus=1, context=room, available=160 * GIB, device="gpu").fits
 
 
+def test_a_cpu_engines_kv_cache_is_sized_to_its_model_within_a_floor_and_a_cap(tiny_model_path):
+    import psutil
+
+    from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, VLLMServerConfig
+    from vbatch_pipelines.models.install import CPU_KV_CACHE_FLOOR, cpu_kv_cache_reservation, fit_check
+    from vbatch_pipelines.models.registry import ModelSpec
+
+    total = psutil.virtual_memory().total
+    tiny = json.loads((tiny_model_path / "config.json").read_text())  # 2 layers, 4 KV heads of 32, 1,024 tokens
+    per_sequence = 2 * 2 * 4 * 32 * 1024 * 4
+    assert cpu_kv_cache_reservation(tiny, None, 16) == 16 * per_sequence == 32 * 1024**2
+    assert cpu_kv_cache_reservation(tiny, 256, 16) == CPU_KV_CACHE_FLOOR  # 8 MiB wanted: the floor
+    assert cpu_kv_cache_reservation(LLAMA_7B, None, 16) == int(0.2 * total)  # 32 GiB wanted: the cap
+    assert cpu_kv_cache_reservation(None, None, 16) == int(0.2 * total)  # no config to size from
+    # The managed CPU engine is started with it, instead of a fraction of the machine.
+    server = ManagedVLLMServer(ModelSpec("tiny", str(tiny_model_path)), tiny_model_path,
+                               VLLMServerConfig(python="python", kv_cache_sequences=12))
+    args = server.engine_args()
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(12 * per_sequence)
+    assert "--gpu-memory-utilization" not in args and server.env()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # A model one sequence of which does not fit in what its engine may reserve is refused, with a context that fits.
+    wide = {**LLAMA_7B, "max_position_embeddings": 131072}
+    reservation = cpu_kv_cache_reservation(wide, None, 16)
+    refused = fit_check(wide, gpus=0, context=None, available=1024 * GIB, device="cpu", kv_reservation=reservation)
+    assert not refused.fits and "VBATCH_MAX_MODEL_LEN=" in refused.suggestion
+    room = int(refused.suggestion.split("VBATCH_MAX_MODEL_LEN=")[1].split()[0])
+    assert room * 2 * 32 * 32 * 128 * 4 <= reservation
+    assert fit_check(wide, gpus=0, context=room, available=1024 * GIB, device="cpu", kv_reservation=reservation).fits
+
+
 @pytest.fixture()
 def hub(tmp_path, tiny_model_path, monkeypatch):
     hub = LocalHub()

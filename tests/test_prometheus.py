@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests import tiers
-from tests.conftest import chat_lines, jsonl, running_stack
+from tests.conftest import chat_lines, jsonl
 
 pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
@@ -36,7 +36,18 @@ def _prometheus_config(api_url: str) -> dict:
     return config
 
 
-def test_prometheus_scrapes_the_platform_and_every_dashboard_query_returns_data(tmp_path, tiny_model_path):
+COMPLETED = 'vbatch_requests_total{model="vbatch-tiny-chat",outcome="completed"}'
+
+
+def _completed_so_far(api_url: str) -> float:
+    """The stack's own count of completed requests of the tiny model (other modules share the stack)."""
+    for line in httpx.get(f"{api_url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(COMPLETED + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_prometheus_scrapes_the_platform_and_every_dashboard_query_returns_data(tmp_path, default_stack):
     from vbatch_pipelines.net import free_port
 
     binary = shutil.which("prometheus")
@@ -45,44 +56,48 @@ def test_prometheus_scrapes_the_platform_and_every_dashboard_query_returns_data(
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "vbatch-dashboard.json").read_text())
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     tiers.starting("Prometheus")
-    with running_stack(tmp_path / "home", tiny_model_path, VBATCH_CURATION="off") as stack:
-        client = stack.client()
-        file_id = client.files.create(file=("in.jsonl", jsonl(chat_lines(20, prefix="prom"))), purpose="batch").id
-        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
-        deadline = time.monotonic() + 300
-        while client.batches.retrieve(batch.id).status != "completed" and time.monotonic() < deadline:
-            time.sleep(0.5)
-        config = tmp_path / "prometheus.yml"
-        config.write_text(yaml.safe_dump(_prometheus_config(stack.api_url)))
-        port = free_port()
-        prometheus = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            api = f"http://127.0.0.1:{port}/api/v1"
-            deadline = time.monotonic() + 120
-            jobs: dict[str, str] = {}
-            while time.monotonic() < deadline:
-                try:
-                    active = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
-                    jobs = {t["labels"]["job"]: t["health"] for t in active}
-                except (httpx.HTTPError, KeyError, ValueError):
-                    pass
-                if jobs.get("vbatch") == "up" and jobs.get("vllm") == "up":
-                    break
-                time.sleep(1)
-            assert jobs == {"vbatch": "up", "vllm": "up"}, jobs
-            time.sleep(5)  # rate() needs two samples in its window
+    stack = default_stack
+    before = _completed_so_far(stack.api_url)
+    client = stack.client()
+    file_id = client.files.create(file=("in.jsonl", jsonl(chat_lines(20, prefix="prom"))), purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 300
+    while client.batches.retrieve(batch.id).status != "completed" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(_prometheus_config(stack.api_url)))
+    port = free_port()
+    prometheus = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        api = f"http://127.0.0.1:{port}/api/v1"
+        deadline = time.monotonic() + 120
+        jobs: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            try:
+                active = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+                jobs = {t["labels"]["job"]: t["health"] for t in active}
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            if jobs.get("vbatch") == "up" and jobs.get("vllm") == "up":
+                break
+            time.sleep(1)
+        assert jobs == {"vbatch": "up", "vllm": "up"}, jobs
+        deadline = time.monotonic() + 60  # rate() has data once two scrapes are in its window
+        while True:
             empty = {}
             for expression in expressions:
                 answer = httpx.get(f"{api}/query", params={"query": expression}, timeout=10).json()
                 assert answer["status"] == "success", (expression, answer)
                 if not answer["data"]["result"]:
                     empty[expression] = answer
-            assert not empty, f"dashboard queries without data: {sorted(empty)}"
-            completed = httpx.get(f"{api}/query", params={"query": 'vbatch_requests_total{outcome="completed"}'},
-                                  timeout=10).json()["data"]["result"]
-            assert [float(r["value"][1]) for r in completed] == [20.0]
-        finally:
-            prometheus.terminate()
-            prometheus.wait(30)
+            if not empty or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert not empty, f"dashboard queries without data: {sorted(empty)}"
+        completed = httpx.get(f"{api}/query", params={"query": COMPLETED}, timeout=10).json()["data"]["result"]
+        assert [float(r["value"][1]) for r in completed] == [before + 20]
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)

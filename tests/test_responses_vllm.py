@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai.types.responses import Response
 
-from tests.conftest import on_both_engines, running_stack, submit_batch
+from tests.conftest import on_both_engines, submit_batch
 from tests.test_api import _wait_batch
 from tests.test_responses import INSTRUCTIONS, QUESTIONS, assert_openai_response, responses_line, responses_lines
 from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
@@ -19,11 +19,9 @@ from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
 pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_path, tiny_embed_model_path):
-    models = f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path}"
-    with running_stack(tmp_path_factory.mktemp("responses-home"), tiny_model_path, VBATCH_MODELS=models) as stack:
-        yield stack
+@pytest.fixture()
+def stack(chat_embed_stack):
+    return chat_embed_stack
 
 
 _submit = functools.partial(submit_batch, endpoint="/v1/responses")

@@ -66,13 +66,12 @@ def test_vllm_batch_materializes_and_matches_transformers(vllm_platform):
 def test_server_stays_warm_across_batches(vllm_platform):
     server = _server(vllm_platform)
     server.ensure()
-    pid = server.state()["pid"]
+    before = server.state()
     for _ in range(2):
         batch = vllm_platform.submit(jsonl(chat_lines(10)))
-        started = time.monotonic()
         assert vllm_platform.materialize(batch.id).success
-        assert time.monotonic() - started < 15  # no engine start in between
-        assert server.state()["pid"] == pid
+        after = server.state()  # no engine start in between: the same process, started when it was
+        assert (after["pid"], after["started_at"]) == (before["pid"], before["started_at"])
 
 
 def test_completions_and_sampling_options_on_vllm(vllm_platform):

@@ -21,7 +21,31 @@ MARKERS = {
 FIXTURE_MARKS = {"label_studio_server": (STACK,), "curation_home": (STACK,), "redis_url": (STACK,),
                  "replicas": (STACK, "vllm"), "postgres_url": ("postgres",), "aristotle_url": ("postgres",)}
 
+# Stacks shared by several modules (session fixtures in conftest): the xdist scheduler keeps the modules of one
+# on the same worker (``scope_of``), so it starts once. Each module makes its own batches, files and fine-tunes
+# and compares counts with what it saw before, not with zero.
+SHARED_STACKS = {
+    "default_stack": ("tests/test_api.py", "tests/test_fine_tuning_api.py", "tests/test_many_batches.py",
+                      "tests/test_prometheus.py"),
+    "chat_embed_stack": ("tests/test_embeddings_vllm.py", "tests/test_responses_vllm.py"),
+}
+_GROUP_OF = {module: fixture for fixture, modules in SHARED_STACKS.items() for module in modules}
+
 _current: pytest.Item | None = None
+
+
+def scope_of(nodeid: str) -> str:
+    """The xdist work unit of a test: its shared stack's group, else its module (as --dist loadscope has it)."""
+    module = nodeid.split("::", 1)[0]
+    return _GROUP_OF.get(module, module)
+
+
+def check_shared_stack(item: pytest.Item) -> None:
+    """A test on a shared stack must be in that stack's group, or its worker starts another copy of it."""
+    module = item.nodeid.split("::", 1)[0]
+    for fixture in SHARED_STACKS:
+        if fixture in getattr(item, "fixturenames", ()) and _GROUP_OF.get(module) != fixture:
+            raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add {module} to tests/tiers.py SHARED_STACKS")
 
 
 def mark_from_fixtures(item: pytest.Item) -> None:
