@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +37,13 @@ def pytest_collection_modifyitems(items) -> None:
         tiers.mark_from_fixtures(item)
         tiers.check_shared_stack(item)
     # Modules with stack tests first (a stable sort): the long ones start early, in-process ones fill the gaps
-    # at the end, so two xdist workers (--dist loadscope, a module to a worker) finish close together.
-    stacked = {item.module.__name__ for item in items if item.get_closest_marker(tiers.STACK)}
-    items.sort(key=lambda item: item.module.__name__ not in stacked)
+    # at the end, so two xdist workers (--dist loadscope, a unit to a worker) finish close together. The modules
+    # of a shared stack run one after the other, so it starts once in a run without xdist too.
+    stacked = {tiers.scope_of(item.nodeid) for item in items if item.get_closest_marker(tiers.STACK)}
+    first = {}
+    for index, item in enumerate(items):
+        first.setdefault(tiers.scope_of(item.nodeid), index)
+    items.sort(key=lambda item: (tiers.scope_of(item.nodeid) not in stacked, first[tiers.scope_of(item.nodeid)]))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -80,8 +84,7 @@ def _stack_starts_are_marked():
         yield
 
 
-
-def test_cache() -> Path:
+def cache_dir() -> Path:
     """What the tests build once per machine and reuse in every session and xdist worker: the tiny models and a
     Label Studio home past its first start (VBATCH_TEST_CACHE, default ~/.cache/vbatch/tests)."""
     return Path(os.environ.get("VBATCH_TEST_CACHE") or Path.home() / ".cache" / "vbatch" / "tests")
@@ -98,7 +101,7 @@ def tiny_models_dir() -> Path:
 
     key = hashlib.sha256(Path(builder.__file__).read_bytes())
     key.update(f"{version('torch')} {version('transformers')} {version('tokenizers')}".encode())
-    return test_cache() / "models" / key.hexdigest()[:16]
+    return cache_dir() / "models" / key.hexdigest()[:16]
 
 
 def _tiny(model_id: str, task: str) -> Path:
@@ -396,24 +399,50 @@ def running_stack(home: Path, tiny_model_path: Path, **env_overrides: str) -> It
         assert not left, f"still running after `vbatch up` stopped: {left}"
 
 
-@pytest.fixture(scope="session")
-def default_stack(tmp_path_factory, tiny_model_path) -> Iterator[Stack]:
-    """`vbatch up` on vLLM serving the tiny chat model, curation and the retrain schedule off: one for the
-    modules of tiers.SHARED_STACKS["default_stack"]."""
-    with running_stack(tmp_path_factory.mktemp("default-stack"), tiny_model_path, VBATCH_CURATION="off",
-                       VBATCH_RETRAIN_CRON="off") as stack:
-        yield stack
+_shared_stacks: dict[str, tuple[ExitStack, Stack]] = {}  # the shared stacks up now, by fixture name
 
 
-@pytest.fixture(scope="session")
-def chat_embed_stack(tmp_path_factory, tiny_model_path, tiny_embed_model_path) -> Iterator[Stack]:
-    """`vbatch up` on vLLM serving the tiny chat and embedding models: one for the modules of
-    tiers.SHARED_STACKS["chat_embed_stack"]."""
-    from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID
+def shared_stack(name: str, start: Callable[[], AbstractContextManager[Stack]]) -> Stack:
+    """The shared stack ``name`` (tiers.SHARED_STACKS), started on its group's first use; it is stopped once
+    the last test of its group ran (``pytest_runtest_teardown``), not left idle until the session ends."""
+    if name not in _shared_stacks:
+        exits = ExitStack()
+        _shared_stacks[name] = exits, exits.enter_context(start())
+    return _shared_stacks[name][1]
 
-    models = f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path}"
-    with running_stack(tmp_path_factory.mktemp("chat-embed-stack"), tiny_model_path, VBATCH_MODELS=models) as stack:
-        yield stack
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem) -> None:
+    group = tiers.scope_of(item.nodeid)
+    if group in _shared_stacks and (nextitem is None or tiers.scope_of(nextitem.nodeid) != group):
+        _shared_stacks.pop(group)[0].close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_stacks_stop_at_the_end():
+    yield
+    while _shared_stacks:
+        _shared_stacks.popitem()[1][0].close()
+
+
+@pytest.fixture()
+def default_stack(tmp_path_factory, tiny_model_path) -> Stack:
+    """`vbatch up` on vLLM serving the tiny chat model, curation and the retrain schedule off, for the modules
+    of tiers.SHARED_STACKS["default_stack"]."""
+    return shared_stack("default_stack", lambda: running_stack(
+        tmp_path_factory.mktemp("default-stack"), tiny_model_path, VBATCH_CURATION="off", VBATCH_RETRAIN_CRON="off"))
+
+
+@pytest.fixture()
+def models_stack(tmp_path_factory, tiny_model_path, tiny_embed_model_path, tiny_rerank_model_path) -> Stack:
+    """`vbatch up` on vLLM serving the tiny chat, embedding and cross-encoder models (an engine each, all three
+    up at once), for the modules of tiers.SHARED_STACKS["models_stack"]."""
+    from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_RERANK_MODEL_ID
+
+    models = (f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path},"
+              f"{TINY_RERANK_MODEL_ID}={tiny_rerank_model_path}")
+    return shared_stack("models_stack", lambda: running_stack(
+        tmp_path_factory.mktemp("models-stack"), tiny_model_path, VBATCH_MODELS=models))
 
 
 @contextmanager
@@ -534,28 +563,20 @@ def label_studio_template(envs_dir: Path) -> Path:
     """A Label Studio home whose first start (~400 migrations, its admin user and token) is done: built once per
     machine and Label Studio env (the first session or xdist worker builds it, the others wait), copied by each
     session, so their servers start warm (seconds instead of a minute)."""
-    from filelock import FileLock
-
     from vbatch_pipelines.curation.server import ManagedLabelStudio, managed_env_dir
     from vbatch_pipelines.net import free_port
+    from vbatch_pipelines.paths import build_once
 
-    template = test_cache() / "label-studio" / managed_env_dir(envs_dir).name
-    if (template / "data").is_dir():
-        return template
-    template.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(template) + ".lock"):
-        if not (template / "data").is_dir():
-            building = template.with_name(template.name + ".building")
-            shutil.rmtree(building, ignore_errors=True)
-            server = ManagedLabelStudio(building, envs_dir, free_port())
-            try:
-                server.ensure()
-            finally:
-                server.stop()
-            for leftover in building.glob("server.*"):  # its pid, port and log: each copy starts its own
-                leftover.unlink()
-            building.rename(template)
-    return template
+    def first_start(building: Path) -> None:
+        server = ManagedLabelStudio(building, envs_dir, free_port())
+        try:
+            server.ensure()
+        finally:
+            server.stop()
+        for leftover in building.glob("server.*"):  # its pid, port and log: each copy starts its own
+            leftover.unlink()
+
+    return build_once(cache_dir() / "label-studio" / managed_env_dir(envs_dir).name, first_start, "data")
 
 
 @pytest.fixture(scope="session")

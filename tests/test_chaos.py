@@ -27,7 +27,7 @@ from tests.conftest import chat_lines, jsonl, running_stack, survivors
 
 pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
-REQUESTS = 2000
+REQUESTS = 1000
 
 
 def _client_call(fn: Callable, timeout: float = 120.0):

@@ -15,14 +15,14 @@ import pytest
 from tests.conftest import chat_line, on_both_engines, submit_batch
 from tests.test_api import _wait_batch
 from tests.test_embeddings import TEXTS, decode, embed_line
-from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID
+from vbatch_pipelines.models.registry import TINY_EMBED_MODEL_ID, TINY_MODEL_ID, TINY_RERANK_MODEL_ID
 
 pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
 @pytest.fixture()
-def stack(chat_embed_stack):
-    return chat_embed_stack
+def stack(models_stack):
+    return models_stack
 
 
 _submit = functools.partial(submit_batch, endpoint="/v1/embeddings")
@@ -105,7 +105,7 @@ def test_wrong_kind_of_model_is_refused(stack):
     failed = _wait_batch(client, _submit(client, [chat_line("a", "hi"), chat_line("b", "hi", model=TINY_EMBED_MODEL_ID)],
                                          endpoint="/v1/chat/completions").id)
     assert [(e.code, e.line, e.param) for e in failed.errors.data] == [("model_not_supported", 2, "body.model")]
-    assert {m.id for m in client.models.list().data} == {TINY_MODEL_ID, TINY_EMBED_MODEL_ID}
+    assert {m.id for m in client.models.list().data} == {TINY_MODEL_ID, TINY_EMBED_MODEL_ID, TINY_RERANK_MODEL_ID}
 
 
 def test_vllm_and_transformers_give_the_same_vectors(stack):

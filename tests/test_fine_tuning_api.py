@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def ft_stack(default_stack):
     with platform_of(default_stack) as platform:
         default_stack.platform = platform

@@ -71,6 +71,10 @@ def test_a_cpu_engines_kv_cache_is_sized_to_its_model_within_a_floor_and_a_cap(t
     room = int(refused.suggestion.split("VBATCH_MAX_MODEL_LEN=")[1].split()[0])
     assert room * 2 * 32 * 32 * 128 * 4 <= reservation
     assert fit_check(wide, gpus=0, context=room, available=1024 * GIB, device="cpu", kv_reservation=reservation).fits
+    # One that fits a sequence, but not the whole reservation beside its weights: which settings make room.
+    crowded = fit_check(LLAMA_7B, gpus=0, context=None, available=28 * GIB, device="cpu", kv_reservation=4 * GIB)
+    assert not crowded.fits and "lower VBATCH_KV_CACHE_SEQUENCES or VBATCH_MAX_MODEL_LEN" in crowded.suggestion
+    assert crowded.kv_cache_bytes == 4 * GIB
 
 
 @pytest.fixture()

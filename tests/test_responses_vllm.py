@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 
 
 @pytest.fixture()
-def stack(chat_embed_stack):
-    return chat_embed_stack
+def stack(models_stack):
+    return models_stack
 
 
 _submit = functools.partial(submit_batch, endpoint="/v1/responses")

@@ -22,7 +22,6 @@ from tests.conftest import (
     jsonl,
     on_both_engines,
     platform_of,
-    running_stack,
     submit_batch,
 )
 from tests.test_api import _wait_batch
@@ -446,12 +445,9 @@ def test_tiny_cross_encoder_from_the_cli(tmp_path):
 # ---- on vLLM, through `vbatch up` ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_path, tiny_embed_model_path, tiny_rerank_model_path):
-    models = (f"{TINY_MODEL_ID}={tiny_model_path},{TINY_EMBED_MODEL_ID}={tiny_embed_model_path},"
-              f"{TINY_RERANK_MODEL_ID}={tiny_rerank_model_path}")
-    with running_stack(tmp_path_factory.mktemp("score-home"), tiny_model_path, VBATCH_MODELS=models) as stack:
-        yield stack
+@pytest.fixture()
+def stack(models_stack):
+    return models_stack
 
 
 def _run(client: openai.OpenAI, lines: list[dict] | str, endpoint: str):
@@ -575,14 +571,13 @@ def test_vllm_and_transformers_give_the_same_scores(stack):
                 assert np.allclose(_scores(body), _scores(bodies[0]), atol=1e-3)
 
 
-def _only_engine_up(stack, model_id: str) -> None:
-    """Stop the stack's other engines. Each vLLM CPU engine reserves a fifth of the machine's memory for its KV
-    cache: on a 24 GiB machine the third one of this module (chat, embedding, cross-encoder) is refused for
-    memory ("Available memory on node 0 ... is less than desired CPU memory utilization")."""
+def _all_engines_up(stack) -> None:
+    """The chat, embedding and cross-encoder engines all up at once: each CPU engine's KV cache is sized to its
+    model (when each reserved a fifth of the machine, vLLM refused the third on 24 GiB for memory)."""
     with platform_of(stack) as platform:
-        for server in platform.resources["inference_engine"].running_servers():
-            if server.model.id != model_id:
-                server.stop()
+        engine = platform.resources["inference_engine"]
+        for model_id in (TINY_MODEL_ID, TINY_EMBED_MODEL_ID, TINY_RERANK_MODEL_ID):
+            engine.server(platform.registry.lookup(model_id)).ensure()
 
 
 @pytest.mark.stack
@@ -594,7 +589,7 @@ def test_cross_encoder_batches_and_routes_on_vllm_match_the_fallback(stack, tiny
     both."""
     from vbatch_pipelines.engine.transformers_embeddings import TransformersCrossEncoderEngine
 
-    _only_engine_up(stack, TINY_RERANK_MODEL_ID)
+    _all_engines_up(stack)
     client = stack.client()
     score_lines = [rerank_model_line("one-to-many", "/v1/score", queries=QUERY, documents=DOCUMENTS + OTHERS),
                    rerank_model_line("pairs", "/v1/score", text_1=[QUERY, OTHERS[0]], text_2=DOCUMENTS),

@@ -73,3 +73,17 @@ def test_a_marked_test_may_start_one_and_the_shared_fixtures_mark_their_tests(in
     marked = inner.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--collect-only", "-m", "postgres")
     marked.stdout.fnmatch_lines(["*test_on_a_fresh_database*", "*1/4 tests collected (3 deselected)*"])
     inner.runpytest_subprocess("-p", "no:cacheprovider", "-k", "marked").assert_outcomes(passed=1)
+
+
+def test_modules_on_one_shared_stack_run_on_one_worker_and_no_other_module_uses_it(inner):
+    from tests import tiers
+
+    api, prometheus = tiers.scope_of("tests/test_api.py::a"), tiers.scope_of("tests/test_prometheus.py::b[x]")
+    assert api == prometheus == "default_stack" and tiers.scope_of("tests/test_vllm.py::c") == "tests/test_vllm.py"
+    inner.makepyfile(test_elsewhere="""
+        def test_on_the_default_stack(default_stack):
+            pass
+    """)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*uses default_stack: add test_elsewhere.py to tests/tiers.py SHARED_STACKS*"])

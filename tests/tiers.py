@@ -19,7 +19,8 @@ MARKERS = {
 }
 # conftest fixtures by what they need: a test using one gets those marks.
 FIXTURE_MARKS = {"label_studio_server": (STACK,), "curation_home": (STACK,), "redis_url": (STACK,),
-                 "replicas": (STACK, "vllm"), "postgres_url": ("postgres",), "aristotle_url": ("postgres",)}
+                 "replicas": (STACK, "vllm"), "default_stack": (STACK, "vllm"), "models_stack": (STACK, "vllm"),
+                 "postgres_url": ("postgres",), "aristotle_url": ("postgres",)}
 
 # Stacks shared by several modules (session fixtures in conftest): the xdist scheduler keeps the modules of one
 # on the same worker (``scope_of``), so it starts once. Each module makes its own batches, files and fine-tunes
@@ -27,7 +28,7 @@ FIXTURE_MARKS = {"label_studio_server": (STACK,), "curation_home": (STACK,), "re
 SHARED_STACKS = {
     "default_stack": ("tests/test_api.py", "tests/test_fine_tuning_api.py", "tests/test_many_batches.py",
                       "tests/test_prometheus.py"),
-    "chat_embed_stack": ("tests/test_embeddings_vllm.py", "tests/test_responses_vllm.py"),
+    "models_stack": ("tests/test_embeddings_vllm.py", "tests/test_responses_vllm.py", "tests/test_score_rerank.py"),
 }
 _GROUP_OF = {module: fixture for fixture, modules in SHARED_STACKS.items() for module in modules}
 

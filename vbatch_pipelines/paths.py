@@ -5,6 +5,8 @@ path built from one is resolved and must stay inside its root."""
 from __future__ import annotations
 
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}"
@@ -49,3 +51,21 @@ def write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read (0600), atomically: the temporary file is created 0600 too, so the
     content is never readable by others, not even for a moment."""
     write_atomic(path, text, 0o600)
+
+
+def build_once(path: Path, build: Callable[[Path], object], done: str) -> Path:
+    """The directory ``path``, built by ``build`` into a scratch directory beside it and renamed into place once
+    ``build`` returns: a reader never sees half of it, and processes building it at once (xdist workers, runs)
+    wait for the first on a lock. ``path / done`` existing means built."""
+    from filelock import FileLock
+
+    if (path / done).exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / done).exists():
+            scratch = path.with_name(path.name + ".building")
+            shutil.rmtree(scratch, ignore_errors=True)  # what a build that died left
+            build(scratch)
+            scratch.rename(path)
+    return path

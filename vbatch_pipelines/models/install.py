@@ -111,7 +111,8 @@ CPU_KV_CACHE_CAP_FRACTION = 0.2
 
 
 def cpu_kv_cache_reservation(config: dict[str, Any] | None, context: int | None, sequences: int) -> int:
-    """The cap when ``config`` (None: unreadable) lacks the numbers."""
+    """What a CPU engine serving a model of ``config`` reserves for its KV cache (the cap when there is no
+    config to size it from, or one without the numbers)."""
     import psutil
 
     cap = int(CPU_KV_CACHE_CAP_FRACTION * psutil.virtual_memory().total)
@@ -161,6 +162,10 @@ def fit_check(config: dict[str, Any], *, gpus: int, context: int | None, availab
         elif gpus and longest_context(four_bit) >= 1024:
             suggestion += f" and would fit with VBATCH_MAX_MODEL_LEN={longest_context(four_bit)} or less"
         suggestion += "; or pick a smaller model"
+    elif not fits and kv_reservation is not None and kv <= kv_reservation:
+        suggestion = (f"the weights fit but not beside the {kv_reservation / GIB:.2f} GiB KV cache a CPU engine "
+                      f"reserves for VBATCH_KV_CACHE_SEQUENCES sequences of {context} tokens: lower "
+                      "VBATCH_KV_CACHE_SEQUENCES or VBATCH_MAX_MODEL_LEN")
     elif not fits:
         suggestion = (f"the weights fit but the KV cache for {context} tokens does not: set "
                       f"VBATCH_MAX_MODEL_LEN={longest_context(weights)} or less")

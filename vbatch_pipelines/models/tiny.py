@@ -233,14 +233,6 @@ TINY_BUILDERS = {GENERATE: create_tiny_model, EMBED: create_tiny_embedding_model
 def ensure_tiny_model(path: Path, task: str = GENERATE) -> Path:
     """Build the tiny chat (embedding, cross-encoder) model at ``path`` once (a lock keeps concurrent builders
     apart)."""
-    from filelock import FileLock
+    from vbatch_pipelines.paths import build_once
 
-    if (path / "config.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not (path / "config.json").exists():
-            tmp = path.with_name(path.name + ".building")
-            TINY_BUILDERS[task](tmp)
-            tmp.rename(path)
-    return path
+    return build_once(path, TINY_BUILDERS[task], "config.json")
