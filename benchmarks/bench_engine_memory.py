@@ -66,7 +66,10 @@ def vbatch_side(models: dict[str, Path]) -> dict[str, int]:
         sizes = {}
         for model_id, endpoint in ((TINY_MODEL_ID, "/v1/chat/completions"), (TINY_EMBED_MODEL_ID, "/v1/embeddings"),
                                    (TINY_RERANK_MODEL_ID, "/v1/score")):
-            seconds, batch = stack.run(lines(endpoint, 500))
+            file_id = stack.upload(lines(endpoint, 500))
+            started = time.monotonic()
+            batch = stack.wait(stack.create(file_id, endpoint=endpoint))
+            seconds = time.monotonic() - started
             assert batch.status == "completed" and batch.request_counts.completed == 500, batch
             total, parts = engine_rss(model_id)
             sizes[model_id] = total
