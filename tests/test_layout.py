@@ -130,6 +130,8 @@ BAD_VALUES = [
     ("VBATCH_RETRAIN_MIN_GOLD_STARS", "0", "at least 1"),
     ("VBATCH_MAX_LORA_RANK", "16.5", "not an integer"),
     ("VBATCH_GPU_MEMORY_UTILIZATION", "1.5", "(0.0, 1.0]"),
+    ("VBATCH_KV_CACHE_SEQUENCES", "0", "at least 1"),
+    ("VBATCH_KV_CACHE_SEQUENCES", "lots", "not an integer"),
     ("VBATCH_RETRAIN_HYPERPARAMETERS", '{"epochs": 2}', "hyperparameters.epochs"),
     ("VBATCH_RETRAIN_HYPERPARAMETERS", "[1, 2]", "JSON object"),
     ("VBATCH_MODELS", "no-equals-sign", "name=path"),
