@@ -26,10 +26,11 @@ from vbatch_pipelines.settings import Settings, load_settings
 log = logging.getLogger("vbatch.api")
 
 
-def metrics_registry(db, services, inference_engine) -> CollectorRegistry:
+def metrics_registry(db, services, inference_engine, file_store=None) -> CollectorRegistry:
     """The registry ``GET /metrics`` renders: the platform's own collector only (no per-process defaults,
     which would differ between API workers)."""
     from vbatch_pipelines.metrics import PlatformCollector, engines_with_stats
+    from vbatch_pipelines.retention import disk_usage
 
     def dagster_queued() -> int | None:
         from dagster import DagsterRunStatus, RunsFilter
@@ -43,7 +44,8 @@ def metrics_registry(db, services, inference_engine) -> CollectorRegistry:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PlatformCollector(db, services=services, dagster_queued=dagster_queued,
-                                        engines=lambda: engines_with_stats(inference_engine)))
+                                        engines=lambda: engines_with_stats(inference_engine),
+                                        disk=(lambda: disk_usage(file_store)) if file_store is not None else None))
     return registry
 
 
@@ -142,5 +144,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(metrics.router, dependencies=[Depends(caller_role)], responses=ERRORS)
     console.install(app)
-    app.state.metrics_registry = metrics_registry(app.state.db, services, resources["inference_engine"])
+    app.state.metrics_registry = metrics_registry(app.state.db, services, resources["inference_engine"],
+                                                  resources["file_store"])
     return app

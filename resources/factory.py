@@ -17,6 +17,7 @@ from resources.inference_engine import InferenceEngine
 from resources.label_studio import LabelStudio
 from resources.metadata_db import MetadataDB
 from resources.model_registry import ModelRegistry
+from resources.retention_policy import RetentionPolicy
 from resources.retraining_policy import RetrainingPolicy
 from resources.trainer import Trainer
 from vbatch_pipelines.settings import Settings, SettingsError
@@ -67,6 +68,10 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
             model=settings.retrain_model, hyperparameters=settings.retrain_hyperparameters,
             min_gold_stars=settings.retrain_min_gold_stars, deploy_gate=settings.deploy_gate,
             gate_metric=settings.gate_metric, judge_model=settings.judge_model),
+        "retention_policy": RetentionPolicy(
+            file_retention_days=settings.file_retention_days, run_retention_days=settings.run_retention_days,
+            log_max_bytes=settings.log_max_bytes, log_backups=settings.log_backups,
+            min_free_disk_percent=settings.min_free_disk_percent),
     }
 
 

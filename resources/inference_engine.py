@@ -122,7 +122,7 @@ class InferenceEngine(ConfigurableResource):
                     try:
                         engines.append(VLLMEngine(server, model, max_connections=self.max_concurrency,
                                                   timeout_s=self.request_timeout_s))
-                    except EngineUnavailable as exc:  # a remote replica that does not answer now
+                    except EngineUnavailable as exc:  # a replica not answering now, or this node's not starting
                         failure = exc
                 if not engines:
                     raise failure or EngineUnavailable(f"no replica of {model.base.id} answers")

@@ -211,11 +211,17 @@ class LabelStudio(ConfigurableResource):
             self._add_webhook(project_id, url, secret)
 
     def _add_webhook(self, project_id: int, url: str, secret: str | None) -> None:
+        headers = {"X-Vbatch-Webhook-Secret": secret} if secret else {}
+        # Only annotation events: TASKS_CREATED would send every imported task back in full.
+        hook_settings = {"url": url, "send_payload": True, "send_for_all_actions": False, "headers": headers,
+                         "actions": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]}
         for hook in self._call(self.client.webhooks.list, project=str(project_id)):
             if hook.url == url:
                 return
-        headers = {"X-Vbatch-Webhook-Secret": secret} if secret else {}
-        # Only annotation events: TASKS_CREATED would send every imported task back in full.
-        self._call(self.client.webhooks.create, url=url, project=project_id, send_payload=True,
-                   send_for_all_actions=False, headers=headers,
-                   actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"])
+            if secret and (hook.headers or {}).get("X-Vbatch-Webhook-Secret") == secret:
+                # This platform's hook at an earlier address (another API port, a home restored from a backup):
+                # moved, so no review goes on to where this platform no longer runs. An update sets every field
+                # (Label Studio empties the actions it is not given).
+                self._call(self.client.webhooks.update, hook.id, **hook_settings)
+                return
+        self._call(self.client.webhooks.create, project=project_id, **hook_settings)

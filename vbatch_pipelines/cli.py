@@ -206,8 +206,18 @@ def cmd_label_studio_status(args, ctx: Context) -> int:
 
 
 def cmd_db_upgrade(args, ctx: Context) -> int:
-    ctx["metadata_db"].db.upgrade()
-    print(f"Metadata DB at {ctx.settings.database_url} is up to date")
+    """Migrate the metadata DB to this vbatch's newest schema (`vbatch up` does too); one a newer vbatch migrated
+    is refused (SchemaTooNew, printed by ``main``) and left as it is."""
+    from vbatch_pipelines.store.db import Database
+
+    db = Database(ctx.settings.database_url)  # not the resource's: that one upgrades as it opens
+    try:
+        before, after = db.upgrade()
+    finally:
+        db.dispose()
+    where = db.engine.url.render_as_string(hide_password=True)
+    print(f"Metadata DB at {where} upgraded from {before or 'nothing (new)'} to {after}" if before != after
+          else f"Metadata DB at {where} is up to date ({after})")
     return 0
 
 
@@ -250,6 +260,7 @@ def cmd_batch_show(args, ctx: Context) -> int:
 
 def cmd_up(args, ctx: Context) -> int:
     from vbatch_pipelines.cluster.config import ClusterConfigError
+    from vbatch_pipelines.net import PortTaken
     from vbatch_pipelines.services import AlreadyUp
     from vbatch_pipelines.supervisor import Addresses, ExposureError, run_platform
 
@@ -258,7 +269,7 @@ def cmd_up(args, ctx: Context) -> int:
     try:
         return run_platform(ctx.settings, ctx.resources, addresses, warm=not args.no_engine,
                             cluster=args.mode == "cluster")
-    except (ExposureError, ClusterConfigError) as exc:
+    except (ExposureError, ClusterConfigError, PortTaken) as exc:
         print(f"vbatch up: {exc}", file=sys.stderr)
         return 2
     except AlreadyUp as exc:
@@ -290,14 +301,12 @@ def cmd_worker(args, ctx: Context) -> int:
 
 def cmd_status(args, ctx: Context) -> int:
     """What `vbatch up` runs on this home: each service, its pid, port, uptime and restarts."""
-    from vbatch_pipelines.services import ServiceRegistry, process_identity
+    from vbatch_pipelines.services import ServiceRegistry
 
     live = []
     for registry in (ServiceRegistry(ctx["file_store"].run_dir), ServiceRegistry(ctx["file_store"].run_dir, "worker")):
-        state = registry.read()
-        owner = (state or {}).get("owner") or {}
-        identity = process_identity(int(owner["pid"])) if owner.get("pid") else None
-        if state and identity is not None and abs(identity[0] - owner.get("started", 0)) <= 0.05:
+        owner = registry.live_owner()
+        if owner is not None:
             live.append((registry, owner))
     if not live:
         print(f"vbatch is not up on {ctx.settings.home}")
@@ -315,6 +324,142 @@ def cmd_status(args, ctx: Context) -> int:
             print(f"{service.name:<18} {service.pid:>7} {service.port or '-':>6} {uptime:>9} {service.restarts:>8}  "
                   f"{'running' if running else 'down (restarting)'}")
     return 0
+
+
+# -- service --------------------------------------------------------------------------------------
+
+
+def _service_plan(args, ctx: Context):
+    """The units' plan from the command line; the `up`/`worker` arguments are checked by their own parsers
+    now, so that a typo fails here and not at the next boot."""
+    import shlex
+
+    from vbatch_pipelines import systemd
+
+    up_args = tuple(shlex.split(getattr(args, "up_args", "") or ""))
+    worker_args = tuple(shlex.split(args.worker_args or "")) if getattr(args, "worker", False) else None
+    parser = build_parser()
+    for command, extra in (("up", up_args), ("worker", worker_args)):
+        if extra is not None:
+            try:
+                parser.parse_args([command, *extra])
+            except SystemExit:
+                raise systemd.ServiceError(f"`vbatch {command} {shlex.join(extra)}` is not a valid command "
+                                           "(see above)") from None
+    return systemd.default_plan(user=args.user, up_args=up_args, worker_args=worker_args,
+                                unit_dir=Path(args.unit_dir) if args.unit_dir else None,
+                                env_file=Path(args.env_file) if args.env_file else None)
+
+
+def cmd_service_install(args, ctx: Context) -> int:
+    from vbatch_pipelines import systemd
+
+    plan = _service_plan(args, ctx)
+    environ = {**os.environ, "VBATCH_HOME": str(ctx.settings.home)}  # the home this shell uses, absolute
+    for path in systemd.install(plan, environ):
+        print(f"wrote {path}")
+    print(f"settings and secrets: {plan.env_file} (0600; edit it, then restart the service)")
+    names = list(plan.units)
+    if args.no_enable or not systemd.systemd_running():
+        manager = "systemctl" + (" --user" if plan.user_unit else "")
+        why = "" if args.no_enable else " (systemd does not run here)"
+        print(f"not enabled{why}; to start it now and at boot: {manager} daemon-reload && {manager} enable --now "
+              + " ".join(names))
+        return 0
+    for step in (("daemon-reload",), ("enable", "--now", *names)):
+        done = systemd.systemctl(plan, *step)
+        if done.returncode != 0:
+            print(f"systemctl {' '.join(step)} failed: {done.stderr.strip()}", file=sys.stderr)
+            return 1
+    print(f"enabled and started: {', '.join(names)} (`vbatch service status` shows them)")
+    return 0
+
+
+def cmd_service_uninstall(args, ctx: Context) -> int:
+    from vbatch_pipelines import systemd
+
+    plan = _service_plan(args, ctx)
+    present = [name for name in (systemd.UP_UNIT, systemd.WORKER_UNIT) if (plan.unit_dir / name).exists()]
+    if present and systemd.systemd_running():
+        systemd.systemctl(plan, "disable", "--now", *present)
+    removed = systemd.uninstall(plan)
+    if removed and systemd.systemd_running():
+        systemd.systemctl(plan, "daemon-reload")
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"no vbatch units in {plan.unit_dir}")
+    if plan.env_file.exists():
+        print(f"kept {plan.env_file} (your settings); delete it yourself if you no longer need it")
+    return 0
+
+
+def cmd_service_status(args, ctx: Context) -> int:
+    from vbatch_pipelines import systemd
+
+    plan = _service_plan(args, ctx)
+    installed = [name for name in (systemd.UP_UNIT, systemd.WORKER_UNIT) if (plan.unit_dir / name).exists()]
+    if not installed:
+        print(f"not installed (no vbatch units in {plan.unit_dir}); `vbatch service install` writes them")
+        return 3
+    running = systemd.systemd_running()
+    worst = 0
+    for name in installed:
+        if not running:
+            print(f"{name}\tinstalled in {plan.unit_dir}\t(systemd does not run here)")
+            continue
+        active = systemd.systemctl(plan, "is-active", name).stdout.strip() or "unknown"
+        enabled = systemd.systemctl(plan, "is-enabled", name).stdout.strip() or "unknown"
+        status = systemd.systemctl(plan, "show", name, "--property=StatusText", "--value").stdout.strip()
+        print(f"{name}\t{active}\t{enabled}" + (f"\t{status}" if status else ""))
+        worst = worst or (0 if active == "active" else 3)
+    return worst
+
+
+# -- backup ---------------------------------------------------------------------------------------
+
+
+def cmd_backup_create(args, ctx: Context) -> int:
+    from vbatch_pipelines.backup import create_backup
+
+    manifest = create_backup(ctx.settings, Path(args.path), with_models=args.with_models, log=print)
+    print(f"backup of {ctx.settings.home} (metadata DB at migration {manifest['alembic_revision']}) written to "
+          f"{Path(args.path).expanduser().resolve()}")
+    return 0
+
+
+def cmd_backup_verify(args, ctx: Context) -> int:
+    from vbatch_pipelines.backup import verify_backup
+
+    manifest = verify_backup(Path(args.path))
+    print(f"{args.path}: whole, {len(manifest['members'])} members match their checksums (vbatch "
+          f"{manifest.get('vbatch_version')}, from {manifest['source'].get('home')}, created "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(manifest.get('created_at', 0)))})")
+    return 0
+
+
+def cmd_backup_restore(args, ctx: Context) -> int:
+    """Onto --home (else VBATCH_HOME); the store, Dagster home and databases are those the environment names for
+    it, as `vbatch up` will read them there."""
+    from vbatch_pipelines.backup import restore_backup
+
+    settings = ctx.settings
+    if args.home:
+        os.environ["VBATCH_HOME"] = str(Path(args.home).expanduser().resolve())
+        settings = load_settings()
+    restore_backup(Path(args.path), settings, log=print)
+    print(f"restored; start it with: VBATCH_HOME={settings.home} vbatch up")
+    return 0
+
+
+# -- doctor ---------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args, ctx: Context) -> int:
+    from vbatch_pipelines.doctor import Doctor
+
+    return Doctor(ctx.settings, ctx.resources).run(smoke=not args.no_smoke, requests=args.requests,
+                                                    steps=args.steps, dagster_port=args.dagster_port)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -397,6 +542,35 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_trainer_install)
     trainer.add_parser("status", help="which trainer fine-tunes run on").set_defaults(func=cmd_trainer_status)
 
+    doctor = sub.add_parser("doctor", help="check this machine and installation, then run a batch and a fine-tune "
+                                           "on the real engines (exit code 1 on any failure)")
+    doctor.add_argument("--no-smoke", action="store_true", help="only the checks, no batch or fine-tune")
+    doctor.add_argument("--requests", type=int, default=100, help="requests in the check batch (default 100)")
+    doctor.add_argument("--steps", type=int, default=20, help="LoRA steps of the check fine-tune (default 20)")
+    doctor.add_argument("--dagster-port", type=int, default=int(os.environ.get("VBATCH_DAGSTER_PORT", 3000)),
+                        help="the Dagster UI's port when doctor starts `vbatch up` itself")
+    doctor.set_defaults(func=cmd_doctor)
+
+    service = sub.add_parser("service", help="run vbatch as a systemd service (start at boot, watchdog)") \
+        .add_subparsers(dest="service", required=True)
+    for name, func, text in (("install", cmd_service_install, "write (and enable) systemd units for `vbatch up`"),
+                             ("uninstall", cmd_service_uninstall, "disable and remove the units"),
+                             ("status", cmd_service_status, "whether the units are installed and running")):
+        command = service.add_parser(name, help=text)
+        command.add_argument("--user", action="store_true",
+                             help="a user unit (systemctl --user; no root) instead of a system one")
+        command.add_argument("--unit-dir", default=None, help="where the units go (default: systemd's own "
+                                                              "directory for system or --user units)")
+        command.add_argument("--env-file", default=None, help="the settings file the units read (default "
+                                                              "/etc/vbatch/vbatch.env or ~/.config/vbatch/vbatch.env)")
+        if name == "install":
+            command.add_argument("--up-args", default="", help="arguments for `vbatch up`, e.g. \"--host 0.0.0.0\"")
+            command.add_argument("--worker", action="store_true",
+                                 help="also a unit for `vbatch worker` (a cluster node)")
+            command.add_argument("--worker-args", default="", help="arguments for `vbatch worker`")
+            command.add_argument("--no-enable", action="store_true", help="write the units, enable nothing")
+        command.set_defaults(func=func)
+
     db = sub.add_parser("db", help="the metadata DB").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
 
@@ -409,6 +583,23 @@ def build_parser() -> argparse.ArgumentParser:
     show = batch.add_parser("show", help="print a batch object")
     show.add_argument("batch_id")
     show.set_defaults(func=cmd_batch_show)
+
+    backup = sub.add_parser("backup", help="back up a (running) platform, restore it onto a new home").add_subparsers(
+        dest="backup", required=True)
+    create = backup.add_parser("create", help="write one archive of the databases (consistent snapshots), files, "
+                                              "datasets, fine-tunes, Dagster's and Label Studio's data")
+    create.add_argument("path", help="the archive to write (.tar, or .tar.gz to compress); it must not exist")
+    create.add_argument("--with-models", action="store_true",
+                        help="include installed base models' weights (default: downloaded again after a restore)")
+    create.set_defaults(func=cmd_backup_create)
+    verify = backup.add_parser("verify", help="check an archive whole against its manifest's checksums")
+    verify.add_argument("path")
+    verify.set_defaults(func=cmd_backup_verify)
+    restore = backup.add_parser("restore", help="restore an archive onto an empty home (checked whole first)")
+    restore.add_argument("path")
+    restore.add_argument("--home", default=None, help="the new home (default VBATCH_HOME); VBATCH_STORE, DAGSTER_HOME "
+                                                      "and the database URLs are the environment's, and must be empty")
+    restore.set_defaults(func=cmd_backup_restore)
     return parser
 
 

@@ -5,7 +5,7 @@ A setting vbatch cannot use stops the location from loading with a message namin
 from dagster import Definitions
 
 from resources.factory import build_resources
-from vbatch_pipelines.defs import batches, curation, fine_tuning, models, retraining
+from vbatch_pipelines.defs import batches, curation, fine_tuning, models, retention, retraining
 from vbatch_pipelines.settings import load_settings
 
 SETTINGS = load_settings()
@@ -17,6 +17,7 @@ DOMAINS = [
     models.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
     fine_tuning.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
     retraining.build_defs(RESOURCES["retraining_policy"], SETTINGS.database_url, SETTINGS.retrain_cron),
+    retention.build_defs(SETTINGS.retention_cron),
 ]
 if SETTINGS.aris_database_url:  # the Aris extension, only when it is configured
     from integrations import aris

@@ -191,17 +191,22 @@ def gold_stars_by_day(db: Database, *, days: int) -> list[tuple[str, int]]:
 
 
 class PlatformCollector(Collector):
-    """Everything ``GET /metrics`` reports, computed at scrape time."""
+    """Everything ``GET /metrics`` reports, computed at scrape time (the disk's use by kind at most once a minute:
+    measuring it walks the store)."""
 
     def __init__(self, db: Database, *, services: Callable[[], dict[str, dict[str, Any]]],
-                 engines: Callable[[], list[EngineState]], dagster_queued: Callable[[], int | None]):
+                 engines: Callable[[], list[EngineState]], dagster_queued: Callable[[], int | None],
+                 disk: Callable[[], Any] | None = None):
         self.db, self.services, self.engines, self.dagster_queued = db, services, engines, dagster_queued
+        self.disk = disk
 
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
         yield from self._summary(summarize(self.db))
         yield from self._services()
         yield from self._engines()
+        if self.disk is not None:
+            yield from self._disk(self.disk())
         queued = self.dagster_queued()
         if queued is not None:
             yield GaugeMetricFamily("vbatch_dagster_runs_queued", "Dagster runs queued, not yet started",
@@ -262,3 +267,17 @@ class PlatformCollector(Collector):
                     family.add_metric(values, engine.stats[name])
         yield up
         yield from gauges.values()
+
+    @staticmethod
+    def _disk(usage) -> Iterator[Metric]:
+        """``retention.DiskUsage``: bytes by kind, and the free and total bytes of the store's filesystem."""
+        by_kind = GaugeMetricFamily("vbatch_disk_bytes", "Bytes vbatch keeps on disk, by kind (files, batches, "
+                                    "datasets, fine_tunes, models, dagster, logs, engines, label_studio, database)",
+                                    labels=["kind"])
+        for kind, size in usage.kinds.items():
+            by_kind.add_metric([kind], size)
+        yield by_kind
+        yield GaugeMetricFamily("vbatch_disk_free_bytes", "Bytes free on the filesystem of the file store",
+                                value=usage.free)
+        yield GaugeMetricFamily("vbatch_disk_total_bytes", "Size of the filesystem of the file store",
+                                value=usage.total)

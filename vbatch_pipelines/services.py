@@ -150,6 +150,14 @@ class ServiceRegistry:
         except (OSError, ValueError):
             return None
 
+    def live_owner(self) -> dict[str, Any] | None:
+        """The record's owner while that very process (pid and start time) runs; None otherwise."""
+        owner = (self.read() or {}).get("owner") or {}
+        identity = process_identity(int(owner["pid"])) if owner.get("pid") else None
+        if identity is None or abs(identity[0] - owner.get("started", 0)) > 0.05:
+            return None
+        return owner
+
     def services(self) -> list[ServiceRecord]:
         return [ServiceRecord(**entry) for entry in ((self.read() or {}).get("services") or {}).values()]
 

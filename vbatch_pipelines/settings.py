@@ -153,6 +153,13 @@ class Settings:
     store: Path | None = None  # VBATCH_STORE: files every node shares (None: the home)
     broker_url: str | None = None  # VBATCH_BROKER_URL: cluster mode's Celery broker (redis://...)
     cluster_gpus: int = 1  # VBATCH_CLUSTER_GPUS: cluster mode's `gpu` pool limit, the GPUs of all nodes together
+    # Retention and disk (issue 26): None keeps forever / never rotates
+    file_retention_days: int | None = 30  # VBATCH_FILE_RETENTION_DAYS: batch input/output files that set no expiry
+    run_retention_days: int | None = 30  # VBATCH_RUN_RETENTION_DAYS: finished Dagster runs and their event logs
+    log_max_bytes: int | None = 100 * 1024 * 1024  # VBATCH_LOG_MAX_BYTES: service and engine logs rotate above it
+    log_backups: int = 3  # VBATCH_LOG_BACKUPS: rotated copies kept of each log
+    min_free_disk_percent: float = 5.0  # VBATCH_MIN_FREE_DISK_PERCENT: below it new batches and uploads get 507
+    retention_cron: str | None = "15 4 * * *"  # VBATCH_RETENTION_CRON: the retention schedule (None: off)
 
     def layout(self):
         """The FileStore of these settings: this node's home and the (shared) store."""
@@ -304,7 +311,37 @@ def load_settings() -> Settings:
         store=store,
         broker_url=_broker_url("VBATCH_BROKER_URL"),
         cluster_gpus=_int("VBATCH_CLUSTER_GPUS", 1, minimum=1),
+        **_retention_settings(),
     )
+
+
+def _keep_limit(name: str, default: int) -> int | None:
+    """A retention limit: a positive integer, or 0 / off for none (keep everything)."""
+    raw = _env(name)
+    if raw is not None and is_off(raw):
+        return None
+    return _int(name, default, minimum=0) or None
+
+
+def _retention_settings() -> dict[str, Any]:
+    """Retention and disk (issue 26): how long files and runs are kept, log rotation, the free-space floor."""
+    percent = _env("VBATCH_MIN_FREE_DISK_PERCENT")
+    try:
+        min_free = 5.0 if percent is None else 0.0 if is_off(percent) else float(percent)
+    except ValueError:
+        raise SettingsError(f"VBATCH_MIN_FREE_DISK_PERCENT={percent!r} is not a number") from None
+    if not 0 <= min_free < 100:
+        raise SettingsError(f"VBATCH_MIN_FREE_DISK_PERCENT={percent} is out of range; it takes a percentage "
+                            "from 0 (off) to below 100")
+    log_max_bytes = _keep_limit("VBATCH_LOG_MAX_BYTES", 100 * 1024 * 1024)
+    if log_max_bytes is not None and log_max_bytes < 4096:
+        raise SettingsError(f"VBATCH_LOG_MAX_BYTES={log_max_bytes} is too small; it takes at least 4096 bytes, "
+                            "or 0 / off for no rotation")
+    return {"file_retention_days": _keep_limit("VBATCH_FILE_RETENTION_DAYS", 30),
+            "run_retention_days": _keep_limit("VBATCH_RUN_RETENTION_DAYS", 30),
+            "log_max_bytes": log_max_bytes, "log_backups": _int("VBATCH_LOG_BACKUPS", 3, minimum=1),
+            "min_free_disk_percent": min_free,
+            "retention_cron": _switchable(_env("VBATCH_RETENTION_CRON", "15 4 * * *"))}
 
 
 def _list(name: str) -> tuple[str, ...]:

@@ -20,12 +20,12 @@ log = logging.getLogger("vbatch.submit")
 
 def accept_batch(db: Database, file_store, model_registry, launcher: BatchLauncher, *, input_file_id: str,
                  endpoint: str, completion_window: str = "24h", metadata: dict[str, str] | None = None,
-                 inline_validation_bytes: int = 0) -> Batch:
+                 inline_validation_bytes: int = 0, output_expires_after: int | None = None) -> Batch:
     """Record a batch and have it launched. A file of at most ``inline_validation_bytes`` is validated here
     (under a second for 8 MiB), so the batch is in_progress, or failed with its line errors, on return;
     a larger one stays ``validating`` until batch_input streams it."""
     batch = create_batch(db, input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
-                         metadata=metadata)
+                         metadata=metadata, output_expires_after=output_expires_after)
     input_file = get_file(db, batch.input_file_id)
     inline = input_file is not None and input_file.bytes <= inline_validation_bytes
     if inline:

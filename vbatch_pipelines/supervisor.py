@@ -19,6 +19,7 @@ from vbatch_pipelines.names import MAX_BATCHES_PER_RUN
 from vbatch_pipelines.net import wait_http
 from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, die_with_parent, process_identity
 from vbatch_pipelines.settings import Settings
+from vbatch_pipelines.systemd import Notifier
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -94,8 +95,10 @@ class Service:
     max_backoff_s = 60.0
     stable_after_s = 60.0  # a run this long resets the back-off
 
-    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path, port: int | None = None):
+    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path, port: int | None = None,
+                 health_url: str | None = None):
         self.name, self.argv, self.env, self.log_path, self.port = name, argv, env, log_path, port
+        self.health_url = health_url  # answers 2xx while the service is healthy (the watchdog asks)
         self.process: subprocess.Popen | None = None
         self.record: ServiceRecord | None = None
         self.restarts = 0
@@ -129,19 +132,43 @@ class Service:
         self.restart_at = now + delay
         return True
 
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process_group(self.process)
+    def running(self) -> bool:
+        return self.process is not None and self.restart_at is None and self.process.poll() is None
+
+    def healthy(self, timeout: float) -> bool:
+        """Running and, when it serves HTTP, answering: a hung process fails this, a live pid alone would not."""
+        if not self.running():
+            return False
+        if self.health_url is None:
+            return True
+        import httpx
+
+        from vbatch_pipelines.net import local_http
+
+        try:
+            return local_http().get(self.health_url, timeout=timeout).status_code < 400
+        except httpx.HTTPError:
+            return False
+
+
+STOP_GRACE_S = 8.0  # SIGTERM to everything at once; SIGKILL what is left after this (a stop takes <= 15 s)
 
 
 def supervise(title: str, registry: ServiceRegistry, owner: dict, services: dict[str, Service], resources: dict,
-              ready: Callable[[], None], stop_detached: Callable[[], None] = lambda: None) -> None:
-    """Start ``services``, record them, call ``ready`` (the banner), then restart what dies (with back-off, each
-    change recorded) until Ctrl-C or SIGTERM; stop the services, the engines of this home and ``stop_detached``.
-    `vbatch up` and `vbatch worker` both run this."""
-    stopping = threading.Event()
+              ready: Callable[[threading.Event], None], stop_detached: Callable[[], list[int | None]] = lambda: [],
+              notifier: Notifier | None = None) -> None:
+    """Start ``services``, record them, then restart what dies (with back-off, each change recorded) until Ctrl-C
+    or SIGTERM; meanwhile ``ready`` (warming the engine, the banner) runs beside, handed the stop event so that it
+    gives up when asked. Then stop everything at once: the services, the engines of this home and the servers
+    ``stop_detached`` names (their pids), SIGKILL for what is left after STOP_GRACE_S, or at once on a second
+    Ctrl-C. Under systemd it speaks sd_notify (``Notifier``). `vbatch up` and `vbatch worker` both run this."""
+    stopping, force = threading.Event(), threading.Event()
+    notifier = notifier or Notifier()
 
     def shutdown(signum=None, frame=None) -> None:
+        if stopping.is_set():
+            force.set()  # the second Ctrl-C: no more waiting
+            print("Stopping at once.", flush=True)
         stopping.set()
 
     def log(message: str) -> None:
@@ -153,32 +180,59 @@ def supervise(title: str, registry: ServiceRegistry, owner: dict, services: dict
         registry.write(owner, {name: service.record for name, service in services.items()
                                if service.record is not None})
 
+    def announce() -> None:
+        try:
+            ready(stopping)
+        except Exception as exc:  # noqa: BLE001 - reported; the supervisor goes on (or is stopping)
+            if not stopping.is_set():
+                log(f"start-up did not finish: {exc}")
+        if not stopping.is_set():
+            notifier.ready(f"{title} is up")
+
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
+    announcer = threading.Thread(target=announce, name="vbatch-ready", daemon=True)
     try:
+        notifier.status(f"starting {title}")
+        print(f"Starting {title} ...", flush=True)
         for service in services.values():
             service.start()
         record()
-        ready()
+        announcer.start()
+        next_ping, every = 0.0, notifier.ping_every_s
         while not stopping.is_set():
             if any([service.supervise(log) for service in services.values()]):
                 record()
-            stopping.wait(1.0)
+                down = [name for name, service in services.items() if not service.running()]
+                notifier.status(f"restarting {', '.join(down)}" if down else f"{title} is up")
+            if every and time.monotonic() >= next_ping:
+                next_ping = time.monotonic() + every
+                if all(service.healthy(min(5.0, every)) for service in services.values()):
+                    notifier.watchdog()  # none while a service is down: systemd restarts a supervisor stuck so
+            stopping.wait(min(1.0, every or 1.0))
     finally:
+        notifier.stopping(f"stopping {title}")
         print(f"Stopping {title} ...", flush=True)
-        for service in services.values():
-            service.stop()
-        for server in resources["inference_engine"].running_servers():
-            server.stop()
-        stop_detached()
-        print("Stopped.", flush=True)
+        started = time.monotonic()
+        stop_everything(services, resources, stop_detached, force)
+        print(f"Stopped in {time.monotonic() - started:.1f}s.", flush=True)
 
 
-def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    from vbatch_pipelines.detached import kill_group
+def stop_everything(services: dict[str, Service], resources: dict, stop_detached: Callable[[], list[int | None]],
+                    force: threading.Event) -> None:
+    """SIGTERM the services, this home's engines and ``stop_detached``'s servers together, SIGKILL what is left
+    after STOP_GRACE_S. No detached server starts after this begins (one being started is in the sweep)."""
+    from vbatch_pipelines.detached import kill_groups, refuse_new_servers
 
-    kill_group(process.pid, timeout)
-    process.wait()
+    refuse_new_servers()
+    groups = [service.process.pid for service in services.values() if service.process is not None]
+    groups += [server.handover() for server in resources["inference_engine"].running_servers()]
+    groups += stop_detached()
+    groups = [pid for pid in groups if pid is not None]
+    kill_groups(groups, STOP_GRACE_S, force)
+    for service in services.values():
+        if service.process is not None:
+            service.process.wait()
 
 
 EVENT_BATCH_SIZE = 3 * MAX_BATCHES_PER_RUN  # a run's planned events: up to three steps per batch
@@ -199,9 +253,33 @@ def instance_env(settings: Settings, *, cluster: bool = False) -> dict:
     return {"DAGSTER_EVENT_BATCH_SIZE": str(EVENT_BATCH_SIZE), **os.environ, **extra}
 
 
+def migrate_dagster_storage(instance) -> None:
+    """`dagster instance migrate` for an instance whose storage an older Dagster made (only then: it visits every
+    run's SQLite file); one a newer Dagster migrated is refused (SchemaTooNew) and left as it is."""
+    from alembic.script import ScriptDirectory
+    from dagster import __version__ as dagster_version
+    from dagster._core.storage import sql
+
+    from vbatch_pipelines.store.db import SchemaTooNew
+
+    behind = [version for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage)
+              if storage is not None and (version := storage.alembic_version()) and version[0] != version[1]]
+    if not behind:
+        return
+    known = {revision.revision for revision in ScriptDirectory.from_config(
+        sql.get_alembic_config(sql.__file__)).walk_revisions()}
+    newer = sorted({current for current, _ in behind if current not in known})
+    if newer:
+        raise SchemaTooNew(f"Dagster's storage of {instance.root_directory} is at schema revision {', '.join(newer)}, "
+                           f"which this Dagster ({dagster_version}, newest {behind[0][1]}) does not know: a newer "
+                           "vbatch migrated it. Run that version; this one leaves the storage as it is.")
+    print(f"Migrating Dagster's storage to Dagster {dagster_version} (dagster instance migrate) ...", flush=True)
+    instance.upgrade(print)
+
+
 def prepare_platform(settings: Settings, resources: dict, *, cluster: bool = False) -> dict:
-    """Everything `up` needs before processes start: DB schema, Dagster home, gpu pool, default model.
-    Returns the environment the processes run with."""
+    """Everything `up` needs before processes start: DB schema, Dagster home and storage schema, gpu pool, default
+    model. Returns the environment the processes run with."""
     from dagster import DagsterInstance
 
     from vbatch_pipelines.instance import set_pools
@@ -209,6 +287,7 @@ def prepare_platform(settings: Settings, resources: dict, *, cluster: bool = Fal
     env = instance_env(settings, cluster=cluster)
     resources["metadata_db"].db.upgrade()
     with DagsterInstance.get() as instance:  # in cluster mode the pools' limits hold for every node
+        migrate_dagster_storage(instance)  # before anything uses it (set_pools does) or its daemon starts
         set_pools(instance, settings.cluster_gpus if cluster else settings.gpus, settings.inference_runs)
     resources["model_registry"].resolve(None)
     return env
@@ -296,8 +375,24 @@ def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, w
         registry.release()
 
 
+def check_ports(addresses: Addresses, resources: dict) -> None:
+    """The ports `up` listens on, and its Label Studio's unless that one already runs (adopted): free, or
+    PortTaken naming the process that holds it (another home's API, Dagster or Label Studio) and the setting
+    that moves ours. Never a server that starts beside another one and answers nobody (or 401s forever)."""
+    from vbatch_pipelines.net import check_port_free
+
+    check_port_free(addresses.host, addresses.api_port, "the API", "--api-port (or VBATCH_API_PORT)")
+    check_port_free(addresses.dagster_host, addresses.dagster_port, "the Dagster UI",
+                    "--dagster-port (or VBATCH_DAGSTER_PORT)")
+    label_studio = resources["label_studio"]
+    server = label_studio.server() if label_studio.enabled else None
+    if server is not None and not server.healthy():
+        check_port_free("127.0.0.1", server.port, "Label Studio", "VBATCH_LABEL_STUDIO_PORT")
+
+
 def _run(settings: Settings, resources: dict, addresses: Addresses, registry: ServiceRegistry,
          exposure: list[str], warm: bool, workspace: Path, cluster: bool) -> int:
+    check_ports(addresses, resources)  # PortTaken, naming who holds it, before anything starts
     env = prepare_platform(settings, resources, cluster=cluster)
     env["VBATCH_DAGSTER_URL"] = addresses.dagster_url
     logs = resources["file_store"].logs_dir
@@ -307,22 +402,27 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
     services = {service.name: service for service in (
         Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", addresses.dagster_host,
                                       "-p", str(addresses.dagster_port), "-w", str(workspace)], dagster_env,
-                logs / "dagster-webserver.log", addresses.dagster_port),
+                logs / "dagster-webserver.log", addresses.dagster_port, f"{addresses.dagster_url}/server_info"),
         Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], dagster_env,
                 logs / "dagster-daemon.log"),
         Service("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
                         "--port", str(addresses.api_port), "--workers", str(api_workers(settings, resources)),
-                        "--log-level", "warning"], env, logs / "api.log", addresses.api_port),
+                        "--log-level", "warning"], env, logs / "api.log", addresses.api_port,
+                f"{addresses.api_url}/health"),
     )}
     owner = {"api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.home),
              "mode": "cluster" if cluster else "single"}
 
-    def ready() -> None:
+    def ready(stopping: threading.Event) -> None:
         engine_note = warm_engine(resources) if warm else "transformers (in-process, per run)"
-        api_ready = wait_http(f"{addresses.api_url}/health", 60)
+        api_ready = not stopping.is_set() and wait_http(f"{addresses.api_url}/health", 60, stopping)
+        if stopping.is_set():
+            return
         curation_note = start_curation(settings, resources, addresses.api_url) if api_ready else \
             "off: the API did not start"
-        ready = wait_http(f"{addresses.dagster_url}/server_info", 120)
+        ready = wait_http(f"{addresses.dagster_url}/server_info", 120, stopping)
+        if stopping.is_set():
+            return
         print(f"vbatch is up (home {settings.home})\n"
               f"  OpenAI API   {addresses.api_url}/v1{'' if api_ready else '  (not answering yet; see logs)'}"
               f"  (docs {addresses.api_url}/docs)\n"
@@ -333,10 +433,9 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
               + "".join(f"  note         {note}\n" for note in exposure)
               + "Ctrl-C stops everything.", flush=True)
 
-    def stop_detached() -> None:
+    def stop_detached() -> list[int | None]:
         label_studio = resources["label_studio"].server()
-        if label_studio is not None:
-            label_studio.stop()
+        return [label_studio.handover()] if label_studio is not None else []
 
     supervise("vbatch", registry, owner, services, resources, ready, stop_detached)
     return 0

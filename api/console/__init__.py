@@ -111,7 +111,22 @@ def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLRespo
                             "per_1k": f"{1000 * cost / tokens:.6f}" if tokens else "–"}
     return _page(request, "dashboard.html", role, summary=summarize(db), today=today, costs=costs,
                  hour_cost=hour_cost, services={name: probe() for name, probe in request.app.state.probes.items()},
-                 engines=engines, fine_tunes=fine_tunes, gold_chart=bar_chart(gold_stars_by_day(db, days=14)))
+                 engines=engines, fine_tunes=fine_tunes, gold_chart=bar_chart(gold_stars_by_day(db, days=14)),
+                 disk=_disk(request))
+
+
+def _disk(request: Request) -> dict:
+    """The store's disk as the dashboard shows it: free space, what vbatch keeps by kind, and whether new batches
+    are refused for want of space."""
+    from vbatch_pipelines.retention import disk_usage, human_bytes
+
+    resources = request.app.state.resources
+    usage, floor = disk_usage(resources["file_store"]), resources["retention_policy"].min_free_disk_percent
+    return {"free": human_bytes(usage.free), "total": human_bytes(usage.total),
+            "free_percent": f"{usage.free_percent:.1f}", "floor": f"{floor:g}",
+            "refusing": floor > 0 and usage.free_percent < floor,
+            "kinds": [(kind, human_bytes(size)) for kind, size in sorted(usage.kinds.items(), key=lambda kv: -kv[1])
+                      if size]}
 
 
 def _count(value: float | None) -> str:
@@ -161,12 +176,14 @@ def create_batch_from_form(request: Request, file: UploadFile = File(...), endpo
     from vbatch_pipelines.batch.service import BatchRequestError
     from vbatch_pipelines.errors import VbatchError
     from vbatch_pipelines.files import store_file
+    from vbatch_pipelines.retention import require_free_disk
     from vbatch_pipelines.submit import accept_batch
 
     state, settings = request.app.state, request.app.state.settings
     resources = state.resources
     source = file.file if not model else _with_model(file.file, model)
     try:
+        require_free_disk(resources["file_store"], resources["retention_policy"].min_free_disk_percent, "batches")
         stored = store_file(state.db, resources["file_store"].files_dir, source, file.filename or "upload.jsonl",
                             "batch", max_bytes=settings.max_upload_bytes)
         metadata = {"curation": "off"} if curation == "off" else {"curation_schema": schema} if schema else None

@@ -1,6 +1,9 @@
-"""/v1/batches: create (records the batch, then launches its Dagster run), retrieve, list, cancel."""
+"""/v1/batches: create (records the batch, then launches its Dagster run), retrieve, list, cancel. Under the
+free-space floor a create is refused with 507, and the batches already accepted carry on."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
@@ -9,10 +12,13 @@ from pydantic import BaseModel, Field
 from api.deps import get_batch_launcher, get_db, get_file_store, get_model_registry, get_settings
 from api.errors import get_or_404
 from api.pagination import paginate
+from api.routers.files import get_retention_policy
 from api.schemas import BatchObject, Page
-from resources import FileStore, ModelRegistry
+from resources import FileStore, ModelRegistry, RetentionPolicy
 from vbatch_pipelines.batch.service import request_cancel
+from vbatch_pipelines.files import expires_after_seconds
 from vbatch_pipelines.launch import BatchLauncher
+from vbatch_pipelines.retention import require_free_disk
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Batch
@@ -26,16 +32,25 @@ class CreateBatchRequest(BaseModel):
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = Field(default=None)
+    output_expires_after: dict[str, Any] | None = Field(
+        default=None, description='OpenAI\'s {"anchor": "created_at", "seconds": 3600..2592000}: when the output and '
+                                  'error files expire, from their creation (default: VBATCH_FILE_RETENTION_DAYS)')
 
 
 @router.post("/batches", response_model=BatchObject)
 def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: Settings = Depends(get_settings),
            file_store: FileStore = Depends(get_file_store),
            model_registry: ModelRegistry = Depends(get_model_registry),
-           launcher: BatchLauncher = Depends(get_batch_launcher)) -> dict:
+           launcher: BatchLauncher = Depends(get_batch_launcher),
+           policy: RetentionPolicy = Depends(get_retention_policy)) -> dict:
+    output_expires_after = None
+    if body.output_expires_after is not None:
+        output_expires_after = expires_after_seconds(body.output_expires_after, "output_expires_after")
+    require_free_disk(file_store, policy.min_free_disk_percent, "batches")
     return accept_batch(db, file_store, model_registry, launcher, input_file_id=body.input_file_id,
                         endpoint=body.endpoint, completion_window=body.completion_window, metadata=body.metadata,
-                        inline_validation_bytes=settings.inline_validation_bytes).to_openai()
+                        inline_validation_bytes=settings.inline_validation_bytes,
+                        output_expires_after=output_expires_after).to_openai()
 
 
 def _batch_or_404(db: Database, batch_id: str) -> Batch:

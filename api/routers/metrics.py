@@ -25,7 +25,8 @@ class ScrapeTarget(BaseModel):
     "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 def metrics(request: Request) -> Response:
     """Batches by status, requests and tokens by model, queue depth, reviews and gold stars, fine-tunes by
-    status, services and engines; for Prometheus (`deploy/prometheus.yml`) or a look with curl."""
+    status, services and engines, the disk (bytes by kind, free and total); for Prometheus
+    (`deploy/prometheus.yml`) or a look with curl."""
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
+    BatchRequestError,
     claim_batch,
     end_batch,
+    fail_batch,
     get_batch,
     iter_requests,
     lease_owner,
@@ -29,6 +31,7 @@ from vbatch_pipelines.batch.service import (
     renew_lease,
     update_batch,
 )
+from vbatch_pipelines.detached import ServerStartError
 from vbatch_pipelines.models.registry import ModelSpec
 from vbatch_pipelines.store.db import Database
 
@@ -130,10 +133,25 @@ def _watch(db: Database, jobs: list[_Job]) -> list[str]:
     return lines
 
 
-def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str]) -> BatchRun:
+class EngineCannotStart(BatchRequestError):
+    """A batch failed because its engine cannot start: the batch's errors say why (the engine's own words)."""
+
+    status = 503
+
+
+def _engine_gave_up(failure: BaseException | None) -> ServerStartError | None:
+    """The engine's start failure, when it failed to start again and again and vbatch stopped trying for now:
+    a batch then fails saying why, rather than waiting on more retries that would fail alike."""
+    if isinstance(failure, ServerStartError) and failure.retry_at is not None:
+        return failure
+    return None
+
+
+def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str],
+            engine_failure: ServerStartError | None = None) -> BatchRun:
     """Close the result files and end the batch: completed, or cancelled/expired with what finished, its
-    lease freed in the same transaction. ``stop_reason`` is the job's as it stopped (the watcher may still
-    be looking at it meanwhile)."""
+    lease freed in the same transaction, or failed when its engine cannot start (``engine_failure``).
+    ``stop_reason`` is the job's as it stopped (the watcher may still be looking at it meanwhile)."""
     ended = False
     try:
         job.results.close()
@@ -147,6 +165,10 @@ def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str]) -> 
             end_batch(db, job.directory, job.batch_id, stop_reason[0] if stop_reason else "cancelled",
                       progress=job.progress, lease_owner=job.owner)
             ended = True
+        elif engine_failure is not None:  # its lease is freed below
+            fail_batch(db, job.directory, job.batch_id, engine_failure.code, engine_failure.message.rstrip("."),
+                       "Create the batch again once the engine starts.")
+            stop_reason = ["failed"]
         else:  # the run stopped short (its engine failed): what finished is counted, a later run resumes
             update_batch(db, job.batch_id, request_completed=job.progress.completed,
                          request_failed=job.progress.failed)
@@ -194,12 +216,15 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
         finally:
             job.running = False
             stop_reason = [] if finished else list(job.stop_reason)
+            gave_up = _engine_gave_up(outcomes.get(job.batch_id))
             try:
-                ended = await asyncio.to_thread(_finish, db, job, finished, stop_reason)
+                ended = await asyncio.to_thread(_finish, db, job, finished, stop_reason, gave_up)
             except Exception as exc:  # noqa: BLE001
                 outcomes.setdefault(job.batch_id, exc)
             else:
                 ended.backend = getattr(engines.get(job.model.id), "backend", "")
+                if gave_up is not None and ended.stop_reason == "failed":
+                    outcomes[job.batch_id] = EngineCannotStart(gave_up.message, code=gave_up.code)
                 outcomes.setdefault(job.batch_id, ended)
 
     async def watcher() -> None:

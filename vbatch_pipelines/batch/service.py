@@ -40,8 +40,9 @@ class BatchRequestError(VbatchError):
 
 
 def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_window: str = "24h",
-                 metadata: dict[str, str] | None = None) -> Batch:
-    """Record a new batch (status ``validating``); the caller launches its run."""
+                 metadata: dict[str, str] | None = None, output_expires_after: int | None = None) -> Batch:
+    """Record a new batch (status ``validating``); the caller launches its run. Its output and error files
+    expire ``output_expires_after`` seconds after they are written (None: the default retention)."""
     if endpoint not in SUPPORTED_ENDPOINTS:
         raise BatchRequestError(f"endpoint must be one of {', '.join(SUPPORTED_ENDPOINTS)}", "endpoint",
                                 "invalid_value")
@@ -72,7 +73,7 @@ def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_
     batch = Batch(id=new_batch_id(), endpoint=endpoint, input_file_id=input_file_id,
                   completion_window=completion_window, status="validating", created_at=created,
                   expires_at=created + COMPLETION_WINDOWS[completion_window], metadata_=metadata,
-                  request_total=0, request_completed=0, request_failed=0)
+                  request_total=0, request_completed=0, request_failed=0, output_expires_after=output_expires_after)
     with db.session() as session:
         session.add(batch)
     return batch
@@ -320,7 +321,8 @@ def _end(db: Database, batch_id: str, results: ResultFiles, lease_owner: str | N
         for path, name, field in ((results.output_path, "output", "output_file_id"),
                                   (results.error_path, "error", "error_file_id")):
             if getattr(batch, field) is None and path.exists() and path.stat().st_size:
-                record = file_record(path, f"{batch_id}_{name}.jsonl", "batch_output")
+                record = file_record(path, f"{batch_id}_{name}.jsonl", "batch_output",
+                                     expires_after=batch.output_expires_after)
                 session.add(record)
                 fields[field] = record.id
         _set_fields(batch, fields)

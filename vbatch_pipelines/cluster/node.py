@@ -84,7 +84,7 @@ def run_worker(settings: Settings, resources: dict, spec: NodeSpec) -> int:
                                              env, logs / "celery-gpu.log")
         owner = {"node": spec.name, "home": str(settings.home), "role": "worker"}
 
-        def ready() -> None:
+        def ready(stopping) -> None:
             print(f"vbatch worker {spec.name} is up (home {settings.home})\n"
                   f"  broker       {broker_address(settings.broker_url)}\n"
                   f"  queues       {', '.join(spec.queues)} ({spec.concurrency} at once)"

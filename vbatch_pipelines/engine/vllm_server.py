@@ -24,6 +24,7 @@ from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
 from vbatch_pipelines.engine.registry import DOWN, STOPPED, UP, EngineRegistry, external_id, managed_id
+from vbatch_pipelines.engine.start_errors import EngineStartError, explain
 from vbatch_pipelines.models.registry import GENERATE, ModelSpec
 from vbatch_pipelines.net import local_http
 
@@ -134,6 +135,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
     """The vLLM server that serves one base model, started and supervised by vbatch on this node."""
 
     name = "vLLM"
+    start_error = EngineStartError  # EngineUnavailable: a batch retries it; online, a 503 saying why
 
     def __init__(self, model: ModelSpec, engines_dir: Path, config: VLLMServerConfig,
                  adapters: Callable[[], dict[str, str]] = dict, registry: EngineRegistry | None = None,
@@ -162,7 +164,11 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         return f"http://{host}:{state['port']}"
 
     def _start(self) -> str:
-        url = super()._start()
+        try:
+            url = super()._start()
+        except EngineStartError as exc:  # other nodes see it down, and why
+            self.seen_down(exc.message)
+            raise
         if self.registry is not None:
             state = self.state() or {}
             self.registry.record(id=self.replica_id, model=self.model.id, base_url=self.advertised_url(state),
@@ -170,11 +176,11 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
                                  adapters=list(self.adapters()))
         return url
 
-    def stop(self) -> bool:
-        stopped = super().stop()
+    def handover(self) -> int | None:
+        pid = super().handover()
         if self.registry is not None:
             self.registry.mark(self.replica_id, STOPPED)
-        return stopped
+        return pid
 
     def seen_down(self, error: str) -> None:
         if self.registry is not None:
@@ -182,6 +188,13 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
 
     def state_extra(self) -> dict[str, Any]:
         return {"model": self.model.id, "path": self.model.path, "task": self.model.task}
+
+    @property
+    def label(self) -> str:
+        return f"The vLLM engine of {self.model.id}"
+
+    def explain_start_failure(self, log: str) -> tuple[str | None, str | None]:
+        return explain(log, self.config.gpus)
 
     def engine_args(self) -> list[str]:
         """Engine flags any vLLM entrypoint takes (the benchmark gives run-batch the same ones). LoRA is on so

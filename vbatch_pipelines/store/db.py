@@ -14,9 +14,20 @@ from typing import TypeVar
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from vbatch_pipelines.errors import VbatchError
+
 _process_locks: dict[str, threading.Lock] = {}
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# Its own version table: the same database may also hold Dagster's storage, which uses alembic_version.
+VERSION_TABLE = "vbatch_alembic_version"
 T = TypeVar("T")
+
+
+class SchemaTooNew(VbatchError):
+    """The metadata DB was migrated by a newer vbatch, to a revision this code does not have."""
+
+    status = 503
+    code = "schema_too_new"
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -48,19 +59,47 @@ class Database:
             self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def upgrade(self) -> None:
-        """Bring the schema to the newest migration (idempotent; safe from several processes)."""
+    def upgrade(self) -> tuple[str | None, str]:
+        """Bring the schema to the newest migration this code has; returns the revisions before and after (None: a
+        new DB). Idempotent, and one process at a time: the API's workers and the run workers of a new vbatch may
+        all meet an old DB at once. A DB that a newer vbatch migrated is refused (SchemaTooNew) and left as it is.
+        On SQLite the upgrade is one transaction, so one that fails leaves the DB as it was (PostgreSQL's DDL is
+        transactional anyway)."""
         from alembic import command
         from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        script = ScriptDirectory.from_config(config)
+        head = script.get_current_head()
+
+        def revision(connection) -> str | None:
+            """The DB's revision; SchemaTooNew when it is one this code lacks."""
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            current = context.get_current_revision()
+            if current is not None and current not in {migration.revision for migration in script.walk_revisions()}:
+                raise SchemaTooNew(
+                    f"The metadata DB ({self.engine.url.render_as_string(hide_password=True)}) is at schema revision "
+                    f"{current}, which this vbatch does not know (its newest is {head}): a newer vbatch upgraded it. "
+                    "Run that version (or restore the DB from before the upgrade); this one leaves the DB as it is.")
+            return current
+
+        with self.engine.connect() as connection:  # every process starts here: mostly at head already, no lock
+            before = revision(connection)
+        if before == head:
+            return before, head
         with self.engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                # Serialise concurrent upgrades (API and run workers may start together).
-                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(724242)")
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            # The lock: on PostgreSQL an advisory one for the transaction; on SQLite its write lock, taken from the
+            # start (pysqlite would begin the transaction only at the first INSERT, leaving the DDL before it
+            # outside); the next process waits for it up to busy_timeout.
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(724242)"
+                                       if self.engine.dialect.name == "postgresql" else "BEGIN IMMEDIATE")
+            if revision(connection) != head:  # else another process upgraded it meanwhile
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        return before, head
 
     @contextmanager
     def session(self) -> Iterator[Session]:

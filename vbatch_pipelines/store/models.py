@@ -35,7 +35,7 @@ class File(Base):
     purpose: Mapped[str] = mapped_column(String(32), index=True)
     status: Mapped[str] = mapped_column(String(16), default="processed")
     path: Mapped[str] = mapped_column(Text)
-    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)  # its own expiry
 
     def to_openai(self) -> dict[str, Any]:
         return {
@@ -86,6 +86,8 @@ class Batch(Base):
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the run working on it
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)  # renewed while that run lives
+    # OpenAI's output_expires_after: its result files expire this long after they are created (None: the default)
+    output_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     def to_openai(self) -> dict[str, Any]:
         return {
