@@ -178,6 +178,41 @@ def api_client(app, **kwargs):
     return TestClient(app, base_url="http://127.0.0.1", **kwargs)
 
 
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """``app`` on a real port in this process (for clients that speak HTTP, not ASGI: the openai SDK, Label
+    Studio's webhooks); its URL."""
+    import threading
+
+    import uvicorn
+
+    from vbatch_pipelines.net import free_port, wait_http
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    assert wait_http(url + "/health", 30)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def openai_error(response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    """The OpenAI-style error body of ``response``, checked to have ``status`` (and ``code``, ``param``)."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
 def build_gold_star_dataset(resources: dict, instance=None):
     """Materialize gold_star_dataset with its checks, as its job does."""
     from dagster import DagsterInstance, materialize

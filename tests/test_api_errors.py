@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import api_client, chat_lines, jsonl
+from tests.conftest import api_client, chat_lines, jsonl, openai_error
 
 
 @pytest.fixture()
@@ -23,50 +23,39 @@ def client(vbatch_home):
         yield test_client
 
 
-def _error(response, status, code=None, param=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    if param is not None:
-        assert error["param"] == param, error
-    return error
-
-
 def _upload(client, data: bytes, purpose="batch"):
     return client.post("/v1/files", files={"file": ("in.jsonl", data)}, data={"purpose": purpose})
 
 
 def test_file_errors(client):
-    _error(_upload(client, b"{}", purpose="pictures"), 400, "invalid_value", "purpose")
-    _error(_upload(client, b"x" * 5000), 413, "file_too_large", "file")
-    _error(client.post("/v1/files", files={"purpose": (None, "batch")}), 400, param="file")
-    _error(client.get("/v1/files/file-nope"), 404, "file_not_found")
-    _error(client.get("/v1/files/file-nope/content"), 404, "file_not_found")
-    _error(client.delete("/v1/files/file-nope"), 404, "file_not_found")
-    _error(client.get("/v1/files", params={"after": "file-nope"}), 400, param="after")
-    _error(client.get("/v1/files", params={"limit": 0}), 400, param="limit")
+    openai_error(_upload(client, b"{}", purpose="pictures"), 400, "invalid_value", "purpose")
+    openai_error(_upload(client, b"x" * 5000), 413, "file_too_large", "file")
+    openai_error(client.post("/v1/files", files={"purpose": (None, "batch")}), 400, param="file")
+    openai_error(client.get("/v1/files/file-nope"), 404, "file_not_found")
+    openai_error(client.get("/v1/files/file-nope/content"), 404, "file_not_found")
+    openai_error(client.delete("/v1/files/file-nope"), 404, "file_not_found")
+    openai_error(client.get("/v1/files", params={"after": "file-nope"}), 400, param="after")
+    openai_error(client.get("/v1/files", params={"limit": 0}), 400, param="limit")
     assert client.get("/v1/files").json()["data"] == []  # the refused uploads left nothing behind
 
 
 def test_batch_errors_and_deferred_launch(client):
     uploaded = _upload(client, jsonl(chat_lines(2))).json()
-    _error(client.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"}),
+    openai_error(client.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"}),
            404, "file_not_found", "input_file_id")
-    _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/images"}),
+    openai_error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/images"}),
            400, "invalid_value", "endpoint")
-    _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
+    openai_error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
                                             "completion_window": "1h"}), 400, "invalid_value", "completion_window")
-    _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
+    openai_error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
                                             "metadata": {f"k{i}": "v" for i in range(17)}}), 400, param="metadata")
-    _error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
+    openai_error(client.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions",
                                             "metadata": {"curation_schema": "nope"}}),
            400, "invalid_value", "metadata.curation_schema")  # refused now, not when its results are reviewed
-    _error(client.post("/v1/batches", json={"endpoint": "/v1/completions"}), 400, param="input_file_id")
-    _error(client.post("/v1/batches", content=b"not json", headers={"content-type": "application/json"}), 400)
-    _error(client.get("/v1/batches/batch_nope"), 404, "batch_not_found")
-    _error(client.get("/v1/batches", params={"limit": 101}), 400, param="limit")
+    openai_error(client.post("/v1/batches", json={"endpoint": "/v1/completions"}), 400, param="input_file_id")
+    openai_error(client.post("/v1/batches", content=b"not json", headers={"content-type": "application/json"}), 400)
+    openai_error(client.get("/v1/batches/batch_nope"), 404, "batch_not_found")
+    openai_error(client.get("/v1/batches", params={"limit": 101}), 400, param="limit")
 
     # Dagster is down: the batch is still accepted and recorded, waiting for the launch sensor.
     created = client.post("/v1/batches", json={"input_file_id": uploaded["id"],
@@ -74,23 +63,23 @@ def test_batch_errors_and_deferred_launch(client):
     assert created.status_code == 200 and created.json()["status"] == "in_progress"  # validated inline
     batch_id = created.json()["id"]
     assert client.get(f"/v1/batches/{batch_id}").json()["id"] == batch_id
-    _error(client.delete(f"/v1/files/{uploaded['id']}"), 409, "file_in_use", "file_id")
+    openai_error(client.delete(f"/v1/files/{uploaded['id']}"), 409, "file_in_use", "file_id")
 
     # Cancelling a batch that never got a run ends it at once; a second cancel is a conflict.
     cancelled = client.post(f"/v1/batches/{batch_id}/cancel").json()
     assert cancelled["status"] == "cancelled" and cancelled["cancelling_at"] and cancelled["cancelled_at"]
-    _error(client.post(f"/v1/batches/{batch_id}/cancel"), 409, "batch_not_cancellable")
+    openai_error(client.post(f"/v1/batches/{batch_id}/cancel"), 409, "batch_not_cancellable")
     assert client.delete(f"/v1/files/{uploaded['id']}").json() == {"id": uploaded["id"], "object": "file",
                                                                    "deleted": True}
 
 
 def test_inference_errors(client):
-    _error(client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user",
+    openai_error(client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user",
                                                                                       "content": "hi"}]}),
            404, "model_not_found", "model")
-    _error(client.post("/v1/chat/completions", json={"messages": []}), 400, param="messages")
-    _error(client.post("/v1/completions", json={"prompt": "x", "temperature": 7}), 400, param="temperature")
-    _error(client.get("/v1/nothing-here"), 404)
+    openai_error(client.post("/v1/chat/completions", json={"messages": []}), 400, param="messages")
+    openai_error(client.post("/v1/completions", json={"prompt": "x", "temperature": 7}), 400, param="temperature")
+    openai_error(client.get("/v1/nothing-here"), 404)
 
 
 def test_health_reports_dagster_down_but_stays_up(client):
@@ -127,7 +116,7 @@ def test_non_ascii_credentials_are_a_401_not_a_500(vbatch_home):
     settings = replace(load_settings(), api_keys=("k1",), dagster_url="http://127.0.0.1:9")
     with api_client(create_app(settings)) as client:
         for value in ("Bearer é".encode(), "Bearer k1é".encode("latin-1"), b"Bearer \xff\xfe"):
-            _error(client.get("/v1/models", headers={"Authorization": value}), 401, "invalid_api_key")
+            openai_error(client.get("/v1/models", headers={"Authorization": value}), 401, "invalid_api_key")
         assert client.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
         webhook = client.post("/v1/webhooks/label-studio", json={"action": "ANNOTATION_CREATED"},
                               headers={"X-Vbatch-Webhook-Secret": "é".encode()})

@@ -7,16 +7,13 @@ the session's real server, annotated through its SDK exactly as an expert's brow
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
-import uvicorn
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context, materialize
 
-from tests.conftest import Platform, build_gold_star_dataset, chat_lines, jsonl
+from tests.conftest import Platform, build_gold_star_dataset, chat_lines, jsonl, serving
 from vbatch_pipelines.curation.schemas import annotation_result
-from vbatch_pipelines.net import free_port, wait_http
 
 
 @pytest.fixture()
@@ -161,15 +158,8 @@ def live_api(curation):
     """The REST API on a real port, so Label Studio can call its webhook."""
     from api.main import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    assert wait_http(url + "/health", 30)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app()) as url:
+        yield url
 
 
 def _wait(predicate, timeout: float = 20.0) -> bool:

@@ -15,13 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Platform, api_client, chat_lines, jsonl
+from tests.conftest import Platform, api_client, chat_lines, jsonl, openai_error, serving
 
 DAY = 86400
 
@@ -36,17 +35,6 @@ def _app(**changes):
 
 def _upload(client, data: bytes, purpose: str = "batch", **fields):
     return client.post("/v1/files", files={"file": ("in.jsonl", data)}, data={"purpose": purpose, **fields})
-
-
-def _error(response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 def _retention(platform: Platform, instance=None, **policy):
@@ -71,19 +59,8 @@ def _retention(platform: Platform, instance=None, **policy):
 @pytest.fixture()
 def live_api(vbatch_home):
     """The API on a real port, for the official openai SDK (it speaks HTTP, not ASGI)."""
-    import uvicorn
-
-    from vbatch_pipelines.net import free_port, wait_http
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    assert wait_http(url + "/health", 30)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(_app()) as url:
+        yield url
 
 
 def test_the_openai_sdk_sets_expires_after_on_files_and_batch_outputs(live_api, vbatch_home):
@@ -139,7 +116,7 @@ def test_bad_expires_after_is_a_400_naming_the_field(vbatch_home):
                                "expires_after.seconds"),
                               ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "99999999999999"},
                                "expires_after.seconds")):
-            _error(_upload(client, data, **fields), 400, param=param)
+            openai_error(_upload(client, data, **fields), 400, param=param)
         assert client.get("/v1/files").json()["data"] == []
         good = _upload(client, data, **{"expires_after[anchor]": "created_at",
                                         "expires_after[seconds]": "2592000"}).json()
@@ -155,7 +132,7 @@ def test_bad_expires_after_is_a_400_naming_the_field(vbatch_home):
             if param is None:
                 assert response.status_code == 200, response.text
                 continue
-            _error(response, 400, param=param)
+            openai_error(response, 400, param=param)
         assert len(client.get("/v1/batches").json()["data"]) == 1
 
 
@@ -217,7 +194,7 @@ def test_expired_files_go_with_their_bytes_a_running_batchs_input_stays_and_batc
         assert swept["file_bytes_deleted"] == default["bytes"] + done_input_bytes
         assert swept["files_kept_in_use"] == 1
         for gone in (hour["id"], default["id"], done.input_file_id, done.output_file_id):
-            _error(client.get(f"/v1/files/{gone}"), 404, "file_not_found")
+            openai_error(client.get(f"/v1/files/{gone}"), 404, "file_not_found")
             assert not paths[gone].exists()
         for kept in (fresh["id"], training["id"], running_input["id"]):
             assert client.get(f"/v1/files/{kept}").status_code == 200 and paths[kept].exists()
@@ -228,7 +205,7 @@ def test_expired_files_go_with_their_bytes_a_running_batchs_input_stays_and_batc
         assert swept["batch_dirs_removed"] == 1 and not platform.file_store.batch_dir(done.id).exists()
 
         # The running batch's input goes once the batch has ended (here: cancelled), as the API's DELETE would.
-        _error(client.delete(f"/v1/files/{running_input['id']}"), 409, "file_in_use", "file_id")
+        openai_error(client.delete(f"/v1/files/{running_input['id']}"), 409, "file_in_use", "file_id")
         assert client.post(f"/v1/batches/{running['id']}/cancel").json()["status"] == "cancelled"
         swept = _retention(platform)
         assert swept["files_deleted"] == 1 and swept["files_kept_in_use"] == 0
@@ -421,12 +398,12 @@ def test_under_the_free_space_floor_new_batches_get_507_and_an_accepted_batch_co
             low_client = api_client(_app(min_free_disk_percent=min(99.9, 100 * usage.free / usage.total + 1)))
             low_client.__enter__()
         try:
-            refused = _error(low_client.post("/v1/batches", json={"input_file_id": uploaded["id"],
+            refused = openai_error(low_client.post("/v1/batches", json={"input_file_id": uploaded["id"],
                                                                   "endpoint": "/v1/chat/completions"}),
                              507, "insufficient_storage")
             assert refused["type"] == "server_error" and "VBATCH_MIN_FREE_DISK_PERCENT" in refused["message"]
             assert "free" in refused["message"] and "already accepted carry on" in refused["message"]
-            _error(_upload(low_client, jsonl(chat_lines(1))), 507, "insufficient_storage")
+            openai_error(_upload(low_client, jsonl(chat_lines(1))), 507, "insufficient_storage")
             assert [b["id"] for b in low_client.get("/v1/batches").json()["data"]] == [accepted["id"]]
             assert [f["id"] for f in low_client.get("/v1/files").json()["data"]] == [uploaded["id"]]
             page = low_client.get("/ui").text

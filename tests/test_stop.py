@@ -5,6 +5,7 @@ starts. Real processes throughout; each stop is timed from the signal to the exi
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -39,8 +40,6 @@ def _stop(up: subprocess.Popen, home: Path, *signals: signal.Signals) -> float:
         took = time.monotonic() - started
         left = settled_survivors(home, grace_s=2.0)
         for pid, _ in left:
-            import os
-
             os.kill(pid, signal.SIGKILL)
     assert not left, f"still running after `vbatch up` stopped: {left}"
     print(f"stop took {took:.1f}s")
@@ -115,7 +114,9 @@ def _engine_loading(home: Path) -> bool:
 
 @pytest.mark.stack
 @pytest.mark.vllm
-def test_stop_while_the_engine_loads(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("signals, limit", [((signal.SIGTERM,), STOP_LIMIT_S), ((signal.SIGINT, signal.SIGINT), 5.0)],
+                         ids=["SIGTERM", "a second Ctrl-C stops at once"])
+def test_stop_while_the_engine_loads(tmp_path, tiny_model_path, signals, limit):
     home = tmp_path / "home"
     env, api_port, dagster_port = _engine_env(home, tiny_model_path)
     up = _up(env, api_port, dagster_port, f"Warming vLLM for {TINY_MODEL_ID}")
@@ -124,21 +125,7 @@ def test_stop_while_the_engine_loads(tmp_path, tiny_model_path):
     except BaseException:
         up.kill()
         raise
-    assert _stop(up, home, signal.SIGTERM) <= STOP_LIMIT_S
-
-
-@pytest.mark.stack
-@pytest.mark.vllm
-def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_model_path):
-    home = tmp_path / "home"
-    env, api_port, dagster_port = _engine_env(home, tiny_model_path)
-    up = _up(env, api_port, dagster_port, f"Warming vLLM for {TINY_MODEL_ID}")
-    try:
-        _wait(lambda: _engine_loading(home), 60, "the engine to start loading")
-    except BaseException:
-        up.kill()
-        raise
-    assert _stop(up, home, signal.SIGINT, signal.SIGINT) <= 5.0
+    assert _stop(up, home, *signals) <= limit
 
 
 def _holder(tmp_path: Path) -> tuple[subprocess.Popen, int]:
