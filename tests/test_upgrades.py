@@ -259,10 +259,15 @@ def test_an_upgrade_that_fails_half_way_leaves_the_db_as_it_was(vbatch_home, tmp
 
 CONCURRENT_UPGRADE = """
 import sys, time
-from vbatch_pipelines.store.db import Database
+from alembic import command  # noqa: F401 - what upgrade() imports, loaded before the start
+from vbatch_pipelines.store.db import Database, known_revisions
+known_revisions()  # the migration scripts, imported
 db = Database(sys.argv[1])
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start together, imports done
-print(db.upgrade())
+with db.engine.connect():
+    pass
+late = time.time() - float(sys.argv[2])
+time.sleep(max(0.0, -late))  # all start together, imports done
+print("late" if late > 0 else "", db.upgrade())
 """
 
 
@@ -271,13 +276,14 @@ def test_upgrades_from_several_processes_at_once_make_one_whole_db(vbatch_home, 
     one before it, none fails, the result is the schema a new home gets, with the old rows."""
     expected = unpack_home(ARCHIVES[0], vbatch_home)
     url = f"sqlite:///{vbatch_home / 'vbatch.db'}"
-    start = time.time() + 5
+    start = time.time() + 15  # past every process's imports, even on a loaded machine
     processes = [subprocess.Popen([sys.executable, "-c", CONCURRENT_UPGRADE, url, str(start)], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     outputs = [process.communicate(timeout=120)[0] for process in processes]
     assert [process.returncode for process in processes] == [0] * 4, "\n".join(outputs)
     raced = [output for output in outputs if output.strip().endswith(f"('{expected['db_revision']}', "
                                                                      f"'{head_revision()}')")]
+    assert not [output for output in outputs if output.startswith("late")], outputs  # all were there at the start
     assert len(raced) >= 2, outputs  # they did meet the old revision at once
     assert revision_of(url) == head_revision() and schema_of(url) == fresh_schema
     engine = sa.create_engine(url)

@@ -338,14 +338,14 @@ def _snapshot_databases(places: Places, trees: list[Tree], stage: Stage) -> tupl
     own = {tree.name: tree for tree in trees}
     snapshot("dagster", own["dagster"])
     if "metadata" in postgres:
-        revision = _pg_revision(postgres["metadata"])
+        revision = _revision(postgres["metadata"])
         snapshot("metadata", None)
     else:
         if places.sqlite_path is None or not places.sqlite_path.exists():
             raise BackupError(f"there is no metadata DB at {places.sqlite_path}: nothing to back up")
         stage.sqlite(places.sqlite_path, METADATA_SQLITE)
         databases["metadata"] = {"kind": "sqlite", "member": METADATA_SQLITE}
-        revision = _sqlite_revision(stage.root / METADATA_SQLITE)
+        revision = _revision(f"sqlite:///{stage.root / METADATA_SQLITE}")
     if "label-studio" in own and own["label-studio"].source.is_dir():
         snapshot("label_studio", own["label-studio"])
     return databases, revision
@@ -411,24 +411,16 @@ def _vbatch_version() -> str:
         return "unknown"
 
 
-def _sqlite_revision(path: Path) -> str | None:
-    with sqlite3.connect(str(path)) as conn:
-        try:
-            row = conn.execute("SELECT version_num FROM vbatch_alembic_version").fetchone()
-        except sqlite3.OperationalError:
-            return None
-    return row[0] if row else None
-
-
-def _pg_revision(url: str) -> str | None:
+def _revision(url: str) -> str | None:
+    """The Alembic revision of the metadata DB at ``url`` (a staged SQLite copy, or the live PostgreSQL)."""
     import sqlalchemy as sa
 
-    engine = _pg_engine(url)
+    from vbatch_pipelines.store.db import normalize_url, schema_revision
+
+    engine = sa.create_engine(normalize_url(url))
     try:
         with engine.connect() as conn:
-            if not sa.inspect(conn).has_table("vbatch_alembic_version"):
-                return None
-            return conn.execute(sa.text("SELECT version_num FROM vbatch_alembic_version")).scalar()
+            return schema_revision(conn)
     except sa.exc.SQLAlchemyError as exc:
         raise BackupError(f"the metadata DB at {_redacted(url)} cannot be read: {exc.__class__.__name__}") from None
     finally:
@@ -687,17 +679,6 @@ class Placement:
                 scratch.unlink(missing_ok=True)
 
 
-def _known_revisions() -> set[str]:
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-    from vbatch_pipelines.store.db import MIGRATIONS_DIR
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
-
-
 def _empty(path: Path) -> bool:
     return not path.exists() and not path.is_symlink() or (path.is_dir() and not any(path.iterdir()))
 
@@ -706,7 +687,9 @@ def _check_targets(manifest: dict, places: Places, placement: Placement) -> dict
     """Refuse unless everything the restore writes is empty or absent; returns each PostgreSQL dump's target
     roles (member -> roles)."""
     revision = manifest.get("alembic_revision")
-    known = _known_revisions()
+    from vbatch_pipelines.store.db import known_revisions
+
+    known = known_revisions()
     if revision is not None and revision not in known:
         raise BackupError(f"the archive's metadata DB is at migration {revision!r}, which this vbatch does not know "
                           f"(it knows up to {max(known)}): restore it with the vbatch version that made it or a newer "

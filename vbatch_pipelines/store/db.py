@@ -30,6 +30,27 @@ class SchemaTooNew(VbatchError):
     code = "schema_too_new"
 
 
+def migrations():
+    """Alembic's view of this code's migrations (ScriptDirectory)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(config)
+
+
+def known_revisions() -> set[str]:
+    return {migration.revision for migration in migrations().walk_revisions()}
+
+
+def schema_revision(connection) -> str | None:
+    """The revision the metadata DB behind ``connection`` is at (None: no vbatch schema)."""
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL lets the API, sensors and run workers read while one of them writes.
     cursor = dbapi_connection.cursor()
@@ -67,19 +88,15 @@ class Database:
         transactional anyway)."""
         from alembic import command
         from alembic.config import Config
-        from alembic.runtime.migration import MigrationContext
-        from alembic.script import ScriptDirectory
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
-        script = ScriptDirectory.from_config(config)
-        head = script.get_current_head()
+        head = migrations().get_current_head()
 
         def revision(connection) -> str | None:
             """The DB's revision; SchemaTooNew when it is one this code lacks."""
-            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-            current = context.get_current_revision()
-            if current is not None and current not in {migration.revision for migration in script.walk_revisions()}:
+            current = schema_revision(connection)
+            if current is not None and current not in known_revisions():
                 raise SchemaTooNew(
                     f"The metadata DB ({self.engine.url.render_as_string(hide_password=True)}) is at schema revision "
                     f"{current}, which this vbatch does not know (its newest is {head}): a newer vbatch upgraded it. "
