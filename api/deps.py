@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from typing import Literal
 
 from fastapi import Depends, Header, Request
@@ -15,6 +16,7 @@ from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, Tr
 from vbatch_pipelines.engine.base import Engine
 from vbatch_pipelines.fine_tuning.training_data import model_max_length
 from vbatch_pipelines.launch import BatchLauncher
+from vbatch_pipelines.projects import DEFAULT_PROJECT, OPERATOR, Caller, any_keys, caller_of_key
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
@@ -69,23 +71,57 @@ Role = Literal["use", "admin"]
 
 async def caller_role(request: Request, authorization: str | None = Header(default=None)) -> Role:
     """Who is calling, from ``Authorization: Bearer <key>`` as OpenAI's API takes it: a key in
-    VBATCH_ADMIN_KEYS is an admin, one in VBATCH_API_KEYS a user. With no keys configured the API answers
-    only on loopback (and the guard in api/guard.py) and its one user is the operator: an admin."""
-    settings = request.app.state.settings
-    if not settings.api_keys and not settings.admin_keys:
-        return "admin"
-    if not authorization or not authorization.startswith("Bearer "):
+    VBATCH_ADMIN_KEYS is a platform admin, one in VBATCH_API_KEYS a member of the default project, a project key
+    (``vbatch keys create``, the organization API) a member or admin of its project, looked up on every request
+    (a revoked key fails its next one). With no key anywhere the API answers only on loopback (and the guard in
+    api/guard.py) and its one user is the operator: an admin. The caller is kept on ``request.state.caller``."""
+    settings, db = request.app.state.settings, request.app.state.db
+    token = authorization.removeprefix("Bearer ").strip() if authorization and \
+        authorization.startswith("Bearer ") else None
+    if not settings.api_keys and not settings.admin_keys and not await keys_made(request.app.state):
+        request.state.caller = OPERATOR
+        return OPERATOR.role
+    if token is None:
         raise OpenAIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                           code="missing_api_key")
-    role = role_of_key(settings, authorization.removeprefix("Bearer ").strip())
-    if role is None:
+    caller = await asyncio.to_thread(caller_of, settings, db, token)
+    if caller is None:
         log.warning("refused an API request to %s %s: invalid API key", request.method, request.url.path)
         raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    return role
+    request.state.caller = caller
+    return caller.role
+
+
+KEYS_CHECK_S = 1.0  # while no key exists, whether one was made (by the CLI, another API process) is asked this often
+
+
+async def keys_made(state) -> bool:
+    """Whether a project key was ever made: once one was, it stays so (no more asking); before, the answer is kept
+    KEYS_CHECK_S, so a single user's requests do not each pay a query."""
+    if getattr(state, "keys_made", False):
+        return True
+    now = time.monotonic()
+    if now - getattr(state, "keys_checked_at", -KEYS_CHECK_S) >= KEYS_CHECK_S:
+        state.keys_made = await asyncio.to_thread(any_keys, state.db)
+        state.keys_checked_at = now
+    return getattr(state, "keys_made", False)
+
+
+async def get_caller(request: Request, role: Role = Depends(caller_role)) -> Caller:
+    return request.state.caller
+
+
+def caller_of(settings, db: Database, token: str) -> Caller | None:
+    """The caller a key makes (the API's bearer key, the console's login), None for an unknown or revoked one."""
+    role = role_of_key(settings, token)
+    if role is not None:
+        return Caller(DEFAULT_PROJECT, "admin" if role == "admin" else "member", role == "admin", None,
+                      "VBATCH_ADMIN_KEYS" if role == "admin" else "VBATCH_API_KEYS")
+    return caller_of_key(db, token)
 
 
 def role_of_key(settings, token: str) -> Role | None:
-    """The role a key gives (the API's bearer key, the console's login), None for an unknown key."""
+    """The role a key of the settings gives, None for a key not in them."""
     # Every key is compared (no early exit), so the time taken says nothing of which list matched.
     admin = [same_secret(token, key) for key in settings.admin_keys]
     use = [same_secret(token, key) for key in settings.api_keys]

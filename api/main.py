@@ -16,7 +16,7 @@ from api.deps import EnginePool, caller_role
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard
 from api.probes import BackgroundProbe, FixedState, http_check
-from api.routers import batches, completions, curation, files, fine_tuning, metrics, models
+from api.routers import batches, completions, curation, files, fine_tuning, metrics, models, organization
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
 from vbatch_pipelines.launch import BatchLauncher
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        enabled=not (settings.api_keys or settings.admin_keys))
 
     for router in (files.router, batches.router, models.router, completions.router, curation.router,
-                   fine_tuning.router):
+                   fine_tuning.router, organization.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(caller_role)], responses=ERRORS)
     app.include_router(completions.vllm_paths, dependencies=[Depends(caller_role)], responses=ERRORS)
     # Label Studio authenticates its webhooks with a shared secret header, not an API key.

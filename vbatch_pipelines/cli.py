@@ -462,6 +462,71 @@ def cmd_doctor(args, ctx: Context) -> int:
                                                     steps=args.steps, dagster_port=args.dagster_port)
 
 
+# -- projects and keys ----------------------------------------------------------------------------
+
+
+def cmd_projects_create(args, ctx: Context) -> int:
+    from vbatch_pipelines.projects import create_project
+
+    project = create_project(ctx["metadata_db"].db, args.name)
+    print(f"{project.id}\t{project.name}")
+    return 0
+
+
+def cmd_projects_list(args, ctx: Context) -> int:
+    from sqlalchemy import select
+
+    from vbatch_pipelines.store.models import Project
+
+    with ctx["metadata_db"].db.session() as session:
+        for project in session.scalars(select(Project).order_by(Project.created_at, Project.id)):
+            if project.archived_at is None or args.all:
+                print(f"{project.id}\t{project.name}" + ("\t(archived)" if project.archived_at else ""))
+    return 0
+
+
+def cmd_projects_archive(args, ctx: Context) -> int:
+    from vbatch_pipelines.projects import archive_project, find_project
+
+    db = ctx["metadata_db"].db
+    project = archive_project(db, find_project(db, args.project).id)
+    print(f"{project.id}: archived; its keys no longer work")
+    return 0
+
+
+def cmd_keys_create(args, ctx: Context) -> int:
+    from vbatch_pipelines.projects import create_key, find_project
+
+    db = ctx["metadata_db"].db
+    project = find_project(db, args.project)
+    key, secret = create_key(db, project.id, args.name, args.owner, args.role, created_by="operator (CLI)")
+    print(f"{key.id} ({key.role} of {project.name}, for {key.owner}). The secret, shown this once:\n{secret}")
+    if not (ctx.settings.api_keys or ctx.settings.admin_keys):
+        print("Every API request now needs a key. An admin key in VBATCH_ADMIN_KEYS keeps platform-wide access.",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args, ctx: Context) -> int:
+    from vbatch_pipelines.projects import find_project, list_keys
+
+    db = ctx["metadata_db"].db
+    project_id = find_project(db, args.project).id if args.project else None
+    for key in list_keys(db, project_id, include_revoked=args.all):
+        state = "revoked" if key.revoked_at else f"last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(key.last_used_at))}" \
+            if key.last_used_at else "never used"
+        print(f"{key.id}\t{key.project_id}\t{key.role}\t{key.name}\t{key.owner}\t{key.redacted_value}\t{state}")
+    return 0
+
+
+def cmd_keys_revoke(args, ctx: Context) -> int:
+    from vbatch_pipelines.projects import revoke_key
+
+    key = revoke_key(ctx["metadata_db"].db, args.key_id)
+    print(f"{key.id} ({key.name}) revoked: refused from its next request on")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -570,6 +635,35 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--worker-args", default="", help="arguments for `vbatch worker`")
             command.add_argument("--no-enable", action="store_true", help="write the units, enable nothing")
         command.set_defaults(func=func)
+
+    projects = sub.add_parser("projects", help="projects: a team's share of the platform, with its own keys") \
+        .add_subparsers(dest="projects", required=True)
+    created = projects.add_parser("create", help="a new project")
+    created.add_argument("name")
+    created.set_defaults(func=cmd_projects_create)
+    listed = projects.add_parser("list", help="the projects")
+    listed.add_argument("--all", action="store_true", help="archived ones too")
+    listed.set_defaults(func=cmd_projects_list)
+    archived = projects.add_parser("archive", help="archive a project: its keys stop working")
+    archived.add_argument("project", help="its id or name")
+    archived.set_defaults(func=cmd_projects_archive)
+
+    keys = sub.add_parser("keys", help="project API keys (only a hash is stored; the secret is shown once)") \
+        .add_subparsers(dest="keys", required=True)
+    made = keys.add_parser("create", help="a new key for a project; prints its secret once")
+    made.add_argument("--project", default="proj_default", help="the project's id or name (default: the default one)")
+    made.add_argument("--name", required=True, help="what the key is for")
+    made.add_argument("--owner", required=True, help="who holds it (a name or an email)")
+    made.add_argument("--role", choices=("member", "admin"), default="member",
+                      help="admin: may also manage the project's keys")
+    made.set_defaults(func=cmd_keys_create)
+    shown = keys.add_parser("list", help="the keys (never their secrets)")
+    shown.add_argument("--project", default=None, help="one project's (id or name)")
+    shown.add_argument("--all", action="store_true", help="revoked ones too")
+    shown.set_defaults(func=cmd_keys_list)
+    revoked = keys.add_parser("revoke", help="revoke a key: refused from its next request on")
+    revoked.add_argument("key_id")
+    revoked.set_defaults(func=cmd_keys_revoke)
 
     db = sub.add_parser("db", help="the metadata DB").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)

@@ -15,7 +15,8 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
-from api.deps import Role, role_of_key
+from api.deps import Role, caller_of
+from vbatch_pipelines.projects import any_keys
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 
 HERE = Path(__file__).parent
@@ -31,20 +32,24 @@ class LoginRequired(Exception):
         self.next_path = next_path
 
 
-def console_role(request: Request) -> Role:
+def keys_on(request: Request) -> bool:
     settings = request.app.state.settings
-    if not settings.api_keys and not settings.admin_keys:
+    return bool(settings.api_keys or settings.admin_keys) or any_keys(request.app.state.db)
+
+
+def console_role(request: Request) -> Role:
+    if not keys_on(request):
         return "admin"
-    role = role_of_key(settings, request.cookies.get(COOKIE, ""))
-    if role is None:
+    caller = caller_of(request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, ""))
+    if caller is None:
         raise LoginRequired(request.url.path)
-    return role
+    return caller.role
 
 
 def _page(request: Request, name: str, role: Role, **context) -> HTMLResponse:
     settings = request.app.state.settings
     return templates.TemplateResponse(request, name, {
-        "role": role, "keys_on": bool(settings.api_keys or settings.admin_keys),
+        "role": role, "keys_on": keys_on(request),
         "dagster_url": settings.dagster_url, "label_studio_url": _label_studio_url(request), **context})
 
 
@@ -61,8 +66,7 @@ def login_form(request: Request, next: str = "/ui", error: str | None = None) ->
 
 @router.post("/login")
 def login(request: Request, key: str = Form(max_length=512), next: str = Form("/ui")) -> Response:
-    settings = request.app.state.settings
-    if role_of_key(settings, key.strip()) is None:
+    if caller_of(request.app.state.settings, request.app.state.db, key.strip()) is None:
         return RedirectResponse(f"/ui/login?error=That+key+is+not+valid&next={quote(_safe_next(next))}",
                                 status_code=303)
     response = RedirectResponse(_safe_next(next), status_code=303)

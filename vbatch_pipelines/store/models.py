@@ -321,3 +321,46 @@ class EngineRecord(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Project(Base):
+    """A team's share of the platform (OpenAI's projects): its keys, and later its objects, usage and quotas.
+    ``proj_default`` holds the keys of VBATCH_API_KEYS and VBATCH_ADMIN_KEYS."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    archived_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "organization.project", "name": self.name, "created_at": self.created_at,
+                "archived_at": self.archived_at, "status": "archived" if self.archived_at else "active"}
+
+
+class ApiKey(Base):
+    """A project's API key. Only a hash of the secret is kept; the secret is shown once, when created. A revoked
+    key stays, for the record of who did what."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str] = mapped_column(String(256))  # who holds it (a person's name or email)
+    role: Mapped[str] = mapped_column(String(16))  # member | admin (of its project)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the secret
+    redacted_value: Mapped[str] = mapped_column(String(32))  # sk-vb-...abcd, to recognise it
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    created_by: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the key (or operator) that made it
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"object": "organization.project.api_key", "id": self.id, "name": self.name,
+                "redacted_value": self.redacted_value, "created_at": self.created_at,
+                "last_used_at": self.last_used_at, "project_id": self.project_id, "role": self.role,
+                "revoked_at": self.revoked_at,
+                "owner": {"type": "user", "user": {"object": "organization.project.user", "name": self.owner,
+                                                   "role": self.role}}}
