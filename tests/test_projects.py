@@ -143,3 +143,37 @@ def test_the_cli_makes_lists_and_revokes_keys(vbatch_home):
     assert "revoked" in vbatch("keys", "list", "--all").stdout
     missing = vbatch("keys", "create", "--project", "nope", "--name", "n", "--owner", "o")
     assert missing.returncode == 2 and "No project with id or name 'nope'" in missing.stderr
+
+
+def test_the_console_pages_make_keys_show_the_secret_once_and_revoke_them(vbatch_home):
+    with api_client(_app(admin_keys=(ADMIN,)), follow_redirects=False) as console:
+        console.post("/ui/login", data={"key": ADMIN, "next": "/ui/projects"})
+        made = console.post("/ui/projects", data={"name": "labelers"})
+        assert made.status_code == 303
+        project_url = made.headers["location"]
+        project = project_url.rsplit("/", 1)[1]
+        page = console.post(f"{project_url}/keys", data={"name": "tablet", "owner": "ada", "role": "member"})
+        assert page.status_code == 200 and 'id="new-key-secret"' in page.text
+        secret = page.text.split('<pre id="new-key-secret">')[1].split("</pre>")[0]
+        assert secret.startswith("sk-vb-")
+        again = console.get(project_url).text
+        assert "tablet" in again and secret not in again  # once
+
+        with api_client(_app(admin_keys=(ADMIN,))) as api:
+            assert api.get("/v1/files", headers=_bearer(secret)).status_code == 200
+            key_id = api.get(f"/v1/organization/projects/{project}/api_keys",
+                             headers=_bearer(ADMIN)).json()["data"][0]["id"]
+            assert console.post(f"{project_url}/keys/{key_id}/revoke").status_code == 303
+            openai_error(api.get("/v1/files", headers=_bearer(secret)), 401, "invalid_api_key")
+
+        # A member's key logs into the console but manages no project, and makes none.
+        member = console.post(f"{project_url}/keys", data={"name": "n", "owner": "o"}).text
+        member_secret = member.split('<pre id="new-key-secret">')[1].split("</pre>")[0]
+    with api_client(_app(admin_keys=(ADMIN,)), follow_redirects=False) as console:
+        console.post("/ui/login", data={"key": member_secret, "next": "/ui"})
+        refused = console.get("/ui/projects")
+        assert "managed with an admin key" in refused.text and "labelers" not in refused.text
+        console.post("/ui/projects", data={"name": "sneaky"})
+        with api_client(_app(admin_keys=(ADMIN,))) as api:
+            names = [p["name"] for p in api.get("/v1/organization/projects", headers=_bearer(ADMIN)).json()["data"]]
+        assert "sneaky" not in names

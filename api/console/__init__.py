@@ -459,6 +459,118 @@ def delete_model(request: Request, model_id: str, role: Role = Depends(console_r
     return RedirectResponse("/ui/models", status_code=303)
 
 
+# -- projects and keys (platform admins) ------------------------------------------------------------------------
+
+
+def _projects_page(request: Request, role: Role, error: str | None = None) -> HTMLResponse:
+    from sqlalchemy import func, select
+
+    from vbatch_pipelines.store.models import ApiKey, Project
+
+    if role != "admin":
+        return _page(request, "projects.html", role, projects=[], error="Projects are managed with an admin key.")
+    with request.app.state.db.session() as session:
+        counts = dict(session.execute(select(ApiKey.project_id, func.count()).where(ApiKey.revoked_at.is_(None))
+                                      .group_by(ApiKey.project_id)).all())
+        rows = [{**project.to_openai(), "keys": counts.get(project.id, 0)}
+                for project in session.scalars(select(Project).order_by(Project.created_at, Project.id))]
+    return _page(request, "projects.html", role, projects=rows, error=error)
+
+
+@router.get("/projects", response_class=HTMLResponse)
+def projects_page(request: Request, error: str | None = Query(default=None, max_length=300),
+                  role: Role = Depends(console_role)) -> HTMLResponse:
+    return _projects_page(request, role, error)
+
+
+@router.post("/projects")
+def create_project_from_form(request: Request, name: str = Form(max_length=128),
+                             role: Role = Depends(console_role)) -> Response:
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.projects import create_project
+
+    if role != "admin":
+        return _projects_page(request, role)
+    try:
+        project = create_project(request.app.state.db, name)
+    except VbatchError as exc:
+        return RedirectResponse(f"/ui/projects?error={quote(str(exc)[:300])}", status_code=303)
+    return RedirectResponse(f"/ui/projects/{quote(project.id)}", status_code=303)
+
+
+def _project_page(request: Request, role: Role, project_id: str, error: str | None = None, new_key=None,
+                  new_secret: str | None = None) -> HTMLResponse:
+    from vbatch_pipelines.errors import NotFound
+    from vbatch_pipelines.projects import get_project, list_keys
+
+    if role != "admin":
+        return _projects_page(request, role)
+    db = request.app.state.db
+    try:
+        project = get_project(db, project_id[:64])
+    except NotFound:
+        return _page(request, "missing.html", role, what=f"project {project_id[:64]}", back="/ui/projects")
+    keys = [{**key.to_openai(), "owner": key.owner, "last_used": time.strftime("%Y-%m-%d %H:%M",
+             time.localtime(key.last_used_at)) if key.last_used_at else None} for key in list_keys(db, project.id)]
+    return _page(request, "project.html", role, project=project.to_openai(), keys=keys, error=error,
+                 new_key=new_key, new_secret=new_secret)
+
+
+@router.get("/projects/{project_id}", response_class=HTMLResponse)
+def project_page(request: Request, project_id: str, error: str | None = Query(default=None, max_length=300),
+                 role: Role = Depends(console_role)) -> HTMLResponse:
+    return _project_page(request, role, project_id, error)
+
+
+@router.post("/projects/{project_id}/keys", response_class=HTMLResponse)
+def create_key_from_form(request: Request, project_id: str, name: str = Form(max_length=128),
+                         owner: str = Form(max_length=256), key_role: str = Form("member", alias="role", max_length=16),
+                         role: Role = Depends(console_role)) -> Response:
+    """The new key's secret is on the page this answer renders, this once (never in a URL or a redirect)."""
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.projects import create_key
+
+    if role != "admin":
+        return _projects_page(request, role)
+    try:
+        key, secret = create_key(request.app.state.db, project_id[:64], name, owner, key_role,
+                                 created_by="console (admin)")
+    except VbatchError as exc:
+        return _project_page(request, role, project_id, error=str(exc)[:300])
+    request.app.state.keys_made = True
+    return _project_page(request, role, project_id, new_key=key, new_secret=secret)
+
+
+@router.post("/projects/{project_id}/keys/{key_id}/revoke")
+def revoke_key_from_form(request: Request, project_id: str, key_id: str, role: Role = Depends(console_role)) -> Response:
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.projects import revoke_key
+
+    if role != "admin":
+        return _projects_page(request, role)
+    try:
+        revoke_key(request.app.state.db, key_id[:64], project_id[:64])
+    except VbatchError as exc:
+        return RedirectResponse(f"/ui/projects/{quote(project_id[:64])}?error={quote(str(exc)[:300])}",
+                                status_code=303)
+    return RedirectResponse(f"/ui/projects/{quote(project_id[:64])}", status_code=303)
+
+
+@router.post("/projects/{project_id}/archive")
+def archive_project_from_form(request: Request, project_id: str, role: Role = Depends(console_role)) -> Response:
+    from vbatch_pipelines.errors import VbatchError
+    from vbatch_pipelines.projects import archive_project
+
+    if role != "admin":
+        return _projects_page(request, role)
+    try:
+        archive_project(request.app.state.db, project_id[:64])
+    except VbatchError as exc:
+        return RedirectResponse(f"/ui/projects/{quote(project_id[:64])}?error={quote(str(exc)[:300])}",
+                                status_code=303)
+    return RedirectResponse("/ui/projects", status_code=303)
+
+
 class TryIt(BaseModel):
     model: str = PydanticField(max_length=512)
     content: str = PydanticField(min_length=1, max_length=8000)
