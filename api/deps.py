@@ -16,7 +16,7 @@ from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, Tr
 from vbatch_pipelines.engine.base import Engine
 from vbatch_pipelines.fine_tuning.training_data import model_max_length
 from vbatch_pipelines.launch import BatchLauncher
-from vbatch_pipelines.projects import DEFAULT_PROJECT, OPERATOR, Caller, any_keys, caller_of_key
+from vbatch_pipelines.projects import DEFAULT_PROJECT, OPERATOR, Caller, any_keys, audit, caller_of_key
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
@@ -105,6 +105,11 @@ async def keys_made(state) -> bool:
         state.keys_made = await asyncio.to_thread(any_keys, state.db)
         state.keys_checked_at = now
     return getattr(state, "keys_made", False)
+
+
+def record(request: Request, type: str, target: str, **details) -> None:
+    """The audit log's entry for what this request's caller just did."""
+    audit(request.app.state.db, request.state.caller, type, target, **details)
 
 
 async def get_caller(request: Request, role: Role = Depends(caller_role)) -> Caller:

@@ -201,6 +201,9 @@ def test_webhook_and_api_write_through(curation, live_api):
     result = ls_annotations[0]["result"] if isinstance(ls_annotations[0], dict) else ls_annotations[0].result
     assert {"Fixed by API."} == {t for r in result if r["from_name"] == "answer" for t in r["value"]["text"]}
     assert httpx.get(f"{live_api}/v1/curation/tasks/999999999").status_code == 404
+    audit = httpx.get(f"{live_api}/v1/organization/audit_logs").json()["data"]  # newest first
+    assert [(e["type"], e["curation.starred" if e["type"] == "curation.starred" else "curation.edited"]["id"])
+            for e in audit[:2]] == [("curation.starred", str(task_id)), ("curation.edited", str(task_id))]
 
     stats = httpx.get(f"{live_api}/v1/curation/stats").json()
     assert stats["tasks"] == 3 and stats["gold_stars"] == 1 and stats["by_schema"]["chat_review"]["tasks"] == 3

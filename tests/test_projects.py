@@ -177,3 +177,49 @@ def test_the_console_pages_make_keys_show_the_secret_once_and_revoke_them(vbatch
         with api_client(_app(admin_keys=(ADMIN,))) as api:
             names = [p["name"] for p in api.get("/v1/organization/projects", headers=_bearer(ADMIN)).json()["data"]]
         assert "sneaky" not in names
+
+
+def test_the_audit_log_says_who_did_what(vbatch_home, tiny_model_path):
+    import shutil
+
+    from tests.conftest import chat_lines, jsonl
+
+    shutil.copytree(tiny_model_path, vbatch_home / "models" / "local-tiny")  # a source admins may install from
+    with api_client(_app(admin_keys=(ADMIN,))) as client:
+        team = _project(client, "team-a")
+        lead = _key(client, team, ADMIN, role="admin", name="lead")
+        member = _key(client, team, lead["value"], name="ci")
+        client.delete(f"/v1/organization/projects/{team}/api_keys/{member['id']}", headers=_bearer(lead["value"]))
+        installed = client.post("/v1/models", headers=_bearer(ADMIN),
+                                json={"source": str(vbatch_home / "models" / "local-tiny"), "id": "local-tiny"})
+        assert installed.status_code == 200, installed.text
+        from vbatch_pipelines.models.store import upsert_model
+        from vbatch_pipelines.settings import load_settings
+        from vbatch_pipelines.store.db import get_database
+
+        upsert_model(get_database(load_settings().database_url), "local-tiny", status="ready")  # as its install run does
+        assert client.delete("/v1/models/local-tiny", headers=_bearer(ADMIN)).status_code == 200
+        uploaded = client.post("/v1/files", headers=_bearer(lead["value"]), data={"purpose": "batch"},
+                               files={"file": ("in.jsonl", jsonl(chat_lines(2)))}).json()
+        batch = client.post("/v1/batches", headers=_bearer(lead["value"]), json={
+            "input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}).json()
+        assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=_bearer(lead["value"])).status_code == 200
+        other = client.post("/v1/files", headers=_bearer(lead["value"]), data={"purpose": "batch"},
+                            files={"file": ("x.jsonl", jsonl(chat_lines(1)))}).json()
+        assert client.delete(f"/v1/files/{other['id']}", headers=_bearer(lead["value"])).status_code == 200
+
+        openai_error(client.get("/v1/organization/audit_logs", headers=_bearer(lead["value"])), 403)  # admins only
+        events = client.get("/v1/organization/audit_logs", headers=_bearer(ADMIN)).json()["data"]
+        seen = [(e["type"], e["actor"]["api_key"]["name"], e[e["type"]]["id"]) for e in reversed(events)]
+        assert seen == [("project.created", "VBATCH_ADMIN_KEYS", team), ("api_key.created", "VBATCH_ADMIN_KEYS",
+                        lead["id"]), ("api_key.created", "lead", member["id"]), ("api_key.revoked", "lead",
+                        member["id"]), ("model.installed", "VBATCH_ADMIN_KEYS", "local-tiny"),
+                        ("model.deleted", "VBATCH_ADMIN_KEYS", "local-tiny"), ("batch.cancelled", "lead", batch["id"]),
+                        ("file.deleted", "lead", other["id"])]
+        assert all(e["project"]["id"] == (team if e["actor"]["api_key"]["name"] == "lead" else "proj_default")
+                   for e in events)
+        page = client.get("/ui/audit", headers={"Cookie": f"vbatch_console={ADMIN}"})
+        assert page.status_code == 200 and all(f"<td>{t}</td>" in page.text for t, _, _ in seen)
+        only = client.get("/v1/organization/audit_logs", params={"event_types[]": "api_key.revoked"},
+                          headers=_bearer(ADMIN)).json()["data"]
+        assert [e["api_key.revoked"]["id"] for e in only] == [member["id"]]

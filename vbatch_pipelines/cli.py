@@ -69,6 +69,10 @@ def cmd_models_install(args, ctx: Context) -> int:
     row = request_install(ctx["metadata_db"].db, ctx["model_registry"], ctx["inference_engine"], source,
                           model_id=args.id, revision=args.revision, trust_remote_code=args.trust_remote_code,
                           policy=InstallPolicy.operator())
+    from vbatch_pipelines.projects import CLI, audit
+
+    audit(ctx["metadata_db"].db, CLI, "model.installed", row.id, source=row.source, revision=row.revision,
+          trust_remote_code=row.trust_remote_code)
     fit = row.details["fit"]
     print(f"{row.id}: fits ({fit['weight_bytes'] / 2**30:.2f} GiB weights + {fit['kv_cache_bytes'] / 2**30:.2f} GiB "
           f"KV cache of {fit['available_bytes'] / 2**30:.1f} GiB {fit['device']}); installing ...", flush=True)
@@ -83,8 +87,10 @@ def cmd_models_install(args, ctx: Context) -> int:
 
 def cmd_models_delete(args, ctx: Context) -> int:
     from vbatch_pipelines.models.store import remove_model
+    from vbatch_pipelines.projects import CLI, audit
 
     row = remove_model(ctx["metadata_db"].db, ctx["model_registry"], ctx["inference_engine"], args.model)
+    audit(ctx["metadata_db"].db, CLI, "model.deleted", row.id, kind=row.kind)
     print(f"{row.id}: {row.status}")
     return 0
 
@@ -466,9 +472,10 @@ def cmd_doctor(args, ctx: Context) -> int:
 
 
 def cmd_projects_create(args, ctx: Context) -> int:
-    from vbatch_pipelines.projects import create_project
+    from vbatch_pipelines.projects import CLI, audit, create_project
 
     project = create_project(ctx["metadata_db"].db, args.name)
+    audit(ctx["metadata_db"].db, CLI, "project.created", project.id, name=project.name)
     print(f"{project.id}\t{project.name}")
     return 0
 
@@ -486,20 +493,22 @@ def cmd_projects_list(args, ctx: Context) -> int:
 
 
 def cmd_projects_archive(args, ctx: Context) -> int:
-    from vbatch_pipelines.projects import archive_project, find_project
+    from vbatch_pipelines.projects import CLI, archive_project, audit, find_project
 
     db = ctx["metadata_db"].db
     project = archive_project(db, find_project(db, args.project).id)
+    audit(db, CLI, "project.archived", project.id)
     print(f"{project.id}: archived; its keys no longer work")
     return 0
 
 
 def cmd_keys_create(args, ctx: Context) -> int:
-    from vbatch_pipelines.projects import create_key, find_project
+    from vbatch_pipelines.projects import CLI, audit, create_key, find_project
 
     db = ctx["metadata_db"].db
     project = find_project(db, args.project)
-    key, secret = create_key(db, project.id, args.name, args.owner, args.role, created_by="operator (CLI)")
+    key, secret = create_key(db, project.id, args.name, args.owner, args.role, created_by=CLI.key_name)
+    audit(db, CLI, "api_key.created", key.id, name=key.name, owner=key.owner, role=key.role, project_id=project.id)
     print(f"{key.id} ({key.role} of {project.name}, for {key.owner}). The secret, shown this once:\n{secret}")
     if not (ctx.settings.api_keys or ctx.settings.admin_keys):
         print("Every API request now needs a key. An admin key in VBATCH_ADMIN_KEYS keeps platform-wide access.",
@@ -520,9 +529,10 @@ def cmd_keys_list(args, ctx: Context) -> int:
 
 
 def cmd_keys_revoke(args, ctx: Context) -> int:
-    from vbatch_pipelines.projects import revoke_key
+    from vbatch_pipelines.projects import CLI, audit, revoke_key
 
     key = revoke_key(ctx["metadata_db"].db, args.key_id)
+    audit(ctx["metadata_db"].db, CLI, "api_key.revoked", key.id, name=key.name, project_id=key.project_id)
     print(f"{key.id} ({key.name}) revoked: refused from its next request on")
     return 0
 

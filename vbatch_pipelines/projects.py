@@ -199,3 +199,18 @@ def caller_of_key(db: Database, token: str) -> Caller | None:
         if key.last_used_at is None or now - key.last_used_at >= USED_EVERY_S:
             key.last_used_at = now
         return Caller(key.project_id, key.role, False, key.id, key.name)
+
+
+CLI = Caller(DEFAULT_PROJECT, "admin", True, None, "operator (CLI)")
+
+
+def audit(db: Database, caller: Caller, type: str, target: str, **details) -> None:
+    """Record that ``caller`` did ``type`` (``model.installed``, ``api_key.revoked``, ...) to ``target``."""
+    from vbatch_pipelines.store.models import AuditEvent
+
+    with db.session() as session:
+        # ids sort as the events happened (lists order by time, then id): nanoseconds in fixed-width hex first
+        session.add(AuditEvent(id=f"audit_log-{time.time_ns():016x}{uuid.uuid4().hex[:8]}",
+                               created_at=int(time.time()), type=type, project_id=caller.project_id,
+                               key_id=caller.key_id, actor=caller.key_name, target=str(target)[:512],
+                               details=details or None))

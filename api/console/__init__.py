@@ -37,6 +37,21 @@ def keys_on(request: Request) -> bool:
     return bool(settings.api_keys or settings.admin_keys) or any_keys(request.app.state.db)
 
 
+def console_caller(request: Request):
+    """Who uses the console (for the audit log): the key it logged in with, or the operator when no key exists."""
+    from vbatch_pipelines.projects import OPERATOR
+
+    if not keys_on(request):
+        return OPERATOR
+    return caller_of(request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, "")) or OPERATOR
+
+
+def console_audit(request: Request, type: str, target: str, **details) -> None:
+    from vbatch_pipelines.projects import audit
+
+    audit(request.app.state.db, console_caller(request), type, target, **details)
+
+
 def console_role(request: Request) -> Role:
     if not keys_on(request):
         return "admin"
@@ -367,6 +382,7 @@ def deploy(request: Request, job_id: str, role: Role = Depends(console_role)) ->
         return RedirectResponse(f"{target}?error={quote(str(exc)[:300])}", status_code=303)
     except Exception as exc:  # noqa: BLE001 - the engine's refusal, shown on the page
         return RedirectResponse(f"{target}?error={quote(f'The engine did not load it: {exc}'[:300])}", status_code=303)
+    console_audit(request, "fine_tune.deployed", job.id, model=job.fine_tuned_model)
     return RedirectResponse(target, status_code=303)
 
 
@@ -437,6 +453,7 @@ def install_model(request: Request, source: str = Form(max_length=512), model_id
                             state.settings.dagster_url, source.strip(), model_id=model_id.strip() or None)
     except VbatchError as exc:
         return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)
+    console_audit(request, "model.installed", row.id, source=row.source, revision=row.revision)
     return RedirectResponse(f"/ui/models/{quote(row.id)}/status", status_code=303)
 
 
@@ -456,6 +473,7 @@ def delete_model(request: Request, model_id: str, role: Role = Depends(console_r
     except VbatchError as exc:
         return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)
     state.engines.forget(model_id[:512])
+    console_audit(request, "model.deleted", model_id[:512], kind=row.kind if row is not None else "alias")
     return RedirectResponse("/ui/models", status_code=303)
 
 
@@ -495,6 +513,7 @@ def create_project_from_form(request: Request, name: str = Form(max_length=128),
         project = create_project(request.app.state.db, name)
     except VbatchError as exc:
         return RedirectResponse(f"/ui/projects?error={quote(str(exc)[:300])}", status_code=303)
+    console_audit(request, "project.created", project.id, name=project.name)
     return RedirectResponse(f"/ui/projects/{quote(project.id)}", status_code=303)
 
 
@@ -538,6 +557,8 @@ def create_key_from_form(request: Request, project_id: str, name: str = Form(max
     except VbatchError as exc:
         return _project_page(request, role, project_id, error=str(exc)[:300])
     request.app.state.keys_made = True
+    console_audit(request, "api_key.created", key.id, name=key.name, owner=key.owner, role=key.role,
+                  project_id=key.project_id)
     return _project_page(request, role, project_id, new_key=key, new_secret=secret)
 
 
@@ -549,10 +570,11 @@ def revoke_key_from_form(request: Request, project_id: str, key_id: str, role: R
     if role != "admin":
         return _projects_page(request, role)
     try:
-        revoke_key(request.app.state.db, key_id[:64], project_id[:64])
+        key = revoke_key(request.app.state.db, key_id[:64], project_id[:64])
     except VbatchError as exc:
         return RedirectResponse(f"/ui/projects/{quote(project_id[:64])}?error={quote(str(exc)[:300])}",
                                 status_code=303)
+    console_audit(request, "api_key.revoked", key.id, name=key.name, project_id=key.project_id)
     return RedirectResponse(f"/ui/projects/{quote(project_id[:64])}", status_code=303)
 
 
@@ -568,7 +590,29 @@ def archive_project_from_form(request: Request, project_id: str, role: Role = De
     except VbatchError as exc:
         return RedirectResponse(f"/ui/projects/{quote(project_id[:64])}?error={quote(str(exc)[:300])}",
                                 status_code=303)
+    console_audit(request, "project.archived", project_id[:64])
     return RedirectResponse("/ui/projects", status_code=303)
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(request: Request, after: str | None = Query(default=None, max_length=64),
+               role: Role = Depends(console_role)) -> HTMLResponse:
+    """Who did what and when, newest first (platform admins), as ``GET /v1/organization/audit_logs``."""
+    import json as json_module
+
+    from vbatch_pipelines.store.models import AuditEvent
+
+    if role != "admin":
+        return _page(request, "audit.html", role, events=[], page={}, error="The audit log needs an admin key.")
+    with request.app.state.db.session() as session:
+        page = _list_page(session, AuditEvent, after)
+        rows = session.query(AuditEvent).filter(AuditEvent.id.in_([e["id"] for e in page["data"]])).all()
+    by_id = {row.id: row for row in rows}
+    events = [{"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.created_at)), "type": row.type,
+               "target": row.target, "actor": row.actor, "project_id": row.project_id,
+               "details": json_module.dumps(row.details) if row.details else ""}
+              for row in (by_id[e["id"]] for e in page["data"])]
+    return _page(request, "audit.html", role, events=events, page=page)
 
 
 class TryIt(BaseModel):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.deps import get_batch_launcher, get_db, get_file_store, get_model_registry, get_settings
+from api.deps import get_batch_launcher, get_db, get_file_store, get_model_registry, get_settings, record
 from api.errors import get_or_404
 from api.pagination import paginate
 from api.routers.files import get_retention_policy
@@ -74,6 +74,8 @@ async def list_batches(after: str | None = None, limit: int = Query(default=20, 
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
-def cancel(batch_id: str, db: Database = Depends(get_db)) -> dict:
+def cancel(batch_id: str, request: Request, db: Database = Depends(get_db)) -> dict:
     _batch_or_404(db, batch_id)
-    return request_cancel(db, batch_id).to_openai()
+    batch = request_cancel(db, batch_id)
+    record(request, "batch.cancelled", batch_id)
+    return batch.to_openai()

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from api.deps import get_db, get_label_studio, get_label_studio_resource, same_secret
+from api.deps import get_db, get_label_studio, get_label_studio_resource, record, same_secret
 from api.errors import OpenAIError, get_or_404, not_found
 from api.schemas import DATASET_DOWNLOAD, CurationStats, CurationTaskObject, DatasetList, DatasetObject, WebhookReceipt
 from resources import LabelStudio
@@ -86,8 +86,10 @@ async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarR
                         db: Database = Depends(get_db), label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
     task = await _reviewed_task(request, label_studio, db, task_id)
-    return await _write_review(request, label_studio, db, task_id, answer=task.edited_response,
-                               gold_star=(body or GoldStarRequest()).gold_star)
+    starred = (body or GoldStarRequest()).gold_star
+    written = await _write_review(request, label_studio, db, task_id, answer=task.edited_response, gold_star=starred)
+    await asyncio.to_thread(record, request, "curation.starred" if starred else "curation.unstarred", str(task_id))
+    return written
 
 
 @router.patch("/curation/tasks/{task_id}/response", response_model=CurationTaskObject)
@@ -98,7 +100,9 @@ async def edit_response(body: EditRequest, request: Request, task_id: int = Task
     if problem:
         raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
     task = await _reviewed_task(request, label_studio, db, task_id)
-    return await _write_review(request, label_studio, db, task_id, answer=body.response, gold_star=task.gold_star)
+    written = await _write_review(request, label_studio, db, task_id, answer=body.response, gold_star=task.gold_star)
+    await asyncio.to_thread(record, request, "curation.edited", str(task_id), characters=len(body.response))
+    return written
 
 
 @router.get("/curation/stats", response_model=CurationStats)

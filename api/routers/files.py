@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
-from api.deps import get_db, get_file_store, get_settings
+from api.deps import get_db, get_file_store, get_settings, record
 from api.errors import OpenAIError, get_or_404
 from api.pagination import paginate
 from api.schemas import FILE_DOWNLOAD, Deleted, FileObject, Page
@@ -96,8 +96,9 @@ def file_content(file_id: str, db: Database = Depends(get_db)) -> FileResponse:
 
 
 @router.delete("/files/{file_id}", response_model=Deleted)
-def delete_file(file_id: str, db: Database = Depends(get_db)) -> dict:
+def delete_file(file_id: str, request: Request, db: Database = Depends(get_db)) -> dict:
     """Delete a file and its bytes - unless a batch that is still running reads it (409: that would lose
     accepted work). The retention job deletes expired files the same way."""
-    delete_file_and_bytes(db, file_id)
+    deleted = delete_file_and_bytes(db, file_id)
+    record(request, "file.deleted", file_id, filename=deleted.filename, bytes=deleted.bytes)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -9,7 +9,16 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from api.deps import EnginePool, get_db, get_engines, get_file_store, get_model_registry, get_settings, get_trainer
+from api.deps import (
+    EnginePool,
+    get_db,
+    get_engines,
+    get_file_store,
+    get_model_registry,
+    get_settings,
+    get_trainer,
+    record,
+)
 from api.errors import OpenAIError, get_or_404
 from api.pagination import paginate
 from api.schemas import (
@@ -102,12 +111,15 @@ def cancel(job_id: str, db: Database = Depends(get_db)) -> dict:
 
 
 @router.post("/fine_tuning/jobs/{job_id}/deploy", response_model=FineTuningJobObject)
-async def deploy(job_id: str, db: Database = Depends(get_db), model_registry: ModelRegistry = Depends(get_model_registry),
+async def deploy(job_id: str, request: Request, db: Database = Depends(get_db),
+                 model_registry: ModelRegistry = Depends(get_model_registry),
                  engines: EnginePool = Depends(get_engines)) -> dict:
     """vbatch's own: serve a succeeded job's fine-tune now — one the deploy gate held back, or one undeployed
     since — on its base model's warm engine, without a restart."""
     await asyncio.to_thread(deploy_on_request, db, model_registry, engines.resource, _job_or_404(db, job_id))
-    return _job_or_404(db, job_id).to_openai()
+    job = _job_or_404(db, job_id)
+    await asyncio.to_thread(record, request, "fine_tune.deployed", job_id, model=job.fine_tuned_model)
+    return job.to_openai()
 
 
 def _page(list_fn, db: Database, job_id: str, after: str | None, limit: int) -> dict:

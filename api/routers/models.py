@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from api.deps import (
@@ -18,6 +18,7 @@ from api.deps import (
     get_engines,
     get_model_registry,
     get_settings,
+    record,
     require_admin,
 )
 from api.schemas import Deleted, ModelList, ModelObject
@@ -69,7 +70,7 @@ def _store_object(row) -> dict:
 
 
 @router.post("/models", response_model=ModelObject, dependencies=[Depends(require_admin)])
-def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
+def install_model(body: InstallModelRequest, request: Request, db: Database = Depends(get_db),
                   settings: Settings = Depends(get_settings),
                   model_registry: ModelRegistry = Depends(get_model_registry),
                   engines: EnginePool = Depends(get_engines)) -> dict:
@@ -78,11 +79,13 @@ def install_model(body: InstallModelRequest, db: Database = Depends(get_db),
     installed by the installed_model asset."""
     row = start_install(db, model_registry, engines.resource, settings.dagster_url, body.source, model_id=body.id,
                         revision=body.revision, trust_remote_code=body.trust_remote_code)
+    record(request, "model.installed", row.id, source=row.source, revision=row.revision,
+           trust_remote_code=row.trust_remote_code)
     return _store_object(row)
 
 
 @router.delete("/models/{model_id:path}", response_model=Deleted)
-async def delete_model(model_id: str, db: Database = Depends(get_db),
+async def delete_model(model_id: str, request: Request, db: Database = Depends(get_db),
                        model_registry: ModelRegistry = Depends(get_model_registry),
                        engines: EnginePool = Depends(get_engines), role: Role = Depends(caller_role)) -> dict:
     """Undeploy a fine-tune (any key), or delete an installed base model (admins)."""
@@ -91,4 +94,5 @@ async def delete_model(model_id: str, db: Database = Depends(get_db),
         await require_admin(role)
     await asyncio.to_thread(remove_model, db, model_registry, engines.resource, model_id)
     engines.forget(model_id)
+    await asyncio.to_thread(record, request, "model.deleted", model_id, kind=row.kind if row else "alias")
     return {"id": model_id, "object": "model", "deleted": True}

@@ -15,7 +15,7 @@ from api.pagination import paginate
 from vbatch_pipelines import projects
 from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import ApiKey, Project
+from vbatch_pipelines.store.models import ApiKey, AuditEvent, Project
 
 router = APIRouter(prefix="/organization", tags=["organization"])
 
@@ -67,7 +67,9 @@ async def list_projects(after: str | None = None, limit: int = Query(default=20,
 async def create_project(body: ProjectBody, db: Database = Depends(get_db),
                          caller: Caller = Depends(get_caller)) -> dict:
     _platform_admin(caller)
-    return (await asyncio.to_thread(projects.create_project, db, body.name)).to_openai()
+    project = await asyncio.to_thread(projects.create_project, db, body.name)
+    await asyncio.to_thread(projects.audit, db, caller, "project.created", project.id, name=project.name)
+    return project.to_openai()
 
 
 @router.get("/projects/{project_id}")
@@ -80,14 +82,18 @@ async def retrieve_project(project_id: str, db: Database = Depends(get_db),
 async def modify_project(project_id: str, body: ProjectBody, db: Database = Depends(get_db),
                          caller: Caller = Depends(get_caller)) -> dict:
     _platform_admin(caller)
-    return (await asyncio.to_thread(projects.rename_project, db, project_id, body.name)).to_openai()
+    project = await asyncio.to_thread(projects.rename_project, db, project_id, body.name)
+    await asyncio.to_thread(projects.audit, db, caller, "project.updated", project_id, name=project.name)
+    return project.to_openai()
 
 
 @router.post("/projects/{project_id}/archive")
 async def archive_project(project_id: str, db: Database = Depends(get_db),
                           caller: Caller = Depends(get_caller)) -> dict:
     _platform_admin(caller)
-    return (await asyncio.to_thread(projects.archive_project, db, project_id)).to_openai()
+    project = await asyncio.to_thread(projects.archive_project, db, project_id)
+    await asyncio.to_thread(projects.audit, db, caller, "project.archived", project_id)
+    return project.to_openai()
 
 
 @router.get("/projects/{project_id}/api_keys")
@@ -108,6 +114,8 @@ async def create_key(project_id: str, body: KeyBody, request: Request, db: Datab
     key, secret = await asyncio.to_thread(projects.create_key, db, project_id, body.name, body.owner, body.role,
                                           caller.key_name if caller.key_id is None else caller.key_id)
     request.app.state.keys_made = True
+    await asyncio.to_thread(projects.audit, db, caller, "api_key.created", key.id, name=key.name, owner=key.owner,
+                            role=key.role, project_id=project_id)
     return {**key.to_openai(), "value": secret}
 
 
@@ -123,5 +131,23 @@ async def delete_key(project_id: str, key_id: str, db: Database = Depends(get_db
                      caller: Caller = Depends(get_caller)) -> dict:
     """Revoke the key: refused from its next request on (its record stays, for who-did-what)."""
     _managed_project(db, caller, project_id)
-    await asyncio.to_thread(projects.revoke_key, db, key_id, project_id)
+    key = await asyncio.to_thread(projects.revoke_key, db, key_id, project_id)
+    await asyncio.to_thread(projects.audit, db, caller, "api_key.revoked", key_id, name=key.name, project_id=project_id)
     return {"object": "organization.project.api_key.deleted", "id": key_id, "deleted": True}
+
+
+@router.get("/audit_logs")
+async def list_audit_logs(event_types: list[str] | None = Query(default=None, alias="event_types[]"),
+                          project_ids: list[str] | None = Query(default=None, alias="project_ids[]"),
+                          after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+                          db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    """Who did what and when, newest first (platform admins), as OpenAI's audit logs: ``event_types[]`` and
+    ``project_ids[]`` narrow it."""
+    _platform_admin(caller)
+    where = []
+    if event_types:
+        where.append(AuditEvent.type.in_(event_types[:50]))
+    if project_ids:
+        where.append(AuditEvent.project_id.in_(project_ids[:50]))
+    with db.session() as session:
+        return paginate(session, AuditEvent, after=after, limit=limit, order="desc", where=where)

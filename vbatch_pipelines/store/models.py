@@ -364,3 +364,24 @@ class ApiKey(Base):
                 "revoked_at": self.revoked_at,
                 "owner": {"type": "user", "user": {"object": "organization.project.user", "name": self.owner,
                                                    "role": self.role}}}
+
+
+class AuditEvent(Base):
+    """Who did what, when: an install, a delete, a deploy, a star, an edit, a key made or revoked."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)  # when it took effect
+    type: Mapped[str] = mapped_column(String(64), index=True)  # model.installed, api_key.revoked, ...
+    project_id: Mapped[str] = mapped_column(String(64), index=True)  # the caller's project
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: a settings key, the CLI, the operator
+    actor: Mapped[str] = mapped_column(String(128))  # the key's name, or who else it was
+    target: Mapped[str] = mapped_column(String(512))  # the id of what it was done to
+    details: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "organization.audit_log", "type": self.type, "effective_at": self.created_at,
+                "project": {"id": self.project_id},
+                "actor": {"type": "api_key", "api_key": {"id": self.key_id, "name": self.actor}},
+                self.type: {"id": self.target, "data": self.details or {}}}
