@@ -78,7 +78,7 @@ async def caller_role(request: Request, authorization: str | None = Header(defau
     settings, db = request.app.state.settings, request.app.state.db
     token = authorization.removeprefix("Bearer ").strip() if authorization and \
         authorization.startswith("Bearer ") else None
-    if not settings.api_keys and not settings.admin_keys and not await keys_made(request.app.state):
+    if not keys_required(request.app.state):
         request.state.caller = OPERATOR
         return OPERATOR.role
     if token is None:
@@ -95,16 +95,18 @@ async def caller_role(request: Request, authorization: str | None = Header(defau
 KEYS_CHECK_S = 1.0  # while no key exists, whether one was made (by the CLI, another API process) is asked this often
 
 
-async def keys_made(state) -> bool:
-    """Whether a project key was ever made: once one was, it stays so (no more asking); before, the answer is kept
+def keys_required(state) -> bool:
+    """Whether a request needs a key (the API's and the console's one rule): when the settings name keys, or a
+    project key was ever made. Once one was, it stays so (no more asking); before, the answer is kept
     KEYS_CHECK_S, so a single user's requests do not each pay a query."""
-    if getattr(state, "keys_made", False):
+    settings = state.settings
+    if settings.api_keys or settings.admin_keys or getattr(state, "keys_made", False):
         return True
     now = time.monotonic()
     if now - getattr(state, "keys_checked_at", -KEYS_CHECK_S) >= KEYS_CHECK_S:
-        state.keys_made = await asyncio.to_thread(any_keys, state.db)
+        state.keys_made = any_keys(state.db)  # one indexed row at most, once a second
         state.keys_checked_at = now
-    return getattr(state, "keys_made", False)
+    return state.keys_made
 
 
 def record(request: Request, type: str, target: str, **details) -> None:

@@ -118,10 +118,6 @@ def live_groups() -> set[int]:
     return groups
 
 
-def group_alive(pgid: int) -> bool:
-    return pgid in live_groups()
-
-
 def kill_groups(pids: list[int], timeout: float = 20.0, force=None) -> None:
     """SIGTERM the process groups the ``pids`` lead, all at once, then SIGKILL what is left of them after
     ``timeout`` (at once when the ``force`` event is set: a second Ctrl-C).

@@ -167,12 +167,9 @@ class ServiceRegistry:
 
     def stop_stale(self, timeout: float = 20.0) -> list[str]:
         """Stop the services a dead owner left running (only provably theirs); what was stopped."""
-        from vbatch_pipelines.detached import kill_group
+        from vbatch_pipelines.detached import kill_groups
 
-        stopped = []
-        for service in self.services():
-            if service.is_running():
-                kill_group(service.pid, timeout)
-                stopped.append(f"{service.name} (pid {service.pid})")
+        stale = [service for service in self.services() if service.is_running()]
+        kill_groups([service.pid for service in stale], timeout)  # all at once, as `vbatch up` stops its own
         self.path.unlink(missing_ok=True)
-        return stopped
+        return [f"{service.name} (pid {service.pid})" for service in stale]

@@ -415,7 +415,7 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
 
     def ready(stopping: threading.Event) -> None:
         engine_note = warm_engine(resources) if warm else "transformers (in-process, per run)"
-        api_ready = not stopping.is_set() and wait_http(f"{addresses.api_url}/health", 60, stopping)
+        api_ready = wait_http(f"{addresses.api_url}/health", 60, stopping)
         if stopping.is_set():
             return
         curation_note = start_curation(settings, resources, addresses.api_url) if api_ready else \

@@ -15,8 +15,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
-from api.deps import Role, caller_of
-from vbatch_pipelines.projects import any_keys
+from api.deps import Role, caller_of, keys_required
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 
 HERE = Path(__file__).parent
@@ -33,8 +32,7 @@ class LoginRequired(Exception):
 
 
 def keys_on(request: Request) -> bool:
-    settings = request.app.state.settings
-    return bool(settings.api_keys or settings.admin_keys) or any_keys(request.app.state.db)
+    return keys_required(request.app.state)
 
 
 def console_caller(request: Request):
