@@ -21,7 +21,6 @@ from vbatch_pipelines.services import ServiceRegistry
 from vbatch_pipelines.settings import Settings
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-MIN_FREE_DISK_FRACTION = 0.05
 
 
 @dataclass
@@ -125,13 +124,13 @@ class Doctor:
         return (OK, detail) if report.fits else (FAIL, f"{detail}; {report.suggestion}")
 
     def disk(self) -> tuple[str, str]:
-        store = self.resources["file_store"].shared
-        store.mkdir(parents=True, exist_ok=True)
-        usage = shutil.disk_usage(store)
-        detail = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB ({store})"
-        if usage.free < MIN_FREE_DISK_FRACTION * usage.total:
-            return FAIL, detail + f": under {MIN_FREE_DISK_FRACTION:.0%} free, new batches are refused"
-        return OK, detail
+        """Free space on the store's disk, failing under the floor below which the API refuses new batches."""
+        from vbatch_pipelines.retention import free_space, human_bytes, require_free_disk
+
+        file_store = self.resources["file_store"]
+        require_free_disk(file_store, self.resources["retention_policy"].min_free_disk_percent, "batches")
+        free, total = free_space(file_store.shared)
+        return OK, f"{human_bytes(free)} free of {human_bytes(total)} ({file_store.shared})"
 
     def ports(self, up: dict | None, dagster_port: int) -> tuple[str, str]:
         from vbatch_pipelines.supervisor import Addresses, check_ports
