@@ -156,10 +156,11 @@ class EnginePool:
         self._contexts: dict[str, int | None] = {}
         self._lock = asyncio.Lock()
 
-    async def get(self, model_name: str | None, endpoint: str | None = None) -> Engine:
-        """The warm engine of the model a request names (for ``endpoint``: its default model, and a 400 when
-        the model cannot serve it); ModelNotFound is a 404 naming the served models."""
-        spec = self.registry.for_endpoint(model_name, endpoint) if endpoint else self.registry.lookup(model_name)
+    async def get(self, model_name: str | None, endpoint: str, project_id: str) -> Engine:
+        """The warm engine of the model a request of ``project_id`` names (for ``endpoint``: its default model,
+        and a 400 when the model cannot serve it); ModelNotFound is a 404 naming the models it may use (another
+        project's fine-tune is one it may not)."""
+        spec = self.registry.for_endpoint(model_name, endpoint, project_id)
         async with self._lock:
             engine = self._engines.get(spec.id)
             if engine is None:
@@ -177,11 +178,11 @@ class EnginePool:
         limits = [n for n in (own, self.resource.max_model_len) if n]
         return min(limits) if limits else None
 
-    async def check_length(self, model_name: str | None, max_new_tokens: int,
-                           endpoint: str = "/v1/chat/completions", param: str = "max_tokens") -> None:
+    async def check_length(self, model_name: str | None, max_new_tokens: int, endpoint: str, param: str,
+                           project_id: str) -> None:
         """Refuse, before any engine starts, what the model can never produce (or a model that does not
         generate); ``param`` is the request's field that asked for ``max_new_tokens``."""
-        spec = self.registry.for_endpoint(model_name, endpoint)
+        spec = self.registry.for_endpoint(model_name, endpoint, project_id)
         context = self.context_length(spec)
         if context is not None and max_new_tokens >= context:
             raise OpenAIError(400, f"{param} is {max_new_tokens}, but {spec.id}'s context length is {context} "

@@ -35,17 +35,19 @@ class OpenAIError(VbatchError):
 
 def error_response(exc: VbatchError) -> JSONResponse:
     kind = exc.type or _TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
-    return JSONResponse(error_body(exc.message, type=kind, param=exc.param, code=exc.code), status_code=exc.status)
+    return JSONResponse(error_body(exc.message, type=kind, param=exc.param, code=exc.code), status_code=exc.status,
+                        headers=getattr(exc, "headers", None))
 
 
 def not_found(kind: str, identifier: str, param: str | None = None) -> NotFound:
     return NotFound(f"No {kind} found with id '{identifier}'.", param, f"{kind.replace(' ', '_')}_not_found")
 
 
-def get_or_404(db, model, key: str, kind: str, param: str):
-    """The ``model`` row with primary key ``key``, or a 404 in OpenAI's shape naming ``kind``."""
+def get_or_404(db, model, key: str, kind: str, param: str, project_id: str):
+    """The ``model`` row with primary key ``key`` of project ``project_id``, or a 404 in OpenAI's shape naming
+    ``kind``: another project's object is answered as one that does not exist, never confirmed by a 403."""
     row = db.get(model, key)
-    if row is None:
+    if row is None or row.project_id != project_id:
         raise not_found(kind, key, param=param)
     return row
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from api.errors import OpenAIError, error_response
@@ -82,10 +83,10 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 class DriveByGuard:
-    def __init__(self, app, *, allowed_hosts: tuple[str, ...], enabled: bool):
+    def __init__(self, app, *, allowed_hosts: tuple[str, ...], enabled: Callable[[], bool]):
         self.app = app
         self.allowed = LOOPBACK_NAMES | {host.lower() for host in allowed_hosts}
-        self.enabled = enabled
+        self.enabled = enabled  # asked per request: off once any key exists (settings keys, or a project key made)
 
     def _refusal(self, scope) -> OpenAIError | None:
         host = _hostname(_header(scope, b"host"))
@@ -109,7 +110,7 @@ class DriveByGuard:
         return None
 
     async def __call__(self, scope, receive, send):
-        if self.enabled and scope["type"] == "http":
+        if scope["type"] == "http" and self.enabled():
             refusal = self._refusal(scope)
             if refusal is not None:
                 return await error_response(refusal)(scope, receive, send)

@@ -3,6 +3,7 @@ runs; Dagster does the work. Run with ``uvicorn --factory api.main:create_app`` 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
 from api import console
-from api.deps import EnginePool, caller_role
+from api.deps import EnginePool, caller_role, keys_required
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard
 from api.probes import BackgroundProbe, FixedState, http_check
@@ -20,10 +21,13 @@ from api.routers import batches, completions, curation, files, fine_tuning, metr
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
 from vbatch_pipelines.launch import BatchLauncher
+from vbatch_pipelines.quotas import TokenBudget
 from vbatch_pipelines.services import ServiceRegistry
 from vbatch_pipelines.settings import Settings, load_settings
+from vbatch_pipelines.usage import OnlineUsage
 
 log = logging.getLogger("vbatch.api")
+USAGE_FLUSH_S = 5.0  # online usage reaches the DB (and the usage API) this long after the request at most
 
 
 def metrics_registry(db, services, inference_engine, file_store=None) -> CollectorRegistry:
@@ -74,7 +78,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         pyarrow.array([0])
 
+        async def flush_usage():  # online usage, summed in memory, written every few seconds
+            while True:
+                await asyncio.sleep(USAGE_FLUSH_S)
+                try:
+                    await asyncio.to_thread(app.state.usage.flush, app.state.db)
+                except Exception as exc:  # noqa: BLE001 - kept in memory, written next time
+                    log.warning("could not write online usage (kept for the next try): %s", exc)
+
+        flusher = asyncio.create_task(flush_usage())
         yield
+        flusher.cancel()
+        await asyncio.to_thread(app.state.usage.flush, app.state.db)
         app.state.batch_launcher.close()
         for hook in app.state.shutdown_hooks:
             hook()
@@ -88,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = resources["metadata_db"].db
     app.state.engines = EnginePool(resources["inference_engine"], resources["model_registry"])
     app.state.batch_launcher = BatchLauncher(app.state.db, settings.dagster_url)
+    app.state.usage = OnlineUsage()
+    app.state.token_budget = TokenBudget(app.state.db, app.state.usage)
     app.state.review_listeners = []  # extensions' callbacks(resources, task_ids) after reviews are recorded
     app.state.shutdown_hooks = []  # extensions' callbacks when the app stops
     install_error_handlers(app)
@@ -96,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,
                        max_request_bytes=settings.max_request_bytes)
     app.add_middleware(DriveByGuard, allowed_hosts=settings.allowed_hosts,
-                       enabled=not (settings.api_keys or settings.admin_keys))
+                       enabled=lambda: not keys_required(app.state))
 
     for router in (files.router, batches.router, models.router, completions.router, curation.router,
                    fine_tuning.router, organization.router):

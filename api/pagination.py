@@ -10,12 +10,13 @@ from api.errors import OpenAIError
 
 
 def paginate(session, model, *, after: str | None, limit: int, order: str = "desc", where=()) -> dict[str, Any]:
-    """A list page of ``model`` rows ordered by (created_at, id); ``after`` must be an id on the list."""
+    """A list page of ``model`` rows (those ``where`` selects: a project's own) ordered by (created_at, id);
+    ``after`` must be an id on the list."""
     if order not in ("asc", "desc"):
         raise OpenAIError(400, "order must be 'asc' or 'desc'", param="order")
     query = select(model).where(*where)
     if after is not None:
-        cursor = session.get(model, after)
+        cursor = session.scalars(select(model).where(model.id == after, *where)).first()
         if cursor is None:
             raise OpenAIError(400, f"after: no object with id '{after}'", param="after")
         if order == "desc":

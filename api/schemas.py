@@ -27,10 +27,18 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class Owned(BaseModel):
+    """vbatch's own fields on a project's object."""
+
+    project_id: str | None = Field(default=None, description="vbatch: the project it belongs to")
+    created_by: str | None = Field(default=None, description="vbatch: the key that created it (its id), or who "
+                                                             "else did (a settings key, the CLI, a schedule)")
+
+
 # -- files ------------------------------------------------------------------------------------------
 
 
-class FileObject(BaseModel):
+class FileObject(Owned):
     id: str
     object: Literal["file"] = "file"
     bytes: int
@@ -77,7 +85,7 @@ class BatchUsage(BaseModel):
     output_tokens_details: dict[str, int]
 
 
-class BatchObject(BaseModel):
+class BatchObject(Owned):
     id: str
     object: Literal["batch"] = "batch"
     endpoint: str
@@ -117,6 +125,9 @@ class ModelObject(BaseModel):
     source: str | None = None
     revision: str | None = None
     details: dict[str, Any] | None = None
+    project_id: str | None = Field(default=None, description="vbatch: a fine-tune's project (None: a base model, "
+                                                             "everyone's)")
+    shared: bool | None = Field(default=None, description="vbatch: a fine-tune served to every project")
 
 
 class ModelList(BaseModel):
@@ -144,7 +155,7 @@ class FineTuningMethod(BaseModel):
     supervised: dict[str, FineTuningHyperparameters]
 
 
-class FineTuningJobObject(BaseModel):
+class FineTuningJobObject(Owned):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     model: str
@@ -205,7 +216,7 @@ class FineTuningComparison(BaseModel):
 # -- curation ---------------------------------------------------------------------------------------
 
 
-class CurationTaskObject(BaseModel):
+class CurationTaskObject(Owned):
     id: int | None = Field(description="the Label Studio task id")
     object: Literal["curation.task"] = "curation.task"
     batch_id: str
@@ -246,7 +257,7 @@ class CurationStats(BaseModel):
     by_day: dict[str, DayCounts]
 
 
-class DatasetObject(BaseModel):
+class DatasetObject(Owned):
     id: str
     object: Literal["dataset"] = "dataset"
     version: str

@@ -93,15 +93,18 @@ class ModelRegistry(ConfigurableResource):
             models.setdefault(row.id, self._installed(row))
         return models
 
-    def fine_tuned_models(self, base: str | None = None) -> dict[str, ModelSpec]:
-        """Deployed fine-tunes (of ``base`` only, when given) whose base model is still served."""
+    def fine_tuned_models(self, base: str | None = None, project: str | None = None) -> dict[str, ModelSpec]:
+        """Deployed fine-tunes (of ``base`` only, when given) whose base model is still served; with ``project``,
+        only those that project may use (its own and shared ones). Without, all of them: what engines load."""
         bases = self.base_models()
         return {row.id: bases[row.parent].with_adapter(row.id, row.path)
                 for row in self._rows("fine_tune", DEPLOYED)
-                if row.parent in bases and (base is None or row.parent == base)}
+                if row.parent in bases and (base is None or row.parent == base)
+                and (project is None or row.visible_to(project))}
 
-    def served_models(self) -> dict[str, ModelSpec]:
-        return {**self.base_models(), **self.fine_tuned_models()}
+    def served_models(self, project: str | None = None) -> dict[str, ModelSpec]:
+        """What is served (to ``project``: base models, its fine-tunes and shared ones)."""
+        return {**self.base_models(), **self.fine_tuned_models(project=project)}
 
     def default_model_id(self, tasks: tuple[str, ...] = (GENERATE,)) -> str:
         """The model a request naming none gets: VBATCH_DEFAULT_MODEL, else the first configured model; when
@@ -123,9 +126,9 @@ class ModelRegistry(ConfigurableResource):
                 return spec.id
         return default.id
 
-    def lookup(self, name: str | None, tasks: tuple[str, ...] = (GENERATE,)) -> ModelSpec:
-        """The model a request names (None: the default for ``tasks``); raises ModelNotFound. Reads no
-        weights."""
+    def lookup(self, name: str | None, tasks: tuple[str, ...] = (GENERATE,), project: str | None = None) -> ModelSpec:
+        """The model a request names (None: the default for ``tasks``); raises ModelNotFound, also for another
+        project's fine-tune when ``project`` is given (never confirming it exists). Reads no weights."""
         name = name or self.default_model_id(tasks)
         configured = self.configured_models()
         if name in configured:  # the hot path: no DB read
@@ -135,29 +138,27 @@ class ModelRegistry(ConfigurableResource):
         row = self.metadata_db.db.get(Model, name)
         if row is not None and row.kind == "base" and row.status == READY:
             return self._installed(row)
-        if row is not None and row.kind == "fine_tune" and row.status == DEPLOYED:
+        if row is not None and row.kind == "fine_tune" and row.status == DEPLOYED and \
+                (project is None or row.visible_to(project)):
             try:
                 return self.lookup(row.parent).with_adapter(row.id, row.path)
             except ModelNotFound:
                 pass
-        raise ModelNotFound(name, list(self.served_models()))
+        raise ModelNotFound(name, list(self.served_models(project)))
 
-    def served_id(self, name: str | None) -> str:
-        """The id a request's model name is served as (how batch validation resolves names)."""
-        return self.lookup(name).id
-
-    def for_endpoint(self, name: str | None, endpoint: str) -> ModelSpec:
-        """The model a request to ``endpoint`` names (None: the endpoint's default); ModelNotFound, or
-        ModelTaskMismatch when the model cannot serve that endpoint."""
+    def for_endpoint(self, name: str | None, endpoint: str, project: str | None = None) -> ModelSpec:
+        """The model a request to ``endpoint`` names (None: the endpoint's default) for ``project``;
+        ModelNotFound, or ModelTaskMismatch when the model cannot serve that endpoint."""
         tasks = ENDPOINT_TASKS.get(endpoint, (GENERATE,))
-        spec = self.lookup(name, tasks)
+        spec = self.lookup(name, tasks, project)
         if spec.task not in tasks:
             raise ModelTaskMismatch(spec, endpoint, [m.id for m in self.base_models().values() if m.task in tasks])
         return spec
 
-    def resolver(self, endpoint: str) -> "EndpointResolver":
-        """How a batch for ``endpoint`` resolves and checks its model (validate_batch_file's resolve_model)."""
-        return EndpointResolver(self, endpoint)
+    def resolver(self, endpoint: str, project: str | None) -> "EndpointResolver":
+        """How a batch of ``project`` for ``endpoint`` resolves and checks its model (validate_batch_file's
+        resolve_model)."""
+        return EndpointResolver(self, endpoint, project)
 
     def prepare(self, spec: ModelSpec) -> ModelSpec:
         """Make sure the model's files exist (the tiny models are built on first use)."""
@@ -176,11 +177,11 @@ class EndpointResolver:
     """A batch's model, resolved for its endpoint: the served id (or ModelNotFound / ModelTaskMismatch),
     and whether an embeddings line's ``dimensions`` suits it."""
 
-    def __init__(self, registry: ModelRegistry, endpoint: str):
-        self.registry, self.endpoint = registry, endpoint
+    def __init__(self, registry: ModelRegistry, endpoint: str, project: str | None):
+        self.registry, self.endpoint, self.project = registry, endpoint, project
 
     def __call__(self, name: str | None) -> str:
-        return self.registry.for_endpoint(name, self.endpoint).id
+        return self.registry.for_endpoint(name, self.endpoint, self.project).id
 
     def dimensions_error(self, model_id: str, dimensions: int) -> str | None:
         spec = self.registry.lookup(model_id)

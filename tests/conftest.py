@@ -249,8 +249,10 @@ class Platform:
     def submit(self, data: bytes, endpoint: str = "/v1/chat/completions", **kwargs):
         from vbatch_pipelines.batch.service import create_batch
         from vbatch_pipelines.files import store_file
+        from vbatch_pipelines.store.models import DEFAULT_OWNER
 
-        stored = store_file(self.db, self.file_store.files_dir, io.BytesIO(data), "input.jsonl", "batch")
+        stored = store_file(self.db, self.file_store.files_dir, io.BytesIO(data), "input.jsonl", "batch",
+                            owner=kwargs.get("owner", DEFAULT_OWNER))
         return create_batch(self.db, input_file_id=stored.id, endpoint=endpoint, **kwargs)
 
     def materialize(self, batch_id: str, instance=None, raise_on_error: bool = True):

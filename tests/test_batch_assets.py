@@ -248,7 +248,7 @@ def test_a_cancel_during_validation_is_never_overwritten(platform):
     update_batch(platform.db, batch.id, dagster_run_id="a-run")  # its run has been launched
     assert request_cancel(platform.db, batch.id).status == "cancelling"
     report = validate_input(platform.db, platform.batch(batch.id), platform.file_store.batch_dir(batch.id),
-                            platform.registry.served_id)
+                            lambda name: platform.registry.lookup(name).id)
     assert report.ok and platform.batch(batch.id).status == "cancelling"
     platform.materialize(batch.id, raise_on_error=False)
     record = platform.batch(batch.id)

@@ -121,10 +121,10 @@ def _curation_tasks(stack, batch_id: str, label_studio) -> tuple[Counter, dict[s
     url = stack.env.get("VBATCH_DATABASE_URL") or f"sqlite:///{_home(stack) / 'vbatch.db'}"
     engine = sa.create_engine(normalize_url(url))
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT custom_id, ls_task_id, project_id FROM curation_tasks "
+        rows = conn.execute(sa.text("SELECT custom_id, ls_task_id, ls_project_id FROM curation_tasks "
                                     "WHERE batch_id = :b"), {"b": batch_id}).all()
     engine.dispose()
-    projects = {row.project_id for row in rows if row.project_id}
+    projects = {row.ls_project_id for row in rows if row.ls_project_id}
     in_studio: dict[str, int] = {}
     for project in projects:
         in_studio.update(label_studio.tasks_of_batch(project, batch_id))

@@ -462,3 +462,101 @@ def test_the_dashboard_turns_engine_busy_time_into_cost_per_1k_tokens(platform, 
         raise AssertionError("a price that is not a number was taken")
     except SettingsError as exc:
         assert "VBATCH_GPU_HOUR_COST" in str(exc)
+
+
+def test_a_projects_console_shows_only_its_own_objects_and_another_projects_ids_as_missing(platform, tmp_path):
+    """Issue 27: the console follows the API's ownership rules. Team B's session lists none of team A's batches,
+    fine-tunes, datasets or fine-tuned models, and A's ids get the page a missing id gets (never another
+    message); A's own session sees them all."""
+    import io
+
+    from vbatch_pipelines.batch.service import create_batch
+    from vbatch_pipelines.curation.dataset import export_name
+    from vbatch_pipelines.files import store_file
+    from vbatch_pipelines.projects import create_key, create_project
+    from vbatch_pipelines.store.models import Dataset, FineTuningJob, Model, Owner
+
+    team_a, team_b = create_project(platform.db, "team-a"), create_project(platform.db, "team-b")
+    key_a, secret_a = create_key(platform.db, team_a.id, "a-laptop", "ada@example.com")
+    _, secret_b = create_key(platform.db, team_b.id, "b-laptop", "bob@example.com")
+    owner_a = Owner(team_a.id, key_a.id)
+
+    stored = store_file(platform.db, platform.file_store.files_dir, io.BytesIO(jsonl(chat_lines(2, prefix="a"))),
+                        "a.jsonl", "batch", owner=owner_a)
+    batch_a = create_batch(platform.db, input_file_id=stored.id, endpoint="/v1/chat/completions", owner=owner_a)
+    export_dir = tmp_path / "dataset-a"
+    export_dir.mkdir()
+    (export_dir / export_name("openai", "train")).write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Team A's question?"}]}) + "\n")
+    adapter = tmp_path / "adapter-a"
+    adapter.mkdir()
+    now = int(time.time())
+    with platform.db.session() as session:
+        session.add(FineTuningJob(id="ftjob-team-a", model="vbatch-tiny-chat", status="succeeded",
+                                  training_file="v1", hyperparameters={}, seed=1, created_at=now, **owner_a.columns()))
+        session.add(Dataset(version="v1", created_at=now, path=str(export_dir), examples=1, train_examples=1,
+                            eval_examples=0, fingerprint="f" * 16, source_seq=1, counts={}, status="ready",
+                            **owner_a.columns()))
+        session.add(Model(id="vbatch-tiny-chat:ft-team-a", kind="fine_tune", parent="vbatch-tiny-chat",
+                          path=str(adapter), status="deployed", source="ftjob-team-a", created_at=now,
+                          updated_at=now, project_id=team_a.id, created_by=key_a.id))
+
+    app = _app(admin_keys=(ADMIN_KEY,))  # a platform admin made the projects
+    with api_client(app, follow_redirects=False) as a, api_client(app, follow_redirects=False) as b:
+        for client, secret in ((a, secret_a), (b, secret_b)):
+            assert client.post("/ui/login", data={"key": secret, "next": "/ui"}).status_code == 303
+        # Team A sees its own.
+        dashboard = a.get("/ui").text
+        assert "Project: team-a" in dashboard and 'data-metric="batches-validating">1<' in dashboard
+        assert batch_a.id in a.get("/ui/batches").text
+        assert "There is no" not in a.get(f"/ui/batches/{batch_a.id}").text
+        assert a.get(f"/ui/files/{stored.id}").headers["content-disposition"].startswith("attachment")
+        assert "ftjob-team-a" in a.get("/ui/fine-tunes").text
+        assert "There is no" not in a.get("/ui/fine-tunes/ftjob-team-a").text
+        assert 'href="/ui/datasets/v1"' in a.get("/ui/datasets").text
+        assert "Team A&#39;s question?" in a.get("/ui/datasets/v1").text
+        assert a.get("/ui/datasets/v1/export?format=openai&split=train").status_code == 200
+        assert '<option value="v1">' in a.get("/ui/fine-tunes/new").text
+        assert "vbatch-tiny-chat:ft-team-a" in a.get("/ui/models").text
+
+        # Team B sees none of it, and A's ids get the very page ids that do not exist get.
+        dashboard = b.get("/ui").text
+        assert "Project: team-b" in dashboard and "team-a" not in dashboard
+        assert 'data-metric="batches-validating"' not in dashboard and "ftjob-team-a" not in dashboard
+        assert batch_a.id not in b.get("/ui/batches").text
+        assert batch_a.id not in b.get(f"/ui/batches?after={batch_a.id}").text  # not even as a page cursor
+        for theirs, nobodys, what in (
+                (f"/ui/batches/{batch_a.id}", "/ui/batches/batch_nope", "batch"),
+                (f"/ui/files/{stored.id}", "/ui/files/file-nope", "file"),
+                ("/ui/fine-tunes/ftjob-team-a", "/ui/fine-tunes/ftjob-nope", "fine-tune"),
+                ("/ui/datasets/v1", "/ui/datasets/v999", "dataset version"),
+                ("/ui/datasets/v1/export?format=openai&split=train", "/ui/datasets/v999/export?format=openai&split=train",
+                 "dataset version")):
+            refused, missing = b.get(theirs), b.get(nobodys)
+            theirs_id, nobodys_id = (path.split("/")[3].split("?")[0] for path in (theirs, nobodys))
+            assert refused.status_code == missing.status_code == 200, theirs
+            assert f"There is no {what} {theirs_id}" in refused.text, theirs
+            assert "content-disposition" not in refused.headers  # nothing downloaded
+            assert refused.text.replace(theirs_id, "ID") == missing.text.replace(nobodys_id, "ID"), theirs
+        assert b.get(f"/ui/batches/{batch_a.id}/progress").status_code == 404
+        assert "ftjob-team-a" not in b.get("/ui/fine-tunes").text
+        assert "/ui/datasets/v1" not in b.get("/ui/datasets").text
+        assert '<option value="v1">' not in b.get("/ui/fine-tunes/new").text
+        assert "vbatch-tiny-chat:ft-team-a" not in b.get("/ui/models").text
+        assert "vbatch-tiny-chat:ft-team-a" not in b.get("/ui/batches/new").text
+        # ... and cannot act on it: cancel, deploy, undeploy and chat with A's fine-tune all find nothing.
+        b.post(f"/ui/batches/{batch_a.id}/cancel")
+        assert platform.batch(batch_a.id).status == "validating"
+        assert b.post("/ui/fine-tunes/ftjob-team-a/deploy").headers["location"] == "/ui/fine-tunes"
+        undeploy = b.post("/ui/models/vbatch-tiny-chat:ft-team-a/delete").headers["location"]
+        assert undeploy.startswith("/ui/models?error=") and "does%20not%20exist" in undeploy
+        assert "vbatch-tiny-chat:ft-team-a" in a.get("/ui/models").text  # still served to A
+        chat = b.post("/ui/chat", json={"model": "vbatch-tiny-chat:ft-team-a", "content": "Hi"})
+        assert chat.status_code == 404 and "does not exist" in chat.json()["error"]["message"]
+
+        # What B creates from the console is B's.
+        made = b.post("/ui/batches", data={"endpoint": "/v1/chat/completions"},
+                      files={"file": ("in.jsonl", jsonl(chat_lines(2, prefix="b")))})
+        created = platform.batch(made.headers["location"].rsplit("/", 1)[1])
+        assert created.project_id == team_b.id
+        assert created.id in b.get("/ui/batches").text and created.id not in a.get("/ui/batches").text

@@ -39,7 +39,7 @@ def _validate(platform: Platform, lines: list[dict] | bytes, endpoint: str = "/v
 
     batch = platform.submit(lines if isinstance(lines, bytes) else jsonl(lines), endpoint=endpoint)
     report = validate_input(platform.db, batch, platform.file_store.batch_dir(batch.id),
-                            platform.registry.resolver(endpoint))
+                            platform.registry.resolver(endpoint, None))
     return report, [(e["code"], e["line"], e["param"]) for e in report.errors]
 
 

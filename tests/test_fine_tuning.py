@@ -35,7 +35,7 @@ def record_gold_stars(platform, count: int, start: int = 0) -> None:
         messages = example(i)["messages"]
         rows.append({"batch_id": "batch_reviewed", "custom_id": f"r-{i}", "schema": "chat_review",
                      "model": TINY_MODEL_ID, "messages": messages[:1], "response": "a draft answer",
-                     "project_id": 1, "ls_task_id": 10_000 + i})
+                     "ls_project_id": 1, "ls_task_id": 10_000 + i})
     add_tasks(platform.db, rows)
     for row in rows:
         apply_review(platform.db, row["ls_task_id"], Review(answer=ANSWER, rating=5, gold_star=True), row["ls_task_id"])

@@ -71,7 +71,7 @@ def _validate(platform: Platform, lines: list[dict], endpoint: str = "/v1/respon
 
     batch = platform.submit(jsonl(lines), endpoint=endpoint)
     report = validate_input(platform.db, batch, platform.file_store.batch_dir(batch.id),
-                            platform.registry.resolver(endpoint))
+                            platform.registry.resolver(endpoint, None))
     return report, [(e["code"], e["line"], e["param"]) for e in report.errors]
 
 

@@ -231,11 +231,14 @@ def cmd_batch_submit(args, ctx: Context) -> int:
     from vbatch_pipelines.batch.service import create_batch, get_batch, is_terminal
     from vbatch_pipelines.files import store_file
     from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
+    from vbatch_pipelines.projects import CLI, find_project
+    from vbatch_pipelines.store.models import Owner
 
     db = ctx["metadata_db"].db
+    owner = Owner(find_project(db, args.project).id, CLI.key_name) if args.project else CLI.owner
     with open(args.file, "rb") as source:
-        stored = store_file(db, ctx["file_store"].files_dir, source, Path(args.file).name, "batch")
-    batch = create_batch(db, input_file_id=stored.id, endpoint=args.endpoint)
+        stored = store_file(db, ctx["file_store"].files_dir, source, Path(args.file).name, "batch", owner=owner)
+    batch = create_batch(db, input_file_id=stored.id, endpoint=args.endpoint, owner=owner)
     try:
         run_id = launch_batch(db, batch.id, ctx.settings.dagster_url)
         print(f"{batch.id}: launched Dagster run {run_id}")
@@ -502,6 +505,30 @@ def cmd_projects_archive(args, ctx: Context) -> int:
     return 0
 
 
+def _limit(text: str) -> str:
+    """A quota on the command line: a positive integer, or 'none' for no limit (checked, kept as text)."""
+    if text.lower() in ("none", "null", "unlimited"):
+        return "none"
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a quota is a positive integer, or none; got {text!r}")
+    return text
+
+
+def cmd_projects_set(args, ctx: Context) -> int:
+    from vbatch_pipelines.projects import CLI, audit, find_project
+    from vbatch_pipelines.quotas import QUOTAS, set_quotas
+
+    db = ctx["metadata_db"].db
+    project = find_project(db, args.project)
+    given = {name: getattr(args, name) for name in QUOTAS if getattr(args, name) is not None}
+    changes = {name: None if value == "none" else int(value) for name, value in given.items()}
+    project = set_quotas(db, project.id, weight=args.weight, **changes)
+    audit(db, CLI, "project.updated", project.id, quotas=changes, weight=args.weight)
+    limits = ", ".join(f"{name} {value if value is not None else 'none'}" for name, value in project.quotas().items())
+    print(f"{project.id}	{project.name}: {limits}; weight {project.weight}")
+    return 0
+
+
 def cmd_keys_create(args, ctx: Context) -> int:
     from vbatch_pipelines.projects import CLI, audit, create_key, find_project
 
@@ -654,6 +681,16 @@ def build_parser() -> argparse.ArgumentParser:
     listed = projects.add_parser("list", help="the projects")
     listed.add_argument("--all", action="store_true", help="archived ones too")
     listed.set_defaults(func=cmd_projects_list)
+    limits = projects.add_parser("set", help="a project's quotas and its share of the engine")
+    limits.add_argument("project", help="its id or name")
+    for name, what in (("max_concurrent_batches", "batches not yet ended"),
+                       ("max_queued_requests", "requests of its batches not yet run"),
+                       ("max_tokens_per_day", "input and output tokens per UTC day")):
+        limits.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_limit,
+                            help=f"{what} (a number, or none for no limit)")
+    limits.add_argument("--weight", type=int, help="its share of the engine when several projects' batches run "
+                                                   "(1 to 100; default 1)")
+    limits.set_defaults(func=cmd_projects_set)
     archived = projects.add_parser("archive", help="archive a project: its keys stop working")
     archived.add_argument("project", help="its id or name")
     archived.set_defaults(func=cmd_projects_archive)
@@ -682,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = batch.add_parser("submit", help="upload a JSONL file and launch its batch")
     submit.add_argument("file")
     submit.add_argument("--endpoint", default="/v1/chat/completions")
+    submit.add_argument("--project", help="the project (id or name) the batch belongs to; default: the default one")
     submit.add_argument("--wait", action="store_true", help="wait for the batch to end and print it")
     submit.set_defaults(func=cmd_batch_submit)
     show = batch.add_parser("show", help="print a batch object")

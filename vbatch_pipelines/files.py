@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from vbatch_pipelines.errors import NotFound, VbatchError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch, File
+from vbatch_pipelines.store.models import DEFAULT_OWNER, TERMINAL_BATCH_STATUSES, Batch, File, Owner
 
 # OpenAI's bounds on expires_after.seconds (1 hour to 30 days)
 MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S = 3600, 30 * 86400
@@ -32,8 +32,10 @@ def new_file_id() -> str:
     return f"file-{uuid.uuid4().hex[:24]}"
 
 
-def get_file(db: Database, file_id: str) -> File | None:
-    return db.get(File, file_id)
+def get_file(db: Database, file_id: str, project_id: str | None = None) -> File | None:
+    """The file (of ``project_id`` only, when given: another project's is as good as missing)."""
+    record = db.get(File, file_id)
+    return None if record is None or (project_id is not None and record.project_id != project_id) else record
 
 
 class FileInUse(VbatchError):
@@ -77,9 +79,10 @@ def expires_after_seconds(value: dict[str, Any], param: str) -> int:
 
 
 def store_file(db: Database, files_dir: Path, source: BinaryIO, filename: str, purpose: str,
-               *, max_bytes: int | None = None, expires_after: int | None = None) -> File:
-    """Stream ``source`` into the file store and record it; the file exists only once fully written.
-    ``expires_after``: seconds after creation it expires (None: its purpose's default retention)."""
+               *, max_bytes: int | None = None, expires_after: int | None = None,
+               owner: Owner = DEFAULT_OWNER) -> File:
+    """Stream ``source`` into the file store and record it as ``owner``'s; the file exists only once fully
+    written. ``expires_after``: seconds after creation it expires (None: its purpose's default retention)."""
     file_id = new_file_id()
     files_dir.mkdir(parents=True, exist_ok=True)
     path = files_dir / file_id
@@ -95,34 +98,34 @@ def store_file(db: Database, files_dir: Path, source: BinaryIO, filename: str, p
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    return register_file(db, path, filename, purpose, file_id=file_id, expires_after=expires_after)
+    return register_file(db, path, filename, purpose, file_id=file_id, expires_after=expires_after, owner=owner)
 
 
 def file_record(path: Path, filename: str, purpose: str, *, file_id: str | None = None,
-                expires_after: int | None = None) -> File:
+                expires_after: int | None = None, owner: Owner = DEFAULT_OWNER) -> File:
     """The record of a file written at ``path``, for the caller to add in its own transaction; it expires
     ``expires_after`` seconds from now (None: its purpose's default retention)."""
     created = int(time.time())
     return File(id=file_id or new_file_id(), bytes=path.stat().st_size, created_at=created,
                 filename=filename, purpose=purpose, status="processed", path=str(path),
-                expires_at=None if expires_after is None else created + expires_after)
+                expires_at=None if expires_after is None else created + expires_after, **owner.columns())
 
 
 def register_file(db: Database, path: Path, filename: str, purpose: str, *, file_id: str | None = None,
-                  expires_after: int | None = None) -> File:
-    record = file_record(path, filename, purpose, file_id=file_id, expires_after=expires_after)
+                  expires_after: int | None = None, owner: Owner = DEFAULT_OWNER) -> File:
+    record = file_record(path, filename, purpose, file_id=file_id, expires_after=expires_after, owner=owner)
     with db.session() as session:
         session.add(record)
     return record
 
 
-def delete_file(db: Database, file_id: str) -> File:
+def delete_file(db: Database, file_id: str, project_id: str | None = None) -> File:
     """Delete a file's record and its bytes - unless a batch that has not finished reads it (FileInUse: that
     would lose accepted work). The API's DELETE and the retention job both delete through here. A batch keeps
     its record, and its ``output_file_id`` names the deleted file, as OpenAI's does."""
     with db.session() as session:
         record = session.get(File, file_id, with_for_update=True)
-        if record is None:
+        if record is None or (project_id is not None and record.project_id != project_id):
             raise NotFound(f"No file found with id '{file_id}'.", "file_id", "file_not_found")
         busy = session.scalars(select(Batch.id).where(
             Batch.input_file_id == file_id, Batch.status.not_in(TERMINAL_BATCH_STATUSES)).limit(1)).first()

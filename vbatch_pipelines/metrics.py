@@ -124,23 +124,32 @@ class PlatformSummary:
     fine_tunes: dict[str, int]  # by status
 
 
-def summarize(db: Database, *, ended_since: int | None = None) -> PlatformSummary:
-    """The platform's figures; with ``ended_since`` (a Unix time) requests and tokens count only batches that
-    ended since then (the dashboard's "today")."""
+def _of_project(model, project_id: str | None) -> tuple:
+    """The WHERE clause that keeps ``model``'s rows of ``project_id`` (none: every project's)."""
+    return () if project_id is None else (model.project_id == project_id,)
+
+
+def summarize(db: Database, *, ended_since: int | None = None, project_id: str | None = None) -> PlatformSummary:
+    """The platform's figures (with ``project_id``, that project's only: the console's dashboard); with
+    ``ended_since`` (a Unix time) requests and tokens count only batches that ended since then (the dashboard's
+    "today")."""
+    batches, tasks, jobs_of = (_of_project(model, project_id) for model in (Batch, CurationTask, FineTuningJob))
     per_model = select(Batch.model, func.sum(Batch.request_completed), func.sum(Batch.request_failed),
                        func.sum(Batch.usage["input_tokens"].as_integer()),
-                       func.sum(Batch.usage["output_tokens"].as_integer())).group_by(Batch.model)
+                       func.sum(Batch.usage["output_tokens"].as_integer())).where(*batches).group_by(Batch.model)
     if ended_since is not None:
         per_model = per_model.where(BATCH_ENDED_AT >= ended_since)
     with db.engine.connect() as conn:
-        statuses = dict(conn.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
+        statuses = dict(conn.execute(select(Batch.status, func.count()).where(*batches)
+                                     .group_by(Batch.status)).all())
         models = conn.execute(per_model).all()
         waiting = conn.execute(select(func.count()).select_from(Batch).where(
-            Batch.status.in_(("validating", "in_progress")), Batch.lease_owner.is_(None))).scalar_one()
+            *batches, Batch.status.in_(("validating", "in_progress")), Batch.lease_owner.is_(None))).scalar_one()
         total, reviewed, gold = conn.execute(select(
             func.count(), func.count().filter(CurationTask.annotated.is_(True)),
-            func.count().filter(CurationTask.gold_star.is_(True))).select_from(CurationTask)).one()
-        jobs = dict(conn.execute(select(FineTuningJob.status, func.count()).group_by(FineTuningJob.status)).all())
+            func.count().filter(CurationTask.gold_star.is_(True))).select_from(CurationTask).where(*tasks)).one()
+        jobs = dict(conn.execute(select(FineTuningJob.status, func.count()).where(*jobs_of)
+                                 .group_by(FineTuningJob.status)).all())
     return PlatformSummary(
         batches={status: statuses.get(status, 0) for status in BATCH_STATUSES}, waiting=waiting,
         requests={model or "unknown": (completed or 0, failed or 0) for model, completed, failed, _, _ in models},
@@ -149,12 +158,12 @@ def summarize(db: Database, *, ended_since: int | None = None) -> PlatformSummar
         fine_tunes={status: jobs.get(status, 0) for status in FINE_TUNING_STATUSES})
 
 
-def busy_seconds(db: Database, *, ended_since: int) -> dict[str, float]:
-    """Per model, how long batches kept its engine busy among those that ended since ``ended_since``: the
-    union of their in-progress spans (batches side by side count once)."""
+def busy_seconds(db: Database, *, ended_since: int, project_id: str | None = None) -> dict[str, float]:
+    """Per model, how long batches (of ``project_id`` only, when given) kept its engine busy among those that
+    ended since ``ended_since``: the union of their in-progress spans (batches side by side count once)."""
     with db.engine.connect() as conn:
         rows = conn.execute(select(Batch.model, Batch.in_progress_at, BATCH_ENDED_AT).where(
-            BATCH_ENDED_AT >= ended_since, Batch.in_progress_at.is_not(None))).all()
+            *_of_project(Batch, project_id), BATCH_ENDED_AT >= ended_since, Batch.in_progress_at.is_not(None))).all()
     spans: dict[str, list[tuple[int, int]]] = {}
     for model, start, end in rows:
         spans.setdefault(model or "unknown", []).append((start, max(start, end)))
@@ -172,8 +181,9 @@ def busy_seconds(db: Database, *, ended_since: int) -> dict[str, float]:
     return busy
 
 
-def gold_stars_by_day(db: Database, *, days: int) -> list[tuple[str, int]]:
-    """Gold stars given on each of the last ``days`` days (by review time, local dates), oldest first."""
+def gold_stars_by_day(db: Database, *, days: int, project_id: str | None = None) -> list[tuple[str, int]]:
+    """Gold stars given (in ``project_id`` only, when given) on each of the last ``days`` days (by review time,
+    local dates), oldest first."""
     import datetime as dt
 
     today = dt.date.today()
@@ -181,7 +191,8 @@ def gold_stars_by_day(db: Database, *, days: int) -> list[tuple[str, int]]:
     since = int(time.mktime(first.timetuple()))
     with db.engine.connect() as conn:
         stamps = conn.execute(select(CurationTask.reviewed_at).where(
-            CurationTask.gold_star.is_(True), CurationTask.reviewed_at >= since)).scalars().all()
+            *_of_project(CurationTask, project_id), CurationTask.gold_star.is_(True),
+            CurationTask.reviewed_at >= since)).scalars().all()
     counts = {first + dt.timedelta(days=n): 0 for n in range(days)}
     for stamp in stamps:
         day = dt.date.fromtimestamp(stamp)

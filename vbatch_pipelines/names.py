@@ -24,6 +24,7 @@ RESCUE_TAG = "vbatch/rescue_of"  # a run the settle sensor launched for a batch 
 FINE_TUNING_JOB_TAG = "vbatch/fine_tuning_job_id"
 MODEL_ID_TAG = "vbatch/model_id"
 CURATION_SEQ_TAG = "vbatch/curation_seq"
+PROJECT_TAG = "vbatch/project"  # the vbatch project a run works for (a dataset build, a retrain)
 TRIGGER_TAG = "vbatch/trigger"
 RUN_WORKER_PID_TAG = "vbatch/run_worker_pid"
 RUN_WORKER_STARTED_TAG = "vbatch/run_worker_started"

@@ -21,9 +21,8 @@ from sqlalchemy import select
 
 from vbatch_pipelines.errors import NotFound, VbatchError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import ApiKey, Project
+from vbatch_pipelines.store.models import DEFAULT_PROJECT, ApiKey, Owner, Project
 
-DEFAULT_PROJECT = "proj_default"
 ProjectRole = Literal["member", "admin"]
 PROJECT_ROLES = ("member", "admin")
 NAME = re.compile(r"^[^\x00-\x1f]{1,128}$")  # printable, bounded: shown in lists and the audit log
@@ -174,6 +173,11 @@ class Caller:
     def role(self) -> Literal["use", "admin"]:
         """The platform role the routes check: admin for platform admins, use for everyone else."""
         return "admin" if self.platform_admin else "use"
+
+    @property
+    def owner(self) -> Owner:
+        """Whose what this caller creates is."""
+        return Owner(self.project_id, self.key_id or self.key_name)
 
     def may_manage(self, project_id: str) -> bool:
         return self.platform_admin or (self.project_role == "admin" and self.project_id == project_id)

@@ -12,26 +12,32 @@ from vbatch_pipelines.files import get_file
 from vbatch_pipelines.fine_tuning.service import create_job, get_job
 from vbatch_pipelines.launch import BatchLauncher, DagsterUnreachable, launch_fine_tune, launch_install
 from vbatch_pipelines.models.store import get_model, request_install, upsert_model
+from vbatch_pipelines.quotas import check_batch_quotas
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import Batch, FineTuningJob, Model
+from vbatch_pipelines.store.models import DEFAULT_OWNER, Batch, FineTuningJob, Model, Owner
 
 log = logging.getLogger("vbatch.submit")
 
 
 def accept_batch(db: Database, file_store, model_registry, launcher: BatchLauncher, *, input_file_id: str,
                  endpoint: str, completion_window: str = "24h", metadata: dict[str, str] | None = None,
-                 inline_validation_bytes: int = 0, output_expires_after: int | None = None) -> Batch:
-    """Record a batch and have it launched. A file of at most ``inline_validation_bytes`` is validated here
+                 inline_validation_bytes: int = 0, output_expires_after: int | None = None,
+                 owner: Owner = DEFAULT_OWNER) -> Batch:
+    """Record a batch and have it launched, unless the project's quotas refuse it (QuotaExceeded: nothing is
+    recorded). A file of at most ``inline_validation_bytes`` is validated here
     (under a second for 8 MiB), so the batch is in_progress, or failed with its line errors, on return;
     a larger one stays ``validating`` until batch_input streams it."""
+    source = get_file(db, input_file_id, owner.project_id)
+    if source is not None:  # a missing file is create_batch's to refuse
+        check_batch_quotas(db, owner.project_id, source)
     batch = create_batch(db, input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
-                         metadata=metadata, output_expires_after=output_expires_after)
+                         metadata=metadata, output_expires_after=output_expires_after, owner=owner)
     input_file = get_file(db, batch.input_file_id)
     inline = input_file is not None and input_file.bytes <= inline_validation_bytes
     if inline:
         try:
             if not validate_input(db, batch, file_store.batch_dir(batch.id),
-                              model_registry.resolver(batch.endpoint)).ok:
+                                  model_registry.resolver(batch.endpoint, batch.project_id)).ok:
                 return get_batch(db, batch.id)
         except BatchRequestError as exc:  # the file vanished meanwhile: batch_input reports it
             log.warning("batch %s: inline validation skipped: %s", batch.id, exc)

@@ -1,6 +1,8 @@
 """The web console (``/ui``) for people who do not write code: server-rendered pages over the same domain
 functions the REST API uses, with the same roles. Login takes an API key, kept in an HttpOnly, SameSite=Strict
-cookie; with no keys configured (a loopback-only platform) its one user is the operator, as for the API."""
+cookie; with no keys configured (a loopback-only platform) its one user is the operator, as for the API. Like the
+API, it shows a key only its own project's batches, files, fine-tunes, datasets and fine-tuned models: another
+project's id gets the page a missing one gets."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
 from api.deps import Role, caller_of, keys_required
+from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 
 HERE = Path(__file__).parent
@@ -35,10 +38,13 @@ def keys_on(request: Request) -> bool:
     return keys_required(request.app.state)
 
 
-def console_caller(request: Request):
+def console_caller(request: Request) -> Caller:
     """Who uses the console (for the audit log): the key it logged in with, or the operator when no key exists."""
     from vbatch_pipelines.projects import OPERATOR
 
+    known = getattr(request.state, "console_caller", None)
+    if known is not None:
+        return known
     if not keys_on(request):
         return OPERATOR
     return caller_of(request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, "")) or OPERATOR
@@ -50,20 +56,51 @@ def console_audit(request: Request, type: str, target: str, **details) -> None:
     audit(request.app.state.db, console_caller(request), type, target, **details)
 
 
-def console_role(request: Request) -> Role:
+def console_login(request: Request) -> Caller:
+    """The logged-in caller (the operator when no key exists), or the login page. Every page's data is its
+    project's (``caller.project_id``)."""
+    from vbatch_pipelines.projects import OPERATOR
+
     if not keys_on(request):
-        return "admin"
-    caller = caller_of(request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, ""))
-    if caller is None:
-        raise LoginRequired(request.url.path)
+        caller = OPERATOR
+    else:
+        caller = caller_of(request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, ""))
+        if caller is None:
+            raise LoginRequired(request.url.path)
+    request.state.console_caller = caller
+    return caller
+
+
+def console_role(caller: Caller = Depends(console_login)) -> Role:
     return caller.role
 
 
 def _page(request: Request, name: str, role: Role, **context) -> HTMLResponse:
     settings = request.app.state.settings
     return templates.TemplateResponse(request, name, {
-        "role": role, "keys_on": keys_on(request),
+        "role": role, "keys_on": keys_on(request), "project": _project_of(request),
         "dagster_url": settings.dagster_url, "label_studio_url": _label_studio_url(request), **context})
+
+
+def _project_of(request: Request) -> dict | None:
+    """The logged-in caller's project as the header shows it (its name, else its id)."""
+    from vbatch_pipelines.store.models import Project
+
+    caller = getattr(request.state, "console_caller", None)
+    if caller is None:
+        return None
+    row = request.app.state.db.get(Project, caller.project_id)
+    return {"id": caller.project_id, "name": row.name if row is not None else caller.project_id}
+
+
+def _missing(request: Request, role: Role, what: str, back: str) -> HTMLResponse:
+    """The page for an id that is not there - or is another project's: the same page, the same words."""
+    return _page(request, "missing.html", role, what=what, back=back)
+
+
+def _own(row, caller: Caller):
+    """``row`` when it is the caller's project's, else None (as if it did not exist)."""
+    return row if row is not None and row.project_id == caller.project_id else None
 
 
 def _label_studio_url(request: Request) -> str | None:
@@ -101,15 +138,19 @@ def _safe_next(path: str) -> str:
 
 
 @router.get("", response_class=HTMLResponse)
-def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLResponse:
+def dashboard(request: Request, role: Role = Depends(console_role),
+              caller: Caller = Depends(console_login)) -> HTMLResponse:
+    """The caller's project's batches, costs, reviews and fine-tunes; the engines, services and disk are the
+    platform's (shared by every project)."""
     from api.console.charts import bar_chart
     from vbatch_pipelines.metrics import busy_seconds, engines_with_stats, gold_stars_by_day, summarize
     from vbatch_pipelines.store.models import FineTuningJob
 
-    db = request.app.state.db
+    db, project_id = request.app.state.db, caller.project_id
     midnight = int(time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1)))
     with db.session() as session:
-        fine_tunes = session.query(FineTuningJob).order_by(FineTuningJob.created_at.desc()).limit(5).all()
+        fine_tunes = session.query(FineTuningJob).filter(FineTuningJob.project_id == project_id).order_by(
+            FineTuningJob.created_at.desc()).limit(5).all()
         fine_tunes = [{"id": job.id, "model": job.model, "status": job.status,
                        "verdict": comparison_verdict(job.comparison), "deployed": job.deployed}
                       for job in fine_tunes]
@@ -117,18 +158,20 @@ def dashboard(request: Request, role: Role = Depends(console_role)) -> HTMLRespo
                 "running": _count(engine.stats.get("running")), "waiting": _count(engine.stats.get("waiting")),
                 "kv_cache": f"{100 * engine.stats['kv_cache_usage']:.0f} %" if "kv_cache_usage" in engine.stats else "–"}
                for engine in engines_with_stats(request.app.state.resources["inference_engine"])]
-    today = summarize(db, ended_since=midnight)
+    today = summarize(db, ended_since=midnight, project_id=project_id)
     costs = {}
     hour_cost = request.app.state.settings.gpu_hour_cost
     if hour_cost is not None:
-        for model, seconds in busy_seconds(db, ended_since=midnight).items():
+        for model, seconds in busy_seconds(db, ended_since=midnight, project_id=project_id).items():
             cost = seconds / 3600 * hour_cost
             tokens = sum(today.tokens.get(model, (0, 0)))
             costs[model] = {"busy": f"{seconds / 60:.1f} min", "cost": f"{cost:.4f}",
                             "per_1k": f"{1000 * cost / tokens:.6f}" if tokens else "–"}
-    return _page(request, "dashboard.html", role, summary=summarize(db), today=today, costs=costs,
+    return _page(request, "dashboard.html", role, summary=summarize(db, project_id=project_id), today=today,
+                 costs=costs,
                  hour_cost=hour_cost, services={name: probe() for name, probe in request.app.state.probes.items()},
-                 engines=engines, fine_tunes=fine_tunes, gold_chart=bar_chart(gold_stars_by_day(db, days=14)),
+                 engines=engines, fine_tunes=fine_tunes,
+                 gold_chart=bar_chart(gold_stars_by_day(db, days=14, project_id=project_id)),
                  disk=_disk(request))
 
 
@@ -152,19 +195,21 @@ def _count(value: float | None) -> str:
 
 @router.get("/batches", response_class=HTMLResponse)
 def batches(request: Request, status: str | None = Query(default=None, max_length=16),
-            after: str | None = Query(default=None, max_length=64), role: Role = Depends(console_role)) -> HTMLResponse:
+            after: str | None = Query(default=None, max_length=64), role: Role = Depends(console_role),
+            caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.store.models import BATCH_STATUSES, Batch
 
     if status and status not in BATCH_STATUSES:
         status = None
-    where = (Batch.status == status,) if status else ()
+    where = (Batch.project_id == caller.project_id, *((Batch.status == status,) if status else ()))
     with request.app.state.db.session() as session:
         page = _list_page(session, Batch, after, where)
     return _page(request, "batches.html", role, page=page, status=status, statuses=BATCH_STATUSES)
 
 
 def _list_page(session, model, after: str | None, where=()) -> dict:
-    """25 rows after ``after``; an ``after`` that is not on the list (a stale link) starts from the newest."""
+    """25 rows (those ``where`` selects: the caller's project's) after ``after``; an ``after`` that is not on the
+    list (a stale link, another project's id) starts from the newest."""
     from api.errors import OpenAIError
     from api.pagination import paginate
 
@@ -175,11 +220,12 @@ def _list_page(session, model, after: str | None, where=()) -> dict:
 
 
 @router.get("/batches/new", response_class=HTMLResponse)
-def new_batch(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
+def new_batch(request: Request, error: str | None = None, role: Role = Depends(console_role),
+              caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.curation.schemas import SCHEMAS
 
     registry = request.app.state.resources["model_registry"]
-    return _page(request, "new_batch.html", role, models=sorted(registry.served_models()),
+    return _page(request, "new_batch.html", role, models=sorted(registry.served_models(caller.project_id)),
                  default_model=registry.default_model_id(), error=error, endpoints=SUPPORTED_ENDPOINTS,
                  schemas=sorted(SCHEMAS))
 
@@ -187,9 +233,10 @@ def new_batch(request: Request, error: str | None = None, role: Role = Depends(c
 @router.post("/batches")
 def create_batch_from_form(request: Request, file: UploadFile = File(...), endpoint: str = Form(max_length=64),
                            model: str = Form("", max_length=256), curation: str = Form("on", max_length=8),
-                           schema: str = Form("", max_length=64), role: Role = Depends(console_role)) -> Response:
-    """Upload a JSONL and create its batch, as the API's two calls do; lines that name no model get the one
-    picked. A refusal comes back to the form with the API's message."""
+                           schema: str = Form("", max_length=64), role: Role = Depends(console_role),
+                           caller: Caller = Depends(console_login)) -> Response:
+    """Upload a JSONL and create its batch (both the caller's project's), as the API's two calls do; lines that
+    name no model get the one picked. A refusal comes back to the form with the API's message."""
     from vbatch_pipelines.batch.service import BatchRequestError
     from vbatch_pipelines.errors import VbatchError
     from vbatch_pipelines.files import store_file
@@ -202,11 +249,11 @@ def create_batch_from_form(request: Request, file: UploadFile = File(...), endpo
     try:
         require_free_disk(resources["file_store"], resources["retention_policy"].min_free_disk_percent, "batches")
         stored = store_file(state.db, resources["file_store"].files_dir, source, file.filename or "upload.jsonl",
-                            "batch", max_bytes=settings.max_upload_bytes)
+                            "batch", max_bytes=settings.max_upload_bytes, owner=caller.owner)
         metadata = {"curation": "off"} if curation == "off" else {"curation_schema": schema} if schema else None
         batch = accept_batch(state.db, resources["file_store"], resources["model_registry"], state.batch_launcher,
                              input_file_id=stored.id, endpoint=endpoint, metadata=metadata,
-                             inline_validation_bytes=settings.inline_validation_bytes)
+                             inline_validation_bytes=settings.inline_validation_bytes, owner=caller.owner)
     except (BatchRequestError, VbatchError) as exc:
         return RedirectResponse(f"/ui/batches/new?error={quote(str(exc)[:300])}", status_code=303)
     return RedirectResponse(f"/ui/batches/{quote(batch.id)}", status_code=303)
@@ -233,42 +280,46 @@ def _with_model(upload, model: str):
 
 
 @router.get("/batches/{batch_id}", response_class=HTMLResponse)
-def batch(request: Request, batch_id: str, role: Role = Depends(console_role)) -> HTMLResponse:
+def batch(request: Request, batch_id: str, role: Role = Depends(console_role),
+          caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.batch.service import get_batch
 
-    record = get_batch(request.app.state.db, batch_id[:64])
+    record = _own(get_batch(request.app.state.db, batch_id[:64]), caller)
     if record is None:
-        return _page(request, "missing.html", role, what=f"batch {batch_id[:64]}", back="/ui/batches")
+        return _missing(request, role, f"batch {batch_id[:64]}", "/ui/batches")
     return _page(request, "batch.html", role, batch=record.to_openai())
 
 
 @router.get("/batches/{batch_id}/progress", response_class=HTMLResponse)
-def batch_progress(request: Request, batch_id: str, role: Role = Depends(console_role)) -> HTMLResponse:
+def batch_progress(request: Request, batch_id: str, role: Role = Depends(console_role),
+                   caller: Caller = Depends(console_login)) -> HTMLResponse:
     """The live part of a batch's page (the page's script swaps it in every 2 s until the batch ends)."""
     from vbatch_pipelines.batch.service import get_batch
 
-    record = get_batch(request.app.state.db, batch_id[:64])
+    record = _own(get_batch(request.app.state.db, batch_id[:64]), caller)
     if record is None:
         return HTMLResponse("<p class=error>This batch is gone.</p>", status_code=404)
     return _page(request, "batch_progress.html", role, batch=record.to_openai())
 
 
 @router.post("/batches/{batch_id}/cancel")
-def cancel(request: Request, batch_id: str, role: Role = Depends(console_role)) -> Response:
+def cancel(request: Request, batch_id: str, role: Role = Depends(console_role),
+           caller: Caller = Depends(console_login)) -> Response:
     from vbatch_pipelines.batch.service import get_batch, request_cancel
 
-    if get_batch(request.app.state.db, batch_id[:64]) is not None:
+    if _own(get_batch(request.app.state.db, batch_id[:64]), caller) is not None:
         request_cancel(request.app.state.db, batch_id[:64])
     return RedirectResponse(f"/ui/batches/{quote(batch_id[:64])}", status_code=303)
 
 
 @router.get("/files/{file_id}", response_class=FileResponse)
-def download(request: Request, file_id: str, role: Role = Depends(console_role)) -> Response:
+def download(request: Request, file_id: str, role: Role = Depends(console_role),
+             caller: Caller = Depends(console_login)) -> Response:
     from vbatch_pipelines.files import get_file
 
-    record = get_file(request.app.state.db, file_id[:64])
+    record = get_file(request.app.state.db, file_id[:64], caller.project_id)
     if record is None or not Path(record.path).exists():
-        return _page(request, "missing.html", role, what=f"file {file_id[:64]}", back="/ui/batches")
+        return _missing(request, role, f"file {file_id[:64]}", "/ui/batches")
     return FileResponse(record.path, media_type="application/octet-stream", filename=record.filename)
 
 
@@ -286,11 +337,11 @@ def comparison_verdict(comparison: dict | None) -> str | None:
 
 @router.get("/fine-tunes", response_class=HTMLResponse)
 def fine_tunes(request: Request, after: str | None = Query(default=None, max_length=64),
-               role: Role = Depends(console_role)) -> HTMLResponse:
+               role: Role = Depends(console_role), caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.store.models import FineTuningJob
 
     with request.app.state.db.session() as session:
-        page = _list_page(session, FineTuningJob, after)
+        page = _list_page(session, FineTuningJob, after, (FineTuningJob.project_id == caller.project_id,))
         jobs = {row.id: row for row in session.query(FineTuningJob).filter(
             FineTuningJob.id.in_([job["id"] for job in page["data"]]))}
     for job in page["data"]:
@@ -300,13 +351,15 @@ def fine_tunes(request: Request, after: str | None = Query(default=None, max_len
 
 
 @router.get("/fine-tunes/new", response_class=HTMLResponse)
-def new_fine_tune(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
+def new_fine_tune(request: Request, error: str | None = None, role: Role = Depends(console_role),
+                  caller: Caller = Depends(console_login)) -> HTMLResponse:
+    """The form: the base models that generate text, and the caller's project's dataset versions."""
     from vbatch_pipelines.curation.service import ready_datasets
     from vbatch_pipelines.models.registry import GENERATE
 
     registry = request.app.state.resources["model_registry"]
     with request.app.state.db.session() as session:
-        versions = [row.version for row in session.scalars(ready_datasets().limit(50))]
+        versions = [row.version for row in session.scalars(ready_datasets(caller.project_id).limit(50))]
     return _page(request, "new_fine_tune.html", role, error=error, versions=versions,
                  models=sorted(m for m, spec in registry.base_models().items() if spec.task == GENERATE),
                  default_model=registry.default_model_id())
@@ -317,8 +370,9 @@ def create_fine_tune(request: Request, model: str = Form(max_length=256), traini
                      n_epochs: str = Form("auto", max_length=8), lora_rank: str = Form("16", max_length=8),
                      learning_rate_multiplier: str = Form("auto", max_length=16),
                      suffix: str = Form("", max_length=64), deploy: str = Form("no_worse", max_length=16),
-                     role: Role = Depends(console_role)) -> Response:
-    """Start a fine-tune as ``POST /v1/fine_tuning/jobs`` does: checked first, the reason shown on the form."""
+                     role: Role = Depends(console_role), caller: Caller = Depends(console_login)) -> Response:
+    """Start a fine-tune (the caller's project's, on its dataset versions) as ``POST /v1/fine_tuning/jobs`` does:
+    checked first, the reason shown on the form."""
     from vbatch_pipelines.errors import VbatchError
     from vbatch_pipelines.submit import start_fine_tune
 
@@ -330,7 +384,8 @@ def create_fine_tune(request: Request, model: str = Form(max_length=256), traini
     try:
         job = start_fine_tune(state.db, resources["model_registry"], resources["file_store"], resources["trainer"],
                               state.settings.dagster_url, model=model, training_file=training.strip(),
-                              hyperparameters=hyperparameters, suffix=suffix.strip() or None, deploy=deploy)
+                              hyperparameters=hyperparameters, suffix=suffix.strip() or None, deploy=deploy,
+                              owner=caller.owner)
     except (VbatchError, ValueError) as exc:
         return RedirectResponse(f"/ui/fine-tunes/new?error={quote(str(exc)[:300])}", status_code=303)
     return RedirectResponse(f"/ui/fine-tunes/{quote(job.id)}", status_code=303)
@@ -346,14 +401,14 @@ def _number(text: str, kind):
 
 @router.get("/fine-tunes/{job_id}", response_class=HTMLResponse)
 def fine_tune(request: Request, job_id: str, error: str | None = None,
-              role: Role = Depends(console_role)) -> HTMLResponse:
+              role: Role = Depends(console_role), caller: Caller = Depends(console_login)) -> HTMLResponse:
     from api.console.charts import line_chart
     from vbatch_pipelines.fine_tuning.service import get_job, list_checkpoints, loss_curve, recent_messages
 
     db = request.app.state.db
-    job = get_job(db, job_id[:64])
+    job = get_job(db, job_id[:64], caller.project_id)
     if job is None:
-        return _page(request, "missing.html", role, what=f"fine-tune {job_id[:64]}", back="/ui/fine-tunes")
+        return _missing(request, role, f"fine-tune {job_id[:64]}", "/ui/fine-tunes")
     checkpoints, more_checkpoints = list_checkpoints(db, job.id, after=None, limit=5)
     return _page(request, "fine_tune.html", role, job=job.to_openai(), comparison=job.comparison,
                  verdict=comparison_verdict(job.comparison), deployed=job.deployed, job_deployment=job.deployment,
@@ -364,13 +419,15 @@ def fine_tune(request: Request, job_id: str, error: str | None = None,
 
 
 @router.post("/fine-tunes/{job_id}/deploy")
-def deploy(request: Request, job_id: str, role: Role = Depends(console_role)) -> Response:
-    """Serve a succeeded job's fine-tune now, as ``POST /v1/fine_tuning/jobs/{id}/deploy`` does."""
+def deploy(request: Request, job_id: str, role: Role = Depends(console_role),
+           caller: Caller = Depends(console_login)) -> Response:
+    """Serve a succeeded job's fine-tune now, as ``POST /v1/fine_tuning/jobs/{id}/deploy`` does (the caller's
+    project's job only: another's is as good as missing)."""
     from vbatch_pipelines.errors import VbatchError
     from vbatch_pipelines.fine_tuning.service import deploy_on_request, get_job
 
     state = request.app.state
-    job = get_job(state.db, job_id[:64])
+    job = get_job(state.db, job_id[:64], caller.project_id)
     if job is None:
         return RedirectResponse("/ui/fine-tunes", status_code=303)
     target = f"/ui/fine-tunes/{quote(job.id)}"
@@ -385,14 +442,17 @@ def deploy(request: Request, job_id: str, role: Role = Depends(console_role)) ->
 
 
 @router.get("/models", response_class=HTMLResponse)
-def models(request: Request, error: str | None = None, role: Role = Depends(console_role)) -> HTMLResponse:
+def models(request: Request, error: str | None = None, role: Role = Depends(console_role),
+           caller: Caller = Depends(console_login)) -> HTMLResponse:
+    """Base models, and the fine-tunes the caller's project may use (its own and shared ones); only its own
+    fine-tunes can be undeployed from here."""
     from vbatch_pipelines.models.registry import EMBED, GENERATE
     from vbatch_pipelines.store.models import Model
 
     registry = request.app.state.resources["model_registry"]
-    served = registry.served_models()
+    served = registry.served_models(caller.project_id)
     with request.app.state.db.session() as session:
-        stored = {row.id: row for row in session.query(Model)}
+        stored = {row.id: row for row in session.query(Model) if row.visible_to(caller.project_id)}
     rows = []
     for model_id, spec in sorted(served.items()):
         row = stored.get(model_id)
@@ -400,23 +460,30 @@ def models(request: Request, error: str | None = None, role: Role = Depends(cons
             "base, embeddings" if spec.task == EMBED else "base, cross-encoder"
         rows.append({"id": model_id, "kind": kind, "parent": spec.parent, "chat": spec.task == GENERATE,
                      "status": row.status if row is not None else "configured", "source": row.source if row else None,
-                     "removable": row is not None, "default": model_id == registry.default_model_id(),
+                     "removable": _removable(row, caller), "default": model_id == registry.default_model_id(),
                      "served": True})
     rows += [{"id": row.id, "kind": row.kind.replace("_", "-"), "parent": row.parent, "status": row.status,
-              "source": row.source, "removable": True, "default": False, "served": False}
+              "source": row.source, "removable": _removable(row, caller), "default": False, "served": False}
              for row in stored.values() if row.id not in served]
     return _page(request, "models.html", role, models=rows, error=error)
 
 
+def _removable(row, caller: Caller) -> bool:
+    """Whether the models page offers to remove it: a stored base model (admins), or the project's own fine-tune
+    (a shared one of another project is used, not removed, here)."""
+    return row is not None and (row.kind != "fine_tune" or row.project_id == caller.project_id)
+
+
 @router.get("/models/{model_id:path}/status", response_class=HTMLResponse)
-def model_status(request: Request, model_id: str, role: Role = Depends(console_role)) -> HTMLResponse:
+def model_status(request: Request, model_id: str, role: Role = Depends(console_role),
+                 caller: Caller = Depends(console_login)) -> HTMLResponse:
     """A model's install: the fit check's numbers, its state, the latest line of its run (the page refreshes
-    this part until the install ends)."""
+    this part until the install ends). Another project's fine-tune (not shared) is as good as missing."""
     from vbatch_pipelines.models.store import get_model
 
     row = get_model(request.app.state.db, model_id[:512])
-    if row is None:
-        return _page(request, "missing.html", role, what=f"model {model_id[:512]}", back="/ui/models")
+    if row is None or not row.visible_to(caller.project_id):
+        return _missing(request, role, f"model {model_id[:512]}", "/ui/models")
     details = dict(row.details or {})
     return _page(request, "model_status.html", role, model=row, fit=details.get("fit") or {},
                  error=details.get("error"), latest=_latest_run_line(details.get("dagster_run_id")),
@@ -456,8 +523,10 @@ def install_model(request: Request, source: str = Form(max_length=512), model_id
 
 
 @router.post("/models/{model_id:path}/delete")
-def delete_model(request: Request, model_id: str, role: Role = Depends(console_role)) -> Response:
-    """Undeploy a fine-tune (any key) or delete an installed base model (admins), as ``DELETE /v1/models``."""
+def delete_model(request: Request, model_id: str, role: Role = Depends(console_role),
+                 caller: Caller = Depends(console_login)) -> Response:
+    """Undeploy a fine-tune (its project's keys) or delete an installed base model (admins), as
+    ``DELETE /v1/models``: another project's fine-tune is refused as a missing model."""
     from vbatch_pipelines.errors import VbatchError
     from vbatch_pipelines.models.store import get_model, remove_model
 
@@ -467,7 +536,8 @@ def delete_model(request: Request, model_id: str, role: Role = Depends(console_r
         return RedirectResponse("/ui/models?error=" + quote("Deleting a base model needs an admin key."),
                                 status_code=303)
     try:
-        remove_model(state.db, state.resources["model_registry"], state.engines.resource, model_id[:512])
+        remove_model(state.db, state.resources["model_registry"], state.engines.resource, model_id[:512],
+                     caller.project_id)
     except VbatchError as exc:
         return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)
     state.engines.forget(model_id[:512])
@@ -621,34 +691,39 @@ class TryIt(BaseModel):
 
 
 @router.post("/chat")
-async def try_it(request: Request, body: TryIt, role: Role = Depends(console_role)):
-    """The models page's try-it box: one user message to a model, its answer streamed back as the chat route's
-    server-sent events."""
-    from api.routers.completions import serve_completion
+async def try_it(request: Request, body: TryIt, role: Role = Depends(console_role),
+                 caller: Caller = Depends(console_login)):
+    """The models page's try-it box: one user message to a model the caller's project may use, its answer
+    streamed back as the chat route's server-sent events."""
+    from api.routers.completions import get_budget, serve_completion
     from vbatch_pipelines.protocol import ChatCompletionRequest
 
     chat = ChatCompletionRequest(model=body.model, messages=[{"role": "user", "content": body.content}],
                                  max_tokens=body.max_tokens, temperature=body.temperature, stream=True)
-    return await serve_completion("/v1/chat/completions", chat, request.app.state.engines)
+    # counted as the caller's project's online usage, and held to its quota, as the chat route does
+    return await serve_completion("/v1/chat/completions", chat, request.app.state.engines, caller,
+                                  await get_budget(request))
 
 
 @router.get("/datasets", response_class=HTMLResponse)
-def datasets(request: Request, role: Role = Depends(console_role)) -> HTMLResponse:
+def datasets(request: Request, role: Role = Depends(console_role),
+             caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.curation.service import ready_datasets
 
     with request.app.state.db.session() as session:
-        rows = [row.to_api() for row in session.scalars(ready_datasets().limit(50))]
+        rows = [row.to_api() for row in session.scalars(ready_datasets(caller.project_id).limit(50))]
     return _page(request, "datasets.html", role, datasets=rows)
 
 
 @router.get("/datasets/{version}", response_class=HTMLResponse)
-def dataset(request: Request, version: str, role: Role = Depends(console_role)) -> HTMLResponse:
+def dataset(request: Request, version: str, role: Role = Depends(console_role),
+            caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.curation.dataset import export_path
-    from vbatch_pipelines.store.models import EXPORT_FORMATS, Dataset
+    from vbatch_pipelines.store.models import EXPORT_FORMATS
 
-    record = request.app.state.db.get(Dataset, version[:32])
-    if record is None or record.status != "ready":
-        return _page(request, "missing.html", role, what=f"dataset version {version[:32]}", back="/ui/datasets")
+    record = _ready_dataset(request, version, caller)
+    if record is None:
+        return _missing(request, role, f"dataset version {version[:32]}", "/ui/datasets")
     preview = []
     train = export_path(record, "openai", "train")
     if train.exists():
@@ -657,6 +732,15 @@ def dataset(request: Request, version: str, role: Role = Depends(console_role)) 
                 preview.append(json.loads(raw).get("messages", []))
     return _page(request, "dataset.html", role, dataset=record.to_api(), formats=EXPORT_FORMATS, preview=preview,
                  checks=_dataset_checks(record.dagster_run_id))
+
+
+def _ready_dataset(request: Request, version: str, caller: Caller):
+    """The caller's project's complete dataset version ``version``, else None (missing, still being written, or
+    another project's)."""
+    from vbatch_pipelines.store.models import Dataset
+
+    record = _own(request.app.state.db.get(Dataset, version[:32]), caller)
+    return record if record is not None and record.status == "ready" else None
 
 
 def _dataset_checks(run_id: str | None) -> list[dict] | None:
@@ -681,13 +765,13 @@ def _dataset_checks(run_id: str | None) -> list[dict] | None:
 
 @router.get("/datasets/{version}/export")
 def dataset_export(request: Request, version: str, format: str = Query(max_length=16),
-                   split: str = Query(max_length=8), role: Role = Depends(console_role)) -> Response:
+                   split: str = Query(max_length=8), role: Role = Depends(console_role),
+                   caller: Caller = Depends(console_login)) -> Response:
     from vbatch_pipelines.curation.dataset import UnknownFormat, export_path
-    from vbatch_pipelines.store.models import Dataset
 
-    record = request.app.state.db.get(Dataset, version[:32])
-    if record is None or record.status != "ready":
-        return _page(request, "missing.html", role, what=f"dataset version {version[:32]}", back="/ui/datasets")
+    record = _ready_dataset(request, version, caller)
+    if record is None:
+        return _missing(request, role, f"dataset version {version[:32]}", "/ui/datasets")
     try:
         path = export_path(record, format, split)
     except UnknownFormat as exc:

@@ -9,7 +9,15 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.deps import get_batch_launcher, get_db, get_file_store, get_model_registry, get_settings, record
+from api.deps import (
+    get_batch_launcher,
+    get_caller,
+    get_db,
+    get_file_store,
+    get_model_registry,
+    get_settings,
+    record,
+)
 from api.errors import get_or_404
 from api.pagination import paginate
 from api.routers.files import get_retention_policy
@@ -18,6 +26,7 @@ from resources import FileStore, ModelRegistry, RetentionPolicy
 from vbatch_pipelines.batch.service import request_cancel
 from vbatch_pipelines.files import expires_after_seconds
 from vbatch_pipelines.launch import BatchLauncher
+from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.retention import require_free_disk
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
@@ -42,7 +51,7 @@ def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: S
            file_store: FileStore = Depends(get_file_store),
            model_registry: ModelRegistry = Depends(get_model_registry),
            launcher: BatchLauncher = Depends(get_batch_launcher),
-           policy: RetentionPolicy = Depends(get_retention_policy)) -> dict:
+           policy: RetentionPolicy = Depends(get_retention_policy), caller: Caller = Depends(get_caller)) -> dict:
     output_expires_after = None
     if body.output_expires_after is not None:
         output_expires_after = expires_after_seconds(body.output_expires_after, "output_expires_after")
@@ -50,32 +59,34 @@ def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: S
     return accept_batch(db, file_store, model_registry, launcher, input_file_id=body.input_file_id,
                         endpoint=body.endpoint, completion_window=body.completion_window, metadata=body.metadata,
                         inline_validation_bytes=settings.inline_validation_bytes,
-                        output_expires_after=output_expires_after).to_openai()
+                        output_expires_after=output_expires_after, owner=caller.owner).to_openai()
 
 
-def _batch_or_404(db: Database, batch_id: str) -> Batch:
-    return get_or_404(db, Batch, batch_id, "batch", "batch_id")
+def _batch_or_404(db: Database, batch_id: str, caller: Caller) -> Batch:
+    return get_or_404(db, Batch, batch_id, "batch", "batch_id", caller.project_id)
 
 
 # The route clients poll. Async: a metadata-DB read by key takes ~0.1 ms, less than the thread hand-off
 # a sync route costs; the JSONResponse skips FastAPI's generic encoder (the object is plain JSON already).
 @router.get("/batches/{batch_id}", response_class=JSONResponse, response_model=BatchObject)
-async def retrieve(batch_id: str, db: Database = Depends(get_db)) -> JSONResponse:
-    return JSONResponse(_batch_or_404(db, batch_id).to_openai())
+async def retrieve(batch_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> JSONResponse:
+    return JSONResponse(_batch_or_404(db, batch_id, caller).to_openai())
 
 
 # Polled by dashboards (a page of 100 batches): returned as built, like ``retrieve``; validating it again
 # through the response model cost more than reading it.
 @router.get("/batches", response_class=JSONResponse, response_model=Page[BatchObject])
 async def list_batches(after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
-                       db: Database = Depends(get_db)) -> JSONResponse:
+                       db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> JSONResponse:
     with db.session() as session:
-        return JSONResponse(paginate(session, Batch, after=after, limit=limit))
+        return JSONResponse(paginate(session, Batch, after=after, limit=limit,
+                                     where=(Batch.project_id == caller.project_id,)))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
-def cancel(batch_id: str, request: Request, db: Database = Depends(get_db)) -> dict:
-    _batch_or_404(db, batch_id)
+def cancel(batch_id: str, request: Request, db: Database = Depends(get_db),
+           caller: Caller = Depends(get_caller)) -> dict:
+    _batch_or_404(db, batch_id, caller)
     batch = request_cancel(db, batch_id)
     record(request, "batch.cancelled", batch_id)
     return batch.to_openai()

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from api.deps import get_db, get_label_studio, get_label_studio_resource, record, same_secret
+from api.deps import get_caller, get_db, get_label_studio, get_label_studio_resource, record, same_secret
 from api.errors import OpenAIError, get_or_404, not_found
 from api.schemas import DATASET_DOWNLOAD, CurationStats, CurationTaskObject, DatasetList, DatasetObject, WebhookReceipt
 from resources import LabelStudio
@@ -18,6 +18,7 @@ from vbatch_pipelines.curation.dataset import export_path
 from vbatch_pipelines.curation.schemas import get_schema
 from vbatch_pipelines.curation.service import clear_annotations, get_task, ready_datasets, stats
 from vbatch_pipelines.curation.sync import record_annotation, record_task
+from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Dataset
 
@@ -36,9 +37,9 @@ class EditRequest(BaseModel):
     response: str = Field(min_length=1)
 
 
-def _task_or_404(db: Database, task_id: int):
+def _task_or_404(db: Database, task_id: int, caller: Caller):
     task = get_task(db, task_id)
-    if task is None:
+    if task is None or task.project_id != caller.project_id:
         raise not_found("curation task", str(task_id), param="task_id")
     return task
 
@@ -50,10 +51,10 @@ async def notify_reviews(request: Request, task_ids: list[int]) -> None:
             await asyncio.to_thread(listener, request.app.state.resources, task_ids)
 
 
-async def _write_review(request: Request, label_studio: LabelStudio, db: Database, task_id: int, *,
+async def _write_review(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller, *,
                         answer: str | None, gold_star: bool) -> dict:
     """Write the review to Label Studio, then record it; Label Studio down: a 503 and nothing changed."""
-    task = _task_or_404(db, task_id)
+    task = _task_or_404(db, task_id, caller)
 
     def write() -> bool:
         annotation = label_studio.write_review(task_id, answer, task.rating, gold_star, task.annotation_id)
@@ -61,79 +62,85 @@ async def _write_review(request: Request, label_studio: LabelStudio, db: Databas
 
     if await asyncio.to_thread(write):
         await notify_reviews(request, [task_id])
-    return _task_or_404(db, task_id).to_api()
+    return _task_or_404(db, task_id, caller).to_api()
 
 
-async def _reviewed_task(request: Request, label_studio: LabelStudio, db: Database, task_id: int):
+async def _reviewed_task(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller):
     """The task as vbatch knows it. When it has recorded no review yet, Label Studio's current one (an expert's,
     not yet brought by the sensor or the webhook) is recorded first, so a review written here updates that
     annotation and keeps its edit and rating instead of adding a second annotation."""
-    task = _task_or_404(db, task_id)
+    task = _task_or_404(db, task_id, caller)
     if task.annotation_id is not None:
         return task
     if await asyncio.to_thread(lambda: record_task(db, label_studio.task(task_id))):
         await notify_reviews(request, [task_id])
-    return _task_or_404(db, task_id)
+    return _task_or_404(db, task_id, caller)
 
 
 @router.get("/curation/tasks/{task_id}", response_model=CurationTaskObject)
-async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db)) -> dict:
-    return _task_or_404(db, task_id).to_api()
+async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db),
+                        caller: Caller = Depends(get_caller)) -> dict:
+    return _task_or_404(db, task_id, caller).to_api()
 
 
 @router.post("/curation/tasks/{task_id}/gold-star", response_model=CurationTaskObject)
 async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarRequest | None = None,
-                        db: Database = Depends(get_db), label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
+                        db: Database = Depends(get_db), label_studio: LabelStudio = Depends(get_label_studio),
+                        caller: Caller = Depends(get_caller)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
-    task = await _reviewed_task(request, label_studio, db, task_id)
+    task = await _reviewed_task(request, label_studio, db, task_id, caller)
     starred = (body or GoldStarRequest()).gold_star
-    written = await _write_review(request, label_studio, db, task_id, answer=task.edited_response, gold_star=starred)
+    written = await _write_review(request, label_studio, db, task_id, caller, answer=task.edited_response,
+                                  gold_star=starred)
     await asyncio.to_thread(record, request, "curation.starred" if starred else "curation.unstarred", str(task_id))
     return written
 
 
 @router.patch("/curation/tasks/{task_id}/response", response_model=CurationTaskObject)
 async def edit_response(body: EditRequest, request: Request, task_id: int = TaskId, db: Database = Depends(get_db),
-                        label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
+                        label_studio: LabelStudio = Depends(get_label_studio),
+                        caller: Caller = Depends(get_caller)) -> dict:
     """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
-    problem = get_schema(_task_or_404(db, task_id).schema).validate(body.response)
+    problem = get_schema(_task_or_404(db, task_id, caller).schema).validate(body.response)
     if problem:
         raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
-    task = await _reviewed_task(request, label_studio, db, task_id)
-    written = await _write_review(request, label_studio, db, task_id, answer=body.response, gold_star=task.gold_star)
+    task = await _reviewed_task(request, label_studio, db, task_id, caller)
+    written = await _write_review(request, label_studio, db, task_id, caller, answer=body.response,
+                                  gold_star=task.gold_star)
     await asyncio.to_thread(record, request, "curation.edited", str(task_id), characters=len(body.response))
     return written
 
 
 @router.get("/curation/stats", response_model=CurationStats)
-async def curation_stats(db: Database = Depends(get_db)) -> dict:
-    return stats(db)
+async def curation_stats(db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    return stats(db, caller.project_id)
 
 
 @router.get("/datasets", response_model=DatasetList)
-async def list_datasets(limit: int = Query(default=20, ge=1, le=100), db: Database = Depends(get_db)) -> dict:
+async def list_datasets(limit: int = Query(default=20, ge=1, le=100), db: Database = Depends(get_db),
+                        caller: Caller = Depends(get_caller)) -> dict:
     with db.session() as session:
-        rows = list(session.scalars(ready_datasets().limit(limit + 1)))
+        rows = list(session.scalars(ready_datasets(caller.project_id).limit(limit + 1)))
     data = [row.to_api() for row in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit}
 
 
-def _dataset_or_404(db: Database, version: str) -> Dataset:
-    dataset = get_or_404(db, Dataset, version, "dataset", "version")
+def _dataset_or_404(db: Database, version: str, caller: Caller) -> Dataset:
+    dataset = get_or_404(db, Dataset, version, "dataset", "version", caller.project_id)
     if dataset.status != "ready":  # claimed by a build still writing it
         raise not_found("dataset", version, "version")
     return dataset
 
 
 @router.get("/datasets/{version}", response_model=DatasetObject)
-async def retrieve_dataset(version: str, db: Database = Depends(get_db)) -> dict:
-    return _dataset_or_404(db, version).to_api()
+async def retrieve_dataset(version: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    return _dataset_or_404(db, version, caller).to_api()
 
 
 @router.get("/datasets/{version}/export", response_class=FileResponse, responses=DATASET_DOWNLOAD)
 async def export_dataset(version: str, format: str = "openai", split: str = "train",
-                         db: Database = Depends(get_db)) -> FileResponse:
-    path = export_path(_dataset_or_404(db, version), format, split)
+                         db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> FileResponse:
+    path = export_path(_dataset_or_404(db, version, caller), format, split)
     return FileResponse(path, filename=f"gold-stars-{version}-{path.name}",
                         media_type="application/jsonl" if path.suffix == ".jsonl" else "application/json")
 

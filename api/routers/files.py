@@ -9,13 +9,14 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
-from api.deps import get_db, get_file_store, get_settings, record
+from api.deps import get_caller, get_db, get_file_store, get_settings, record
 from api.errors import OpenAIError, get_or_404
 from api.pagination import paginate
 from api.schemas import FILE_DOWNLOAD, Deleted, FileObject, Page
 from resources import FileStore, RetentionPolicy
 from vbatch_pipelines.files import delete_file as delete_file_and_bytes
 from vbatch_pipelines.files import expires_after_seconds, store_file
+from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.retention import require_free_disk
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
@@ -45,8 +46,9 @@ def create_file(
     settings: Settings = Depends(get_settings),
     file_store: FileStore = Depends(get_file_store),
     policy: RetentionPolicy = Depends(get_retention_policy),
+    caller: Caller = Depends(get_caller),
 ) -> dict:
-    """Upload a file; multipart parts are spooled to disk, then moved into the file store. ``expires_after``
+    """Upload a file (the caller's project's); multipart parts are spooled to disk, then moved into the file store. ``expires_after``
     comes as the openai SDK sends it, the form fields ``expires_after[anchor]`` and ``expires_after[seconds]``."""
     if purpose not in UPLOAD_PURPOSES:
         raise OpenAIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}; got '{purpose}'",
@@ -57,7 +59,7 @@ def create_file(
         expires_after = expires_after_seconds({k: v for k, v in given.items() if v is not None}, "expires_after")
     require_free_disk(file_store, policy.min_free_disk_percent, "uploads")
     record = store_file(db, file_store.files_dir, file.file, file.filename or "upload", purpose,
-                        max_bytes=settings.max_upload_bytes, expires_after=expires_after)
+                        max_bytes=settings.max_upload_bytes, expires_after=expires_after, owner=caller.owner)
     return with_expiry(record.to_openai(), policy)
 
 
@@ -69,26 +71,28 @@ async def list_files(
     order: str = "desc",
     db: Database = Depends(get_db),
     policy: RetentionPolicy = Depends(get_retention_policy),
+    caller: Caller = Depends(get_caller),
 ) -> dict:
-    where = (FileRecord.purpose == purpose,) if purpose else ()
+    where = (FileRecord.project_id == caller.project_id, *((FileRecord.purpose == purpose,) if purpose else ()))
     with db.session() as session:
         page = paginate(session, FileRecord, after=after, limit=limit, order=order, where=where)
     return {**page, "data": [with_expiry(file, policy) for file in page["data"]]}
 
 
-def _file_or_404(db: Database, file_id: str) -> FileRecord:
-    return get_or_404(db, FileRecord, file_id, "file", "file_id")
+def _file_or_404(db: Database, file_id: str, caller: Caller) -> FileRecord:
+    return get_or_404(db, FileRecord, file_id, "file", "file_id", caller.project_id)
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
 async def retrieve_file(file_id: str, db: Database = Depends(get_db),
-                        policy: RetentionPolicy = Depends(get_retention_policy)) -> dict:
-    return with_expiry(_file_or_404(db, file_id).to_openai(), policy)
+                        policy: RetentionPolicy = Depends(get_retention_policy),
+                        caller: Caller = Depends(get_caller)) -> dict:
+    return with_expiry(_file_or_404(db, file_id, caller).to_openai(), policy)
 
 
 @router.get("/files/{file_id}/content", response_class=FileResponse, responses=FILE_DOWNLOAD)
-def file_content(file_id: str, db: Database = Depends(get_db)) -> FileResponse:
-    record = _file_or_404(db, file_id)
+def file_content(file_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> FileResponse:
+    record = _file_or_404(db, file_id, caller)
     if not Path(record.path).exists():
         raise OpenAIError(404, f"The content of file '{file_id}' is gone from the file store.",
                           code="file_content_missing")
@@ -96,9 +100,10 @@ def file_content(file_id: str, db: Database = Depends(get_db)) -> FileResponse:
 
 
 @router.delete("/files/{file_id}", response_model=Deleted)
-def delete_file(file_id: str, request: Request, db: Database = Depends(get_db)) -> dict:
+def delete_file(file_id: str, request: Request, db: Database = Depends(get_db),
+                caller: Caller = Depends(get_caller)) -> dict:
     """Delete a file and its bytes - unless a batch that is still running reads it (409: that would lose
     accepted work). The retention job deletes expired files the same way."""
-    deleted = delete_file_and_bytes(db, file_id)
+    deleted = delete_file_and_bytes(db, file_id, caller.project_id)
     record(request, "file.deleted", file_id, filename=deleted.filename, bytes=deleted.bytes)
     return {"id": file_id, "object": "file", "deleted": True}

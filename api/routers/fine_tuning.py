@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import (
     EnginePool,
+    get_caller,
     get_db,
     get_engines,
     get_file_store,
@@ -35,6 +36,7 @@ from vbatch_pipelines.fine_tuning.service import (
     list_checkpoints,
     list_events,
 )
+from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import FineTuningJob
@@ -75,54 +77,57 @@ def _hyperparameters(body: CreateFineTuningJobRequest) -> dict[str, Any] | None:
 @router.post("/fine_tuning/jobs", response_model=FineTuningJobObject)
 def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
            settings: Settings = Depends(get_settings), model_registry: ModelRegistry = Depends(get_model_registry),
-           file_store: FileStore = Depends(get_file_store), trainer: Trainer = Depends(get_trainer)) -> dict:
+           file_store: FileStore = Depends(get_file_store), trainer: Trainer = Depends(get_trainer),
+           caller: Caller = Depends(get_caller)) -> dict:
     if body.integrations:
         raise OpenAIError(400, "integrations are not supported here; training metrics are in the job's events "
                                "and in Dagster", param="integrations")
     return start_fine_tune(db, model_registry, file_store, trainer, settings.dagster_url, model=body.model,
                            training_file=body.training_file, validation_file=body.validation_file,
                            hyperparameters=_hyperparameters(body), suffix=body.suffix, seed=body.seed,
-                           metadata=body.metadata).to_openai()
+                           metadata=body.metadata, owner=caller.owner).to_openai()
 
 
-def _job_or_404(db: Database, job_id: str) -> FineTuningJob:
-    return get_or_404(db, FineTuningJob, job_id, "fine_tuning_job", "fine_tuning_job_id")
+def _job_or_404(db: Database, job_id: str, caller: Caller) -> FineTuningJob:
+    return get_or_404(db, FineTuningJob, job_id, "fine_tuning_job", "fine_tuning_job_id", caller.project_id)
 
 
 @router.get("/fine_tuning/jobs", response_model=Page[FineTuningJobObject])
 async def list_jobs(request: Request, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
-                    db: Database = Depends(get_db)) -> dict:
+                    db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     # OpenAI's SDK sends a metadata filter as metadata[key]=value
-    where = [FineTuningJob.metadata_[key[9:-1]].as_string() == value
-             for key, value in request.query_params.items() if key.startswith("metadata[") and key.endswith("]")]
+    where = [FineTuningJob.project_id == caller.project_id,
+             *(FineTuningJob.metadata_[key[9:-1]].as_string() == value for key, value in request.query_params.items()
+               if key.startswith("metadata[") and key.endswith("]"))]
     with db.session() as session:
         return paginate(session, FineTuningJob, after=after, limit=limit, where=where)
 
 
 @router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJobObject)
-async def retrieve(job_id: str, db: Database = Depends(get_db)) -> dict:
-    return _job_or_404(db, job_id).to_openai()
+async def retrieve(job_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    return _job_or_404(db, job_id, caller).to_openai()
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJobObject)
-def cancel(job_id: str, db: Database = Depends(get_db)) -> dict:
-    _job_or_404(db, job_id)
+def cancel(job_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    _job_or_404(db, job_id, caller)
     return cancel_job(db, job_id).to_openai()
 
 
 @router.post("/fine_tuning/jobs/{job_id}/deploy", response_model=FineTuningJobObject)
 async def deploy(job_id: str, request: Request, db: Database = Depends(get_db),
                  model_registry: ModelRegistry = Depends(get_model_registry),
-                 engines: EnginePool = Depends(get_engines)) -> dict:
+                 engines: EnginePool = Depends(get_engines), caller: Caller = Depends(get_caller)) -> dict:
     """vbatch's own: serve a succeeded job's fine-tune now — one the deploy gate held back, or one undeployed
     since — on its base model's warm engine, without a restart."""
-    await asyncio.to_thread(deploy_on_request, db, model_registry, engines.resource, _job_or_404(db, job_id))
-    job = _job_or_404(db, job_id)
+    await asyncio.to_thread(deploy_on_request, db, model_registry, engines.resource, _job_or_404(db, job_id, caller))
+    job = _job_or_404(db, job_id, caller)
     await asyncio.to_thread(record, request, "fine_tune.deployed", job_id, model=job.fine_tuned_model)
     return job.to_openai()
 
 
-def _page(list_fn, db: Database, job_id: str, after: str | None, limit: int) -> dict:
+def _page(list_fn, db: Database, job_id: str, after: str | None, limit: int, caller: Caller) -> dict:
+    _job_or_404(db, job_id, caller)
     items, has_more = list_fn(db, job_id, after=after, limit=limit)
     data = [item.to_openai() for item in items]
     return {"object": "list", "data": data, "has_more": has_more,
@@ -131,20 +136,20 @@ def _page(list_fn, db: Database, job_id: str, after: str | None, limit: int) -> 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=Page[FineTuningEventObject])
 def events(job_id: str, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
-           db: Database = Depends(get_db)) -> dict:
-    return _page(list_events, db, job_id, after, limit)
+           db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    return _page(list_events, db, job_id, after, limit, caller)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=Page[FineTuningCheckpointObject])
 def checkpoints(job_id: str, after: str | None = None, limit: int = Query(default=10, ge=1, le=100),
-                db: Database = Depends(get_db)) -> dict:
-    return _page(list_checkpoints, db, job_id, after, limit)
+                db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    return _page(list_checkpoints, db, job_id, after, limit, caller)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/comparison", response_model=FineTuningComparison)
-async def comparison(job_id: str, db: Database = Depends(get_db)) -> dict:
+async def comparison(job_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     """vbatch's own: base vs fine-tuned on the held-out examples (model_comparison's table)."""
-    job = _job_or_404(db, job_id)
+    job = _job_or_404(db, job_id, caller)
     if job.comparison is None:
         raise OpenAIError(404, f"Job {job_id} has no comparison yet (status {job.status})", param="fine_tuning_job_id",
                           code="comparison_not_found")

@@ -14,6 +14,7 @@ from api.deps import (
     EnginePool,
     Role,
     caller_role,
+    get_caller,
     get_db,
     get_engines,
     get_model_registry,
@@ -21,10 +22,12 @@ from api.deps import (
     record,
     require_admin,
 )
+from api.errors import OpenAIError
 from api.schemas import Deleted, ModelList, ModelObject
 from resources import ModelRegistry
 from vbatch_pipelines.models.registry import ModelNotFound, ModelSpec
-from vbatch_pipelines.models.store import get_model, remove_model
+from vbatch_pipelines.models.store import get_model, remove_model, upsert_model
+from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.submit import start_install
@@ -32,23 +35,31 @@ from vbatch_pipelines.submit import start_install
 router = APIRouter(tags=["models"])
 
 
-def _model_object(spec: ModelSpec) -> dict:
+def _model_object(spec: ModelSpec, db: Database | None = None) -> dict:
     path = Path(spec.adapter or spec.path)
     created = int(path.stat().st_mtime) if path.exists() else 0
-    return {"id": spec.id, "object": "model", "created": created, "owned_by": "vbatch",
-            "root": spec.base.id, "parent": spec.parent}
+    found = {"id": spec.id, "object": "model", "created": created, "owned_by": "vbatch",
+             "root": spec.base.id, "parent": spec.parent}
+    row = get_model(db, spec.id) if db is not None and spec.adapter else None
+    if row is not None:  # a fine-tune: whose it is, and whether every project may use it
+        found.update(owned_by=row.project_id or "vbatch", project_id=row.project_id, shared=row.shared)
+    return found
 
 
 @router.get("/models", response_model=ModelList, response_model_exclude_unset=True)
-def list_models(model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
-    return {"object": "list", "data": [_model_object(spec) for spec in model_registry.served_models().values()]}
+def list_models(db: Database = Depends(get_db), model_registry: ModelRegistry = Depends(get_model_registry),
+                caller: Caller = Depends(get_caller)) -> dict:
+    """Base models, and the fine-tunes the caller's project may use (its own and shared ones)."""
+    return {"object": "list", "data": [_model_object(spec, db)
+                                       for spec in model_registry.served_models(caller.project_id).values()]}
 
 
 @router.get("/models/{model_id:path}", response_model=ModelObject, response_model_exclude_unset=True)
 def retrieve_model(model_id: str, db: Database = Depends(get_db),
-                   model_registry: ModelRegistry = Depends(get_model_registry)) -> dict:
+                   model_registry: ModelRegistry = Depends(get_model_registry),
+                   caller: Caller = Depends(get_caller)) -> dict:
     try:
-        return _model_object(model_registry.lookup(model_id))
+        return _model_object(model_registry.lookup(model_id, project=caller.project_id), db)
     except ModelNotFound:
         row = get_model(db, model_id)
         if row is not None and row.kind == "base":  # an install under way, or one that failed
@@ -87,12 +98,35 @@ def install_model(body: InstallModelRequest, request: Request, db: Database = De
 @router.delete("/models/{model_id:path}", response_model=Deleted)
 async def delete_model(model_id: str, request: Request, db: Database = Depends(get_db),
                        model_registry: ModelRegistry = Depends(get_model_registry),
-                       engines: EnginePool = Depends(get_engines), role: Role = Depends(caller_role)) -> dict:
-    """Undeploy a fine-tune (any key), or delete an installed base model (admins)."""
+                       engines: EnginePool = Depends(get_engines), role: Role = Depends(caller_role),
+                       caller: Caller = Depends(get_caller)) -> dict:
+    """Undeploy a fine-tune (its project's keys), or delete an installed base model (admins)."""
     row = get_model(db, model_id)
     if row is not None and row.kind == "base":
         await require_admin(role)
-    await asyncio.to_thread(remove_model, db, model_registry, engines.resource, model_id)
+    await asyncio.to_thread(remove_model, db, model_registry, engines.resource, model_id, caller.project_id)
     engines.forget(model_id)
     await asyncio.to_thread(record, request, "model.deleted", model_id, kind=row.kind if row else "alias")
     return {"id": model_id, "object": "model", "deleted": True}
+
+
+class ShareModelRequest(BaseModel):
+    shared: bool = Field(description="true: every project may use the fine-tune; false: its own project only")
+
+
+@router.post("/models/{model_id:path}/share", response_model=ModelObject, response_model_exclude_unset=True)
+def share_model(model_id: str, body: ShareModelRequest, request: Request, db: Database = Depends(get_db),
+                model_registry: ModelRegistry = Depends(get_model_registry),
+                caller: Caller = Depends(get_caller)) -> dict:
+    """vbatch's own: serve a fine-tune to every project (or again to its own only). Its project's admins and the
+    platform's admins may; another project's fine-tune is a 404 to anyone else."""
+    row = get_model(db, model_id)
+    if row is None or row.kind != "fine_tune" or not (row.project_id == caller.project_id or caller.platform_admin):
+        raise ModelNotFound(model_id, list(model_registry.served_models(caller.project_id)))
+    if not caller.may_manage(row.project_id):
+        raise OpenAIError(403, f"Sharing a fine-tune takes an admin key of its project; {caller.key_name} is a "
+                               "member's", code="project_admin_required")
+    upsert_model(db, model_id, shared=body.shared)
+    record(request, "model.shared" if body.shared else "model.unshared", model_id, project_id=row.project_id)
+    return {**_store_object(get_model(db, model_id)), "root": row.parent, "parent": row.parent,
+            "project_id": row.project_id, "shared": body.shared}

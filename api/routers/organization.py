@@ -14,8 +14,10 @@ from api.errors import OpenAIError
 from api.pagination import paginate
 from vbatch_pipelines import projects
 from vbatch_pipelines.projects import Caller
+from vbatch_pipelines.quotas import set_quotas
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import ApiKey, AuditEvent, Project
+from vbatch_pipelines.usage import COMPLETIONS, EMBEDDINGS, usage_page
 
 router = APIRouter(prefix="/organization", tags=["organization"])
 
@@ -78,12 +80,36 @@ async def retrieve_project(project_id: str, db: Database = Depends(get_db),
     return _visible_project(db, caller, project_id).to_openai()
 
 
+class Quotas(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_concurrent_batches: int | None = Field(default=None, ge=1, description="batches not yet ended")
+    max_queued_requests: int | None = Field(default=None, ge=1, description="requests of its batches not yet run")
+    max_tokens_per_day: int | None = Field(default=None, ge=1, description="input and output tokens per UTC day")
+
+
+class ModifyProjectBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, max_length=128)
+    quotas: Quotas | None = Field(default=None, description="vbatch's own: the limits given are set (null: none)")
+    weight: int | None = Field(default=None, ge=1, le=100, description="vbatch's own: its share of the engine when "
+                               "several projects' batches run (default 1)")
+
+
 @router.post("/projects/{project_id}")
-async def modify_project(project_id: str, body: ProjectBody, db: Database = Depends(get_db),
+async def modify_project(project_id: str, body: ModifyProjectBody, db: Database = Depends(get_db),
                          caller: Caller = Depends(get_caller)) -> dict:
+    """Rename a project, and (vbatch's own) set its quotas and fair-share weight: platform admins only."""
     _platform_admin(caller)
-    project = await asyncio.to_thread(projects.rename_project, db, project_id, body.name)
-    await asyncio.to_thread(projects.audit, db, caller, "project.updated", project_id, name=project.name)
+    projects.get_project(db, project_id)
+    if body.name is not None:
+        await asyncio.to_thread(projects.rename_project, db, project_id, body.name)
+    changes = body.quotas.model_dump(exclude_unset=True) if body.quotas is not None else {}
+    if changes or body.weight is not None:
+        await asyncio.to_thread(lambda: set_quotas(db, project_id, weight=body.weight, **changes))
+    project = projects.get_project(db, project_id)
+    await asyncio.to_thread(projects.audit, db, caller, "project.updated", project_id, name=project.name,
+                            **({"quotas": changes} if changes else {}),
+                            **({"weight": body.weight} if body.weight is not None else {}))
     return project.to_openai()
 
 
@@ -151,3 +177,46 @@ async def list_audit_logs(event_types: list[str] | None = Query(default=None, al
         where.append(AuditEvent.project_id.in_(project_ids[:50]))
     with db.session() as session:
         return paginate(session, AuditEvent, after=after, limit=limit, order="desc", where=where)
+
+
+MAX_TIME = 2**40  # Unix seconds: far past any usage (and inside a 64-bit column)
+
+
+def _usage(kind: str, request: Request, db: Database, caller: Caller, start_time: int, end_time: int | None,
+           bucket_width: str, limit: int | None, page: str | None, batch: bool | None) -> dict:
+    """OpenAI's usage query (arrays as ``project_ids[]=`` or ``project_ids=``): platform admins see every project,
+    a project's admin sees its own; members are refused."""
+    if not caller.platform_admin and caller.project_role != "admin":
+        raise OpenAIError(403, "Usage needs an admin key (of the project, or a platform admin's)",
+                          code="project_admin_required")
+
+    def listed(name: str) -> list[str] | None:
+        values = request.query_params.getlist(f"{name}[]") + request.query_params.getlist(name)
+        return [value[:512] for value in values[:100]] or None
+
+    project_ids = listed("project_ids")
+    if not caller.platform_admin:  # a project's admin: its own project, whatever was asked
+        project_ids = [caller.project_id]
+    return usage_page(db, kind, start_time=start_time, end_time=end_time, bucket_width=bucket_width,
+                      group_by=listed("group_by"), project_ids=project_ids, api_key_ids=listed("api_key_ids"),
+                      models=listed("models"), batch=batch, limit=limit, page=page)
+
+
+@router.get("/usage/completions")
+def usage_completions(request: Request, start_time: int = Query(ge=0, le=MAX_TIME), end_time: int | None = Query(default=None, ge=0, le=MAX_TIME),
+                      bucket_width: str = Query(default="1d", max_length=4), limit: int | None = Query(default=None),
+                      page: str | None = Query(default=None, max_length=16), batch: bool | None = None,
+                      db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    """Requests, input and output tokens (and vbatch's ``engine_seconds``) of chat, completions and responses,
+    batch and online, in buckets of ``1m``, ``1h`` or ``1d``; ``group_by[]`` takes project_id, api_key_id,
+    model and batch."""
+    return _usage(COMPLETIONS, request, db, caller, start_time, end_time, bucket_width, limit, page, batch)
+
+
+@router.get("/usage/embeddings")
+def usage_embeddings(request: Request, start_time: int = Query(ge=0, le=MAX_TIME), end_time: int | None = Query(default=None, ge=0, le=MAX_TIME),
+                     bucket_width: str = Query(default="1d", max_length=4), limit: int | None = Query(default=None),
+                     page: str | None = Query(default=None, max_length=16),
+                     db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    """Requests and input tokens of embeddings (and score and rerank), as ``/usage/completions``."""
+    return _usage(EMBEDDINGS, request, db, caller, start_time, end_time, bucket_width, limit, page, None)

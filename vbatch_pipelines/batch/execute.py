@@ -34,6 +34,7 @@ from vbatch_pipelines.batch.service import (
 from vbatch_pipelines.detached import ServerStartError
 from vbatch_pipelines.models.registry import ModelSpec
 from vbatch_pipelines.store.db import Database
+from vbatch_pipelines.store.models import DEFAULT_OWNER, Owner
 
 STOP_STATUSES = ("cancelling", "cancelled")
 WATCH_EVERY_S = 1.0  # leases renewed, cancels and expiries seen, progress written
@@ -253,9 +254,9 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
 
 def run_lines(db: Database, file_store, inference_engine, name: str, lines: list[dict], model: ModelSpec, *,
               metadata: dict[str, str], log: Callable[[str], None],
-              run_id: str | None = None) -> tuple[str, dict[str, str]]:
-    """Run request lines as a batch of their own (recorded, downloadable through the Batches API like any
-    other) inside the caller's run; returns the batch id and each custom_id's answer text."""
+              run_id: str | None = None, owner: Owner = DEFAULT_OWNER) -> tuple[str, dict[str, str]]:
+    """Run request lines as a batch of their own (``owner``'s: recorded, downloadable through the Batches API
+    like any other) inside the caller's run; returns the batch id and each custom_id's answer text."""
     import io
     import json
 
@@ -264,9 +265,9 @@ def run_lines(db: Database, file_store, inference_engine, name: str, lines: list
     from vbatch_pipelines.protocol import response_text
 
     data = ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
-    stored = store_file(db, file_store.files_dir, io.BytesIO(data), f"{name}.jsonl", "batch")
+    stored = store_file(db, file_store.files_dir, io.BytesIO(data), f"{name}.jsonl", "batch", owner=owner)
     batch = create_batch(db, input_file_id=stored.id, endpoint="/v1/chat/completions",
-                         metadata={**metadata, "curation": "off"})
+                         metadata={**metadata, "curation": "off"}, owner=owner)
     update_batch(db, batch.id, dagster_run_id=run_id or "in-process")
     report = validate_input(db, batch, file_store.batch_dir(batch.id), resolve_model=lambda name: model.id)
     if not report.ok:

@@ -20,7 +20,7 @@ from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.files import file_record, get_file
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import TERMINAL_BATCH_STATUSES, Batch
+from vbatch_pipelines.store.models import DEFAULT_OWNER, TERMINAL_BATCH_STATUSES, Batch, Owner
 
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 INPUT_FILE = "input.parquet"
@@ -40,9 +40,11 @@ class BatchRequestError(VbatchError):
 
 
 def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_window: str = "24h",
-                 metadata: dict[str, str] | None = None, output_expires_after: int | None = None) -> Batch:
-    """Record a new batch (status ``validating``); the caller launches its run. Its output and error files
-    expire ``output_expires_after`` seconds after they are written (None: the default retention)."""
+                 metadata: dict[str, str] | None = None, output_expires_after: int | None = None,
+                 owner: Owner = DEFAULT_OWNER) -> Batch:
+    """Record a new batch of ``owner``'s (status ``validating``) on one of its project's files; the caller
+    launches its run. Its output and error files expire ``output_expires_after`` seconds after they are written
+    (None: the default retention)."""
     if endpoint not in SUPPORTED_ENDPOINTS:
         raise BatchRequestError(f"endpoint must be one of {', '.join(SUPPORTED_ENDPOINTS)}", "endpoint",
                                 "invalid_value")
@@ -63,7 +65,7 @@ def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_
                 get_schema(metadata["curation_schema"])
             except UnknownSchema as exc:
                 raise BatchRequestError(str(exc), "metadata.curation_schema", "invalid_value") from exc
-    input_file = get_file(db, input_file_id)
+    input_file = get_file(db, input_file_id, owner.project_id)
     if input_file is None:
         raise BatchRequestError(f"No file with id {input_file_id!r}", "input_file_id", "file_not_found", 404)
     if input_file.purpose != "batch":
@@ -73,7 +75,8 @@ def create_batch(db: Database, *, input_file_id: str, endpoint: str, completion_
     batch = Batch(id=new_batch_id(), endpoint=endpoint, input_file_id=input_file_id,
                   completion_window=completion_window, status="validating", created_at=created,
                   expires_at=created + COMPLETION_WINDOWS[completion_window], metadata_=metadata,
-                  request_total=0, request_completed=0, request_failed=0, output_expires_after=output_expires_after)
+                  request_total=0, request_completed=0, request_failed=0, output_expires_after=output_expires_after,
+                  **owner.columns())
     with db.session() as session:
         session.add(batch)
     return batch
@@ -318,11 +321,12 @@ def _end(db: Database, batch_id: str, results: ResultFiles, lease_owner: str | N
         if batch is None:
             raise KeyError(batch_id)
         fields = dict(fields)
+        was_running = batch.status not in TERMINAL_BATCH_STATUSES
         for path, name, field in ((results.output_path, "output", "output_file_id"),
                                   (results.error_path, "error", "error_file_id")):
             if getattr(batch, field) is None and path.exists() and path.stat().st_size:
                 record = file_record(path, f"{batch_id}_{name}.jsonl", "batch_output",
-                                     expires_after=batch.output_expires_after)
+                                     expires_after=batch.output_expires_after, owner=Owner.of(batch))
                 session.add(record)
                 fields[field] = record.id
         _set_fields(batch, fields)
@@ -330,6 +334,10 @@ def _end(db: Database, batch_id: str, results: ResultFiles, lease_owner: str | N
             batch.finalizing_at = batch.completed_at  # results were final as they were written
         if lease_owner is not None and batch.lease_owner == lease_owner:
             batch.lease_owner, batch.lease_until = None, None
+        if was_running and batch.status in TERMINAL_BATCH_STATUSES:  # its usage, once, as it ends
+            from vbatch_pipelines.usage import batch_usage
+
+            session.add(batch_usage(batch, now()))
         return batch
 
 

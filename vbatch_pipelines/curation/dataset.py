@@ -18,7 +18,7 @@ from typing import Any
 from vbatch_pipelines.curation.service import gold_star_tasks, latest_dataset
 from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import EXPORT_FORMATS, CurationTask, Dataset
+from vbatch_pipelines.store.models import DEFAULT_PROJECT, EXPORT_FORMATS, CurationTask, Dataset
 
 EVAL_PERCENT = 10
 SPLITS = ("train", "eval")
@@ -87,9 +87,10 @@ def export_name(fmt: str, split: str) -> str:
     return f"{split}.{fmt}.{'jsonl' if fmt in ('openai', 'chatml') else 'json'}"
 
 
-def _claim_version(db: Database, source_seq: int, run_id: str | None) -> Dataset:
+def _claim_version(db: Database, source_seq: int, run_id: str | None, project_id: str) -> Dataset:
     """The next version number, claimed by inserting its row (``building``): the primary key makes two
-    builds at once take different numbers instead of writing the same directory."""
+    builds at once take different numbers instead of writing the same directory. Numbers are the platform's
+    (v1 may be one project's, v2 another's): a version names one dataset wherever it is quoted."""
     from sqlalchemy import select
     from sqlalchemy.exc import IntegrityError
 
@@ -99,7 +100,7 @@ def _claim_version(db: Database, source_seq: int, run_id: str | None) -> Dataset
             number = max((int(v.lstrip("v")) for v in taken), default=0) + 1
         claim = Dataset(version=f"v{number}", created_at=int(time.time()), path="", examples=0, train_examples=0,
                         eval_examples=0, fingerprint="", source_seq=source_seq, counts={}, dagster_run_id=run_id,
-                        status="building")
+                        status="building", project_id=project_id, created_by=f"run {run_id}" if run_id else None)
         try:
             with db.session() as session:
                 session.add(claim)
@@ -108,9 +109,10 @@ def _claim_version(db: Database, source_seq: int, run_id: str | None) -> Dataset
             continue  # another build took that number first
 
 
-def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: str | None = None) -> Dataset:
-    """Write the next version from the gold stars in the DB and register it. The version is claimed first;
-    its files are written into a temporary directory renamed into place, so a version directory is whole or
+def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: str | None = None,
+                  project_id: str = DEFAULT_PROJECT) -> Dataset:
+    """Write the project's next version from its gold stars in the DB and register it. The version is claimed
+    first; its files are written into a temporary directory renamed into place, so a version directory is whole or
     absent, and the row turns ``ready`` only after that."""
     import shutil
     import uuid
@@ -118,8 +120,8 @@ def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    examples = examples_of(gold_star_tasks(db))
-    claim = _claim_version(db, source_seq, run_id)
+    examples = examples_of(gold_star_tasks(db, project_id))
+    claim = _claim_version(db, source_seq, run_id, project_id)
     version = claim.version
     directory = datasets_dir / version
     partial = datasets_dir / f".{version}.{uuid.uuid4().hex[:8]}.partial"
@@ -257,7 +259,8 @@ def problems(examples: list[dict[str, Any]], check: str) -> list[str]:
 
 
 def dataset_of_run(db: Database, run_id: str | None) -> Dataset | None:
-    """The version a run built (a check runs in the run that built it); the latest when checks run alone."""
+    """The version a run built (a check runs in the run that built it); the default project's latest when checks
+    run alone."""
     from sqlalchemy import select
 
     if run_id:

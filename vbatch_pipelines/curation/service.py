@@ -15,7 +15,7 @@ from sqlalchemy import Integer, bindparam, func, select, update
 
 from vbatch_pipelines.curation.schemas import Review
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import CurationTask, Dataset
+from vbatch_pipelines.store.models import DEFAULT_PROJECT, CurationTask, Dataset
 
 
 def change_stamp() -> int:
@@ -38,17 +38,18 @@ def add_tasks(db: Database, rows: Iterable[dict[str, Any]]) -> None:
         session.add_all(CurationTask(created_at=now, **row) for row in rows)
 
 
-def set_task_ids(db: Database, batch_id: str, project_id: int, ids: dict[str, int]) -> None:
-    """Confirm imported tasks (one executemany, not one statement per task)."""
+def set_task_ids(db: Database, batch_id: str, ls_project_id: int, ids: dict[str, int]) -> None:
+    """Confirm tasks imported into Label Studio project ``ls_project_id`` (one executemany, not one statement
+    per task)."""
     if not ids:
         return
     table = CurationTask.__table__
     statement = (update(table)
                  .where(table.c.batch_id == bindparam("b_batch_id"), table.c.custom_id == bindparam("b_custom_id"))
-                 .values(ls_task_id=bindparam("b_task_id"), project_id=bindparam("b_project_id")))
+                 .values(ls_task_id=bindparam("b_task_id"), ls_project_id=bindparam("b_project_id")))
     with db.engine.begin() as connection:
         connection.execute(statement, [{"b_batch_id": batch_id, "b_custom_id": custom_id, "b_task_id": task_id,
-                                        "b_project_id": project_id} for custom_id, task_id in ids.items()])
+                                        "b_project_id": ls_project_id} for custom_id, task_id in ids.items()])
 
 
 def get_task(db: Database, ls_task_id: int) -> CurationTask | None:
@@ -112,45 +113,60 @@ def clear_annotations(db: Database, annotation_ids: Iterable[int]) -> list[int]:
     return [task_id for task_id in task_ids if apply_review(db, task_id, None, None)]
 
 
-def latest_change(db: Database) -> int:
+def latest_change(db: Database, project_id: str = DEFAULT_PROJECT) -> int:
+    """The project's last curation change (0: none)."""
     with db.session() as session:
-        return session.scalar(select(func.max(CurationTask.changed_seq))) or 0
+        return session.scalar(select(func.max(CurationTask.changed_seq))
+                              .where(CurationTask.project_id == project_id)) or 0
 
 
-def gold_star_tasks(db: Database) -> list[CurationTask]:
+def projects_with_new_reviews(db: Database) -> dict[str, int]:
+    """project -> its last curation change, for each project whose reviews changed since its latest dataset."""
+    with db.session() as session:
+        changes = dict(session.execute(select(CurationTask.project_id, func.max(CurationTask.changed_seq))
+                                       .group_by(CurationTask.project_id)).all())
+        built = dict(session.execute(select(Dataset.project_id, func.max(Dataset.source_seq))
+                                     .where(Dataset.status == "ready").group_by(Dataset.project_id)).all())
+    return {project: seq for project, seq in sorted(changes.items()) if seq and seq > (built.get(project) or 0)}
+
+
+def gold_star_tasks(db: Database, project_id: str = DEFAULT_PROJECT) -> list[CurationTask]:
     with db.session() as session:
         # A review whose edited answer is invalid for its schema stays out until it is fixed.
-        return list(session.scalars(select(CurationTask).where(CurationTask.gold_star.is_(True),
+        return list(session.scalars(select(CurationTask).where(CurationTask.project_id == project_id,
+                                                               CurationTask.gold_star.is_(True),
                                                                CurationTask.review_error.is_(None))
                                     .order_by(CurationTask.id)))
 
 
-def ready_datasets():
-    """Complete dataset versions, newest first ("v10" after "v9": by length, then text)."""
-    return (select(Dataset).where(Dataset.status == "ready")
+def ready_datasets(project_id: str = DEFAULT_PROJECT):
+    """The project's complete dataset versions, newest first ("v10" after "v9": by length, then text)."""
+    return (select(Dataset).where(Dataset.status == "ready", Dataset.project_id == project_id)
             .order_by(func.length(Dataset.version).desc(), Dataset.version.desc()))
 
 
-def latest_dataset(db: Database) -> Dataset | None:
+def latest_dataset(db: Database, project_id: str = DEFAULT_PROJECT) -> Dataset | None:
     with db.session() as session:
-        return session.scalars(ready_datasets()).first()
+        return session.scalars(ready_datasets(project_id)).first()
 
 
-def stats(db: Database) -> dict[str, Any]:
+def stats(db: Database, project_id: str = DEFAULT_PROJECT) -> dict[str, Any]:
+    """The project's review counts: in all, per schema, per day."""
+    mine = CurationTask.project_id == project_id
     with db.session() as session:
         total, annotated, gold = session.execute(select(
             func.count(), func.sum(CurationTask.annotated.cast(Integer)),
-            func.sum(CurationTask.gold_star.cast(Integer)))).one()
+            func.sum(CurationTask.gold_star.cast(Integer))).where(mine)).one()
         by_schema = {schema: {"tasks": n, "annotated": int(a or 0), "gold_stars": int(g or 0)}
                      for schema, n, a, g in session.execute(
                          select(CurationTask.schema, func.count(), func.sum(CurationTask.annotated.cast(Integer)),
                                 func.sum(CurationTask.gold_star.cast(Integer)))
-                         .group_by(CurationTask.schema))}
+                         .where(mine).group_by(CurationTask.schema))}
         day = func.date(func.to_timestamp(CurationTask.reviewed_at)) if db.engine.dialect.name == "postgresql" \
             else func.date(CurationTask.reviewed_at, "unixepoch")
         by_day = {str(d): {"reviewed": n, "gold_stars": int(g or 0)} for d, n, g in session.execute(
             select(day, func.count(), func.sum(CurationTask.gold_star.cast(Integer)))
-            .where(CurationTask.reviewed_at.is_not(None)).group_by(day).order_by(day))}
+            .where(mine, CurationTask.reviewed_at.is_not(None)).group_by(day).order_by(day))}
     return {"object": "curation.stats", "tasks": total, "annotated": int(annotated or 0),
             "gold_stars": int(gold or 0), "by_schema": by_schema, "by_day": by_day}
 

@@ -107,7 +107,7 @@ def _validated_input(context: AssetExecutionContext, metadata_db: MetadataDB, fi
                 "input_file_id": batch.input_file_id, "validated_by": "api", "path": MetadataValue.path(str(parquet))}
     started = time.monotonic()
     try:
-        report = validate_input(db, batch, file_store.batch_dir(batch_id), model_registry.resolver(batch.endpoint))
+        report = validate_input(db, batch, file_store.batch_dir(batch_id), model_registry.resolver(batch.endpoint, batch.project_id))
     except BatchRequestError as exc:
         raise Failure(str(exc)) from exc
     seconds = time.monotonic() - started

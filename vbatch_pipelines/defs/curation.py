@@ -10,6 +10,7 @@ from dagster import (
     AssetExecutionContext,
     AssetSelection,
     Backoff,
+    Config,
     DefaultSensorStatus,
     Definitions,
     MaterializeResult,
@@ -38,15 +39,16 @@ from vbatch_pipelines.curation.service import (
     add_tasks,
     known_custom_ids,
     latest_change,
-    latest_dataset,
+    projects_with_new_reviews,
     set_task_ids,
 )
 from vbatch_pipelines.curation.sync import record_task
 from vbatch_pipelines.defs.batches import batch_output, each_batch
-from vbatch_pipelines.names import CURATION_SEQ_TAG, GOLD_STAR_DATASET_JOB
+from vbatch_pipelines.names import CURATION_SEQ_TAG, GOLD_STAR_DATASET_JOB, PROJECT_TAG
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import calls_tools, response_text
 from vbatch_pipelines.settings import is_off
+from vbatch_pipelines.store.models import DEFAULT_PROJECT, Owner
 
 REVIEWABLE_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
@@ -106,7 +108,7 @@ def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, fil
             continue
         schema = schema_for_batch(batch.metadata_, body)
         row = {"batch_id": batch_id, "custom_id": custom_id, "schema": schema.name, "model": batch.model,
-               "messages": chat_messages(body), "response": responses[custom_id]}
+               "messages": chat_messages(body), "response": responses[custom_id], **Owner.of(batch).columns()}
         if custom_id not in known:
             pending_rows.append(row)
         by_schema.setdefault(schema.name, (schema, []))[1].append(row)
@@ -141,15 +143,22 @@ def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, fil
     }
 
 
+class GoldStarDatasetConfig(Config):
+    project_id: str = DEFAULT_PROJECT  # whose gold stars: each project has its own versions
+
+
 @asset(group_name="curation", kinds={"parquet", "jsonl"}, deps=[curation_tasks])
-def gold_star_dataset(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore) -> MaterializeResult:
-    """A new version of the gold-star examples (expert edits replace model answers), split train/eval."""
-    seq = latest_change(metadata_db.db)
-    version = gold.build_dataset(metadata_db.db, file_store.datasets_dir, source_seq=seq, run_id=context.run_id)
-    context.log.info(f"gold-star dataset {version.version}: {version.examples} examples")
+def gold_star_dataset(context: AssetExecutionContext, config: GoldStarDatasetConfig, metadata_db: MetadataDB,
+                      file_store: FileStore) -> MaterializeResult:
+    """A new version of a project's gold-star examples (expert edits replace model answers), split train/eval."""
+    seq = latest_change(metadata_db.db, config.project_id)
+    version = gold.build_dataset(metadata_db.db, file_store.datasets_dir, source_seq=seq, run_id=context.run_id,
+                                 project_id=config.project_id)
+    context.log.info(f"gold-star dataset {version.version} of {config.project_id}: {version.examples} examples")
     return MaterializeResult(
         metadata={
             "version": version.version,
+            "project_id": config.project_id,
             "examples": version.examples,
             "train_examples": version.train_examples,
             "eval_examples": version.eval_examples,
@@ -221,10 +230,13 @@ def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
     except LabelStudioUnavailable as exc:
         return SkipReason(f"Label Studio is unreachable; will read from the same cursor next tick ({exc})")
     context.update_cursor(json.dumps(cursor, sort_keys=True))
-    seq, dataset = latest_change(db), latest_dataset(db)
-    if seq and (dataset is None or seq > dataset.source_seq):
-        return RunRequest(run_key=f"gold-star-dataset-{seq}", tags={CURATION_SEQ_TAG: str(seq)})
-    return SkipReason(f"Read {read} changed task(s), {changed} new review(s); dataset up to date")
+    stale = projects_with_new_reviews(db)  # each project's dataset is built from its own reviews
+    if stale:
+        return [RunRequest(run_key=f"gold-star-dataset-{project}-{seq}",
+                           run_config={"ops": {"gold_star_dataset": {"config": {"project_id": project}}}},
+                           tags={CURATION_SEQ_TAG: str(seq), PROJECT_TAG: project})
+                for project, seq in stale.items()]
+    return SkipReason(f"Read {read} changed task(s), {changed} new review(s); datasets up to date")
 
 
 defs = Definitions(

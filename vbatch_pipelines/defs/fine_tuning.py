@@ -68,6 +68,7 @@ from vbatch_pipelines.names import (
 )
 from vbatch_pipelines.partitions import fine_tune_partitions
 from vbatch_pipelines.paths import write_atomic
+from vbatch_pipelines.store.models import Owner
 
 PROGRESS_EVERY_S = 10.0  # training progress appears in the asset's metadata (observations) this often
 
@@ -164,7 +165,8 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
         svg = loss_curve_svg(steps, result["eval_loss"])
         write_atomic(directory / "loss_curve.svg", svg)
         write_atomic(directory / "results.csv", results_csv(steps))
-        results_file = register_file(db, directory / "results.csv", f"{job_id}_results.csv", "fine-tune-results")
+        results_file = register_file(db, directory / "results.csv", f"{job_id}_results.csv", "fine-tune-results",
+                                     owner=Owner.of(job))
         metrics = {**(job.metrics or {}), **{k: result[k] for k in (
             "train_loss", "eval_loss", "steps", "backend", "device", "train_seconds", "train_examples",
             "eval_examples")}, "adapter_dir": result["adapter_dir"], "merged_dir": result["merged_dir"]}
@@ -215,7 +217,7 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
                 db, file_store, inference_engine, f"{job_id}-compare-{label}",
                 compare.request_lines(items, spec.id, max_tokens), spec,
                 metadata={"fine_tuning_job": job_id, "comparison": label}, log=context.log.info,
-                run_id=context.run_id)
+                run_id=context.run_id, owner=Owner.of(job))
         summary = {"examples": len(items), "judge_model": judge_model,
                    "base_model": base.id, "fine_tuned_model": name, "batches": batches,
                    "base": compare.score(items, answers["base"]),
@@ -227,7 +229,7 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
                 db, file_store, inference_engine, f"{job_id}-compare-judge",
                 compare.judge_lines(items, answers["base"], answers["fine_tuned"], judge.id), judge,
                 metadata={"fine_tuning_job": job_id, "comparison": "judge"}, log=context.log.info,
-                run_id=context.run_id)
+                run_id=context.run_id, owner=Owner.of(job))
             rate, counts = compare.judge_win_rate(verdicts)
             summary["fine_tuned"]["judge_win_rate"] = rate
             summary["base"]["judge_win_rate"] = None if rate is None else round(1 - rate, 4)

@@ -1,7 +1,7 @@
 """Retraining: each materialization of ``retraining_request`` records a fine-tuning job on the latest gold
-stars (launched by fine_tuning_sensor), deployed only through the policy's gate. It runs when enough new gold
-stars arrived (an automation condition and its sensor), on the retraining schedule, or from the UI's
-materialize button. Its thresholds are needed when the definitions load, so this domain is built from the
+stars of each project that has new ones (launched by fine_tuning_sensor), deployed only through the policy's
+gate. It runs when enough new gold stars arrived in a project (an automation condition and its sensor), on the
+retraining schedule, or from the UI's materialize button. Its thresholds are needed when the definitions load, so this domain is built from the
 ``RetrainingPolicy`` resource by ``build_defs``."""
 
 import warnings
@@ -18,6 +18,7 @@ from dagster import (
     Definitions,
     Failure,
     MaterializeResult,
+    MetadataValue,
     RunRequest,
     ScheduleEvaluationContext,
     SkipReason,
@@ -30,7 +31,7 @@ from dagster import (
 from resources import FileStore, MetadataDB, ModelRegistry, RetrainingPolicy, Trainer
 from vbatch_pipelines.defs.curation import gold_star_dataset
 from vbatch_pipelines.errors import VbatchError
-from vbatch_pipelines.fine_tuning.retraining import record_retraining, retraining_state
+from vbatch_pipelines.fine_tuning.retraining import RetrainingState, record_retraining, retraining_states
 from vbatch_pipelines.names import (
     RETRAINING_JOB,
     SCHEDULE_NAME_TAG,
@@ -41,9 +42,10 @@ from vbatch_pipelines.store.db import get_database
 
 
 class NewGoldStars(AutomationCondition):
-    """At least ``minimum`` gold stars arrived since the dataset the last fine-tune trained on, in a dataset
-    version this condition has not fired for (its cursor): once per N, and never twice for one version.
-    It runs in the code server, outside any run, so it is given the metadata DB's URL itself."""
+    """In some project, at least ``minimum`` gold stars arrived since the dataset its last fine-tune trained on,
+    in a dataset version this condition has not fired for (its cursor: the versions it fired for): once per N,
+    and never twice for one version. It runs in the code server, outside any run, so it is given the metadata
+    DB's URL itself."""
 
     def __init__(self, minimum: int, database_url: str):
         self.minimum = minimum
@@ -58,10 +60,22 @@ class NewGoldStars(AutomationCondition):
         return f"at least {self.minimum} new gold stars since the last fine-tune"
 
     def evaluate(self, context):
-        state = retraining_state(get_database(self._database_url))
-        fire = state.new_gold_stars >= self.minimum and state.latest_dataset != context.cursor
+        due = {state.latest_dataset for state in retraining_states(get_database(self._database_url))
+               if state.new_gold_stars >= self.minimum}
+        fired = set((context.cursor or "").split(",")) - {""}
+        fire = bool(due - fired)
         return AutomationResult(context, context.candidate_subset if fire else context.get_empty_subset(),
-                                cursor=state.latest_dataset if fire else context.cursor)
+                                cursor=",".join(sorted(due)) if fire else context.cursor)
+
+
+def due_for_retraining(states: list[RetrainingState], trigger: str, minimum: int) -> list[RetrainingState]:
+    """The projects a retrain records a job for: those with ``minimum`` new gold stars (the automation), any
+    (the schedule); a manual materialization takes every project with new ones, or, with none, every project
+    with a dataset (a click always retrains)."""
+    if trigger == "automation":
+        return [state for state in states if state.new_gold_stars >= minimum]
+    fresh = [state for state in states if state.new_gold_stars]
+    return fresh if fresh or trigger == "schedule" else list(states)
 
 
 def _trigger(context: AssetExecutionContext) -> str:
@@ -86,21 +100,34 @@ def build_defs(policy: RetrainingPolicy, database_url: str, cron: str | None) ->
     def retraining_request(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
                            model_registry: ModelRegistry, trainer: Trainer,
                            retraining_policy: RetrainingPolicy) -> MaterializeResult:
-        """A fine-tuning job of the policy's model on the latest gold-star dataset (launched by
-        fine_tuning_sensor), deployed only if its comparison passes the gate (VBATCH_DEPLOY_GATE)."""
+        """For each project with new gold stars, a fine-tuning job of the policy's model on its latest gold-star
+        dataset (launched by fine_tuning_sensor), deployed only if its comparison passes the gate
+        (VBATCH_DEPLOY_GATE)."""
         db = metadata_db.db
-        state = retraining_state(db)
-        try:
-            job = record_retraining(db, model_registry, file_store, trainer, retraining_policy, _trigger(context))
-        except VbatchError as exc:
-            raise Failure(f"Cannot retrain: {exc}") from exc
-        context.log.info(f"Recorded {job.id}: {job.model} on {state.latest_dataset} "
-                         f"({state.new_gold_stars} new gold stars since {state.trained_on or 'no earlier fine-tune'})")
-        return MaterializeResult(metadata={
-            "fine_tuning_job": job.id, "base_model": job.model, "dataset_version": state.latest_dataset,
-            "previous_dataset_version": state.trained_on or "", "new_gold_stars": state.new_gold_stars,
-            "trigger": job.trigger, "deploy_gate": job.deploy,
-        })
+        trigger = _trigger(context)
+        due = due_for_retraining(retraining_states(db), trigger, retraining_policy.min_gold_stars)
+        if not due:
+            raise Failure("Cannot retrain: no gold-star dataset yet: star some answers in Label Studio first")
+        jobs, refused = [], []
+        for state in due:  # one project's refusal (too few examples) does not hold the others back
+            try:
+                job = record_retraining(db, model_registry, file_store, trainer, retraining_policy, trigger, state)
+            except VbatchError as exc:
+                context.log.warning(f"Cannot retrain {state.project_id}: {exc}")
+                refused.append(f"{state.project_id}: {exc}")
+                continue
+            context.log.info(f"Recorded {job.id} for {state.project_id}: {job.model} on {state.latest_dataset} "
+                             f"({state.new_gold_stars} new gold stars since "
+                             f"{state.trained_on or 'no earlier fine-tune'})")
+            jobs.append({"fine_tuning_job": job.id, "project_id": state.project_id, "base_model": job.model,
+                         "dataset_version": state.latest_dataset,
+                         "previous_dataset_version": state.trained_on or "", "new_gold_stars": state.new_gold_stars,
+                         "trigger": job.trigger, "deploy_gate": job.deploy})
+        if not jobs:
+            raise Failure("Cannot retrain: " + "; ".join(refused))
+        summary = jobs[0] if len(jobs) == 1 else {"fine_tuning_jobs": ", ".join(j["fine_tuning_job"] for j in jobs)}
+        return MaterializeResult(metadata={**summary, "jobs": MetadataValue.json(jobs),
+                                           "refused": MetadataValue.json(refused)})
 
     retraining_job = define_asset_job(
         RETRAINING_JOB,
@@ -126,14 +153,18 @@ def build_defs(policy: RetrainingPolicy, database_url: str, cron: str | None) ->
 def _retraining_schedule(cron: str, job):
     @schedule(cron_schedule=cron, job=job, default_status=DefaultScheduleStatus.RUNNING, name="retraining_schedule")
     def retraining_schedule(context: ScheduleEvaluationContext, metadata_db: MetadataDB, trainer: Trainer):
-        """Retrain on the schedule (VBATCH_RETRAIN_CRON) when any gold star arrived since the last fine-tune."""
-        state = retraining_state(metadata_db.db)
-        if not state.new_gold_stars:
-            return SkipReason(f"No new gold stars since {state.trained_on or 'the start'}; nothing to retrain on")
+        """Retrain on the schedule (VBATCH_RETRAIN_CRON) the projects where a gold star arrived since their last
+        fine-tune."""
+        fresh = due_for_retraining(retraining_states(metadata_db.db), "schedule", 1)
+        if not fresh:
+            return SkipReason("No new gold stars since the last fine-tunes; nothing to retrain on")
         minimum = trainer.min_training_examples
-        if state.train_examples < minimum:
-            return SkipReason(f"Dataset {state.latest_dataset} has {state.train_examples} training examples; "
-                              f"retraining waits for {minimum} (VBATCH_MIN_TRAINING_EXAMPLES)")
-        return RunRequest(run_key=f"retrain-{state.latest_dataset}", tags={TRIGGER_TAG: "schedule"})
+        small = [state for state in fresh if state.train_examples < minimum]
+        if len(small) == len(fresh):
+            return SkipReason(", ".join(f"Dataset {s.latest_dataset} has {s.train_examples} training examples"
+                                        for s in small) + f"; retraining waits for {minimum} "
+                                        "(VBATCH_MIN_TRAINING_EXAMPLES)")
+        versions = "+".join(state.latest_dataset for state in fresh if state.train_examples >= minimum)
+        return RunRequest(run_key=f"retrain-{versions}", tags={TRIGGER_TAG: "schedule"})
 
     return retraining_schedule

@@ -24,10 +24,12 @@ from vbatch_pipelines.fine_tuning.training_data import model_max_length, trainin
 from vbatch_pipelines.models.registry import EMBED, GENERATE
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import (
+    DEFAULT_OWNER,
     TERMINAL_FINE_TUNING_STATUSES,
     FineTuningCheckpoint,
     FineTuningEvent,
     FineTuningJob,
+    Owner,
 )
 
 BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; OpenAI's learning_rate_multiplier scales it
@@ -104,13 +106,14 @@ def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
 def create_job(db: Database, model_registry, file_store, trainer, *, model: str, training_file: str,
                validation_file: str | None = None, hyperparameters: dict[str, Any] | None = None,
                suffix: str | None = None, seed: int | None = None, metadata: dict[str, str] | None = None,
-               trigger: str = "api", deploy: str = "always") -> FineTuningJob:
-    """Check everything a job needs, record it (``queued``) and copy its data into the job dir. The
-    resources say which models exist (``model_registry``), where jobs live (``file_store``) and what the
-    trainer accepts (``trainer``: minimum examples, largest LoRA rank, GPUs)."""
+               trigger: str = "api", deploy: str = "always", owner: Owner = DEFAULT_OWNER) -> FineTuningJob:
+    """Check everything a job needs, record it (``queued``, ``owner``'s: its files and datasets are the ones
+    it may train on) and copy its data into the job dir. The resources say which models exist
+    (``model_registry``), where jobs live (``file_store``) and what the trainer accepts (``trainer``: minimum
+    examples, largest LoRA rank, GPUs)."""
     if deploy not in DEPLOY_GATES:
         raise FineTuningError(f"deploy must be one of {', '.join(DEPLOY_GATES)}", "deploy", "invalid_value")
-    spec = model_registry.lookup(model)
+    spec = model_registry.lookup(model, project=owner.project_id)
     if spec.task != GENERATE:  # the trainer is supervised fine-tuning of a language model
         kind = "an embedding model" if spec.task == EMBED else "a cross-encoder"
         raise FineTuningError(f"{model} is {kind}; only text-generation models can be fine-tuned",
@@ -130,7 +133,8 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
     if hp.qlora and not trainer.gpus:
         raise FineTuningError("qlora (4-bit base weights) needs a CUDA GPU; this machine has none: use LoRA",
                               "hyperparameters.qlora", "invalid_value")
-    sources = training_sources(db, training_file, validation_file, minimum=trainer.min_training_examples)
+    sources = training_sources(db, training_file, validation_file, minimum=trainer.min_training_examples,
+                               project_id=owner.project_id)
     resolved = hp.resolved(sources["train_examples"], model_max_length(spec.path))
     job_id = new_job_id()
     directory = file_store.fine_tune_dir(job_id)
@@ -145,6 +149,7 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
         metadata_=metadata or None, trigger=trigger, deploy=deploy, result_files=[], created_at=now(),
         output_dir=str(directory),
         metrics={"train_examples": sources["train_examples"], "eval_examples": sources["eval_examples"]},
+        **owner.columns(),
     )
     with db.session() as session:
         session.add(job)
@@ -154,8 +159,10 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
     return job
 
 
-def get_job(db: Database, job_id: str) -> FineTuningJob | None:
-    return db.get(FineTuningJob, job_id)
+def get_job(db: Database, job_id: str, project_id: str | None = None) -> FineTuningJob | None:
+    """The job (of ``project_id`` only, when given: another project's is as good as missing)."""
+    job = db.get(FineTuningJob, job_id)
+    return None if job is None or (project_id is not None and job.project_id != project_id) else job
 
 
 def require_job(db: Database, job_id: str) -> FineTuningJob:
@@ -319,7 +326,7 @@ def deploy_fine_tune(db: Database, model_registry, inference_engine, job: FineTu
     started = time.monotonic()
     inference_engine.deploy_adapter(spec)
     seconds = round(time.monotonic() - started, 3)
-    register_fine_tune(db, spec, job.id)
+    register_fine_tune(db, spec, job.id, Owner.of(job))
     update_job(db, job.id, fine_tuned_model=name, deployment={"status": "deployed", "reason": reason, "at": now()})
     add_event(db, job.id, f"New fine-tuned model created and deployed: {name} ({reason})")
     return seconds

@@ -60,9 +60,9 @@ def _line_problem(raw: bytes) -> str | None:
     return None
 
 
-def _file(db: Database, file_id: str, param: str) -> File:
+def _file(db: Database, file_id: str, param: str, project_id: str) -> File:
     record = db.get(File, file_id)
-    if record is None:
+    if record is None or record.project_id != project_id:
         raise FineTuningError(f"No file with id {file_id!r}", param, "file_not_found", 404)
     if record.purpose != "fine-tune":
         raise FineTuningError(f"File {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param,
@@ -71,11 +71,12 @@ def _file(db: Database, file_id: str, param: str) -> File:
 
 
 def training_sources(db: Database, training_file: str, validation_file: str | None, *,
-                     minimum: int) -> dict[str, Any]:
-    """Where the job's train and eval examples come from, checked; raises FineTuningError."""
+                     minimum: int, project_id: str) -> dict[str, Any]:
+    """Where the job's train and eval examples come from (files and datasets of ``project_id``), checked;
+    raises FineTuningError."""
     dataset = db.get(Dataset, training_file) if not training_file.startswith("file-") else None
-    if dataset is not None and dataset.status != "ready":  # a build still writing it
-        dataset = None
+    if dataset is not None and (dataset.status != "ready" or dataset.project_id != project_id):
+        dataset = None  # a build still writing it, or another project's
     if dataset is not None:
         if validation_file:
             raise FineTuningError("A gold-star dataset brings its own eval split; leave validation_file out",
@@ -89,12 +90,12 @@ def training_sources(db: Database, training_file: str, validation_file: str | No
         return {"dataset_version": dataset.version, "train_path": directory / "train.openai.jsonl",
                 "eval_path": directory / "eval.openai.jsonl" if dataset.eval_examples else None,
                 "train_examples": dataset.train_examples, "eval_examples": dataset.eval_examples}
-    train = _file(db, training_file, "training_file")
+    train = _file(db, training_file, "training_file", project_id)
     train_examples = check_training_lines(Path(train.path), param="training_file",
                                           minimum=minimum)
     eval_path, eval_examples = None, 0
     if validation_file:
-        validation = _file(db, validation_file, "validation_file")
+        validation = _file(db, validation_file, "validation_file", project_id)
         eval_examples = check_training_lines(Path(validation.path), param="validation_file", minimum=0)
         eval_path = Path(validation.path)
     return {"dataset_version": None, "train_path": Path(train.path), "eval_path": eval_path,

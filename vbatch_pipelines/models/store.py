@@ -16,7 +16,7 @@ from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.models.registry import DEPLOYED, ModelSpec
 from vbatch_pipelines.paths import UnsafePath, inside
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import Model
+from vbatch_pipelines.store.models import DEFAULT_OWNER, Model, Owner
 
 if TYPE_CHECKING:
     from vbatch_pipelines.models.install import InstallPolicy
@@ -40,10 +40,10 @@ def upsert_model(db: Database, model_id: str, **fields: Any) -> Model:
     return row
 
 
-def register_fine_tune(db: Database, spec: ModelSpec, job_id: str) -> Model:
-    """Serve the fine-tune by name from now on (the engine has loaded its adapter)."""
+def register_fine_tune(db: Database, spec: ModelSpec, job_id: str, owner: Owner = DEFAULT_OWNER) -> Model:
+    """Serve the fine-tune by name from now on (the engine has loaded its adapter), to its job's project."""
     return upsert_model(db, spec.id, kind="fine_tune", parent=spec.parent, path=spec.adapter, status=DEPLOYED,
-                        source=job_id)
+                        source=job_id, **owner.columns())
 
 
 def fine_tunes_of(db: Database, base: str) -> list[Model]:
@@ -60,7 +60,8 @@ class ModelStoreError(VbatchError):
         super().__init__(message, "model")
 
 
-def remove_model(db: Database, model_registry, inference_engine, model_id: str) -> Model:
+def remove_model(db: Database, model_registry, inference_engine, model_id: str,
+                 project_id: str | None = None) -> Model:
     """Take a model out of service. A fine-tune: its adapter is unloaded from the running engine (the files
     stay; its job can deploy it again). An installed base model: its server stops and its files are deleted.
     Models configured by VBATCH_MODELS are not the store's to remove."""
@@ -70,7 +71,9 @@ def remove_model(db: Database, model_registry, inference_engine, model_id: str) 
         raise ModelStoreError(f"{model_id} is configured by VBATCH_MODELS (or is the built-in default); "
                               "change that setting to remove it")
     row = get_model(db, model_id)
-    if row is None or row.status not in (READY, DEPLOYED):
+    # another project's fine-tune is as good as missing (a shared one too: only its own project removes it)
+    if row is None or row.status not in (READY, DEPLOYED) or \
+            (project_id is not None and row.project_id not in (None, project_id)):
         raise ModelNotFound(model_id, [])
     spec = model_registry.lookup(model_id)
     if row.kind == "fine_tune":

@@ -6,6 +6,7 @@ that OpenAI nests (errors, metadata, usage).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -13,10 +14,12 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Float,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -25,7 +28,41 @@ class Base(DeclarativeBase):
     pass
 
 
-class File(Base):
+DEFAULT_PROJECT = "proj_default"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose a new object is: its project, and the key (its id) or who else (a settings key, the CLI, a schedule,
+    by name) created it. What a run makes (a batch's output file, a job's fine-tune) has its parent's owner."""
+
+    project_id: str = DEFAULT_PROJECT
+    created_by: str | None = None
+
+    def columns(self) -> dict[str, Any]:
+        return {"project_id": self.project_id, "created_by": self.created_by}
+
+    @classmethod
+    def of(cls, row: Owned) -> Owner:
+        return cls(row.project_id, row.created_by)
+
+
+DEFAULT_OWNER = Owner()  # the default project's, made by nobody named (a single user's setup, tests)
+
+
+class Owned:
+    """A project's object: only its project's keys see it (another project's id is a 404), and it says which key
+    created it (``key_...``, or a settings key, the CLI, a schedule by name)."""
+
+    project_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_PROJECT,
+                                            server_default=DEFAULT_PROJECT)
+    created_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+    def ownership(self) -> dict[str, Any]:
+        return {"project_id": self.project_id, "created_by": self.created_by}
+
+
+class File(Owned, Base):
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -48,6 +85,7 @@ class File(Base):
             "status": self.status,
             "expires_at": self.expires_at,
             "status_details": None,
+            **self.ownership(),
         }
 
 
@@ -57,7 +95,7 @@ BATCH_STATUSES = (
 TERMINAL_BATCH_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
 
 
-class Batch(Base):
+class Batch(Owned, Base):
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -117,10 +155,11 @@ class Batch(Base):
             },
             "metadata": self.metadata_,
             "usage": self.usage,
+            **self.ownership(),
         }
 
 
-class CurationTask(Base):
+class CurationTask(Owned, Base):
     """One batch result under review in Label Studio, and what the experts said about it."""
 
     __tablename__ = "curation_tasks"
@@ -133,7 +172,7 @@ class CurationTask(Base):
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     messages: Mapped[list] = mapped_column(JSON)
     response: Mapped[str] = mapped_column(Text)
-    project_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ls_project_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # its Label Studio project
     ls_task_id: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True)
     annotation_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     edited_response: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -159,10 +198,11 @@ class CurationTask(Base):
             "messages": self.messages, "response": self.response, "edited_response": self.edited_response,
             "rating": self.rating, "gold_star": self.gold_star, "annotated": self.annotated,
             "created_at": self.created_at, "reviewed_at": self.reviewed_at, "review_error": self.review_error,
+            **self.ownership(),
         }
 
 
-class Dataset(Base):
+class Dataset(Owned, Base):
     """A gold-star dataset version: files on disk, counts, where it came from."""
 
     __tablename__ = "datasets"
@@ -183,7 +223,7 @@ class Dataset(Base):
         return {"id": self.version, "object": "dataset", "version": self.version, "created_at": self.created_at,
                 "examples": self.examples, "train_examples": self.train_examples,
                 "eval_examples": self.eval_examples, "fingerprint": self.fingerprint, "counts": self.counts,
-                "formats": list(EXPORT_FORMATS)}
+                "formats": list(EXPORT_FORMATS), **self.ownership()}
 
 
 EXPORT_FORMATS = ("openai", "chatml", "alpaca", "sharegpt")
@@ -193,7 +233,7 @@ FINE_TUNING_STATUSES = ("validating_files", "queued", "running", "succeeded", "f
 TERMINAL_FINE_TUNING_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 
-class FineTuningJob(Base):
+class FineTuningJob(Owned, Base):
     """A fine-tune, shaped after OpenAI's ``fine_tuning.job``; its Dagster partition key is its id."""
 
     __tablename__ = "fine_tuning_jobs"
@@ -237,6 +277,7 @@ class FineTuningJob(Base):
         return {
             "id": self.id, "object": "fine_tuning.job", "model": self.model,
             "fine_tuned_model": self.fine_tuned_model, "organization_id": "vbatch", "status": self.status,
+            **self.ownership(),
             "training_file": self.training_file, "validation_file": self.validation_file,
             "hyperparameters": openai_hp, "result_files": list(self.result_files or []),
             "trained_tokens": self.trained_tokens, "error": self.error, "created_at": self.created_at,
@@ -301,6 +342,14 @@ class Model(Base):
     details: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # fit check, smoke test, error
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+    # A fine-tune belongs to its job's project and is served to that project only, unless an admin shares it;
+    # base models (project_id None) are everyone's.
+    project_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    shared: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+    def visible_to(self, project_id: str) -> bool:
+        return self.project_id is None or self.shared or self.project_id == project_id
 
 
 class EngineRecord(Base):
@@ -333,10 +382,20 @@ class Project(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     archived_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # quotas (None: no limit): batches not ended, their requests not yet run, tokens since midnight UTC
+    max_concurrent_batches: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued_requests: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # its share of the engine
+
+    def quotas(self) -> dict[str, int | None]:
+        return {"max_concurrent_batches": self.max_concurrent_batches, "max_queued_requests": self.max_queued_requests,
+                "max_tokens_per_day": self.max_tokens_per_day}
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "organization.project", "name": self.name, "created_at": self.created_at,
-                "archived_at": self.archived_at, "status": "archived" if self.archived_at else "active"}
+                "archived_at": self.archived_at, "status": "archived" if self.archived_at else "active",
+                "quotas": self.quotas(), "weight": self.weight}
 
 
 class ApiKey(Base):
@@ -385,3 +444,25 @@ class AuditEvent(Base):
                 "project": {"id": self.project_id},
                 "actor": {"type": "api_key", "api_key": {"id": self.key_id, "name": self.actor}},
                 self.type: {"id": self.target, "data": self.details or {}}}
+
+
+class UsageRecord(Base):
+    """What a project used, by the minute: one row per ended batch (at its end), and online requests summed per
+    minute, key, model and kind. ``GET /v1/organization/usage/*`` buckets and groups these rows."""
+
+    __tablename__ = "usage_records"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    __table_args__ = (Index("ix_usage_records_project_minute", "project_id", "minute"),)
+
+    minute: Mapped[int] = mapped_column(BigInteger, index=True)  # Unix seconds, a multiple of 60
+    kind: Mapped[str] = mapped_column(String(16))  # completions | embeddings
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the key's id, or who else it was
+    model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    batch: Mapped[bool] = mapped_column(Boolean)
+    requests: Mapped[int] = mapped_column(Integer)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    engine_seconds: Mapped[float] = mapped_column(Float)
+    batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)  # once per batch
