@@ -38,6 +38,9 @@ class InferenceEngine(ConfigurableResource):
     gpus: int = 0
     max_concurrency: int = Field(default=512, description="requests in flight per batch")
     chunk_size: int = Field(default=64, description="requests per call to the engine (one HTTP call on vLLM)")
+    engine_slots: int = Field(default=0, ge=0, description="chunks a vLLM server runs at once, every batch's "
+                              "together, shared fairly among projects (VBATCH_ENGINE_SLOTS); 0: enough to fill "
+                              "vLLM's running batch, and one more")
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 600.0
     max_model_len: int | None = None
@@ -79,11 +82,28 @@ class InferenceEngine(ConfigurableResource):
             gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_sequences=self.kv_cache_sequences,
             extra_args=list(self.extra_vllm_args),
             startup_timeout_s=self.startup_timeout_s, max_lora_rank=self.max_lora_rank, host=self.engine_host,
-            tool_parser=self.tool_parsers.get(model.base.id),
+            tool_parser=self.tool_parsers.get(model.base.id), engine_slots=self.slots,
         )
         base = model.base
         return ManagedVLLMServer(base, self.engines_dir, config, adapters=lambda: self._deployed_adapters(base.id),
                                  registry=self.registry(), node=self.node)
+
+    @property
+    def slots(self) -> int:
+        """Chunks an engine server runs at once (the rest wait their project's turn): VBATCH_ENGINE_SLOTS, or as
+        many as fill vLLM's running batch (its max_num_seqs: 128 on CPU, 256 on a GPU, or --max-num-seqs in
+        VBATCH_VLLM_ARGS) and one more, so the engine never waits for a chunk and a newcomer never waits
+        behind chunks vLLM has queued."""
+        if self.engine_slots:
+            return self.engine_slots
+        seqs = 128 if self.gpus == 0 else 256
+        args = list(self.extra_vllm_args)
+        for i, arg in enumerate(args):
+            if arg.startswith("--max-num-seqs"):
+                value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+                seqs = int(value) if value.isdigit() else seqs
+        chunk = max(1, min(self.chunk_size, self.max_concurrency))
+        return -(-seqs // chunk) + 1
 
     def registry(self) -> EngineRegistry:
         return EngineRegistry(self.model_registry.metadata_db.db)

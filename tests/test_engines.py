@@ -243,7 +243,7 @@ class FlakyEngine:
         self.engine, self.failures, self.recovered = engine, failures, 0
         self.backend, self.model_id = engine.backend, engine.model_id
 
-    async def request_many(self, endpoint, bodies):
+    async def request_many(self, endpoint, bodies, share=None):
         from vbatch_pipelines.engine.base import EngineResponse
 
         responses = await self.engine.request_many(endpoint, bodies)

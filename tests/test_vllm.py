@@ -129,3 +129,45 @@ def test_engine_single_requests_and_errors(vllm_platform):
     assert too_long.body["error"]["type"] == "invalid_request_error"
     assert [r.status_code for r in many] == [200, 400, 400]
     assert all(r.body["error"]["message"] for r in many[1:])
+
+
+def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platform, tmp_path):
+    """Project A's large batch fills the engine's chunk slots and queues more; project B's small batch, arriving
+    later, is given the next slot that frees (never passed over by A's queued chunks) and ends while A runs on."""
+    import httpx
+
+    from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
+
+    resource = vllm_platform.resources["inference_engine"]
+    engine = resource.open(vllm_platform.registry.lookup(None))
+    share_url = _server(vllm_platform).ensure() + "/vbatch/v1/share"  # the running server's own answer
+
+    def requests(prefix: str, n: int):
+        return iter([(line["custom_id"], {**line["body"], "model": TINY_MODEL_ID})
+                     for line in chat_lines(n, prefix=prefix)])
+
+    async def run():
+        big, small = BatchProgress(total=1500), BatchProgress(total=20)
+        try:
+            a = asyncio.create_task(run_batch_requests(
+                engine, "/v1/chat/completions", requests("a", 1500), ResultFiles(tmp_path / "a"), big,
+                concurrency=512, chunk_size=64, share=("proj_fair_a", 1.0)))
+            while big.completed < 64:
+                await asyncio.sleep(0.05)
+            state = httpx.get(share_url).json()
+            assert state["running"]["proj_fair_a"] == state["slots"] == resource.slots  # A holds every slot ...
+            assert state["waiting"]["proj_fair_a"] > 0  # ... and has more chunks queued
+            assert await run_batch_requests(engine, "/v1/chat/completions", requests("b", 20),
+                                            ResultFiles(tmp_path / "b"), small, concurrency=512, chunk_size=64,
+                                            share=("proj_fair_b", 1.0))
+            a_finished_then = big.finished
+            assert await a
+            return small, a_finished_then
+        finally:
+            await engine.aclose()
+
+    small, a_finished_then = asyncio.run(run())
+    assert small.completed == 20 and a_finished_then < 1500
+    state = httpx.get(share_url).json()
+    assert state["granted"]["proj_fair_b"] == 1 and state["passed_over"].get("proj_fair_b", 0) == 0
+    assert state["passed_over"]["proj_fair_a"] >= 1  # A's queued chunks waited for B's

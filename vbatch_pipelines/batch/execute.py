@@ -34,7 +34,7 @@ from vbatch_pipelines.batch.service import (
 from vbatch_pipelines.detached import ServerStartError
 from vbatch_pipelines.models.registry import ModelSpec
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import DEFAULT_OWNER, Owner
+from vbatch_pipelines.store.models import DEFAULT_OWNER, Owner, Project
 
 STOP_STATUSES = ("cancelling", "cancelled")
 WATCH_EVERY_S = 1.0  # leases renewed, cancels and expiries seen, progress written
@@ -63,6 +63,7 @@ class _Job:
     progress: BatchProgress = field(init=False)
     done: set[str] = field(default_factory=set)
     endpoint: str = ""
+    share: tuple[str, float] | None = None  # (project, weight): its turn in the engine's fair share
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: list[str] = field(default_factory=list)
     running: bool = False
@@ -95,6 +96,12 @@ def execute_batches(db: Database, batches: list[tuple[str, Path, ModelSpec]], in
     return asyncio.run(_run_all(db, jobs, inference_engine, log, run_id))
 
 
+def project_weight(db: Database, project_id: str) -> int:
+    """A project's weight in the engine's fair share (1 for one not found)."""
+    project = db.get(Project, project_id)
+    return project.weight if project is not None else 1
+
+
 def _start(db: Database, job: _Job, run_id: str | None) -> str | None:
     """Take the lease, read what earlier runs finished, mark the batch in progress; returns a log line."""
     claim_batch(db, job.batch_id, job.owner)
@@ -104,6 +111,7 @@ def _start(db: Database, job: _Job, run_id: str | None) -> str | None:
                          dagster_run_id=run_id, request_total=job.progress.total,
                          request_completed=job.progress.completed, request_failed=job.progress.failed)
     job.endpoint = batch.endpoint
+    job.share = (batch.project_id, float(project_weight(db, batch.project_id)))
     job.started = job.logged_at = time.monotonic()  # progress lines for batches that run 5 s and more
     if job.done:
         return f"{job.batch_id}: resuming, {len(job.done)} of {job.progress.total} requests already finished"
@@ -211,7 +219,7 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
             finished = await run_batch_requests(
                 engine, job.endpoint, iter_requests(job.directory / INPUT_FILE, job.done, job.model.id), job.results,
                 job.progress, concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
-                stop=job.stop)
+                stop=job.stop, share=job.share)
         except Exception as exc:  # noqa: BLE001
             outcomes[job.batch_id] = exc
         finally:

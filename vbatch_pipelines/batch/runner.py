@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vbatch_pipelines.engine.base import Engine, EngineResponse, EngineUnavailable
+from vbatch_pipelines.engine.base import Engine, EngineResponse, EngineUnavailable, Share
 
 
 @dataclass
@@ -147,12 +147,14 @@ async def run_batch_requests(
     chunk_size: int = 16,
     stop: asyncio.Event | None = None,
     max_attempts: int = 5,
+    share: Share | None = None,
 ) -> bool:
     """Run every request; returns False if ``stop`` was set before the end (finished results are kept).
 
     ``concurrency`` requests are in flight, sent to the engine in chunks of ``chunk_size`` (one HTTP call
     each on vLLM), so per-request overhead stays off the engine's critical path. Several batches may run on
-    one engine at once, each with its own call of this function.
+    one engine at once, each with its own call of this function; ``share`` (project, weight) is whose the
+    chunks are, for the engine's fair share among projects.
     """
     stop = stop or asyncio.Event()
     chunk_size = max(1, min(chunk_size, concurrency))
@@ -166,7 +168,7 @@ async def run_batch_requests(
         waiting = list(range(len(bodies)))
         for n in range(1, max_attempts + 1):
             try:
-                responses = await engine.request_many(endpoint, [bodies[i] for i in waiting])
+                responses = await engine.request_many(endpoint, [bodies[i] for i in waiting], share)
                 for i, response in zip(waiting, responses):
                     answers[i] = response
                 waiting = [i for i in waiting if answers[i].status_code >= 500]

@@ -31,6 +31,9 @@ class EngineUnavailable(Unavailable):
     code = "engine_unavailable"
 
 
+Share = tuple[str, float]  # (project id, its weight): whose a chunk is, for the engine's fair share
+
+
 class Engine(Protocol):
     backend: str
     model_id: str
@@ -39,8 +42,11 @@ class Engine(Protocol):
     async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         """Run one OpenAI request body against ``endpoint`` (e.g. ``/v1/chat/completions``)."""
 
-    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
-        """Run several bodies at once (a batch chunk); responses in the same order."""
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]],
+                           share: Share | None = None) -> list[EngineResponse]:
+        """Run several bodies at once (a batch chunk); responses in the same order. ``share`` says whose chunk
+        it is, (project, weight): a server shared by several runs gives projects fair turns (the vLLM
+        middleware's FairShare); an in-process engine serves one run and ignores it."""
 
     async def open_stream(self, endpoint: str, body: dict[str, Any]) -> EngineResponse | AsyncIterator[bytes]:
         """``stream: true``: server-sent event bytes as OpenAI sends them, or an error response."""

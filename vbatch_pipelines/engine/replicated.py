@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
+from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable, Share
 
 log = logging.getLogger("vbatch.engine")
 
@@ -67,8 +67,9 @@ class ReplicatedEngine:
     async def request(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         return await self._call("request", endpoint, body)
 
-    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
-        return await self._call("request_many", endpoint, bodies)
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]],
+                           share: Share | None = None) -> list[EngineResponse]:
+        return await self._call("request_many", endpoint, bodies, share)
 
     async def open_stream(self, endpoint: str, body: dict[str, Any]):
         return await self._call("open_stream", endpoint, body)

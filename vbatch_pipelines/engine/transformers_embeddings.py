@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from vbatch_pipelines.engine.base import EngineResponse, MicroBatching
+from vbatch_pipelines.engine.base import EngineResponse, MicroBatching, Share
 from vbatch_pipelines.models.registry import ModelSpec, dimensions_error
 from vbatch_pipelines.protocol import (
     EmbeddingData,
@@ -155,7 +155,8 @@ class _SequenceEngine(MicroBatching, ABC):
         await self._enqueue(job)
         return await job.future
 
-    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]],
+                           share: Share | None = None) -> list[EngineResponse]:
         return list(await asyncio.gather(*(self.request(endpoint, body) for body in bodies)))
 
     async def open_stream(self, endpoint: str, body: dict[str, Any]):

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vbatch_pipelines.engine.base import EngineResponse, MicroBatching
+from vbatch_pipelines.engine.base import EngineResponse, MicroBatching, Share
 from vbatch_pipelines.engine.honoured import RequestRefused, Sampling, refuse_unhonoured
 from vbatch_pipelines.models.registry import ModelSpec
 from vbatch_pipelines.protocol import (
@@ -107,7 +107,8 @@ class TransformersEngine(MicroBatching):
         outputs = await job.future
         return EngineResponse(200, self._response(request, outputs))
 
-    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]],
+                           share: Share | None = None) -> list[EngineResponse]:
         return list(await asyncio.gather(*(self.request(endpoint, body) for body in bodies)))
 
     async def open_stream(self, endpoint: str, body: dict[str, Any]):

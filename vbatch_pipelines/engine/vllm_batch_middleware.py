@@ -9,12 +9,18 @@ endpoint picks it, as run-batch's endpoint registry does) and answers ``{"result
 in order, each body exactly what the single-request endpoint would have returned. Pooling responses come back
 from vLLM as encoded JSON and are passed on as those bytes, never parsed and re-encoded (a vector is most of
 a body). Imports nothing but vLLM and the standard library (it runs in vLLM's env).
+
+Every batch on this server sends its chunks here, from whatever run or node: ``FairShare`` keeps at most
+VBATCH_ENGINE_SLOTS chunks running and, when projects wait (``x-vbatch-project``, ``x-vbatch-weight`` headers),
+hands each freed slot to the project running the fewest chunks for its weight.
 """
 
 import asyncio
+import collections
 import functools
 import importlib
 import json
+import os
 
 ROUTE = "/vbatch/v1/requests"
 # The pooling endpoints: the app state's serving object for each, and vLLM's request type.
@@ -23,6 +29,82 @@ _POOLING = {
     "/v1/score": ("serving_scores", "vllm.entrypoints.pooling.scoring.protocol", "ScoreRequest"),
     "/v1/rerank": ("serving_scores", "vllm.entrypoints.pooling.scoring.protocol", "RerankRequest"),
 }
+
+
+class FairShare:
+    """The engine's in-flight chunks, shared among projects. At most ``slots`` chunks run at once; while chunks
+    wait, a freed slot goes to the project running the fewest chunks for its weight (first come first served
+    within a project), so a project's small batch starts as soon as one chunk of a large batch ends, not after
+    the large batch. With one project alone it has every slot. Pure asyncio: the vLLM middleware and the in-process
+    engines use it alike."""
+
+    def __init__(self, slots: int):
+        self.slots = max(1, slots)
+        self.running: dict[str, int] = {}
+        self.weights: dict[str, float] = {}
+        self.waiting: dict[str, collections.deque] = {}
+        self.granted: dict[str, int] = {}  # chunks each project was given (for the record and tests)
+        self.passed_over: dict[str, int] = {}  # slots given to another project while this one had a chunk waiting
+
+    @property
+    def busy(self) -> int:
+        return sum(self.running.values())
+
+    async def acquire(self, project: str, weight: float = 1.0) -> None:
+        self.weights[project] = max(weight, 1e-6)
+        if self.busy < self.slots and not any(self.waiting.values()):
+            self._grant(project)
+            return
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(project, collections.deque()).append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted as it was cancelled: give the slot back
+                self.release(project)
+            else:
+                self.waiting[project].remove(future)
+            raise
+
+    def _grant(self, project: str) -> None:
+        self.running[project] = self.running.get(project, 0) + 1
+        self.granted[project] = self.granted.get(project, 0) + 1
+
+    def release(self, project: str) -> None:
+        self.running[project] = max(0, self.running.get(project, 0) - 1)
+        while self.busy < self.slots:
+            queued = [p for p, q in self.waiting.items() if q]
+            if not queued:
+                return
+            turn = min(queued, key=lambda p: (self.running.get(p, 0) / self.weights.get(p, 1.0),
+                                              self.granted.get(p, 0) / self.weights.get(p, 1.0)))
+            future = self.waiting[turn].popleft()
+            if future.cancelled():
+                continue
+            for other in queued:
+                if other != turn:
+                    self.passed_over[other] = self.passed_over.get(other, 0) + 1
+            self._grant(turn)
+            future.set_result(None)
+
+
+PROJECT_HEADER, WEIGHT_HEADER = "x-vbatch-project", "x-vbatch-weight"
+_share: list[FairShare] = []  # this server's, made on its first chunk (in its event loop)
+
+
+def fair_share() -> FairShare:
+    if not _share:
+        _share.append(FairShare(int(os.environ.get("VBATCH_ENGINE_SLOTS") or 8)))
+    return _share[0]
+
+
+def share_of(headers) -> tuple[str, float]:
+    """(project, weight) a chunk says it is for; no headers: one shared anonymous project of weight 1."""
+    try:
+        weight = float(headers.get(WEIGHT_HEADER) or 1.0)
+    except ValueError:
+        weight = 1.0
+    return (headers.get(PROJECT_HEADER) or "")[:64], min(max(weight, 0.01), 100.0)
 
 
 def _error(status: int, message: str) -> tuple[int, bytes]:
@@ -98,10 +180,20 @@ def _serving(state, endpoint):
     return None
 
 
+SHARE_ROUTE = "/vbatch/v1/share"
+
+
 async def batch_requests(request, call_next):
+    from starlette.responses import Response
+
+    if request.url.path == SHARE_ROUTE and request.method == "GET":  # who runs and waits now (tests, operators)
+        share = fair_share()
+        state = {"slots": share.slots, "running": share.running, "granted": share.granted,
+                 "passed_over": share.passed_over,
+                 "waiting": {project: len(queue) for project, queue in share.waiting.items()}}
+        return Response(json.dumps(state), media_type="application/json")
     if request.url.path != ROUTE or request.method != "POST":
         return await call_next(request)
-    from starlette.responses import Response
 
     payload = json.loads(await request.body())
     serving = _serving(request.app.state, payload.get("endpoint"))
@@ -109,7 +201,13 @@ async def batch_requests(request, call_next):
         refusal = _error(400, f"The model does not support the endpoint {payload.get('endpoint')!r}")
         results = [refusal] * len(payload["requests"])
     else:
-        results = await asyncio.gather(*(_run_one(*serving, body) for body in payload["requests"]))
+        project, weight = share_of(request.headers)
+        share = fair_share()
+        await share.acquire(project, weight)
+        try:
+            results = await asyncio.gather(*(_run_one(*serving, body) for body in payload["requests"]))
+        finally:
+            share.release(project)
     content = b'{"results":[' + b",".join(b'{"status_code":%d,"body":%s}' % (status, body)
                                           for status, body in results) + b"]}"
     return Response(content, media_type="application/json")

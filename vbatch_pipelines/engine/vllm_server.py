@@ -22,7 +22,7 @@ import httpx
 from vbatch_pipelines.child_env import without_secrets
 from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
-from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable
+from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable, Share
 from vbatch_pipelines.engine.registry import DOWN, STOPPED, UP, EngineRegistry, external_id, managed_id
 from vbatch_pipelines.engine.start_errors import EngineStartError, explain
 from vbatch_pipelines.models.registry import GENERATE, ModelSpec
@@ -75,6 +75,7 @@ class VLLMServerConfig:
     kv_cache_sequences: int = 16  # on CPU: full-context sequences the KV cache holds
     extra_args: list[str] = field(default_factory=list)
     tool_parser: str | None = None  # vLLM's parser for the model's own tool calls; None: forced calls only
+    engine_slots: int = 8  # chunks the batch middleware runs at once, shared fairly among projects
     startup_timeout_s: float = 300.0
     host: str = "127.0.0.1"  # the address it binds to: loopback on one machine, the node's on several
     advertise_host: str | None = None  # how other nodes reach it when it binds to every address
@@ -285,6 +286,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         # The model is on disk: the engine needs none of vbatch's secrets (nor HF_TOKEN).
         return without_secrets(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1",
                                PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath, **TOOL_CALL_ENV,
+                               VBATCH_ENGINE_SLOTS=str(self.config.engine_slots),
                                **(cpu_engine_env() if self.config.gpus == 0 else {}))
 
 
@@ -375,11 +377,11 @@ class VLLMEngine:
             )
         return self._session
 
-    async def _post(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
+    async def _post(self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
         import aiohttp
 
         try:
-            async with self._client().post(self._url + path, json=payload) as response:
+            async with self._client().post(self._url + path, json=payload, headers=headers) as response:
                 return response.status, await response.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             raise EngineUnavailable(f"vLLM server for {self.model_id} did not answer: {exc!r}") from exc
@@ -390,8 +392,13 @@ class VLLMEngine:
             raise EngineUnavailable(f"vLLM server for {self.model_id} answered {status}: {payload}")
         return EngineResponse(status, payload if status == 200 else _openai_error(payload, status))
 
-    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[EngineResponse]:
-        status, payload = await self._post(BATCH_MIDDLEWARE.ROUTE, {"endpoint": endpoint, "requests": bodies})
+    async def request_many(self, endpoint: str, bodies: list[dict[str, Any]],
+                           share: Share | None = None) -> list[EngineResponse]:
+        """The bodies as one chunk; ``share`` (project, weight) is whose it is in the server's fair share."""
+        headers = {BATCH_MIDDLEWARE.PROJECT_HEADER: share[0], BATCH_MIDDLEWARE.WEIGHT_HEADER: str(share[1])} \
+            if share else None
+        status, payload = await self._post(BATCH_MIDDLEWARE.ROUTE, {"endpoint": endpoint, "requests": bodies},
+                                           headers)
         if status != 200:
             raise EngineUnavailable(f"vLLM server for {self.model_id} answered {status}: {payload}")
         return [EngineResponse(r["status_code"], r["body"] if r["status_code"] == 200
