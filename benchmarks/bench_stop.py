@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.stack import ROOT, requests_jsonl  # noqa: E402
+from benchmarks.stack import ROOT, requests_jsonl, worktree  # noqa: E402
 from vbatch_pipelines.engine.envs import find_vllm_python  # noqa: E402
 from vbatch_pipelines.models.registry import TINY_MODEL_ID  # noqa: E402
 from vbatch_pipelines.models.tiny import ensure_tiny_model  # noqa: E402
@@ -124,14 +124,6 @@ def measure(repo: Path, state: str, model: Path, vllm: str) -> tuple[float, int]
             except (ProcessLookupError, PermissionError):
                 process.kill()
     return took, len(left)
-
-
-def worktree(rev: str) -> Path:
-    path = Path(tempfile.gettempdir()) / f"vbatch-peer-{rev}"
-    if not path.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True,
-                       capture_output=True)
-    return path
 
 
 def main() -> None:

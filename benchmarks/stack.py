@@ -61,6 +61,15 @@ def run_batch(python: str, model_path: str, source: Path, out: Path, engine_args
     return wall, out.stat().st_mtime - reading_at
 
 
+def worktree(rev: str) -> Path:
+    """A checkout of git revision ``rev`` (made once, beside the others): a peer's code, run side by side."""
+    path = Path(tempfile.gettempdir()) / f"vbatch-peer-{rev}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True,
+                       capture_output=True)
+    return path
+
+
 def alternate(trials: int, sides: list[Callable[[], object]]) -> Iterator[int]:
     """Run every side once per trial, each first in turn (so the machine's drift hits all sides alike);
     yields each trial's index after it ran. Compare the medians."""
@@ -88,7 +97,7 @@ class Stack:
     worker` node (no GPU) with a home of its own under this one, sharing the store ``home/store``."""
 
     def __init__(self, home: Path | None = None, *, curation: bool = False, env: dict[str, str] | None = None,
-                 cluster: dict[str, str] | None = None):
+                 cluster: dict[str, str] | None = None, root: Path = ROOT):
         self._own_home = home is None  # a home made here is removed by stop()
         self.home = home or Path(tempfile.mkdtemp(prefix="vbatch-bench-"))
         api_port, dagster_port = free_port(), free_port()
@@ -99,6 +108,7 @@ class Stack:
             full_env.update(cluster, VBATCH_STORE=str(self.home / "store"),
                             VBATCH_DAGSTER_URL=f"http://127.0.0.1:{dagster_port}")
             mode = ["--mode", "cluster"]
+        self.root = root  # whose code runs: this checkout, or a peer revision's (``worktree``)
         self.env = full_env
         self.process: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
@@ -114,7 +124,7 @@ class Stack:
 
     def _start(self, command: list[str], env: dict[str, str], ready: str) -> subprocess.Popen:
         """A vbatch command, once it printed ``ready`` (its banner's last line)."""
-        process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", *command], env=env, cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", *command], env=env, cwd=self.root,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = []
         for line in process.stdout:
@@ -135,13 +145,14 @@ class Stack:
         return (client or self.client).batches.create(input_file_id=file_id, endpoint=endpoint,
                                                       completion_window="24h").id
 
-    def wait(self, batch_id: str, timeout: float = 3600, interval: float = 0.02):
+    def wait(self, batch_id: str, timeout: float = 3600, interval: float = 0.02,
+             client: openai.OpenAI | None = None):
         """Poll every ``interval`` s, or every 0.5 % of the time waited so far when that is longer: the end is
         seen as precisely, but a batch of minutes is not polled 50 times a second (on 2 cores the polls, the
         API answering them included, took a tenth of a core from the engine)."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
-            batch = self.client.batches.retrieve(batch_id)
+            batch = (client or self.client).batches.retrieve(batch_id)
             if batch.status in ENDED:
                 return batch
             time.sleep(max(interval, 0.005 * (time.monotonic() - started)))

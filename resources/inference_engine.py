@@ -39,8 +39,8 @@ class InferenceEngine(ConfigurableResource):
     max_concurrency: int = Field(default=512, description="requests in flight per batch")
     chunk_size: int = Field(default=64, description="requests per call to the engine (one HTTP call on vLLM)")
     engine_slots: int = Field(default=0, ge=0, description="chunks a vLLM server runs at once, every batch's "
-                              "together, shared fairly among projects (VBATCH_ENGINE_SLOTS); 0: enough to fill "
-                              "vLLM's running batch, and one more")
+                              "together, shared fairly among projects (VBATCH_ENGINE_SLOTS); 0: one batch's "
+                              "window, max_concurrency / chunk_size")
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 600.0
     max_model_len: int | None = None
@@ -90,20 +90,10 @@ class InferenceEngine(ConfigurableResource):
 
     @property
     def slots(self) -> int:
-        """Chunks an engine server runs at once (the rest wait their project's turn): VBATCH_ENGINE_SLOTS, or as
-        many as fill vLLM's running batch (its max_num_seqs: 128 on CPU, 256 on a GPU, or --max-num-seqs in
-        VBATCH_VLLM_ARGS) and one more, so the engine never waits for a chunk and a newcomer never waits
-        behind chunks vLLM has queued."""
-        if self.engine_slots:
-            return self.engine_slots
-        seqs = 128 if self.gpus == 0 else 256
-        args = list(self.extra_vllm_args)
-        for i, arg in enumerate(args):
-            if arg.startswith("--max-num-seqs"):
-                value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-                seqs = int(value) if value.isdigit() else seqs
-        chunk = max(1, min(self.chunk_size, self.max_concurrency))
-        return -(-seqs // chunk) + 1
+        """Chunks an engine server runs at once, every batch's together (the rest wait their project's turn):
+        VBATCH_ENGINE_SLOTS, or one batch's window (max_concurrency / chunk_size), so a batch alone runs as fast
+        as ever and several share what one would have had."""
+        return self.engine_slots or max(1, self.max_concurrency // max(1, self.chunk_size))
 
     def registry(self) -> EngineRegistry:
         return EngineRegistry(self.model_registry.metadata_db.db)

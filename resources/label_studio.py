@@ -62,9 +62,35 @@ class LabelStudio(ConfigurableResource):
                                                                  "managed server's credentials file")
     import_chunk: int = 2000
     timeout_s: float = 60.0
+    team: str | None = Field(default=None, description="the vbatch project whose Label Studio organization this "
+                                                       "client speaks for (None: the first, the default project's)")
 
     _client: Any = PrivateAttr(default=None)
     _projects: dict[str, int] = PrivateAttr(default_factory=dict)
+    _teams: dict[str, "LabelStudio"] = PrivateAttr(default_factory=dict)
+    _team_title: str | None = PrivateAttr(default=None)
+
+    def for_project(self, project_id: str, title: str | None = None) -> LabelStudio:
+        """This Label Studio as vbatch project ``project_id`` sees it: its own organization (made the first time,
+        ``title`` naming it), whose reviewers see only its tasks. An external Label Studio has one organization
+        for every project (its token's)."""
+        from vbatch_pipelines.store.models import DEFAULT_PROJECT
+
+        if project_id == (self.team or DEFAULT_PROJECT) or self.server() is None:
+            return self
+        if project_id not in self._teams:
+            fields = {name: getattr(self, name) for name in type(self).model_fields}
+            scoped = LabelStudio(**{**fields, "team": project_id})
+            scoped._team_title = title or project_id
+            self._teams[project_id] = scoped
+        return self._teams[project_id]
+
+    def team_clients(self) -> list[LabelStudio]:
+        """A client per organization vbatch made here (the default project's first): what the sensor reads."""
+        server = self.server()
+        if server is None:
+            return [self]
+        return [self.for_project(project) for project in server.teams()]
 
     @property
     def client(self):
@@ -93,8 +119,14 @@ class LabelStudio(ConfigurableResource):
 
     @property
     def api_token(self) -> str:
+        """The token of this client's organization: the managed admin's, a team's (made on first use), or an
+        external server's."""
         server = self.server()
-        return server.credentials()["token"] if server is not None else (self.token or "")
+        if server is None:
+            return self.token or ""
+        if self.team is not None:
+            return server.team(self.team, self._team_title or self.team)["token"]
+        return server.credentials()["token"]
 
     def shared_webhook_secret(self) -> str:
         """The secret Label Studio sends in X-Vbatch-Webhook-Secret."""

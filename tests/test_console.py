@@ -560,3 +560,63 @@ def test_a_projects_console_shows_only_its_own_objects_and_another_projects_ids_
         created = platform.batch(made.headers["location"].rsplit("/", 1)[1])
         assert created.project_id == team_b.id
         assert created.id in b.get("/ui/batches").text and created.id not in a.get("/ui/batches").text
+
+
+def test_the_usage_page_shows_a_projects_own_usage_by_day_and_model_and_admins_every_project(platform):
+    """Issue 27: /ui/usage is the caller's project's usage over 14 days (as the usage API counts it), batch and
+    online, per day and model; team B never sees team A's figures, a platform admin also sees every project."""
+    from vbatch_pipelines.projects import create_key, create_project
+    from vbatch_pipelines.store.models import UsageRecord
+
+    db = platform.db
+    team_a, team_b = create_project(db, "team-a"), create_project(db, "team-b")
+    key_a, secret_a = create_key(db, team_a.id, "a-laptop", "ada@example.com")
+    key_b, secret_b = create_key(db, team_b.id, "b-laptop", "bob@example.com")
+    now = int(time.time())
+    rows = [  # project, key, minute, model, kind, batch, requests, input, output, engine seconds
+        (team_a.id, key_a.id, now, "vbatch-tiny-chat", "completions", True, 40, 7000, 3000, 120.0),
+        (team_a.id, key_a.id, now - 86400, "vbatch-tiny-chat", "completions", False, 6, 600, 300, 2.5),
+        (team_a.id, key_a.id, now, "vbatch-tiny-embed", "embeddings", False, 5, 500, 0, 0.5),
+        (team_a.id, key_a.id, now - 30 * 86400, "vbatch-tiny-chat", "completions", False, 99, 99999, 99999, 9.0),
+        (team_b.id, key_b.id, now, "vbatch-tiny-chat", "completions", False, 3, 321, 123, 1.5),
+    ]
+    with db.session() as session:
+        for project, key, minute, model, kind, batch, n, tokens_in, tokens_out, seconds in rows:
+            session.add(UsageRecord(minute=minute // 60 * 60, kind=kind, project_id=project, api_key_id=key,
+                                    model=model, batch=batch, requests=n, input_tokens=tokens_in,
+                                    output_tokens=tokens_out, engine_seconds=seconds))
+
+    app = _app(admin_keys=(ADMIN_KEY,))
+    with api_client(app, follow_redirects=False) as a, api_client(app, follow_redirects=False) as b, \
+            api_client(app, follow_redirects=False) as admin:
+        for client, secret in ((a, secret_a), (b, secret_b), (admin, ADMIN_KEY)):
+            assert client.post("/ui/login", data={"key": secret, "next": "/ui"}).status_code == 303
+        assert 'href="/ui/usage"' in a.get("/ui").text  # in the nav
+
+        page = a.get("/ui/usage").text
+        assert "Project: team-a" in page
+        # 14 days: the row of 30 days ago is not counted; embeddings count in "all" (not split by batch)
+        assert 'data-metric="usage-batch-requests">40<' in page and 'data-metric="usage-batch-input">7,000<' in page
+        assert 'data-metric="usage-online-requests">6<' in page and 'data-metric="usage-online-output">300<' in page
+        assert 'data-metric="usage-requests">51<' in page and 'data-metric="usage-input">8,100<' in page
+        assert 'data-metric="usage-output">3,300<' in page and 'data-metric="usage-engine-seconds">123.0<' in page
+        assert "vbatch-tiny-embed" in page and "99,999" not in page
+        assert '<svg class="chart"' in page and ">10k</text>" in page  # today's 10,500 tokens, shortened
+        assert time.strftime("%Y-%m-%d", time.gmtime(now - 86400)) in page
+        assert 'id="usage-projects"' not in page and team_b.id not in page and ">321<" not in page
+
+        page = b.get("/ui/usage").text
+        assert "Project: team-b" in page
+        assert 'data-metric="usage-requests">3<' in page and 'data-metric="usage-input">321<' in page
+        assert 'data-metric="usage-output">123<' in page and 'data-metric="usage-engine-seconds">1.5<' in page
+        for theirs in ("team-a", team_a.id, "7,000", "8,100", "vbatch-tiny-embed", 'id="usage-projects"'):
+            assert theirs not in page, theirs
+
+        page = admin.get("/ui/usage").text  # the default project's own usage (none), and every project's
+        assert 'data-metric="usage-requests">0<' in page and 'id="usage-projects"' in page
+        assert f'data-metric="project-requests-{team_a.id}">51<' in page
+        assert f'data-metric="project-input-{team_a.id}">8,100<' in page
+        assert f'data-metric="project-output-{team_b.id}">123<' in page
+        assert f'data-metric="project-engine-seconds-{team_b.id}">1.5<' in page
+        assert 'data-metric="project-requests-proj_default">0<' in page
+        assert "team-a" in page and "team-b" in page

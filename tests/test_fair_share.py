@@ -10,22 +10,28 @@ import asyncio
 from vbatch_pipelines.engine.vllm_batch_middleware import FairShare, share_of
 
 
-def test_a_lone_project_has_every_slot_and_a_newcomer_gets_the_next_one():
+def test_a_lone_project_has_every_slot_and_a_newcomer_never_waits_behind_it():
     async def scenario():
         share = FairShare(slots=4)
         for _ in range(4):  # project A alone: no waiting
             await asyncio.wait_for(share.acquire("a"), 0.1)
         a_more = [asyncio.create_task(share.acquire("a")) for _ in range(3)]  # A queues more chunks
         await asyncio.sleep(0)
-        b_chunk = asyncio.create_task(share.acquire("b"))  # B comes later, behind A's queue
+        assert share.waiting["a"] and not any(task.done() for task in a_more)
+        # B comes later, behind A's queue: its first chunk runs at once (one over the limit), first in vLLM's
+        # queue too (priority 1: nothing of B's running); its second waits its turn.
+        assert await asyncio.wait_for(share.acquire("b"), 0.1) == 1 and share.busy == 5
+        b_second = asyncio.create_task(share.acquire("b"))
         await asyncio.sleep(0)
-        assert share.waiting["a"] and not b_chunk.done()
-        share.release("a")  # one of A's chunks ends: the slot is B's, though A asked first
+        share.release("a")  # back at the limit: nobody starts
         await asyncio.sleep(0)
-        assert b_chunk.done() and not any(task.done() for task in a_more)
-        share.release("a")  # the next one goes back to A
+        assert not b_second.done() and not any(task.done() for task in a_more)
+        share.release("a")  # a slot: B's, running one chunk against A's two, though A asked first
         await asyncio.sleep(0)
-        assert sum(task.done() for task in a_more) == 1
+        assert b_second.done() and b_second.result() == 1001 and not any(task.done() for task in a_more)
+        share.release("b")  # the next goes back to A, behind B's in vLLM's queue (2 running: priority 2001)
+        await asyncio.sleep(0)
+        assert [task.result() for task in a_more if task.done()] == [2001]
         assert share.running == {"a": 3, "b": 1} and share.busy == 4
         for task in a_more:
             task.cancel()
@@ -34,7 +40,7 @@ def test_a_lone_project_has_every_slot_and_a_newcomer_gets_the_next_one():
 
     share = asyncio.run(scenario())
     assert not share.waiting["a"] and share.running["a"] == 3  # a cancelled waiter leaves nothing behind
-    assert share.passed_over == {"a": 1}  # B's one chunk went first once; B was never passed over
+    assert share.passed_over == {"a": 1}  # B was never passed over
 
 
 def test_weights_divide_the_slots_and_a_cancelled_grant_is_given_back():

@@ -133,7 +133,8 @@ def test_engine_single_requests_and_errors(vllm_platform):
 
 def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platform, tmp_path):
     """Project A's large batch fills the engine's chunk slots and queues more; project B's small batch, arriving
-    later, is given the next slot that frees (never passed over by A's queued chunks) and ends while A runs on."""
+    later, starts its first chunk at once and is given the next slot that frees for its second (never passed
+    over by A's queued chunks), and ends while A runs on."""
     import httpx
 
     from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
@@ -147,18 +148,18 @@ def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platfo
                      for line in chat_lines(n, prefix=prefix)])
 
     async def run():
-        big, small = BatchProgress(total=1500), BatchProgress(total=20)
+        big, small = BatchProgress(total=3000), BatchProgress(total=100)
         try:
-            a = asyncio.create_task(run_batch_requests(
-                engine, "/v1/chat/completions", requests("a", 1500), ResultFiles(tmp_path / "a"), big,
-                concurrency=512, chunk_size=64, share=("proj_fair_a", 1.0)))
+            a = asyncio.create_task(run_batch_requests(  # twice a batch's window: A queues as many as it runs
+                engine, "/v1/chat/completions", requests("a", 3000), ResultFiles(tmp_path / "a"), big,
+                concurrency=2 * 64 * resource.slots, chunk_size=64, share=("proj_fair_a", 1.0)))
             while big.completed < 64:
                 await asyncio.sleep(0.05)
             state = httpx.get(share_url).json()
             assert state["running"]["proj_fair_a"] == state["slots"] == resource.slots  # A holds every slot ...
             assert state["waiting"]["proj_fair_a"] > 0  # ... and has more chunks queued
-            assert await run_batch_requests(engine, "/v1/chat/completions", requests("b", 20),
-                                            ResultFiles(tmp_path / "b"), small, concurrency=512, chunk_size=64,
+            assert await run_batch_requests(engine, "/v1/chat/completions", requests("b", 100),
+                                            ResultFiles(tmp_path / "b"), small, concurrency=128, chunk_size=64,
                                             share=("proj_fair_b", 1.0))
             a_finished_then = big.finished
             assert await a
@@ -167,7 +168,7 @@ def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platfo
             await engine.aclose()
 
     small, a_finished_then = asyncio.run(run())
-    assert small.completed == 20 and a_finished_then < 1500
+    assert small.completed == 100 and a_finished_then < 3000
     state = httpx.get(share_url).json()
-    assert state["granted"]["proj_fair_b"] == 1 and state["passed_over"].get("proj_fair_b", 0) == 0
-    assert state["passed_over"]["proj_fair_a"] >= 1  # A's queued chunks waited for B's
+    assert state["granted"]["proj_fair_b"] == 2 and state["passed_over"].get("proj_fair_b", 0) == 0
+    assert state["passed_over"]["proj_fair_a"] >= 1  # A's queued chunks waited for B's second

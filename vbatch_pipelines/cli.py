@@ -196,6 +196,21 @@ def cmd_label_studio_stop(args, ctx: Context) -> int:
     return 0
 
 
+def cmd_label_studio_add_reviewer(args, ctx: Context) -> int:
+    from vbatch_pipelines.projects import CLI, add_reviewer, audit, find_project
+
+    db = ctx["metadata_db"].db
+    project = find_project(db, args.project)
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+    made = add_reviewer(db, ctx["label_studio"], project.id, args.email, password=password,
+                        move_existing=args.move)
+    audit(db, CLI, "reviewer.added", made["email"], project_id=project.id)
+    print(f"{made['email']} reviews {project.name}'s tasks at {made['label_studio_url']} (and no other project's)")
+    if made["password"] and not args.password_stdin:
+        print(f"password, shown this once: {made['password']}")
+    return 0
+
+
 def cmd_label_studio_status(args, ctx: Context) -> int:
     server = _managed_label_studio(ctx)
     if server is None:
@@ -638,6 +653,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("start", "status"):
             command.add_argument("--show-password", action="store_true", help="print the admin password too")
         command.set_defaults(func=func)
+    reviewer = studio.add_parser("add-reviewer", help="a Label Studio login for a project's reviewer: they see that "
+                                                      "project's tasks only")
+    reviewer.add_argument("--project", required=True, help="the project (id or name)")
+    reviewer.add_argument("--email", required=True, help="their address, their login")
+    reviewer.add_argument("--password-stdin", action="store_true", help="read their password from stdin "
+                                                                         "(default: one is made and printed once)")
+    reviewer.add_argument("--move", action="store_true", help="an existing account is moved to this project's "
+                                                              "organization (from any other)")
+    reviewer.set_defaults(func=cmd_label_studio_add_reviewer)
 
     trainer = sub.add_parser("trainer", help="the fine-tuning trainer").add_subparsers(dest="trainer", required=True)
     trainer.add_parser("install", help="create Unsloth's own virtualenv (CUDA machines)").set_defaults(

@@ -178,6 +178,7 @@ class DetachedServer:
     # it start at once.
     failed_starts_before_pause = 3
     start_pause_s = 600.0
+    niceness = 0  # its CPU priority: above 0 it yields the CPU to the platform's own processes
 
     def __init__(self, state_dir: Path, key: str):
         self.state_dir = state_dir
@@ -285,6 +286,11 @@ class DetachedServer:
                 log.flush()
                 process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            env=self.env(), start_new_session=True, close_fds=True)
+                if self.niceness:  # before it starts a thread or a child: they inherit it
+                    try:
+                        os.setpriority(os.PRIO_PGRP, process.pid, self.niceness)
+                    except OSError:
+                        pass
             state = {"pid": process.pid, "port": port, "argv": argv, "started_at": time.time(),
                      **self.state_extra()}
             write_private(self.state_path, json.dumps(state))  # the command line may carry credentials

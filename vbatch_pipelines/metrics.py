@@ -112,7 +112,8 @@ BATCH_ENDED_AT = func.coalesce(Batch.completed_at, Batch.cancelled_at, Batch.exp
 
 @dataclass
 class PlatformSummary:
-    """What the metadata DB says of the platform: the figures ``/metrics`` and the console's dashboard show."""
+    """What the metadata DB says of the platform (or of one project): the figures ``/metrics`` and the console's
+    dashboard show."""
 
     batches: dict[str, int]  # by status
     waiting: int  # accepted, no run working on them yet
@@ -123,39 +124,138 @@ class PlatformSummary:
     gold_stars: int
     fine_tunes: dict[str, int]  # by status
 
+    @classmethod
+    def empty(cls) -> PlatformSummary:
+        return cls(batches=dict.fromkeys(BATCH_STATUSES, 0), waiting=0, requests={}, tokens={}, reviewed=0,
+                   pending_review=0, gold_stars=0, fine_tunes=dict.fromkeys(FINE_TUNING_STATUSES, 0))
+
+    def add(self, other: PlatformSummary) -> PlatformSummary:
+        """This summary with ``other``'s figures added (another project's: the platform's are the sum)."""
+        def pairs(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+            return {k: tuple(x + y for x, y in zip(a.get(k, (0, 0)), b.get(k, (0, 0)))) for k in {**a, **b}}
+
+        return PlatformSummary(
+            batches={k: v + other.batches.get(k, 0) for k, v in self.batches.items()},
+            waiting=self.waiting + other.waiting, requests=pairs(self.requests, other.requests),
+            tokens=pairs(self.tokens, other.tokens), reviewed=self.reviewed + other.reviewed,
+            pending_review=self.pending_review + other.pending_review, gold_stars=self.gold_stars + other.gold_stars,
+            fine_tunes={k: v + other.fine_tunes.get(k, 0) for k, v in self.fine_tunes.items()})
+
 
 def _of_project(model, project_id: str | None) -> tuple:
     """The WHERE clause that keeps ``model``'s rows of ``project_id`` (none: every project's)."""
     return () if project_id is None else (model.project_id == project_id,)
 
 
+def summaries(db: Database, *, ended_since: int | None = None,
+              project_id: str | None = None) -> dict[str, PlatformSummary]:
+    """The platform's figures per project (``/metrics``' ``project`` label): every active project (zeros for one
+    with nothing yet) and any other that has rows; with ``project_id``, that project's only. With ``ended_since``
+    (a Unix time) requests and tokens count only batches that ended since then (the dashboard's "today"). The
+    same few GROUP BY queries whatever the number of projects."""
+    from vbatch_pipelines.store.models import Project
+
+    batches, tasks, jobs_of = (_of_project(model, project_id) for model in (Batch, CurationTask, FineTuningJob))
+    per_model = (select(Batch.project_id, Batch.model, func.sum(Batch.request_completed),
+                        func.sum(Batch.request_failed), func.sum(Batch.usage["input_tokens"].as_integer()),
+                        func.sum(Batch.usage["output_tokens"].as_integer()))
+                 .where(*batches).group_by(Batch.project_id, Batch.model))
+    if ended_since is not None:
+        per_model = per_model.where(BATCH_ENDED_AT >= ended_since)
+    with db.engine.connect() as conn:
+        projects = [project_id] if project_id is not None else \
+            conn.execute(select(Project.id).where(Project.archived_at.is_(None))).scalars().all()
+        found = {project: PlatformSummary.empty() for project in projects}
+
+        def of(project: str | None) -> PlatformSummary:
+            return found.setdefault(project or "unknown", PlatformSummary.empty())
+
+        for project, status, count in conn.execute(select(Batch.project_id, Batch.status, func.count())
+                                                   .where(*batches).group_by(Batch.project_id, Batch.status)):
+            of(project).batches[status] = count
+        for project, model, completed, failed, tokens_in, tokens_out in conn.execute(per_model):
+            summary = of(project)
+            summary.requests[model or "unknown"] = (completed or 0, failed or 0)
+            summary.tokens[model or "unknown"] = (tokens_in or 0, tokens_out or 0)
+        for project, count in conn.execute(select(Batch.project_id, func.count()).where(
+                *batches, Batch.status.in_(("validating", "in_progress")), Batch.lease_owner.is_(None))
+                .group_by(Batch.project_id)):
+            of(project).waiting = count
+        for project, total, reviewed, gold in conn.execute(select(
+                CurationTask.project_id, func.count(), func.count().filter(CurationTask.annotated.is_(True)),
+                func.count().filter(CurationTask.gold_star.is_(True))).where(*tasks)
+                .group_by(CurationTask.project_id)):
+            summary = of(project)
+            summary.reviewed, summary.pending_review, summary.gold_stars = reviewed, total - reviewed, gold
+        for project, status, count in conn.execute(select(FineTuningJob.project_id, FineTuningJob.status,
+                                                          func.count()).where(*jobs_of)
+                                                   .group_by(FineTuningJob.project_id, FineTuningJob.status)):
+            of(project).fine_tunes[status] = count
+    return found
+
+
 def summarize(db: Database, *, ended_since: int | None = None, project_id: str | None = None) -> PlatformSummary:
     """The platform's figures (with ``project_id``, that project's only: the console's dashboard); with
     ``ended_since`` (a Unix time) requests and tokens count only batches that ended since then (the dashboard's
     "today")."""
-    batches, tasks, jobs_of = (_of_project(model, project_id) for model in (Batch, CurationTask, FineTuningJob))
-    per_model = select(Batch.model, func.sum(Batch.request_completed), func.sum(Batch.request_failed),
-                       func.sum(Batch.usage["input_tokens"].as_integer()),
-                       func.sum(Batch.usage["output_tokens"].as_integer())).where(*batches).group_by(Batch.model)
-    if ended_since is not None:
-        per_model = per_model.where(BATCH_ENDED_AT >= ended_since)
-    with db.engine.connect() as conn:
-        statuses = dict(conn.execute(select(Batch.status, func.count()).where(*batches)
-                                     .group_by(Batch.status)).all())
-        models = conn.execute(per_model).all()
-        waiting = conn.execute(select(func.count()).select_from(Batch).where(
-            *batches, Batch.status.in_(("validating", "in_progress")), Batch.lease_owner.is_(None))).scalar_one()
-        total, reviewed, gold = conn.execute(select(
-            func.count(), func.count().filter(CurationTask.annotated.is_(True)),
-            func.count().filter(CurationTask.gold_star.is_(True))).select_from(CurationTask).where(*tasks)).one()
-        jobs = dict(conn.execute(select(FineTuningJob.status, func.count()).where(*jobs_of)
-                                 .group_by(FineTuningJob.status)).all())
-    return PlatformSummary(
-        batches={status: statuses.get(status, 0) for status in BATCH_STATUSES}, waiting=waiting,
-        requests={model or "unknown": (completed or 0, failed or 0) for model, completed, failed, _, _ in models},
-        tokens={model or "unknown": (i or 0, o or 0) for model, _, _, i, o in models},
-        reviewed=reviewed, pending_review=total - reviewed, gold_stars=gold,
-        fine_tunes={status: jobs.get(status, 0) for status in FINE_TUNING_STATUSES})
+    found = summaries(db, ended_since=ended_since, project_id=project_id)
+    if project_id is not None:
+        return found[project_id]
+    total = PlatformSummary.empty()
+    for summary in found.values():
+        total = total.add(summary)
+    return total
+
+
+# A usage row is written within seconds of its minute (a batch's when it ends, online requests' by the next flush);
+# one older than this is taken as final.
+USAGE_SETTLED_S = 86400
+UsageKey = tuple[str, str, str, bool]  # project, model, kind (completions | embeddings), batch
+
+
+class UsageTotals:
+    """``usage_records`` summed per project, model, kind and batch-or-online since the first (``/metrics``' usage
+    counters). Rows older than ``USAGE_SETTLED_S`` are summed once and kept; each call sums only the rows newer
+    than that (plus those that became that old since the last call): two GROUP BYs over a range of the ``minute``
+    index, not the whole table. The first call in a process reads everything once."""
+
+    def __init__(self, db: Database, *, settled_s: int = USAGE_SETTLED_S):
+        import threading
+
+        self.db, self.settled_s = db, settled_s
+        self._settled: dict[UsageKey, tuple[int, int, int, float]] = {}
+        self._settled_until: int | None = None  # rows with minute below this are in _settled
+        self._lock = threading.Lock()
+
+    def _sums(self, conn, since: int | None, before: int | None) -> dict[UsageKey, tuple[int, int, int, float]]:
+        from vbatch_pipelines.store.models import UsageRecord as U
+
+        query = select(U.project_id, U.model, U.kind, U.batch, func.sum(U.requests), func.sum(U.input_tokens),
+                       func.sum(U.output_tokens), func.sum(U.engine_seconds)).group_by(U.project_id, U.model, U.kind,
+                                                                                      U.batch)
+        if since is not None:
+            query = query.where(U.minute >= since)
+        if before is not None:
+            query = query.where(U.minute < before)
+        return {(project, model or "unknown", kind, bool(batch)): (int(n or 0), int(i or 0), int(o or 0),
+                                                                  float(s or 0))
+                for project, model, kind, batch, n, i, o, s in conn.execute(query)}
+
+    @staticmethod
+    def _add(into: dict, sums: dict) -> None:
+        for key, values in sums.items():
+            into[key] = tuple(a + b for a, b in zip(into.get(key, (0, 0, 0, 0.0)), values))
+
+    def totals(self, now: float | None = None) -> dict[UsageKey, tuple[int, int, int, float]]:
+        """(requests, input tokens, output tokens, engine seconds) per key, all time."""
+        horizon = int((time.time() if now is None else now) - self.settled_s) // 60 * 60
+        with self._lock, self.db.engine.connect() as conn:
+            if self._settled_until is None or horizon > self._settled_until:
+                self._add(self._settled, self._sums(conn, self._settled_until, horizon))
+                self._settled_until = horizon
+            totals = dict(self._settled)
+            self._add(totals, self._sums(conn, self._settled_until, None))
+        return totals
 
 
 def busy_seconds(db: Database, *, ended_since: int, project_id: str | None = None) -> dict[str, float]:
@@ -203,17 +303,20 @@ def gold_stars_by_day(db: Database, *, days: int, project_id: str | None = None)
 
 class PlatformCollector(Collector):
     """Everything ``GET /metrics`` reports, computed at scrape time (the disk's use by kind at most once a minute:
-    measuring it walks the store)."""
+    measuring it walks the store). What belongs to a project (batches, requests, tokens, reviews, fine-tunes,
+    usage) carries a ``project`` label, the project's id: ``sum by (model)`` still gives the platform's figures."""
 
     def __init__(self, db: Database, *, services: Callable[[], dict[str, dict[str, Any]]],
                  engines: Callable[[], list[EngineState]], dagster_queued: Callable[[], int | None],
                  disk: Callable[[], Any] | None = None):
         self.db, self.services, self.engines, self.dagster_queued = db, services, engines, dagster_queued
         self.disk = disk
+        self.usage = UsageTotals(db)
 
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
-        yield from self._summary(summarize(self.db))
+        yield from self._summary(summaries(self.db))
+        yield from self._usage(self.usage.totals())
         yield from self._services()
         yield from self._engines()
         if self.disk is not None:
@@ -226,34 +329,56 @@ class PlatformCollector(Collector):
                                 value=time.monotonic() - started)
 
     @staticmethod
-    def _summary(summary: PlatformSummary) -> Iterator[Metric]:
-        by_status = GaugeMetricFamily("vbatch_batches", "Batches by status", labels=["status"])
-        for status, count in summary.batches.items():
-            by_status.add_metric([status], count)
-        requests = CounterMetricFamily("vbatch_requests", "Batch requests finished, by model and outcome",
-                                       labels=["model", "outcome"])
-        for model, (completed, failed) in summary.requests.items():
-            requests.add_metric([model, "completed"], completed)
-            requests.add_metric([model, "failed"], failed)
-        tokens = CounterMetricFamily("vbatch_tokens", "Tokens of finished batch requests, by model and kind",
-                                     labels=["model", "kind"])
-        for model, (input_tokens, output_tokens) in summary.tokens.items():
-            tokens.add_metric([model, "input"], input_tokens)
-            tokens.add_metric([model, "output"], output_tokens)
-        tasks = GaugeMetricFamily("vbatch_curation_tasks", "Results sent to review, by state", labels=["state"])
-        tasks.add_metric(["reviewed"], summary.reviewed)
-        tasks.add_metric(["pending"], summary.pending_review)
-        jobs = GaugeMetricFamily("vbatch_fine_tunes", "Fine-tuning jobs by status", labels=["status"])
-        for status, count in summary.fine_tunes.items():
-            jobs.add_metric([status], count)
-        yield by_status
-        yield GaugeMetricFamily("vbatch_batches_waiting", "Batches accepted and not yet run by any run (the "
-                                "queue in front of the engine)", value=summary.waiting)
-        yield requests
-        yield tokens
-        yield tasks
-        yield GaugeMetricFamily("vbatch_gold_stars", "Results marked gold stars", value=summary.gold_stars)
-        yield jobs
+    def _summary(by_project: dict[str, PlatformSummary]) -> Iterator[Metric]:
+        by_status = GaugeMetricFamily("vbatch_batches", "Batches by status and project", labels=["status", "project"])
+        waiting = GaugeMetricFamily("vbatch_batches_waiting", "Batches accepted and not yet run by any run (the "
+                                    "queue in front of the engine), by project", labels=["project"])
+        requests = CounterMetricFamily("vbatch_requests", "Batch requests finished, by model, outcome and project",
+                                       labels=["model", "outcome", "project"])
+        tokens = CounterMetricFamily("vbatch_tokens", "Tokens of finished batch requests, by model, kind and project",
+                                     labels=["model", "kind", "project"])
+        tasks = GaugeMetricFamily("vbatch_curation_tasks", "Results sent to review, by state and project",
+                                  labels=["state", "project"])
+        gold = GaugeMetricFamily("vbatch_gold_stars", "Results marked gold stars, by project", labels=["project"])
+        jobs = GaugeMetricFamily("vbatch_fine_tunes", "Fine-tuning jobs by status and project",
+                                 labels=["status", "project"])
+        for project, summary in sorted(by_project.items()):
+            for status, count in summary.batches.items():
+                by_status.add_metric([status, project], count)
+            waiting.add_metric([project], summary.waiting)
+            for model, (completed, failed) in summary.requests.items():
+                requests.add_metric([model, "completed", project], completed)
+                requests.add_metric([model, "failed", project], failed)
+            for model, (input_tokens, output_tokens) in summary.tokens.items():
+                tokens.add_metric([model, "input", project], input_tokens)
+                tokens.add_metric([model, "output", project], output_tokens)
+            tasks.add_metric(["reviewed", project], summary.reviewed)
+            tasks.add_metric(["pending", project], summary.pending_review)
+            gold.add_metric([project], summary.gold_stars)
+            for status, count in summary.fine_tunes.items():
+                jobs.add_metric([status, project], count)
+        yield from (by_status, waiting, requests, tokens, tasks, gold, jobs)
+
+    @staticmethod
+    def _usage(totals: dict[UsageKey, tuple[int, int, int, float]]) -> Iterator[Metric]:
+        """Usage as ``GET /v1/organization/usage/*`` counts it (``usage_records``): batch and online requests, by
+        project, model, usage type (completions | embeddings) and whether it was a batch's."""
+        labels = ["project", "model", "usage", "batch"]
+        requests = CounterMetricFamily("vbatch_usage_requests", "Requests used (batch and online), by project, "
+                                       "model, usage type and batch", labels=labels)
+        tokens = CounterMetricFamily("vbatch_usage_tokens", "Tokens used (batch and online), by project, model, "
+                                     "usage type, batch and kind (input, output)", labels=[*labels, "kind"])
+        seconds = CounterMetricFamily("vbatch_usage_engine_seconds", "Seconds requests held the engine (a batch: "
+                                      "from its start to its end), by project, model, usage type and batch",
+                                      labels=labels)
+        for (project, model, kind, batch), (n, tokens_in, tokens_out, engine_s) in sorted(totals.items()):
+            values = [project, model, kind, "true" if batch else "false"]
+            requests.add_metric(values, n)
+            tokens.add_metric([*values, "input"], tokens_in)
+            if kind != "embeddings":  # embeddings have input tokens only
+                tokens.add_metric([*values, "output"], tokens_out)
+            seconds.add_metric(values, engine_s)
+        yield from (requests, tokens, seconds)
 
     def _services(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("vbatch_service_up", "Whether a supervised service runs", labels=["service"])

@@ -218,3 +218,35 @@ def audit(db: Database, caller: Caller, type: str, target: str, **details) -> No
                                created_at=int(time.time()), type=type, project_id=caller.project_id,
                                key_id=caller.key_id, actor=caller.key_name, target=str(target)[:512],
                                details=details or None))
+
+
+EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
+
+
+def add_reviewer(db: Database, label_studio, project_id: str, email: str, *, password: str | None = None,
+                 move_existing: bool = False) -> dict:
+    """A Label Studio login for a reviewer of ``project_id``: a member of that project's organization only, who
+    sees its tasks and no other project's. A new account gets ``password`` or a generated one (returned once);
+    an existing account is moved here only with ``move_existing`` (the operator's CLI: a project's admin must
+    not take another project's reviewer, nor any account's password). vbatch's own accounts are refused."""
+    project = get_project(db, project_id)
+    email = (email or "").strip().lower()
+    if not EMAIL.match(email) or email.endswith("@vbatch.local"):
+        raise ProjectError("email must be a reviewer's address (name@domain), not one of vbatch's own", "email")
+    if not label_studio.enabled:
+        raise ProjectError(f"Curation is unavailable: {label_studio.disabled_reason}", None, "curation_disabled", 409)
+    server = label_studio.server()
+    if server is None:
+        raise ProjectError("This Label Studio is external: add reviewers there (vbatch keeps the teams of the Label "
+                           "Studio it runs)", None, "label_studio_external", 409)
+    label_studio.ensure_running()
+    given = password
+    password = password or secrets.token_urlsafe(12)
+    if not server.add_reviewer(project.id, project.name, email, password, only_new=True):
+        if not move_existing:
+            raise ProjectError(f"{email} has a Label Studio account already; the operator can move it here with "
+                               "`vbatch label-studio add-reviewer --move`", "email", "reviewer_exists", 409)
+        server.add_reviewer(project.id, project.name, email, given, only_new=False)  # its password kept unless given
+        password = given
+    return {"object": "organization.project.reviewer", "project_id": project.id, "email": email,
+            "password": password, "label_studio_url": label_studio.url}

@@ -138,7 +138,7 @@ class Settings:
     max_model_len: int | None  # the engine's context length (None: the model's own)
     gpu_memory_fraction: float  # of GPU memory the engine may take (vLLM's gpu_memory_utilization)
     kv_cache_sequences: int  # on CPU: full-context sequences an engine's KV cache holds (sized from the model)
-    engine_slots: int  # chunks a vLLM server runs at once, shared among projects (0: fill vLLM's running batch)
+    engine_slots: int  # chunks a vLLM server runs at once, shared among projects (0: one batch's window)
     trainer: TrainerBackend
     max_lora_rank: int  # the engine's largest LoRA rank; fine-tunes above it are refused
     min_training_examples: int

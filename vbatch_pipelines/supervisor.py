@@ -309,7 +309,8 @@ def start_curation(settings: Settings, resources: dict, api_url: str) -> str:
         return f"off: {label_studio.disabled_reason}"
     try:
         label_studio.ensure_running()
-        label_studio.ensure_webhook(f"{api_url}/v1/webhooks/label-studio", label_studio.shared_webhook_secret())
+        for team in label_studio.team_clients():  # every project's organization sends its reviews
+            team.ensure_webhook(f"{api_url}/v1/webhooks/label-studio", label_studio.shared_webhook_secret())
     except Exception as exc:  # noqa: BLE001 - the platform stays up; curation_tasks retries
         return f"failed to start: {exc}"
     server = label_studio.server()

@@ -18,11 +18,20 @@ def bar_chart(points: list[tuple[str, float]], *, width: int = 320, height: int 
         bars.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{step - 4:.1f}" height="{bar:.1f}"><title>{escape(name)}: '
                     f'{value:g}</title></rect>')
         if value:
-            bars.append(f'<text x="{x + (step - 4) / 2:.1f}" y="{y - 2:.1f}" class="value">{value:g}</text>')
+            bars.append(f'<text x="{x + (step - 4) / 2:.1f}" y="{y - 2:.1f}" class="value">{short(value)}</text>')
     first, last = escape(points[0][0]), escape(points[-1][0])
     return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">'
             + "".join(bars) + f'<text x="0" y="{height - 4}">{first}</text>'
             f'<text x="{width}" y="{height - 4}" text-anchor="end">{last}</text></svg>')
+
+
+def short(value: float) -> str:
+    """A bar's value as it fits above the bar: 950, 12k, 1.5M (the bar's tooltip has it in full)."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit * 0.9995:  # 999,999 is 1.0M, not 1000k
+            scaled = value / limit
+            return f"{scaled:.1f}{suffix}" if scaled < 10 else f"{scaled:.0f}{suffix}"
+    return f"{value:g}"
 
 
 def line_chart(points: list[tuple[float, float]], *, width: int = 640, height: int = 220, label: str = "",

@@ -53,8 +53,10 @@ async def notify_reviews(request: Request, task_ids: list[int]) -> None:
 
 async def _write_review(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller, *,
                         answer: str | None, gold_star: bool) -> dict:
-    """Write the review to Label Studio, then record it; Label Studio down: a 503 and nothing changed."""
+    """Write the review to Label Studio (as the task's project's organization), then record it; Label Studio
+    down: a 503 and nothing changed."""
     task = _task_or_404(db, task_id, caller)
+    label_studio = label_studio.for_project(task.project_id)
 
     def write() -> bool:
         annotation = label_studio.write_review(task_id, answer, task.rating, gold_star, task.annotation_id)
@@ -72,6 +74,7 @@ async def _reviewed_task(request: Request, label_studio: LabelStudio, db: Databa
     task = _task_or_404(db, task_id, caller)
     if task.annotation_id is not None:
         return task
+    label_studio = label_studio.for_project(task.project_id)
     if await asyncio.to_thread(lambda: record_task(db, label_studio.task(task_id))):
         await notify_reviews(request, [task_id])
     return _task_or_404(db, task_id, caller)

@@ -25,7 +25,9 @@ class ScrapeTarget(BaseModel):
     "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 def metrics(request: Request) -> Response:
     """Batches by status, requests and tokens by model, queue depth, reviews and gold stars, fine-tunes by
-    status, services and engines, the disk (bytes by kind, free and total); for Prometheus
+    status, each also by `project` (the project's id); usage as the usage API counts it, batch and online
+    (`vbatch_usage_requests_total`, `vbatch_usage_tokens_total`, `vbatch_usage_engine_seconds_total`, by project,
+    model, usage type and batch); services and engines, the disk (bytes by kind, free and total); for Prometheus
     (`deploy/prometheus.yml`) or a look with curl."""
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 

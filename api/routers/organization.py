@@ -220,3 +220,20 @@ def usage_embeddings(request: Request, start_time: int = Query(ge=0, le=MAX_TIME
                      db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     """Requests and input tokens of embeddings (and score and rerank), as ``/usage/completions``."""
     return _usage(EMBEDDINGS, request, db, caller, start_time, end_time, bucket_width, limit, page, None)
+
+
+class ReviewerBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    email: str = Field(max_length=256, description="the reviewer's address: their Label Studio login")
+
+
+@router.post("/projects/{project_id}/reviewers")
+def add_reviewer(project_id: str, body: ReviewerBody, request: Request, db: Database = Depends(get_db),
+                 caller: Caller = Depends(get_caller)) -> dict:
+    """vbatch's own: a Label Studio login for a reviewer of the project (its admins and platform admins), in the
+    project's own organization there: they see its tasks and no other project's. The password is in the answer,
+    that once."""
+    _managed_project(db, caller, project_id)
+    made = projects.add_reviewer(db, request.app.state.resources["label_studio"], project_id, body.email)
+    projects.audit(db, caller, "reviewer.added", made["email"], project_id=project_id)
+    return made

@@ -25,6 +25,10 @@ from vbatch_pipelines.paths import write_private
 
 REQUIREMENTS = Path(__file__).with_name("label-studio.txt")
 CREDENTIALS_FILE = "credentials.json"
+# Label Studio's settings for vbatch's teams (an organization per vbatch project, kept apart) and the command that
+# makes them: they run inside Label Studio's env, from this directory.
+TEAMS_DIR = Path(__file__).with_name("label_studio_teams")
+TEAM_ADMIN_TIMEOUT_S = 120.0
 
 
 class LabelStudioNotInstalled(RuntimeError):
@@ -101,7 +105,11 @@ class ManagedLabelStudio(DetachedServer):
                    LABEL_STUDIO_USER_TOKEN=creds["token"], LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
                    # webhooks go to vbatch on 127.0.0.1, which SSRF protection would refuse
                    SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false", SENTRY_DSN="",
-                   FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false", PYTHONUNBUFFERED="1")
+                   FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false", PYTHONUNBUFFERED="1",
+                   # each vbatch project's reviewers in an organization of their own, kept apart; people join
+                   # through vbatch (`vbatch label-studio add-reviewer`), not an open sign-up page
+                   PYTHONPATH=str(TEAMS_DIR), DJANGO_SETTINGS_MODULE="vbatch_ls_settings",
+                   DISABLE_SIGNUP_WITHOUT_LINK="true")
         if self.database_url:
             parts = urlsplit(self.database_url)
             env.update(DJANGO_DB="default", POSTGRE_NAME=parts.path.lstrip("/") or "postgres",
@@ -118,3 +126,60 @@ class ManagedLabelStudio(DetachedServer):
             return response.status_code == 200
         except httpx.HTTPError:
             return False
+
+    # -- teams: an organization per vbatch project -----------------------------------------------------------
+
+    def team(self, project_id: str, title: str) -> dict[str, str]:
+        """The Label Studio organization of vbatch project ``project_id``: its admin's email and API token, and
+        its id; made the first time (the server must have started once: its database exists). The default
+        project's is the first organization, the one the managed admin made."""
+        from filelock import FileLock
+
+        from vbatch_pipelines.store.models import DEFAULT_PROJECT
+
+        creds = self.credentials()
+        if project_id == DEFAULT_PROJECT:
+            return {"org_id": "1", "email": creds["username"], "token": creds["token"]}
+        if project_id in creds.get("teams", {}):
+            return creds["teams"][project_id]
+        with FileLock(str(self.state_dir / f"{CREDENTIALS_FILE}.lock")):
+            creds = self.credentials()  # another process may have made it meanwhile
+            if project_id not in creds.get("teams", {}):
+                made = self._team_command("team", ["--title", f"vbatch · {title}"[:1000],
+                                                   "--email", f"admin+{project_id}@vbatch.local"],
+                                          {"token": secrets.token_hex(20)})
+                team = {"org_id": str(made["org_id"]), "email": made["email"], "token": made["token"]}
+                write_private(self.state_dir / CREDENTIALS_FILE,
+                              json.dumps({**creds, "teams": {**creds.get("teams", {}), project_id: team}}))
+                creds = self.credentials()
+        return creds["teams"][project_id]
+
+    def teams(self) -> list[str]:
+        """The vbatch projects that have an organization here (the default project's always)."""
+        from vbatch_pipelines.store.models import DEFAULT_PROJECT
+
+        return [DEFAULT_PROJECT, *sorted(self.credentials().get("teams", {}))]
+
+    def add_reviewer(self, project_id: str, title: str, email: str, password: str | None, *,
+                     only_new: bool) -> bool:
+        """Make ``email`` a reviewer of ``project_id``'s organization, and of no other (someone who signed up with
+        the first organization's invite link is moved); its password set when given. With ``only_new`` an
+        existing account is left alone (False)."""
+        team = self.team(project_id, title)
+        made = self._team_command("reviewer", ["--org", team["org_id"], "--email", email,
+                                               *(["--only-new"] if only_new else [])],
+                                  {"password": password} if password else {})
+        return not made["exists"]
+
+    def _team_command(self, command: str, args: list[str], secret: dict[str, str]) -> dict:
+        """Run a vbatch_ls_teams.py command with Label Studio's python and the server's environment (its
+        database), the secrets on stdin; its JSON answer."""
+        import subprocess
+
+        done = subprocess.run([self.python(), str(TEAMS_DIR / "vbatch_ls_teams.py"), command, *args],
+                              input=json.dumps(secret), capture_output=True, text=True, env=self.env(),
+                              timeout=TEAM_ADMIN_TIMEOUT_S, cwd=str(TEAMS_DIR))
+        if done.returncode != 0:
+            raise RuntimeError(f"Label Studio's team command {command} failed (exit {done.returncode}): "
+                               f"{done.stderr.strip()[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])

@@ -48,7 +48,7 @@ from vbatch_pipelines.names import CURATION_SEQ_TAG, GOLD_STAR_DATASET_JOB, PROJ
 from vbatch_pipelines.partitions import batch_partitions
 from vbatch_pipelines.protocol import calls_tools, response_text
 from vbatch_pipelines.settings import is_off
-from vbatch_pipelines.store.models import DEFAULT_PROJECT, Owner
+from vbatch_pipelines.store.models import DEFAULT_PROJECT, Owner, Project
 
 REVIEWABLE_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
@@ -117,6 +117,9 @@ def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, fil
     imported = 0
     if by_schema:
         label_studio.ensure_running()
+        # the batch's project's own organization: only its reviewers see these tasks
+        project = db.get(Project, batch.project_id)
+        label_studio = label_studio.for_project(batch.project_id, project.name if project else None)
     for schema, rows in by_schema.values():
         project_id = label_studio.project_for(schema)
         if unconfirmed:
@@ -220,13 +223,14 @@ def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
     cursor = json.loads(context.cursor or "{}")
     read = changed = 0
     try:
-        for project_id in label_studio.projects():
-            tasks = label_studio.changed_tasks(project_id, cursor.get(str(project_id)))
-            for task in tasks:
-                changed += record_task(db, task)
-            if tasks:
-                read += len(tasks)
-                cursor[str(project_id)] = max(iso(task.updated_at) for task in tasks)
+        for team in label_studio.team_clients():  # each vbatch project's organization, with its own token
+            for project_id in team.projects():
+                tasks = team.changed_tasks(project_id, cursor.get(str(project_id)))
+                for task in tasks:
+                    changed += record_task(db, task)
+                if tasks:
+                    read += len(tasks)
+                    cursor[str(project_id)] = max(iso(task.updated_at) for task in tasks)
     except LabelStudioUnavailable as exc:
         return SkipReason(f"Label Studio is unreachable; will read from the same cursor next tick ({exc})")
     context.update_cursor(json.dumps(cursor, sort_keys=True))

@@ -12,7 +12,8 @@ a body). Imports nothing but vLLM and the standard library (it runs in vLLM's en
 
 Every batch on this server sends its chunks here, from whatever run or node: ``FairShare`` keeps at most
 VBATCH_ENGINE_SLOTS chunks running and, when projects wait (``x-vbatch-project``, ``x-vbatch-weight`` headers),
-hands each freed slot to the project running the fewest chunks for its weight.
+hands each freed slot to the project running the fewest chunks for its weight; each request then carries a
+vLLM priority (the server runs ``--scheduling-policy priority``) saying the same inside the engine's queue.
 """
 
 import asyncio
@@ -32,10 +33,10 @@ _POOLING = {
 
 
 class FairShare:
-    """The engine's in-flight chunks, shared among projects. At most ``slots`` chunks run at once; while chunks
-    wait, a freed slot goes to the project running the fewest chunks for its weight (first come first served
-    within a project), so a project's small batch starts as soon as one chunk of a large batch ends, not after
-    the large batch. With one project alone it has every slot. Pure asyncio: the vLLM middleware and the in-process
+    """The engine's in-flight chunks, shared among projects. At most ``slots`` chunks run at once, plus one for
+    each project that had none running when it asked (it never waits); while chunks wait, a freed slot goes to
+    the project running the fewest chunks for its weight (first come first served within a project), so another
+    project's small batch runs at once, not after the large one. With one project alone it has every slot. Pure asyncio: the vLLM middleware and the in-process
     engines use it alike."""
 
     def __init__(self, slots: int):
@@ -50,15 +51,19 @@ class FairShare:
     def busy(self) -> int:
         return sum(self.running.values())
 
-    async def acquire(self, project: str, weight: float = 1.0) -> None:
+    async def acquire(self, project: str, weight: float = 1.0) -> int:
+        """Wait for a slot; returns the chunk's priority in vLLM's queue (lower first): 1 plus the project's
+        running chunks for its weight when it got the slot, so inside the engine too a project's first chunk
+        goes ahead of another's fifth (online requests, at vLLM's default 0, ahead of every batch)."""
         self.weights[project] = max(weight, 1e-6)
-        if self.busy < self.slots and not any(self.waiting.values()):
-            self._grant(project)
-            return
+        if (self.busy < self.slots and not any(self.waiting.values())) or not self.running.get(project):
+            # A project with nothing running starts one chunk at once, over the limit if need be: a small batch
+            # never waits for another project's chunk to end (its priority puts it first in vLLM's queue too).
+            return self._grant(project)
         future = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(project, collections.deque()).append(future)
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():  # granted as it was cancelled: give the slot back
                 self.release(project)
@@ -66,9 +71,11 @@ class FairShare:
                 self.waiting[project].remove(future)
             raise
 
-    def _grant(self, project: str) -> None:
+    def _grant(self, project: str) -> int:
+        priority = 1 + int(PRIORITY_STEP * self.running.get(project, 0) / self.weights.get(project, 1.0))
         self.running[project] = self.running.get(project, 0) + 1
         self.granted[project] = self.granted.get(project, 0) + 1
+        return priority
 
     def release(self, project: str) -> None:
         self.running[project] = max(0, self.running.get(project, 0) - 1)
@@ -84,11 +91,11 @@ class FairShare:
             for other in queued:
                 if other != turn:
                     self.passed_over[other] = self.passed_over.get(other, 0) + 1
-            self._grant(turn)
-            future.set_result(None)
+            future.set_result(self._grant(turn))
 
 
 PROJECT_HEADER, WEIGHT_HEADER = "x-vbatch-project", "x-vbatch-weight"
+PRIORITY_STEP = 1000  # a running chunk's weight in a request's vLLM priority
 _share: list[FairShare] = []  # this server's, made on its first chunk (in its event loop)
 
 
@@ -203,9 +210,10 @@ async def batch_requests(request, call_next):
     else:
         project, weight = share_of(request.headers)
         share = fair_share()
-        await share.acquire(project, weight)
+        priority = await share.acquire(project, weight)
         try:
-            results = await asyncio.gather(*(_run_one(*serving, body) for body in payload["requests"]))
+            results = await asyncio.gather(*(_run_one(*serving, {**body, "priority": priority})
+                                             for body in payload["requests"]))
         finally:
             share.release(project)
     content = b'{"results":[' + b",".join(b'{"status_code":%d,"body":%s}' % (status, body)

@@ -47,6 +47,7 @@ FORCED_TOOL_CALL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "vba
 # which the guidance backend above cannot read ("Invalid grammar specification: 'triggers'"): off, they take
 # the same JSON-schema path as every other model.
 TOOL_CALL_ENV = {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
+CPU_ENGINE_NICENESS = 10
 
 
 def cpu_engine_env() -> dict[str, str]:
@@ -240,6 +241,8 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
             "--port", str(port),
             "--disable-uvicorn-access-log",  # its stats stay on: its /metrics feeds Prometheus and the dashboard
             "--middleware", f"{BATCH_MIDDLEWARE.__name__}.batch_requests",
+            # the batch middleware's fair share sets each batch request's priority: online requests (0) first
+            "--scheduling-policy", "priority",
             *(["--trust-remote-code"] if self.model.trust_remote_code else []),
             # Sleep mode lets a fine-tune borrow the GPU without a restart (released_for_training).
             *(["--enable-sleep-mode"] if cfg.gpus else []),
@@ -277,6 +280,13 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         if not self.healthy(state):
             return False
         return self.unload_adapter_at(self.url_of(state), name)
+
+    @property
+    def niceness(self) -> int:
+        """A CPU engine shares the cores with the API, Dagster and the runs: it runs at a lower priority, so a
+        small batch's run, a status poll or a new upload is not made to wait behind the engine's threads (the
+        engine takes every cycle they leave). On a GPU the engine's own CPU work feeds the GPU: no change."""
+        return CPU_ENGINE_NICENESS if self.config.gpus == 0 else 0
 
     def env(self) -> dict[str, str]:
         # The batch middleware is imported from this checkout inside vLLM's own env (it needs only vLLM).
