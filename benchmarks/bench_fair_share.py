@@ -19,6 +19,7 @@ Usage: python benchmarks/bench_fair_share.py [--big 20000] [--size 20] [--idle 1
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,9 +56,45 @@ def small_batch(stack: Stack, client: openai.OpenAI, size: int, tag: str) -> flo
     return time.monotonic() - started
 
 
-def large_batch(stack: Stack, client: openai.OpenAI, size: int, tag: str, meanwhile=None) -> tuple[float, int]:
+class CpuUse:
+    """CPU seconds of the engine (the vLLM server's processes), the rest of the platform (API, Dagster, run
+    workers) and this client, between two calls of ``take``: where the machine's two cores went."""
+
+    def __init__(self, stack: Stack):
+        states = [json.loads(p.read_text()) for p in (stack.home / "engines").glob("*.json")]
+        self.engine = psutil.Process(next(s["pid"] for s in states if s.get("model")))
+        self.platform = psutil.Process(stack.process.pid)
+        self.client = psutil.Process()
+        self.last = self._now()
+
+    @staticmethod
+    def _cpu(processes) -> float:
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
+    def _now(self) -> tuple[float, float, float, float]:
+        engine = {self.engine, *self.engine.children(recursive=True)}
+        rest = {self.platform, *self.platform.children(recursive=True)} - engine
+        return time.monotonic(), self._cpu(engine), self._cpu(rest), self._cpu([self.client])
+
+    def take(self) -> dict[str, float]:
+        """Cores used on average since the last call, by engine, platform and client."""
+        now = self._now()
+        span = max(now[0] - self.last[0], 1e-6)
+        used = {name: (now[i] - self.last[i]) / span for i, name in ((1, "engine"), (2, "platform"), (3, "client"))}
+        self.last = now
+        return used
+
+
+def large_batch(stack: Stack, client: openai.OpenAI, size: int, tag: str, meanwhile=None) -> tuple[float, int, dict]:
     """A's large batch: its throughput (req/s) from 10 % to 90 % of its requests, calling ``meanwhile()`` over
-    and over in that span (B's small batches); and the requests it completed in the span."""
+    and over in that span (B's small batches); the requests it completed in the span, and the cores used then."""
     batch_id = client.batches.create(input_file_id=stack.upload(requests_jsonl(size, tag), client=client),
                                      endpoint="/v1/chat/completions", completion_window="24h").id
 
@@ -66,6 +104,7 @@ def large_batch(stack: Stack, client: openai.OpenAI, size: int, tag: str, meanwh
 
     while (now := completed())[1] < size // 10:
         time.sleep(0.1)
+    cpu = CpuUse(stack)
     t0, c0, _ = now
     t1, c1, status = now
     while c1 < size * 9 // 10 and status == "in_progress":
@@ -74,9 +113,10 @@ def large_batch(stack: Stack, client: openai.OpenAI, size: int, tag: str, meanwh
         else:
             time.sleep(0.1)
         t1, c1, status = completed()
+    cores = cpu.take()
     final = stack.wait(batch_id, client=client)
     assert final.status == "completed" and final.request_counts.completed == size, final
-    return (c1 - c0) / (t1 - t0), c1 - c0
+    return (c1 - c0) / (t1 - t0), c1 - c0, cores
 
 
 def scenario(stack: Stack, args) -> dict:
@@ -84,15 +124,15 @@ def scenario(stack: Stack, args) -> dict:
     small_batch(stack, b, args.size, "warm-b")  # first runs pay one-off imports
     small_batch(stack, a, args.size, "warm-a")
     idle = [small_batch(stack, b, args.size, f"idle{k}-") for k in range(args.idle)]
-    a_alone, _ = large_batch(stack, a, args.big, "alone")
+    a_alone, _, cores_alone = large_batch(stack, a, args.big, "alone")
     together: list[float] = []
-    a_with, a_requests = large_batch(
+    a_with, a_requests, cores_with = large_batch(
         stack, a, args.big, "with",
         meanwhile=lambda: together.append(small_batch(stack, b, args.size, f"with{len(together)}-")))
     b_requests = args.size * len(together)
     return {"idle_p50": statistics.median(idle), "with_p50": statistics.median(together), "with_n": len(together),
             "a_alone": a_alone, "a_with": a_with, "drop": 1 - a_with / a_alone,
-            "b_share": b_requests / (b_requests + a_requests)}
+            "b_share": b_requests / (b_requests + a_requests), "cores_alone": cores_alone, "cores_with": cores_with}
 
 
 def report(label: str, r: dict) -> None:
@@ -101,6 +141,10 @@ def report(label: str, r: dict) -> None:
           f"idle -> {ratio:.2f}x (target <= 3x); A {r['a_alone']:.0f} req/s alone, "
           f"{r['a_with']:.0f} req/s with B -> drop {r['drop']:.1%}, B's share of the requests {r['b_share']:.1%} "
           f"(target: drop <= share)", flush=True)
+    for span in ("alone", "with"):
+        cores = r[f"cores_{span}"]
+        print(f"   cores used while A ran {'alone' if span == 'alone' else 'with B'}: " +
+              ", ".join(f"{name} {value:.2f}" for name, value in cores.items()), flush=True)
 
 
 def main() -> int:
