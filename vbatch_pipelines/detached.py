@@ -165,6 +165,10 @@ def refuse_new_servers() -> None:
         _no_new_servers = True
 
 
+HEALTHY_MEMO_S = 10.0
+_healthy_seen: dict[tuple[str, int, int | None], float] = {}  # (state file, pid, port) -> when it last answered
+
+
 class DetachedServer:
     """State file, lock, start, health check and stop; subclasses say how to run and probe the server."""
 
@@ -231,10 +235,24 @@ class DetachedServer:
         return f"http://127.0.0.1:{state['port']}"
 
     def healthy(self, state: dict[str, Any] | None = None, timeout: float = 2.0) -> bool:
+        """Whether the server of ``state`` runs and answers. An answer this process saw in the last
+        HEALTHY_MEMO_S from the same server process is taken as still true (a busy CPU engine takes tenths of a
+        second to answer a probe: every run opening its engine paid them); a failed request forgets it."""
         state = state or self.state()
         if not state or not pid_alive(state["pid"]):
             return False
-        return self.probe(self.url_of(state), timeout)
+        key = (str(self.state_path), state["pid"], state.get("port"))
+        if time.monotonic() - _healthy_seen.get(key, -HEALTHY_MEMO_S) < HEALTHY_MEMO_S:
+            return True
+        if self.probe(self.url_of(state), timeout):
+            _healthy_seen[key] = time.monotonic()
+            return True
+        return False
+
+    def forget_healthy(self) -> None:
+        """A request to it failed: the next ``ensure`` probes it again."""
+        for key in [key for key in _healthy_seen if key[0] == str(self.state_path)]:
+            _healthy_seen.pop(key, None)
 
     def ensure(self) -> str:
         """The URL of a healthy server, starting (or restarting) one if needed."""
@@ -290,7 +308,7 @@ class DetachedServer:
                     try:
                         os.setpriority(os.PRIO_PGRP, process.pid, self.niceness)
                     except OSError:
-                        pass
+                        pass  # a lower priority is a courtesy: without it the server runs as before
             state = {"pid": process.pid, "port": port, "argv": argv, "started_at": time.time(),
                      **self.state_extra()}
             write_private(self.state_path, json.dumps(state))  # the command line may carry credentials

@@ -283,9 +283,10 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
 
     @property
     def niceness(self) -> int:
-        """A CPU engine shares the cores with the API, Dagster and the runs: it runs at a lower priority, so a
-        small batch's run, a status poll or a new upload is not made to wait behind the engine's threads (the
-        engine takes every cycle they leave). On a GPU the engine's own CPU work feeds the GPU: no change."""
+        """A CPU engine shares the cores with the API, Dagster and the runs: it runs at a lower priority (all of
+        it: with its API server at the platform's priority, a small batch's run waited longer, 2-3 s instead of
+        1-1.4 s under a large batch), so a small batch's run, a status poll or an upload is not made to wait
+        behind the engine's threads. On a GPU the engine's own CPU work feeds the GPU: no change."""
         return CPU_ENGINE_NICENESS if self.config.gpus == 0 else 0
 
     def env(self) -> dict[str, str]:
@@ -442,6 +443,9 @@ class VLLMEngine:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        forget = getattr(self.server, "forget_healthy", None)
+        if forget is not None:  # a request failed: ask the server again, not the last answer it gave
+            forget()
         self._url = await asyncio.to_thread(self._ensure)
 
     async def aclose(self) -> None:
