@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vbatch_pipelines.errors import NotFound, VbatchError
 from vbatch_pipelines.protocol import error_body
+from vbatch_pipelines.store.models import of_project
 
 log = logging.getLogger("vbatch.api")
 
@@ -46,8 +47,8 @@ def not_found(kind: str, identifier: str, param: str | None = None) -> NotFound:
 def get_or_404(db, model, key: str, kind: str, param: str, project_id: str):
     """The ``model`` row with primary key ``key`` of project ``project_id``, or a 404 in OpenAI's shape naming
     ``kind``: another project's object is answered as one that does not exist, never confirmed by a 403."""
-    row = db.get(model, key)
-    if row is None or row.project_id != project_id:
+    row = of_project(db.get(model, key), project_id)
+    if row is None:
         raise not_found(kind, key, param=param)
     return row
 

@@ -19,7 +19,6 @@ Usage: python benchmarks/bench_fair_share.py [--big 20000] [--size 20] [--idle 1
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,15 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.stack import ROOT, Stack, load_average, requests_jsonl, worktree  # noqa: E402
+from benchmarks.stack import (  # noqa: E402
+    ROOT,
+    Stack,
+    cpu_seconds,
+    engine_pid,
+    load_average,
+    requests_jsonl,
+    worktree,
+)
 
 ADMIN = "bench-admin"
 
@@ -61,27 +68,15 @@ class CpuUse:
     workers) and this client, between two calls of ``take``: where the machine's two cores went."""
 
     def __init__(self, stack: Stack):
-        states = [json.loads(p.read_text()) for p in (stack.home / "engines").glob("*.json")]
-        self.engine = psutil.Process(next(s["pid"] for s in states if s.get("model")))
+        self.engine = psutil.Process(engine_pid(stack))
         self.platform = psutil.Process(stack.process.pid)
         self.client = psutil.Process()
         self.last = self._now()
 
-    @staticmethod
-    def _cpu(processes) -> float:
-        total = 0.0
-        for process in processes:
-            try:
-                times = process.cpu_times()
-                total += times.user + times.system
-            except psutil.Error:
-                pass
-        return total
-
     def _now(self) -> tuple[float, float, float, float]:
         engine = {self.engine, *self.engine.children(recursive=True)}
         rest = {self.platform, *self.platform.children(recursive=True)} - engine
-        return time.monotonic(), self._cpu(engine), self._cpu(rest), self._cpu([self.client])
+        return time.monotonic(), cpu_seconds(engine), cpu_seconds(rest), cpu_seconds([self.client])
 
     def take(self) -> dict[str, float]:
         """Cores used on average since the last call, by engine, platform and client."""

@@ -288,28 +288,36 @@ class PeakMemory(_Sampler):
         return ", ".join(f"{name} {value / 2**20:.0f} MB" for name, value in self.peak.items())
 
 
+def engine_pid(stack: Stack) -> int:
+    """The process of the vLLM server ``stack`` started (its state file's)."""
+    states = [json.loads(p.read_text()) for p in (stack.home / "engines").glob("*.json")]
+    return next(s["pid"] for s in states if s.get("model"))
+
+
+def cpu_seconds(processes) -> float:
+    """User and system CPU seconds of ``processes`` so far (those gone meanwhile count nothing)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
 class EngineBusy(_Sampler):
     """The fraction of time the engine was working: its processes (the vLLM server and its engine core)
     sampled every 0.1 s, busy when together they used more than half a core."""
 
     def __init__(self, stack: Stack | None = None, every_s: float = 0.1, *, pid: int | None = None):
         """The engine ``stack`` started, or the server whose process is ``pid`` (a replica elsewhere)."""
-        if pid is None:
-            states = [json.loads(p.read_text()) for p in (stack.home / "engines").glob("*.json")]
-            pid = next(s["pid"] for s in states if s.get("model"))
         super().__init__(every_s)
-        self.root = psutil.Process(pid)
+        self.root = psutil.Process(pid if pid is not None else engine_pid(stack))
         self.samples: list[bool] = []
 
     def _cpu(self) -> float:
-        total = 0.0
-        for process in [self.root, *self.root.children(recursive=True)]:
-            try:
-                times = process.cpu_times()
-                total += times.user + times.system
-            except psutil.Error:
-                pass
-        return total
+        return cpu_seconds([self.root, *self.root.children(recursive=True)])
 
     def _sample(self) -> None:
         last, at = self._cpu(), time.monotonic()

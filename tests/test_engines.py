@@ -314,6 +314,7 @@ def test_a_busy_server_is_given_time_not_killed_on_one_slow_probe(tmp_path):
 
     script, flag = tmp_path / "slow.py", tmp_path / "busy"
     script.write_text(SLOW_SERVER)
+    probes: list[str] = []
 
     class SlowServer(DetachedServer):
         name = "slow"
@@ -323,6 +324,7 @@ def test_a_busy_server_is_given_time_not_killed_on_one_slow_probe(tmp_path):
             return [sys.executable, str(script), str(port), str(flag)]
 
         def probe(self, url, timeout):
+            probes.append(url)
             try:
                 return httpx.get(url, timeout=timeout).status_code == 200
             except httpx.HTTPError:
@@ -333,10 +335,10 @@ def test_a_busy_server_is_given_time_not_killed_on_one_slow_probe(tmp_path):
         url = server.ensure()
         pid = server.state()["pid"]
         flag.write_text(str(pid))  # this process is busy from now on
-        # The answer it gave moments ago stands (a busy engine takes tenths of a second per probe, every run paid
-        # them) until a request to it fails: then it is asked again.
-        assert server.healthy(timeout=2.0)
-        server.forget_healthy()
+        # The answer it gave moments ago stands for ensure (a busy engine takes tenths of a second per probe,
+        # every run paid them): no probe.
+        probed = len(probes)
+        assert server.ensure() == url and len(probes) == probed
         assert not server.healthy(timeout=2.0), "the 2 s probe times out, as on a busy CPU engine"
         assert server.ensure() == url and server.state()["pid"] == pid and pid_alive(pid), "not restarted"
         server.busy_grace_s = 1.0  # one that does not answer within its grace is judged hung and replaced

@@ -235,19 +235,27 @@ class DetachedServer:
         return f"http://127.0.0.1:{state['port']}"
 
     def healthy(self, state: dict[str, Any] | None = None, timeout: float = 2.0) -> bool:
-        """Whether the server of ``state`` runs and answers. An answer this process saw in the last
-        HEALTHY_MEMO_S from the same server process is taken as still true (a busy CPU engine takes tenths of a
-        second to answer a probe: every run opening its engine paid them); a failed request forgets it."""
+        """Whether the server of ``state`` runs and answers a probe now (remembered for ``ensure``)."""
         state = state or self.state()
         if not state or not pid_alive(state["pid"]):
             return False
-        key = (str(self.state_path), state["pid"], state.get("port"))
-        if time.monotonic() - _healthy_seen.get(key, -HEALTHY_MEMO_S) < HEALTHY_MEMO_S:
-            return True
+        key = self._seen_key(state)
         if self.probe(self.url_of(state), timeout):
             _healthy_seen[key] = time.monotonic()
             return True
+        _healthy_seen.pop(key, None)
         return False
+
+    def _seen_key(self, state: dict[str, Any]) -> tuple[str, int, int | None]:
+        return str(self.state_path), state["pid"], state.get("port")
+
+    def _answered_lately(self, state: dict[str, Any] | None) -> bool:
+        """Whether this same server process answered this process's probe in the last HEALTHY_MEMO_S (and still
+        runs): ``ensure`` then trusts it, as a busy CPU engine takes tenths of a second per probe and every run
+        opening its engine paid them."""
+        if not state or not pid_alive(state["pid"]):
+            return False
+        return time.monotonic() - _healthy_seen.get(self._seen_key(state), -HEALTHY_MEMO_S) < HEALTHY_MEMO_S
 
     def forget_healthy(self) -> None:
         """A request to it failed: the next ``ensure`` probes it again."""
@@ -259,7 +267,7 @@ class DetachedServer:
         from filelock import FileLock
 
         state = self.state()
-        if self.healthy(state):
+        if self._answered_lately(state) or self.healthy(state):
             return self.url_of(state)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.lock_path), timeout=self.startup_timeout_s + 60):

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from vbatch_pipelines.errors import NotFound, VbatchError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import DEFAULT_OWNER, TERMINAL_BATCH_STATUSES, Batch, File, Owner
+from vbatch_pipelines.store.models import DEFAULT_OWNER, TERMINAL_BATCH_STATUSES, Batch, File, Owner, of_project
 
 # OpenAI's bounds on expires_after.seconds (1 hour to 30 days)
 MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S = 3600, 30 * 86400
@@ -34,8 +34,7 @@ def new_file_id() -> str:
 
 def get_file(db: Database, file_id: str, project_id: str | None = None) -> File | None:
     """The file (of ``project_id`` only, when given: another project's is as good as missing)."""
-    record = db.get(File, file_id)
-    return None if record is None or (project_id is not None and record.project_id != project_id) else record
+    return of_project(db.get(File, file_id), project_id)
 
 
 class FileInUse(VbatchError):
@@ -125,7 +124,7 @@ def delete_file(db: Database, file_id: str, project_id: str | None = None) -> Fi
     its record, and its ``output_file_id`` names the deleted file, as OpenAI's does."""
     with db.session() as session:
         record = session.get(File, file_id, with_for_update=True)
-        if record is None or (project_id is not None and record.project_id != project_id):
+        if of_project(record, project_id) is None:
             raise NotFound(f"No file found with id '{file_id}'.", "file_id", "file_not_found")
         busy = session.scalars(select(Batch.id).where(
             Batch.input_file_id == file_id, Batch.status.not_in(TERMINAL_BATCH_STATUSES)).limit(1)).first()

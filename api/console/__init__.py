@@ -20,6 +20,7 @@ from pydantic import Field as PydanticField
 from api.deps import Role, caller_of, keys_required
 from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
+from vbatch_pipelines.store.models import of_project
 
 HERE = Path(__file__).parent
 COOKIE = "vbatch_console"
@@ -39,15 +40,9 @@ def keys_on(request: Request) -> bool:
 
 
 def console_caller(request: Request) -> Caller:
-    """Who uses the console (for the audit log): the key it logged in with, or the operator when no key exists."""
-    from vbatch_pipelines.projects import OPERATOR
-
-    known = getattr(request.state, "console_caller", None)
-    if known is not None:
-        return known
-    if not keys_on(request):
-        return OPERATOR
-    return caller_of(request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, "")) or OPERATOR
+    """Who uses the console (for the audit log): the caller ``console_login`` found for this request (every
+    console route depends on it, through ``console_role``)."""
+    return request.state.console_caller
 
 
 def console_audit(request: Request, type: str, target: str, **details) -> None:
@@ -96,11 +91,6 @@ def _project_of(request: Request) -> dict | None:
 def _missing(request: Request, role: Role, what: str, back: str) -> HTMLResponse:
     """The page for an id that is not there - or is another project's: the same page, the same words."""
     return _page(request, "missing.html", role, what=what, back=back)
-
-
-def _own(row, caller: Caller):
-    """``row`` when it is the caller's project's, else None (as if it did not exist)."""
-    return row if row is not None and row.project_id == caller.project_id else None
 
 
 def _label_studio_url(request: Request) -> str | None:
@@ -360,7 +350,7 @@ def batch(request: Request, batch_id: str, role: Role = Depends(console_role),
           caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.batch.service import get_batch
 
-    record = _own(get_batch(request.app.state.db, batch_id[:64]), caller)
+    record = of_project(get_batch(request.app.state.db, batch_id[:64]), caller.project_id)
     if record is None:
         return _missing(request, role, f"batch {batch_id[:64]}", "/ui/batches")
     return _page(request, "batch.html", role, batch=record.to_openai())
@@ -372,7 +362,7 @@ def batch_progress(request: Request, batch_id: str, role: Role = Depends(console
     """The live part of a batch's page (the page's script swaps it in every 2 s until the batch ends)."""
     from vbatch_pipelines.batch.service import get_batch
 
-    record = _own(get_batch(request.app.state.db, batch_id[:64]), caller)
+    record = of_project(get_batch(request.app.state.db, batch_id[:64]), caller.project_id)
     if record is None:
         return HTMLResponse("<p class=error>This batch is gone.</p>", status_code=404)
     return _page(request, "batch_progress.html", role, batch=record.to_openai())
@@ -383,7 +373,7 @@ def cancel(request: Request, batch_id: str, role: Role = Depends(console_role),
            caller: Caller = Depends(console_login)) -> Response:
     from vbatch_pipelines.batch.service import get_batch, request_cancel
 
-    if _own(get_batch(request.app.state.db, batch_id[:64]), caller) is not None:
+    if of_project(get_batch(request.app.state.db, batch_id[:64]), caller.project_id) is not None:
         request_cancel(request.app.state.db, batch_id[:64])
     return RedirectResponse(f"/ui/batches/{quote(batch_id[:64])}", status_code=303)
 
@@ -815,7 +805,7 @@ def _ready_dataset(request: Request, version: str, caller: Caller):
     another project's)."""
     from vbatch_pipelines.store.models import Dataset
 
-    record = _own(request.app.state.db.get(Dataset, version[:32]), caller)
+    record = of_project(request.app.state.db.get(Dataset, version[:32]), caller.project_id)
     return record if record is not None and record.status == "ready" else None
 
 

@@ -20,7 +20,7 @@ from vbatch_pipelines.curation.service import clear_annotations, get_task, ready
 from vbatch_pipelines.curation.sync import record_annotation, record_task
 from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import Dataset
+from vbatch_pipelines.store.models import Dataset, of_project
 
 log = logging.getLogger("vbatch.api")
 router = APIRouter(tags=["curation"])
@@ -38,8 +38,8 @@ class EditRequest(BaseModel):
 
 
 def _task_or_404(db: Database, task_id: int, caller: Caller):
-    task = get_task(db, task_id)
-    if task is None or task.project_id != caller.project_id:
+    task = of_project(get_task(db, task_id), caller.project_id)
+    if task is None:
         raise not_found("curation task", str(task_id), param="task_id")
     return task
 

@@ -30,6 +30,7 @@ from vbatch_pipelines.store.models import (
     FineTuningEvent,
     FineTuningJob,
     Owner,
+    of_project,
 )
 
 BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; OpenAI's learning_rate_multiplier scales it
@@ -161,8 +162,7 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
 
 def get_job(db: Database, job_id: str, project_id: str | None = None) -> FineTuningJob | None:
     """The job (of ``project_id`` only, when given: another project's is as good as missing)."""
-    job = db.get(FineTuningJob, job_id)
-    return None if job is None or (project_id is not None and job.project_id != project_id) else job
+    return of_project(db.get(FineTuningJob, job_id), project_id)
 
 
 def require_job(db: Database, job_id: str) -> FineTuningJob:

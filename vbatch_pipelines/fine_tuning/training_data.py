@@ -9,7 +9,7 @@ from typing import Any
 
 from vbatch_pipelines.fine_tuning import FineTuningError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import Dataset, File
+from vbatch_pipelines.store.models import Dataset, File, of_project
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_REPORTED_ERRORS = 10
@@ -61,8 +61,8 @@ def _line_problem(raw: bytes) -> str | None:
 
 
 def _file(db: Database, file_id: str, param: str, project_id: str) -> File:
-    record = db.get(File, file_id)
-    if record is None or record.project_id != project_id:
+    record = of_project(db.get(File, file_id), project_id)
+    if record is None:
         raise FineTuningError(f"No file with id {file_id!r}", param, "file_not_found", 404)
     if record.purpose != "fine-tune":
         raise FineTuningError(f"File {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param,
@@ -75,8 +75,9 @@ def training_sources(db: Database, training_file: str, validation_file: str | No
     """Where the job's train and eval examples come from (files and datasets of ``project_id``), checked;
     raises FineTuningError."""
     dataset = db.get(Dataset, training_file) if not training_file.startswith("file-") else None
-    if dataset is not None and (dataset.status != "ready" or dataset.project_id != project_id):
-        dataset = None  # a build still writing it, or another project's
+    dataset = of_project(dataset, project_id)  # another project's is none of this one's
+    if dataset is not None and dataset.status != "ready":  # a build still writing it
+        dataset = None
     if dataset is not None:
         if validation_file:
             raise FineTuningError("A gold-star dataset brings its own eval split; leave validation_file out",

@@ -47,6 +47,12 @@ class Owner:
         return cls(row.project_id, row.created_by)
 
 
+def of_project(row, project_id: str | None):
+    """``row`` when it is project ``project_id``'s (None: whoever's), else None: to a project, another project's
+    object is one that does not exist (a 404, never a 403 confirming it). The one check every lookup makes."""
+    return row if row is not None and (project_id is None or row.project_id == project_id) else None
+
+
 DEFAULT_OWNER = Owner()  # the default project's, made by nobody named (a single user's setup, tests)
 
 
