@@ -295,12 +295,13 @@ def engine_pid(stack: Stack) -> int:
 
 
 def cpu_seconds(processes) -> float:
-    """User and system CPU seconds of ``processes`` so far (those gone meanwhile count nothing)."""
+    """User and system CPU seconds of ``processes`` so far, with their children that ended and were reaped (a
+    run worker that exits meanwhile still counts, in its parent's)."""
     total = 0.0
     for process in processes:
         try:
             times = process.cpu_times()
-            total += times.user + times.system
+            total += times.user + times.system + times.children_user + times.children_system
         except psutil.Error:
             pass
     return total
