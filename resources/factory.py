@@ -56,6 +56,7 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_fraction if settings.gpus else None,
             kv_cache_sequences=settings.kv_cache_sequences, engine_slots=settings.engine_slots,
+            plan_batches=settings.plan_batches,
             external_engines=[f"{model}={url}" for model, url in settings.engines],
             tool_parsers=dict(settings.tool_parsers),
             node=settings.node, engine_host=settings.engine_host,

@@ -41,6 +41,8 @@ class InferenceEngine(ConfigurableResource):
     engine_slots: int = Field(default=0, ge=0, description="chunks a vLLM server runs at once, every batch's "
                               "together, shared fairly among projects (VBATCH_ENGINE_SLOTS); 0: one batch's "
                               "window, max_concurrency / chunk_size")
+    plan_batches: bool = Field(default=True, description="order each batch's requests by shared prefix and length "
+                               "and run identical deterministic ones once (VBATCH_PLAN_BATCHES); off: file order")
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 600.0
     max_model_len: int | None = None

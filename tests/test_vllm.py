@@ -176,3 +176,54 @@ def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platfo
     state = httpx.get(share_url).json()
     assert state["granted"]["proj_fair_b"] == 2 and state["passed_over"].get("proj_fair_b", 0) == 0
     assert state["passed_over"]["proj_fair_a"] >= 1  # A's queued chunks waited for B's second
+
+
+def test_a_planned_batch_runs_identical_lines_once_and_answers_them_as_a_run_in_file_order_does(vllm_platform):
+    """Whole-file scheduling (batch.schedule) on the real engine: grouped, reordered and de-duplicated, every
+    custom_id is answered once, each copy right after the line it copies, with the answer a run in file order
+    without de-duplication gives; the copies are counted in the batch's usage and the usage API's records."""
+    from sqlalchemy import select
+
+    from vbatch_pipelines.store.models import UsageRecord
+
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"max_tokens": (4, 24, 12)[i % 3], "temperature": 0,
+                       "messages": [system] * (i % 2) + [{"role": "user", "content": f"What is {i} plus {i % 5}?"}]}}
+             for i in range(48)]
+    lines += [{**line, "custom_id": f"again-{line['custom_id']}"} for line in lines[:12]]  # identical bodies
+    lines += [{"custom_id": "sampled", "method": "POST", "url": "/v1/chat/completions",
+               "body": {**lines[0]["body"], "temperature": 0.9}}]
+
+    def run() -> tuple[list[dict], object]:
+        batch = vllm_platform.submit(jsonl(lines))
+        assert vllm_platform.materialize(batch.id).success
+        out, err = vllm_platform.results(batch.id)
+        assert not err
+        return out, vllm_platform.batch(batch.id)
+
+    planned, record = run()
+    ids = [line["custom_id"] for line in planned]
+    assert sorted(ids) == sorted(line["custom_id"] for line in lines) and len(ids) == len(set(ids))
+    for k, custom_id in enumerate(ids):
+        if custom_id.startswith("again-"):  # its original just before it
+            assert ids[k - 1] == custom_id.removeprefix("again-"), ids
+    copied = [line for line in planned if line["custom_id"].startswith("again-")]
+    assert record.usage["copied"] == {
+        "requests": 12, "input_tokens": sum(x["response"]["body"]["usage"]["prompt_tokens"] for x in copied),
+        "output_tokens": sum(x["response"]["body"]["usage"]["completion_tokens"] for x in copied)}
+    assert record.usage["input_tokens_details"]["cached_tokens"] == record.usage["copied"]["input_tokens"] > 0
+    assert record.usage["input_tokens"] == sum(x["response"]["body"]["usage"]["prompt_tokens"] for x in planned)
+    with vllm_platform.db.session() as session:
+        usage = session.scalars(select(UsageRecord).where(UsageRecord.batch_id == record.id)).one()
+        assert usage.input_cached_tokens == record.usage["copied"]["input_tokens"]
+
+    vllm_platform.configure("inference_engine", plan_batches=False)
+    try:
+        in_file_order, unplanned = run()
+    finally:
+        vllm_platform.configure("inference_engine", plan_batches=True)
+    assert unplanned.usage["copied"]["requests"] == 0
+    answer = {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in in_file_order}
+    assert all(answer[line["custom_id"]] == line["response"]["body"]["choices"][0]["message"]["content"]
+               for line in planned if line["custom_id"] != "sampled")

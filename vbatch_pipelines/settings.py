@@ -139,6 +139,7 @@ class Settings:
     gpu_memory_fraction: float  # of GPU memory the engine may take (vLLM's gpu_memory_utilization)
     kv_cache_sequences: int  # on CPU: full-context sequences an engine's KV cache holds (sized from the model)
     engine_slots: int  # chunks a vLLM server runs at once, shared among projects (0: one batch's window)
+    plan_batches: bool  # whole-file scheduling of each batch (batch.schedule); off: requests in file order
     trainer: TrainerBackend
     max_lora_rank: int  # the engine's largest LoRA rank; fine-tunes above it are refused
     min_training_examples: int
@@ -298,6 +299,7 @@ def load_settings() -> Settings:
         gpu_memory_fraction=_float("VBATCH_GPU_MEMORY_UTILIZATION", 0.9, 0.0, 1.0),
         kv_cache_sequences=_int("VBATCH_KV_CACHE_SEQUENCES", 16, minimum=1),
         engine_slots=_int("VBATCH_ENGINE_SLOTS", 0, minimum=0),
+        plan_batches=_switch("VBATCH_PLAN_BATCHES", True),
         trainer=_choice("VBATCH_TRAINER", "auto", TrainerBackend),
         max_lora_rank=_int("VBATCH_MAX_LORA_RANK", 16, minimum=1),
         min_training_examples=_int("VBATCH_MIN_TRAINING_EXAMPLES", 10, minimum=1),

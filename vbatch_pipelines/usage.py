@@ -49,6 +49,7 @@ def batch_usage(batch: Batch, ended_at: int) -> UsageRecord:
                        requests=(batch.request_completed or 0) + (batch.request_failed or 0),
                        input_tokens=int(usage.get("input_tokens") or 0),
                        output_tokens=int(usage.get("output_tokens") or 0),
+                       input_cached_tokens=int((usage.get("input_tokens_details") or {}).get("cached_tokens") or 0),
                        engine_seconds=float(max(0, ended_at - started)) if batch.in_progress_at else 0.0,
                        batch_id=batch.id)
 
@@ -160,7 +161,7 @@ def usage_page(db: Database, kind: str, *, start_time: int, end_time: int | None
     bucket = UsageRecord.minute // width * width
     columns = [getattr(UsageRecord, g) for g in group_by]
     sums = [func.sum(UsageRecord.input_tokens), func.sum(UsageRecord.output_tokens), func.sum(UsageRecord.requests),
-            func.sum(UsageRecord.engine_seconds)]
+            func.sum(UsageRecord.engine_seconds), func.sum(UsageRecord.input_cached_tokens)]
     query = (select(bucket, *columns, *sums)
              .where(UsageRecord.kind == kind, UsageRecord.minute >= max(start_time // 60 * 60, first),
                     UsageRecord.minute < last)
@@ -176,13 +177,13 @@ def usage_page(db: Database, kind: str, *, start_time: int, end_time: int | None
     results: dict[int, list[dict[str, Any]]] = {}
     with db.session() as session:
         for row in session.execute(query):
-            start, groups, (tokens_in, tokens_out, requests, seconds) = int(row[0]), row[1:1 + len(columns)], \
-                row[1 + len(columns):]
+            start, groups, (tokens_in, tokens_out, requests, seconds, cached) = int(row[0]), \
+                row[1:1 + len(columns)], row[1 + len(columns):]
             result = {"object": f"organization.usage.{kind}.result", "input_tokens": int(tokens_in or 0),
                       "num_model_requests": int(requests or 0), "project_id": None, "user_id": None,
                       "api_key_id": None, "model": None, "engine_seconds": round(float(seconds or 0), 3)}
             if kind == COMPLETIONS:
-                result.update(output_tokens=int(tokens_out or 0), input_cached_tokens=0, input_audio_tokens=0,
+                result.update(output_tokens=int(tokens_out or 0), input_cached_tokens=int(cached or 0), input_audio_tokens=0,
                               output_audio_tokens=0, batch=None, service_tier=None)
             result.update({g: (bool(v) if g == "batch" else v) for g, v in zip(group_by, groups)})
             results.setdefault(start, []).append(result)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
+from vbatch_pipelines.batch.schedule import plan_requests
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
     BatchRequestError,
@@ -23,6 +24,7 @@ from vbatch_pipelines.batch.service import (
     end_batch,
     fail_batch,
     get_batch,
+    iter_request_lines,
     iter_requests,
     lease_owner,
     now,
@@ -116,6 +118,14 @@ def _start(db: Database, job: _Job, run_id: str | None) -> str | None:
     if job.done:
         return f"{job.batch_id}: resuming, {len(job.done)} of {job.progress.total} requests already finished"
     return None
+
+
+def _requests(job: _Job, plan: bool):
+    """The batch's requests still to run: planned (batch.schedule), or in file order when ``plan`` is off."""
+    path = job.directory / INPUT_FILE
+    if not plan:
+        return iter_requests(path, job.done, job.model.id)
+    return plan_requests(job.endpoint, iter_request_lines(path, job.done), job.model.id)
 
 
 def _watch(db: Database, jobs: list[_Job]) -> list[str]:
@@ -217,8 +227,7 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
             engine = await engine_for(job.model)
             job.running = True
             finished = await run_batch_requests(
-                engine, job.endpoint, iter_requests(job.directory / INPUT_FILE, job.done, job.model.id), job.results,
-                job.progress, concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
+                engine, job.endpoint, _requests(job, inference_engine.plan_batches), job.results, job.progress, concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
                 stop=job.stop, share=job.share)
         except Exception as exc:  # noqa: BLE001
             outcomes[job.batch_id] = exc

@@ -31,18 +31,37 @@ class BatchProgress:
     completion_tokens: int = 0
     done_before: int = 0
     completion_tokens_before: int = 0
+    copied: int = 0  # lines answered with an identical line's response (batch.schedule), not by the engine
+    copied_prompt_tokens: int = 0
+    copied_completion_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
     def finished(self) -> int:
         return self.completed + self.failed
 
-    def add_usage(self, body: dict[str, Any]) -> None:
+    def add_usage(self, body: dict[str, Any]) -> tuple[int, int]:
         """A response's tokens: ``prompt_tokens``/``completion_tokens``, or a Response's ``input_tokens``/
-        ``output_tokens``."""
+        ``output_tokens``; returns them."""
         usage = body.get("usage") or {}
-        self.prompt_tokens += int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
-        self.completion_tokens += int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
+        prompt = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        return prompt, completion
+
+    def record(self, ok: bool, body: dict[str, Any] | None, *, copied: bool = False) -> None:
+        """One finished line: completed with ``body`` (its usage counted) or failed; ``copied`` when its answer
+        is another line's (its tokens also counted as copied)."""
+        if not ok:
+            self.failed += 1
+            return
+        self.completed += 1
+        prompt, completion = self.add_usage(body or {})
+        if copied:
+            self.copied += 1
+            self.copied_prompt_tokens += prompt
+            self.copied_completion_tokens += completion
 
 
 class ResultFiles:
@@ -51,6 +70,10 @@ class ResultFiles:
     def __init__(self, directory: Path):
         self.output_path = directory / "output.jsonl"
         self.error_path = directory / "errors.jsonl"
+        # custom_ids whose line is a copy of an identical line's (batch.schedule), one per line, each written
+        # after its copy: a resumed run counts them as copies again.
+        self.copies_path = directory / "copies.txt"
+        self._copies = None
         directory.mkdir(parents=True, exist_ok=True)
         self._output = None
         self._errors = None
@@ -62,7 +85,7 @@ class ResultFiles:
         return f"{self._prefix}{next(self._serial):016x}"
 
     @staticmethod
-    def _scan(path: Path, progress: BatchProgress | None, ok: bool) -> set[str]:
+    def _scan(path: Path, progress: BatchProgress | None, ok: bool, copies: set[str] = frozenset()) -> set[str]:
         """custom_ids already in ``path``; truncates a torn last line left by a killed run."""
         done: set[str] = set()
         if not path.exists():
@@ -79,18 +102,16 @@ class ResultFiles:
                 good_bytes += len(raw)
                 done.add(line["custom_id"])
                 if progress is not None:
-                    if ok:
-                        progress.completed += 1
-                        progress.add_usage(line["response"]["body"])
-                    else:
-                        progress.failed += 1
+                    progress.record(ok, line["response"]["body"] if ok else None,
+                                    copied=line["custom_id"] in copies)
         if good_bytes != path.stat().st_size:
             with open(path, "r+b") as f:
                 f.truncate(good_bytes)
         return done
 
     def resume(self, progress: BatchProgress | None = None) -> set[str]:
-        done = self._scan(self.output_path, progress, True) | self._scan(self.error_path, progress, False)
+        copies = set(self.copies_path.read_text().split()) if self.copies_path.exists() else set()
+        done = self._scan(self.output_path, progress, True, copies) | self._scan(self.error_path, progress, False)
         if progress is not None:
             progress.done_before = len(done)
             progress.completion_tokens_before = progress.completion_tokens
@@ -104,7 +125,8 @@ class ResultFiles:
         handle.write(json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
         handle.flush()
 
-    def write(self, custom_id: str, response: EngineResponse) -> None:
+    def write(self, custom_id: str, response: EngineResponse, *, copy: bool = False) -> None:
+        """The line of a request the engine answered, or of an identical line's copy of that answer (``copy``)."""
         line = {
             "id": f"batch_req_{self._new_id()}",
             "custom_id": custom_id,
@@ -116,6 +138,11 @@ class ResultFiles:
             self._append("_output", self.output_path, line)
         else:
             self._append("_errors", self.error_path, line)
+        if copy:
+            if self._copies is None:
+                self._copies = open(self.copies_path, "a")
+            self._copies.write(custom_id + "\n")
+            self._copies.flush()
 
     def write_error(self, custom_id: str, code: str, message: str) -> None:
         """A request that never reached the engine (batch expired or cancelled), OpenAI-style."""
@@ -124,6 +151,9 @@ class ResultFiles:
         self._append("_errors", self.error_path, line)
 
     def close(self) -> None:
+        if self._copies is not None:
+            self._copies.close()
+            self._copies = None
         for name in ("_output", "_errors"):
             handle = getattr(self, name)
             if handle is not None:
@@ -133,7 +163,8 @@ class ResultFiles:
                 setattr(self, name, None)
 
 
-RequestRow = tuple[str, dict[str, Any]]  # (custom_id, body)
+# (custom_id, body), or a planned request with the custom_ids of identical lines its answer is copied to
+RequestRow = tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], list[str]]
 
 
 async def run_batch_requests(
@@ -192,14 +223,13 @@ async def run_batch_requests(
             if not chunk:
                 exhausted.set()
                 return
-            responses = await attempt([body for _, body in chunk])
-            for (custom_id, _), response in zip(chunk, responses):
-                results.write(custom_id, response)
-                if response.ok:
-                    progress.completed += 1
-                    progress.add_usage(response.body)
-                else:
-                    progress.failed += 1
+            responses = await attempt([row[1] for row in chunk])
+            for row, response in zip(chunk, responses):
+                results.write(row[0], response)
+                progress.record(response.ok, response.body)
+                for copy in row[2] if len(row) > 2 else ():
+                    results.write(copy, response, copy=True)
+                    progress.record(response.ok, response.body, copied=True)
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency // chunk_size))]
     stopped = asyncio.create_task(stop.wait())

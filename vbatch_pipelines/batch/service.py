@@ -237,21 +237,27 @@ def is_terminal(status: str) -> bool:
     return status in TERMINAL_BATCH_STATUSES
 
 
-def iter_requests(parquet_path: Path, skip: set[str], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(custom_id, body) for requests not in ``skip``, reading the Parquet one row group at a time."""
-    import json
-
+def iter_request_lines(parquet_path: Path, skip: set[str]) -> Iterator[tuple[str, str]]:
+    """(custom_id, body as JSON) for requests not in ``skip``, in file order, reading the Parquet one row group
+    at a time."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(parquet_path)
     for group in range(parquet.num_row_groups):
         table = parquet.read_row_group(group, columns=["custom_id", "body"])
         for custom_id, body in zip(table.column("custom_id").to_pylist(), table.column("body").to_pylist()):
-            if custom_id in skip:
-                continue
-            request = json.loads(body)
-            request["model"] = model
-            yield custom_id, request
+            if custom_id not in skip:
+                yield custom_id, body
+
+
+def iter_requests(parquet_path: Path, skip: set[str], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(custom_id, body) for requests not in ``skip``, in file order, each body's ``model`` set to ``model``."""
+    import json
+
+    for custom_id, body in iter_request_lines(parquet_path, skip):
+        request = json.loads(body)
+        request["model"] = model
+        yield custom_id, request
 
 
 def parquet_row_count(parquet_path: Path) -> int:
@@ -307,8 +313,12 @@ def end_batch(db: Database, directory: Path, batch_id: str, status: str, *,
             "input_tokens": progress.prompt_tokens,
             "output_tokens": progress.completion_tokens,
             "total_tokens": progress.prompt_tokens + progress.completion_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            # Lines answered with an identical line's response (batch.schedule): their input counted as cached,
+            # and what was copied, beside OpenAI's fields.
+            "input_tokens_details": {"cached_tokens": progress.copied_prompt_tokens},
             "output_tokens_details": {"reasoning_tokens": 0},
+            "copied": {"requests": progress.copied, "input_tokens": progress.copied_prompt_tokens,
+                       "output_tokens": progress.copied_completion_tokens},
         },
     })
 

@@ -470,5 +470,7 @@ class UsageRecord(Base):
     requests: Mapped[int] = mapped_column(Integer)
     input_tokens: Mapped[int] = mapped_column(BigInteger)
     output_tokens: Mapped[int] = mapped_column(BigInteger)
+    # of input_tokens, those of lines answered with an identical line's response, not by the engine
+    input_cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     engine_seconds: Mapped[float] = mapped_column(Float)
     batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)  # once per batch

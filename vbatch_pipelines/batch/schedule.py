@@ -1,0 +1,125 @@
+"""Whole-file scheduling: the order a batch's requests go to the engine, and which run at all.
+
+A line-by-line runner sends requests in file order. vbatch has the whole validated file before it runs, so it
+reads a window of it (OpenAI's largest batch, 50,000 lines, or 32 MB of request bodies: a file within OpenAI's
+limits is planned whole) and sends it in an order the engine serves faster:
+
+- **Shared prefixes back to back.** Lines are grouped by everything before their last turn (system prompt,
+  few-shot block, tools): a group's requests reach vLLM together, while its prefix cache holds their prefix.
+  Groups go in the order of their prefixes' text, so a 3-shot prefix sits beside the 5-shot one that extends it.
+- **Longest first.** Within a group, and among groups, requests that may generate the most tokens
+  (``max_tokens`` and its siblings; none given: the longest) go first, so long generations do not run alone at
+  the end with the engine half empty.
+- **Identical requests run once.** Lines whose bodies are identical and deterministic (``temperature`` 0 with
+  one choice, or an embeddings, score or rerank request) are answered by one engine request; the others get a
+  copy of its response under their own ``custom_id`` (counted as copies in the batch's usage).
+
+The output file lists lines in the order their requests finished, as OpenAI's does (match them by
+``custom_id``); a copy follows the line it copies. Every ``custom_id`` appears once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+WINDOW_REQUESTS = 50_000  # OpenAI's largest batch: such a file is planned whole
+WINDOW_BYTES = 32 * 2**20  # and a window's bodies stay within this much JSON
+POOLING_ENDPOINTS = ("/v1/embeddings", "/v1/score", "/v1/rerank")  # deterministic: always answered alike
+DEFAULT_MAX_TOKENS = {"/v1/completions": 16}  # where the endpoint's own default is short; others: the context
+UNBOUNDED = 1 << 62
+
+
+class PlannedRequest(NamedTuple):
+    """One engine request of the plan and the ``custom_id``s of the identical lines its response answers too
+    (a ``(custom_id, body)`` row with its copies)."""
+
+    custom_id: str
+    body: dict[str, Any]
+    copies: list[str]
+
+
+def prefix_of(endpoint: str, body: dict[str, Any]) -> tuple[str, ...]:
+    """What a request shares with others before its own part, as a sequence that sorts a prefix before the longer
+    ones that extend it: the tools and every message but the last for chat, the instructions, tools and every
+    input item but the last for responses, the prompt for completions, nothing for the pooling endpoints."""
+    if endpoint == "/v1/chat/completions":
+        messages = body.get("messages") or []
+        return (_dumps(body.get("tools")), *map(_dumps, messages[:-1]))
+    if endpoint == "/v1/responses":
+        items = body.get("input")
+        head = items[:-1] if isinstance(items, list) else []
+        return (_dumps([body.get("instructions"), body.get("tools")]), *map(_dumps, head))
+    if endpoint == "/v1/completions":
+        prompt = body.get("prompt")
+        return (prompt if isinstance(prompt, str) else _dumps(prompt),)
+    return ()
+
+
+def expected_tokens(endpoint: str, body: dict[str, Any]) -> int:
+    """How many tokens the request may generate, as its body bounds it (the endpoint's default otherwise)."""
+    if endpoint in POOLING_ENDPOINTS:
+        return 0
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_TOKENS.get(endpoint, UNBOUNDED)
+
+
+def is_deterministic(endpoint: str, body: dict[str, Any]) -> bool:
+    """Whether two identical bodies get the same answer: greedy decoding of one choice, or a pooling request."""
+    if endpoint in POOLING_ENDPOINTS:
+        return True
+    return body.get("temperature") == 0 and body.get("n") in (None, 1) and not body.get("stream")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def plan_window(endpoint: str, rows: list[tuple[str, str]], model: str) -> list[PlannedRequest]:
+    """The engine requests for one window of lines (custom_id, body as JSON), in the order they should run;
+    each body's ``model`` becomes ``model``, the engine's name for it."""
+    planned: dict[bytes, PlannedRequest] = {}  # a deterministic body's digest -> the request that runs it
+    groups: dict[tuple[str, ...], list[tuple[int, PlannedRequest]]] = {}
+    for custom_id, raw in rows:
+        body = json.loads(raw)
+        digest = None
+        if is_deterministic(endpoint, body):  # the same line twice is the same JSON text twice
+            digest = hashlib.blake2b(raw.encode(), digest_size=16).digest()
+            if digest in planned:
+                planned[digest].copies.append(custom_id)
+                continue
+        body["model"] = model
+        request = PlannedRequest(custom_id, body, [])
+        if digest is not None:
+            planned[digest] = request
+        groups.setdefault(prefix_of(endpoint, body), []).append((expected_tokens(endpoint, body), request))
+    ordered: list[PlannedRequest] = []
+    # Longest first among groups (a group's longest request), then by prefix text; inside a group longest first.
+    # Python's sort is stable: equal requests keep their file order.
+    for prefix in sorted(groups, key=lambda p: (-max(tokens for tokens, _ in groups[p]), p)):
+        members = groups[prefix]
+        members.sort(key=lambda member: -member[0])
+        ordered.extend(request for _, request in members)
+    return ordered
+
+
+def plan_requests(endpoint: str, rows: Iterable[tuple[str, str]], model: str, *,
+                  window_requests: int = WINDOW_REQUESTS, window_bytes: int = WINDOW_BYTES
+                  ) -> Iterator[PlannedRequest]:
+    """Every line of ``rows`` (custom_id, body as JSON), planned a window at a time (see the module's
+    docstring), for ``model``."""
+    window: list[tuple[str, str]] = []
+    held = 0
+    for row in rows:
+        window.append(row)
+        held += len(row[1])
+        if len(window) >= window_requests or held >= window_bytes:
+            yield from plan_window(endpoint, window, model)
+            window, held = [], 0
+    if window:
+        yield from plan_window(endpoint, window, model)
