@@ -181,3 +181,29 @@ def test_a_run_worker_outlives_the_request_thread_that_launched_it(tmp_path):
             for worker in taken:
                 worker.process.kill()
                 worker.process.wait(10)
+
+
+@pytest.mark.parametrize("preload, warm", [(("vbatch_pipelines.definitions",), True), (("no_such_module_here",), False)])
+def test_the_webservers_launcher_starts_warm_workers_as_it_is_made(tmp_path, monkeypatch, preload, warm):
+    """`vbatch up` marks its webserver (RUN_WORKERS_AT_START_ENV): its launcher starts the spares as it is made
+    and returns once one has imported the code location and opened the instance, so the first batch after
+    "vbatch is up" pays no imports. A worker that cannot import is not taken for warm. Unmarked (the daemon),
+    nothing starts until a run is launched."""
+    from dagster import DagsterInstance
+
+    from vbatch_pipelines.names import RUN_WORKERS_AT_START_ENV
+    from vbatch_pipelines.run_launcher import WarmRunLauncher
+
+    (tmp_path / "dagster").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
+        unmarked = WarmRunLauncher(spares=1)
+        unmarked.register_instance(instance)
+        assert unmarked._idle == [] and unmarked.warm_at_start is None
+        monkeypatch.setenv(RUN_WORKERS_AT_START_ENV, "1")
+        launcher = WarmRunLauncher(preload_modules=preload, spares=1)
+        launcher.register_instance(instance)
+        try:
+            assert launcher.warm_at_start is warm
+            assert len(launcher._idle) == 1 and launcher._idle[0].alive() is warm
+        finally:
+            launcher.dispose()

@@ -13,9 +13,8 @@ import threading
 import time
 from typing import Any
 
-import httpx
-
 from vbatch_pipelines.batch.service import record_run
+from vbatch_pipelines.dagster_api import DagsterUnreachable, graphql
 from vbatch_pipelines.names import (
     BATCH_JOB,
     BATCH_LAUNCH_LOCK,
@@ -28,7 +27,6 @@ from vbatch_pipelines.names import (
     fine_tuning_run_tags,
     install_run_tags,
 )
-from vbatch_pipelines.net import local_http
 from vbatch_pipelines.partitions import (
     batch_partitions,
     fine_tune_partitions,
@@ -52,23 +50,6 @@ mutation LaunchRun($params: ExecutionParams!) {
   }
 }
 """
-
-
-class DagsterUnreachable(RuntimeError):
-    """The webserver did not answer or refused the launch; the sensor will launch the batch later."""
-
-
-def _graphql(url: str, query: str, variables: dict[str, Any], timeout: float) -> dict[str, Any]:
-    try:
-        response = local_http().post(f"{url.rstrip('/')}/graphql", json={"query": query, "variables": variables},
-                              timeout=timeout)
-        response.raise_for_status()
-        payload = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        raise DagsterUnreachable(f"Dagster at {url} is unreachable: {exc}") from exc
-    if payload.get("errors"):
-        raise DagsterUnreachable(f"Dagster GraphQL error: {payload['errors'][0].get('message')}")
-    return payload["data"]
 
 
 _instance_lock = threading.Lock()
@@ -118,7 +99,7 @@ def launch_run(dagster_url: str, job: str, tags: dict[str, str], *, timeout: flo
         "selector": {**selector, "jobName": job},
         "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
     }
-    launched = _graphql(dagster_url, _LAUNCH_RUN, {"params": params}, timeout)["launchRun"]
+    launched = graphql(dagster_url, _LAUNCH_RUN, {"params": params}, timeout)["launchRun"]
     if launched["__typename"] != "LaunchRunSuccess":
         detail = launched.get("message") or launched.get("errors") or launched["__typename"]
         raise DagsterUnreachable(f"Dagster refused to launch {job} ({tags}): {detail}")

@@ -55,3 +55,7 @@ def fine_tuning_run_tags(job_id: str) -> dict[str, str]:
 
 def install_run_tags(model_id: str) -> dict[str, str]:
     return {PARTITION_TAG: model_id, MODEL_ID_TAG: model_id}
+
+# Set by `vbatch up` on the Dagster webserver (which launches the API's runs): its run launcher starts its warm
+# run workers as it is made, and `vbatch up` has it made before it says it is up (launch.warm_up_runs).
+RUN_WORKERS_AT_START_ENV = "VBATCH_RUN_WORKERS_AT_START"

@@ -17,6 +17,7 @@ A worker whose project source changed after it imported it re-executes itself as
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -39,9 +40,11 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_
 
 from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
 from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
+from vbatch_pipelines.names import RUN_WORKERS_AT_START_ENV
 from vbatch_pipelines.services import LastingSpawner, die_with_parent, process_identity
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
+WARM_AT_START_TIMEOUT_S = 120
 MAX_RUNS_PER_WORKER = 200
 MAX_WORKER_RSS = 400 * 2**20
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +77,18 @@ class _Worker:
             return False
         except OSError:
             return False
+
+    def wait_warm(self, timeout: float) -> bool:
+        """Wait until the worker says "warm" (imports done, instance open); False if it exited or took longer."""
+        deadline = time.monotonic() + timeout
+        while self.alive() and (left := deadline - time.monotonic()) > 0:
+            if select.select([self.status_fd], [], [], min(left, 0.5))[0]:
+                try:
+                    if b"warm" in os.read(self.status_fd, 4096):
+                        return True
+                except (BlockingIOError, OSError):
+                    pass
+        return False
 
     def hand(self, line: str) -> None:
         assert self.process.stdin is not None
@@ -109,11 +124,24 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         self._lock = threading.Lock()
         self._workers: dict[str, subprocess.Popen] = {}
         self._spawner: LastingSpawner | None = None
+        self.warm_at_start: bool | None = None  # whether a spare was warm when register_instance returned
         super().__init__()
 
     @property
     def inst_data(self) -> ConfigurableClassData | None:
         return self._inst_data
+
+    def register_instance(self, instance) -> None:
+        """In the process `vbatch up` marks (RUN_WORKERS_AT_START_ENV: its webserver, which launches the API's runs),
+        start the spares now and wait until the first is warm: the first batch after "vbatch is up" must not
+        pay a worker's imports (seconds on a busy machine)."""
+        super().register_instance(instance)
+        if os.environ.get(RUN_WORKERS_AT_START_ENV) == "1":
+            with self._lock:
+                while len(self._idle) < self._spare_count:
+                    self._idle.append(self._start_worker())
+                first = self._idle[0]
+            self.warm_at_start = first.wait_warm(WARM_AT_START_TIMEOUT_S)
 
     @classmethod
     def config_type(cls) -> UserConfigSchema:
@@ -299,6 +327,8 @@ def worker_main(preload_modules: Sequence[str]) -> int:
         instance = DagsterInstance.from_ref(ref)
     except KeyboardInterrupt:  # Ctrl-C of `vbatch up` reaches the idle spare too
         return 0
+    if status_fd is not None:
+        os.write(int(status_fd), b"warm\n")
     runs = 0
     with instance:
         while True:
