@@ -33,7 +33,7 @@ def make_input(path: Path, n: int, prefix: str) -> Path:
         for i in range(n):
             f.write(json.dumps({"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
                                 "body": {"model": "vbatch-tiny-chat", "max_tokens": 32, "temperature": 0,
-                                         "messages": [{"role": "user", "content": f"What is {i % 97} plus {i % 13}?"}]}})
+                                         "messages": [{"role": "user", "content": f"What is {i % 97} plus {i // 97}?"}]}})
                     + "\n")
     return path
 

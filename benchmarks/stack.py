@@ -31,9 +31,10 @@ ENDED = ("completed", "failed", "cancelled", "expired")
 
 
 def requests_jsonl(n: int, prefix: str, max_tokens: int = 16) -> bytes:
+    """``n`` chat requests, every body different (identical greedy ones would be answered once: batch.schedule)."""
     return "".join(json.dumps({"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
                                "body": {"model": "vbatch-tiny-chat", "max_tokens": max_tokens, "temperature": 0,
-                                        "messages": [{"role": "user", "content": f"What is {i % 97} plus {i % 13}?"}]}})
+                                        "messages": [{"role": "user", "content": f"What is {i % 97} plus {i // 97}?"}]}})
                    + "\n" for i in range(n)).encode()
 
 
