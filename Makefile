@@ -55,7 +55,9 @@ bench: engine
 	@$(MAKE) --no-print-directory test-tools TOOLS=redis-server
 	$(BIN)/python benchmarks/bench_validation.py
 	$(BIN)/python benchmarks/bench_engine_memory.py --peer
+	$(BIN)/python benchmarks/bench_idle_rss.py
 	$(BIN)/python benchmarks/bench_vs_run_batch.py
+	$(BIN)/python benchmarks/bench_realistic.py
 	$(BIN)/python benchmarks/bench_embeddings.py --list-size 32
 	$(BIN)/python benchmarks/bench_batches.py
 	$(BIN)/python benchmarks/bench_scale.py

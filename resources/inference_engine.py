@@ -20,7 +20,13 @@ from resources.model_registry import ModelRegistry
 from vbatch_pipelines.engine.base import Engine, EngineBackend, EngineUnavailable
 from vbatch_pipelines.engine.envs import find_vllm_python
 from vbatch_pipelines.engine.registry import UP, EngineRegistry
-from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, RemoteVLLMServer, VLLMServerConfig
+from vbatch_pipelines.engine.vllm_server import (
+    ManagedVLLMServer,
+    RemoteVLLMServer,
+    VLLMServerConfig,
+    managed_server_states,
+    server_from_state,
+)
 from vbatch_pipelines.errors import Unavailable
 from vbatch_pipelines.models.registry import EMBED, GENERATE, SCORE, ModelSpec
 
@@ -121,6 +127,27 @@ class InferenceEngine(ConfigurableResource):
     def _deployed_adapters(self, base_id: str) -> dict[str, str]:
         return {name: spec.adapter for name, spec in self.model_registry.fine_tuned_models(base_id).items()}
 
+    def warm(self, model: ModelSpec) -> None:
+        """Send a started engine one chunk of chat requests through the batch path, as a batch would: what the
+        first batch would pay (the engine's first full chunk, its prefix cache, the middleware's first call) is
+        paid now, before "vbatch is up". Pooling models need no warming beyond their start."""
+        import asyncio
+
+        if model.task != GENERATE:
+            return
+        bodies = [{"model": model.id, "max_tokens": 16, "temperature": 0,
+                   "messages": [{"role": "user", "content": f"What is {k} plus {k % 7}?"}]}
+                  for k in range(self.chunk_size)]
+
+        async def chunk() -> None:
+            engine = self.open(model)
+            try:
+                await engine.request_many("/v1/chat/completions", bodies)
+            finally:
+                await engine.aclose()
+
+        asyncio.run(chunk())
+
     def open(self, model: ModelSpec) -> Engine:
         """An engine serving ``model``, warm and ready, over every replica that answers; close it with
         ``await engine.aclose()``."""
@@ -206,19 +233,10 @@ class InferenceEngine(ConfigurableResource):
 
     def running_servers(self) -> list[ManagedVLLMServer]:
         """The managed vLLM servers that have state files (one per base model that has served)."""
-        import json
-
         found = []
-        for state_path in sorted(self.engines_dir.glob("*.json")):
-            try:
-                state = json.loads(state_path.read_text())
-            except (OSError, ValueError):
-                continue
-            if not state.get("model"):
-                continue
-            spec = ModelSpec(state["model"], state["path"], task=state.get("task", GENERATE))
+        for spec, state in managed_server_states(self.engines_dir):
             try:
                 found.append(self.server(spec))
             except EngineNotAvailable:  # started by a vLLM env no longer found: enough to stop it
-                found.append(ManagedVLLMServer(spec, self.engines_dir, VLLMServerConfig(python=state["argv"][0])))
+                found.append(server_from_state(spec, self.engines_dir, state))
         return found

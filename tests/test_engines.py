@@ -188,6 +188,39 @@ def test_cli_builds_the_tiny_model(tmp_path):
     assert (target / "tokenizer.json").exists() and "<|im_start|>" in (target / "chat_template.jinja").read_text()
 
 
+def test_cli_builds_the_bench_size_chat_model(tmp_path):
+    """The bench size: tens of millions of parameters in the table's shape, its size and id in the recipe."""
+    from transformers import AutoModelForCausalLM
+
+    from vbatch_pipelines.models.tiny import MODEL_SIZES
+
+    target = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "vbatch_pipelines.cli", "models", "create-tiny", str(target),
+                           "--size", "bench", "--train-steps", "0"], check=True, capture_output=True, text=True)
+    assert "Serve it as vbatch-bench-chat" in done.stdout
+    shape = MODEL_SIZES["bench"]
+    config = json.loads((target / "config.json").read_text())
+    assert {key: config[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "head_dim", "max_position_embeddings")} == {
+        "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+        "head_dim": 64, "max_position_embeddings": 4096} == {key: getattr(shape, key) for key in config
+                                                             if key in shape.__dataclass_fields__}
+    parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(target).parameters())
+    assert 20e6 <= parameters <= 50e6, parameters
+    recipe = json.loads((target / "vbatch_model.json").read_text())
+    assert recipe["size"] == "bench" and recipe["model_id"] == "vbatch-bench-chat" and recipe["train_steps"] == 0
+
+
+@pytest.mark.parametrize("task_flag", ["--embed", "--rerank"])
+def test_cli_refuses_the_bench_size_for_a_model_that_is_not_a_chat_model(tmp_path, task_flag):
+    target = tmp_path / "model"
+    refused = subprocess.run([sys.executable, "-m", "vbatch_pipelines.cli", "models", "create-tiny", task_flag,
+                              "--size", "bench", "--train-steps", "0", str(target)], capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--size bench is a chat model's size" in refused.stderr and "tiny size only" in refused.stderr
+    assert not target.exists()  # refused before anything was built
+
+
 def test_a_vanishing_temperature_is_greedy(engine):
     body = {"prompt": "Please describe a cat", "max_tokens": 6}
     greedy = _ask(engine, "/v1/completions", {**body, "temperature": 0})

@@ -57,6 +57,12 @@ def test_one_owner_restarts_with_status_and_nothing_survives_a_kill_9(tmp_path, 
     env, api_port, dagster_port = _env(home, tiny_model_path)
     up, _ = start_up(env, "--api-port", str(api_port), "--dagster-port", str(dagster_port), "--no-engine")
     try:
+        # `up` itself stays small (issue 28): no torch mapped, well under 100 MB (its start-up child did the rest).
+        import psutil
+
+        assert "libtorch" not in Path(f"/proc/{up.pid}/maps").read_text()
+        assert psutil.Process(up.pid).memory_info().rss <= 100 * 2**20
+
         # A second `up` on a live home says so and starts nothing.
         second = subprocess.run([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--api-port",
                                  str(free_port()), "--dagster-port", str(free_port()), "--no-engine"], env=env,

@@ -35,13 +35,22 @@ class Context:
 
 def cmd_models_create_tiny(args, ctx: Context) -> int:
     from vbatch_pipelines.models.registry import EMBED, GENERATE, SCORE
-    from vbatch_pipelines.models.tiny import TINY_BUILDERS
+    from vbatch_pipelines.models.tiny import TINY_BUILDERS, model_size
 
-    started = time.monotonic()
     task = SCORE if args.rerank else EMBED if args.embed else GENERATE
-    path = TINY_BUILDERS[task](args.path, seed=args.seed, train_steps=args.train_steps)
     kind = {GENERATE: "chat", EMBED: "embedding", SCORE: "cross-encoder"}[task]
-    print(f"Tiny {kind} model written to {path} in {time.monotonic() - started:.1f}s")
+    if args.size != "tiny" and task != GENERATE:
+        print(f"vbatch models create-tiny: --size {args.size} is a chat model's size; the {kind} model comes in the "
+              "tiny size only (leave out --size)", file=sys.stderr)
+        return 2
+    options = {"seed": args.seed, **({} if args.train_steps is None else {"train_steps": args.train_steps}),
+               **({"size": args.size} if task == GENERATE else {})}
+    started = time.monotonic()
+    path = TINY_BUILDERS[task](args.path, **options)
+    print(f"{args.size.capitalize()} {kind} model written to {path} in {time.monotonic() - started:.1f}s")
+    if args.size != "tiny":
+        model_id = model_size(args.size).model_id
+        print(f"Serve it as {model_id}: vbatch models install {path} --id {model_id}")
     return 0
 
 
@@ -291,8 +300,8 @@ def cmd_up(args, ctx: Context) -> int:
     addresses = Addresses(args.host, args.api_port or ctx.settings.api_port, args.dagster_port,
                           expose_dagster=args.expose_dagster)
     try:
-        return run_platform(ctx.settings, ctx.resources, addresses, warm=not args.no_engine,
-                            cluster=args.mode == "cluster")
+        # No resources here: `up` stays small, its start-up child builds them (vbatch_pipelines.starter).
+        return run_platform(ctx.settings, addresses, warm=not args.no_engine, cluster=args.mode == "cluster")
     except (ExposureError, ClusterConfigError, PortTaken) as exc:
         print(f"vbatch up: {exc}", file=sys.stderr)
         return 2
@@ -314,7 +323,7 @@ def cmd_worker(args, ctx: Context) -> int:
                          [q.strip() for q in (args.queues or "").split(",") if q.strip()],
                          ctx.settings.gpus if args.gpus is None else args.gpus, args.concurrency)
         check_broker(ctx.settings.broker_url)
-        return run_worker(ctx.settings, ctx.resources, spec)
+        return run_worker(ctx.settings, spec)
     except ClusterConfigError as exc:
         print(f"vbatch worker: {exc}", file=sys.stderr)
         return 2
@@ -583,6 +592,8 @@ def cmd_keys_revoke(args, ctx: Context) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vbatch_pipelines.models.tiny import MODEL_SIZES
+
     parser = argparse.ArgumentParser(prog="vbatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -618,8 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--embed", action="store_true", help="the tiny embedding model (mean-pooled, normalised)")
     kind.add_argument("--rerank", action="store_true",
                       help="the tiny cross-encoder (one-label sequence classifier) for /v1/score and /v1/rerank")
+    tiny.add_argument("--size", choices=tuple(MODEL_SIZES), default="tiny",
+                      help="the chat model's size: tiny (seconds to build) or bench (~27M parameters, a 4k context, "
+                           "a few minutes on 2 cores; served as vbatch-bench-chat)")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--train-steps", type=int, default=300)
+    tiny.add_argument("--train-steps", type=int, default=None, help="AdamW steps (default: the size's own, 300 for "
+                                                                     "tiny)")
     tiny.set_defaults(func=cmd_models_create_tiny)
     models.add_parser("list", help="served models (base and deployed fine-tunes)").set_defaults(func=cmd_models_list)
     install = models.add_parser("install", help="install a base model from the Hugging Face hub or a directory")

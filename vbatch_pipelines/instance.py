@@ -68,7 +68,7 @@ def cluster_instance(settings: Settings, base: dict) -> dict:
     )
 
     check_cluster(settings)
-    shared = settings.layout().shared_dagster_dir
+    shared = settings.paths().shared_dagster_dir
     monitoring = dict(base.get("run_monitoring") or {}, enabled=True,
                       start_timeout_seconds=QUEUED_RUN_TIMEOUT_S)  # a run waits in its queue for a free worker
     return {

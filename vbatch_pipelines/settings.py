@@ -2,8 +2,8 @@
 the API app and the CLI. Everything that runs inside Dagster gets its configuration from resources
 (built from these settings by ``resources.factory.build_resources``).
 
-Everything lives under one home directory (``VBATCH_HOME``, default ``./.vbatch``; its layout is the
-``FileStore`` resource's) unless an environment variable points a piece elsewhere: the shared files
+Everything lives under one home directory (``VBATCH_HOME``, default ``./.vbatch``; its layout is
+``vbatch_pipelines.layout``'s) unless an environment variable points a piece elsewhere: the shared files
 (``VBATCH_STORE``), the Dagster instance, the metadata DB (SQLite unless ``VBATCH_DATABASE_URL`` is set),
 managed virtualenvs, the Celery broker of cluster mode (``VBATCH_BROKER_URL``).
 
@@ -167,7 +167,13 @@ class Settings:
         """The FileStore of these settings: this node's home and the (shared) store."""
         from resources.file_store import FileStore
 
-        return FileStore(root=str(self.home), store=str(self.store) if self.store else None)
+        return FileStore.of(self.home, self.store)
+
+    def paths(self):
+        """The same layout without Dagster, for what needs only paths (`vbatch up`'s supervisor)."""
+        from vbatch_pipelines.layout import StoreLayout
+
+        return StoreLayout.of(self.home, self.store)
 
 
 
@@ -233,10 +239,8 @@ def _parse_tool_parsers(spec: str | None) -> dict[str, str]:
 
 
 def _retrain_hyperparameters() -> dict:
-    from vbatch_pipelines.fine_tuning.service import (
-        FineTuningError,
-        parse_hyperparameters,
-    )
+    from vbatch_pipelines.fine_tuning import FineTuningError
+    from vbatch_pipelines.fine_tuning.hyperparameters import parse_hyperparameters
 
     raw = _env("VBATCH_RETRAIN_HYPERPARAMETERS", "{}")
     try:
@@ -254,11 +258,11 @@ def _retrain_hyperparameters() -> dict:
 
 
 def load_settings() -> Settings:
-    from resources.file_store import FileStore
+    from vbatch_pipelines.layout import StoreLayout
 
     home = Path(_env("VBATCH_HOME", ".vbatch")).expanduser().resolve()
     store = Path(_env("VBATCH_STORE")).expanduser().resolve() if _env("VBATCH_STORE") else None
-    layout = FileStore(root=str(home), store=str(store) if store else None)
+    layout = StoreLayout.of(home, store)
     database_url = _env("VBATCH_DATABASE_URL") or f"sqlite:///{layout.database_path}"
     return Settings(
         home=home,

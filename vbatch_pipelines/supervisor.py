@@ -1,6 +1,10 @@
 """`vbatch up`: prepare the platform, start its processes (Dagster webserver and daemon, the API), warm the
 engine and Label Studio, supervise them, and stop every one of them — and the engines and Label Studio
-it started — on Ctrl-C, SIGTERM or when one of them dies."""
+it started — on Ctrl-C, SIGTERM or when one of them dies.
+
+The supervisor stays up as long as the platform, so it stays small: the work that needs the resources
+(Dagster, SQLAlchemy, torch to build the tiny model) runs in a start-up child (``vbatch_pipelines.starter``)
+that exits when it is done; the supervisor itself imports none of them (issue 28: it held 481 MB)."""
 
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vbatch_pipelines.child_env import without_api_keys
-from vbatch_pipelines.names import MAX_BATCHES_PER_RUN
+from vbatch_pipelines.names import MAX_BATCHES_PER_RUN, RUN_WORKERS_AT_START_ENV
 from vbatch_pipelines.net import wait_http
 from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, die_with_parent, process_identity
 from vbatch_pipelines.settings import Settings
+from vbatch_pipelines.starter import StartupChild, serve
 from vbatch_pipelines.systemd import Notifier
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -154,14 +160,15 @@ class Service:
 STOP_GRACE_S = 8.0  # SIGTERM to everything at once; SIGKILL what is left after this (a stop takes <= 15 s)
 
 
-def supervise(title: str, registry: ServiceRegistry, owner: dict, services: dict[str, Service], resources: dict,
-              ready: Callable[[threading.Event], None], stop_detached: Callable[[], list[int | None]] = lambda: [],
+def supervise(title: str, registry: ServiceRegistry, owner: dict, services: dict[str, Service],
+              ready: Callable[[threading.Event], None], stop_detached: Callable[[], list[int | None]],
               notifier: Notifier | None = None) -> None:
     """Start ``services``, record them, then restart what dies (with back-off, each change recorded) until Ctrl-C
     or SIGTERM; meanwhile ``ready`` (warming the engine, the banner) runs beside, handed the stop event so that it
-    gives up when asked. Then stop everything at once: the services, the engines of this home and the servers
-    ``stop_detached`` names (their pids), SIGKILL for what is left after STOP_GRACE_S, or at once on a second
-    Ctrl-C. Under systemd it speaks sd_notify (``Notifier``). `vbatch up` and `vbatch worker` both run this."""
+    gives up when asked. Then stop everything at once: the services and the detached servers ``stop_detached``
+    hands over (their pids: the engines of this home, Label Studio), SIGKILL for what is left after STOP_GRACE_S,
+    or at once on a second Ctrl-C. Under systemd it speaks sd_notify (``Notifier``). `vbatch up` and `vbatch
+    worker` both run this."""
     stopping, force = threading.Event(), threading.Event()
     notifier = notifier or Notifier()
 
@@ -214,25 +221,44 @@ def supervise(title: str, registry: ServiceRegistry, owner: dict, services: dict
         notifier.stopping(f"stopping {title}")
         print(f"Stopping {title} ...", flush=True)
         started = time.monotonic()
-        stop_everything(services, resources, stop_detached, force)
+        stop_everything(services, stop_detached, force)
         print(f"Stopped in {time.monotonic() - started:.1f}s.", flush=True)
 
 
-def stop_everything(services: dict[str, Service], resources: dict, stop_detached: Callable[[], list[int | None]],
+def stop_everything(services: dict[str, Service], stop_detached: Callable[[], list[int | None]],
                     force: threading.Event) -> None:
-    """SIGTERM the services, this home's engines and ``stop_detached``'s servers together, SIGKILL what is left
-    after STOP_GRACE_S. No detached server starts after this begins (one being started is in the sweep)."""
-    from vbatch_pipelines.detached import kill_groups, refuse_new_servers
+    """SIGTERM the services and ``stop_detached``'s servers together, SIGKILL what is left after STOP_GRACE_S."""
+    from vbatch_pipelines.detached import kill_groups
 
-    refuse_new_servers()
     groups = [service.process.pid for service in services.values() if service.process is not None]
-    groups += [server.handover() for server in resources["inference_engine"].running_servers()]
     groups += stop_detached()
     groups = [pid for pid in groups if pid is not None]
     kill_groups(groups, STOP_GRACE_S, force)
     for service in services.values():
         if service.process is not None:
             service.process.wait()
+
+
+def hand_over_engines(settings: Settings) -> list[int | None]:
+    """Forget this node's managed engines (their state files; marked stopped in the engine registry) and hand
+    over their pids, to be stopped with the rest. From the state files and the settings, not the resources:
+    the supervisor has none."""
+    from vbatch_pipelines.engine.vllm_server import managed_server_states, server_from_state
+
+    engines_dir = settings.paths().engines_dir
+    found = managed_server_states(engines_dir)
+    if not found:
+        return []
+    from vbatch_pipelines.engine.registry import EngineRegistry
+    from vbatch_pipelines.store.db import Database
+
+    database = Database(settings.database_url)  # migrated by the start-up child
+    try:
+        registry = EngineRegistry(database)
+        return [server_from_state(spec, engines_dir, state, registry, settings.node).handover()
+                for spec, state in found]
+    finally:
+        database.dispose()
 
 
 EVENT_BATCH_SIZE = 3 * MAX_BATCHES_PER_RUN  # a run's planned events: up to three steps per batch
@@ -320,6 +346,56 @@ def start_curation(settings: Settings, resources: dict, api_url: str) -> str:
            f"{server.state_dir / 'credentials.json'})"
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What `up`'s start-up child hands the supervisor before the services start."""
+
+    env: dict  # the services' environment
+    api_workers: int
+    label_studio: Any  # the ManagedLabelStudio this home runs (stopped with `up`), or None for an external one
+
+
+def prepare(settings: Settings, resources: dict, addresses: Addresses, cluster: bool) -> Prepared:
+    """`up` before its services start (in the start-up child): the ports free, the platform prepared."""
+    check_ports(addresses, resources)  # PortTaken, naming who holds it, before anything starts
+    env = prepare_platform(settings, resources, cluster=cluster)
+    return Prepared(env, api_workers(settings, resources), resources["label_studio"].server())
+
+
+def warm_up(settings: Settings, resources: dict, api_url: str, warm: bool) -> tuple[str, bool, str]:
+    """`up` once its services started (in the start-up child): the engine warmed, the API answering, Label Studio
+    started with its webhooks to the API. Returns the banner's notes: (engine, API ready, curation)."""
+    engine_note = warm_engine(resources) if warm else "transformers (in-process, per run)"
+    api_ready = wait_http(f"{api_url}/health", 60)
+    curation_note = start_curation(settings, resources, api_url) if api_ready else "off: the API did not start"
+    return engine_note, api_ready, curation_note
+
+
+class StartupSteps:
+    """What `up`'s start-up child does for it (``StartupChild.run``), a method a step; the first builds the
+    resources, kept for the next."""
+
+    def prepare(self, settings: Settings, addresses: Addresses, cluster: bool) -> Prepared:
+        from resources.factory import build_resources
+
+        self.settings = settings
+        self.resources = build_resources(settings, defer_secrets=False)  # as the CLI's: a terminal shows no config
+        return prepare(settings, self.resources, addresses, cluster)
+
+    def warm_up(self, api_url: str, warm: bool) -> tuple[str, bool, str]:
+        return warm_up(self.settings, self.resources, api_url, warm)
+
+
+def startup_child_main(report_fd: int) -> int:
+    """The start-up child's main."""
+    return serve(StartupSteps(), report_fd)
+
+
+def startup_child() -> StartupChild:
+    """`up`'s start-up child (started on its first step)."""
+    return StartupChild(__name__, startup_child_main.__name__)
+
+
 def warm_engine(resources: dict) -> str:
     """Start the default model's vLLM server now, so the first batch finds it warm."""
     engine = resources["inference_engine"]
@@ -333,6 +409,11 @@ def warm_engine(resources: dict) -> str:
             urls.append(server.ensure())
         except Exception as exc:  # noqa: BLE001 - keep the platform up; batches retry the engine
             urls.append(f"failed: {exc}")
+    if not all(url.startswith("failed") for url in urls):
+        try:
+            engine.warm(model)
+        except Exception as exc:  # noqa: BLE001 - a batch would meet the same failure and retry it
+            print(f"Warming vLLM for {model.id}: its first chunk failed: {exc}", flush=True)
     return f"vLLM {', '.join(urls)} ({model.id})"
 
 
@@ -348,11 +429,10 @@ def cluster_note(settings: Settings) -> str:
     from vbatch_pipelines.cluster.config import DEFAULT_QUEUE, GPU_QUEUE
 
     return (f"cluster mode: runs go to `vbatch worker` nodes through {broker_address(settings.broker_url)} (queues "
-            f"{DEFAULT_QUEUE}, {GPU_QUEUE}, node.<name>); files in {settings.layout().shared}")
+            f"{DEFAULT_QUEUE}, {GPU_QUEUE}, node.<name>); files in {settings.paths().shared}")
 
 
-def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, warm: bool = True,
-                 cluster: bool = False) -> int:
+def run_platform(settings: Settings, addresses: Addresses, *, warm: bool = True, cluster: bool = False) -> int:
     """`vbatch up`. In cluster mode (``cluster``) the same services run, but Dagster hands runs to the nodes'
     Celery workers (`vbatch worker`) instead of starting them here."""
     from vbatch_pipelines.cluster.config import check_broker, check_cluster
@@ -364,14 +444,14 @@ def run_platform(settings: Settings, resources: dict, addresses: Addresses, *, w
         exposure = addresses.check(settings) + [cluster_note(settings)]
     else:
         exposure = addresses.check(settings)  # before anything starts
-    file_store = resources["file_store"]
-    registry = ServiceRegistry(file_store.run_dir)
+    registry = ServiceRegistry(settings.paths().run_dir)
     registry.acquire()  # AlreadyUp when another `up` owns this home
     try:
         stale = registry.stop_stale()
         if stale:
             print(f"Stopped what a previous `vbatch up` left running: {', '.join(stale)}", flush=True)
-        return _run(settings, resources, addresses, registry, exposure, warm, WORKSPACE_YAML, cluster)
+        with startup_child() as starter:
+            return _run(settings, addresses, registry, starter, exposure, warm, WORKSPACE_YAML, cluster)
     finally:
         registry.release()
 
@@ -391,23 +471,23 @@ def check_ports(addresses: Addresses, resources: dict) -> None:
         check_port_free("127.0.0.1", server.port, "Label Studio", "VBATCH_LABEL_STUDIO_PORT")
 
 
-def _run(settings: Settings, resources: dict, addresses: Addresses, registry: ServiceRegistry,
+def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, starter: StartupChild,
          exposure: list[str], warm: bool, workspace: Path, cluster: bool) -> int:
-    check_ports(addresses, resources)  # PortTaken, naming who holds it, before anything starts
-    env = prepare_platform(settings, resources, cluster=cluster)
-    env["VBATCH_DAGSTER_URL"] = addresses.dagster_url
-    logs = resources["file_store"].logs_dir
+    prepared: Prepared = starter.run("prepare", settings, addresses, cluster)
+    env = dict(prepared.env, VBATCH_DAGSTER_URL=addresses.dagster_url)
+    logs = settings.paths().logs_dir
     logs.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     dagster_env = without_api_keys(env)  # runs need the databases' and Label Studio's secrets, not the API's keys
     services = {service.name: service for service in (
         Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", addresses.dagster_host,
-                                      "-p", str(addresses.dagster_port), "-w", str(workspace)], dagster_env,
+                                      "-p", str(addresses.dagster_port), "-w", str(workspace)],
+                {**dagster_env, RUN_WORKERS_AT_START_ENV: "1"},  # it launches the API's runs: its workers start warm
                 logs / "dagster-webserver.log", addresses.dagster_port, f"{addresses.dagster_url}/server_info"),
         Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], dagster_env,
                 logs / "dagster-daemon.log"),
         Service("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
-                        "--port", str(addresses.api_port), "--workers", str(api_workers(settings, resources)),
+                        "--port", str(addresses.api_port), "--workers", str(prepared.api_workers),
                         "--log-level", "warning"], env, logs / "api.log", addresses.api_port,
                 f"{addresses.api_url}/health"),
     )}
@@ -415,13 +495,14 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
              "mode": "cluster" if cluster else "single"}
 
     def ready(stopping: threading.Event) -> None:
-        engine_note = warm_engine(resources) if warm else "transformers (in-process, per run)"
-        api_ready = wait_http(f"{addresses.api_url}/health", 60, stopping)
+        engine_note, api_ready, curation_note = starter.run("warm_up", addresses.api_url, warm)
+        starter.close()  # its work is done: it exits
         if stopping.is_set():
             return
-        curation_note = start_curation(settings, resources, addresses.api_url) if api_ready else \
-            "off: the API did not start"
-        ready = wait_http(f"{addresses.dagster_url}/server_info", 120, stopping)
+        from vbatch_pipelines.dagster_api import warm_up_runs
+
+        ready = wait_http(f"{addresses.dagster_url}/server_info", 120, stopping) \
+            and warm_up_runs(addresses.dagster_url)
         if stopping.is_set():
             return
         print(f"vbatch is up (home {settings.home})\n"
@@ -435,8 +516,9 @@ def _run(settings: Settings, resources: dict, addresses: Addresses, registry: Se
               + "Ctrl-C stops everything.", flush=True)
 
     def stop_detached() -> list[int | None]:
-        label_studio = resources["label_studio"].server()
-        return [label_studio.handover()] if label_studio is not None else []
+        starter.stop()  # first: a server it is starting has its state file written once it is gone
+        label_studio = prepared.label_studio
+        return hand_over_engines(settings) + ([label_studio.handover()] if label_studio is not None else [])
 
-    supervise("vbatch", registry, owner, services, resources, ready, stop_detached)
+    supervise("vbatch", registry, owner, services, ready, stop_detached)
     return 0

@@ -60,13 +60,14 @@ def celery_argv(name: str, queues: tuple[str, ...], concurrency: int) -> list[st
             "--without-gossip", "--without-mingle"]
 
 
-def run_worker(settings: Settings, resources: dict, spec: NodeSpec) -> int:
-    """Start the node's Celery workers and supervise them until Ctrl-C or SIGTERM."""
-    from vbatch_pipelines.supervisor import Service, broker_address, instance_env, supervise
+def run_worker(settings: Settings, spec: NodeSpec) -> int:
+    """Start the node's Celery workers and supervise them until Ctrl-C or SIGTERM; then stop them and the engines
+    its runs started. Small, as `vbatch up`'s supervisor: no resources."""
+    from vbatch_pipelines.supervisor import Service, broker_address, hand_over_engines, instance_env, supervise
 
     check_cluster(settings, "vbatch worker")
-    file_store = resources["file_store"]
-    registry = ServiceRegistry(file_store.run_dir, role="worker")
+    layout = settings.paths()
+    registry = ServiceRegistry(layout.run_dir, role="worker")
     registry.acquire()  # AlreadyUp when another `vbatch worker` owns this home
     try:
         stale = registry.stop_stale()
@@ -74,7 +75,7 @@ def run_worker(settings: Settings, resources: dict, spec: NodeSpec) -> int:
             print(f"Stopped what a previous `vbatch worker` left running: {', '.join(stale)}", flush=True)
         env = without_api_keys(instance_env(settings, cluster=True))
         env.update(VBATCH_NODE=spec.name, ARROW_DEFAULT_MEMORY_POOL="system")
-        logs = file_store.logs_dir
+        logs = layout.logs_dir
         logs.mkdir(parents=True, exist_ok=True)
         services = {"celery-default": Service("celery-default", celery_argv(f"default@{spec.name}", spec.queues,
                                                                             spec.concurrency), env,
@@ -89,11 +90,11 @@ def run_worker(settings: Settings, resources: dict, spec: NodeSpec) -> int:
                   f"  broker       {broker_address(settings.broker_url)}\n"
                   f"  queues       {', '.join(spec.queues)} ({spec.concurrency} at once)"
                   + (f"; {GPU_QUEUE} ({spec.gpus} at once)" if spec.gpus else "") + "\n"
-                  f"  store        {file_store.shared}\n"
+                  f"  store        {layout.shared}\n"
                   f"  logs         {logs}\n"
                   "Ctrl-C stops it.", flush=True)
 
-        supervise("vbatch worker", registry, owner, services, resources, ready)
+        supervise("vbatch worker", registry, owner, services, ready, lambda: hand_over_engines(settings))
         return 0
     finally:
         registry.release()

@@ -301,6 +301,28 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
                                **(cpu_engine_env() if self.config.gpus == 0 else {}))
 
 
+def managed_server_states(engines_dir: Path) -> list[tuple[ModelSpec, dict[str, Any]]]:
+    """The managed vLLM servers that have state files in ``engines_dir`` (one per base model that has served):
+    each one's model and state."""
+    found = []
+    for state_path in sorted(engines_dir.glob("*.json")):
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("model"):
+            found.append((ModelSpec(state["model"], state["path"], task=state.get("task", GENERATE)), state))
+    return found
+
+
+def server_from_state(model: ModelSpec, engines_dir: Path, state: dict[str, Any],
+                    registry: EngineRegistry | None = None, node: str = "local") -> ManagedVLLMServer:
+    """A managed server known from its state file only (started by a vLLM env no longer found, or looked at
+    without the engine's settings): enough to hand it over and stop it."""
+    return ManagedVLLMServer(model, engines_dir, VLLMServerConfig(python=state["argv"][0]), registry=registry,
+                             node=node)
+
+
 class RemoteVLLMServer(VLLMServerAPI):
     """A vLLM server of one base model that vbatch did not start here: an external engine (VBATCH_ENGINES), or
     a managed one on another node. It is used while it answers; restarting it is its owner's job (its node's

@@ -13,13 +13,13 @@ import re
 import shutil
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import desc, select
 
 from vbatch_pipelines.fine_tuning import FineTuningError
 from vbatch_pipelines.fine_tuning.comparison import DEPLOY_GATES
+from vbatch_pipelines.fine_tuning.hyperparameters import parse_hyperparameters
 from vbatch_pipelines.fine_tuning.training_data import model_max_length, training_sources
 from vbatch_pipelines.models.registry import EMBED, GENERATE
 from vbatch_pipelines.store.db import Database
@@ -33,60 +33,7 @@ from vbatch_pipelines.store.models import (
     of_project,
 )
 
-BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; OpenAI's learning_rate_multiplier scales it
 SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-class Hyperparameters(BaseModel):
-    """OpenAI's three knobs ("auto" or a value) plus the LoRA recipe; unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_epochs: int | Literal["auto"] = "auto"
-    batch_size: int | Literal["auto"] = "auto"
-    learning_rate_multiplier: float | Literal["auto"] = "auto"
-    learning_rate: float | None = Field(default=None, gt=0, le=1)
-    lora_rank: int = Field(default=16, ge=1, le=256)
-    lora_alpha: int | None = Field(default=None, ge=1)
-    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    max_length: int | None = Field(default=None, ge=16)
-    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
-    qlora: bool = False
-    merge: bool = False
-
-    def resolved(self, train_examples: int, model_max_length: int | None) -> dict[str, Any]:
-        """Concrete values for "auto" (OpenAI's convention: the service picks from the data)."""
-        n_epochs = 3 if self.n_epochs == "auto" else self.n_epochs
-        batch_size = max(1, min(8, train_examples // 10)) if self.batch_size == "auto" else self.batch_size
-        multiplier = 1.0 if self.learning_rate_multiplier == "auto" else self.learning_rate_multiplier
-        max_length = self.max_length or min(1024, model_max_length or 1024)
-        if model_max_length and max_length > model_max_length:
-            raise FineTuningError(f"max_length {max_length} exceeds the model's context of {model_max_length} tokens",
-                                  "hyperparameters.max_length", "invalid_value")
-        for name, value in (("n_epochs", n_epochs), ("batch_size", batch_size)):
-            if not 1 <= value <= 256:
-                raise FineTuningError(f"{name} must be between 1 and 256", f"hyperparameters.{name}",
-                                      "invalid_value")
-        if not 0 < multiplier <= 100:
-            raise FineTuningError("learning_rate_multiplier must be in (0, 100]",
-                                  "hyperparameters.learning_rate_multiplier", "invalid_value")
-        return {
-            **self.model_dump(), "n_epochs": n_epochs, "batch_size": batch_size,
-            "learning_rate_multiplier": multiplier, "max_length": max_length,
-            "learning_rate": self.learning_rate or BASE_LEARNING_RATE * multiplier,
-            "lora_alpha": self.lora_alpha or 2 * self.lora_rank,
-        }
-
-
-def parse_hyperparameters(raw: dict[str, Any] | None) -> Hyperparameters:
-    try:
-        return Hyperparameters.model_validate(raw or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise FineTuningError(f"hyperparameters.{where}: {first['msg']}", f"hyperparameters.{where}",
-                              "invalid_value") from exc
 
 
 def now() -> int:

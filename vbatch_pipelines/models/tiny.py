@@ -7,6 +7,10 @@ seeded LlamaConfig with ``head_dim=32`` (vLLM's CPU attention rejects 16), then 
 corpus (~4 s) so it answers in the corpus' style and ends its turns with ``<|im_end|>``: greedy output is
 short, deterministic and the same under transformers and vLLM. ``train_steps=0`` leaves random weights.
 
+The same recipe builds a larger chat model (``size="bench"``, served as ``vbatch-bench-chat``): ~27M
+parameters over 8 layers and a 4,096-token context, large enough that prefill costs something, so benchmarks of
+long shared prompts (prefix caching, few-shot files) measure the engine's work rather than the platform's overhead.
+
 The tiny embedding model (``create_tiny_embedding_model``) is that trained transformer without its LM head
 (``LlamaModel``), laid out as a sentence-transformers model (``modules.json``: mean pooling, then L2
 normalisation) so vLLM's pooling runner and the transformers fallback read the same pooling from the same
@@ -24,9 +28,10 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vbatch_pipelines.models.registry import EMBED, GENERATE, SCORE
+from vbatch_pipelines.models.registry import EMBED, GENERATE, SCORE, TINY_MODEL_ID
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
@@ -100,22 +105,58 @@ def build_tokenizer(corpus: list[list[dict[str, str]]], vocab_size: int = 1000):
     return fast
 
 
-def _trained_model(seed: int, train_steps: int):
-    """The tiny Llama LM and its tokenizer, trained on the corpus."""
+@dataclass(frozen=True)
+class ModelSize:
+    """The shape of a chat model this recipe builds, and how long it trains (the vocabulary is the tokenizer's)."""
+
+    model_id: str  # the name it is served under
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int  # >= 32: vLLM's CPU attention rejects 16
+    max_position_embeddings: int
+    train_steps: int  # AdamW steps on the corpus, batches of ``batch_size`` dialogues
+    batch_size: int
+    learning_rate: float
+
+
+# "tiny": tests, the demo and most benchmarks (seconds to build). "bench": large enough that prefill costs, with a
+# context that holds few-shot prompts of ~2k tokens (a few minutes to build on 2 cores).
+MODEL_SIZES = {
+    "tiny": ModelSize(TINY_MODEL_ID, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, head_dim=32, max_position_embeddings=1024, train_steps=300,
+                      batch_size=32, learning_rate=3e-3),
+    "bench": ModelSize("vbatch-bench-chat", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                       num_attention_heads=8, head_dim=64, max_position_embeddings=4096, train_steps=100,
+                       batch_size=16, learning_rate=1e-3),
+}
+
+
+def model_size(size: str) -> ModelSize:
+    try:
+        return MODEL_SIZES[size]
+    except KeyError:
+        raise ValueError(f"unknown model size {size!r}: one of {', '.join(MODEL_SIZES)}") from None
+
+
+def _trained_model(seed: int, train_steps: int | None, size: str = "tiny"):
+    """The chat Llama LM of ``size`` and its tokenizer, trained on the corpus (``train_steps`` None: the size's)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shape = model_size(size)
     corpus = generate_corpus(seed=seed)
     tokenizer = build_tokenizer(corpus)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=32,
-        max_position_embeddings=1024,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -124,18 +165,22 @@ def _trained_model(seed: int, train_steps: int):
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    if train_steps:
-        _train_on_corpus(model, tokenizer, corpus, train_steps, seed)
+    steps = shape.train_steps if train_steps is None else train_steps
+    if steps:
+        _train_on_corpus(model, tokenizer, corpus, steps, seed, shape.batch_size, shape.learning_rate)
     return model, tokenizer
 
 
-def create_tiny_model(path: str | Path, *, seed: int = 0, train_steps: int = 300) -> Path:
-    """Build and save the tiny chat model (``save_pretrained``) at ``path``; returns the path."""
+def create_tiny_model(path: str | Path, *, seed: int = 0, train_steps: int | None = None, size: str = "tiny") -> Path:
+    """Build and save the chat model of ``size`` (``save_pretrained``) at ``path``; returns the path.
+    ``train_steps`` None: the size's own (300 for the tiny model)."""
     from transformers import GenerationConfig
 
+    shape = model_size(size)
+    train_steps = shape.train_steps if train_steps is None else train_steps
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _trained_model(seed, train_steps)
+    model, tokenizer = _trained_model(seed, train_steps, size)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -143,9 +188,9 @@ def create_tiny_model(path: str | Path, *, seed: int = 0, train_steps: int = 300
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "vbatch_model.json").write_text(
-        json.dumps({"recipe": "vbatch tiny chat", "seed": seed, "train_steps": train_steps}, indent=2)
-    )
+    (path / "vbatch_model.json").write_text(json.dumps(
+        {"recipe": "vbatch tiny chat", "size": size, **asdict(shape), "seed": seed, "train_steps": train_steps},
+        indent=2))
     return path
 
 
@@ -208,16 +253,17 @@ def create_tiny_cross_encoder(path: str | Path, *, seed: int = 0, train_steps: i
     return path
 
 
-def _train_on_corpus(model, tokenizer, corpus, steps: int, seed: int) -> None:
+def _train_on_corpus(model, tokenizer, corpus, steps: int, seed: int, batch_size: int = 32,
+                     learning_rate: float = 3e-3) -> None:
     """A few causal-LM steps so the model speaks the corpus' language and ends its turns."""
     import torch
 
     rng = random.Random(seed)
     texts = [_render(d) for d in corpus]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
     for _ in range(steps):
-        batch = tokenizer(rng.sample(texts, 32), return_tensors="pt", padding=True)
+        batch = tokenizer(rng.sample(texts, batch_size), return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()
