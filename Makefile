@@ -58,9 +58,11 @@ bench: engine
 	$(BIN)/python benchmarks/bench_idle_rss.py
 	$(BIN)/python benchmarks/bench_vs_run_batch.py
 	$(BIN)/python benchmarks/bench_realistic.py
+	$(BIN)/python benchmarks/bench_first_batch.py
 	$(BIN)/python benchmarks/bench_embeddings.py --list-size 32
 	$(BIN)/python benchmarks/bench_batches.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_million.py
 	$(BIN)/python benchmarks/bench_api.py
 	$(BIN)/python benchmarks/bench_curation.py
 	$(BIN)/python benchmarks/bench_fine_tuning.py
