@@ -187,8 +187,14 @@ def test_sigterm_mid_batch_stops_every_process_it_started(running_platform):
         time.sleep(0.2)
     assert running_platform.batch(batch.id).status == "in_progress"
     process = running_platform.process
+    def cmdline(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # gone, or a zombie not yet reaped
+            return ""
+
     workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-               if "vbatch_pipelines.run_launcher" in " ".join(p.cmdline())]
+               if "vbatch_pipelines.run_launcher" in cmdline(p)]
     assert workers
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=90)

@@ -62,6 +62,9 @@ def test_one_owner_restarts_with_status_and_nothing_survives_a_kill_9(tmp_path, 
 
         assert "libtorch" not in Path(f"/proc/{up.pid}/maps").read_text()
         assert psutil.Process(up.pid).memory_info().rss <= 100 * 2**20
+        # and its start-up child, done once it is up, was reaped: no zombie under it.
+        assert not [child.pid for child in psutil.Process(up.pid).children()
+                    if child.status() == psutil.STATUS_ZOMBIE]
 
         # A second `up` on a live home says so and starts nothing.
         second = subprocess.run([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--api-port",

@@ -88,12 +88,17 @@ class StartupChild:
         return value
 
     def close(self) -> None:
-        """No more steps: the child exits."""
+        """No more steps: the child exits, and is reaped (not left a zombie under `vbatch up`)."""
         if self.process is not None:
             try:
                 self.process.stdin.close()
             except OSError:
                 pass
+            try:
+                self.process.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def stop(self) -> None:
         """End the child now (a server it is starting has its state file written by then) and wait for it."""
