@@ -600,6 +600,7 @@ ENDPOINT_REQUESTS: dict[str, type[OpenAIBaseModel]] = {
     "/v1/rerank": RerankRequest,
 }
 SUPPORTED_ENDPOINTS = tuple(ENDPOINT_REQUESTS)
+POOLING_ENDPOINTS = ("/v1/embeddings", "/v1/score", "/v1/rerank")  # one model pass, no generation: input tokens only
 # The other paths vLLM serves score and rerank at, which ``vllm run-batch`` lines use too.
 ENDPOINT_ALIASES = {"/score": "/v1/score", "/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank"}
 

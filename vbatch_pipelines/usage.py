@@ -16,11 +16,11 @@ from typing import Any
 from sqlalchemy import func, select
 
 from vbatch_pipelines.errors import VbatchError
+from vbatch_pipelines.protocol import POOLING_ENDPOINTS  # input tokens only: counted as embeddings
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Batch, UsageRecord
 
 COMPLETIONS, EMBEDDINGS = "completions", "embeddings"
-POOLING_ENDPOINTS = ("/v1/embeddings", "/v1/score", "/v1/rerank")  # input tokens only: counted as embeddings
 BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 DEFAULT_BUCKETS = {"1m": 60, "1h": 24, "1d": 7}  # OpenAI's defaults and limits per page
 MAX_BUCKETS = {"1m": 1440, "1h": 168, "1d": 31}

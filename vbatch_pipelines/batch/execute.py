@@ -227,7 +227,8 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
             engine = await engine_for(job.model)
             job.running = True
             finished = await run_batch_requests(
-                engine, job.endpoint, _requests(job, inference_engine.plan_batches), job.results, job.progress, concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
+                engine, job.endpoint, _requests(job, inference_engine.plan_batches), job.results, job.progress,
+                concurrency=inference_engine.max_concurrency, chunk_size=inference_engine.chunk_size,
                 stop=job.stop, share=job.share)
         except Exception as exc:  # noqa: BLE001
             outcomes[job.batch_id] = exc

@@ -25,11 +25,11 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+from vbatch_pipelines.protocol import ENDPOINT_REQUESTS, POOLING_ENDPOINTS
+
 WINDOW_REQUESTS = 50_000  # OpenAI's largest batch: such a file is planned whole
 WINDOW_BYTES = 32 * 2**20  # and a window's bodies stay within this much JSON
-POOLING_ENDPOINTS = ("/v1/embeddings", "/v1/score", "/v1/rerank")  # deterministic: always answered alike
-DEFAULT_MAX_TOKENS = {"/v1/completions": 16}  # where the endpoint's own default is short; others: the context
-UNBOUNDED = 1 << 62
+UNBOUNDED = 1 << 62  # no bound in the body or the endpoint's own default: up to the model's context
 
 
 class PlannedRequest(NamedTuple):
@@ -66,11 +66,13 @@ def expected_tokens(endpoint: str, body: dict[str, Any]) -> int:
         value = body.get(name)
         if isinstance(value, int) and value > 0:
             return value
-    return DEFAULT_MAX_TOKENS.get(endpoint, UNBOUNDED)
+    field = ENDPOINT_REQUESTS[endpoint].model_fields.get("max_tokens") if endpoint in ENDPOINT_REQUESTS else None
+    return (field.default if field is not None else None) or UNBOUNDED  # completions: OpenAI's 16
 
 
 def is_deterministic(endpoint: str, body: dict[str, Any]) -> bool:
-    """Whether two identical bodies get the same answer: greedy decoding of one choice, or a pooling request."""
+    """Whether two identical bodies get the same answer: greedy decoding of one choice, or a pooling request
+    (one model pass)."""
     if endpoint in POOLING_ENDPOINTS:
         return True
     return body.get("temperature") == 0 and body.get("n") in (None, 1) and not body.get("stream")
