@@ -381,8 +381,9 @@ def test_a_killed_run_worker_loses_nothing_of_batches_running_side_by_side(chaos
         if all(len(r) == size for r in recorded.values()):
             break
         time.sleep(2)
+    short = [b for b, r in recorded.items() if len(r) != size]
     assert all(len(r) == size and max(r.values()) == 1 for r in recorded.values()), \
-        {b: len(r) for b, r in recorded.items()}
+        f"{ {b: len(r) for b, r in recorded.items()} }\n{_diagnosis(chaos_stack, short[0]) if short else ''}"
     print(f"chaos: SIGKILL the run worker of {len(batch_ids)} batches side by side, {len(caught)} of them held by that run "
           f"(results then: {sorted(caught_at.values())}): all completed, each result once; recovered in "
           f"{time.monotonic() - killed_at:.1f}s", flush=True)

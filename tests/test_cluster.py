@@ -222,8 +222,10 @@ def test_terminating_a_run_in_the_ui_cancels_it_on_its_node(cluster):
     answer = httpx.post(cluster.dagster_url + "/graphql", json={"query": TERMINATE, "variables": {"runId": run.run_id}},
                         timeout=30).json()
     assert answer["data"]["terminateRun"]["__typename"] == "TerminateRunSuccess", answer
+    terminated_at = time.monotonic()
     ended = cluster.wait_run(lambda: (lambda r: r if r.is_finished else None)(
         cluster.instance.get_run_by_id(run.run_id)), "the terminated run ended", timeout=60)
+    print(f"\nthe terminated run ended {ended.status.value} {time.monotonic() - terminated_at:.1f}s later")
     assert ended.status.value == "CANCELED"
     written = len(output.read_text().splitlines())
     assert 0 < written < 3000

@@ -41,6 +41,14 @@ from vbatch_pipelines.store.models import DEFAULT_OWNER, Owner, Project
 STOP_STATUSES = ("cancelling", "cancelled")
 WATCH_EVERY_S = 1.0  # leases renewed, cancels and expiries seen, progress written
 LOG_EVERY_S = 5.0
+# A run being terminated whose interrupt has not arrived this long after (a Celery revoke is a broadcast, and
+# one can be lost) stops its batches and ends as the launcher's signal would have made it.
+TERMINATE_GRACE_S = 5.0
+TERMINATED = "terminated"  # a job's stop reason when its run stops: the batch stays as it is, to be resumed
+
+
+class RunTerminated(RuntimeError):
+    """The run was being terminated and its interrupt never came: its batches stopped, resumable."""
 
 
 @dataclass
@@ -87,15 +95,18 @@ def execute_batch(db: Database, batch_id: str, directory: Path, inference_engine
 
 
 def execute_batches(db: Database, batches: list[tuple[str, Path, ModelSpec]], inference_engine, *,
-                    log: Callable[[str], None], run_id: str | None = None) -> dict[str, BatchRun | Exception]:
+                    log: Callable[[str], None], run_id: str | None = None,
+                    terminating: Callable[[], bool] | None = None) -> dict[str, BatchRun | Exception]:
     """Run the batches side by side; returns each one's BatchRun, or the exception it ended with. Each runs
     under its lease (one run at a time per batch, whatever the pool size: two would append the same
-    results twice), renewed every second and released at its end. ``log`` is called from this thread only."""
+    results twice), renewed every second and released at its end. ``log`` is called from this thread only.
+    ``terminating`` says whether the Dagster run is being terminated: when it has been for TERMINATE_GRACE_S
+    and no interrupt came, the batches stop (kept resumable) and RunTerminated is raised."""
     if not batches:
         return {}
     owner = lease_owner(run_id)
     jobs = [_Job(batch_id, directory, model, owner) for batch_id, directory, model in batches]
-    return asyncio.run(_run_all(db, jobs, inference_engine, log, run_id))
+    return asyncio.run(_run_all(db, jobs, inference_engine, log, run_id, terminating))
 
 
 def project_weight(db: Database, project_id: str) -> int:
@@ -180,7 +191,7 @@ def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str],
         if finished:
             end_batch(db, job.directory, job.batch_id, "completed", progress=job.progress, lease_owner=job.owner)
             ended = True
-        elif stop_reason or get_batch(db, job.batch_id).status == "cancelling":
+        elif stop_reason[:1] != [TERMINATED] and (stop_reason or get_batch(db, job.batch_id).status == "cancelling"):
             end_batch(db, job.directory, job.batch_id, stop_reason[0] if stop_reason else "cancelled",
                       progress=job.progress, lease_owner=job.owner)
             ended = True
@@ -188,7 +199,8 @@ def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str],
             fail_batch(db, job.directory, job.batch_id, engine_failure.code, engine_failure.message.rstrip("."),
                        "Create the batch again once the engine starts.")
             stop_reason = ["failed"]
-        else:  # the run stopped short (its engine failed): what finished is counted, a later run resumes
+        else:  # the run stopped short (its engine failed, or it was terminated): what finished is counted, a
+            # later run resumes
             update_batch(db, job.batch_id, request_completed=job.progress.completed,
                          request_failed=job.progress.failed)
     finally:
@@ -199,7 +211,7 @@ def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str],
 
 
 async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callable[[str], None],
-                   run_id: str | None) -> dict[str, BatchRun | Exception]:
+                   run_id: str | None, terminating: Callable[[], bool] | None) -> dict[str, BatchRun | Exception]:
     outcomes: dict[str, BatchRun | Exception] = {}
     engines: dict[str, object] = {}
     opening: dict[str, asyncio.Task] = {}
@@ -247,6 +259,7 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
                 outcomes.setdefault(job.batch_id, ended)
 
     async def watcher() -> None:
+        terminating_since = None
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             try:
@@ -258,8 +271,30 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
             for job in jobs:
                 if job.stop_reason:
                     job.stop.set()
+            if terminating is not None and await asyncio.to_thread(_asks, terminating):
+                terminating_since = terminating_since or time.monotonic()
+                if time.monotonic() - terminating_since >= TERMINATE_GRACE_S:
+                    log(f"the run is being terminated and no interrupt arrived in {TERMINATE_GRACE_S:.0f}s: "
+                        "stopping its batches here")
+                    stop_all(RunTerminated("the run was terminated"))
+                    return
 
-    watch = asyncio.create_task(watcher())
+    def stop_all(reason: BaseException) -> None:
+        interrupted.append(reason)
+        for job in jobs:
+            job.stop_reason.insert(0, TERMINATED)
+            job.stop.set()
+
+    async def watching() -> None:
+        try:
+            await watcher()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - an interrupt (Dagster's SIGINT) landed in this task: stop
+            stop_all(exc)  # every batch as it would have, and raise it once they have stopped
+
+    interrupted: list[BaseException] = []
+    watch = asyncio.create_task(watching())
     try:
         await asyncio.gather(*(run(job) for job in jobs))
     finally:
@@ -267,7 +302,17 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
         await asyncio.gather(watch, return_exceptions=True)
         for engine in engines.values():
             await engine.aclose()
+    if interrupted:
+        raise interrupted[0]
     return outcomes
+
+
+def _asks(terminating: Callable[[], bool]) -> bool:
+    """``terminating()``, False when it cannot tell this round (the Dagster instance hiccuped)."""
+    try:
+        return terminating()
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def run_lines(db: Database, file_store, inference_engine, name: str, lines: list[dict], model: ModelSpec, *,

@@ -10,6 +10,7 @@ from pathlib import Path
 from dagster import (
     AssetExecutionContext,
     AssetSelection,
+    DagsterExecutionInterruptedError,
     DagsterRunStatus,
     DefaultSensorStatus,
     Definitions,
@@ -30,7 +31,7 @@ from dagster import (
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from resources import FileStore, InferenceEngine, MetadataDB, ModelRegistry
-from vbatch_pipelines.batch.execute import STOP_STATUSES, BatchRun, execute_batches
+from vbatch_pipelines.batch.execute import STOP_STATUSES, BatchRun, RunTerminated, execute_batches
 from vbatch_pipelines.batch.runner import ResultFiles
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
@@ -203,7 +204,11 @@ def batch_output(
             work.append((batch_id, directory, model_registry.resolve(batch.model)))
         except Failure as failure:
             outcomes[batch_id] = failure
-    runs = execute_batches(db, work, inference_engine, log=context.log.info, run_id=context.run_id)
+    try:
+        runs = execute_batches(db, work, inference_engine, log=context.log.info, run_id=context.run_id,
+                               terminating=lambda: _run_status(context) == DagsterRunStatus.CANCELING)
+    except RunTerminated as exc:  # as the launcher's interrupt would have: Dagster then marks the run canceled
+        raise DagsterExecutionInterruptedError(str(exc)) from exc
     retry = [f"{key}: {type(exc).__name__}: {exc}" for key, exc in runs.items() if isinstance(exc, PLATFORM_ERRORS)]
     if retry:
         # The step is retried after a pause; every batch resumes from its result files (nothing is redone,
@@ -215,6 +220,11 @@ def batch_output(
         outcomes[batch_id] = _output_outcome(db, batch_id, directory, model, runs[batch_id])
     context.log.info(_summary(outcomes))
     return each_batch(context, {key: outcomes[key] for key in context.partition_keys})
+
+
+def _run_status(context: AssetExecutionContext) -> DagsterRunStatus | None:
+    run = context.instance.get_run_by_id(context.run_id)
+    return run.status if run is not None else None
 
 
 def _summary(outcomes: dict[str, dict | Failure]) -> str:
