@@ -457,3 +457,39 @@ def test_an_interrupt_landing_in_the_batch_watcher_still_stops_the_run(platform,
     assert record.status == "in_progress" and record.lease_owner is None
     output, _ = platform.results(batch.id)
     assert 0 < len(output) < 20000 and record.request_completed == len(output)
+
+
+def test_sigint_to_a_run_stops_every_batch_then_interrupts_it(platform):
+    """Dagster terminates a run with SIGINT. The batches' event loop takes it (raised at a random point, asyncio
+    could keep it in a task or callback and the run would go on): every batch of the run stops, resumable, and
+    the step then ends interrupted."""
+    import os
+    import signal
+    import threading
+
+    ids = [platform.submit(jsonl(chat_lines(10000, prefix=f"int{k}", max_tokens=16))).id for k in range(2)]
+    sent = []
+
+    def interrupt_when_running():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(platform.batch(b).request_completed > 0 for b in ids):
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=interrupt_when_running)
+    sender.start()
+    result = platform.materialize_together(ids, raise_on_error=False)
+    stopped_after = time.monotonic() - sent[0]
+    sender.join()
+    assert sent and not result.success and stopped_after < 5, stopped_after
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_key == "batch_output" and "DagsterExecutionInterruptedError" in str(
+        failure.step_failure_data.error)
+    for batch_id in ids:
+        record = platform.batch(batch_id)
+        output, _ = platform.results(batch_id)
+        assert record.status == "in_progress" and record.lease_owner is None
+        assert 0 < len(output) < 10000 and record.request_completed == len(output)

@@ -35,7 +35,7 @@ def test_lines_sharing_a_prefix_run_back_to_back_and_the_longest_first():
                  chat("d", system=False, max_tokens=64), chat("e", max_tokens=8), chat("f", shots=2, max_tokens=8),
                  chat("g", max_tokens=32))
     order = [request.custom_id for request in plan_window(CHAT, lines, "m")]
-    # The group holding the longest request first (no system prompt: r3 then r0); then by prefix text, each group
+    # The group holding the longest request first (no system prompt: r3 then r0); then turn by turn, each group
     # longest first, equal ones in file order: the system prompt alone (r6, r1, r4), then 2 shots after it.
     assert order == ["r3", "r0", "r6", "r1", "r4", "r2", "r5"]
     # Each group is contiguous, every line is planned once, and the engine's model name replaces the user's.

@@ -10,6 +10,8 @@ expiry and ends with what finished; a batch is marked completed as soon as its o
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,12 +103,41 @@ def execute_batches(db: Database, batches: list[tuple[str, Path, ModelSpec]], in
     under its lease (one run at a time per batch, whatever the pool size: two would append the same
     results twice), renewed every second and released at its end. ``log`` is called from this thread only.
     ``terminating`` says whether the Dagster run is being terminated: when it has been for TERMINATE_GRACE_S
-    and no interrupt came, the batches stop (kept resumable) and RunTerminated is raised."""
+    and no interrupt came, the batches stop (kept resumable) and RunTerminated is raised.
+
+    SIGINT and SIGTERM, when this thread has a handler of its own for them (Dagster's, in a run), are taken
+    by the event loop while the batches run: every batch stops, resumable, and the signal is then raised again
+    for that handler. Left to Dagster's handler, the interrupt would be raised wherever the loop happened to
+    be, and asyncio keeps an exception raised in a task or callback to itself: the run would go on."""
     if not batches:
         return {}
     owner = lease_owner(run_id)
     jobs = [_Job(batch_id, directory, model, owner) for batch_id, directory, model in batches]
-    return asyncio.run(_run_all(db, jobs, inference_engine, log, run_id, terminating))
+    received: list[int] = []
+    outcomes = asyncio.run(_run_all(db, jobs, inference_engine, log, run_id, terminating, received))
+    if received:
+        signal.raise_signal(received[0])  # every batch has stopped: the run's own handler interrupts it now
+    return outcomes
+
+
+def _catch_signals(loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]) -> dict[int, object]:
+    """Hand SIGINT/SIGTERM to the loop (``on_signal``) where this, the main, thread has a Python handler for
+    them; returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    caught = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            caught[signum] = handler
+            loop.add_signal_handler(signum, on_signal, signum)
+    return caught
+
+
+def _put_back(loop: asyncio.AbstractEventLoop, caught: dict[int, object]) -> None:
+    for signum, handler in caught.items():
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, handler)
 
 
 def project_weight(db: Database, project_id: str) -> int:
@@ -211,7 +242,8 @@ def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str],
 
 
 async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callable[[str], None],
-                   run_id: str | None, terminating: Callable[[], bool] | None) -> dict[str, BatchRun | Exception]:
+                   run_id: str | None, terminating: Callable[[], bool] | None,
+                   received: list[int]) -> dict[str, BatchRun | Exception]:
     outcomes: dict[str, BatchRun | Exception] = {}
     engines: dict[str, object] = {}
     opening: dict[str, asyncio.Task] = {}
@@ -279,7 +311,7 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
                     stop_all(RunTerminated("the run was terminated"))
                     return
 
-    def stop_all(reason: BaseException) -> None:
+    def stop_all(reason: BaseException | None) -> None:
         interrupted.append(reason)
         for job in jobs:
             job.stop_reason.insert(0, TERMINATED)
@@ -293,7 +325,15 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
         except BaseException as exc:  # noqa: BLE001 - an interrupt (Dagster's SIGINT) landed in this task: stop
             stop_all(exc)  # every batch as it would have, and raise it once they have stopped
 
-    interrupted: list[BaseException] = []
+    def on_signal(signum: int) -> None:
+        if not received:
+            log(f"{signal.Signals(signum).name}: stopping the batches (each resumes where it stopped)")
+            received.append(signum)
+            stop_all(None)
+
+    interrupted: list[BaseException | None] = []
+    loop = asyncio.get_running_loop()
+    caught = _catch_signals(loop, on_signal)
     watch = asyncio.create_task(watching())
     try:
         await asyncio.gather(*(run(job) for job in jobs))
@@ -302,7 +342,8 @@ async def _run_all(db: Database, jobs: list[_Job], inference_engine, log: Callab
         await asyncio.gather(watch, return_exceptions=True)
         for engine in engines.values():
             await engine.aclose()
-    if interrupted:
+        _put_back(loop, caught)
+    if interrupted and interrupted[0] is not None:
         raise interrupted[0]
     return outcomes
 

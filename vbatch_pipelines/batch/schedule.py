@@ -6,7 +6,7 @@ limits is planned whole) and sends it in an order the engine serves faster:
 
 - **Shared prefixes back to back.** Lines are grouped by everything before their last turn (system prompt,
   few-shot block, tools): a group's requests reach vLLM together, while its prefix cache holds their prefix.
-  Groups go in the order of their prefixes' text, so a 3-shot prefix sits beside the 5-shot one that extends it.
+  Groups are ordered turn by turn, so a 3-shot prefix sits beside the 5-shot one that extends it.
 - **Longest first.** Within a group, and among groups, requests that may generate the most tokens
   (``max_tokens`` and its siblings; none given: the longest) go first, so long generations do not run alone at
   the end with the engine half empty.
@@ -16,6 +16,10 @@ limits is planned whole) and sends it in an order the engine serves faster:
 
 The output file lists lines in the order their requests finished, as OpenAI's does (match them by
 ``custom_id``); a copy follows the line it copies. Every ``custom_id`` appears once.
+
+A window's plan holds each line's JSON text and a few numbers, not its parsed body: a body is parsed again as
+its request is sent, so a run worker's memory does not grow with the window (50,000 parsed chat bodies are
+~100 MB of Python objects).
 """
 
 from __future__ import annotations
@@ -41,21 +45,24 @@ class PlannedRequest(NamedTuple):
     copies: list[str]
 
 
-def prefix_of(endpoint: str, body: dict[str, Any]) -> tuple[str, ...]:
-    """What a request shares with others before its own part, as a sequence that sorts a prefix before the longer
-    ones that extend it: the tools and every message but the last for chat, the instructions, tools and every
-    input item but the last for responses, the prompt for completions, nothing for the pooling endpoints."""
+def prefix_of(endpoint: str, body: dict[str, Any]) -> tuple[bytes, ...]:
+    """What a request shares with others before its own part, a digest per turn, so that a prefix sorts right
+    before the longer ones that extend it: the tools and every message but the last for chat, the instructions,
+    tools and every input item but the last for responses, the prompt for completions, nothing for the pooling
+    endpoints."""
     if endpoint == "/v1/chat/completions":
         messages = body.get("messages") or []
-        return (_dumps(body.get("tools")), *map(_dumps, messages[:-1]))
-    if endpoint == "/v1/responses":
+        parts = [_dumps(body.get("tools")), *map(_dumps, messages[:-1])]
+    elif endpoint == "/v1/responses":
         items = body.get("input")
         head = items[:-1] if isinstance(items, list) else []
-        return (_dumps([body.get("instructions"), body.get("tools")]), *map(_dumps, head))
-    if endpoint == "/v1/completions":
+        parts = [_dumps([body.get("instructions"), body.get("tools")]), *map(_dumps, head)]
+    elif endpoint == "/v1/completions":
         prompt = body.get("prompt")
-        return (prompt if isinstance(prompt, str) else _dumps(prompt),)
-    return ()
+        parts = [prompt if isinstance(prompt, str) else _dumps(prompt)]
+    else:
+        parts = []
+    return tuple(_digest(part, 8) for part in parts)
 
 
 def expected_tokens(endpoint: str, body: dict[str, Any]) -> int:
@@ -82,32 +89,36 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def plan_window(endpoint: str, rows: list[tuple[str, str]], model: str) -> list[PlannedRequest]:
+def _digest(text: str, size: int) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=size).digest()
+
+
+def plan_window(endpoint: str, rows: list[tuple[str, str]], model: str) -> Iterator[PlannedRequest]:
     """The engine requests for one window of lines (custom_id, body as JSON), in the order they should run;
-    each body's ``model`` becomes ``model``, the engine's name for it."""
-    planned: dict[bytes, PlannedRequest] = {}  # a deterministic body's digest -> the request that runs it
-    groups: dict[tuple[str, ...], list[tuple[int, PlannedRequest]]] = {}
+    each body's ``model`` becomes ``model``, the engine's name for it. Planned whole, parsed as they are taken."""
+    copies_of: dict[bytes, list[str]] = {}  # a deterministic body's digest -> the copies of the line that runs
+    groups: dict[tuple[bytes, ...], list[tuple[int, str, str, list[str]]]] = {}
     for custom_id, raw in rows:
         body = json.loads(raw)
-        digest = None
+        copies: list[str] = []
         if is_deterministic(endpoint, body):  # the same line twice is the same JSON text twice
-            digest = hashlib.blake2b(raw.encode(), digest_size=16).digest()
-            if digest in planned:
-                planned[digest].copies.append(custom_id)
+            digest = _digest(raw, 16)
+            if digest in copies_of:
+                copies_of[digest].append(custom_id)
                 continue
-        body["model"] = model
-        request = PlannedRequest(custom_id, body, [])
-        if digest is not None:
-            planned[digest] = request
-        groups.setdefault(prefix_of(endpoint, body), []).append((expected_tokens(endpoint, body), request))
-    ordered: list[PlannedRequest] = []
-    # Longest first among groups (a group's longest request), then by prefix text; inside a group longest first.
+            copies_of[digest] = copies
+        groups.setdefault(prefix_of(endpoint, body), []).append(
+            (expected_tokens(endpoint, body), custom_id, raw, copies))
+    del copies_of
+    # Longest first among groups (a group's longest request), then turn by turn; inside a group longest first.
     # Python's sort is stable: equal requests keep their file order.
-    for prefix in sorted(groups, key=lambda p: (-max(tokens for tokens, _ in groups[p]), p)):
-        members = groups[prefix]
+    for prefix in sorted(groups, key=lambda p: (-max(member[0] for member in groups[p]), p)):
+        members = groups.pop(prefix)
         members.sort(key=lambda member: -member[0])
-        ordered.extend(request for _, request in members)
-    return ordered
+        for _, custom_id, raw, copies in members:
+            body = json.loads(raw)
+            body["model"] = model
+            yield PlannedRequest(custom_id, body, copies)
 
 
 def plan_requests(endpoint: str, rows: Iterable[tuple[str, str]], model: str, *,
