@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 
@@ -21,6 +22,7 @@ from api.routers import batches, completions, curation, files, fine_tuning, metr
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
 from vbatch_pipelines.launch import BatchLauncher
+from vbatch_pipelines.names import WARM_AT_START_ENV
 from vbatch_pipelines.quotas import TokenBudget
 from vbatch_pipelines.services import ServiceRegistry
 from vbatch_pipelines.settings import Settings, load_settings
@@ -102,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.resources = resources
     app.state.db = resources["metadata_db"].db
     app.state.engines = EnginePool(resources["inference_engine"], resources["model_registry"])
-    app.state.batch_launcher = BatchLauncher(app.state.db, settings.dagster_url)
+    app.state.batch_launcher = BatchLauncher(app.state.db, settings.dagster_url,
+                                             warm=os.environ.get(WARM_AT_START_ENV) == "1")
     app.state.usage = OnlineUsage()
     app.state.token_budget = TokenBudget(app.state.db, app.state.usage)
     app.state.review_listeners = []  # extensions' callbacks(resources, task_ids) after reviews are recorded

@@ -37,6 +37,15 @@ def _upload(client: openai.OpenAI, data: bytes):
     return client.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch")
 
 
+def test_the_webserver_warms_the_batch_jobs_launch_up(stack):
+    """What `vbatch up` asks before it says it is up (its banner says "not answering yet" otherwise): the batch
+    job loaded, its execution plan built, the run launcher made with a warm worker. A query the webserver
+    refuses is a warm-up that did not happen, and the first batch would pay it."""
+    from vbatch_pipelines.dagster_api import warm_up_runs
+
+    assert warm_up_runs(stack.env["VBATCH_DAGSTER_URL"], timeout=60)
+
+
 def test_batch_round_trip_with_the_openai_sdk(stack):
     client = stack.client()
     lines = chat_lines(60)

@@ -192,15 +192,39 @@ def test_a_run_worker_outlives_the_request_thread_that_launched_it(tmp_path):
                 worker.process.wait(10)
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_apis_launcher_opens_the_dagster_instance_as_it_starts_when_marked(vbatch_home, monkeypatch, warm):
+    """`vbatch up` marks its API (WARM_AT_START_ENV): its batch launcher opens the Dagster instance as it starts,
+    not at the first launch (the first batch paid ~0.3 s for it). Unmarked, it opens it when it first launches."""
+    from vbatch_pipelines import launch
+    from vbatch_pipelines.store.db import Database
+
+    (vbatch_home / "dagster").mkdir(parents=True, exist_ok=True)  # DAGSTER_HOME
+    monkeypatch.setattr(launch, "_instances", {})
+    db = Database(f"sqlite:///{vbatch_home / 'launch.db'}")
+    launcher = launch.BatchLauncher(db, "http://127.0.0.1:9", warm=warm)
+    try:
+        deadline = time.monotonic() + 60
+        while warm and not launch._instances and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert bool(launch._instances) is warm
+    finally:
+        launcher.close()
+        for instance in launch._instances.values():
+            instance.dispose()
+        db.engine.dispose()
+
+
 @pytest.mark.parametrize("preload, warm", [(("vbatch_pipelines.definitions",), True), (("no_such_module_here",), False)])
 def test_the_webservers_launcher_starts_warm_workers_as_it_is_made(tmp_path, monkeypatch, preload, warm):
-    """`vbatch up` marks its webserver (RUN_WORKERS_AT_START_ENV): its launcher starts the spares as it is made
+    """`vbatch up` marks its webserver (WARM_AT_START_ENV): its launcher starts the spares as it is made
     and returns once one has imported the code location and opened the instance, so the first batch after
     "vbatch is up" pays no imports. A worker that cannot import is not taken for warm. Unmarked (the daemon),
     nothing starts until a run is launched."""
     from dagster import DagsterInstance
 
-    from vbatch_pipelines.names import RUN_WORKERS_AT_START_ENV
+    from vbatch_pipelines.names import WARM_AT_START_ENV
     from vbatch_pipelines.run_launcher import WarmRunLauncher
 
     (tmp_path / "dagster").mkdir()
@@ -208,7 +232,7 @@ def test_the_webservers_launcher_starts_warm_workers_as_it_is_made(tmp_path, mon
         unmarked = WarmRunLauncher(spares=1)
         unmarked.register_instance(instance)
         assert unmarked._idle == [] and unmarked.warm_at_start is None
-        monkeypatch.setenv(RUN_WORKERS_AT_START_ENV, "1")
+        monkeypatch.setenv(WARM_AT_START_ENV, "1")
         launcher = WarmRunLauncher(preload_modules=preload, spares=1)
         launcher.register_instance(instance)
         try:

@@ -34,20 +34,26 @@ def graphql(url: str, query: str, variables: dict[str, Any], timeout: float) -> 
 _WARM_UP = """
 query WarmUp($selector: PipelineSelector!) {
   pipelineOrError(params: $selector) { __typename }
+  executionPlanOrError(pipeline: $selector, mode: "default", runConfigData: {}) { __typename }
   instance { runLauncher { name } }
 }
 """
 
 
 def warm_up_runs(dagster_url: str, timeout: float = 150.0) -> bool:
-    """Have the webserver load the batch job and make its run launcher, which starts its run workers and
-    answers once one is warm (``WarmRunLauncher.register_instance``): what the first launch would pay, paid
-    before "vbatch is up". False when the webserver did not answer in time (the first batch then pays it)."""
+    """Have the webserver load the batch job, have its code server build the job's execution plan (as each
+    launch does), and make its run launcher, which starts its run workers and answers once one is warm
+    (``WarmRunLauncher.register_instance``): what the first launch would pay, paid before "vbatch is up".
+    False when the webserver did not answer in time (the first batch then pays it)."""
     selector = {"pipelineName": BATCH_JOB, "repositoryName": REPOSITORY_NAME,
                 "repositoryLocationName": LOCATION_NAME}
     try:
-        graphql(dagster_url, _WARM_UP, {"selector": selector}, timeout)
+        data = graphql(dagster_url, _WARM_UP, {"selector": selector}, timeout)
     except DagsterUnreachable as exc:
         log.warning("could not warm the run workers up: %s", exc)
+        return False
+    answers = (data["pipelineOrError"]["__typename"], data["executionPlanOrError"]["__typename"])
+    if answers != ("Pipeline", "ExecutionPlan"):
+        log.warning("could not warm %s up: the webserver answered %s", BATCH_JOB, " and ".join(answers))
         return False
     return True

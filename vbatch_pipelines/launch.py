@@ -155,14 +155,23 @@ class BatchLauncher:
     its batch is recorded (and validated), and a burst of creates shares the launches that run meanwhile.
     Nothing accepted is lost if a launch fails: the next one, or the launch sensor, picks it up."""
 
-    def __init__(self, db: Database, dagster_url: str):
+    def __init__(self, db: Database, dagster_url: str, *, warm: bool = False):
         self.db, self.dagster_url = db, dagster_url
         self._wake = threading.Event()
         self._stopping = False
         self._include: set[str] = set()
         self._lock = threading.Lock()
+        self._warm = warm
         self._thread = threading.Thread(target=self._loop, name="batch-launcher", daemon=True)
         self._thread.start()
+
+    def _warm_up(self) -> None:
+        """Open the Dagster instance now (``warm``: `vbatch up` marks its API so), not at the first launch:
+        the first batch would pay its storage set-up, a few tenths of a second."""
+        try:
+            dagster_instance()
+        except DagsterUnreachable as exc:  # the first launch tries again, and says why
+            log.info("the Dagster instance is not open yet: %s", exc)
 
     def launch(self, batch_id: str, *, validated: bool) -> None:
         if not validated:
@@ -171,6 +180,8 @@ class BatchLauncher:
         self._wake.set()
 
     def _loop(self) -> None:
+        if self._warm:
+            self._warm_up()
         while True:
             self._wake.wait()
             self._wake.clear()

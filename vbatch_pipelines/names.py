@@ -56,6 +56,7 @@ def fine_tuning_run_tags(job_id: str) -> dict[str, str]:
 def install_run_tags(model_id: str) -> dict[str, str]:
     return {PARTITION_TAG: model_id, MODEL_ID_TAG: model_id}
 
-# Set by `vbatch up` on the Dagster webserver (which launches the API's runs): its run launcher starts its warm
-# run workers as it is made, and `vbatch up` has it made before it says it is up (launch.warm_up_runs).
-RUN_WORKERS_AT_START_ENV = "VBATCH_RUN_WORKERS_AT_START"
+# Set by `vbatch up` on the processes the first batch goes through, so they pay their first-use costs as they
+# start: the Dagster webserver's run launcher starts its warm run workers as it is made (and `vbatch up` has it
+# made before it says it is up: dagster_api.warm_up_runs); the API opens the Dagster instance it launches with.
+WARM_AT_START_ENV = "VBATCH_WARM_AT_START"

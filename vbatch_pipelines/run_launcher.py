@@ -40,7 +40,7 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_
 
 from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
 from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
-from vbatch_pipelines.names import RUN_WORKERS_AT_START_ENV
+from vbatch_pipelines.names import WARM_AT_START_ENV
 from vbatch_pipelines.services import LastingSpawner, die_with_parent, process_identity
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
@@ -48,8 +48,8 @@ WARM_AT_START_TIMEOUT_S = 120
 MAX_RUNS_PER_WORKER = 200
 MAX_WORKER_RSS = 400 * 2**20
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# The code location, and what its first steps import lazily (Parquet for batch_input).
-PRELOAD_MODULES = ("vbatch_pipelines.definitions", "pyarrow.parquet")
+# The code location, and what its batch steps import on first use: the input's Parquet, the vLLM client's HTTP.
+PRELOAD_MODULES = ("vbatch_pipelines.definitions", "pyarrow.parquet", "aiohttp")
 
 
 def _process_started(pid: int) -> float | None:
@@ -132,11 +132,11 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         return self._inst_data
 
     def register_instance(self, instance) -> None:
-        """In the process `vbatch up` marks (RUN_WORKERS_AT_START_ENV: its webserver, which launches the API's runs),
+        """In the process `vbatch up` marks (WARM_AT_START_ENV: its webserver, which launches the API's runs),
         start the spares now and wait until the first is warm: the first batch after "vbatch is up" must not
         pay a worker's imports (seconds on a busy machine)."""
         super().register_instance(instance)
-        if os.environ.get(RUN_WORKERS_AT_START_ENV) == "1":
+        if os.environ.get(WARM_AT_START_ENV) == "1":
             with self._lock:
                 while len(self._idle) < self._spare_count:
                     self._idle.append(self._start_worker())
@@ -298,6 +298,16 @@ def _worth_keeping(process_runs: int) -> bool:
     return process_runs < MAX_RUNS_PER_WORKER and psutil.Process().memory_info().rss < MAX_WORKER_RSS
 
 
+def _resolve_definitions(module) -> None:
+    """A code location's Definitions resolved into its repository and jobs, as a run's first step would (a
+    few tenths of a second, cached on the object every run of this worker reconstructs its job from)."""
+    from dagster import Definitions
+
+    defs = getattr(module, "defs", None)
+    if isinstance(defs, Definitions):
+        defs.get_repository_def().get_all_jobs()
+
+
 def worker_main(preload_modules: Sequence[str]) -> int:
     """Import Dagster and the code location, open the instance, then run each ExecuteRunArgs read from stdin,
     saying "ready" on the status pipe after every run that succeeded (and exiting after any other)."""
@@ -322,7 +332,7 @@ def worker_main(preload_modules: Sequence[str]) -> int:
     status_fd = os.environ.pop("VBATCH_RUN_WORKER_STATUS_FD", None)
     try:
         for module in preload_modules:
-            importlib.import_module(module)
+            _resolve_definitions(importlib.import_module(module))
         ref = deserialize_value(os.environ.pop("VBATCH_RUN_WORKER_INSTANCE"), InstanceRef)
         instance = DagsterInstance.from_ref(ref)
     except KeyboardInterrupt:  # Ctrl-C of `vbatch up` reaches the idle spare too

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vbatch_pipelines.child_env import without_api_keys
-from vbatch_pipelines.names import MAX_BATCHES_PER_RUN, RUN_WORKERS_AT_START_ENV
+from vbatch_pipelines.names import MAX_BATCHES_PER_RUN, WARM_AT_START_ENV
 from vbatch_pipelines.net import wait_http
 from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, die_with_parent, process_identity
 from vbatch_pipelines.settings import Settings
@@ -482,14 +482,15 @@ def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, st
     services = {service.name: service for service in (
         Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", addresses.dagster_host,
                                       "-p", str(addresses.dagster_port), "-w", str(workspace)],
-                {**dagster_env, RUN_WORKERS_AT_START_ENV: "1"},  # it launches the API's runs: its workers start warm
+                {**dagster_env, WARM_AT_START_ENV: "1"},  # it launches the API's runs: its workers start warm
                 logs / "dagster-webserver.log", addresses.dagster_port, f"{addresses.dagster_url}/server_info"),
         Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], dagster_env,
                 logs / "dagster-daemon.log"),
         Service("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
                         "--port", str(addresses.api_port), "--workers", str(prepared.api_workers),
-                        "--log-level", "warning"], env, logs / "api.log", addresses.api_port,
-                f"{addresses.api_url}/health"),
+                        "--log-level", "warning"],
+                {**env, WARM_AT_START_ENV: "1"},  # its launcher opens the Dagster instance as it starts
+                logs / "api.log", addresses.api_port, f"{addresses.api_url}/health"),
     )}
     owner = {"api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.home),
              "mode": "cluster" if cluster else "single"}
