@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
+from vbatch_pipelines.batch.runner import BatchProgress, FinishedIds, ResultFiles, run_batch_requests
 from vbatch_pipelines.batch.schedule import plan_requests
 from vbatch_pipelines.batch.service import (
     INPUT_FILE,
@@ -73,7 +73,7 @@ class _Job:
     owner: str
     results: ResultFiles = field(init=False)
     progress: BatchProgress = field(init=False)
-    done: set[str] = field(default_factory=set)
+    done: FinishedIds = field(default_factory=FinishedIds)
     endpoint: str = ""
     share: tuple[str, float] | None = None  # (project, weight): its turn in the engine's fair share
     stop: asyncio.Event = field(default_factory=asyncio.Event)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,20 +237,23 @@ def is_terminal(status: str) -> bool:
     return status in TERMINAL_BATCH_STATUSES
 
 
-def iter_request_lines(parquet_path: Path, skip: set[str]) -> Iterator[tuple[str, str]]:
-    """(custom_id, body as JSON) for requests not in ``skip``, in file order, reading the Parquet one row group
-    at a time."""
+def iter_request_lines(parquet_path: Path, skip: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(custom_id, body as JSON) for requests not in ``skip`` (FinishedIds, or any custom_ids), in file order,
+    reading the Parquet one row group at a time."""
     import pyarrow.parquet as pq
 
+    from vbatch_pipelines.batch.runner import FinishedIds
+
+    finished = FinishedIds.of(skip)
     parquet = pq.ParquetFile(parquet_path)
     for group in range(parquet.num_row_groups):
         table = parquet.read_row_group(group, columns=["custom_id", "body"])
-        for custom_id, body in zip(table.column("custom_id").to_pylist(), table.column("body").to_pylist()):
-            if custom_id not in skip:
-                yield custom_id, body
+        if len(finished):
+            table = table.filter(finished.to_run(table.column("custom_id")))
+        yield from zip(table.column("custom_id").to_pylist(), table.column("body").to_pylist())
 
 
-def iter_requests(parquet_path: Path, skip: set[str], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_requests(parquet_path: Path, skip: Iterable[str], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(custom_id, body) for requests not in ``skip``, in file order, each body's ``model`` set to ``model``."""
     import json
 
