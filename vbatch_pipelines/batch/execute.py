@@ -214,6 +214,7 @@ def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str],
     lease freed in the same transaction, or failed when its engine cannot start (``engine_failure``).
     ``stop_reason`` is the job's as it stopped (the watcher may still be looking at it meanwhile)."""
     ended = False
+    terminated = stop_reason[:1] == [TERMINATED]  # the run stopped, not the batch: it stays to be resumed
     try:
         job.results.close()
         if stop_reason == ["lease_lost"]:
@@ -222,7 +223,7 @@ def _finish(db: Database, job: _Job, finished: bool, stop_reason: list[str],
         if finished:
             end_batch(db, job.directory, job.batch_id, "completed", progress=job.progress, lease_owner=job.owner)
             ended = True
-        elif stop_reason[:1] != [TERMINATED] and (stop_reason or get_batch(db, job.batch_id).status == "cancelling"):
+        elif not terminated and (stop_reason or get_batch(db, job.batch_id).status == "cancelling"):
             end_batch(db, job.directory, job.batch_id, stop_reason[0] if stop_reason else "cancelled",
                       progress=job.progress, lease_owner=job.owner)
             ended = True

@@ -67,7 +67,7 @@ class BatchProgress:
 class FinishedIds:
     """The custom_ids a batch's result files already hold, as Arrow strings: a run resuming half of a
     1,000,000-request batch held them as a Python set, ~90 bytes each (45 MB at the run worker's peak); here
-    each is its bytes and an offset. ``skip`` selects a row group's rows still to run."""
+    each is its bytes and an offset. ``to_run`` selects a row group's rows still to run."""
 
     CHUNK = 50_000  # custom_ids turned into Arrow at a time while the files are read
 
