@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pyarrow as pa
+
 from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
 from vbatch_pipelines.batch.schedule import expected_tokens, is_deterministic, plan_requests, plan_window
 from vbatch_pipelines.engine.base import EngineResponse
@@ -26,8 +28,13 @@ def chat(question: str, *, max_tokens: int | None = 16, system: bool = True, sho
     return body
 
 
-def rows(*bodies: dict) -> list[tuple[str, str]]:
-    return [(f"r{i}", json.dumps(body)) for i, body in enumerate(bodies)]
+def rows(*bodies: dict):
+    """A window of lines as the runner reads them: an Arrow table of custom_id and body as JSON."""
+    return pa.table({"custom_id": [f"r{i}" for i in range(len(bodies))], "body": [json.dumps(b) for b in bodies]})
+
+
+def ids(table) -> list[str]:
+    return table.column("custom_id").to_pylist()
 
 
 def test_lines_sharing_a_prefix_run_back_to_back_and_the_longest_first():
@@ -39,7 +46,7 @@ def test_lines_sharing_a_prefix_run_back_to_back_and_the_longest_first():
     # longest first, equal ones in file order: the system prompt alone (r6, r1, r4), then 2 shots after it.
     assert order == ["r3", "r0", "r6", "r1", "r4", "r2", "r5"]
     # Each group is contiguous, every line is planned once, and the engine's model name replaces the user's.
-    assert sorted(order) == sorted(custom_id for custom_id, _ in lines)
+    assert sorted(order) == sorted(ids(lines))
     assert {request.body["model"] for request in plan_window(CHAT, lines, "m")} == {"m"}
 
 
@@ -59,7 +66,7 @@ def test_identical_deterministic_lines_run_once_and_the_others_are_their_copies(
     assert by_id["r0"] == ["r2", "r6"]  # the first one runs, in file order its copies
     assert by_id["r1"] == [] and by_id["r3"] == []  # sampling: each its own answer
     assert by_id["r4"] == [] and by_id["r5"] == []  # n=2: sampled choices
-    assert sorted(list(by_id) + [c for copies in by_id.values() for c in copies]) == sorted(i for i, _ in lines)
+    assert sorted(list(by_id) + [c for copies in by_id.values() for c in copies]) == sorted(ids(lines))
 
 
 def test_pooling_requests_are_deterministic_and_unbounded_generations_count_as_the_longest():
@@ -73,16 +80,21 @@ def test_pooling_requests_are_deterministic_and_unbounded_generations_count_as_t
 
 def test_a_large_file_is_planned_a_window_at_a_time_and_keeps_every_line():
     lines = rows(*(chat(f"q{i % 4}", max_tokens=8 + i % 3, temperature=0) for i in range(40)))  # 12 bodies
-    whole = list(plan_requests(CHAT, lines, "m"))
+    whole = list(plan_requests(CHAT, [lines], "m"))
     assert len(whole) == 12 and sum(len(request.copies) for request in whole) == 28
     # Windows of 10 lines: a body comes back 12 lines later, in the next window: planned apart, no copies, and
     # each window's lines go before the next window's.
-    windows = list(plan_requests(CHAT, lines, "m", window_requests=10))
+    windows = list(plan_requests(CHAT, [lines], "m", window_requests=10))
     assert len(windows) == 40 and not any(request.copies for request in windows)
     assert [sorted(int(r.custom_id[1:]) // 10 for r in windows[k:k + 10]) for k in range(0, 40, 10)] == \
         [[k] * 10 for k in range(4)]
-    by_bytes = list(plan_requests(CHAT, lines, "m", window_bytes=1))  # every line a window of its own
-    assert [request.custom_id for request in by_bytes] == [custom_id for custom_id, _ in lines]
+    by_bytes = list(plan_requests(CHAT, [lines], "m", window_bytes=1))  # every line a window of its own
+    assert [request.custom_id for request in by_bytes] == ids(lines)
+    # The runner reads a file a row group at a time: windows cut across row groups plan as the whole table does.
+    groups = [lines.slice(0, 7), lines.slice(7, 13), lines.slice(20, 20)]
+    line_bytes = len(lines.column("body")[0].as_py())
+    for bounds in ({}, {"window_requests": 10}, {"window_bytes": 1}, {"window_bytes": line_bytes * 6}):
+        assert list(plan_requests(CHAT, groups, "m", **bounds)) == list(plan_requests(CHAT, [lines], "m", **bounds))
 
 
 class _Echo:
@@ -103,7 +115,7 @@ def test_copies_are_written_after_their_line_counted_as_copies_and_counted_again
     lines = rows(chat("same", temperature=0), chat("other", temperature=0), chat("same", temperature=0),
                  chat("same", temperature=0))
     engine, results, progress = _Echo(), ResultFiles(tmp_path), BatchProgress(total=4)
-    assert asyncio.run(run_batch_requests(engine, CHAT, plan_requests(CHAT, lines, "m"), results, progress))
+    assert asyncio.run(run_batch_requests(engine, CHAT, plan_requests(CHAT, [lines], "m"), results, progress))
     results.close()
     assert sorted(engine.seen) == ["other", "same"]  # two engine requests for four lines
     out = [json.loads(line) for line in results.output_path.read_text().splitlines()]

@@ -40,7 +40,7 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_
 
 from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
 from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
-from vbatch_pipelines.names import WARM_AT_START_ENV
+from vbatch_pipelines.names import STEP_MEMORY_ENV, WARM_AT_START_ENV
 from vbatch_pipelines.services import LastingSpawner, die_with_parent, process_identity
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
@@ -160,8 +160,9 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def _start_worker(self) -> _Worker:
         # The spare also opens the instance ahead of time (storage set-up is another ~0.5 s).
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ, VBATCH_RUN_WORKER_INSTANCE=serialize_value(self._instance.get_ref()),
-                   VBATCH_RUN_WORKER_STATUS_FD=str(write_fd))
+        env = {**STEP_MEMORY_ENV, **os.environ,
+               "VBATCH_RUN_WORKER_INSTANCE": serialize_value(self._instance.get_ref()),
+               "VBATCH_RUN_WORKER_STATUS_FD": str(write_fd)}
         # SIGKILL when the launching process goes (even by kill -9): its run then fails, and Dagster's run
         # retries re-execute it in the next worker, resuming from the batch's result files.
         if self._spawner is None:
@@ -312,9 +313,6 @@ def worker_main(preload_modules: Sequence[str]) -> int:
     """Import Dagster and the code location, open the instance, then run each ExecuteRunArgs read from stdin,
     saying "ready" on the status pipe after every run that succeeded (and exiting after any other)."""
     imported_at = time.time()
-    # Arrow's own allocator (mimalloc) keeps what Parquet reads and writes took; the system allocator gives it
-    # back (about 40 MB less at the peak of a 100k-request batch). Set before pyarrow is imported.
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     import importlib
 
     from dagster import DagsterInstance, DagsterRunStatus

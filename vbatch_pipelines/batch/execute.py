@@ -26,7 +26,7 @@ from vbatch_pipelines.batch.service import (
     end_batch,
     fail_batch,
     get_batch,
-    iter_request_lines,
+    iter_request_tables,
     iter_requests,
     lease_owner,
     now,
@@ -167,7 +167,7 @@ def _requests(job: _Job, plan: bool):
     path = job.directory / INPUT_FILE
     if not plan:
         return iter_requests(path, job.done, job.model.id)
-    return plan_requests(job.endpoint, iter_request_lines(path, job.done), job.model.id)
+    return plan_requests(job.endpoint, iter_request_tables(path, job.done), job.model.id)
 
 
 def _watch(db: Database, jobs: list[_Job]) -> list[str]:

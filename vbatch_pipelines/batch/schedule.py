@@ -17,9 +17,10 @@ limits is planned whole) and sends it in an order the engine serves faster:
 The output file lists lines in the order their requests finished, as OpenAI's does (match them by
 ``custom_id``); a copy follows the line it copies. Every ``custom_id`` appears once.
 
-A window's plan holds each line's JSON text and a few numbers, not its parsed body: a body is parsed again as
-its request is sent, so a run worker's memory does not grow with the window (50,000 parsed chat bodies are
-~100 MB of Python objects).
+A window stays an Arrow table of (custom_id, body as JSON) while it is planned and sent; the plan itself is a
+few numbers per line (its prefix group, its expected length, a digest when it may be a copy). Bodies are parsed
+a few thousand at a time, to plan them and again as their requests are sent: as Python objects, 50,000 parsed
+chat bodies are ~100 MB, and their JSON texts and tuples were still half a run worker's memory.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+from vbatch_pipelines.batch.runner import ROWS_PER_SLICE, rows_of
 from vbatch_pipelines.protocol import ENDPOINT_REQUESTS, POOLING_ENDPOINTS
 
 WINDOW_REQUESTS = 50_000  # OpenAI's largest batch: such a file is planned whole
@@ -93,46 +95,76 @@ def _digest(text: str, size: int) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=size).digest()
 
 
-def plan_window(endpoint: str, rows: list[tuple[str, str]], model: str) -> Iterator[PlannedRequest]:
-    """The engine requests for one window of lines (custom_id, body as JSON), in the order they should run;
-    each body's ``model`` becomes ``model``, the engine's name for it. Planned whole, parsed as they are taken."""
-    copies_of: dict[bytes, list[str]] = {}  # a deterministic body's digest -> the copies of the line that runs
-    groups: dict[tuple[bytes, ...], list[tuple[int, str, str, list[str]]]] = {}
-    for custom_id, raw in rows:
+def plan_window(endpoint: str, window, model: str) -> Iterator[PlannedRequest]:
+    """The engine requests for one window of lines (an Arrow table of custom_id, body as JSON), in the order they
+    should run; each body's ``model`` becomes ``model``, the engine's name for it."""
+    import numpy as np
+
+    size = len(window)
+    group = np.empty(size, dtype=np.int64)  # each line's prefix group
+    expected = np.empty(size, dtype=np.int64)
+    digests = np.zeros(size, dtype="S16")  # a deterministic body's digest (the same line twice is the same text)
+    deterministic = np.zeros(size, dtype=bool)
+    prefixes: dict[tuple[bytes, ...], int] = {}
+    for i, (raw,) in enumerate(rows_of(window, "body")):
         body = json.loads(raw)
-        copies: list[str] = []
-        if is_deterministic(endpoint, body):  # the same line twice is the same JSON text twice
-            digest = _digest(raw, 16)
-            if digest in copies_of:
-                copies_of[digest].append(custom_id)
-                continue
-            copies_of[digest] = copies
-        groups.setdefault(prefix_of(endpoint, body), []).append(
-            (expected_tokens(endpoint, body), custom_id, raw, copies))
-    del copies_of
-    # Longest first among groups (a group's longest request), then turn by turn; inside a group longest first.
-    # Python's sort is stable: equal requests keep their file order.
-    for prefix in sorted(groups, key=lambda p: (-max(member[0] for member in groups[p]), p)):
-        members = groups.pop(prefix)
-        members.sort(key=lambda member: -member[0])
-        for _, custom_id, raw, copies in members:
+        expected[i] = min(expected_tokens(endpoint, body), UNBOUNDED)
+        group[i] = prefixes.setdefault(prefix_of(endpoint, body), len(prefixes))
+        if is_deterministic(endpoint, body):
+            deterministic[i] = True
+            digests[i] = _digest(raw, 16)
+    # Identical deterministic lines: the first one runs, the others (in file order) are its copies.
+    runs = np.ones(size, dtype=bool)
+    copies_of: dict[int, list[int]] = {}
+    candidates = np.flatnonzero(deterministic)
+    if len(candidates):
+        _, first, inverse = np.unique(digests[candidates], return_index=True, return_inverse=True)
+        original = candidates[first[inverse.reshape(-1)]]
+        for line in np.flatnonzero(original != candidates):
+            runs[candidates[line]] = False
+            copies_of.setdefault(int(original[line]), []).append(int(candidates[line]))
+    # Longest first among groups (a group's longest request), then turn by turn; inside a group longest first,
+    # equal ones in file order.
+    longest = np.zeros(len(prefixes), dtype=np.int64)
+    np.maximum.at(longest, group[runs], expected[runs])
+    turns = sorted(prefixes.items(), key=lambda item: (-longest[item[1]], item[0]))
+    rank = np.empty(len(turns), dtype=np.int64)
+    rank[[number for _, number in turns]] = np.arange(len(turns))
+    prefixes.clear()
+    del turns
+    lines = np.flatnonzero(runs)
+    order = lines[np.lexsort((lines, -expected[lines], rank[group[lines]]))]
+    ids = window.column("custom_id")
+    for start in range(0, len(order), ROWS_PER_SLICE):
+        taken = order[start:start + ROWS_PER_SLICE]
+        for line, (custom_id, raw) in zip(taken.tolist(), rows_of(window.take(taken), "custom_id", "body")):
             body = json.loads(raw)
             body["model"] = model
+            copies = ids.take(copies_of.pop(line)).to_pylist() if line in copies_of else []
             yield PlannedRequest(custom_id, body, copies)
 
 
-def plan_requests(endpoint: str, rows: Iterable[tuple[str, str]], model: str, *,
-                  window_requests: int = WINDOW_REQUESTS, window_bytes: int = WINDOW_BYTES
-                  ) -> Iterator[PlannedRequest]:
-    """Every line of ``rows`` (custom_id, body as JSON), planned a window at a time (see the module's
-    docstring), for ``model``."""
-    window: list[tuple[str, str]] = []
-    held = 0
-    for row in rows:
-        window.append(row)
-        held += len(row[1])
-        if len(window) >= window_requests or held >= window_bytes:
-            yield from plan_window(endpoint, window, model)
-            window, held = [], 0
+def plan_requests(endpoint: str, tables: Iterable, model: str, *, window_requests: int = WINDOW_REQUESTS,
+                  window_bytes: int = WINDOW_BYTES) -> Iterator[PlannedRequest]:
+    """Every line of ``tables`` (Arrow tables of custom_id, body as JSON, in file order), planned a window at a
+    time (see the module's docstring), for ``model``. A window ends at the line that reaches either bound."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    window: list = []
+    held_rows = held_bytes = 0
+    for table in tables:
+        lengths = pc.binary_length(table.column("body")).to_numpy()
+        start = 0
+        while start < len(table):
+            room = min(window_requests - held_rows, len(table) - start)
+            reach = np.cumsum(lengths[start:start + room]) + held_bytes
+            take = min(room, int(np.searchsorted(reach, window_bytes)) + 1)  # up to the line reaching the bound
+            window.append(table.slice(start, take))
+            held_rows, held_bytes, start = held_rows + take, int(reach[take - 1]), start + take
+            if held_rows >= window_requests or held_bytes >= window_bytes:
+                yield from plan_window(endpoint, pa.concat_tables(window), model)
+                window, held_rows, held_bytes = [], 0, 0
     if window:
-        yield from plan_window(endpoint, window, model)
+        yield from plan_window(endpoint, pa.concat_tables(window), model)

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles
+from vbatch_pipelines.batch.runner import BatchProgress, FinishedIds, ResultFiles, rows_of
 from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.files import file_record, get_file
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
@@ -237,12 +237,11 @@ def is_terminal(status: str) -> bool:
     return status in TERMINAL_BATCH_STATUSES
 
 
-def iter_request_lines(parquet_path: Path, skip: Iterable[str]) -> Iterator[tuple[str, str]]:
-    """(custom_id, body as JSON) for requests not in ``skip`` (FinishedIds, or any custom_ids), in file order,
-    reading the Parquet one row group at a time."""
+def iter_request_tables(parquet_path: Path, skip: Iterable[str]) -> Iterator:
+    """The requests not in ``skip`` (FinishedIds, or any custom_ids), in file order, as Arrow tables of
+    (custom_id, body as JSON): one per Parquet row group. A run holds its requests as Arrow buffers and makes
+    Python objects of a few thousand at a time (``rows_of``)."""
     import pyarrow.parquet as pq
-
-    from vbatch_pipelines.batch.runner import FinishedIds
 
     finished = FinishedIds.of(skip)
     parquet = pq.ParquetFile(parquet_path)
@@ -250,17 +249,19 @@ def iter_request_lines(parquet_path: Path, skip: Iterable[str]) -> Iterator[tupl
         table = parquet.read_row_group(group, columns=["custom_id", "body"])
         if len(finished):
             table = table.filter(finished.to_run(table.column("custom_id")))
-        yield from zip(table.column("custom_id").to_pylist(), table.column("body").to_pylist())
+        if len(table):
+            yield table
 
 
 def iter_requests(parquet_path: Path, skip: Iterable[str], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(custom_id, body) for requests not in ``skip``, in file order, each body's ``model`` set to ``model``."""
     import json
 
-    for custom_id, body in iter_request_lines(parquet_path, skip):
-        request = json.loads(body)
-        request["model"] = model
-        yield custom_id, request
+    for table in iter_request_tables(parquet_path, skip):
+        for custom_id, body in rows_of(table, "custom_id", "body"):
+            request = json.loads(body)
+            request["model"] = model
+            yield custom_id, request
 
 
 def parquet_row_count(parquet_path: Path) -> int:
@@ -303,10 +304,11 @@ def end_batch(db: Database, directory: Path, batch_id: str, status: str, *,
         progress = BatchProgress(total=0)
         done = results.resume(progress)
         if status == "expired" and (directory / INPUT_FILE).exists():
-            for custom_id, _ in iter_requests(directory / INPUT_FILE, done, model=""):
-                results.write_error(custom_id, "batch_expired",
-                                    "This request could not be executed before the completion window expired.")
-                progress.failed += 1
+            for table in iter_request_tables(directory / INPUT_FILE, done):
+                for custom_id in table.column("custom_id").to_pylist():
+                    results.write_error(custom_id, "batch_expired",
+                                        "This request could not be executed before the completion window expired.")
+                    progress.failed += 1
     results.close()
     return _end(db, batch_id, results, lease_owner, {
         "status": status,

@@ -23,6 +23,7 @@ from vbatch_pipelines.cluster.config import (
     check_node_name,
     node_queue,
 )
+from vbatch_pipelines.names import STEP_MEMORY_ENV
 from vbatch_pipelines.services import ServiceRegistry
 from vbatch_pipelines.settings import Settings
 
@@ -73,8 +74,7 @@ def run_worker(settings: Settings, spec: NodeSpec) -> int:
         stale = registry.stop_stale()
         if stale:
             print(f"Stopped what a previous `vbatch worker` left running: {', '.join(stale)}", flush=True)
-        env = without_api_keys(instance_env(settings, cluster=True))
-        env.update(VBATCH_NODE=spec.name, ARROW_DEFAULT_MEMORY_POOL="system")
+        env = {**STEP_MEMORY_ENV, **without_api_keys(instance_env(settings, cluster=True)), "VBATCH_NODE": spec.name}
         logs = layout.logs_dir
         logs.mkdir(parents=True, exist_ok=True)
         services = {"celery-default": Service("celery-default", celery_argv(f"default@{spec.name}", spec.queues,
