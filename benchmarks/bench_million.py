@@ -7,7 +7,12 @@ Checked: the big batch completes with every custom_id exactly once in its output
 req/s (the million's includes the kill and the resume; target within 10 % of the 100k figure), and the peak RSS
 of the API, the Dagster daemon and the run workers while each ran (target <= 300 MB each; vLLM not counted).
 
+Peer (``--peer REV``): instead, that git revision's `vbatch up` (a worktree) and this one's side by side, each
+running ``--reference``-request batches, ``--trials`` times alternating: req/s and the run worker's peak RSS of
+each, so a change to the batch step's memory is seen with its cost in speed.
+
 Usage: python benchmarks/bench_million.py [--requests 1000000] [--reference 100000] [--no-kill]
+       python benchmarks/bench_million.py --peer REV [--reference 100000] [--trials 3]
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.stack import PeakMemory, Stack, requests_jsonl  # noqa: E402
+from benchmarks.stack import PeakMemory, Stack, alternate, requests_jsonl, worktree  # noqa: E402
 
 LIMIT_MB = 300
 
@@ -86,12 +91,46 @@ def check_once(stack: Stack, batch, n: int) -> None:
         raise AssertionError(f"{len(seen)} of {n} custom_ids in the output")
 
 
+def against_peer(peer: str, n: int, trials: int) -> None:
+    """``n``-request batches on the peer's stack and this one's, alternating; prints each side's req/s and peak."""
+    stacks = {}
+    try:
+        for side, root in ((f"peer {peer}", worktree(peer)), ("this", None)):
+            stacks[side] = Stack(env={"VBATCH_MAX_UPLOAD_BYTES": str(1 << 30)}, **({"root": root} if root else {}))
+            stacks[side].run(requests_jsonl(20, "warm", max_tokens=1))
+        figures: dict[str, list[tuple[float, int]]] = {side: [] for side in stacks}
+
+        def run(side: str) -> None:
+            with PeakMemory(stacks[side]) as memory:
+                seconds, batch, _ = big_batch(stacks[side], n, None)
+            if batch.status != "completed" or batch.request_counts.completed != n:
+                raise AssertionError(f"{side}: {batch.id}: {batch.status} {batch.request_counts}")
+            figures[side].append((n / seconds, memory.peak["run worker"]))
+            print(f"   {side}: {n / seconds:.0f} req/s, run worker peak {memory.peak['run worker'] / 2**20:.0f} MB",
+                  flush=True)
+
+        for trial in alternate(trials, [lambda side=side: run(side) for side in stacks]):
+            print(f"trial {trial + 1} done", flush=True)
+        for side, runs in figures.items():
+            rates = sorted(rate for rate, _ in runs)
+            print(f"{side}: median {rates[len(rates) // 2]:.0f} req/s ({rates[0]:.0f}-{rates[-1]:.0f}), run worker "
+                  f"peak {max(peak for _, peak in runs) / 2**20:.0f} MB", flush=True)
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--reference", type=int, default=100_000)
     parser.add_argument("--no-kill", action="store_true", help="let the big batch run without killing its worker")
+    parser.add_argument("--peer", help="compare this git revision's stack with this one's on --reference batches")
+    parser.add_argument("--trials", type=int, default=3, help="with --peer: batches on each side")
     args = parser.parse_args()
+    if args.peer:
+        against_peer(args.peer, args.reference, args.trials)
+        return 0
     stack = Stack(env={"VBATCH_MAX_UPLOAD_BYTES": str(1 << 30)})
     try:
         stack.run(requests_jsonl(20, "warm", max_tokens=1))

@@ -48,9 +48,8 @@ from statistics import median
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.stack import Stack, alternate, load_average, run_batch  # noqa: E402
+from benchmarks.stack import Stack, alternate, load_average, prefix_cache_counts, run_batch  # noqa: E402
 from vbatch_pipelines.models.tiny import _ADJECTIVES, _SUBJECTS, _VERBS, MODEL_SIZES, create_tiny_model  # noqa: E402
-from vbatch_pipelines.net import local_http  # noqa: E402
 from vbatch_pipelines.paths import build_once  # noqa: E402
 
 TARGETS = {"bench": {"a": 1.3, "b": 1.3, "c": 1.15}, "tiny": {"a": 1.15}}
@@ -205,9 +204,10 @@ FILES = {"a": ("shared ~400-token system prompt", shared_system_file),
 
 
 def checked_run_batch(python: str, model_path: str, source: Path, out: Path, engine_args: list[str],
-                      served_model: str) -> float:
-    """run-batch's processing seconds; every line answered without an error (a refused line still writes one)."""
-    _, processing = run_batch(python, model_path, source, out, engine_args, served_model)
+                      served_model: str, cache: list) -> float:
+    """run-batch's processing seconds; every line answered without an error (a refused line still writes one).
+    Its prefix cache's (hits, queries) is appended to ``cache``."""
+    _, processing = run_batch(python, model_path, source, out, engine_args, served_model, cache)
     failed = [x for x in map(json.loads, out.read_text().splitlines())
               if x.get("error") or (x.get("response") or {}).get("status_code") != 200]
     if failed:
@@ -225,15 +225,9 @@ def prefix_caching_on(stack: Stack, model: str) -> bool:
     return "enable_prefix_caching=True" in log and "enable_prefix_caching=False" not in log
 
 
-def prefix_cache_counts(stack: Stack, model: str) -> tuple[float, float]:
-    """(hits, queries) in tokens so far, from vbatch's engine's /metrics."""
-    text = local_http().get(f"http://127.0.0.1:{engine_state(stack, model)['port']}/metrics", timeout=10).text
-    counts = {"hits": 0.0, "queries": 0.0}
-    for metric_line in text.splitlines():
-        for kind in counts:
-            if metric_line.startswith(f"vllm:prefix_cache_{kind}_total"):
-                counts[kind] += float(metric_line.rsplit(" ", 1)[1])
-    return counts["hits"], counts["queries"]
+def engine_cache_counts(stack: Stack, model: str) -> tuple[float, float]:
+    """(hits, queries) in prompt tokens so far, from vbatch's engine's /metrics."""
+    return prefix_cache_counts(f"http://127.0.0.1:{engine_state(stack, model)['port']}/metrics")
 
 
 def main() -> int:
@@ -272,20 +266,23 @@ def main() -> int:
             title, build = FILES[name]
             source, shape = build(prompts, work / f"{name}.jsonl", args.requests, model_id)
             print(f"\n({name}) {title}: {args.requests} lines; {shape}", flush=True)
-            vb, rb, hit_rates = [], [], []
+            vb, rb, hit_rates, rb_cache = [], [], [], []
 
             def vbatch_side(source=source, vb=vb, hit_rates=hit_rates) -> None:
-                hits, queries = prefix_cache_counts(stack, model_id)
+                hits, queries = engine_cache_counts(stack, model_id)
                 vb.append(stack.timed(source)[0])
-                new_hits, new_queries = prefix_cache_counts(stack, model_id)
+                new_hits, new_queries = engine_cache_counts(stack, model_id)
                 hit_rates.append((new_hits - hits) / max(new_queries - queries, 1))
 
-            def run_batch_side(source=source, rb=rb, name=name) -> None:
-                rb.append(checked_run_batch(python, model.path, source, work / f"{name}.out", rb_args, model_id))
+            def run_batch_side(source=source, rb=rb, name=name, rb_cache=rb_cache) -> None:
+                rb.append(checked_run_batch(python, model.path, source, work / f"{name}.out", rb_args, model_id,
+                                            rb_cache))
 
             for trial in alternate(args.trials, [vbatch_side, run_batch_side]):
+                rb_hits, rb_queries = rb_cache[-1]
                 print(f"   trial {trial + 1}: vbatch {vb[-1]:.2f}s (prefix-cache hits {hit_rates[-1]:.0%} of prompt "
-                      f"tokens), run-batch {rb[-1]:.2f}s, ratio {rb[-1] / vb[-1]:.2f}x", flush=True)
+                      f"tokens), run-batch {rb[-1]:.2f}s ({rb_hits / max(rb_queries, 1):.0%}), "
+                      f"ratio {rb[-1] / vb[-1]:.2f}x", flush=True)
             results[name] = (median(vb), median(rb), [r / v for r, v in zip(rb, vb)])
 
         print(f"\n{model_id}, {args.requests} lines a file, medians of {args.trials} alternating trials "

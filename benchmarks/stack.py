@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 
-from vbatch_pipelines.net import free_port
+from vbatch_pipelines.net import free_port, local_http
 
 ROOT = Path(__file__).resolve().parents[1]
 ENDED = ("completed", "failed", "cancelled", "expired")
@@ -38,13 +39,39 @@ def requests_jsonl(n: int, prefix: str, max_tokens: int = 16) -> bytes:
                    + "\n" for i in range(n)).encode()
 
 
+def prefix_cache_counts(metrics_url: str) -> tuple[float, float]:
+    """(hits, queries) in prompt tokens so far, from a vLLM engine's Prometheus ``metrics_url``."""
+    text = local_http().get(metrics_url, timeout=10).text
+    counts = {"hits": 0.0, "queries": 0.0}
+    for metric_line in text.splitlines():
+        for kind in counts:
+            if metric_line.startswith(f"vllm:prefix_cache_{kind}_total"):
+                counts[kind] += float(metric_line.rsplit(" ", 1)[1])
+    return counts["hits"], counts["queries"]
+
+
 def run_batch(python: str, model_path: str, source: Path, out: Path, engine_args: list[str],
-              served_model: str = "vbatch-tiny-chat") -> tuple[float, float]:
+              served_model: str = "vbatch-tiny-chat", cache: list | None = None) -> tuple[float, float]:
     """`vllm run-batch` on ``source``: (wall seconds, processing seconds). Processing runs from its "Reading
     batch from" log line (engine loaded) to its output file being written, so its start-up is not counted
-    against it."""
+    against it. With ``cache`` (a list), run-batch serves its metrics and the last (hits, queries) of its prefix
+    cache read while it ran is appended (read every 0.2 s: the last moments' requests may be missing)."""
     argv = [python, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(source), "-o", str(out),
             "--model", model_path, "--served-model-name", served_model, *engine_args]
+    stop = threading.Event()
+    last: list[tuple[float, float]] = []
+    if cache is not None:
+        port = free_port()
+        argv += ["--enable-metrics", "--host", "127.0.0.1", "--port", str(port)]
+
+        def watch() -> None:
+            while not stop.wait(0.2):
+                try:
+                    last[:] = [prefix_cache_counts(f"http://127.0.0.1:{port}/metrics")]
+                except (OSError, httpx.HTTPError):
+                    pass  # not serving yet, or gone
+
+        threading.Thread(target=watch, daemon=True).start()
     out.unlink(missing_ok=True)
     started = time.time()
     reading_at = None
@@ -54,11 +81,14 @@ def run_batch(python: str, model_path: str, source: Path, out: Path, engine_args
         tail = (tail + [line])[-40:]
         if reading_at is None and "Reading batch from" in line:
             reading_at = time.time()
+    stop.set()
     if process.wait() != 0 or reading_at is None:
         raise RuntimeError(f"run-batch failed (exit {process.returncode}):\n{''.join(tail)}")
     wall = time.time() - started
     with open(out) as written, open(source) as given:
         assert sum(1 for _ in written) == sum(1 for _ in given), "run-batch lost requests"
+    if cache is not None:
+        cache.append(last[0] if last else (0.0, 0.0))
     return wall, out.stat().st_mtime - reading_at
 
 
