@@ -8,6 +8,7 @@ the daemon's run worker (in cluster mode: a node's Celery worker) -> the warm en
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -75,13 +76,21 @@ def run_batch(python: str, model_path: str, source: Path, out: Path, engine_args
     out.unlink(missing_ok=True)
     started = time.time()
     reading_at = None
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own process group: run-batch's engine core and worker outlive it when it alone is killed (one left
+    # behind held a core for the next 20 minutes), so an interrupted benchmark kills the whole group.
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     tail: list[str] = []
-    for line in process.stdout:
-        tail = (tail + [line])[-40:]
-        if reading_at is None and "Reading batch from" in line:
-            reading_at = time.time()
-    stop.set()
+    try:
+        for line in process.stdout:
+            tail = (tail + [line])[-40:]
+            if reading_at is None and "Reading batch from" in line:
+                reading_at = time.time()
+        process.wait()
+    finally:
+        stop.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # it, if interrupted, and whatever it left running
     if process.wait() != 0 or reading_at is None:
         raise RuntimeError(f"run-batch failed (exit {process.returncode}):\n{''.join(tail)}")
     wall = time.time() - started
