@@ -224,7 +224,7 @@ def test_the_webservers_launcher_starts_warm_workers_as_it_is_made(tmp_path, mon
     nothing starts until a run is launched."""
     from dagster import DagsterInstance
 
-    from vbatch_pipelines.names import WARM_AT_START_ENV
+    from vbatch_pipelines.names import STEP_MEMORY_ENV, WARM_AT_START_ENV
     from vbatch_pipelines.run_launcher import WarmRunLauncher
 
     (tmp_path / "dagster").mkdir()
@@ -238,5 +238,8 @@ def test_the_webservers_launcher_starts_warm_workers_as_it_is_made(tmp_path, mon
         try:
             assert launcher.warm_at_start is warm
             assert len(launcher._idle) == 1 and launcher._idle[0].alive() is warm
+            if warm:  # a worker gives back what a batch step read through as it frees it (names.STEP_MEMORY_ENV)
+                environ = Path(f"/proc/{launcher._idle[0].process.pid}/environ").read_bytes().split(b"\0")
+                assert {f"{name}={value}".encode() for name, value in STEP_MEMORY_ENV.items()} <= set(environ)
         finally:
             launcher.dispose()

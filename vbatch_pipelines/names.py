@@ -62,8 +62,9 @@ def install_run_tags(model_id: str) -> dict[str, str]:
 WARM_AT_START_ENV = "VBATCH_WARM_AT_START"
 
 # A process running batch steps (a run worker, a Celery worker) gives back what a batch's step reads through
-# (Parquet row groups, windows of requests, result lines) as it frees it: Arrow allocates from the system allocator, not its own (mimalloc keeps what it took), and glibc
-# serves blocks from 128 KiB up by mmap, each returned when freed (its default threshold grows with every such
-# block freed, and the blocks after it stay in the heap). Half of a 1,000,000-request batch, the step alone
-# (batch.runner with an instant engine): 225 -> 169 MB at its peak. The process's own environment wins.
+# (Parquet row groups, windows of requests, result lines) as it frees it: Arrow allocates from the system
+# allocator, not its own (mimalloc keeps what it took), and glibc serves blocks from 128 KiB up by mmap, each
+# returned when freed (its default threshold grows with every such block freed, and the blocks after it stay in
+# the heap). Half of a 1,000,000-request batch, the step alone (batch.runner with an instant engine): 225 -> 169 MB
+# at its peak. The process's own environment wins.
 STEP_MEMORY_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
