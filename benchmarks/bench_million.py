@@ -128,6 +128,8 @@ def main() -> int:
     parser.add_argument("--peer", help="compare this git revision's stack with this one's on --reference batches")
     parser.add_argument("--trials", type=int, default=3, help="with --peer: batches on each side")
     args = parser.parse_args()
+    if min(args.requests, args.reference, args.trials) < 1:
+        parser.error("--requests, --reference and --trials must be at least 1")
     if args.peer:
         against_peer(args.peer, args.reference, args.trials)
         return 0
