@@ -142,6 +142,7 @@ class FineTuningHyperparameters(BaseModel):
     n_epochs: int | str | None = None
     batch_size: int | str | None = None
     learning_rate_multiplier: float | str | None = None
+    beta: float | str | None = Field(default=None, description="DPO's only")
 
 
 class FineTuningError(BaseModel):
@@ -151,8 +152,11 @@ class FineTuningError(BaseModel):
 
 
 class FineTuningMethod(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: dict[str, FineTuningHyperparameters]
+    """OpenAI's: ``type`` and, under the type's own key, its hyperparameters."""
+
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: dict[str, FineTuningHyperparameters] | None = None
+    dpo: dict[str, FineTuningHyperparameters] | None = None
 
 
 class FineTuningJobObject(Owned):
@@ -261,6 +265,8 @@ class DatasetObject(Owned):
     id: str
     object: Literal["dataset"] = "dataset"
     version: str
+    kind: Literal["sft", "preference"] = Field(description="sft: gold-star chat examples; preference: chosen/"
+                                                           "rejected pairs (examples counts pairs)")
     created_at: int
     examples: int
     train_examples: int

@@ -1,6 +1,6 @@
 """The trainer as a Dagster resource: LoRA fine-tuning out of process, through Dagster Pipes.
 
-The training script (vbatch_pipelines/fine_tuning/sft.py) runs in the environment that has the right pins:
+The training script (vbatch_pipelines/fine_tuning/lora.py) runs in the environment that has the right pins:
 Unsloth's own virtualenv on a CUDA machine (it pins transformers<=5.17, trl<=1.15), this one (TRL + PEFT)
 otherwise. Progress arrives as Pipes custom messages while it runs; a cancelled job interrupts it.
 """
@@ -20,12 +20,12 @@ from pydantic import Field
 
 from vbatch_pipelines.detached import tail
 from vbatch_pipelines.fine_tuning import (
-    sft,  # stdlib-only at import: the script the trainer runs
+    lora,  # stdlib-only at import: the script the trainer runs
 )
 from vbatch_pipelines.fine_tuning.envs import TrainerBackend, find_unsloth_python
 from vbatch_pipelines.services import die_with_parent
 
-SCRIPT = Path(sft.__file__).resolve()
+SCRIPT = Path(lora.__file__).resolve()
 
 
 def whole_line_reader(path: Path):
@@ -111,7 +111,7 @@ class Trainer(ConfigurableResource):
         python = self.training_python(backend)
         extras = {**params, "backend": backend}
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        result_path = Path(params["output_dir"]) / sft.RESULT_FILE
+        result_path = Path(params["output_dir"]) / lora.RESULT_FILE
         result_path.unlink(missing_ok=True)  # a result left by an earlier attempt is not this one's
         cancelled = False
         messages = log_path.with_name(log_path.name + ".pipes")  # beside the log; removed when the session ends

@@ -76,7 +76,8 @@ def run_job(platform, job_id: str, instance=None):
 def create(platform, **kwargs):
     from vbatch_pipelines.fine_tuning.service import create_job
 
-    return create_job(platform.db, platform.registry, platform.file_store, platform.resources["trainer"], model=TINY_MODEL_ID, **kwargs)
+    kwargs.setdefault("model", TINY_MODEL_ID)
+    return create_job(platform.db, platform.registry, platform.file_store, platform.resources["trainer"], **kwargs)
 
 
 def test_fine_tune_trains_compares_deploys_and_changes_answers(platform):
@@ -196,7 +197,7 @@ def test_cancel_interrupts_a_running_trainer(platform):
         time.sleep(0.2)
     else:
         pytest.fail("training never reported a step")
-    trainers = [p for p in psutil.process_iter(["cmdline"]) if "sft.py" in " ".join(p.info["cmdline"] or [])]
+    trainers = [p for p in psutil.process_iter(["cmdline"]) if "lora.py" in " ".join(p.info["cmdline"] or [])]
     assert trainers, "the trainer runs in its own process"
     assert cancel_job(platform.db, job.id).status == "cancelled"
     runner.join(timeout=60)

@@ -160,3 +160,75 @@ def test_bad_training_data_gets_a_clear_error(ft_stack):
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-missing")
     assert client.fine_tuning.jobs.list(limit=100).data is not None
+
+
+def test_dpo_on_expert_replacements_with_the_openai_sdk(ft_stack):
+    """Experts replaced the model's answers: a DPO job on those pairs (OpenAI's preference format, uploaded) makes
+    the fine-tune prefer the experts' answers on held-out prompts, and the served fine-tune stops giving the answers
+    they replaced."""
+    from tests.test_preferences import PROMPTS, chosen, preference_line
+    from vbatch_pipelines.fine_tuning.comparison import normalize, similarity
+
+    client = ft_stack.client()
+    prompts = [prompt for _, prompt in PROMPTS]
+    served = run_batch(client, TINY_MODEL_ID, prompts)
+    lines = [preference_line(prompt, chosen(subject), served[f"q{i}"]) for i, (subject, prompt) in enumerate(PROMPTS)]
+    held_out = list(range(0, len(lines), 6))  # one verb of each subject
+    train = client.files.create(file=("pairs.jsonl", io.BytesIO(jsonl(
+        [line for i, line in enumerate(lines) if i not in held_out]))), purpose="fine-tune")
+    validation = client.files.create(file=("held-out.jsonl", io.BytesIO(jsonl([lines[i] for i in held_out]))),
+                                     purpose="fine-tune")
+
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID, training_file=train.id, validation_file=validation.id, suffix="dpo", seed=3,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 5, "batch_size": 4,
+                                                           "learning_rate_multiplier": 5}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.1
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    comparison = httpx.get(f"{ft_stack.api_url}/v1/fine_tuning/jobs/{job.id}/comparison", timeout=10).json()
+    accuracy = (comparison["base"]["preference_accuracy"], comparison["fine_tuned"]["preference_accuracy"])
+    assert accuracy[1] > accuracy[0], comparison
+
+    # The served fine-tune, asked the held-out prompts through the SDK, answers less like the replaced answers.
+    held_prompts = [prompts[i] for i in held_out]
+    tuned = run_batch(client, done.fine_tuned_model, held_prompts)
+    base = {f"q{k}": served[f"q{i}"] for k, i in enumerate(held_out)}
+
+    def closer(answers: dict[str, str]) -> int:
+        return sum(similarity(answers[f"q{k}"], chosen(PROMPTS[i][0])) > similarity(answers[f"q{k}"], served[f"q{i}"])
+                   for k, i in enumerate(held_out))
+
+    replaced = sum(normalize(tuned[f"q{k}"]) == normalize(served[f"q{i}"]) for k, i in enumerate(held_out))
+    assert closer(tuned) > closer(base) == 0 and replaced < len(held_out), (tuned, base)
+    print(f"\nDPO through the SDK: held-out preference accuracy {accuracy[0]} -> {accuracy[1]}; of {len(held_out)} "
+          f"held-out answers, closer to the chosen: {closer(base)} -> {closer(tuned)}, still the replaced answer: "
+          f"{len(held_out)} -> {replaced}")
+
+
+def test_bad_preference_files_and_methods_get_a_clear_400(ft_stack):
+    from tests.test_preferences import preference_line
+
+    client = ft_stack.client()
+    before = [j.id for j in client.fine_tuning.jobs.list(limit=100).data]
+    good = [preference_line(f"Question {i}?", "The right answer.", f"A wrong answer {i}.") for i in range(12)]
+    bad = good[:1] + [{**good[1], "preferred_output": [{"role": "user", "content": "x"}]}] + good[2:]
+    broken = client.files.create(file=("bad.jsonl", io.BytesIO(jsonl(bad))), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=broken.id, method={"type": "dpo"})
+    assert "line 2: preferred_output[0].role must be assistant" in refused.value.message
+    assert refused.value.param == "training_file"
+    same = good[:3] + [preference_line("Q?", "Same.", " Same. ")] + good[3:]
+    identical = client.files.create(file=("same.jsonl", io.BytesIO(jsonl(same))), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as twins:
+        client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=identical.id, method={"type": "dpo"})
+    assert "line 4:" in twins.value.message and "same answer" in twins.value.message
+    fine = client.files.create(file=("good.jsonl", io.BytesIO(jsonl(good))), purpose="fine-tune")
+    for method, param in (({"type": "reinforcement"}, "method.type"),
+                          ({"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}, "method.dpo"),
+                          ({"type": "dpo", "dpo": {"hyperparameters": {"beta": "high"}}}, "hyperparameters.beta"),
+                          ({"type": "dpo", "dpo": {"hyperparameters": {"temperature": 1}}}, "hyperparameters.temperature")):
+        with pytest.raises(openai.BadRequestError) as wrong:
+            client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=fine.id, method=method)
+        assert wrong.value.param == param, (method, wrong.value.message)
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=100).data] == before, "nothing refused was queued"

@@ -425,7 +425,8 @@ def new_fine_tune(request: Request, error: str | None = None, role: Role = Depen
 
     registry = request.app.state.resources["model_registry"]
     with request.app.state.db.session() as session:
-        versions = [row.version for row in session.scalars(ready_datasets(caller.project_id).limit(50))]
+        versions = [{"version": row.version, "kind": row.kind}
+                    for row in session.scalars(ready_datasets(caller.project_id, None).limit(50))]
     return _page(request, "new_fine_tune.html", role, error=error, versions=versions,
                  models=sorted(m for m, spec in registry.base_models().items() if spec.task == GENERATE),
                  default_model=registry.default_model_id())
@@ -436,6 +437,7 @@ def create_fine_tune(request: Request, model: str = Form(max_length=256), traini
                      n_epochs: str = Form("auto", max_length=8), lora_rank: str = Form("16", max_length=8),
                      learning_rate_multiplier: str = Form("auto", max_length=16),
                      suffix: str = Form("", max_length=64), deploy: str = Form("no_worse", max_length=16),
+                     method: str = Form("supervised", max_length=16),
                      role: Role = Depends(console_role), caller: Caller = Depends(console_login)) -> Response:
     """Start a fine-tune (the caller's project's, on its dataset versions) as ``POST /v1/fine_tuning/jobs`` does:
     checked first, the reason shown on the form."""
@@ -451,7 +453,7 @@ def create_fine_tune(request: Request, model: str = Form(max_length=256), traini
         job = start_fine_tune(state.db, resources["model_registry"], resources["file_store"], resources["trainer"],
                               state.settings.dagster_url, model=model, training_file=training.strip(),
                               hyperparameters=hyperparameters, suffix=suffix.strip() or None, deploy=deploy,
-                              owner=caller.owner)
+                              owner=caller.owner, method=method)
     except (VbatchError, ValueError) as exc:
         return RedirectResponse(f"/ui/fine-tunes/new?error={quote(str(exc)[:300])}", status_code=303)
     return RedirectResponse(f"/ui/fine-tunes/{quote(job.id)}", status_code=303)
@@ -777,7 +779,7 @@ def datasets(request: Request, role: Role = Depends(console_role),
     from vbatch_pipelines.curation.service import ready_datasets
 
     with request.app.state.db.session() as session:
-        rows = [row.to_api() for row in session.scalars(ready_datasets(caller.project_id).limit(50))]
+        rows = [row.to_api() for row in session.scalars(ready_datasets(caller.project_id, None).limit(50))]
     return _page(request, "datasets.html", role, datasets=rows)
 
 
@@ -785,7 +787,7 @@ def datasets(request: Request, role: Role = Depends(console_role),
 def dataset(request: Request, version: str, role: Role = Depends(console_role),
             caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.curation.dataset import export_path
-    from vbatch_pipelines.store.models import EXPORT_FORMATS
+    from vbatch_pipelines.store.models import EXPORT_FORMATS, PREFERENCE
 
     record = _ready_dataset(request, version, caller)
     if record is None:
@@ -795,9 +797,16 @@ def dataset(request: Request, version: str, role: Role = Depends(console_role),
     if train.exists():
         with open(train, encoding="utf-8") as f:
             for raw, _ in zip(f, range(3)):
-                preview.append(json.loads(raw).get("messages", []))
-    return _page(request, "dataset.html", role, dataset=record.to_api(), formats=EXPORT_FORMATS, preview=preview,
-                 checks=_dataset_checks(record.dagster_run_id))
+                line = json.loads(raw)
+                if record.kind == PREFERENCE:  # the prompt, then the preferred and the non-preferred answer
+                    line = {"messages": [*line["input"]["messages"],
+                                         {"role": "preferred", "content": line["preferred_output"][0]["content"]},
+                                         {"role": "not preferred",
+                                          "content": line["non_preferred_output"][0]["content"]}]}
+                preview.append(line.get("messages", []))
+    asset = "preference_dataset" if record.kind == PREFERENCE else "gold_star_dataset"
+    return _page(request, "dataset.html", role, dataset=record.to_api(), formats=EXPORT_FORMATS[record.kind],
+                 preview=preview, checks=_dataset_checks(record.dagster_run_id, asset))
 
 
 def _ready_dataset(request: Request, version: str, caller: Caller):
@@ -809,8 +818,8 @@ def _ready_dataset(request: Request, version: str, caller: Caller):
     return record if record is not None and record.status == "ready" else None
 
 
-def _dataset_checks(run_id: str | None) -> list[dict] | None:
-    """The dataset checks of the run that built the version, from Dagster (None when it cannot be asked)."""
+def _dataset_checks(run_id: str | None, asset: str) -> list[dict] | None:
+    """The checks of ``asset`` in the run that built the version, from Dagster (None when it cannot be asked)."""
     if not run_id:
         return None
     from dagster import DagsterEventType
@@ -824,6 +833,8 @@ def _dataset_checks(run_id: str | None) -> list[dict] | None:
     checks = []
     for record in records.records:
         evaluation = record.event_log_entry.dagster_event.event_specific_data
+        if evaluation.asset_key.to_user_string() != asset:
+            continue
         checks.append({"name": evaluation.check_name, "passed": evaluation.passed,
                        "severity": evaluation.severity.value if evaluation.severity else ""})
     return checks
@@ -833,7 +844,7 @@ def _dataset_checks(run_id: str | None) -> list[dict] | None:
 def dataset_export(request: Request, version: str, format: str = Query(max_length=16),
                    split: str = Query(max_length=8), role: Role = Depends(console_role),
                    caller: Caller = Depends(console_login)) -> Response:
-    from vbatch_pipelines.curation.dataset import UnknownFormat, export_path
+    from vbatch_pipelines.curation.dataset import UnknownFormat, export_filename, export_path
 
     record = _ready_dataset(request, version, caller)
     if record is None:
@@ -842,7 +853,7 @@ def dataset_export(request: Request, version: str, format: str = Query(max_lengt
         path = export_path(record, format, split)
     except UnknownFormat as exc:
         return _page(request, "missing.html", role, what=str(exc), back=f"/ui/datasets/{quote(record.version)}")
-    return FileResponse(path, filename=f"gold-stars-{record.version}-{path.name}",
+    return FileResponse(path, filename=export_filename(record, path),
                         media_type="application/octet-stream")
 
 

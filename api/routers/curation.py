@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -14,7 +15,7 @@ from api.deps import get_caller, get_db, get_label_studio, get_label_studio_reso
 from api.errors import OpenAIError, get_or_404, not_found
 from api.schemas import DATASET_DOWNLOAD, CurationStats, CurationTaskObject, DatasetList, DatasetObject, WebhookReceipt
 from resources import LabelStudio
-from vbatch_pipelines.curation.dataset import export_path
+from vbatch_pipelines.curation.dataset import export_filename, export_path
 from vbatch_pipelines.curation.schemas import get_schema
 from vbatch_pipelines.curation.service import clear_annotations, get_task, ready_datasets, stats
 from vbatch_pipelines.curation.sync import record_annotation, record_task
@@ -120,10 +121,12 @@ async def curation_stats(db: Database = Depends(get_db), caller: Caller = Depend
 
 
 @router.get("/datasets", response_model=DatasetList)
-async def list_datasets(limit: int = Query(default=20, ge=1, le=100), db: Database = Depends(get_db),
-                        caller: Caller = Depends(get_caller)) -> dict:
+async def list_datasets(limit: int = Query(default=20, ge=1, le=100),
+                        kind: Literal["sft", "preference"] | None = Query(default=None, description="one kind only"),
+                        db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    """Both kinds of dataset version, newest first: gold stars (sft) and preference pairs."""
     with db.session() as session:
-        rows = list(session.scalars(ready_datasets(caller.project_id).limit(limit + 1)))
+        rows = list(session.scalars(ready_datasets(caller.project_id, kind).limit(limit + 1)))
     data = [row.to_api() for row in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit}
 
@@ -143,8 +146,9 @@ async def retrieve_dataset(version: str, db: Database = Depends(get_db), caller:
 @router.get("/datasets/{version}/export", response_class=FileResponse, responses=DATASET_DOWNLOAD)
 async def export_dataset(version: str, format: str = "openai", split: str = "train",
                          db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> FileResponse:
-    path = export_path(_dataset_or_404(db, version, caller), format, split)
-    return FileResponse(path, filename=f"gold-stars-{version}-{path.name}",
+    dataset = _dataset_or_404(db, version, caller)
+    path = export_path(dataset, format, split)
+    return FileResponse(path, filename=export_filename(dataset, path),
                         media_type="application/jsonl" if path.suffix == ".jsonl" else "application/json")
 
 

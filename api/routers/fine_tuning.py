@@ -7,7 +7,7 @@ import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import (
     EnginePool,
@@ -45,18 +45,26 @@ from vbatch_pipelines.submit import start_fine_tune
 router = APIRouter(tags=["fine-tuning"])
 
 
-class SupervisedMethod(BaseModel):
+class MethodSettings(BaseModel):
+    """``method.supervised`` or ``method.dpo``: the method's hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
     hyperparameters: dict[str, Any] | None = None
 
 
 class Method(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedMethod | None = None
+    """OpenAI's ``method``: supervised fine-tuning on chat examples, or DPO on preference pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: MethodSettings | None = None
+    dpo: MethodSettings | None = None
 
 
 class CreateFineTuningJobRequest(BaseModel):
     model: str
-    training_file: str = Field(description="a file id (purpose fine-tune) or a gold-star dataset version, e.g. v3")
+    training_file: str = Field(description="a file id (purpose fine-tune) or a dataset version, e.g. v3: gold stars "
+                                           "for a supervised job, preference pairs for a DPO one")
     validation_file: str | None = None
     hyperparameters: dict[str, Any] | None = None
     suffix: str | None = Field(default=None, max_length=64)
@@ -67,9 +75,14 @@ class CreateFineTuningJobRequest(BaseModel):
 
 
 def _hyperparameters(body: CreateFineTuningJobRequest) -> dict[str, Any] | None:
-    from_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
+    method = body.method or Method()
+    other = "dpo" if method.type == "supervised" else "supervised"
+    if getattr(method, other) is not None:
+        raise OpenAIError(400, f"method.{other} is given but method.type is {method.type!r}", param=f"method.{other}")
+    settings = getattr(method, method.type)
+    from_method = settings.hyperparameters if settings is not None else None
     if from_method is not None and body.hyperparameters is not None:
-        raise OpenAIError(400, "Give hyperparameters either at the top level or in method.supervised, not both",
+        raise OpenAIError(400, f"Give hyperparameters either at the top level or in method.{method.type}, not both",
                           param="hyperparameters")
     return from_method if from_method is not None else body.hyperparameters
 
@@ -85,7 +98,8 @@ def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
     return start_fine_tune(db, model_registry, file_store, trainer, settings.dagster_url, model=body.model,
                            training_file=body.training_file, validation_file=body.validation_file,
                            hyperparameters=_hyperparameters(body), suffix=body.suffix, seed=body.seed,
-                           metadata=body.metadata, owner=caller.owner).to_openai()
+                           metadata=body.metadata, owner=caller.owner,
+                           method=body.method.type if body.method else "supervised").to_openai()
 
 
 def _job_or_404(db: Database, job_id: str, caller: Caller) -> FineTuningJob:

@@ -18,7 +18,7 @@ from typing import Any
 from vbatch_pipelines.curation.service import gold_star_tasks, latest_dataset
 from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import DEFAULT_PROJECT, EXPORT_FORMATS, CurationTask, Dataset
+from vbatch_pipelines.store.models import DEFAULT_PROJECT, EXPORT_FORMATS, PREFERENCE, SFT, CurationTask, Dataset
 
 EVAL_PERCENT = 10
 SPLITS = ("train", "eval")
@@ -80,17 +80,18 @@ def render(examples: list[dict[str, Any]], fmt: str) -> bytes:
         return json.dumps([alpaca_record(e["messages"]) for e in examples], ensure_ascii=False, indent=1).encode()
     if fmt == "sharegpt":
         return json.dumps([_sharegpt(e["messages"]) for e in examples], ensure_ascii=False, indent=1).encode()
-    raise UnknownFormat(f"Unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    raise UnknownFormat(f"Unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS[SFT])}")
 
 
 def export_name(fmt: str, split: str) -> str:
-    return f"{split}.{fmt}.{'jsonl' if fmt in ('openai', 'chatml') else 'json'}"
+    return f"{split}.{fmt}.{'json' if fmt in ('alpaca', 'sharegpt') else 'jsonl'}"  # JSON arrays; the rest are lines
 
 
-def _claim_version(db: Database, source_seq: int, run_id: str | None, project_id: str) -> Dataset:
+def _claim_version(db: Database, source_seq: int, run_id: str | None, project_id: str, kind: str) -> Dataset:
     """The next version number, claimed by inserting its row (``building``): the primary key makes two
     builds at once take different numbers instead of writing the same directory. Numbers are the platform's
-    (v1 may be one project's, v2 another's): a version names one dataset wherever it is quoted."""
+    (v1 may be one project's, v2 another's, v3 a preference dataset): a version names one dataset wherever it is
+    quoted."""
     from sqlalchemy import select
     from sqlalchemy.exc import IntegrityError
 
@@ -100,7 +101,8 @@ def _claim_version(db: Database, source_seq: int, run_id: str | None, project_id
             number = max((int(v.lstrip("v")) for v in taken), default=0) + 1
         claim = Dataset(version=f"v{number}", created_at=int(time.time()), path="", examples=0, train_examples=0,
                         eval_examples=0, fingerprint="", source_seq=source_seq, counts={}, dagster_run_id=run_id,
-                        status="building", project_id=project_id, created_by=f"run {run_id}" if run_id else None)
+                        status="building", project_id=project_id, created_by=f"run {run_id}" if run_id else None,
+                        kind=kind)
         try:
             with db.session() as session:
                 session.add(claim)
@@ -109,38 +111,27 @@ def _claim_version(db: Database, source_seq: int, run_id: str | None, project_id
             continue  # another build took that number first
 
 
-def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: str | None = None,
-                  project_id: str = DEFAULT_PROJECT) -> Dataset:
-    """Write the project's next version from its gold stars in the DB and register it. The version is claimed
-    first; its files are written into a temporary directory renamed into place, so a version directory is whole or
-    absent, and the row turns ``ready`` only after that."""
+def write_version(db: Database, datasets_dir: Path, *, kind: str, source_seq: int, run_id: str | None,
+                  project_id: str, table, files: dict[str, bytes], splits: list[str], counts: dict[str, Any],
+                  fingerprint: str) -> Dataset:
+    """Register the next version of ``kind``: ``table`` (one row per example or pair, ``table_name(kind)``) and
+    its export ``files``; ``splits`` is each row's split. The version is claimed first; its files are written into
+    a temporary directory renamed into place, so a version directory is whole or absent, and the row turns
+    ``ready`` only after that. One way for both kinds."""
     import shutil
     import uuid
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    examples = examples_of(gold_star_tasks(db, project_id))
-    claim = _claim_version(db, source_seq, run_id, project_id)
+    claim = _claim_version(db, source_seq, run_id, project_id, kind)
     version = claim.version
     directory = datasets_dir / version
     partial = datasets_dir / f".{version}.{uuid.uuid4().hex[:8]}.partial"
     try:
         partial.mkdir(parents=True)
-        table = pa.table({
-            "prompt_key": [e["prompt_key"] for e in examples], "split": [e["split"] for e in examples],
-            "schema": [e["schema"] for e in examples], "model": [e["model"] for e in examples],
-            "batch_id": [e["batch_id"] for e in examples], "custom_id": [e["custom_id"] for e in examples],
-            "task_id": pa.array([e["task_id"] for e in examples], pa.int64()),
-            "edited": [e["edited"] for e in examples],
-            "rating": pa.array([e["rating"] for e in examples], pa.int64()),
-            "messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples],
-        })
-        pq.write_table(table, partial / "examples.parquet")
-        for split in SPLITS:
-            part = [e for e in examples if e["split"] == split]
-            for fmt in EXPORT_FORMATS:
-                (partial / export_name(fmt, split)).write_bytes(render(part, fmt))
+        pq.write_table(table, partial / table_name(kind))
+        for name, data in files.items():
+            (partial / name).write_bytes(data)
         _fsync_tree(partial)
         if directory.exists():  # left by a build that died between rename and registration
             shutil.rmtree(directory)
@@ -150,20 +141,46 @@ def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: 
         with db.session() as session:
             session.delete(session.get(Dataset, version))
         raise
+    with db.session() as session:
+        dataset = session.get(Dataset, version)
+        dataset.path, dataset.examples, dataset.counts, dataset.fingerprint = str(directory), len(splits), counts, \
+            fingerprint
+        dataset.train_examples = sum(split == "train" for split in splits)
+        dataset.eval_examples = sum(split == "eval" for split in splits)
+        dataset.created_at, dataset.status = int(time.time()), "ready"
+    return db.get(Dataset, version)
+
+
+def table_name(kind: str) -> str:
+    return "pairs.parquet" if kind == PREFERENCE else "examples.parquet"
+
+
+def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: str | None = None,
+                  project_id: str = DEFAULT_PROJECT) -> Dataset:
+    """Write the project's next gold-star version from its gold stars in the DB and register it."""
+    import pyarrow as pa
+
+    examples = examples_of(gold_star_tasks(db, project_id))
+    table = pa.table({
+        "prompt_key": [e["prompt_key"] for e in examples], "split": [e["split"] for e in examples],
+        "schema": [e["schema"] for e in examples], "model": [e["model"] for e in examples],
+        "batch_id": [e["batch_id"] for e in examples], "custom_id": [e["custom_id"] for e in examples],
+        "task_id": pa.array([e["task_id"] for e in examples], pa.int64()),
+        "edited": [e["edited"] for e in examples],
+        "rating": pa.array([e["rating"] for e in examples], pa.int64()),
+        "messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples],
+    })
+    files = {export_name(fmt, split): render([e for e in examples if e["split"] == split], fmt)
+             for split in SPLITS for fmt in EXPORT_FORMATS[SFT]}
     counts: dict[str, Any] = {"by_schema": {}, "by_model": {}}
     for e in examples:
         counts["by_schema"][e["schema"]] = counts["by_schema"].get(e["schema"], 0) + 1
         counts["by_model"][e["model"]] = counts["by_model"].get(e["model"], 0) + 1
     fingerprint = hashlib.sha256(b"".join(
         (e["prompt_key"] + e["messages"][-1]["content"]).encode() for e in examples)).hexdigest()[:16]
-    with db.session() as session:
-        dataset = session.get(Dataset, version)
-        dataset.path, dataset.examples, dataset.counts, dataset.fingerprint = str(directory), len(examples), counts, \
-            fingerprint
-        dataset.train_examples = sum(e["split"] == "train" for e in examples)
-        dataset.eval_examples = sum(e["split"] == "eval" for e in examples)
-        dataset.created_at, dataset.status = int(time.time()), "ready"
-    return db.get(Dataset, version)
+    return write_version(db, datasets_dir, kind=SFT, source_seq=source_seq, run_id=run_id, project_id=project_id,
+                         table=table, files=files, splits=[e["split"] for e in examples], counts=counts,
+                         fingerprint=fingerprint)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -188,13 +205,18 @@ def load_examples(dataset: Dataset) -> list[dict[str, Any]]:
     return rows
 
 
-def preview(dataset: Dataset, rows: int = 5) -> str:
-    lines = ["| split | schema | prompt | answer |", "|---|---|---|---|"]
-    for e in load_examples(dataset)[:rows]:
-        prompt = e["messages"][-2]["content"] if len(e["messages"]) > 1 else ""
-        cells = [e["split"], e["schema"], prompt, e["messages"][-1]["content"]]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")[:80] for c in cells) + " |")
+def markdown_table(headers: list[str], rows: list[list[Any]], width: int = 80) -> str:
+    """Rows as a markdown table for the Dagster UI: cells on one line, pipes escaped, cut at ``width``."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for cells in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")[:width] for c in cells) + " |")
     return "\n".join(lines)
+
+
+def preview(dataset: Dataset, rows: int = 5) -> str:
+    return markdown_table(["split", "schema", "prompt", "answer"], [
+        [e["split"], e["schema"], e["messages"][-2]["content"] if len(e["messages"]) > 1 else "",
+         e["messages"][-1]["content"]] for e in load_examples(dataset)[:rows]])
 
 
 CHECKS = ("empty_responses", "duplicate_prompts", "chat_structure", "split_leak", "valid_answers")
@@ -258,18 +280,18 @@ def problems(examples: list[dict[str, Any]], check: str) -> list[str]:
     return found
 
 
-def dataset_of_run(db: Database, run_id: str | None) -> Dataset | None:
-    """The version a run built (a check runs in the run that built it); the default project's latest when checks
-    run alone."""
+def dataset_of_run(db: Database, run_id: str | None, kind: str = SFT) -> Dataset | None:
+    """The version of ``kind`` a run built (a check runs in the run that built it); the default project's latest
+    when checks run alone, or when the run built none (a preference dataset with no new pairs)."""
     from sqlalchemy import select
 
     if run_id:
         with db.session() as session:
-            built = session.scalars(select(Dataset).where(Dataset.dagster_run_id == run_id,
+            built = session.scalars(select(Dataset).where(Dataset.dagster_run_id == run_id, Dataset.kind == kind,
                                                           Dataset.status == "ready")).first()
         if built is not None:
             return built
-    return latest_dataset(db)
+    return latest_dataset(db, kind=kind)
 
 
 def check_dataset(db: Database, run_id: str | None, check: str) -> tuple[str | None, list[str]]:
@@ -280,8 +302,15 @@ def check_dataset(db: Database, run_id: str | None, check: str) -> tuple[str | N
 
 
 def export_path(dataset: Dataset, fmt: str, split: str) -> Path:
-    if fmt not in EXPORT_FORMATS:
-        raise UnknownFormat(f"Unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}", "format")
+    formats = EXPORT_FORMATS[dataset.kind]
+    if fmt not in formats:
+        raise UnknownFormat(f"Unknown format {fmt!r} for a {dataset.kind} dataset; use one of {', '.join(formats)}",
+                            "format")
     if split not in SPLITS:
         raise UnknownFormat(f"Unknown split {split!r}; use train or eval", "split")
     return Path(dataset.path) / export_name(fmt, split)
+
+
+def export_filename(dataset: Dataset, path: Path) -> str:
+    """The name a download is saved under: what it holds, its version and its file."""
+    return f"{'preferences' if dataset.kind == PREFERENCE else 'gold-stars'}-{dataset.version}-{path.name}"

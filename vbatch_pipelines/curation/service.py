@@ -15,7 +15,7 @@ from sqlalchemy import Integer, bindparam, func, select, update
 
 from vbatch_pipelines.curation.schemas import Review
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import DEFAULT_PROJECT, CurationTask, Dataset
+from vbatch_pipelines.store.models import DEFAULT_PROJECT, SFT, CurationTask, Dataset
 
 
 def change_stamp() -> int:
@@ -126,28 +126,38 @@ def projects_with_new_reviews(db: Database) -> dict[str, int]:
         changes = dict(session.execute(select(CurationTask.project_id, func.max(CurationTask.changed_seq))
                                        .group_by(CurationTask.project_id)).all())
         built = dict(session.execute(select(Dataset.project_id, func.max(Dataset.source_seq))
-                                     .where(Dataset.status == "ready").group_by(Dataset.project_id)).all())
+                                     .where(Dataset.status == "ready", Dataset.kind == SFT)
+                                     .group_by(Dataset.project_id)).all())
     return {project: seq for project, seq in sorted(changes.items()) if seq and seq > (built.get(project) or 0)}
 
 
-def gold_star_tasks(db: Database, project_id: str = DEFAULT_PROJECT) -> list[CurationTask]:
+def reviewed_tasks(db: Database, project_id: str = DEFAULT_PROJECT, *,
+                   gold_stars_only: bool = False) -> list[CurationTask]:
+    """The project's reviewed tasks (only the gold stars: ``gold_stars_only``). A review whose edited answer is
+    invalid for its schema stays out until it is fixed."""
+    chosen = CurationTask.gold_star.is_(True) if gold_stars_only else CurationTask.annotated.is_(True)
     with db.session() as session:
-        # A review whose edited answer is invalid for its schema stays out until it is fixed.
-        return list(session.scalars(select(CurationTask).where(CurationTask.project_id == project_id,
-                                                               CurationTask.gold_star.is_(True),
+        return list(session.scalars(select(CurationTask).where(CurationTask.project_id == project_id, chosen,
                                                                CurationTask.review_error.is_(None))
                                     .order_by(CurationTask.id)))
 
 
-def ready_datasets(project_id: str = DEFAULT_PROJECT):
-    """The project's complete dataset versions, newest first ("v10" after "v9": by length, then text)."""
-    return (select(Dataset).where(Dataset.status == "ready", Dataset.project_id == project_id)
-            .order_by(func.length(Dataset.version).desc(), Dataset.version.desc()))
+def gold_star_tasks(db: Database, project_id: str = DEFAULT_PROJECT) -> list[CurationTask]:
+    return reviewed_tasks(db, project_id, gold_stars_only=True)
 
 
-def latest_dataset(db: Database, project_id: str = DEFAULT_PROJECT) -> Dataset | None:
+def ready_datasets(project_id: str = DEFAULT_PROJECT, kind: str | None = SFT):
+    """The project's complete dataset versions of ``kind`` (None: both), newest first ("v10" after "v9": by
+    length, then text)."""
+    query = select(Dataset).where(Dataset.status == "ready", Dataset.project_id == project_id)
+    if kind is not None:
+        query = query.where(Dataset.kind == kind)
+    return query.order_by(func.length(Dataset.version).desc(), Dataset.version.desc())
+
+
+def latest_dataset(db: Database, project_id: str = DEFAULT_PROJECT, kind: str = SFT) -> Dataset | None:
     with db.session() as session:
-        return session.scalars(ready_datasets(project_id)).first()
+        return session.scalars(ready_datasets(project_id, kind)).first()
 
 
 def stats(db: Database, project_id: str = DEFAULT_PROJECT) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Curation: batch results go to Label Studio as review tasks; reviews come back (sensor, webhook, API)
-and gold stars become a versioned dataset, checked by five asset checks."""
+"""Curation: batch results go to Label Studio as review tasks; reviews come back (sensor, webhook, API);
+gold stars become a versioned dataset (five asset checks), edits and ratings a versioned preference dataset
+(three)."""
 
 import json
 
@@ -30,6 +31,7 @@ from resources import FileStore, LabelStudio, MetadataDB
 from resources.label_studio import LabelStudioUnavailable, iso
 from vbatch_pipelines.batch.service import INPUT_FILE, get_batch, iter_requests
 from vbatch_pipelines.curation import dataset as gold
+from vbatch_pipelines.curation import preferences
 from vbatch_pipelines.curation.schemas import (
     chat_messages,
     prediction,
@@ -146,12 +148,12 @@ def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, fil
     }
 
 
-class GoldStarDatasetConfig(Config):
-    project_id: str = DEFAULT_PROJECT  # whose gold stars: each project has its own versions
+class DatasetConfig(Config):
+    project_id: str = DEFAULT_PROJECT  # whose reviews: each project has its own versions
 
 
 @asset(group_name="curation", kinds={"parquet", "jsonl"}, deps=[curation_tasks])
-def gold_star_dataset(context: AssetExecutionContext, config: GoldStarDatasetConfig, metadata_db: MetadataDB,
+def gold_star_dataset(context: AssetExecutionContext, config: DatasetConfig, metadata_db: MetadataDB,
                       file_store: FileStore) -> MaterializeResult:
     """A new version of a project's gold-star examples (expert edits replace model answers), split train/eval."""
     seq = latest_change(metadata_db.db, config.project_id)
@@ -174,49 +176,88 @@ def gold_star_dataset(context: AssetExecutionContext, config: GoldStarDatasetCon
     )
 
 
-def _check(context: AssetCheckExecutionContext, metadata_db: MetadataDB, check: str) -> AssetCheckResult:
+@asset(group_name="curation", kinds={"parquet", "jsonl"}, deps=[curation_tasks])
+def preference_dataset(context: AssetExecutionContext, config: DatasetConfig, metadata_db: MetadataDB,
+                       file_store: FileStore) -> MaterializeResult:
+    """A new version of a project's preference pairs (expert edit over model answer; better-rated over worse) for
+    DPO, when they changed since the last version."""
+    seq = latest_change(metadata_db.db, config.project_id)
+    version, new = preferences.build_preference_dataset(metadata_db.db, file_store.datasets_dir, source_seq=seq,
+                                                        run_id=context.run_id, project_id=config.project_id)
+    if version is None:
+        context.log.info(f"no preference pairs in {config.project_id} yet: no version")
+        return MaterializeResult(metadata={"version": "none", "project_id": config.project_id, "pairs": 0})
+    context.log.info(f"preference dataset {version.version} of {config.project_id}: {version.examples} pairs"
+                     + ("" if new else " (unchanged: no new version)"))
+    return MaterializeResult(metadata={
+        "version": version.version, "new_version": new, "project_id": config.project_id, "pairs": version.examples,
+        "train_pairs": version.train_examples, "eval_pairs": version.eval_examples,
+        "fingerprint": version.fingerprint, "by_source": MetadataValue.json(version.counts["by_source"]),
+        "by_schema": MetadataValue.json(version.counts["by_schema"]), "path": MetadataValue.path(version.path),
+        "preview": MetadataValue.md(preferences.preview(version)),
+    })
+
+
+def _check(context: AssetCheckExecutionContext, metadata_db: MetadataDB, check: str, checker) -> AssetCheckResult:
     """Check the files of the version this run built (the latest when the check is run on its own)."""
-    version, problems = gold.check_dataset(metadata_db.db, context.op_execution_context.run_id, check)
+    version, problems = checker(metadata_db.db, context.op_execution_context.run_id, check)
     return AssetCheckResult(passed=not problems, severity=AssetCheckSeverity.ERROR,
                             metadata={"version": version or "none", "problems": MetadataValue.json(problems[:20]),
                                       "count": len(problems)})
 
 
-def _dataset_check(name: str, check: str, description: str):
-    @asset_check(asset=gold_star_dataset, name=name, description=description)
+def _dataset_check(name: str, check: str, description: str, asset, checker):
+    @asset_check(asset=asset, name=name, description=description)
     def _run(context: AssetCheckExecutionContext, metadata_db: MetadataDB) -> AssetCheckResult:
-        return _check(context, metadata_db, check)
+        return _check(context, metadata_db, check, checker)
 
     return _run
 
 
-no_empty_responses = _dataset_check("no_empty_responses", "empty_responses",
-                                    "Every example has a non-empty final answer.")
-no_duplicate_prompts = _dataset_check("no_duplicate_prompts", "duplicate_prompts",
-                                      "No prompt appears twice across the exported splits.")
-valid_chat_structure = _dataset_check("valid_chat_structure", "chat_structure",
-                                      "Every line is an example whose messages alternate user/assistant after "
-                                      "optional system, ending with the assistant.")
-train_eval_disjoint = _dataset_check("train_eval_disjoint", "split_leak",
-                                     "No prompt is in both the train and the eval export.")
-valid_answers = _dataset_check("valid_answers", "valid_answers",
-                               "Every answer is valid for its task schema (JSON for json_extraction).")
-DATASET_CHECKS = [no_empty_responses, no_duplicate_prompts, valid_chat_structure, train_eval_disjoint, valid_answers]
+# (asset, check name, what the checker looks for, what it promises)
+CHECK_TABLE = [
+    (gold_star_dataset, "no_empty_responses", "empty_responses", "Every example has a non-empty final answer."),
+    (gold_star_dataset, "no_duplicate_prompts", "duplicate_prompts",
+     "No prompt appears twice across the exported splits."),
+    (gold_star_dataset, "valid_chat_structure", "chat_structure",
+     "Every line is an example whose messages alternate user/assistant after optional system, ending with the "
+     "assistant."),
+    (gold_star_dataset, "train_eval_disjoint", "split_leak", "No prompt is in both the train and the eval export."),
+    (gold_star_dataset, "valid_answers", "valid_answers",
+     "Every answer is valid for its task schema (JSON for json_extraction)."),
+    (preference_dataset, "no_identical_pairs", "identical_pairs",
+     "No pair's preferred and non-preferred answers are the same beyond whitespace."),
+    (preference_dataset, "valid_pair_structure", "pair_structure",
+     "Every line is a pair in OpenAI's preference format: input.messages ending with the user, one assistant "
+     "answer on each side."),
+    (preference_dataset, "pairs_train_eval_disjoint", "split_leak",
+     "No prompt is in both the train and the eval export."),
+]
+DATASET_CHECKS = [
+    _dataset_check(name, check, description, asset,
+                   preferences.check_preference_dataset if asset is preference_dataset else gold.check_dataset)
+    for asset, name, check, description in CHECK_TABLE]
 
 
 gold_star_dataset_job = define_asset_job(
     GOLD_STAR_DATASET_JOB,
-    selection=AssetSelection.assets(gold_star_dataset),
+    selection=AssetSelection.assets(gold_star_dataset, preference_dataset),
     executor_def=in_process_executor,
-    description="Build the next gold-star dataset version from the reviews recorded so far.",
+    description="Build the next gold-star and preference dataset versions from the reviews recorded so far.",
 )
+
+
+def dataset_run_config(project_id: str) -> dict:
+    """The dataset job's config: both datasets of one project."""
+    return {"ops": {name: {"config": {"project_id": project_id}}
+                    for name in ("gold_star_dataset", "preference_dataset")}}
 
 
 @sensor(job=gold_star_dataset_job, minimum_interval_seconds=10, default_status=DefaultSensorStatus.RUNNING)
 def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, label_studio: LabelStudio):
     """Tasks changed in Label Studio since the cursor (per project, ``updated_at``) are read with their
     annotations and recorded; a new gold_star_dataset is requested when reviews changed since the last one
-    (from here, the webhook or the API). Label Studio down: skip, the cursor stays, nothing is lost."""
+    (from here, the webhook or the API), with its preference dataset. Label Studio down: skip, the cursor stays, nothing is lost."""
     if not label_studio.enabled:
         return SkipReason(label_studio.disabled_reason)
     db = metadata_db.db
@@ -237,14 +278,14 @@ def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
     stale = projects_with_new_reviews(db)  # each project's dataset is built from its own reviews
     if stale:
         return [RunRequest(run_key=f"gold-star-dataset-{project}-{seq}",
-                           run_config={"ops": {"gold_star_dataset": {"config": {"project_id": project}}}},
+                           run_config=dataset_run_config(project),
                            tags={CURATION_SEQ_TAG: str(seq), PROJECT_TAG: project})
                 for project, seq in stale.items()]
     return SkipReason(f"Read {read} changed task(s), {changed} new review(s); datasets up to date")
 
 
 defs = Definitions(
-    assets=[curation_tasks, gold_star_dataset],
+    assets=[curation_tasks, gold_star_dataset, preference_dataset],
     asset_checks=DATASET_CHECKS,
     jobs=[gold_star_dataset_job],
     sensors=[label_studio_sensor],

@@ -36,7 +36,7 @@ from resources import (
 )
 from resources.trainer import Trainer, TrainingCancelled
 from vbatch_pipelines.batch.execute import run_lines
-from vbatch_pipelines.defs.curation import gold_star_dataset
+from vbatch_pipelines.defs.curation import gold_star_dataset, preference_dataset
 from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
 from vbatch_pipelines.defs.models import installed_model
 from vbatch_pipelines.defs.runs import ACTIVE_RUN, LAUNCH_GRACE_S, without_run
@@ -48,6 +48,7 @@ from vbatch_pipelines.fine_tuning.report import (
     results_csv,
 )
 from vbatch_pipelines.fine_tuning.service import (
+    INITIAL_ADAPTER,
     add_checkpoint,
     add_event,
     add_events,
@@ -113,12 +114,14 @@ def _failing_job(db, job_id: str, code: str):
 # A fine-tune trains on one base model; Dagster has no key-to-key mapping between two dynamic partition sets,
 # so the lineage edge from installed_model spans all its partitions.
 @asset(partitions_def=fine_tune_partitions, pool="gpu", group_name="models", kinds={"pytorch"},
-       deps=[gold_star_dataset, AssetDep(installed_model, partition_mapping=AllPartitionMapping())])
+       deps=[gold_star_dataset, preference_dataset,
+             AssetDep(installed_model, partition_mapping=AllPartitionMapping())])
 def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
                           model_registry: ModelRegistry, trainer: Trainer,
                           inference_engine: InferenceEngine) -> MaterializeResult:
-    """A LoRA adapter trained on the job's examples (a gold-star dataset version or an uploaded file),
-    with eval loss and a loss curve; the trainer runs out of process through Dagster Pipes."""
+    """A LoRA adapter trained on the job's examples (a dataset version or an uploaded file): supervised on gold
+    stars, or DPO on preference pairs (then with the held-out preference accuracy before and after); eval loss and
+    a loss curve. The trainer runs out of process through Dagster Pipes."""
     job_id = context.partition_key
     db = metadata_db.db
     job = _job_or_fail(db, job_id)
@@ -126,13 +129,15 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
         base = model_registry.resolve(job.model)
         update_job(db, job_id, status="running", started_at=job.started_at or now(), dagster_run_id=context.run_id)
         clear_checkpoints(db, job_id)
-        add_event(db, job_id, f"Fine-tuning job started ({trainer.resolved_backend()} on "
+        add_event(db, job_id, f"Fine-tuning job started ({job.method_type} with {trainer.resolved_backend()} on "
                               f"{'GPU' if trainer.gpus else 'CPU'})")
         directory = file_store.fine_tune_dir(job_id)
-        params = {"base_model": base.path, "train_file": str(directory / "data" / "train.jsonl"),
-                  "eval_file": str(directory / "data" / "eval.jsonl")
-                  if (directory / "data" / "eval.jsonl").exists() else None,
-                  "output_dir": str(directory / "output"), "hyperparameters": job.hyperparameters, "seed": job.seed}
+        data = directory / "data"
+        params = {"base_model": base.path, "train_file": str(data / "train.jsonl"),
+                  "eval_file": str(data / "eval.jsonl") if (data / "eval.jsonl").exists() else None,
+                  "output_dir": str(directory / "output"), "hyperparameters": job.hyperparameters, "seed": job.seed,
+                  "method": job.method_type,
+                  "initial_adapter": str(data / INITIAL_ADAPTER) if job.starting_model else None}
         steps: list[dict] = []
         observed_at = float("-inf")  # when progress was last recorded as an observation
 
@@ -169,11 +174,15 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
                                      owner=Owner.of(job))
         metrics = {**(job.metrics or {}), **{k: result[k] for k in (
             "train_loss", "eval_loss", "steps", "backend", "device", "train_seconds", "train_examples",
-            "eval_examples")}, "adapter_dir": result["adapter_dir"], "merged_dir": result["merged_dir"]}
+            "eval_examples")}, "adapter_dir": result["adapter_dir"], "merged_dir": result["merged_dir"],
+            **({"preference_accuracy": result["preference_accuracy"]} if result.get("preference_accuracy") else {})}
         update_job(db, job_id, metrics=metrics, trained_tokens=result["trained_tokens"],
                    result_files=[results_file.id], estimated_finish=None)
+        accuracy = result.get("preference_accuracy") or {}
         add_event(db, job_id, f"Training finished: {result['steps']} steps, train loss {result['train_loss']:.4f}"
-                              + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""))
+                              + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
+                              + (f", held-out preference accuracy {accuracy['base']} → {accuracy['fine_tuned']}"
+                                 if accuracy.get("fine_tuned") is not None else ""))
     return MaterializeResult(metadata={
         "base_model": job.model,
         "dataset_version": job.dataset_version or "",
@@ -182,6 +191,9 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
         "steps": result["steps"], "train_loss": result["train_loss"],
         "eval_loss": result["eval_loss"] if result["eval_loss"] is not None else float("nan"),
         "trained_tokens": result["trained_tokens"], "train_seconds": result["train_seconds"],
+        "method": job.method_type, "starting_model": job.starting_model or job.model,
+        **({"preference_accuracy_before": accuracy["base"], "preference_accuracy_after": accuracy["fine_tuned"]}
+           if accuracy.get("fine_tuned") is not None else {}),
         "hyperparameters": MetadataValue.json(job.hyperparameters),
         "adapter": MetadataValue.path(result["adapter_dir"]),
         "loss_curve": MetadataValue.md(loss_markdown(steps, result["eval_loss"])),
@@ -189,13 +201,28 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
     })
 
 
+def starting_spec(model_registry, file_store, job):
+    """What a job's fine-tune is compared with: its base model, or the fine-tune a DPO job continued (as served,
+    or from the job's own copy of its adapter when it is no longer registered)."""
+    from vbatch_pipelines.models.registry import ModelNotFound
+
+    base = model_registry.resolve(job.model)
+    if not job.starting_model:
+        return base
+    try:
+        return model_registry.lookup(job.starting_model, project=job.project_id)
+    except ModelNotFound:
+        return base.with_adapter(job.starting_model, str(file_store.fine_tune_dir(job.id) / "data" / INITIAL_ADAPTER))
+
+
 @asset(partitions_def=fine_tune_partitions, deps=[fine_tuned_checkpoint], group_name="models",
        kinds={"vllm"}, pool="gpu")
 def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, file_store: FileStore,
                      model_registry: ModelRegistry, inference_engine: InferenceEngine,
                      retraining_policy: RetrainingPolicy) -> MaterializeResult:
-    """Base and fine-tuned model on the job's held-out examples, each run as a batch: exact and
-    normalised match against gold, answer length, and an LLM judge's win rate when one is configured."""
+    """The model the job started from (its base, or the fine-tune a DPO job continued) and the fine-tune on the
+    job's held-out examples, each run as a batch: exact and normalised match against gold (a pair's chosen answer),
+    answer length, how far answers moved from rejected ones, and an LLM judge's win rate when one is configured."""
     job_id = context.partition_key
     db = metadata_db.db
     job = _job_or_fail(db, job_id)
@@ -207,7 +234,7 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
             update_job(db, job_id, comparison={"examples": 0, "base": {}, "fine_tuned": {}, "rows": []})
             add_event(db, job_id, "No held-out eval examples: comparison skipped")
             return MaterializeResult(metadata={"examples": 0, "skipped": "no held-out eval examples"})
-        base = model_registry.resolve(job.model)
+        base = starting_spec(model_registry, file_store, job)
         name = fine_tuned_model_name(job.model, job.suffix, job_id)
         tuned = base.with_adapter(name, (job.metrics or {})["adapter_dir"])
         max_tokens = max(16, min(512, max(len(i["gold"]) for i in items)))
@@ -234,6 +261,10 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
             summary["fine_tuned"]["judge_win_rate"] = rate
             summary["base"]["judge_win_rate"] = None if rate is None else round(1 - rate, 4)
             summary["judge_verdicts"] = counts
+        accuracy = (job.metrics or {}).get("preference_accuracy") or {}
+        if accuracy.get("fine_tuned") is not None:
+            summary["base"]["preference_accuracy"] = accuracy["base"]
+            summary["fine_tuned"]["preference_accuracy"] = accuracy["fine_tuned"]
         update_job(db, job_id, comparison=summary)
         add_event(db, job_id, "Compared with the base model on {n} held-out examples: normalized match "
                               "{b} → {t}".format(n=len(items), b=summary["base"]["normalized_match"],

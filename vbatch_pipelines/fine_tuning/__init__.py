@@ -1,4 +1,4 @@
-"""Fine-tuning: jobs (``service``), their training data (``training_data``), the trainer script (``sft``, run out
+"""Fine-tuning: jobs (``service``), their training data (``training_data``), the trainer script (``lora``, run out
 of process), comparison, reports and retraining."""
 
 from vbatch_pipelines.errors import VbatchError

@@ -3,11 +3,16 @@ the deploy gate.
 
 Metrics per model: exact match (after trimming), normalised match (case, whitespace and punctuation
 folded), mean answer length in characters, and, with a judge model configured, the fine-tune's win rate
-(ties count half) from an LLM judge that sees the gold answer.
+(ties count half) from an LLM judge that sees the gold answer. On preference pairs (a DPO job) the gold answer is
+the chosen one, and two more say whether answers moved away from the rejected one: its normalised match
+(``rejected_match``, lower is better) and the share of answers closer to the chosen answer than to the rejected
+one (``closer_to_chosen``, by difflib's similarity ratio). The trainer's held-out preference accuracy (chosen
+likelier than rejected) is added by the asset.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import string
 from pathlib import Path
@@ -17,7 +22,8 @@ GateMetric = Literal["exact_match", "normalized_match", "mean_length", "judge_wi
 DeployGate = Literal["always", "no_worse", "never"]  # no_worse: the comparison must not be worse
 DEPLOY_GATES: tuple[str, ...] = get_args(DeployGate)
 METRICS: tuple[str, ...] = get_args(GateMetric)
-HIGHER_IS_BETTER = {"exact_match": True, "normalized_match": True, "judge_win_rate": True}
+HIGHER_IS_BETTER = {"exact_match": True, "normalized_match": True, "judge_win_rate": True, "rejected_match": False}
+PREFERENCE_METRICS = ("preference_accuracy", "rejected_match", "closer_to_chosen")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 JUDGE_PROMPT = """You compare two answers to the same conversation against a reference answer written by an \
@@ -43,13 +49,19 @@ def normalize(text: str) -> str:
 
 
 def eval_items(eval_path: Path) -> list[dict[str, Any]]:
-    """Each eval example as (prompt messages, gold answer): the conversation up to its last assistant turn."""
+    """Each eval example as (prompt messages, gold answer): a chat example's conversation up to its last assistant
+    turn, or a preference pair's prompt with its chosen answer as gold (and its rejected one)."""
     items = []
     with open(eval_path) as f:
         for line in f:
             if not line.strip():
                 continue
-            messages = json.loads(line)["messages"]
+            row = json.loads(line)
+            if "chosen" in row:  # TRL's preference format (a DPO job's data)
+                items.append({"custom_id": f"eval-{len(items)}", "messages": row["prompt"],
+                              "gold": row["chosen"][0]["content"], "rejected": row["rejected"][0]["content"]})
+                continue
+            messages = row["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             items.append({"custom_id": f"eval-{len(items)}", "messages": messages[:last],
                           "gold": messages[last]["content"]})
@@ -96,14 +108,27 @@ def judge_win_rate(verdicts: dict[str, str]) -> tuple[float | None, dict[str, in
     return round((counts["fine_tuned"] + counts["tie"] / 2) / decided, 4), counts
 
 
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, normalize(a), normalize(b)).ratio()
+
+
 def score(items: list[dict[str, Any]], answers: dict[str, str]) -> dict[str, float]:
     n = len(items) or 1
-    return {
+    scores = {
         "exact_match": round(sum(answers.get(i["custom_id"], "").strip() == i["gold"].strip() for i in items) / n, 4),
         "normalized_match": round(sum(normalize(answers.get(i["custom_id"], "")) == normalize(i["gold"])
                                       for i in items) / n, 4),
         "mean_length": round(sum(len(answers.get(i["custom_id"], "")) for i in items) / n, 1),
     }
+    pairs = [i for i in items if "rejected" in i]
+    if pairs:
+        answer = {i["custom_id"]: answers.get(i["custom_id"], "") for i in pairs}
+        scores["rejected_match"] = round(sum(normalize(answer[i["custom_id"]]) == normalize(i["rejected"])
+                                             for i in pairs) / len(pairs), 4)
+        scores["closer_to_chosen"] = round(sum(
+            similarity(answer[i["custom_id"]], i["gold"]) > similarity(answer[i["custom_id"]], i["rejected"])
+            for i in pairs) / len(pairs), 4)
+    return scores
 
 
 def side_by_side(items: list[dict[str, Any]], base: dict[str, str], tuned: dict[str, str],
@@ -122,7 +147,7 @@ def markdown(summary: dict[str, Any]) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")[:width]
 
     lines = ["| metric | base | fine-tuned |", "|---|---|---|"]
-    for metric in METRICS:
+    for metric in METRICS + PREFERENCE_METRICS:
         if metric in summary["base"] or metric in summary["fine_tuned"]:
             lines.append(f"| {metric} | {summary['base'].get(metric, '')} | {summary['fine_tuned'].get(metric, '')} |")
     lines += ["", "| prompt | gold | base | fine-tuned |", "|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""A fine-tuning job's hyperparameters: OpenAI's knobs plus the LoRA recipe. Their own module (pydantic only), so
+"""A fine-tuning job's hyperparameters: OpenAI's knobs (DPO's beta too) plus the LoRA recipe. Their own module (pydantic only), so
 that loading the settings (VBATCH_RETRAIN_HYPERPARAMETERS is checked there) imports no more than it needs."""
 
 from __future__ import annotations
@@ -54,11 +54,33 @@ class Hyperparameters(BaseModel):
         }
 
 
-def parse_hyperparameters(raw: dict[str, Any] | None) -> Hyperparameters:
+class DpoHyperparameters(Hyperparameters):
+    """DPO's: OpenAI's ``beta`` (how far the fine-tune may move from the model it starts from; "auto": 0.1) and
+    vbatch's ``sft_weight``: a weight > 0 adds the chosen answers' language-model loss (DPO then also learns to say
+    them, not only to prefer them; 0, the default, is plain DPO)."""
+
+    beta: float | Literal["auto"] = "auto"
+    sft_weight: float = Field(default=0.0, ge=0, le=10)
+
+    def resolved(self, train_examples: int, model_max_length: int | None) -> dict[str, Any]:
+        beta = 0.1 if self.beta == "auto" else self.beta
+        if not 0 < beta <= 10:
+            raise FineTuningError("beta must be in (0, 10]", "hyperparameters.beta", "invalid_value")
+        return {**super().resolved(train_examples, model_max_length), "beta": beta}
+
+
+METHODS = {"supervised": Hyperparameters, "dpo": DpoHyperparameters}
+
+
+def parse_hyperparameters(raw: dict[str, Any] | None, method: str = "supervised") -> Hyperparameters:
+    only_dpo = sorted(set(raw or {}) & (set(DpoHyperparameters.model_fields) - set(Hyperparameters.model_fields)))
+    if method != "dpo" and only_dpo:
+        raise FineTuningError(f"hyperparameters.{only_dpo[0]} is a DPO hyperparameter; this job's method is "
+                              f"{method}", f"hyperparameters.{only_dpo[0]}", "invalid_value")
     try:
-        return Hyperparameters.model_validate(raw or {})
+        return METHODS[method].model_validate(raw or {})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise FineTuningError(f"hyperparameters.{where}: {first['msg']}", f"hyperparameters.{where}",
-                              "invalid_value") from exc
+        # the field, not the member of its union that failed last (beta.float)
+        param = "hyperparameters" + "".join(f".{part}" for part in first["loc"][:1])
+        raise FineTuningError(f"{param}: {first['msg']}", param, "invalid_value") from exc

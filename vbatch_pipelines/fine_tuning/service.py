@@ -3,12 +3,15 @@
 A job is a row (OpenAI's ``fine_tuning.job``) plus a directory ``$VBATCH_HOME/fine_tunes/<job_id>/``
 holding its training data, adapter, checkpoints and logs. Its id is also its Dagster partition key.
 Training data is checked when the job is created (``training_data``: a bad file is refused with line
-numbers, never queued); a job trains on an uploaded file (purpose ``fine-tune``) or a gold-star dataset
-version.
+numbers, never queued); a job trains on an uploaded file (purpose ``fine-tune``) or a dataset version: gold
+stars for a supervised job, preference pairs for a DPO one. A DPO job may continue a fine-tune (``model`` an
+``ft:`` name): its adapter is copied into the job and trained further against itself as the reference, and the
+result is again one adapter on the same base model.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -19,8 +22,8 @@ from sqlalchemy import desc, select
 
 from vbatch_pipelines.fine_tuning import FineTuningError
 from vbatch_pipelines.fine_tuning.comparison import DEPLOY_GATES
-from vbatch_pipelines.fine_tuning.hyperparameters import parse_hyperparameters
-from vbatch_pipelines.fine_tuning.training_data import model_max_length, training_sources
+from vbatch_pipelines.fine_tuning.hyperparameters import METHODS, parse_hyperparameters
+from vbatch_pipelines.fine_tuning.training_data import copy_training_data, model_max_length, training_sources
 from vbatch_pipelines.models.registry import EMBED, GENERATE
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import (
@@ -34,6 +37,7 @@ from vbatch_pipelines.store.models import (
 )
 
 SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+INITIAL_ADAPTER = "initial_adapter"  # in a job's data dir: the fine-tune a DPO job continues
 
 
 def now() -> int:
@@ -54,26 +58,33 @@ def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
 def create_job(db: Database, model_registry, file_store, trainer, *, model: str, training_file: str,
                validation_file: str | None = None, hyperparameters: dict[str, Any] | None = None,
                suffix: str | None = None, seed: int | None = None, metadata: dict[str, str] | None = None,
-               trigger: str = "api", deploy: str = "always", owner: Owner = DEFAULT_OWNER) -> FineTuningJob:
+               trigger: str = "api", deploy: str = "always", owner: Owner = DEFAULT_OWNER,
+               method: str = "supervised") -> FineTuningJob:
     """Check everything a job needs, record it (``queued``, ``owner``'s: its files and datasets are the ones
     it may train on) and copy its data into the job dir. The resources say which models exist
     (``model_registry``), where jobs live (``file_store``) and what the trainer accepts (``trainer``: minimum
     examples, largest LoRA rank, GPUs)."""
     if deploy not in DEPLOY_GATES:
         raise FineTuningError(f"deploy must be one of {', '.join(DEPLOY_GATES)}", "deploy", "invalid_value")
+    if method not in METHODS:
+        raise FineTuningError(f"method.type must be one of {', '.join(METHODS)}, got {method!r}", "method.type",
+                              "invalid_value")
     spec = model_registry.lookup(model, project=owner.project_id)
     if spec.task != GENERATE:  # the trainer is supervised fine-tuning of a language model
         kind = "an embedding model" if spec.task == EMBED else "a cross-encoder"
         raise FineTuningError(f"{model} is {kind}; only text-generation models can be fine-tuned",
                               "model", "invalid_model")
+    starting = None
     if spec.adapter:
-        raise FineTuningError(f"{model} is itself a fine-tune; fine-tune its base model {spec.parent} instead",
-                              "model", "invalid_model")
+        if method != "dpo":
+            raise FineTuningError(f"{model} is itself a fine-tune; fine-tune its base model {spec.parent} instead "
+                                  "(a DPO job can continue a fine-tune)", "model", "invalid_model")
+        starting, spec = spec, model_registry.lookup(spec.parent, project=owner.project_id)
     if suffix is not None and not SUFFIX.match(suffix):
         raise FineTuningError("suffix takes 1 to 64 letters, digits, '-', '_' or '.'", "suffix", "invalid_value")
     if metadata and (len(metadata) > 16 or any(len(k) > 64 or len(str(v)) > 512 for k, v in metadata.items())):
         raise FineTuningError("metadata takes at most 16 pairs (keys ≤64, values ≤512 characters)", "metadata")
-    hp = parse_hyperparameters(hyperparameters)
+    hp = parse_hyperparameters(hyperparameters, method)
     if hp.lora_rank > trainer.max_lora_rank:
         raise FineTuningError(f"lora_rank {hp.lora_rank} exceeds the engine's maximum LoRA rank "
                               f"{trainer.max_lora_rank} (VBATCH_MAX_LORA_RANK)", "hyperparameters.lora_rank",
@@ -82,19 +93,25 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
         raise FineTuningError("qlora (4-bit base weights) needs a CUDA GPU; this machine has none: use LoRA",
                               "hyperparameters.qlora", "invalid_value")
     sources = training_sources(db, training_file, validation_file, minimum=trainer.min_training_examples,
-                               project_id=owner.project_id)
+                               project_id=owner.project_id, method=method)
     resolved = hp.resolved(sources["train_examples"], model_max_length(spec.path))
     job_id = new_job_id()
     directory = file_store.fine_tune_dir(job_id)
     (directory / "data").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(sources["train_path"], directory / "data" / "train.jsonl")
+    copy_training_data(sources["train_path"], directory / "data" / "train.jsonl", sources["convert"])
     if sources["eval_path"] is not None:
-        shutil.copyfile(sources["eval_path"], directory / "data" / "eval.jsonl")
+        copy_training_data(sources["eval_path"], directory / "data" / "eval.jsonl", sources["convert"])
+    if starting is not None:  # its own copy: the fine-tune it continues may be undeployed or removed meanwhile
+        shutil.copytree(starting.adapter, directory / "data" / INITIAL_ADAPTER, dirs_exist_ok=True)
+        config = json.loads((directory / "data" / INITIAL_ADAPTER / "adapter_config.json").read_text())
+        resolved.update(lora_rank=config["r"], lora_alpha=config.get("lora_alpha") or 2 * config["r"])
     job = FineTuningJob(
         id=job_id, model=spec.id, status="queued", training_file=training_file, validation_file=validation_file,
         dataset_version=sources["dataset_version"], hyperparameters=resolved, suffix=suffix,
         seed=seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big") % 2**31,
         metadata_=metadata or None, trigger=trigger, deploy=deploy, result_files=[], created_at=now(),
+        method={"type": method} if method != "supervised" else None,
+        starting_model=starting.id if starting is not None else None,
         output_dir=str(directory),
         metrics={"train_examples": sources["train_examples"], "eval_examples": sources["eval_examples"]},
         **owner.columns(),

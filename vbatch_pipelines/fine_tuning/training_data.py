@@ -1,5 +1,7 @@
-"""Training data checked before a fine-tuning job is queued: an uploaded OpenAI chat file (refused with the
-first problems by line number) or a gold-star dataset version (with its own eval split)."""
+"""Training data checked before a fine-tuning job is queued: an uploaded file (OpenAI's chat format for supervised
+jobs, its preference format for DPO; refused with the first problems by line number) or a dataset version of the
+method's kind (gold stars for supervised, preference pairs for DPO; each with its own eval split). A DPO job's
+data is written in TRL's preference format, which the trainer reads."""
 
 from __future__ import annotations
 
@@ -9,21 +11,26 @@ from typing import Any
 
 from vbatch_pipelines.fine_tuning import FineTuningError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import Dataset, File, of_project
+from vbatch_pipelines.store.models import PREFERENCE, SFT, Dataset, File, of_project
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_REPORTED_ERRORS = 10
 
 
-def check_training_lines(path: Path, *, param: str, minimum: int) -> int:
-    """Count the examples in an OpenAI chat fine-tuning file, or raise with the first problems by line."""
+KIND_OF_METHOD = {"supervised": SFT, "dpo": PREFERENCE}
+
+
+def check_training_lines(path: Path, *, param: str, minimum: int, method: str = "supervised") -> int:
+    """Count the examples in a fine-tuning file of ``method``'s format, or raise with the first problems by line."""
+    from vbatch_pipelines.curation.preferences import parse_line
+
     problems: list[str] = []
     examples = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            problem = _line_problem(raw)
+            problem = parse_line(raw)[1] if method == "dpo" else _line_problem(raw)
             if problem:
                 problems.append(f"line {number}: {problem}")
                 if len(problems) >= MAX_REPORTED_ERRORS:
@@ -71,16 +78,22 @@ def _file(db: Database, file_id: str, param: str, project_id: str) -> File:
 
 
 def training_sources(db: Database, training_file: str, validation_file: str | None, *,
-                     minimum: int, project_id: str) -> dict[str, Any]:
-    """Where the job's train and eval examples come from (files and datasets of ``project_id``), checked;
-    raises FineTuningError."""
+                     minimum: int, project_id: str, method: str = "supervised") -> dict[str, Any]:
+    """Where the job's train and eval examples come from (files and datasets of ``project_id``), checked for
+    ``method``; raises FineTuningError."""
     dataset = db.get(Dataset, training_file) if not training_file.startswith("file-") else None
     dataset = of_project(dataset, project_id)  # another project's is none of this one's
     if dataset is not None and dataset.status != "ready":  # a build still writing it
         dataset = None
     if dataset is not None:
+        wanted = KIND_OF_METHOD[method]
+        if dataset.kind != wanted:
+            other = next(m for m, kind in KIND_OF_METHOD.items() if kind == dataset.kind)
+            raise FineTuningError(f"Dataset {dataset.version} is a {dataset.kind} dataset; a {method} job trains on "
+                                  f"a {wanted} dataset (use method {{\"type\": \"{other}\"}} for this one)",
+                                  "training_file", "invalid_training_file")
         if validation_file:
-            raise FineTuningError("A gold-star dataset brings its own eval split; leave validation_file out",
+            raise FineTuningError("A dataset version brings its own eval split; leave validation_file out",
                                   "validation_file")
         if dataset.train_examples < minimum:
             raise FineTuningError(
@@ -88,19 +101,37 @@ def training_sources(db: Database, training_file: str, validation_file: str | No
                 f"{minimum} are required (VBATCH_MIN_TRAINING_EXAMPLES)",
                 "training_file", "insufficient_examples")
         directory = Path(dataset.path)
-        return {"dataset_version": dataset.version, "train_path": directory / "train.openai.jsonl",
-                "eval_path": directory / "eval.openai.jsonl" if dataset.eval_examples else None,
-                "train_examples": dataset.train_examples, "eval_examples": dataset.eval_examples}
+        fmt = "trl" if method == "dpo" else "openai"
+        return {"dataset_version": dataset.version, "train_path": directory / f"train.{fmt}.jsonl",
+                "eval_path": directory / f"eval.{fmt}.jsonl" if dataset.eval_examples else None,
+                "train_examples": dataset.train_examples, "eval_examples": dataset.eval_examples, "convert": False}
     train = _file(db, training_file, "training_file", project_id)
-    train_examples = check_training_lines(Path(train.path), param="training_file",
-                                          minimum=minimum)
+    train_examples = check_training_lines(Path(train.path), param="training_file", minimum=minimum, method=method)
     eval_path, eval_examples = None, 0
     if validation_file:
         validation = _file(db, validation_file, "validation_file", project_id)
-        eval_examples = check_training_lines(Path(validation.path), param="validation_file", minimum=0)
+        eval_examples = check_training_lines(Path(validation.path), param="validation_file", minimum=0,
+                                             method=method)
         eval_path = Path(validation.path)
     return {"dataset_version": None, "train_path": Path(train.path), "eval_path": eval_path,
-            "train_examples": train_examples, "eval_examples": eval_examples}
+            "train_examples": train_examples, "eval_examples": eval_examples, "convert": method == "dpo"}
+
+
+def copy_training_data(source: Path, target: Path, convert: bool) -> None:
+    """The job's own copy of its data; an uploaded preference file (checked already) becomes TRL's format."""
+    import shutil
+
+    if not convert:
+        shutil.copyfile(source, target)
+        return
+    from vbatch_pipelines.curation.preferences import parse_line, trl_line
+
+    with open(source, "rb") as lines, open(target, "w", encoding="utf-8") as out:
+        for raw in lines:
+            if raw.strip():
+                pair = parse_line(raw)[0]
+                out.write(json.dumps(trl_line(pair["prompt"], pair["chosen"], pair["rejected"]),
+                                     ensure_ascii=False) + "\n")
 
 
 def model_max_length(path: str) -> int | None:

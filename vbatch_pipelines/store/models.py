@@ -29,6 +29,8 @@ class Base(DeclarativeBase):
 
 
 DEFAULT_PROJECT = "proj_default"
+SFT, PREFERENCE = "sft", "preference"  # the two kinds of dataset, and the fine-tuning methods that train on them
+DATASET_KINDS = (SFT, PREFERENCE)
 
 
 @dataclass(frozen=True)
@@ -224,15 +226,19 @@ class Dataset(Owned, Base):
     counts: Mapped[dict] = mapped_column(JSON)
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")  # building | ready
+    # sft: gold-star chat examples | preference: chosen/rejected pairs (examples counts pairs)
+    kind: Mapped[str] = mapped_column(String(16), default=SFT, server_default=SFT, index=True)
 
     def to_api(self) -> dict[str, Any]:
-        return {"id": self.version, "object": "dataset", "version": self.version, "created_at": self.created_at,
-                "examples": self.examples, "train_examples": self.train_examples,
+        return {"id": self.version, "object": "dataset", "version": self.version, "kind": self.kind,
+                "created_at": self.created_at, "examples": self.examples, "train_examples": self.train_examples,
                 "eval_examples": self.eval_examples, "fingerprint": self.fingerprint, "counts": self.counts,
-                "formats": list(EXPORT_FORMATS), **self.ownership()}
+                "formats": list(EXPORT_FORMATS[self.kind]), **self.ownership()}
 
 
-EXPORT_FORMATS = ("openai", "chatml", "alpaca", "sharegpt")
+# What a dataset of each kind is exported as: chat examples four ways; preference pairs in OpenAI's preference
+# fine-tuning format (input.messages, preferred_output, non_preferred_output) and TRL's (prompt, chosen, rejected).
+EXPORT_FORMATS = {SFT: ("openai", "chatml", "alpaca", "sharegpt"), PREFERENCE: ("openai", "trl")}
 
 
 FINE_TUNING_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
@@ -270,6 +276,12 @@ class FineTuningJob(Owned, Base):
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    method: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"type": "dpo", ...}; None: supervised
+    starting_model: Mapped[str | None] = mapped_column(String(512), nullable=True)  # the ft: model it continues
+
+    @property
+    def method_type(self) -> str:
+        return (self.method or {}).get("type", "supervised")
 
     @property
     def deployed(self) -> bool:
@@ -281,7 +293,7 @@ class FineTuningJob(Owned, Base):
         openai_hp = {"n_epochs": hp.get("n_epochs"), "batch_size": hp.get("batch_size"),
                      "learning_rate_multiplier": hp.get("learning_rate_multiplier")}
         return {
-            "id": self.id, "object": "fine_tuning.job", "model": self.model,
+            "id": self.id, "object": "fine_tuning.job", "model": self.starting_model or self.model,
             "fine_tuned_model": self.fine_tuned_model, "organization_id": "vbatch", "status": self.status,
             **self.ownership(),
             "training_file": self.training_file, "validation_file": self.validation_file,
@@ -289,11 +301,12 @@ class FineTuningJob(Owned, Base):
             "trained_tokens": self.trained_tokens, "error": self.error, "created_at": self.created_at,
             "finished_at": self.finished_at, "estimated_finish": self.estimated_finish, "seed": self.seed,
             "suffix": self.suffix, "metadata": self.metadata_, "integrations": [],
-            "method": {"type": "supervised", "supervised": {"hyperparameters": openai_hp}},
+            "method": {"type": self.method_type, self.method_type: {"hyperparameters": {
+                **openai_hp, **({"beta": hp.get("beta")} if self.method_type == "dpo" else {})}}},
             # vbatch's own: the full recipe and where the job came from
             "vbatch": {"hyperparameters": hp, "dataset_version": self.dataset_version, "trigger": self.trigger,
                        "deploy": self.deploy, "deployment": self.deployment, "metrics": self.metrics,
-                       "dagster_run_id": self.dagster_run_id},
+                       "dagster_run_id": self.dagster_run_id, "base_model": self.model},
         }
 
 
