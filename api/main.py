@@ -18,7 +18,7 @@ from api.deps import EnginePool, caller_role, keys_required
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard
 from api.probes import BackgroundProbe, FixedState, http_check
-from api.routers import batches, completions, curation, files, fine_tuning, metrics, models, organization
+from api.routers import batches, completions, curation, evals, files, fine_tuning, metrics, models, organization
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
 from vbatch_pipelines.launch import BatchLauncher
@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        enabled=lambda: not keys_required(app.state))
 
     for router in (files.router, batches.router, models.router, completions.router, curation.router,
-                   fine_tuning.router, organization.router):
+                   fine_tuning.router, evals.router, organization.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(caller_role)], responses=ERRORS)
     app.include_router(completions.vllm_paths, dependencies=[Depends(caller_role)], responses=ERRORS)
     # Label Studio authenticates its webhooks with a shared secret header, not an API key.

@@ -217,6 +217,49 @@ class FineTuningComparison(BaseModel):
     rows: list[dict[str, Any]]
 
 
+# -- evals ------------------------------------------------------------------------------------------
+
+
+class EvalObject(Owned):
+    """A fixed evaluation set: its items frozen (and fingerprinted) when an admin made it."""
+
+    id: str
+    object: Literal["eval"] = "eval"
+    name: str
+    created_at: int
+    source: dict[str, Any]
+    items: int
+    fingerprint: str
+
+
+class EvalRunObject(Owned):
+    """One model scored on one set (its ``eval_score`` partition)."""
+
+    id: str
+    object: Literal["eval.run"] = "eval.run"
+    eval_id: str
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    created_at: int
+    finished_at: int | None = None
+    scores: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = []
+    batches: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    dagster_run_id: str | None = None
+
+
+class Leaderboard(BaseModel):
+    """vbatch's own: each model's latest completed score on a set, best first."""
+
+    object: Literal["eval.leaderboard"] = "eval.leaderboard"
+    eval_id: str
+    name: str
+    items: int
+    ranked_by: list[str]
+    data: list[dict[str, Any]]
+
+
 # -- curation ---------------------------------------------------------------------------------------
 
 

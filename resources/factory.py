@@ -68,7 +68,8 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
         "retraining_policy": RetrainingPolicy(
             model=settings.retrain_model, hyperparameters=settings.retrain_hyperparameters,
             min_gold_stars=settings.retrain_min_gold_stars, deploy_gate=settings.deploy_gate,
-            gate_metric=settings.gate_metric, judge_model=settings.judge_model),
+            gate_metric=settings.gate_metric, judge_model=settings.judge_model,
+            eval_set=settings.retrain_eval_set),
         "retention_policy": RetentionPolicy(
             file_retention_days=settings.file_retention_days, run_retention_days=settings.run_retention_days,
             log_max_bytes=settings.log_max_bytes, log_backups=settings.log_backups,

@@ -25,5 +25,7 @@ class RetrainingPolicy(ConfigurableResource):
     deploy_gate: DeployGate = Field(default="no_worse", description="whether retrains deploy (VBATCH_DEPLOY_GATE)")
     gate_metric: GateMetric = Field(default="normalized_match", description="what no_worse compares "
                                                                             "(VBATCH_GATE_METRIC)")
+    eval_set: str | None = Field(default=None, description="a fixed eval set (eval_...) retrains are compared on "
+                                                           "instead of each job's own split (VBATCH_RETRAIN_EVAL_SET)")
     judge_model: str | None = Field(default=None, description="an LLM judge for model_comparison "
                                                               "(VBATCH_JUDGE_MODEL)")

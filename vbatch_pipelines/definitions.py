@@ -5,7 +5,7 @@ A setting vbatch cannot use stops the location from loading with a message namin
 from dagster import Definitions
 
 from resources.factory import build_resources
-from vbatch_pipelines.defs import batches, curation, fine_tuning, models, retention, retraining
+from vbatch_pipelines.defs import batches, curation, evals, fine_tuning, models, retention, retraining
 from vbatch_pipelines.settings import load_settings
 
 SETTINGS = load_settings()
@@ -16,6 +16,7 @@ DOMAINS = [
     curation.defs,
     models.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
     fine_tuning.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
+    evals.defs,
     retraining.build_defs(RESOURCES["retraining_policy"], SETTINGS.database_url, SETTINGS.retrain_cron),
     retention.build_defs(SETTINGS.retention_cron),
 ]

@@ -18,12 +18,14 @@ from vbatch_pipelines.dagster_api import DagsterUnreachable, graphql
 from vbatch_pipelines.names import (
     BATCH_JOB,
     BATCH_LAUNCH_LOCK,
+    EVAL_SCORE_JOB,
     FINE_TUNING_JOB,
     INSTALL_MODEL_JOB,
     LOCATION_NAME,
     MAX_BATCHES_PER_RUN,
     REPOSITORY_NAME,
     batch_run_tags,
+    eval_run_tags,
     fine_tuning_run_tags,
     install_run_tags,
 )
@@ -242,6 +244,19 @@ def launch_fine_tune(db: Database, job_id: str, dagster_url: str, *, timeout: fl
                               fine_tuning_run_tags(job_id), timeout=timeout)
     update_job(db, job_id, dagster_run_id=run_id)
     return run_id
+
+
+def launch_eval_run(db: Database, run_id: str, eval_id: str, model: str, dagster_url: str, *,
+                    timeout: float = 10.0) -> str:
+    """Launch the (set, model) partition's run for a recorded eval run and record its Dagster run id."""
+    from vbatch_pipelines.evals import update_run
+    from vbatch_pipelines.partitions import eval_model_partitions, eval_set_partitions
+
+    add_partitions(eval_set_partitions.name, [eval_id])
+    add_partitions(eval_model_partitions.name, [model])
+    dagster_run_id = launch_run(dagster_url, EVAL_SCORE_JOB, eval_run_tags(run_id, eval_id, model), timeout=timeout)
+    update_run(db, run_id, dagster_run_id=dagster_run_id)
+    return dagster_run_id
 
 
 def launch_install(model_id: str, dagster_url: str, *, timeout: float = 10.0) -> str:

@@ -54,6 +54,11 @@ class StoreLayout:
         return self.shared / "datasets"
 
     @property
+    def evals_dir(self) -> Path:
+        """Frozen evaluation sets, one directory each."""
+        return self.shared / "evals"
+
+    @property
     def fine_tunes_dir(self) -> Path:
         return self.shared / "fine_tunes"
 

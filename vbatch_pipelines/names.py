@@ -12,6 +12,7 @@ GOLD_STAR_DATASET_JOB = "gold_star_dataset_job"
 FINE_TUNING_JOB = "fine_tuning_job"
 INSTALL_MODEL_JOB = "installed_model_job"
 RETRAINING_JOB = "retraining_job"
+EVAL_SCORE_JOB = "eval_score_job"
 
 PARTITION_TAG = "dagster/partition"  # Dagster's own
 PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"  # Dagster's own
@@ -23,6 +24,7 @@ BATCH_COUNT_TAG = "vbatch/batches"
 RESCUE_TAG = "vbatch/rescue_of"  # a run the settle sensor launched for a batch its runs left unfinished
 FINE_TUNING_JOB_TAG = "vbatch/fine_tuning_job_id"
 MODEL_ID_TAG = "vbatch/model_id"
+EVAL_RUN_TAG = "vbatch/eval_run_id"
 CURATION_SEQ_TAG = "vbatch/curation_seq"
 PROJECT_TAG = "vbatch/project"  # the vbatch project a run works for (a dataset build, a retrain)
 TRIGGER_TAG = "vbatch/trigger"
@@ -51,6 +53,12 @@ def batch_run_tags(batch_ids: list[str]) -> dict[str, str]:
 
 def fine_tuning_run_tags(job_id: str) -> dict[str, str]:
     return {PARTITION_TAG: job_id, FINE_TUNING_JOB_TAG: job_id}
+
+
+def eval_run_tags(run_id: str, eval_id: str, model: str) -> dict[str, str]:
+    """A (set, model) partition's run: Dagster's multi-partition tags, each dimension's too."""
+    return {PARTITION_TAG: f"{eval_id}|{model}", f"{PARTITION_TAG}/eval_set": eval_id,
+            f"{PARTITION_TAG}/model": model, EVAL_RUN_TAG: run_id}
 
 
 def install_run_tags(model_id: str) -> dict[str, str]:

@@ -152,6 +152,7 @@ class Settings:
     judge_model: str | None  # an LLM judge for model_comparison (None: no judge)
     dagster_home: Path  # DAGSTER_HOME, default $VBATCH_HOME/dagster
     aris_database_url: str | None = None  # Aristotle's PostgreSQL: the Aris extension is on when set
+    retrain_eval_set: str | None = None  # a fixed eval set retrains are compared on (None: each job's own split)
     store: Path | None = None  # VBATCH_STORE: files every node shares (None: the home)
     broker_url: str | None = None  # VBATCH_BROKER_URL: cluster mode's Celery broker (redis://...)
     cluster_gpus: int = 1  # VBATCH_CLUSTER_GPUS: cluster mode's `gpu` pool limit, the GPUs of all nodes together
@@ -314,6 +315,7 @@ def load_settings() -> Settings:
         deploy_gate=_choice("VBATCH_DEPLOY_GATE", "no_worse", DeployGate),
         gate_metric=_choice("VBATCH_GATE_METRIC", "normalized_match", GateMetric),
         judge_model=_env("VBATCH_JUDGE_MODEL"),
+        retrain_eval_set=_env("VBATCH_RETRAIN_EVAL_SET"),
         dagster_home=Path(_env("DAGSTER_HOME") or layout.dagster_dir),
         aris_database_url=_postgres_url("VBATCH_ARIS_DATABASE_URL"),
         store=store,

@@ -70,3 +70,21 @@ def start_fine_tune(db: Database, model_registry, file_store, trainer, dagster_u
         # Recorded and queued: fine_tuning_sensor launches it once Dagster is back.
         log.warning("fine-tuning job %s recorded, launch deferred to the sensor: %s", created.id, exc)
     return get_job(db, created.id) or created
+
+
+def start_eval_run(db: Database, model_registry, dagster_url: str, eval_id: str, model: str, *,
+                   owner: Owner = DEFAULT_OWNER):
+    """Record a model's scoring on an eval set (the owner's project's set and a model it can use), then launch its
+    (set, model) run; the eval sensor launches it when Dagster cannot be reached now."""
+    from vbatch_pipelines import evals
+    from vbatch_pipelines.launch import launch_eval_run
+    from vbatch_pipelines.store.models import EvalRun
+
+    record = evals.get_eval_set(db, eval_id, owner.project_id)
+    spec = model_registry.lookup(model, project=owner.project_id)  # a model this project cannot use: a 404
+    run = evals.record_run(db, record, spec.id, owner)
+    try:
+        launch_eval_run(db, run.id, record.id, spec.id, dagster_url, timeout=5)
+    except DagsterUnreachable as exc:
+        log.warning("eval run %s recorded, launch deferred to the sensor: %s", run.id, exc)
+    return db.get(EvalRun, run.id)

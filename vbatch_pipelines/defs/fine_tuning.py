@@ -35,6 +35,7 @@ from resources import (
     RetrainingPolicy,
 )
 from resources.trainer import Trainer, TrainingCancelled
+from vbatch_pipelines import evals
 from vbatch_pipelines.batch.execute import run_lines
 from vbatch_pipelines.defs.curation import gold_star_dataset, preference_dataset
 from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
@@ -201,6 +202,13 @@ def fine_tuned_checkpoint(context: AssetExecutionContext, metadata_db: MetadataD
     })
 
 
+def fixed_eval_set(db, retraining_policy, job):
+    """The fixed eval set a retrain (scheduled or automated, not an API job) is compared on, when one is set."""
+    if not retraining_policy.eval_set or job.trigger == "api":
+        return None
+    return evals.get_eval_set(db, retraining_policy.eval_set, job.project_id)
+
+
 def starting_spec(model_registry, file_store, job):
     """What a job's fine-tune is compared with: its base model, or the fine-tune a DPO job continued (as served,
     or from the job's own copy of its adapter when it is no longer registered)."""
@@ -228,8 +236,13 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
     job = _job_or_fail(db, job_id)
     judge_model = retraining_policy.judge_model
     with gpu_to_itself(context), _failing_job(db, job_id, "comparison_failed"):
+        fixed = fixed_eval_set(db, retraining_policy, job)
         eval_path = file_store.fine_tune_dir(job_id) / "data" / "eval.jsonl"
-        items = compare.eval_items(eval_path) if eval_path.exists() else []
+        if fixed is not None:  # a retrain compared on the same questions as every retrain before it
+            items = evals.eval_set_items(fixed)
+            context.log.info(f"Comparing on the fixed eval set {fixed.name} ({fixed.id}, {len(items)} items)")
+        else:
+            items = compare.eval_items(eval_path) if eval_path.exists() else []
         if not items:
             update_job(db, job_id, comparison={"examples": 0, "base": {}, "fine_tuned": {}, "rows": []})
             add_event(db, job_id, "No held-out eval examples: comparison skipped")
@@ -245,7 +258,7 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
                 compare.request_lines(items, spec.id, max_tokens), spec,
                 metadata={"fine_tuning_job": job_id, "comparison": label}, log=context.log.info,
                 run_id=context.run_id, owner=Owner.of(job))
-        summary = {"examples": len(items), "judge_model": judge_model,
+        summary = {"examples": len(items), "judge_model": judge_model, "eval_set": fixed.id if fixed else None,
                    "base_model": base.id, "fine_tuned_model": name, "batches": batches,
                    "base": compare.score(items, answers["base"]),
                    "fine_tuned": compare.score(items, answers["fine_tuned"]),
@@ -266,6 +279,12 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
             summary["base"]["preference_accuracy"] = accuracy["base"]
             summary["fine_tuned"]["preference_accuracy"] = accuracy["fine_tuned"]
         update_job(db, job_id, comparison=summary)
+        if fixed is not None:  # both models' scores on the set: they join its leaderboard
+            for label, model in (("base", base.id), ("fine_tuned", name)):
+                run = evals.record_run(db, fixed, model, Owner.of(job))
+                evals.update_run(db, run.id, status="completed", finished_at=now(), dagster_run_id=context.run_id,
+                                 scores={"examples": len(items), **summary[label]},
+                                 batches={"answers": batches[label]})
         add_event(db, job_id, "Compared with the base model on {n} held-out examples: normalized match "
                               "{b} → {t}".format(n=len(items), b=summary["base"]["normalized_match"],
                                                  t=summary["fine_tuned"]["normalized_match"]),

@@ -241,6 +241,52 @@ class Dataset(Owned, Base):
 EXPORT_FORMATS = {SFT: ("openai", "chatml", "alpaca", "sharegpt"), PREFERENCE: ("openai", "trl")}
 
 
+class EvalSet(Owned, Base):
+    """A fixed evaluation set: prompts with gold answers, frozen when an admin made it (its items never change, so
+    every model scored on it is scored on the same questions)."""
+
+    __tablename__ = "eval_sets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    source: Mapped[dict] = mapped_column(JSON)  # {"type": "dataset", "version": ...} | {"type": "file", ...}
+    items: Mapped[int] = mapped_column(Integer)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # items.jsonl: {"messages": [...prompt], "gold": ..., "rejected"?}
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "eval", "name": self.name, "created_at": self.created_at,
+                "source": self.source, "items": self.items, "fingerprint": self.fingerprint, **self.ownership()}
+
+
+EVAL_RUN_STATUSES = ("queued", "in_progress", "completed", "failed")
+
+
+class EvalRun(Owned, Base):
+    """One model scored on one eval set (its Dagster partition: the set and the model)."""
+
+    __tablename__ = "eval_runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    eval_id: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    scores: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    rows: Mapped[list | None] = mapped_column(JSON, nullable=True)  # a sample: prompt, gold, answer, match
+    batches: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the batches that asked the engine
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "eval.run", "eval_id": self.eval_id, "model": self.model,
+                "status": self.status, "created_at": self.created_at, "finished_at": self.finished_at,
+                "scores": self.scores, "rows": self.rows or [], "batches": self.batches, "error": self.error,
+                "dagster_run_id": self.dagster_run_id, **self.ownership()}
+
+
 FINE_TUNING_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_FINE_TUNING_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
