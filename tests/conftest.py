@@ -214,13 +214,13 @@ def openai_error(response, status: int, code: str | None = None, param: str | No
 
 
 def build_gold_star_dataset(resources: dict, instance=None):
-    """Materialize gold_star_dataset with its checks, as its job does."""
+    """Materialize the dataset job's assets (gold stars, preference pairs) with their checks, as the job does."""
     from dagster import DagsterInstance, materialize
 
-    from vbatch_pipelines.defs.curation import DATASET_CHECKS, gold_star_dataset
+    from vbatch_pipelines.defs.curation import DATASET_CHECKS, gold_star_dataset, preference_dataset
 
-    return materialize([gold_star_dataset, *DATASET_CHECKS], resources=resources,
-                       instance=instance or DagsterInstance.ephemeral(), selection=[gold_star_dataset.key])
+    return materialize([gold_star_dataset, preference_dataset, *DATASET_CHECKS], resources=resources,
+                       instance=instance or DagsterInstance.ephemeral())
 
 
 def replaced(resource, **changes):

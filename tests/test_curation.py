@@ -118,6 +118,17 @@ def test_results_reviews_and_gold_star_versions(curation):
     assert model_answer["response"]["body"]["choices"][0]["message"]["content"] in answers
     assert not _requested(curation.tick())  # nothing new since that version
 
+    # The same run built the preference pairs: the expert's edit over the model's answer it replaced.
+    from vbatch_pipelines.curation.service import latest_dataset
+    from vbatch_pipelines.store.models import PREFERENCE
+
+    pairs = latest_dataset(curation.db, kind=PREFERENCE)
+    assert pairs is not None and pairs.examples == 1 and pairs.counts["by_source"] == {"edit": 1}
+    edited_model_answer = next(r for r in curation.results(batch_id)[0] if r["custom_id"] == "cur-0")
+    (pair,) = curation.export(pairs.version, "train", "trl") + curation.export(pairs.version, "eval", "trl")
+    assert pair["chosen"] == [{"role": "assistant", "content": "An expert's better answer."}]
+    assert pair["rejected"][0]["content"] == edited_model_answer["response"]["body"]["choices"][0]["message"]["content"]
+
     # Unmark the edited one: the next version drops it.
     annotation = curation.client.tasks.get(str(edited)).annotations[0]
     curation.client.annotations.update(annotation["id"] if isinstance(annotation, dict) else annotation.id,

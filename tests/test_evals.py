@@ -145,6 +145,7 @@ def test_a_leaderboard_over_the_base_model_and_two_fine_tunes(platform, monkeypa
         listing = client.get("/ui/evals").text
         assert f'href="/ui/evals/{record.id}"' in listing and "capitals" in listing
         page = client.get(f"/ui/evals/{record.id}").text
+        assert "6 frozen items" in page and '<td class="num">6</td>' in listing
         shown = [line.split('class="model">', 1)[1].split("<", 1)[0] for line in page.splitlines()
                  if 'class="model">' in line]
         assert shown == [row["model"] for row in api["data"]]
