@@ -110,6 +110,7 @@ def test_a_leaderboard_over_the_base_model_and_two_fine_tunes(platform, monkeypa
                      hyperparameters={**FAST, "n_epochs": epochs})
         assert run_job(platform, job.id).success
         tuned[suffix] = get_job(platform.db, job.id).fine_tuned_model
+    platform.configure("retraining_policy", judge_model=TINY_MODEL_ID)  # the tiny model judges (its verdicts are noise)
     for model in (TINY_MODEL_ID, tuned["weak"], tuned["strong"]):
         result = score(platform, record.id, model)
         assert result.success
@@ -122,6 +123,7 @@ def test_a_leaderboard_over_the_base_model_and_two_fine_tunes(platform, monkeypa
     assert board[0]["normalized_match"] == 1.0 and board[-1]["normalized_match"] == 0.0, [
         (run.model, run.rows[:2]) for run in evals.runs_of(platform.db, record.id)]
     assert all(row["examples"] == 6 for row in board)
+    assert all(sum(row["judge_verdicts"].values()) == 12 for row in board), "each answer judged in both orders"
     print("\nleaderboard: " + ", ".join(f"{row['model']} {row['normalized_match']}" for row in board))
 
     # Scored again: the leaderboard keeps each model's latest score, once.

@@ -95,6 +95,27 @@ def test_pairs_come_from_edits_beyond_whitespace_and_from_ratings(platform):
     assert sorted(t["chosen"][0]["content"] for t in trl) == ["A river is vast and gentle.", "The sky is gentle and vast."]
     assert all(set(t) == {"prompt", "chosen", "rejected"} and t["prompt"][-1]["role"] == "user" for t in trl)
 
+    # The API lists both kinds, one kind on request, and serves a preference version's exports.
+    import dataclasses
+
+    from api.main import create_app
+    from tests.conftest import api_client
+    from vbatch_pipelines.settings import load_settings
+
+    with api_client(create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9"))) as client:
+        listed = client.get("/v1/datasets").json()["data"]
+        assert {(d["version"], d["kind"]) for d in listed} == {(version.version, "preference"),
+                                                               (latest_dataset(platform.db, kind=SFT).version, "sft")}
+        only = client.get("/v1/datasets", params={"kind": "preference"}).json()["data"]
+        assert [d["version"] for d in only] == [version.version] and only[0]["formats"] == ["openai", "trl"]
+        assert client.get("/v1/datasets", params={"kind": "dpo"}).json()["error"]["param"] == "kind"
+        split = "train" if version.train_examples else "eval"
+        download = client.get(f"/v1/datasets/{version.version}/export", params={"format": "trl", "split": split})
+        assert download.status_code == 200 and set(json.loads(download.text.splitlines()[0])) == {
+            "prompt", "chosen", "rejected"}
+        wrong = client.get(f"/v1/datasets/{version.version}/export", params={"format": "alpaca", "split": split})
+        assert wrong.status_code == 400 and "for a preference dataset" in wrong.json()["error"]["message"]
+
     # Nothing changed: no new version. A later review reversing a preference replaces the earlier pair.
     assert pairs_in(build(platform))["new_version"].value is False
     assert latest_dataset(platform.db, kind=PREFERENCE).version == version.version
