@@ -27,7 +27,7 @@ RELEASE, NAMESPACE = "dagster", "vbatch"  # the Helm release and namespace the R
 CHART_INSTANCE_CONFIGMAP = f"{RELEASE}-instance"  # the Dagster instance config Dagster's chart writes
 # The oldest Kubernetes still commonly run by managed clusters, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
-GPU_JOBS = {"fine_tuning_job", "installed_model_job"}
+GPU_JOBS = {"fine_tuning_job", "installed_model_job", "eval_score_job"}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 
@@ -378,7 +378,8 @@ def print_run_jobs() -> None:
     image = "{repository}:{tag}".format(**values["dagster-user-deployments"]["deployments"][0]["image"])
     tags_for = {names.FINE_TUNING_JOB: names.fine_tuning_run_tags("ftjob-k8s"),
                 names.INSTALL_MODEL_JOB: names.install_run_tags("vbatch-tiny-chat"),
-                names.BATCH_JOB: names.batch_run_tags(["batch_k8s"])}
+                names.BATCH_JOB: names.batch_run_tags(["batch_k8s"]),
+                names.EVAL_SCORE_JOB: names.eval_run_tags("evalrun_k8s", "eval_k8s", "vbatch-tiny-chat")}
     sent, out = _JobsSent(), {}
     with tempfile.TemporaryDirectory() as tmp, DagsterInstance.local_temp(tmp) as instance:
         (Path(tmp) / "kubeconfig").write_text(KUBECONFIG)

@@ -286,6 +286,11 @@ def test_dpo_on_expert_edits_raises_preference_accuracy_and_moves_answers_to_the
           f"{comparison['base']['closer_to_chosen']} -> {comparison['fine_tuned']['closer_to_chosen']}; rejected "
           f"match {comparison['base']['rejected_match']} -> {comparison['fine_tuned']['rejected_match']}")
     assert done.deployed and done.fine_tuned_model in platform.registry.served_models()
+    from vbatch_pipelines.fine_tuning.service import list_checkpoints
+
+    checkpoints, _ = list_checkpoints(platform.db, job.id, after=None, limit=100)
+    assert len(checkpoints) == 5, "an adapter per epoch, as a supervised job saves"
+    assert all(not (Path(c.path) / "ref").exists() for c in checkpoints), "the reference copy is not saved"
 
     # Continue that fine-tune: its adapter trained further, compared with it, one adapter on the same base.
     more = create(platform, training_file=pairs.version, method="dpo", suffix="dpo2", seed=3,
@@ -302,3 +307,6 @@ def test_dpo_on_expert_edits_raises_preference_accuracy_and_moves_answers_to_the
     print(f"continued with sft_weight 1: chosen answers matched {comparison['fine_tuned']['normalized_match']} -> "
           f"{second.comparison['fine_tuned']['normalized_match']}")
     assert platform.registry.served_models()[second.fine_tuned_model].parent == TINY_MODEL_ID
+    adapter = Path(second.metrics["adapter_dir"])
+    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "ref").exists(), \
+        "one adapter on the base: the frozen reference copy is not part of it"

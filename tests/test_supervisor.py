@@ -113,9 +113,19 @@ def test_a_stale_record_stops_only_processes_that_are_provably_ours(tmp_path):
 
     ours = subprocess.Popen(["sleep", "300"], start_new_session=True)
     stranger = subprocess.Popen(["sleep", "301"], start_new_session=True)
+
+    def identity(pid: int):
+        """Read once the child has exec'd `sleep`: before that (a loaded machine) its command line is this
+        Python's, and the record would describe a process that no longer exists."""
+        deadline = time.monotonic() + 10
+        while (found := process_identity(pid)) is None or found[1][:1] != ["sleep"]:
+            assert time.monotonic() < deadline, f"{pid} never became sleep: {found}"
+            time.sleep(0.01)
+        return found
+
     try:
-        started, argv = process_identity(ours.pid)
-        other_started, other_argv = process_identity(stranger.pid)
+        started, argv = identity(ours.pid)
+        other_started, other_argv = identity(stranger.pid)
         registry = ServiceRegistry(tmp_path / "run")
         registry.write({"pid": 999_999_999, "started": 0}, {
             "api": ServiceRecord("api", ours.pid, started, argv),

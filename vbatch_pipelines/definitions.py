@@ -16,7 +16,7 @@ DOMAINS = [
     curation.defs,
     models.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
     fine_tuning.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
-    evals.defs,
+    evals.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
     retraining.build_defs(RESOURCES["retraining_policy"], SETTINGS.database_url, SETTINGS.retrain_cron),
     retention.build_defs(SETTINGS.retention_cron),
 ]

@@ -26,7 +26,7 @@ from resources import FileStore, InferenceEngine, MetadataDB, ModelRegistry, Ret
 from vbatch_pipelines import evals
 from vbatch_pipelines.batch.execute import run_lines
 from vbatch_pipelines.defs.fine_tuning import deployed_model
-from vbatch_pipelines.defs.gpu import gpu_to_itself
+from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
 from vbatch_pipelines.defs.models import installed_model
 from vbatch_pipelines.defs.runs import LAUNCH_GRACE_S, without_run
 from vbatch_pipelines.fine_tuning import comparison as compare
@@ -108,12 +108,14 @@ def _sample(rows: list[dict]) -> str:
                           [[r["prompt"], r["gold"], r["answer"], "✅" if r["match"] else ""] for r in rows])
 
 
-eval_score_job = define_asset_job(EVAL_SCORE_JOB, selection=[eval_score], partitions_def=eval_partitions,
-                                  executor_def=in_process_executor,
-                                  description="Score one model on one fixed evaluation set.")
+def build_eval_score_job(run_gpus: int):
+    """Scoring in one run (in-process executor): on Kubernetes its pod asks for ``run_gpus`` GPUs."""
+    return define_asset_job(EVAL_SCORE_JOB, selection=[eval_score], partitions_def=eval_partitions,
+                            executor_def=in_process_executor, tags=gpu_run_tags(run_gpus),
+                            description="Score one model on one fixed evaluation set.")
 
 
-@sensor(job=eval_score_job, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
+@sensor(job_name=EVAL_SCORE_JOB, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
 def eval_score_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB):
     """Eval runs recorded without a Dagster run get one (run_key = the eval run's id: at most one)."""
     queued = {run.id: run for run in evals.queued_runs(metadata_db.db, older_than_s=LAUNCH_GRACE_S)}
@@ -130,4 +132,5 @@ def eval_score_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB)
     )
 
 
-defs = Definitions(assets=[eval_score], jobs=[eval_score_job], sensors=[eval_score_sensor])
+def build_defs(run_gpus: int = 0) -> Definitions:
+    return Definitions(assets=[eval_score], jobs=[build_eval_score_job(run_gpus)], sensors=[eval_score_sensor])
