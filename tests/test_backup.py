@@ -626,7 +626,8 @@ def test_a_running_platform_backed_up_and_restored_onto_a_new_home_answers_the_s
             assert api.patch(f"/v1/curation/tasks/{task_id}/response", json={"response": "Paris."}).status_code == 200
             assert api.post(f"/v1/curation/tasks/{task_id}/gold-star").status_code == 200
         deadline = time.monotonic() + 120
-        while not (datasets := api.get("/v1/datasets").json()["data"]) or datasets[0]["examples"] < len(lines):
+        while not (datasets := api.get("/v1/datasets", params={"kind": "sft"}).json()["data"]) \
+                or datasets[0]["examples"] < len(lines):
             assert time.monotonic() < deadline, datasets
             time.sleep(1)  # label_studio_sensor asks for a version (one may come before the last star)
         assert datasets and datasets[0]["examples"] == len(lines), datasets

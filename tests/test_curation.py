@@ -222,7 +222,7 @@ def test_webhook_and_api_write_through(curation, live_api):
     # The tick after these changes requests a dataset; its export is served by the API.
     assert _requested(curation.tick())
     version, _ = curation.build_dataset()
-    listed = httpx.get(f"{live_api}/v1/datasets").json()["data"]
+    listed = httpx.get(f"{live_api}/v1/datasets", params={"kind": "sft"}).json()["data"]
     assert listed[0]["version"] == version
     lines = []
     for split in ("train", "eval"):

@@ -164,14 +164,16 @@ def test_a_retrain_can_be_gated_on_a_fixed_set_instead_of_its_own_split(platform
     held_out = upload(platform, [example(800 + i) for i in range(3)])
     record = evals.create_eval_set(platform.db, platform.file_store.evals_dir, name="fixed",
                                    source={"type": "file", "file_id": held_out.id})
-    platform.configure("retraining_policy", eval_set=record.id)
+    platform.configure("retraining_policy", eval_set=record.id, judge_model=TINY_MODEL_ID)
     job = create(platform, training_file=dataset.version, hyperparameters=FAST, trigger="schedule", deploy="no_worse")
     assert run_job(platform, job.id).success
     done = get_job(platform.db, job.id)
     assert done.comparison["eval_set"] == record.id and done.comparison["examples"] == 3 != dataset.eval_examples
     assert done.deployed, done.deployment
-    assert {row["model"] for row in evals.leaderboard(platform.db, record.id)} == {TINY_MODEL_ID,
-                                                                                  done.fine_tuned_model}
+    board = evals.leaderboard(platform.db, record.id)
+    assert {row["model"] for row in board} == {TINY_MODEL_ID, done.fine_tuned_model}
+    assert "judge_win_rate" in done.comparison["fine_tuned"] and not any("judge_win_rate" in row for row in board), \
+        "the comparison's judge compares the two models, not each with gold: it stays out of the leaderboard"
     # An API job keeps its own split.
     api_job = create(platform, training_file=dataset.version, hyperparameters={**FAST, "n_epochs": 1})
     assert run_job(platform, api_job.id).success

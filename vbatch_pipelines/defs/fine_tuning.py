@@ -279,12 +279,13 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
             summary["base"]["preference_accuracy"] = accuracy["base"]
             summary["fine_tuned"]["preference_accuracy"] = accuracy["fine_tuned"]
         update_job(db, job_id, comparison=summary)
-        if fixed is not None:  # both models' scores on the set: they join its leaderboard
+        if fixed is not None:  # both models' scores on the set join its leaderboard; the judge's verdicts here are
+            # one model against the other, not against gold (eval_score's), so they stay out of it
             for label, model in (("base", base.id), ("fine_tuned", name)):
                 run = evals.record_run(db, fixed, model, Owner.of(job))
+                scores = {k: v for k, v in summary[label].items() if k != "judge_win_rate"}
                 evals.update_run(db, run.id, status="completed", finished_at=now(), dagster_run_id=context.run_id,
-                                 scores={"examples": len(items), **summary[label]},
-                                 batches={"answers": batches[label]})
+                                 scores={"examples": len(items), **scores}, batches={"answers": batches[label]})
         add_event(db, job_id, "Compared with the base model on {n} held-out examples: normalized match "
                               "{b} → {t}".format(n=len(items), b=summary["base"]["normalized_match"],
                                                  t=summary["fine_tuned"]["normalized_match"]),

@@ -124,7 +124,7 @@ def answer_logprob(model, tokenizer, prompt: list[dict], answer: list[dict]) -> 
 
 def preference_accuracy(model, tokenizer, pairs, limit: int = 256) -> float | None:
     """The share of ``pairs`` (TRL rows) whose chosen answer ``model`` finds likelier than the rejected one."""
-    rows = list(pairs)[:limit]
+    rows = [pairs[i] for i in range(min(limit, len(pairs)))]  # the first ``limit``, not the whole split read
     if not rows:
         return None
     was_training = model.training
