@@ -192,3 +192,40 @@ def test_a_model_name_that_cannot_be_a_partition_key_is_refused(platform, model)
         evals.record_run(platform.db, record, model)
     assert refused.value.param == "model"
     assert json.loads(Path(record.path).read_text().splitlines()[0])["gold"] == example(1)["messages"][-1]["content"]
+
+
+def test_the_eval_sensor_launches_recorded_runs_once_each(platform):
+    """What the API recorded while Dagster was unreachable gets a run: its (set, model) partition, tagged with the
+    eval run; a run already launched, or one just recorded (the API's own launch is still coming), gets none."""
+    import time
+
+    from dagster import DagsterInstance, MultiPartitionKey, SensorResult, SkipReason, build_sensor_context
+
+    from vbatch_pipelines import evals
+    from vbatch_pipelines.defs.evals import eval_score_sensor
+    from vbatch_pipelines.names import EVAL_RUN_TAG
+    from vbatch_pipelines.store.models import EvalRun
+
+    platform.db.upgrade()
+    held_out = upload(platform, [example(1)])
+    record = evals.create_eval_set(platform.db, platform.file_store.evals_dir, name="one",
+                                   source={"type": "file", "file_id": held_out.id})
+    waiting = evals.record_run(platform.db, record, TINY_MODEL_ID)
+    fresh = evals.record_run(platform.db, record, "ft:another")
+    with platform.db.session() as session:
+        session.get(EvalRun, waiting.id).created_at = int(time.time()) - 60
+    with DagsterInstance.ephemeral() as instance:
+        context = build_sensor_context(instance=instance, resources={"metadata_db": platform.resources["metadata_db"]})
+        result = eval_score_sensor(context)
+        assert isinstance(result, SensorResult)
+        (request,) = result.run_requests
+        assert request.run_key == waiting.id and request.tags[EVAL_RUN_TAG] == waiting.id
+        assert request.partition_key == MultiPartitionKey({"eval_set": record.id, "model": TINY_MODEL_ID})
+        assert fresh.id not in [r.run_key for r in result.run_requests]
+        from dagster._core.test_utils import create_run_for_test
+
+        # the run the request makes carries the tag: the next tick launches nothing
+
+        create_run_for_test(instance, job_name="eval_score_job", tags={EVAL_RUN_TAG: waiting.id})
+        assert isinstance(eval_score_sensor(build_sensor_context(
+            instance=instance, resources={"metadata_db": platform.resources["metadata_db"]})), SkipReason)
