@@ -54,7 +54,8 @@ def get_or_404(db, model, key: str, kind: str, param: str, project_id: str):
 
 
 def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    """A validation error's field, without FastAPI's leading location (a body field may itself be named path)."""
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in ("body", "query", "path", "header", "form") else loc)]
     return ".".join(parts) or None
 
 
@@ -65,6 +66,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        unknown = [_param(tuple(e["loc"])) for e in exc.errors() if e.get("type") == "extra_forbidden"]
+        if unknown:  # named, all of them: a field a client misspelt is never silently dropped
+            return error_response(OpenAIError(
+                400, f"Unrecognized field{'s' if len(unknown) > 1 else ''} in the request body: {', '.join(unknown)}",
+                param=unknown[0], code="unknown_field"))
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "Invalid request"}
         param = _param(tuple(first.get("loc", ())))
         message = f"{param}: {first['msg']}" if param else first["msg"]

@@ -27,6 +27,13 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class StrictBody(BaseModel):
+    """A request body of one of vbatch's own routes: a field it does not know is refused (400 naming it), never
+    ignored, so an older client's spelling (``is_gold_star``) cannot be taken for a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Owned(BaseModel):
     """vbatch's own fields on a project's object."""
 

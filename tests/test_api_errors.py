@@ -121,3 +121,43 @@ def test_non_ascii_credentials_are_a_401_not_a_500(vbatch_home):
         webhook = client.post("/v1/webhooks/label-studio", json={"action": "ANNOTATION_CREATED"},
                               headers={"X-Vbatch-Webhook-Secret": "é".encode()})
         assert webhook.status_code == 401, webhook.text
+
+
+def test_unknown_fields_on_vbatchs_own_routes_are_refused_naming_them(vbatch_home):
+    """An older client's `{"is_gold_star": false}` used to be ignored, and the default (true) starred the task: a
+    field vbatch's own routes do not know is a 400 naming it, and the task is left as it was."""
+    from dataclasses import replace
+
+    from api.main import create_app
+    from vbatch_pipelines.settings import load_settings
+
+    # curation on (Label Studio is never reached: the body is refused first), Dagster where nothing listens
+    app = create_app(replace(load_settings(), dagster_url="http://127.0.0.1:9", curation=True,
+                             label_studio_url="http://127.0.0.1:9", label_studio_token="t"))
+    with api_client(app) as client:
+        _refuse_unknown_fields(client, app.state.db)
+
+
+def _refuse_unknown_fields(client, db) -> None:
+    from vbatch_pipelines.store.models import CurationTask
+
+    with db.session() as session:
+        session.add(CurationTask(batch_id="batch_x", custom_id="c1", schema="chat_review", model="m",
+                                 messages=[{"role": "user", "content": "q"}], response="a", ls_task_id=77,
+                                 ls_project_id=1, created_at=int(time.time())))
+    refused = client.post("/v1/curation/tasks/77/gold-star", json={"is_gold_star": False})
+    error = openai_error(refused, 400, "unknown_field", "is_gold_star")
+    assert "is_gold_star" in error["message"]
+    with db.session() as session:
+        task = session.query(CurationTask).filter_by(ls_task_id=77).one()
+        assert task.gold_star is False and task.reviewed_at is None, "nothing was recorded"
+    both = client.patch("/v1/curation/tasks/77/response", json={"response": "better", "answer": "x", "stars": 5})
+    assert "answer, stars" in openai_error(both, 400, "unknown_field", "answer")["message"]
+    for method, path, body, field in (
+            ("post", "/v1/models", {"source": "owner/name", "trust_code": True}, "trust_code"),
+            ("post", "/v1/models/ft:x/share", {"shared": True, "everyone": True}, "everyone"),
+            ("post", "/v1/organization/projects", {"name": "p", "colour": "red"}, "colour"),
+            ("post", "/v1/evals", {"name": "e", "source": {"type": "file", "file_id": "file-x", "path": "/etc"}},
+             "source.path")):
+        answer = getattr(client, method)(path, json=body)
+        openai_error(answer, 400, "unknown_field", field)

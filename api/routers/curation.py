@@ -9,11 +9,19 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from api.deps import get_caller, get_db, get_label_studio, get_label_studio_resource, record, same_secret
 from api.errors import OpenAIError, get_or_404, not_found
-from api.schemas import DATASET_DOWNLOAD, CurationStats, CurationTaskObject, DatasetList, DatasetObject, WebhookReceipt
+from api.schemas import (
+    DATASET_DOWNLOAD,
+    CurationStats,
+    CurationTaskObject,
+    DatasetList,
+    DatasetObject,
+    StrictBody,
+    WebhookReceipt,
+)
 from resources import LabelStudio
 from vbatch_pipelines.curation.dataset import export_filename, export_path
 from vbatch_pipelines.curation.schemas import get_schema
@@ -30,11 +38,11 @@ TaskId = Path(ge=1, le=2**31 - 1, description="the Label Studio task id")
 webhooks = APIRouter(tags=["curation"])
 
 
-class GoldStarRequest(BaseModel):
+class GoldStarRequest(StrictBody):
     gold_star: bool = True
 
 
-class EditRequest(BaseModel):
+class EditRequest(StrictBody):
     response: str = Field(min_length=1)
 
 

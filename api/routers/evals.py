@@ -7,11 +7,11 @@ import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from api.deps import get_caller, get_db, get_file_store, get_model_registry, get_settings, record, require_admin
 from api.pagination import paginate
-from api.schemas import EvalObject, EvalRunObject, Leaderboard, Page
+from api.schemas import EvalObject, EvalRunObject, Leaderboard, Page, StrictBody
 from resources import FileStore, ModelRegistry
 from vbatch_pipelines import evals
 from vbatch_pipelines.projects import Caller
@@ -23,21 +23,18 @@ from vbatch_pipelines.submit import start_eval_run
 router = APIRouter(tags=["evals"])
 
 
-class EvalSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EvalSource(StrictBody):
     type: Literal["dataset", "file"]
     version: str | None = Field(default=None, max_length=32, description="a dataset version: its eval split")
     file_id: str | None = Field(default=None, max_length=64, description="a file in OpenAI's chat format")
 
 
-class CreateEvalRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CreateEvalRequest(StrictBody):
     name: str = Field(min_length=1, max_length=256)
     source: EvalSource
 
 
-class CreateEvalRunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CreateEvalRunRequest(StrictBody):
     model: str = Field(min_length=1, max_length=512)
 
 

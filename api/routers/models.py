@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from api.deps import (
     EnginePool,
@@ -23,7 +23,7 @@ from api.deps import (
     require_admin,
 )
 from api.errors import OpenAIError
-from api.schemas import Deleted, ModelList, ModelObject
+from api.schemas import Deleted, ModelList, ModelObject, StrictBody
 from resources import ModelRegistry
 from vbatch_pipelines.models.registry import ModelNotFound, ModelSpec
 from vbatch_pipelines.models.store import get_model, remove_model, upsert_model
@@ -67,7 +67,7 @@ def retrieve_model(model_id: str, db: Database = Depends(get_db),
         raise
 
 
-class InstallModelRequest(BaseModel):
+class InstallModelRequest(StrictBody):
     source: str = Field(description="a Hugging Face repo id (owner/name) or a directory on the vbatch host")
     id: str | None = Field(default=None, description="the name requests will use; default: the source's")
     revision: str | None = Field(default=None, description="branch, tag or commit; pinned to its commit")
@@ -110,7 +110,7 @@ async def delete_model(model_id: str, request: Request, db: Database = Depends(g
     return {"id": model_id, "object": "model", "deleted": True}
 
 
-class ShareModelRequest(BaseModel):
+class ShareModelRequest(StrictBody):
     shared: bool = Field(description="true: every project may use the fine-tune; false: its own project only")
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from api.deps import get_caller, get_db
 from api.errors import OpenAIError
 from api.pagination import paginate
+from api.schemas import StrictBody
 from vbatch_pipelines import projects
 from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.quotas import set_quotas
@@ -22,13 +23,11 @@ from vbatch_pipelines.usage import COMPLETIONS, EMBEDDINGS, usage_page
 router = APIRouter(prefix="/organization", tags=["organization"])
 
 
-class ProjectBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ProjectBody(StrictBody):
     name: str = Field(max_length=128)
 
 
-class KeyBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class KeyBody(StrictBody):
     name: str = Field(max_length=128)
     owner: str = Field(max_length=256, description="who holds the key (a name or an email)")
     role: projects.ProjectRole = "member"
@@ -80,15 +79,13 @@ async def retrieve_project(project_id: str, db: Database = Depends(get_db),
     return _visible_project(db, caller, project_id).to_openai()
 
 
-class Quotas(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Quotas(StrictBody):
     max_concurrent_batches: int | None = Field(default=None, ge=1, description="batches not yet ended")
     max_queued_requests: int | None = Field(default=None, ge=1, description="requests of its batches not yet run")
     max_tokens_per_day: int | None = Field(default=None, ge=1, description="input and output tokens per UTC day")
 
 
-class ModifyProjectBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ModifyProjectBody(StrictBody):
     name: str | None = Field(default=None, max_length=128)
     quotas: Quotas | None = Field(default=None, description="vbatch's own: the limits given are set (null: none)")
     weight: int | None = Field(default=None, ge=1, le=100, description="vbatch's own: its share of the engine when "
@@ -222,8 +219,7 @@ def usage_embeddings(request: Request, start_time: int = Query(ge=0, le=MAX_TIME
     return _usage(EMBEDDINGS, request, db, caller, start_time, end_time, bucket_width, limit, page, None)
 
 
-class ReviewerBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ReviewerBody(StrictBody):
     email: str = Field(max_length=256, description="the reviewer's address: their Label Studio login")
 
 
