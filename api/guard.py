@@ -8,6 +8,8 @@
   loopback name or in VBATCH_ALLOWED_HOSTS (DNS rebinding), refuses a foreign ``Origin`` and, on
   state-changing methods, any body that is not ``application/json`` or ``multipart/form-data`` (a plain
   HTML form or a ``text/plain`` fetch cannot set those without a CORS preflight this API never grants).
+- ``NoFraming``: no other site may show vbatch's pages in a frame (``frame-ancestors 'none'``, and the older
+  ``X-Frame-Options: DENY``): a framed console form would carry this origin past the Origin check (clickjacking).
 """
 
 from __future__ import annotations
@@ -130,3 +132,26 @@ def _hostname(netloc: str) -> str:
     if netloc.startswith("["):
         return netloc[1:].split("]", 1)[0]
     return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+FRAME_HEADERS = [(b"content-security-policy", b"frame-ancestors 'none'"), (b"x-frame-options", b"DENY")]
+
+
+class NoFraming:
+    """Every answer says it must not be framed: the console's pages, and anything else a browser might render."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def framed_never(message):
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message = {**message, "headers": [*message.get("headers", []),
+                                                   *(h for h in FRAME_HEADERS if h[0] not in present)]}
+            await send(message)
+
+        await self.app(scope, receive, framed_never)

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from api import console
 from api.deps import EnginePool, caller_role, keys_required
 from api.errors import install_error_handlers
-from api.guard import BodyLimit, DriveByGuard
+from api.guard import BodyLimit, DriveByGuard, NoFraming
 from api.probes import BackgroundProbe, FixedState, http_check
 from api.routers import batches, completions, curation, evals, files, fine_tuning, metrics, models, organization
 from api.schemas import ERRORS, Health
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        max_request_bytes=settings.max_request_bytes)
     app.add_middleware(DriveByGuard, allowed_hosts=settings.allowed_hosts,
                        enabled=lambda: not keys_required(app.state))
+    app.add_middleware(NoFraming)
 
     for router in (files.router, batches.router, models.router, completions.router, curation.router,
                    fine_tuning.router, evals.router, organization.router):

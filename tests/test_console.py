@@ -725,3 +725,15 @@ def test_the_usage_page_shows_a_projects_own_usage_by_day_and_model_and_admins_e
         assert f'data-metric="project-engine-seconds-{team_b.id}">1.5<' in page
         assert 'data-metric="project-requests-proj_default">0<' in page
         assert "team-a" in page and "team-b" in page
+
+
+def test_no_site_can_frame_the_console(vbatch_home):
+    """A framed console form would carry the console's own Origin past the drive-by guard: every page (and every
+    other answer, refusals included) says it must not be framed."""
+    with api_client(_app()) as client:
+        for path in ("/ui", "/ui/login", "/ui/batches", "/ui/evals", "/v1/models", "/health"):
+            answer = client.get(path)
+            assert answer.headers["content-security-policy"] == "frame-ancestors 'none'", path
+            assert answer.headers["x-frame-options"] == "DENY", path
+        refused = client.get("/ui", headers={"Host": "attacker.example"})
+        assert refused.status_code >= 400 and refused.headers["x-frame-options"] == "DENY"

@@ -114,3 +114,19 @@ def test_secrets_passed_as_env_vars_resolve_inside_a_run(vbatch_home, monkeypatc
     with DagsterInstance.ephemeral() as instance:
         result = materialize([probe], resources=resources, instance=instance)
     assert result.output_for_node("probe") == [url, url, url, ["vbatch-tiny-chat"]]
+
+
+def test_the_engine_trainer_and_label_studio_get_no_broker_url_nor_any_url_with_a_password(monkeypatch):
+    """Cluster mode's VBATCH_BROKER_URL carries the broker's password: the services that only compute on files get
+    none of it, nor any other URL with credentials in it, whatever its variable is called."""
+    from vbatch_pipelines.child_env import without_secrets
+
+    monkeypatch.setenv("VBATCH_BROKER_URL", "redis://:s3cret@10.0.0.5:6379/0")
+    monkeypatch.setenv("MY_QUEUE", "amqp://guest:hunter2@rabbit:5672//")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.com")  # a URL without credentials stays
+    monkeypatch.setenv("VBATCH_ENGINE_HOST", "127.0.0.1")
+    env = without_secrets(LABEL_STUDIO_PASSWORD="its own")
+    assert "VBATCH_BROKER_URL" not in env and "MY_QUEUE" not in env
+    assert not any("s3cret" in value or "hunter2" in value for value in env.values())
+    assert env["HF_ENDPOINT"] == "https://hub.example.com" and env["VBATCH_ENGINE_HOST"] == "127.0.0.1"
+    assert env["LABEL_STUDIO_PASSWORD"] == "its own"  # a child's own secret, given explicitly
