@@ -12,6 +12,7 @@ from typing import Literal
 from fastapi import Depends, Header, Request
 
 from api.errors import OpenAIError
+from api.guard import AUTHENTICATED
 from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, Trainer
 from vbatch_pipelines.engine.base import Engine
 from vbatch_pipelines.fine_tuning.training_data import model_max_length
@@ -81,6 +82,10 @@ async def caller_role(request: Request, authorization: str | None = Header(defau
     if not keys_required(request.app.state):
         request.state.caller = OPERATOR
         return OPERATOR.role
+    checked = getattr(request.state, AUTHENTICATED, None)  # KeyBeforeBody's: the key was looked up already
+    if checked is not None:
+        request.state.caller = checked
+        return checked.role
     if token is None:
         raise OpenAIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                           code="missing_api_key")

@@ -8,6 +8,9 @@
   loopback name or in VBATCH_ALLOWED_HOSTS (DNS rebinding), refuses a foreign ``Origin`` and, on
   state-changing methods, any body that is not ``application/json`` or ``multipart/form-data`` (a plain
   HTML form or a ``text/plain`` fetch cannot set those without a CORS preflight this API never grants).
+- ``KeyBeforeBody``: with keys required, a request that could carry a body (to the API, or a console form) is
+  authenticated from its headers before a byte of its body is read: an anonymous 512 MiB upload costs vbatch
+  nothing. The caller it found is handed on (``scope["state"]``), so the route does not look the key up again.
 - ``NoFraming``: no other site may show vbatch's pages in a frame (``frame-ancestors 'none'``, and the older
   ``X-Frame-Options: DENY``): a framed console form would carry this origin past the Origin check (clickjacking).
 """
@@ -155,3 +158,61 @@ class NoFraming:
             await send(message)
 
         await self.app(scope, receive, framed_never)
+
+
+class KeyBeforeBody:
+    """A key check that needs only headers, ahead of anything that reads the body. Exempt: Label Studio's webhooks
+    (their own shared secret) and the console's login form (it brings the key)."""
+
+    def __init__(self, app, *, required: Callable[[], bool], caller_of: Callable[[str], object | None]):
+        self.app = app
+        self.required = required  # whether a request needs a key now (deps.keys_required)
+        self.caller_of = caller_of  # the caller a key makes, None for an unknown or revoked one (deps.caller_of)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in UNSAFE_METHODS:
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        console = path.startswith("/ui/")
+        if path.startswith("/v1/webhooks/") or path == "/ui/login" or not (
+                console or path.startswith("/v1/") or path.startswith("/metrics")):
+            return await self.app(scope, receive, send)
+        import asyncio
+
+        if not self.required():
+            return await self.app(scope, receive, send)
+        token = _cookie(scope, CONSOLE_COOKIE) if console else _bearer(scope)
+        caller = await asyncio.to_thread(self.caller_of, token) if token else None
+        if caller is None:
+            if console:  # the console's own answer to a missing login: its login page
+                from urllib.parse import quote
+
+                from starlette.responses import RedirectResponse
+
+                return await RedirectResponse(f"/ui/login?next={quote(path)}", status_code=303)(scope, receive, send)
+            refusal = OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key") if token else \
+                OpenAIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                            code="missing_api_key")
+            return await error_response(refusal)(scope, receive, send)
+        scope.setdefault("state", {})[AUTHENTICATED] = caller
+        return await self.app(scope, receive, send)
+
+
+AUTHENTICATED = "authenticated_caller"  # where KeyBeforeBody leaves the caller it found, for the route's dependency
+CONSOLE_COOKIE = "vbatch_console"
+
+
+def _bearer(scope) -> str | None:
+    authorization = _header(scope, b"authorization")
+    return authorization.removeprefix("Bearer ").strip() or None if authorization.startswith("Bearer ") else None
+
+
+def _cookie(scope, name: str) -> str | None:
+    from http.cookies import SimpleCookie
+
+    jar = SimpleCookie()
+    try:
+        jar.load(_header(scope, b"cookie"))
+    except Exception:  # noqa: BLE001 - a malformed Cookie header is no login
+        return None
+    return jar[name].value if name in jar else None

@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
 from api import console
-from api.deps import EnginePool, caller_role, keys_required
+from api.deps import EnginePool, caller_of, caller_role, keys_required
 from api.errors import install_error_handlers
-from api.guard import BodyLimit, DriveByGuard, NoFraming
+from api.guard import BodyLimit, DriveByGuard, KeyBeforeBody, NoFraming
 from api.probes import BackgroundProbe, FixedState, http_check
 from api.routers import batches, completions, curation, evals, files, fine_tuning, metrics, models, organization
 from api.schemas import ERRORS, Health
@@ -115,6 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last, runs first: the guard refuses drive-by requests before any body is read.
     app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,
                        max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(KeyBeforeBody, required=lambda: keys_required(app.state),
+                       caller_of=lambda token: caller_of(app.state.settings, app.state.db, token))
     app.add_middleware(DriveByGuard, allowed_hosts=settings.allowed_hosts,
                        enabled=lambda: not keys_required(app.state))
     app.add_middleware(NoFraming)

@@ -416,3 +416,41 @@ def test_a_replayed_older_webhook_event_leaves_the_newer_review(vbatch_home, mon
         assert _code(client.post("/v1/webhooks/label-studio", json=older), 401) == "invalid_webhook_secret"
         assert _code(client.post("/v1/webhooks/label-studio", json=older,
                                  headers={"X-Vbatch-Webhook-Secret": "wrong"}), 401) == "invalid_webhook_secret"
+
+
+@pytest.mark.parametrize("path, headers", [
+    ("/v1/files", {}),                                             # no key
+    ("/v1/files", {"authorization": "Bearer wrong-key"}),          # a wrong key
+    ("/ui/batches", {"cookie": "vbatch_console=wrong-key"}),       # a console form without a login
+])
+def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(vbatch_home, monkeypatch, path, headers):
+    """An anonymous client must not make vbatch read (and parse) a body of up to 512 MiB: the key is checked from
+    the headers first, and the body is never received."""
+    import asyncio
+    import dataclasses
+
+    from api.main import create_app
+    from vbatch_pipelines.settings import load_settings
+
+    monkeypatch.setenv("VBATCH_API_KEYS", "the-right-key")
+    app = create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9"))
+    reads, sent = [], []
+    body = b"x" * (1 << 20)
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": body, "more_body": len(reads) < 64}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "scheme": "http", "server": ("127.0.0.1", 4080), "client": ("127.0.0.1", 5555),
+             "http_version": "1.1", "asgi": {"version": "3.0"},
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"multipart/form-data; boundary=zz"),
+                         (b"content-length", str(64 << 20).encode()),
+                         *((k.encode(), v.encode()) for k, v in headers.items())]}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    assert status == (303 if path.startswith("/ui") else 401), sent[:1]
+    assert reads == [], f"{len(reads)} MiB of an anonymous body were read"

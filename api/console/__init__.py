@@ -18,12 +18,13 @@ from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
 from api.deps import Role, caller_of, keys_required
+from api.guard import AUTHENTICATED, CONSOLE_COOKIE
 from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
 from vbatch_pipelines.store.models import of_project
 
 HERE = Path(__file__).parent
-COOKIE = "vbatch_console"
+COOKIE = CONSOLE_COOKIE
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -59,7 +60,8 @@ def console_login(request: Request) -> Caller:
     if not keys_on(request):
         caller = OPERATOR
     else:
-        caller = caller_of(request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, ""))
+        caller = getattr(request.state, AUTHENTICATED, None) or caller_of(  # a form's: checked before its body
+            request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, ""))
         if caller is None:
             raise LoginRequired(request.url.path)
     request.state.console_caller = caller
