@@ -11,6 +11,8 @@
 - ``KeyBeforeBody``: with keys required, a request that could carry a body (to the API, or a console form) is
   authenticated from its headers before a byte of its body is read: an anonymous 512 MiB upload costs vbatch
   nothing. The caller it found is handed on (``scope["state"]``), so the route does not look the key up again.
+- ``LoginThrottle``: the console's login form is where a key can be guessed: each failure is logged with the
+  client's address, and an address with too many recent failures is refused without its key being tried.
 - ``NoFraming``: no other site may show vbatch's pages in a frame (``frame-ancestors 'none'``, and the older
   ``X-Frame-Options: DENY``): a framed console form would carry this origin past the Origin check (clickjacking).
 """
@@ -216,3 +218,46 @@ def _cookie(scope, name: str) -> str | None:
     except Exception:  # noqa: BLE001 - a malformed Cookie header is no login
         return None
     return jar[name].value if name in jar else None
+
+
+class LoginThrottle:
+    """Failed console logins per client address over a sliding window (this API process's own count)."""
+
+    def __init__(self, max_failures: int = 5, window_s: float = 300.0):
+        import threading
+
+        self.max_failures, self.window_s = max_failures, window_s
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> list[float]:
+        recent = [t for t in self._failures.get(address, []) if now - t < self.window_s]
+        if recent:
+            self._failures[address] = recent
+        else:
+            self._failures.pop(address, None)
+        return recent
+
+    def wait_s(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: now)."""
+        import time
+
+        with self._lock:
+            now = time.monotonic()
+            recent = self._recent(address, now)
+            return self.window_s - (now - recent[0]) if len(recent) >= self.max_failures else 0.0
+
+    def failed(self, address: str) -> int:
+        """Count a failure; returns the address's failures in the window."""
+        import time
+
+        with self._lock:
+            now = time.monotonic()
+            recent = self._recent(address, now)
+            recent.append(now)
+            self._failures[address] = recent
+            return len(recent)
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)

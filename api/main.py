@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from api import console
 from api.deps import EnginePool, caller_of, caller_role, keys_required
 from api.errors import install_error_handlers
-from api.guard import BodyLimit, DriveByGuard, KeyBeforeBody, NoFraming
+from api.guard import BodyLimit, DriveByGuard, KeyBeforeBody, LoginThrottle, NoFraming
 from api.probes import BackgroundProbe, FixedState, http_check
 from api.routers import batches, completions, curation, evals, files, fine_tuning, metrics, models, organization
 from api.schemas import ERRORS, Health
@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                              warm=os.environ.get(WARM_AT_START_ENV) == "1")
     app.state.usage = OnlineUsage()
     app.state.token_budget = TokenBudget(app.state.db, app.state.usage)
+    app.state.login_throttle = LoginThrottle()  # the console's failed logins, per client address
     app.state.review_listeners = []  # extensions' callbacks(resources, task_ids) after reviews are recorded
     app.state.shutdown_hooks = []  # extensions' callbacks when the app stops
     install_error_handlers(app)

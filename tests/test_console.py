@@ -737,3 +737,30 @@ def test_no_site_can_frame_the_console(vbatch_home):
             assert answer.headers["x-frame-options"] == "DENY", path
         refused = client.get("/ui", headers={"Host": "attacker.example"})
         assert refused.status_code >= 400 and refused.headers["x-frame-options"] == "DENY"
+
+
+def test_guessing_keys_at_the_login_form_is_logged_and_throttled(vbatch_home, caplog):
+    """Each refused key is logged with the client's address; after five, the address is refused without its key
+    being tried (even the right one) until the window passes; another address is not held back."""
+    import logging
+
+    from api.guard import LoginThrottle
+
+    app = _app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))
+    app.state.login_throttle = LoginThrottle(max_failures=5, window_s=2.0)
+    caplog.set_level(logging.WARNING, logger="vbatch.console")
+    with api_client(app, follow_redirects=False) as client:
+        for i in range(5):
+            wrong = client.post("/ui/login", data={"key": f"guess-{i}"})
+            assert wrong.status_code == 303 and "set-cookie" not in wrong.headers
+        held = client.post("/ui/login", data={"key": USE_KEY})
+        assert held.status_code == 429 and "set-cookie" not in held.headers and int(held.headers["retry-after"]) >= 1
+        assert "Too many failed logins" in held.text
+        refusals = [r.getMessage() for r in caplog.records if r.name == "vbatch.console"]
+        assert len(refusals) == 6 and all("testclient" in m for m in refusals), refusals
+        assert "5 failed" in refusals[4] and "refused unchecked" in refusals[5]
+        other = api_client(app, follow_redirects=False, client=("10.1.2.3", 5000))
+        assert other.post("/ui/login", data={"key": USE_KEY}).status_code == 303  # its own count
+        time.sleep(2.1)
+        again = client.post("/ui/login", data={"key": USE_KEY})
+        assert again.status_code == 303 and "set-cookie" in again.headers

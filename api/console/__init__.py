@@ -7,6 +7,7 @@ project's id gets the page a missing one gets."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -25,6 +26,7 @@ from vbatch_pipelines.store.models import of_project
 
 HERE = Path(__file__).parent
 COOKIE = CONSOLE_COOKIE
+log = logging.getLogger("vbatch.console")
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -108,9 +110,25 @@ def login_form(request: Request, next: str = "/ui", error: str | None = None) ->
 
 @router.post("/login")
 def login(request: Request, key: str = Form(max_length=512), next: str = Form("/ui")) -> Response:
+    """A key for a cookie. Each refused key is logged with the client's address; an address with too many recent
+    refusals is answered 429 without its key being tried."""
+    throttle, address = request.app.state.login_throttle, request.client.host if request.client else "?"
+    wait = throttle.wait_s(address)
+    if wait:
+        log.warning("console login from %s refused unchecked: too many failed logins (retry in %.0fs)", address, wait)
+        response = templates.TemplateResponse(request, "login.html", {
+            "next": _safe_next(next), "role": None, "keys_on": True,
+            "error": f"Too many failed logins from your address: try again in {max(1, round(wait))} seconds"},
+            status_code=429)
+        response.headers["Retry-After"] = str(max(1, round(wait)))
+        return response
     if caller_of(request.app.state.settings, request.app.state.db, key.strip()) is None:
+        failures = throttle.failed(address)
+        log.warning("console login from %s refused: invalid key (%d failed in the last %.0fs)", address, failures,
+                    throttle.window_s)
         return RedirectResponse(f"/ui/login?error=That+key+is+not+valid&next={quote(_safe_next(next))}",
                                 status_code=303)
+    throttle.succeeded(address)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(COOKIE, key.strip(), httponly=True, samesite="strict", path="/ui",
                         secure=request.url.scheme == "https")
