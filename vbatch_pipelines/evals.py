@@ -22,7 +22,16 @@ from sqlalchemy import select
 from vbatch_pipelines.errors import NotFound, VbatchError
 from vbatch_pipelines.fine_tuning import comparison as compare
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import DEFAULT_OWNER, PREFERENCE, Dataset, EvalRun, EvalSet, File, Owner, of_project
+from vbatch_pipelines.store.models import (
+    DEFAULT_OWNER,
+    TRAINER_FORMAT,
+    Dataset,
+    EvalRun,
+    EvalSet,
+    File,
+    Owner,
+    of_project,
+)
 
 MAX_ITEMS = 5000  # a set is asked of every model it scores: bounded
 RANKED_BY = ("normalized_match", "exact_match", "judge_win_rate")
@@ -56,8 +65,7 @@ def _items_of_source(db: Database, source: dict[str, Any], project_id: str) -> l
                             404)
         if not dataset.eval_examples:
             raise EvalError(f"Dataset {dataset.version} has no eval split to freeze", "source.version")
-        fmt = "trl" if dataset.kind == PREFERENCE else "openai"
-        return compare.eval_items(Path(dataset.path) / f"eval.{fmt}.jsonl")
+        return compare.eval_items(Path(dataset.path) / f"eval.{TRAINER_FORMAT[dataset.kind]}.jsonl")
     if kind == "file":
         record = of_project(db.get(File, str(source.get("file_id") or "")), project_id)
         if record is None:
@@ -86,7 +94,7 @@ def create_eval_set(db: Database, evals_dir: Path, *, name: str, source: dict[st
     frozen = [{k: item[k] for k in ("messages", "gold", "rejected") if k in item} for item in items]
     data = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in frozen).encode()
     (directory / "items.jsonl").write_bytes(data)
-    record = EvalSet(id=eval_id, name=name.strip(), created_at=int(time.time()), source=source, items=len(frozen),
+    record = EvalSet(id=eval_id, name=name.strip(), created_at=now(), source=source, items=len(frozen),
                      fingerprint=hashlib.sha256(data).hexdigest()[:16], path=str(directory / "items.jsonl"),
                      **owner.columns())
     with db.session() as session:
@@ -115,7 +123,7 @@ def record_run(db: Database, record: EvalSet, model: str, owner: Owner = DEFAULT
     """A model queued for scoring on the set (the sensor or the API launches its run)."""
     if "|" in model:
         raise EvalError("A model name with '|' cannot be scored", "model")
-    run = EvalRun(id=new_id("evalrun"), eval_id=record.id, model=model, status="queued", created_at=int(time.time()),
+    run = EvalRun(id=new_id("evalrun"), eval_id=record.id, model=model, status="queued", created_at=now(),
                   **owner.columns())
     with db.session() as session:
         session.add(run)
@@ -140,7 +148,7 @@ def runs_of(db: Database, eval_id: str, *, statuses: tuple[str, ...] | None = No
 def queued_runs(db: Database, older_than_s: int) -> list[EvalRun]:
     with db.session() as session:
         return list(session.scalars(select(EvalRun).where(
-            EvalRun.status == "queued", EvalRun.created_at <= int(time.time()) - older_than_s)))
+            EvalRun.status == "queued", EvalRun.created_at <= now() - older_than_s)))
 
 
 def score_answers(items: list[dict[str, Any]], answers: dict[str, str]) -> tuple[dict[str, Any], list[dict]]:

@@ -31,7 +31,7 @@ from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import DEFAULT_PROJECT, EXPORT_FORMATS, PREFERENCE, CurationTask, Dataset
 
 PROMPT_ROLES = ("system", "developer", "user", "assistant", "tool")
-CHECKS = ("identical_pairs", "pair_structure", "split_leak")
+SAME_ANSWER = "preferred_output and non_preferred_output are the same answer (beyond whitespace)"
 
 
 def folded(text: str) -> str:
@@ -150,7 +150,7 @@ def parse_line(raw: bytes | str) -> tuple[dict[str, Any] | None, str | None]:
             return None, f"{field}[0].content must be a non-empty string"
         answers[field] = content
     if folded(answers["preferred_output"]) == folded(answers["non_preferred_output"]):
-        return None, "preferred_output and non_preferred_output are the same answer (beyond whitespace)"
+        return None, SAME_ANSWER
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
     return {"prompt": prompt, "chosen": answers["preferred_output"],
             "rejected": answers["non_preferred_output"]}, None
@@ -172,9 +172,9 @@ def problems(pairs: list[dict[str, Any]], check: str) -> list[str]:
     """What a preference dataset check finds wrong (an empty list: it passes), naming the file line."""
     whole = [p for p in pairs if p["problem"] is None]
     if check == "identical_pairs":
-        return [f"{p['where']}: {p['problem']}" for p in pairs if p["problem"] and "same answer" in p["problem"]]
+        return [f"{p['where']}: {p['problem']}" for p in pairs if p["problem"] == SAME_ANSWER]
     if check == "pair_structure":
-        return [f"{p['where']}: {p['problem']}" for p in pairs if p["problem"] and "same answer" not in p["problem"]]
+        return [f"{p['where']}: {p['problem']}" for p in pairs if p["problem"] not in (None, SAME_ANSWER)]
     if check == "split_leak":
         splits: dict[str, dict[str, str]] = {}
         for p in whole:

@@ -38,14 +38,13 @@ from vbatch_pipelines.store.models import EvalRun, Owner
 def score_model(db, file_store, inference_engine, model_registry, judge_model: str | None, record, spec, *,
                 log, run_id: str | None, name: str) -> tuple[dict, list, dict]:
     """Ask ``spec`` the set's questions as a batch and score its answers (the judge compares each with the gold
-    answer, both orders); returns scores, sample rows and the batches. One way for the asset and the retraining
-    gate."""
+    answer, both orders); returns scores, sample rows and the batches. (A retrain's comparison on a fixed set asks
+    both models in ``model_comparison``, whose judge weighs one model against the other.)"""
     items = evals.eval_set_items(record)
     owner = Owner.of(record)
-    max_tokens = max(16, min(512, max(len(i["gold"]) for i in items)))
-    batches, answers = {}, {}
+    batches = {}
     batches["answers"], answers = run_lines(db, file_store, inference_engine, f"{name}-answers",
-                                            compare.request_lines(items, spec.id, max_tokens), spec,
+                                            compare.request_lines(items, spec.id, compare.answer_budget(items)), spec,
                                             metadata={"eval": record.id, "eval_model": spec.id}, log=log,
                                             run_id=run_id, owner=owner)
     scores, rows = evals.score_answers(items, answers)

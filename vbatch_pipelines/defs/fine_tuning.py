@@ -250,7 +250,7 @@ def model_comparison(context: AssetExecutionContext, metadata_db: MetadataDB, fi
         base = starting_spec(model_registry, file_store, job)
         name = fine_tuned_model_name(job.model, job.suffix, job_id)
         tuned = base.with_adapter(name, (job.metrics or {})["adapter_dir"])
-        max_tokens = max(16, min(512, max(len(i["gold"]) for i in items)))
+        max_tokens = compare.answer_budget(items)
         answers, batches = {}, {}
         for label, spec in (("base", base), ("fine_tuned", tuned)):
             batches[label], answers[label] = run_lines(

@@ -68,6 +68,11 @@ def eval_items(eval_path: Path) -> list[dict[str, Any]]:
     return items
 
 
+def answer_budget(items: list[dict[str, Any]]) -> int:
+    """max_tokens for answering ``items``: room for the longest gold answer (in characters), within 16..512."""
+    return max(16, min(512, max(len(i["gold"]) for i in items)))
+
+
 def request_lines(items: list[dict[str, Any]], model: str, max_tokens: int) -> list[dict[str, Any]]:
     return [{"custom_id": item["custom_id"], "method": "POST", "url": "/v1/chat/completions",
              "body": {"model": model, "messages": item["messages"], "max_tokens": max_tokens, "temperature": 0}}

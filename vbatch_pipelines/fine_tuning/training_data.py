@@ -11,7 +11,7 @@ from typing import Any
 
 from vbatch_pipelines.fine_tuning import FineTuningError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import PREFERENCE, SFT, Dataset, File, of_project
+from vbatch_pipelines.store.models import PREFERENCE, SFT, TRAINER_FORMAT, Dataset, File, of_project
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_REPORTED_ERRORS = 10
@@ -101,7 +101,7 @@ def training_sources(db: Database, training_file: str, validation_file: str | No
                 f"{minimum} are required (VBATCH_MIN_TRAINING_EXAMPLES)",
                 "training_file", "insufficient_examples")
         directory = Path(dataset.path)
-        fmt = "trl" if method == "dpo" else "openai"
+        fmt = TRAINER_FORMAT[dataset.kind]
         return {"dataset_version": dataset.version, "train_path": directory / f"train.{fmt}.jsonl",
                 "eval_path": directory / f"eval.{fmt}.jsonl" if dataset.eval_examples else None,
                 "train_examples": dataset.train_examples, "eval_examples": dataset.eval_examples, "convert": False}

@@ -239,6 +239,7 @@ class Dataset(Owned, Base):
 # What a dataset of each kind is exported as: chat examples four ways; preference pairs in OpenAI's preference
 # fine-tuning format (input.messages, preferred_output, non_preferred_output) and TRL's (prompt, chosen, rejected).
 EXPORT_FORMATS = {SFT: ("openai", "chatml", "alpaca", "sharegpt"), PREFERENCE: ("openai", "trl")}
+TRAINER_FORMAT = {SFT: "openai", PREFERENCE: "trl"}  # the export the trainer reads (and eval sets are frozen from)
 
 
 class EvalSet(Owned, Base):
