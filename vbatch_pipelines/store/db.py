@@ -53,11 +53,45 @@ def schema_revision(connection) -> str | None:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL lets the API, sensors and run workers read while one of them writes.
+    dbapi_connection.isolation_level = None  # vbatch begins its transactions itself (_sqlite_begin), not pysqlite
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+# A Connection option: its transaction begins with SQLite's write lock (set by _lock_what_is_read).
+_IMMEDIATE = "vbatch_sqlite_immediate"
+
+
+def _sqlite_begin(connection) -> None:
+    """Every transaction begins before its first statement, reads included (pysqlite would begin one only at the
+    first write, leaving a read before it outside); one that locks what it reads begins IMMEDIATE: it holds the
+    write lock from its read on, as ``SELECT ... FOR UPDATE`` holds the row on PostgreSQL."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(_IMMEDIATE) else "BEGIN")
+
+
+def _lock_what_is_read(state) -> None:
+    """Session hook: a ``with_for_update`` read that opens its session's transaction makes it an IMMEDIATE one
+    (SQLite ignores FOR UPDATE). One made later in a transaction cannot take the lock back to its start; there
+    SQLite refuses the write (``database is locked``) rather than overwrite a change made since the read."""
+    session = state.session
+    if state.is_select and state.statement._for_update_arg is not None \
+            and session.bind.dialect.name == "sqlite" and not session.info.get(_BEGUN):
+        session.connection(execution_options={_IMMEDIATE: True})
+
+
+_BEGUN = "vbatch_transaction_begun"  # Session.info: its transaction has begun on a connection
+
+
+def _begun(session, _transaction, _connection) -> None:
+    session.info[_BEGUN] = True
+
+
+def _ended(session, transaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_BEGUN, None)
 
 
 def normalize_url(url: str) -> str:
@@ -76,9 +110,13 @@ class Database:
             # without check_same_thread=False sqlite3 complains about that close.
             self.engine: Engine = create_engine(self.url, connect_args={"timeout": 30, "check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "do_orm_execute", _lock_what_is_read)
+        event.listen(self._sessions, "after_begin", _begun)
+        event.listen(self._sessions, "after_transaction_end", _ended)
 
     def upgrade(self) -> tuple[str | None, str]:
         """Bring the schema to the newest migration this code has; returns the revisions before and after (None: a
@@ -107,12 +145,11 @@ class Database:
             before = revision(connection)
         if before == head:
             return before, head
-        with self.engine.begin() as connection:
-            # The lock: on PostgreSQL an advisory one for the transaction; on SQLite its write lock, taken from the
-            # start (pysqlite would begin the transaction only at the first INSERT, leaving the DDL before it
-            # outside); the next process waits for it up to busy_timeout.
-            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(724242)"
-                                       if self.engine.dialect.name == "postgresql" else "BEGIN IMMEDIATE")
+        with self.engine.connect() as connection, connection.execution_options(**{_IMMEDIATE: True}).begin():
+            # The lock: on PostgreSQL an advisory one for the transaction; on SQLite its write lock, taken as the
+            # transaction begins (IMMEDIATE); the next process waits for it up to busy_timeout.
+            if self.engine.dialect.name == "postgresql":
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(724242)")
             if revision(connection) != head:  # else another process upgraded it meanwhile
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
