@@ -19,12 +19,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from api.errors import OpenAIError, error_response
 from vbatch_pipelines.files import FileTooLarge
 
+log = logging.getLogger("vbatch.guard")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 BODY_TYPES = ("application/json", "multipart/form-data")
@@ -90,35 +92,44 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 class DriveByGuard:
-    def __init__(self, app, *, allowed_hosts: tuple[str, ...], enabled: Callable[[], bool]):
+    """``what`` names the server in refusals; ``form_paths`` are where form posts from its own pages are taken;
+    ``body_types`` the bodies it takes on state-changing methods otherwise. WebSocket handshakes are held to the
+    same Host and Origin rules (a foreign page may open a socket without any preflight)."""
+
+    def __init__(self, app, *, allowed_hosts: tuple[str, ...] | frozenset[str], enabled: Callable[[], bool],
+                 what: str = "without API keys vbatch", form_paths: tuple[str, ...] = ("/ui/",),
+                 body_types: tuple[str, ...] = BODY_TYPES):
         self.app = app
         self.allowed = LOOPBACK_NAMES | {host.lower() for host in allowed_hosts}
         self.enabled = enabled  # asked per request: off once any key exists (settings keys, or a project key made)
+        self.what, self.form_paths, self.body_types = what, form_paths, body_types
 
     def _refusal(self, scope) -> OpenAIError | None:
         host = _hostname(_header(scope, b"host"))
         if host not in self.allowed:
-            return OpenAIError(403, f"Host {host or '(none)'!r} is not served here: without API keys vbatch answers "
-                                    "only loopback names and VBATCH_ALLOWED_HOSTS", code="host_not_allowed")
+            return OpenAIError(403, f"Host {host or '(none)'!r} is not served here: {self.what} answers only "
+                                    "loopback names and VBATCH_ALLOWED_HOSTS", code="host_not_allowed")
         origin = _header(scope, b"origin")
         if origin and _hostname(urlsplit(origin).netloc) not in self.allowed:
-            return OpenAIError(403, f"Requests from pages at {origin} are refused: without API keys only this "
-                                    "machine's own clients may call vbatch", code="origin_not_allowed")
-        if scope["method"] in UNSAFE_METHODS:
+            return OpenAIError(403, f"Requests from pages at {origin} are refused: {self.what} answers only this "
+                                    "machine's own clients and pages", code="origin_not_allowed")
+        if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS:
             media_type = _header(scope, b"content-type").split(";", 1)[0].strip().lower()
             has_body = _header(scope, b"content-length") not in ("", "0") or _header(scope, b"transfer-encoding")
             # The console's forms post form-urlencoded bodies from its own pages: accepted with an Origin this
             # guard allows (checked above; browsers send one with every form POST), never without one.
-            console_form = scope["path"].startswith("/ui/") and media_type == FORM_TYPE and origin
-            if (media_type or has_body) and media_type not in BODY_TYPES and not console_form:
+            own_form = scope["path"].startswith(self.form_paths) and media_type == FORM_TYPE and origin
+            if (media_type or has_body) and media_type not in self.body_types and not own_form:
                 return OpenAIError(415, f"Content-Type {media_type or '(none)'!r} is not accepted; send "
-                                        "application/json (or multipart/form-data for uploads)",
-                                   code="unsupported_media_type")
+                                        f"{' or '.join(self.body_types)}", code="unsupported_media_type")
         return None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.enabled():
+        if scope["type"] in ("http", "websocket") and self.enabled():
             refusal = self._refusal(scope)
+            if refusal is not None and scope["type"] == "websocket":
+                log.warning("refused a WebSocket to %s: %s", scope["path"], refusal.message)
+                return await send({"type": "websocket.close", "code": 1008})  # before accept: answered 403
             if refusal is not None:
                 return await error_response(refusal)(scope, receive, send)
         return await self.app(scope, receive, send)
@@ -154,9 +165,11 @@ class NoFraming:
 
         async def framed_never(message):
             if message["type"] == "http.response.start":
-                present = {name.lower() for name, _ in message.get("headers", [])}
-                message = {**message, "headers": [*message.get("headers", []),
-                                                   *(h for h in FRAME_HEADERS if h[0] not in present)]}
+                # A policy the app set without frame-ancestors gets ours beside it (browsers enforce each one).
+                headers = message.get("headers", [])
+                present = {name.lower() for name, value in headers
+                           if name.lower() != b"content-security-policy" or b"frame-ancestors" in value}
+                message = {**message, "headers": [*headers, *(h for h in FRAME_HEADERS if h[0] not in present)]}
             await send(message)
 
         await self.app(scope, receive, framed_never)

@@ -74,9 +74,9 @@ def test_one_owner_restarts_with_status_and_nothing_survives_a_kill_9(tmp_path, 
 
         status = _status(env)
         assert status.returncode == 0, status.stdout + status.stderr
-        assert all(name in status.stdout for name in ("api", "dagster-webserver", "dagster-daemon"))
+        assert all(name in status.stdout for name in ("api", "dagster-ui", "dagster-webserver", "dagster-daemon"))
         services = _health(api_port)["services"]
-        assert set(services) == {"api", "dagster-webserver", "dagster-daemon"}
+        assert set(services) == {"api", "dagster-ui", "dagster-webserver", "dagster-daemon"}
         assert all(s["running"] and s["restarts"] == 0 for s in services.values())
 
         # A crashed service is restarted (with back-off), counted and reported.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vbatch_pipelines.child_env import without_api_keys
+from vbatch_pipelines.child_env import without_api_keys, without_secrets
 from vbatch_pipelines.names import MAX_BATCHES_PER_RUN, WARM_AT_START_ENV
 from vbatch_pipelines.net import wait_http
 from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, die_with_parent, process_identity
@@ -471,19 +471,42 @@ def check_ports(addresses: Addresses, resources: dict) -> None:
         check_port_free("127.0.0.1", server.port, "Label Studio", "VBATCH_LABEL_STUDIO_PORT")
 
 
+def hidden_loopback_address() -> tuple[str, int]:
+    """Where the Dagster webserver listens behind its guard (api.dagster_proxy): a free port on an address of
+    127.0.0.0/8 drawn at random on Linux (which answers all of it), so no page can guess it to send it a
+    request, rebound name or not; 127.0.0.1 elsewhere."""
+    import secrets
+    import socket
+
+    host = "127.0.0.1"
+    if sys.platform.startswith("linux"):
+        host = "127." + ".".join(str(1 + secrets.randbelow(254)) for _ in range(3))
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return host, sock.getsockname()[1]
+
+
 def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, starter: StartupChild,
          exposure: list[str], warm: bool, workspace: Path, cluster: bool) -> int:
     prepared: Prepared = starter.run("prepare", settings, addresses, cluster)
-    env = dict(prepared.env, VBATCH_DAGSTER_URL=addresses.dagster_url)
+    dagster_host, dagster_port = hidden_loopback_address()
+    dagster_url = f"http://{dagster_host}:{dagster_port}"  # vbatch's own processes call it there, not via the guard
+    env = dict(prepared.env, VBATCH_DAGSTER_URL=dagster_url)
     logs = settings.paths().logs_dir
     logs.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     dagster_env = without_api_keys(env)  # runs need the databases' and Label Studio's secrets, not the API's keys
+    guard = [sys.executable, "-m", "api.dagster_proxy", "--upstream", dagster_url,
+             "--listen", f"[{addresses.dagster_host}]:{addresses.dagster_port}" if ":" in addresses.dagster_host
+             else f"{addresses.dagster_host}:{addresses.dagster_port}",
+             *(argument for host in settings.allowed_hosts for argument in ("--allow-host", host))]
     services = {service.name: service for service in (
-        Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", addresses.dagster_host,
-                                      "-p", str(addresses.dagster_port), "-w", str(workspace)],
+        Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", dagster_host,
+                                      "-p", str(dagster_port), "-w", str(workspace)],
                 {**dagster_env, WARM_AT_START_ENV: "1"},  # it launches the API's runs: its workers start warm
-                logs / "dagster-webserver.log", addresses.dagster_port, f"{addresses.dagster_url}/server_info"),
+                logs / "dagster-webserver.log", dagster_port, f"{dagster_url}/server_info"),
+        Service("dagster-ui", guard, without_secrets(), logs / "dagster-ui.log", addresses.dagster_port,
+                f"{addresses.dagster_url}/server_info"),
         Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], dagster_env,
                 logs / "dagster-daemon.log"),
         Service("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
@@ -502,8 +525,8 @@ def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, st
             return
         from vbatch_pipelines.dagster_api import warm_up_runs
 
-        ready = wait_http(f"{addresses.dagster_url}/server_info", 120, stopping) \
-            and warm_up_runs(addresses.dagster_url)
+        ready = wait_http(f"{dagster_url}/server_info", 120, stopping) and warm_up_runs(dagster_url) \
+            and wait_http(f"{addresses.dagster_url}/server_info", 10, stopping)
         if stopping.is_set():
             return
         print(f"vbatch is up (home {settings.home})\n"
