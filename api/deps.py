@@ -102,16 +102,31 @@ KEYS_CHECK_S = 1.0  # while no key exists, whether one was made (by the CLI, ano
 
 def keys_required(state) -> bool:
     """Whether a request needs a key (the API's and the console's one rule): when the settings name keys, or a
-    project key was ever made. Once one was, it stays so (no more asking); before, the answer is kept
-    KEYS_CHECK_S, so a single user's requests do not each pay a query."""
+    project key was ever made. Once one was, it stays so (no more asking); before, the answer is asked anew
+    every KEYS_CHECK_S by a thread of its own (``check_keys``, one at a time), never by the event loop that
+    asks here: a stalled database must not stop the API from answering (``/health`` first of all)."""
     settings = state.settings
     if settings.api_keys or settings.admin_keys or getattr(state, "keys_made", False):
         return True
-    now = time.monotonic()
-    if now - getattr(state, "keys_checked_at", -KEYS_CHECK_S) >= KEYS_CHECK_S:
-        state.keys_made = any_keys(state.db)  # one indexed row at most, once a second
-        state.keys_checked_at = now
-    return state.keys_made
+    if time.monotonic() - getattr(state, "keys_checked_at", -KEYS_CHECK_S) >= KEYS_CHECK_S \
+            and not getattr(state, "keys_checking", False):
+        import threading
+
+        state.keys_checking = True
+        threading.Thread(target=check_keys, args=(state,), name="vbatch-keys-check", daemon=True).start()
+    return getattr(state, "keys_made", False)
+
+
+def check_keys(state) -> None:
+    """Whether any project key exists now (one indexed row at most), into ``state.keys_made``; the app calls it
+    once as it is made, before any request."""
+    try:
+        state.keys_made = getattr(state, "keys_made", False) or any_keys(state.db)
+    except Exception as exc:  # noqa: BLE001 - the last answer stands; asked again in KEYS_CHECK_S
+        log.warning("could not ask the metadata DB whether API keys exist: %s", type(exc).__name__)
+    finally:
+        state.keys_checked_at = time.monotonic()
+        state.keys_checking = False
 
 
 def record(request: Request, type: str, target: str, **details) -> None:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
 from api import console
-from api.deps import EnginePool, caller_of, caller_role, keys_required
+from api.deps import EnginePool, caller_of, caller_role, check_keys, keys_required
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard, KeyBeforeBody, LoginThrottle, NoFraming
 from api.probes import BackgroundProbe, FixedState, http_check
@@ -29,6 +29,38 @@ from vbatch_pipelines.settings import Settings, load_settings
 from vbatch_pipelines.usage import OnlineUsage
 
 log = logging.getLogger("vbatch.api")
+HEALTH_DB_WAIT_S = 0.8  # /health answers within a second, the database's answer or not
+
+
+class DatabaseProbe:
+    """``SELECT 1`` on the metadata DB for /health, in a thread, waited for HEALTH_DB_WAIT_S at most: a stalled
+    database makes /health say so at once instead of hanging it (and the event loop with it). One check at a
+    time: while one is still waiting, the next /health waits on the same one, so a hung database does not
+    collect a thread per probe."""
+
+    def __init__(self, db):
+        self.db = db
+        self._pending: asyncio.Future | None = None
+        self._since = 0.0
+
+    def _ping(self) -> None:
+        with self.db.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    async def check(self) -> str:
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(asyncio.to_thread(self._ping))
+            self._since = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pending), HEALTH_DB_WAIT_S)
+            return "ok"
+        except TimeoutError:
+            waited = time.monotonic() - self._since
+            log.warning("health: the metadata DB has not answered for %.1f s", waited)
+            return f"error: not answering (waited {waited:.1f} s)"
+        except Exception as exc:  # noqa: BLE001 - report, don't raise (the details go to the log)
+            log.warning("health: the metadata DB did not answer: %s", exc)
+            return f"error: {type(exc).__name__}"
 USAGE_FLUSH_S = 5.0  # online usage reaches the DB (and the usage API) this long after the request at most
 
 
@@ -112,6 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.review_listeners = []  # extensions' callbacks(resources, task_ids) after reviews are recorded
     app.state.shutdown_hooks = []  # extensions' callbacks when the app stops
     install_error_handlers(app)
+    check_keys(app.state)  # before any request: whether a key was ever made (then re-asked off the event loop)
+    app.state.database_probe = DatabaseProbe(app.state.db)
 
     # Added last, runs first: the guard refuses drive-by requests before any body is read.
     app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,
@@ -139,14 +173,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         """Liveness and readiness: the metadata DB must answer; Dagster or Label Studio being down is
         reported, not fatal (batches are recorded and launched by a sensor later; reviews wait)."""
-        checks: dict = {"database": "ok", **{name: probe() for name, probe in app.state.probes.items()},
-                        "services": services()}
-        try:
-            with app.state.db.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-        except Exception as exc:  # noqa: BLE001 - report, don't raise (the details go to the log)
-            log.warning("health: the metadata DB did not answer: %s", exc)
-            checks["database"] = f"error: {type(exc).__name__}"
+        checks: dict = {"database": await app.state.database_probe.check(),
+                        **{name: probe() for name, probe in app.state.probes.items()}, "services": services()}
         healthy = checks["database"] == "ok"
         return JSONResponse({"status": "ok" if healthy else "error", **checks}, status_code=200 if healthy else 503)
 

@@ -44,6 +44,7 @@ from vbatch_pipelines.net import free_port  # noqa: E402
 from vbatch_pipelines.settings import load_settings  # noqa: E402
 
 MODEL = TINY_MODEL_ID
+ENGINES_KEY = secrets.token_urlsafe(24)  # the replicas' key, as the platform is told it (VBATCH_ENGINES_API_KEY)
 
 
 def start_replicas(count: int, model_path: str, root: Path) -> list[ManagedVLLMServer]:
@@ -53,7 +54,8 @@ def start_replicas(count: int, model_path: str, root: Path) -> list[ManagedVLLMS
         raise SystemExit("vLLM is not installed: run `vbatch engine install` (or `make engine`)")
     servers = []
     for n in range(count):
-        server = ManagedVLLMServer(ModelSpec(MODEL, model_path), root / f"node-{n}", VLLMServerConfig(python=python))
+        server = ManagedVLLMServer(ModelSpec(MODEL, model_path), root / f"node-{n}",
+                                   VLLMServerConfig(python=python, api_key=ENGINES_KEY))
         port = free_port()
         server.choose_port = lambda port=port: port
         servers.append(server)
@@ -67,7 +69,7 @@ def start_replicas(count: int, model_path: str, root: Path) -> list[ManagedVLLMS
 
 def engine_env(urls: list[str], model_path: str) -> dict[str, str]:
     return {"VBATCH_ENGINE": "vllm", "VBATCH_MODELS": f"{MODEL}={model_path}",
-            "VBATCH_ENGINES": ",".join(f"{MODEL}={url}" for url in urls)}
+            "VBATCH_ENGINES": ",".join(f"{MODEL}={url}" for url in urls), "VBATCH_ENGINES_API_KEY": ENGINES_KEY}
 
 
 def check(stack: Stack, batch, requests: int) -> None:

@@ -58,6 +58,7 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
             kv_cache_sequences=settings.kv_cache_sequences, engine_slots=settings.engine_slots,
             plan_batches=settings.plan_batches,
             external_engines=[f"{model}={url}" for model, url in settings.engines],
+            external_engines_api_key=secret("VBATCH_ENGINES_API_KEY", settings.engines_api_key),
             tool_parsers=dict(settings.tool_parsers),
             node=settings.node, engine_host=settings.engine_host,
         ),

@@ -61,6 +61,8 @@ class InferenceEngine(ConfigurableResource):
     max_lora_rank: int = Field(default=16, description="the largest LoRA rank the engine accepts")
     external_engines: list[str] = Field(default_factory=list, description="vLLM servers running elsewhere, "
                                         "as model=base URL, one per replica (VBATCH_ENGINES)")
+    external_engines_api_key: str | None = Field(default=None, description="the key external engines take "
+                                                 "(VBATCH_ENGINES_API_KEY)")
     node: str = Field(default="local", description="this node's name in the engine registry (VBATCH_NODE)")
     engine_host: str = Field(default="127.0.0.1", description="the address this node's engines bind to "
                              "(VBATCH_ENGINE_HOST; 0.0.0.0 to serve other nodes)")
@@ -91,6 +93,7 @@ class InferenceEngine(ConfigurableResource):
             extra_args=list(self.extra_vllm_args),
             startup_timeout_s=self.startup_timeout_s, max_lora_rank=self.max_lora_rank, host=self.engine_host,
             tool_parser=self.tool_parsers.get(model.base.id), engine_slots=self.slots,
+            adapter_roots=[str(self.file_store.fine_tunes_dir), str(self.file_store.models_dir)],
         )
         base = model.base
         return ManagedVLLMServer(base, self.engines_dir, config, adapters=lambda: self._deployed_adapters(base.id),
@@ -117,9 +120,10 @@ class InferenceEngine(ConfigurableResource):
         adapters = lambda: self._deployed_adapters(base.id)  # noqa: E731
         urls, registry = self.external_urls(base.id), self.registry()
         if urls:
-            return [RemoteVLLMServer(base, url, adapters, registry) for url in urls]
+            return [RemoteVLLMServer(base, url, adapters, registry, api_key=self.external_engines_api_key)
+                    for url in urls]
         others = [RemoteVLLMServer(base, replica.base_url, adapters, registry, replica_id=replica.id,
-                                   node=replica.node, kind="managed")
+                                   node=replica.node, kind="managed", api_key=replica.api_key)
                   for replica in registry.replicas(base.id, status=UP)
                   if replica.kind == "managed" and replica.node != self.node]
         return [self.server(model), *others]

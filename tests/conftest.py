@@ -179,6 +179,23 @@ def api_client(app, **kwargs):
 
 
 @contextmanager
+def chromium_browser():
+    """Debian's chromium, headless, driven by Playwright (the console's and the Dagster UI's browser tests)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
+    tiers.starting("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
 def serving(app) -> Iterator[str]:
     """``app`` on a real port in this process (for clients that speak HTTP, not ASGI: the openai SDK, Label
     Studio's webhooks); its URL."""

@@ -38,6 +38,7 @@ from vbatch_pipelines.names import NODE_TAG
 from vbatch_pipelines.net import free_port, local_http
 
 ROOT = Path(__file__).resolve().parents[1]
+REPLICAS_KEY = "replicas-test-key"  # what the test replicas take (VBATCH_ENGINES_API_KEY of the platforms using them)
 
 
 def _with_password(url: str, password: str) -> str:
@@ -214,7 +215,8 @@ class Replica:
         self.port = free_port()
         host = "127.0.0.1" if namespaces_unavailable() else "0.0.0.0"  # the nodes' host-side addresses included
         self.server = ManagedVLLMServer(ModelSpec(TINY_MODEL_ID, str(tiny_model_path)), directory,
-                                        VLLMServerConfig(python=python, host=host))
+                                        VLLMServerConfig(python=python, host=host, api_key=REPLICAS_KEY,
+                                                         adapter_roots=[str(directory.parent)]))  # the tests' tmp
         self.server.choose_port = lambda: self.port  # restarted, it is found at the same address
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -243,4 +245,5 @@ class Replica:
         return self.metric("vllm:request_success_total")
 
     def models(self) -> list[str]:
-        return [m["id"] for m in local_http().get(f"{self.url}/v1/models", timeout=10).json()["data"]]
+        return [m["id"] for m in local_http().get(f"{self.url}/v1/models", headers=self.server.auth_headers(),
+                                                  timeout=10).json()["data"]]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import chat_lines, vllm_python
-from tests.scale_out import Cluster, Replica, running_cluster
+from tests.scale_out import REPLICAS_KEY, Cluster, Replica, running_cluster
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 from vbatch_pipelines.names import BATCH_ID_TAG, NODE_TAG
 
@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.vllm]
 def cluster(tmp_path_factory, tiny_model_path, redis_url, replicas) -> Iterator[Cluster]:
     engines = ",".join(f"{TINY_MODEL_ID}={replica.url}" for replica in replicas)
     with running_cluster(tmp_path_factory.mktemp("cluster"), tiny_model_path, redis_url, VBATCH_ENGINE="vllm",
-                         VBATCH_ENGINES=engines, VBATCH_VLLM_PYTHON=vllm_python()) as running:
+                         VBATCH_ENGINES=engines, VBATCH_ENGINES_API_KEY=REPLICAS_KEY,
+                         VBATCH_VLLM_PYTHON=vllm_python()) as running:
         yield running
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import tiers
-from tests.conftest import api_client, chat_lines, jsonl, platform_of, running_stack
+from tests.conftest import api_client, chat_lines, chromium_browser, jsonl, platform_of, running_stack
 
 USE_KEY, ADMIN_KEY = "console-use-key", "console-admin-key"
 ARTIFACTS = Path(os.environ.get("VBATCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / ".artifacts"))
@@ -88,16 +87,8 @@ def test_the_dashboard_and_batch_pages_show_what_the_api_says(platform):
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
-    tiers.starting("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+    with chromium_browser() as browser:
         yield browser
-        browser.close()
 
 
 def _watched_page(browser, base_url: str):

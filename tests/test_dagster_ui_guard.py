@@ -13,7 +13,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.conftest import TINY_MODEL_ID, start_up
+from tests.conftest import TINY_MODEL_ID, chromium_browser, start_up
 from vbatch_pipelines.net import free_port
 
 GPU_SLOTS = '{ instance { concurrencyLimit(concurrencyKey: "gpu") { slotCount } } }'
@@ -113,30 +113,16 @@ def test_the_dagster_webserver_itself_listens_only_where_no_page_can_guess(dagst
 def test_the_dagster_ui_works_through_its_guard_in_chromium(dagster_ui):
     """The UI served through the guard, in a browser: its app loads, its GraphQL and WebSocket answer, no request
     is refused and the page raises no error."""
-    import shutil
-
-    from playwright.sync_api import sync_playwright
-
-    from tests import tiers
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
-    tiers.starting("chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
-        try:
-            page = browser.new_page(base_url=dagster_ui)
-            problems, sockets = [], []
-            page.on("pageerror", lambda error: problems.append(str(error)))
-            page.on("response", lambda response: response.status >= 400 and problems.append(
-                f"{response.status} {response.url}"))
-            page.on("websocket", lambda socket: sockets.append(socket.url))
-            page.goto("/locations")
-            page.get_by_text("vbatch", exact=True).first.wait_for(timeout=60_000)
-            page.goto("/jobs")
-            page.get_by_text("batch_job").first.wait_for(timeout=60_000)
-        finally:
-            browser.close()
+    with chromium_browser() as browser:
+        page = browser.new_page(base_url=dagster_ui)
+        problems, sockets = [], []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on("response", lambda response: response.status >= 400 and problems.append(
+            f"{response.status} {response.url}"))
+        page.on("websocket", lambda socket: sockets.append(socket.url))
+        page.goto("/locations")
+        page.get_by_text("vbatch", exact=True).first.wait_for(timeout=60_000)
+        page.goto("/jobs")
+        page.get_by_text("batch_job").first.wait_for(timeout=60_000)
     assert not problems, problems
     assert any(url.endswith("/graphql") for url in sockets), sockets

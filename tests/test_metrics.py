@@ -105,6 +105,16 @@ def test_metrics_need_a_key_when_keys_are_set(vbatch_home):
         assert scraped[("vbatch_batches", ("project", DEFAULT_PROJECT), ("status", "completed"))] == 0
 
 
+def test_engine_addresses_are_for_admins_only(vbatch_home):
+    """/metrics/targets names every engine's address (Prometheus finds them there): an admin key's, never a use
+    key's (issue 30)."""
+    with api_client(_app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))) as client:
+        refused = client.get("/metrics/targets", headers={"Authorization": f"Bearer {USE_KEY}"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
+        answered = client.get("/metrics/targets", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert answered.status_code == 200 and isinstance(answered.json(), list)
+
+
 def _usage(db, project_id: str, *, minute: int, model: str = "vbatch-tiny-chat", kind: str = "completions",
            batch: bool = False, requests: int = 1, tokens: tuple[int, int] = (10, 5), seconds: float = 1.0,
            key: str | None = None) -> None:

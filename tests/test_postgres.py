@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import sqlalchemy as sa
 from dagster import DagsterInstance
 
@@ -67,3 +70,52 @@ def test_a_machine_without_postgresql_gets_one_for_the_tests(monkeypatch):
     finally:
         server.stop()
     assert not reachable(url, timeout=1) and not server.root.exists()
+
+
+@pytest.mark.postgres
+def test_health_answers_within_a_second_while_postgresql_is_stopped(vbatch_home, monkeypatch):
+    """A stalled PostgreSQL (SIGSTOP: connections accepted by the kernel, never answered) must not freeze the API
+    (issue 30): /health says so within a second, again and again, and other requests are still answered; once
+    PostgreSQL runs again, /health is ok again."""
+    import dataclasses
+    import signal
+    import time
+
+    import httpx
+    import psutil
+
+    from api.main import create_app
+    from tests.conftest import serving
+    from tests.postgres_server import EmbeddedPostgres
+
+    server = EmbeddedPostgres()
+    url = server.start()
+    try:
+        monkeypatch.setenv("VBATCH_DATABASE_URL", url)
+        settings = dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9")
+        MetadataDB(url=url).db.upgrade()
+        with serving(create_app(settings)) as api:
+            assert httpx.get(api + "/health", timeout=10).json()["database"] == "ok"
+            # Every PostgreSQL process: its backends are sessions of their own (setsid), not in the postmaster's group.
+            stalled = [server.process.pid, *(child.pid for child in psutil.Process(server.process.pid).children(True))]
+            for pid in stalled:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(1.5)  # the keys check (each second) meets the stalled server too
+                for _ in range(3):
+                    started = time.monotonic()
+                    answer = httpx.get(api + "/health", timeout=5)
+                    took = time.monotonic() - started
+                    assert took < 1.0 and answer.status_code == 503, (took, answer.text)
+                    assert answer.json()["database"].startswith("error: not answering"), answer.text
+                started = time.monotonic()
+                assert httpx.get(api + "/docs", timeout=5).status_code == 200 and time.monotonic() - started < 1.0
+            finally:
+                for pid in stalled:
+                    os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 30
+            while httpx.get(api + "/health", timeout=10).status_code != 200:
+                assert time.monotonic() < deadline, "/health did not recover once PostgreSQL ran again"
+                time.sleep(0.5)
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import Platform, chat_lines, jsonl, vllm_python
+from tests.scale_out import REPLICAS_KEY
 from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
 
@@ -23,6 +24,7 @@ def cluster(vbatch_home, replicas, monkeypatch):
     monkeypatch.setenv("VBATCH_ENGINE", "vllm")
     monkeypatch.setenv("VBATCH_VLLM_PYTHON", vllm_python())
     monkeypatch.setenv("VBATCH_ENGINES", ",".join(f"{TINY_MODEL_ID}={r.url}" for r in replicas))
+    monkeypatch.setenv("VBATCH_ENGINES_API_KEY", REPLICAS_KEY)
     monkeypatch.setenv("VBATCH_NODE", "node-c")
     for replica in replicas:
         if not replica.server.healthy():

@@ -141,7 +141,9 @@ def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platfo
 
     resource = vllm_platform.resources["inference_engine"]
     engine = resource.open(vllm_platform.registry.lookup(None))
-    share_url = _server(vllm_platform).ensure() + "/vbatch/v1/share"  # the running server's own answer
+    server = _server(vllm_platform)
+    share_url = server.ensure() + "/vbatch/v1/share"  # the running server's own answer (with its key)
+    key = server.auth_headers()
 
     def requests(prefix: str, n: int):
         return iter([(line["custom_id"], {**line["body"], "model": TINY_MODEL_ID})
@@ -160,7 +162,7 @@ def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platfo
                        and seen[-1]["waiting"].get("proj_fair_a", 0) > 0):
                 assert asyncio.get_running_loop().time() < deadline and not a.done(), seen[-3:]
                 await asyncio.sleep(0.05)
-                seen.append((await asyncio.to_thread(httpx.get, share_url)).json())
+                seen.append((await asyncio.to_thread(httpx.get, share_url, headers=key)).json())
             assert seen[-1]["slots"] == resource.slots
             assert await run_batch_requests(engine, "/v1/chat/completions", requests("b", 100),
                                             ResultFiles(tmp_path / "b"), small, concurrency=128, chunk_size=64,
@@ -173,7 +175,7 @@ def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platfo
 
     small, a_finished_then = asyncio.run(run())
     assert small.completed == 100 and a_finished_then < 3000
-    state = httpx.get(share_url).json()
+    state = httpx.get(share_url, headers=key).json()
     assert state["granted"]["proj_fair_b"] == 2 and state["passed_over"].get("proj_fair_b", 0) == 0
     assert state["passed_over"]["proj_fair_a"] >= 1  # A's queued chunks waited for B's second
 
@@ -227,3 +229,48 @@ def test_a_planned_batch_runs_identical_lines_once_and_answers_them_as_a_run_in_
     answer = {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in in_file_order}
     assert all(answer[line["custom_id"]] == line["response"]["body"]["choices"][0]["message"]["content"]
                for line in planned if line["custom_id"] != "sampled")
+
+
+def test_the_engine_serves_vbatch_only(vllm_platform, tmp_path):
+    """The managed engine takes no request without the key vbatch made at its start, on any route but its probes
+    (vLLM's own --api-key would leave /sleep, /collective_rpc, /pooling, /invocations open); loads adapters only
+    from vbatch's store; and runs without vLLM's dev mode on CPU (no sleep mode there)."""
+    import httpx
+
+    from vbatch_pipelines.engine.vllm_guard import KEY_ENV
+
+    server = _server(vllm_platform)
+    url = server.ensure()
+    key = server.auth_headers()
+    assert key and server.state()["api_key"] in key["Authorization"]
+    chat = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat),
+                               ("POST", "/invocations", chat), ("POST", "/collective_rpc", {"method": "x"}),
+                               ("POST", "/sleep", None), ("POST", "/pooling", {"input": "x"}),
+                               ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/"})):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = httpx.request(method, url + path, json=body, headers=headers, timeout=30)
+            assert refused.status_code == 401, (method, path, refused.status_code, refused.text)
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    assert "vllm:" in httpx.get(url + "/metrics", timeout=30).text  # Prometheus scrapes it without a key
+    assert httpx.post(url + "/v1/chat/completions", json=chat, headers=key, timeout=60).status_code == 200
+
+    # An adapter from anywhere but the store is refused before vLLM reads it, even with the key.
+    outside = tmp_path / "adapter"
+    outside.mkdir()
+    store = vllm_platform.file_store.fine_tunes_dir
+    store.mkdir(parents=True, exist_ok=True)
+    escape = store / "escape"
+    escape.symlink_to(outside)
+    for path in (str(outside), str(store / ".." / ".." / "adapter"), str(escape)):
+        refused = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": path},
+                             headers=key, timeout=30)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "adapter_path_refused", path
+    inside = httpx.post(url + "/v1/load_lora_adapter", headers=key, timeout=60,
+                        json={"lora_name": "missing", "lora_path": str(store / "no-such-adapter")})
+    assert inside.status_code not in (401, 403), inside.text  # vLLM's own answer: there is no adapter there
+
+    environ = open(f"/proc/{server.state()['pid']}/environ", "rb").read().split(b"\0")
+    assert b"VLLM_SERVER_DEV_MODE=1" not in environ
+    assert any(entry.startswith(KEY_ENV.encode() + b"=") for entry in environ)
+    assert server.state()["api_key"] not in " ".join(server.state()["argv"])  # never on the command line

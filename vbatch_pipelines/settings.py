@@ -111,6 +111,7 @@ class Settings:
     default_model: str | None
     models: dict[str, str]
     engines: tuple[tuple[str, str], ...]  # (base model, URL) of vLLM servers running elsewhere, one per replica
+    engines_api_key: str | None  # the key those servers take (their --api-key, or vbatch's engine key)
     tool_parsers: dict[str, str]  # base model -> vLLM tool parser its managed engine reads "auto" tool calls with
     node: str  # VBATCH_NODE (default the short host name): this node in the engine registry and cluster mode
     engine_host: str  # the address this node's engines bind to
@@ -275,6 +276,7 @@ def load_settings() -> Settings:
         default_model=_env("VBATCH_DEFAULT_MODEL"),
         models=_parse_models(_env("VBATCH_MODELS")),
         engines=_parse_engines(_env("VBATCH_ENGINES")),
+        engines_api_key=_env("VBATCH_ENGINES_API_KEY"),
         tool_parsers=_parse_tool_parsers(_env("VBATCH_TOOL_PARSERS")),
         node=_env("VBATCH_NODE") or socket.gethostname().split(".")[0],
         engine_host=_env("VBATCH_ENGINE_HOST", "127.0.0.1"),

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+
+from api.deps import require_admin
 
 router = APIRouter(tags=["operations"])
 
@@ -32,11 +34,12 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/metrics/targets", response_class=JSONResponse, response_model=list[ScrapeTarget])
+@router.get("/metrics/targets", response_class=JSONResponse, response_model=list[ScrapeTarget],
+            dependencies=[Depends(require_admin)])
 def metric_targets(request: Request) -> JSONResponse:
     """Each engine (every replica, on every node) as a scrape target (``http_sd_configs`` in
     `deploy/prometheus.yml`), labelled with its model and node: vLLM's own ``/metrics`` (requests running and
-    waiting, KV-cache use, tokens)."""
+    waiting, KV-cache use, tokens). Admin keys only: it tells where every engine listens."""
     from vbatch_pipelines.metrics import engine_states
 
     engines = engine_states(request.app.state.resources["inference_engine"])

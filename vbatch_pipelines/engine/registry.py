@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
@@ -33,11 +33,12 @@ class Replica:
     pid: int | None = None
     adapters: tuple[str, ...] = ()
     last_error: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # what a managed engine takes requests with
 
     @classmethod
     def of(cls, row: EngineRecord) -> Replica:
         return cls(row.id, row.model, row.base_url, row.node, row.kind, row.status, row.pid,
-                   tuple(row.adapters or ()), row.last_error)
+                   tuple(row.adapters or ()), row.last_error, row.api_key)
 
 
 def managed_id(node: str, model: str) -> str:
@@ -54,8 +55,9 @@ class EngineRegistry:
         self.db = db
 
     def record(self, *, id: str, model: str, base_url: str, node: str, kind: str, status: str = UP,
-               pid: int | None = None, adapters: list[str] | None = None, error: str | None = None) -> None:
-        """Upsert one server's state (what a node saw just now)."""
+               pid: int | None = None, adapters: list[str] | None = None, error: str | None = None,
+               api_key: str | None = None) -> None:
+        """Upsert one server's state (what a node saw just now); ``api_key`` a managed engine's, set as it starts."""
         with self.db.session() as session:
             row = session.get(EngineRecord, id)
             if row is None:
@@ -66,6 +68,8 @@ class EngineRegistry:
                 row.pid = pid
             if adapters is not None:
                 row.adapters = sorted(adapters)
+            if api_key is not None:
+                row.api_key = api_key
             row.last_error = error[:2000] if error else None
             row.checked_at = time.time()
 

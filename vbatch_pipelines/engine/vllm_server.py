@@ -1,7 +1,9 @@
 """A long-lived vLLM OpenAI server per base model, shared by every batch and online request.
 
 Dagster runs are short-lived processes; the model must stay warm between them, so the server is a
-``DetachedServer`` with its state in ``$VBATCH_HOME/engines/<model>.json``. Servers run with ``--enable-lora`` and runtime LoRA updating, so fine-tunes deploy without a restart.
+``DetachedServer`` with its state in ``$VBATCH_HOME/engines/<model>.json``. Servers run with ``--enable-lora`` and
+runtime LoRA updating, so fine-tunes deploy without a restart; each takes requests only with the key vbatch made
+at its start (``vllm_guard``: it keeps the probes open, and adapters to vbatch's store).
 An embedding model gets a server of its own on vLLM's pooling runner (``--runner pooling``; vLLM converts a
 decoder itself, ``--convert auto`` resolving to ``embed``, and reads the pooling from the model's
 sentence-transformers files): no LoRA there, vbatch fine-tunes generative models only.
@@ -22,6 +24,7 @@ import httpx
 from vbatch_pipelines.child_env import without_secrets
 from vbatch_pipelines.detached import DetachedServer
 from vbatch_pipelines.engine import vllm_batch_middleware as BATCH_MIDDLEWARE
+from vbatch_pipelines.engine import vllm_guard as GUARD
 from vbatch_pipelines.engine.base import EngineResponse, EngineUnavailable, Share
 from vbatch_pipelines.engine.registry import DOWN, STOPPED, UP, EngineRegistry, external_id, managed_id
 from vbatch_pipelines.engine.start_errors import EngineStartError, explain
@@ -80,6 +83,8 @@ class VLLMServerConfig:
     startup_timeout_s: float = 300.0
     host: str = "127.0.0.1"  # the address it binds to: loopback on one machine, the node's on several
     advertise_host: str | None = None  # how other nodes reach it when it binds to every address
+    adapter_roots: list[str] = field(default_factory=list)  # where LoRA adapters may be loaded from (the store)
+    api_key: str | None = None  # a fixed key (a server another vbatch uses: VBATCH_ENGINES_API_KEY); default new
 
 
 class AdapterLoadError(RuntimeError):
@@ -93,23 +98,28 @@ class VLLMServerAPI:
     model: ModelSpec
     adapters: Callable[[], dict[str, str]]  # the deployed fine-tunes (name -> adapter dir)
 
+    def auth_headers(self) -> dict[str, str]:
+        """What every request to the server carries: its key (none for a server that takes none)."""
+        raise NotImplementedError
+
     def probe(self, url: str, timeout: float) -> bool:
         try:
             if local_http().get(f"{url}/health", timeout=timeout).status_code != 200:
                 return False
-            served = local_http().get(f"{url}/v1/models", timeout=timeout).json()
+            served = local_http().get(f"{url}/v1/models", headers=self.auth_headers(), timeout=timeout).json()
             return any(m.get("id") == self.model.id for m in served.get("data", []))
         except (httpx.HTTPError, ValueError):
             return False
 
     def loaded_models(self, url: str) -> list[str]:
-        return [m["id"] for m in local_http().get(f"{url}/v1/models", timeout=10).json().get("data", [])]
+        return [m["id"] for m in local_http().get(f"{url}/v1/models", headers=self.auth_headers(),
+                                                  timeout=10).json().get("data", [])]
 
     def load_adapter_at(self, url: str, name: str, path: str) -> None:
         if name in self.loaded_models(url):
             return
         response = local_http().post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
-                                     timeout=300)
+                                     headers=self.auth_headers(), timeout=300)
         if response.status_code != 200 and "already been loaded" not in response.text:
             raise AdapterLoadError(f"vLLM refused to load the adapter {name} from {path}: "
                                    f"{response.status_code} {response.text[:500]}")
@@ -117,7 +127,8 @@ class VLLMServerAPI:
     def unload_adapter_at(self, url: str, name: str) -> bool:
         if name not in self.loaded_models(url):
             return False
-        response = local_http().post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+        response = local_http().post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name},
+                                     headers=self.auth_headers(), timeout=60)
         if response.status_code != 200:
             raise AdapterLoadError(f"vLLM refused to unload {name}: {response.status_code} {response.text[:500]}")
         return True
@@ -152,6 +163,11 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         self.startup_timeout_s = config.startup_timeout_s
         self.registry, self.node = registry, node
         self.replica_id = managed_id(node, model.id)
+        self._key: str | None = None  # the key of the server this object is starting
+
+    def auth_headers(self) -> dict[str, str]:
+        key = (self.state() or {}).get("api_key")
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def url_of(self, state: dict[str, Any]) -> str:
         """How this node reaches it."""
@@ -166,6 +182,9 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         return f"http://{host}:{state['port']}"
 
     def _start(self) -> str:
+        import secrets
+
+        self._key = self.config.api_key or secrets.token_urlsafe(32)  # new per start: an old key opens nothing
         try:
             url = super()._start()
         except EngineStartError as exc:  # other nodes see it down, and why
@@ -175,7 +194,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
             state = self.state() or {}
             self.registry.record(id=self.replica_id, model=self.model.id, base_url=self.advertised_url(state),
                                  node=self.node, kind="managed", pid=state.get("pid"),
-                                 adapters=list(self.adapters()))
+                                 adapters=list(self.adapters()), api_key=state.get("api_key"))
         return url
 
     def handover(self) -> int | None:
@@ -189,7 +208,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
             self.registry.mark(self.replica_id, DOWN, error)
 
     def state_extra(self) -> dict[str, Any]:
-        return {"model": self.model.id, "path": self.model.path, "task": self.model.task}
+        return {"model": self.model.id, "path": self.model.path, "task": self.model.task, "api_key": self._key}
 
     @property
     def label(self) -> str:
@@ -241,6 +260,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
             "--port", str(port),
             "--disable-uvicorn-access-log",  # its stats stay on: its /metrics feeds Prometheus and the dashboard
             "--middleware", f"{BATCH_MIDDLEWARE.__name__}.batch_requests",
+            "--middleware", f"{GUARD.__name__}.{GUARD.require_key.__name__}",  # added last: runs first
             # the batch middleware's fair share sets each batch request's priority: online requests (0) first
             "--scheduling-policy", "priority",
             *(["--trust-remote-code"] if self.model.trust_remote_code else []),
@@ -261,7 +281,8 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         if not self.healthy(state):
             return False
         try:
-            return local_http().post(f"{self.url_of(state)}/sleep", params={"level": 1}, timeout=120).status_code == 200
+            return local_http().post(f"{self.url_of(state)}/sleep", params={"level": 1}, headers=self.auth_headers(),
+                                     timeout=120).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -270,7 +291,8 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         if not self.healthy(state):
             return False
         try:
-            return local_http().post(f"{self.url_of(state)}/wake_up", timeout=300).status_code == 200
+            return local_http().post(f"{self.url_of(state)}/wake_up", headers=self.auth_headers(),
+                                     timeout=300).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -293,12 +315,20 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         # The batch middleware is imported from this checkout inside vLLM's own env (it needs only vLLM).
         package_root = str(Path(BATCH_MIDDLEWARE.__file__).resolve().parents[2])
         pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        # Runtime LoRA loading, and the /sleep and /wake_up routes (served only in dev mode).
-        # The model is on disk: the engine needs none of vbatch's secrets (nor HF_TOKEN).
-        return without_secrets(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1",
+        # Runtime LoRA loading (from the store only: vllm_guard). Dev mode serves /sleep and /wake_up, and with
+        # them /collective_rpc and other debugging routes: only where sleep mode is used (a GPU engine lends its
+        # memory to a fine-tune), behind the engine's key like every route.
+        # The model is on disk: the engine needs none of vbatch's secrets (nor HF_TOKEN), only its own key.
+        return without_secrets(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", **self.dev_mode_env(),
+                               **{GUARD.KEY_ENV: self._key or "", GUARD.ADAPTER_ROOTS_ENV: os.pathsep.join(
+                                   str(Path(root)) for root in self.config.adapter_roots)},
                                PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath, **TOOL_CALL_ENV,
                                VBATCH_ENGINE_SLOTS=str(self.config.engine_slots),
                                **(cpu_engine_env() if self.config.gpus == 0 else {}))
+
+
+    def dev_mode_env(self) -> dict[str, str]:
+        return {"VLLM_SERVER_DEV_MODE": "1"} if self.config.gpus else {}
 
 
 def managed_server_states(engines_dir: Path) -> list[tuple[ModelSpec, dict[str, Any]]]:
@@ -331,11 +361,15 @@ class RemoteVLLMServer(VLLMServerAPI):
 
     def __init__(self, model: ModelSpec, url: str, adapters: Callable[[], dict[str, str]] = dict,
                  registry: EngineRegistry | None = None, *, replica_id: str | None = None, node: str = "external",
-                 kind: str = "external", probe_timeout_s: float = 5.0):
+                 kind: str = "external", probe_timeout_s: float = 5.0, api_key: str | None = None):
         self.model, self.url, self.adapters = model, url.rstrip("/"), adapters
+        self._api_key = api_key  # another node's managed engine's (the registry's); an external one takes none
         self.registry, self.node, self.kind = registry, node, kind
         self.replica_id = replica_id or external_id(model.id, self.url)
         self.probe_timeout_s = probe_timeout_s
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
 
     def healthy(self) -> bool:
         return self.probe(self.url, self.probe_timeout_s)
@@ -404,7 +438,7 @@ class VLLMEngine:
 
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                connector=aiohttp.TCPConnector(limit=self._max_connections), headers=self.server.auth_headers(),
                 timeout=aiohttp.ClientTimeout(total=self._timeout_s),
                 json_serialize=lambda obj: json.dumps(obj, separators=(",", ":")),
             )

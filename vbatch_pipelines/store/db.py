@@ -61,6 +61,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+# A server that does not answer fails a connect in 10 s instead of never; a statement runs 2 min at most (vbatch's
+# take milliseconds: one that runs longer holds locks others wait for); a peer that vanished is noticed by TCP
+# keepalives within about a minute. Migrations lift the statement limit for their own transaction.
+POSTGRES_TIMEOUTS = {"connect_timeout": 10, "options": "-c statement_timeout=120000", "keepalives": 1,
+                     "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 # A Connection option: its transaction begins with SQLite's write lock (set by _lock_what_is_read).
 _IMMEDIATE = "vbatch_sqlite_immediate"
 
@@ -112,7 +117,8 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         else:
-            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                                        connect_args=POSTGRES_TIMEOUTS)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "do_orm_execute", _lock_what_is_read)
         event.listen(self._sessions, "after_begin", _begun)
@@ -149,6 +155,7 @@ class Database:
             # The lock: on PostgreSQL an advisory one for the transaction; on SQLite its write lock, taken as the
             # transaction begins (IMMEDIATE); the next process waits for it up to busy_timeout.
             if self.engine.dialect.name == "postgresql":
+                connection.exec_driver_sql("SET LOCAL statement_timeout = 0")  # a migration takes what it takes
                 connection.exec_driver_sql("SELECT pg_advisory_xact_lock(724242)")
             if revision(connection) != head:  # else another process upgraded it meanwhile
                 config.attributes["connection"] = connection

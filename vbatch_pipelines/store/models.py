@@ -434,6 +434,7 @@ class EngineRecord(Base):
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)  # a managed engine's, on its node
     adapters: Mapped[list | None] = mapped_column(JSON, nullable=True)  # LoRA adapters loaded when last checked
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    api_key: Mapped[str | None] = mapped_column(String(128), nullable=True)  # a managed engine's (vllm_guard)
     checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
 
