@@ -17,7 +17,17 @@ from resources import FileStore, InferenceEngine, LabelStudio, ModelRegistry, Tr
 from vbatch_pipelines.engine.base import Engine
 from vbatch_pipelines.fine_tuning.training_data import model_max_length
 from vbatch_pipelines.launch import BatchLauncher
-from vbatch_pipelines.projects import DEFAULT_PROJECT, OPERATOR, Caller, any_keys, audit, caller_of_key
+from vbatch_pipelines.projects import (
+    DEFAULT_PROJECT,
+    OPERATOR,
+    Caller,
+    any_keys,
+    audit,
+    caller_of_key,
+    caller_of_key_hash,
+    secret_hash,
+    session_key_hash,
+)
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.store.db import Database
 
@@ -142,16 +152,35 @@ def caller_of(settings, db: Database, token: str) -> Caller | None:
     """The caller a key makes (the API's bearer key, the console's login), None for an unknown or revoked one."""
     role = role_of_key(settings, token)
     if role is not None:
-        return Caller(DEFAULT_PROJECT, "admin" if role == "admin" else "member", role == "admin", None,
-                      "VBATCH_ADMIN_KEYS" if role == "admin" else "VBATCH_API_KEYS")
+        return _settings_caller(role)
     return caller_of_key(db, token)
+
+
+def caller_of_session(settings, db: Database, token: str) -> Caller | None:
+    """The caller behind a console session's token: the key it was opened with, as that key stands now (revoked,
+    or gone from the settings: no caller); None for an unknown, ended or expired session."""
+    key_hash = session_key_hash(db, token)
+    if key_hash is None:
+        return None
+    role = role_of_key_hash(settings, key_hash)
+    return _settings_caller(role) if role is not None else caller_of_key_hash(db, key_hash)
+
+
+def _settings_caller(role: Role) -> Caller:
+    return Caller(DEFAULT_PROJECT, "admin" if role == "admin" else "member", role == "admin", None,
+                  "VBATCH_ADMIN_KEYS" if role == "admin" else "VBATCH_API_KEYS")
 
 
 def role_of_key(settings, token: str) -> Role | None:
     """The role a key of the settings gives, None for a key not in them."""
+    return role_of_key_hash(settings, secret_hash(token))
+
+
+def role_of_key_hash(settings, key_hash: str) -> Role | None:
+    """``role_of_key`` by the key's hash."""
     # Every key is compared (no early exit), so the time taken says nothing of which list matched.
-    admin = [same_secret(token, key) for key in settings.admin_keys]
-    use = [same_secret(token, key) for key in settings.api_keys]
+    admin = [same_secret(key_hash, secret_hash(key)) for key in settings.admin_keys]
+    use = [same_secret(key_hash, secret_hash(key)) for key in settings.api_keys]
     if any(admin):
         return "admin"
     if any(use):

@@ -179,10 +179,12 @@ class KeyBeforeBody:
     """A key check that needs only headers, ahead of anything that reads the body. Exempt: Label Studio's webhooks
     (their own shared secret) and the console's login form (it brings the key)."""
 
-    def __init__(self, app, *, required: Callable[[], bool], caller_of: Callable[[str], object | None]):
+    def __init__(self, app, *, required: Callable[[], bool], caller_of: Callable[[str], object | None],
+                 session_of: Callable[[str], object | None]):
         self.app = app
         self.required = required  # whether a request needs a key now (deps.keys_required)
         self.caller_of = caller_of  # the caller a key makes, None for an unknown or revoked one (deps.caller_of)
+        self.session_of = session_of  # the caller of a console session's token (deps.caller_of_session)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in UNSAFE_METHODS:
@@ -197,7 +199,7 @@ class KeyBeforeBody:
         if not self.required():
             return await self.app(scope, receive, send)
         token = _cookie(scope, CONSOLE_COOKIE) if console else _bearer(scope)
-        caller = await asyncio.to_thread(self.caller_of, token) if token else None
+        caller = await asyncio.to_thread(self.session_of if console else self.caller_of, token) if token else None
         if caller is None:
             if console:  # the console's own answer to a missing login: its login page
                 from urllib.parse import quote

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
 from api import console
-from api.deps import EnginePool, caller_of, caller_role, check_keys, keys_required
+from api.deps import EnginePool, caller_of, caller_of_session, caller_role, check_keys, keys_required
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard, KeyBeforeBody, LoginThrottle, NoFraming
 from api.probes import BackgroundProbe, FixedState, http_check
@@ -151,7 +151,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,
                        max_request_bytes=settings.max_request_bytes)
     app.add_middleware(KeyBeforeBody, required=lambda: keys_required(app.state),
-                       caller_of=lambda token: caller_of(app.state.settings, app.state.db, token))
+                       caller_of=lambda token: caller_of(app.state.settings, app.state.db, token),
+                       session_of=lambda token: caller_of_session(app.state.settings, app.state.db, token))
     app.add_middleware(DriveByGuard, allowed_hosts=settings.allowed_hosts,
                        enabled=lambda: not keys_required(app.state))
     app.add_middleware(NoFraming)

@@ -730,6 +730,45 @@ def test_no_site_can_frame_the_console(vbatch_home):
         assert refused.status_code >= 400 and refused.headers["x-frame-options"] == "DENY"
 
 
+def test_a_console_login_is_a_server_side_session_that_logging_out_ends(vbatch_home):
+    """The console's cookie is a session token kept server-side, never the key (issue 30): a copy of it opens
+    nothing once its owner logged out, nor once its key was revoked; a key itself is no cookie; over HTTPS
+    through a trusted proxy (X-Forwarded-Proto from 127.0.0.1, uvicorn's --forwarded-allow-ips) it is Secure."""
+    import httpx
+
+    from tests.conftest import serving
+    from vbatch_pipelines.projects import create_key, create_project, revoke_key
+
+    app = _app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))
+    with api_client(app, follow_redirects=False) as client:
+        logged_in = client.post("/ui/login", data={"key": USE_KEY, "next": "/ui/batches"})
+        cookie = logged_in.cookies["vbatch_console"]
+        assert cookie.startswith("vbs-") and USE_KEY not in logged_in.headers["set-cookie"]
+        assert all(flag in logged_in.headers["set-cookie"].lower() for flag in ("httponly", "samesite=strict"))
+        stolen = api_client(app, follow_redirects=False, cookies={"vbatch_console": cookie})
+        assert stolen.get("/ui/batches").status_code == 200
+        assert client.post("/ui/logout").status_code == 303
+        for answer in (stolen.get("/ui/batches"), stolen.post("/ui/batches/none/cancel")):
+            assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/login"), answer.text
+        raw_key = api_client(app, follow_redirects=False, cookies={"vbatch_console": USE_KEY})
+        assert raw_key.get("/ui/batches").status_code == 303
+
+        project = create_project(app.state.db, "night-shift")
+        key, secret = create_key(app.state.db, project.id, "laptop", "ada")
+        client.cookies.clear()
+        assert client.post("/ui/login", data={"key": secret, "next": "/ui"}).status_code == 303
+        assert client.get("/ui").status_code == 200
+        revoke_key(app.state.db, key.id)
+        assert client.get("/ui").status_code == 303  # the key's sessions end with it
+
+    with serving(app) as url:
+        plain = httpx.post(url + "/ui/login", data={"key": USE_KEY}, headers={"Origin": url})
+        proxied = httpx.post(url + "/ui/login", data={"key": USE_KEY},
+                             headers={"Origin": url, "X-Forwarded-Proto": "https"})
+        assert "secure" not in plain.headers["set-cookie"].lower()
+        assert "secure" in proxied.headers["set-cookie"].lower()
+
+
 def test_guessing_keys_at_the_login_form_is_logged_and_throttled(vbatch_home, caplog):
     """Each refused key is logged with the client's address; after five, the address is refused without its key
     being tried (even the right one) until the window passes; another address is not held back."""

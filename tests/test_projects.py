@@ -222,7 +222,8 @@ def test_the_audit_log_says_who_did_what(vbatch_home, tiny_model_path):
                         ("file.deleted", "lead", other["id"])]
         assert all(e["project"]["id"] == (team if e["actor"]["api_key"]["name"] == "lead" else "proj_default")
                    for e in events)
-        page = client.get("/ui/audit", headers={"Cookie": f"vbatch_console={ADMIN}"})
+        assert client.post("/ui/login", data={"key": ADMIN, "next": "/ui/audit"}).status_code in (200, 303)
+        page = client.get("/ui/audit")
         assert page.status_code == 200 and all(f"<td>{t}</td>" in page.text for t, _, _ in seen)
         only = client.get("/v1/organization/audit_logs", params={"event_types[]": "api_key.revoked"},
                           headers=_bearer(ADMIN)).json()["data"]

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from vbatch_pipelines.errors import NotFound, VbatchError
 from vbatch_pipelines.store.db import Database
-from vbatch_pipelines.store.models import DEFAULT_PROJECT, ApiKey, Owner, Project
+from vbatch_pipelines.store.models import DEFAULT_PROJECT, ApiKey, ConsoleSession, Owner, Project
 
 ProjectRole = Literal["member", "admin"]
 PROJECT_ROLES = ("member", "admin")
@@ -191,9 +191,14 @@ def caller_of_key(db: Database, token: str) -> Caller | None:
     """The caller a project key makes, or None: unknown, revoked, or its project archived."""
     if not token.startswith(KEY_PREFIX):
         return None
+    return caller_of_key_hash(db, secret_hash(token))
+
+
+def caller_of_key_hash(db: Database, key_hash: str) -> Caller | None:
+    """``caller_of_key`` by the key's hash (what a console session keeps)."""
     with db.session() as session:
         row = session.execute(select(ApiKey, Project.archived_at).join(Project, Project.id == ApiKey.project_id)
-                              .where(ApiKey.secret_hash == secret_hash(token))).first()
+                              .where(ApiKey.secret_hash == key_hash)).first()
         if row is None:
             return None
         key, archived_at = row
@@ -206,6 +211,38 @@ def caller_of_key(db: Database, token: str) -> Caller | None:
 
 
 CLI = Caller(DEFAULT_PROJECT, "admin", True, None, "operator (CLI)")
+SESSION_PREFIX = "vbs-"
+SESSION_TTL_S = 12 * 3600  # a console login lasts a working day
+
+
+def start_session(db: Database, key: str) -> str:
+    """A console session for a key already checked: its token (the cookie's value), shown to nobody else. Sessions
+    past their time are swept as a new one starts."""
+    token = SESSION_PREFIX + secrets.token_urlsafe(32)
+    now = int(time.time())
+    with db.session() as session:
+        session.query(ConsoleSession).filter(ConsoleSession.expires_at < now).delete()
+        session.add(ConsoleSession(id=secret_hash(token), key_hash=secret_hash(key), created_at=now,
+                                   expires_at=now + SESSION_TTL_S))
+    return token
+
+
+def session_key_hash(db: Database, token: str) -> str | None:
+    """The hash of the key a live session was opened with; None for an unknown, ended or expired one."""
+    if not token.startswith(SESSION_PREFIX):
+        return None
+    row = db.get(ConsoleSession, secret_hash(token))
+    if row is None or row.ended_at is not None or row.expires_at <= time.time():
+        return None
+    return row.key_hash
+
+
+def end_session(db: Database, token: str) -> None:
+    """Log out: the session's token opens nothing from now on, wherever its cookie was copied to."""
+    with db.session() as session:
+        row = session.get(ConsoleSession, secret_hash(token), with_for_update=True)
+        if row is not None and row.ended_at is None:
+            row.ended_at = int(time.time())
 
 
 def audit(db: Database, caller: Caller, type: str, target: str, **details) -> None:

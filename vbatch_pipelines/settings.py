@@ -123,6 +123,7 @@ class Settings:
     api_keys: tuple[str, ...]  # use keys: files, batches, inference, curation, fine-tuning
     admin_keys: tuple[str, ...]  # also: install and delete base models (VBATCH_ADMIN_KEYS)
     allowed_hosts: tuple[str, ...]  # Host names the API answers without keys, besides loopback names
+    forwarded_allow_ips: str  # proxies whose X-Forwarded-Proto/-For the API trusts (uvicorn's --forwarded-allow-ips)
     model_sources: tuple[Path, ...]  # directories admins may install local models from
     allow_remote_code: bool  # whether an admin may install a model with trust_remote_code
     api_port: int
@@ -288,6 +289,7 @@ def load_settings() -> Settings:
         api_keys=_list("VBATCH_API_KEYS"),
         admin_keys=_list("VBATCH_ADMIN_KEYS"),
         allowed_hosts=tuple(host.lower() for host in _list("VBATCH_ALLOWED_HOSTS")),
+        forwarded_allow_ips=_env("VBATCH_FORWARDED_ALLOW_IPS", "127.0.0.1"),
         model_sources=tuple(Path(p).expanduser().resolve() for p in _list("VBATCH_MODEL_SOURCES"))
         or (layout.models_dir,),
         allow_remote_code=_switch("VBATCH_ALLOW_REMOTE_CODE", False),

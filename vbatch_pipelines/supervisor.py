@@ -511,7 +511,7 @@ def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, st
                 logs / "dagster-daemon.log"),
         Service("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
                         "--port", str(addresses.api_port), "--workers", str(prepared.api_workers),
-                        "--log-level", "warning"],
+                        "--log-level", "warning", "--forwarded-allow-ips", settings.forwarded_allow_ips],
                 {**env, WARM_AT_START_ENV: "1"},  # its launcher opens the Dagster instance as it starts
                 logs / "api.log", addresses.api_port, f"{addresses.api_url}/health"),
     )}

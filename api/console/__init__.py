@@ -18,7 +18,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
-from api.deps import Role, caller_of, keys_required
+from api.deps import Role, caller_of, caller_of_session, keys_required
 from api.guard import AUTHENTICATED, CONSOLE_COOKIE
 from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.protocol import SUPPORTED_ENDPOINTS
@@ -62,7 +62,7 @@ def console_login(request: Request) -> Caller:
     if not keys_on(request):
         caller = OPERATOR
     else:
-        caller = getattr(request.state, AUTHENTICATED, None) or caller_of(  # a form's: checked before its body
+        caller = getattr(request.state, AUTHENTICATED, None) or caller_of_session(  # a form's: checked already
             request.app.state.settings, request.app.state.db, request.cookies.get(COOKIE, ""))
         if caller is None:
             raise LoginRequired(request.url.path)
@@ -110,8 +110,10 @@ def login_form(request: Request, next: str = "/ui", error: str | None = None) ->
 
 @router.post("/login")
 def login(request: Request, key: str = Form(max_length=512), next: str = Form("/ui")) -> Response:
-    """A key for a cookie. Each refused key is logged with the client's address; an address with too many recent
-    refusals is answered 429 without its key being tried."""
+    """A key for a session: the cookie holds a session token kept server-side (never the key), HttpOnly,
+    SameSite=Strict, Secure when the request came over HTTPS (directly, or through a proxy uvicorn trusts:
+    VBATCH_FORWARDED_ALLOW_IPS). Each refused key is logged with the client's address; an address with too many
+    recent refusals is answered 429 without its key being tried."""
     throttle, address = request.app.state.login_throttle, request.client.host if request.client else "?"
     wait = throttle.wait_s(address)
     if wait:
@@ -129,16 +131,24 @@ def login(request: Request, key: str = Form(max_length=512), next: str = Form("/
         return RedirectResponse(f"/ui/login?error=That+key+is+not+valid&next={quote(_safe_next(next))}",
                                 status_code=303)
     throttle.succeeded(address)
+    from vbatch_pipelines.projects import SESSION_TTL_S, start_session
+
     response = RedirectResponse(_safe_next(next), status_code=303)
-    response.set_cookie(COOKIE, key.strip(), httponly=True, samesite="strict", path="/ui",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(COOKIE, start_session(request.app.state.db, key.strip()), max_age=SESSION_TTL_S,
+                        httponly=True, samesite="strict", path="/ui", secure=request.url.scheme == "https")
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request) -> Response:
+    """Ends the session on the server too: its token, wherever a copy of the cookie went, opens nothing more."""
+    from vbatch_pipelines.projects import end_session
+
+    token = request.cookies.get(COOKIE)
+    if token:
+        end_session(request.app.state.db, token)
     response = RedirectResponse("/ui/login", status_code=303)
-    response.delete_cookie(COOKIE, path="/ui")
+    response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict")
     return response
 
 

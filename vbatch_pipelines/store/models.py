@@ -465,6 +465,20 @@ class Project(Base):
                 "quotas": self.quotas(), "weight": self.weight}
 
 
+class ConsoleSession(Base):
+    """A console login: its cookie holds a random token (only its hash is kept here), never the API key. The caller
+    is looked up through the key's hash on each request: a revoked key, or one taken out of the settings, ends
+    its sessions; logging out ends one."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the session token
+    key_hash: Mapped[str] = mapped_column(String(64), index=True)  # sha256 hex of the key it was opened with
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    ended_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
 class ApiKey(Base):
     """A project's API key. Only a hash of the secret is kept; the secret is shown once, when created. A revoked
     key stays, for the record of who did what."""
