@@ -149,3 +149,26 @@ def test_each_projects_reviewers_see_and_review_only_its_tasks(teams):
                                  json={"email": "admin@vbatch.local"}, headers={"Authorization": f"Bearer {b_admin}"}),
                      400, param="email")
     assert as_alice.project_ids() == {a_ls_project}  # her login was left as it was
+
+
+def test_label_studio_reaches_no_private_address_but_vbatchs_webhook(label_studio_server):
+    """Label Studio runs with its SSRF protection on (issue 30): a webhook (or any URL a user gives it) into a
+    private network, cloud metadata or this machine is refused; the one address vbatch takes its webhooks at
+    (the API on 127.0.0.1) is not."""
+    _, conn = label_studio_server
+    headers = {"Authorization": f"Token {conn.token}"}
+    project = httpx.post(conn.url + "/api/projects", json={"title": "ssrf"}, headers=headers, timeout=30).json()["id"]
+
+    def webhook(url: str) -> httpx.Response:
+        return httpx.post(conn.url + "/api/webhooks/", json={"project": project, "url": url, "send_payload": True},
+                          headers=headers, timeout=30)
+
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/hook", "http://192.168.1.1/hook",
+                "http://127.0.0.2:4080/hook", "http://[::1]:4080/hook", "http://0.0.0.0:4080/hook"):
+        refused = webhook(url)
+        # 403 "URL resolves to a reserved network address"; an IPv6 literal Label Studio cannot even resolve (500)
+        assert refused.status_code >= 400, (url, refused.status_code, refused.text)
+    allowed = webhook("http://127.0.0.1:4080/v1/webhooks/label-studio")
+    assert allowed.status_code == 201, allowed.text
+    made = httpx.get(conn.url + "/api/webhooks/", params={"project": project}, headers=headers, timeout=30).json()
+    assert [hook["url"] for hook in made] == ["http://127.0.0.1:4080/v1/webhooks/label-studio"]

@@ -103,8 +103,8 @@ class ManagedLabelStudio(DetachedServer):
                    LABEL_STUDIO_BASE_DATA_DIR=str(self.state_dir / "data"),
                    LABEL_STUDIO_USERNAME=creds["username"], LABEL_STUDIO_PASSWORD=creds["password"],
                    LABEL_STUDIO_USER_TOKEN=creds["token"], LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
-                   # webhooks go to vbatch on 127.0.0.1, which SSRF protection would refuse
-                   SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false", SENTRY_DSN="",
+                   # SSRF protection is on (vbatch_ls_settings: every reserved range but the API's 127.0.0.1)
+                   LATEST_VERSION_CHECK="false", SENTRY_DSN="",
                    FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false", PYTHONUNBUFFERED="1",
                    # each vbatch project's reviewers in an organization of their own, kept apart; people join
                    # through vbatch (`vbatch label-studio add-reviewer`), not an open sign-up page
