@@ -209,7 +209,7 @@ class EnginePool:
         """The warm engine of the model a request of ``project_id`` names (for ``endpoint``: its default model,
         and a 400 when the model cannot serve it); ModelNotFound is a 404 naming the models it may use (another
         project's fine-tune is one it may not)."""
-        spec = self.registry.for_endpoint(model_name, endpoint, project_id)
+        spec = await asyncio.to_thread(self.registry.for_endpoint, model_name, endpoint, project_id)
         async with self._lock:
             engine = self._engines.get(spec.id)
             if engine is None:
@@ -231,7 +231,7 @@ class EnginePool:
                            project_id: str) -> None:
         """Refuse, before any engine starts, what the model can never produce (or a model that does not
         generate); ``param`` is the request's field that asked for ``max_new_tokens``."""
-        spec = self.registry.for_endpoint(model_name, endpoint, project_id)
+        spec = await asyncio.to_thread(self.registry.for_endpoint, model_name, endpoint, project_id)
         context = self.context_length(spec)
         if context is not None and max_new_tokens >= context:
             raise OpenAIError(400, f"{param} is {max_new_tokens}, but {spec.id}'s context length is {context} "

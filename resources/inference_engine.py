@@ -216,7 +216,7 @@ class InferenceEngine(ConfigurableResource):
         servers = [s for s in self.running_servers() if s.healthy()]
         asleep, stopped = [], []
         for server in servers:
-            if server.sleep():
+            if server.lend_to_training():  # the loan is recorded: a run killed before `finally` loses nothing
                 asleep.append(server)
             else:
                 server.stop()
@@ -227,8 +227,7 @@ class InferenceEngine(ConfigurableResource):
             yield
         finally:
             for server in asleep:
-                if not server.wake_up():
-                    server.stop()
+                if not server.take_back():
                     server.ensure()
             for server in stopped:
                 server.ensure()

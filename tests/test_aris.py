@@ -135,7 +135,8 @@ def test_a_gold_star_becomes_a_victory_with_one_rating_row_and_replays_change_no
     assert row["result"] == "VICTORY" and row["useAsExample"] is True and row["evaluatedAt"] is not None
     assert row["evaluatedBy"] == "admin@vbatch.local"
     (rating,) = aris.ratings("c-1")
-    assert rating["id"] == f"vbatch-{tasks['c-1']}" and rating["is_gold_star"] and rating["use_as_sample_response"]
+    assert rating["id"] == f"vbatch-{aris.db.install_id()}-c-1" and rating["is_gold_star"]
+    assert rating["use_as_sample_response"]
     assert (rating["rating"], rating["analysis_type"], rating["label_studio_task_id"]) == (4, "conquest_analysis",
                                                                                          tasks["c-1"])
     assert (rating["philosopher"], rating["domain"]) == (PHILOSOPHER, DOMAIN)
@@ -690,3 +691,93 @@ def test_the_gold_star_route_and_the_label_studio_webhook_reach_aristotle_over_h
         assert unstarred.status_code == 200 and unstarred.json()["gold_star"] is False
         assert aris.conquest("h-1")["result"] == "PENDING"
     assert isinstance(aris.aris_tick(), SkipReason), "all done by the routes: nothing left for the sensor"
+
+
+def test_a_rating_row_is_this_installs_and_this_conquests_never_anothers(aris):
+    """Rating ids carry the install's id and the conquest's (issue 30): another vbatch install's row, or one this
+    install wrote before Label Studio was reset (``vbatch-<task id>``: the same task id, another conquest), is never
+    taken for this conquest's."""
+    aris.add_conquests(["i-1", "i-other"])
+    tasks = aris.run_conquests(["i-1"])
+    aris.settle()
+    task_id = tasks["i-1"]
+    aris.sql("INSERT INTO ml_analysis_rating (id, conquest_analysis_id, analysis_type, rating, is_gold_star, "
+             "use_as_sample_response, philosopher, domain, label_studio_task_id) VALUES (:id, 'i-other', "
+             "'conquest_analysis', 2, false, false, :p, :d, :task)", id=f"vbatch-{task_id}", p=PHILOSOPHER, d=DOMAIN,
+             task=task_id)
+    aris.sql("INSERT INTO ml_analysis_rating (id, conquest_analysis_id, analysis_type, rating, is_gold_star, "
+             "use_as_sample_response, philosopher, domain, label_studio_task_id) VALUES ('vbatch-0123456789ab-i-1', "
+             "'i-1', 'conquest_analysis', 1, false, false, :p, :d, :task)", p=PHILOSOPHER, d=DOMAIN, task=task_id)
+
+    aris.star(task_id, "Solid.", 4)
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    mine = f"vbatch-{aris.db.install_id()}-i-1"
+    by_id = {row["id"]: row for row in aris.ratings("i-1")}
+    assert set(by_id) == {mine, "vbatch-0123456789ab-i-1"}
+    assert by_id[mine]["is_gold_star"] and by_id[mine]["rating"] == 4
+    assert not by_id["vbatch-0123456789ab-i-1"]["is_gold_star"], "another install's row was written"
+    (other,) = aris.ratings("i-other")
+    assert (other["id"], other["is_gold_star"], other["rating"]) == (f"vbatch-{task_id}", False, 2)
+
+
+def test_a_customer_schema_without_a_column_vbatch_writes_is_refused_at_start_not_retried(aris):
+    """Aristotle's database lacking a column vbatch writes (issue 30): `vbatch up` refuses to start naming it, the
+    sensor asks for no sync run and says why, a sync run fails with the same words; no link is failed and retried
+    with back-off for it."""
+    from integrations.aris.aristotle import AristotleSchemaMismatch
+    from integrations.aris.models import ArisLink
+    from vbatch_pipelines.supervisor import check_extensions
+
+    aris.add_conquests(["m-1"])
+    tasks = aris.run_conquests(["m-1"])
+    aris.settle()
+    check_extensions(aris.resources)  # the schema as vbatch needs it: no refusal
+    aris.sql('ALTER TABLE "Conquest" DROP COLUMN "evaluatedBy"')
+    aris.star(tasks["m-1"], "Solid.", 4)
+
+    with pytest.raises(AristotleSchemaMismatch, match='Conquest."evaluatedBy"'):
+        check_extensions(aris.resources)
+    skipped = aris.aris_tick()
+    assert isinstance(skipped, SkipReason) and 'Conquest."evaluatedBy"' in skipped.skip_message
+    result = aris.sync(expect_checks=False)
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error.message
+    assert 'Conquest."evaluatedBy"' in failure
+    with aris.db.session() as session:
+        link = session.get(ArisLink, "m-1")
+        assert link.last_error is None and link.attempts == 0
+    assert aris.conquest("m-1")["result"] == "PENDING"
+
+
+def test_a_crash_between_aristotles_write_and_vbatchs_record_keeps_the_result_to_restore(aris, monkeypatch):
+    """The result VICTORY replaces is recorded before Aristotle is written (issue 30): a process that dies right
+    after Aristotle's commit, before vbatch records the agreement, still has it, and a later un-star puts back
+    DEFEAT, not NEUTRAL."""
+    import integrations.aris.sync as aris_sync_module
+    from integrations.aris.models import ArisLink
+
+    aris.add_conquests(["d-1"], result="DEFEAT")
+    tasks = aris.run_conquests(["d-1"])
+    aris.settle()
+    aris.star(tasks["d-1"], "Actually strong.", 4)
+    assert _requested(aris.aris_tick())
+
+    def crash(*args, **kwargs):
+        raise SystemExit("the run worker died right after Aristotle's commit")
+
+    monkeypatch.setattr(aris_sync_module, "_agreed", crash)
+    with aris.db.session() as session:
+        link = session.get(ArisLink, "d-1")
+        session.expunge(link)
+    with pytest.raises(SystemExit):
+        aris_sync_module.sync_link(aris.db, aris.aristotle, aris.label_studio, link, aris.aristotle.get("d-1"),
+                                   lambda reviewer: "expert@example.com")
+    monkeypatch.undo()
+    assert aris.conquest("d-1")["result"] == "VICTORY"
+
+    aris.settle()  # the next round finds both sides gold: agreed
+    aris.star(tasks["d-1"], "Actually strong.", 4, gold=False)
+    assert _requested(aris.aris_tick())
+    aris.sync()
+    assert aris.conquest("d-1")["result"] == "DEFEAT"

@@ -223,12 +223,20 @@ def test_the_engine_runs_as_vbatch_runs_vllm(tmp_path):
     pin = next(line for line in (ROOT / "vbatch_pipelines/engine/vllm-cuda.txt").read_text().splitlines()
                if line.startswith("vllm=="))
     assert container["image"] == f"vllm/vllm-openai:v{pin.removeprefix('vllm==')}"
-    middleware = expected[expected.index("--middleware") + 1].rsplit(".", 1)[0]
+    middlewares = [expected[i + 1].rsplit(".", 1)[0] for i, arg in enumerate(expected) if arg == "--middleware"]
     tool_parser = expected[expected.index("--tool-parser-plugin") + 1]
-    for module in (middleware, tool_parser):
+    assert "vbatch_pipelines.engine.vllm_guard" in middlewares
+    for module in (*middlewares, tool_parser):
         path = module.replace(".", "/") + ".py"
         assert (ROOT / path).exists() and f"/opt/vbatch/{path}" in str(_by_kind("Deployment")["vllm-vbatch-tiny-chat"])
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in container["env"]
+    from vbatch_pipelines.engine.vllm_guard import ADAPTER_ROOTS_ENV, KEY_ENV
+
+    env = {item["name"]: item for item in container["env"]}
+    # the engine's key, from the Secret vbatch reads VBATCH_ENGINES_API_KEY from; adapters only from the store
+    assert env[KEY_ENV]["valueFrom"]["secretKeyRef"] == {"name": "vbatch-secrets", "key": "VBATCH_ENGINES_API_KEY"}
+    store = FileStore(root=config["VBATCH_HOME"], store=config.get("VBATCH_STORE"))
+    assert env[ADAPTER_ROOTS_ENV]["value"].split(":") == [str(store.fine_tunes_dir), str(store.models_dir)]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 

@@ -130,3 +130,32 @@ def test_the_engine_trainer_and_label_studio_get_no_broker_url_nor_any_url_with_
     assert not any("s3cret" in value or "hunter2" in value for value in env.values())
     assert env["HF_ENDPOINT"] == "https://hub.example.com" and env["VBATCH_ENGINE_HOST"] == "127.0.0.1"
     assert env["LABEL_STUDIO_PASSWORD"] == "its own"  # a child's own secret, given explicitly
+
+
+@pytest.mark.postgres
+def test_no_cli_command_prints_a_secret(vbatch_home, postgres_url, tmp_path):
+    """What the CLI prints lands in terminals, CI logs and (the Kubernetes setup job runs `vbatch db upgrade`) pod
+    logs: none of it may carry the database's password, the broker's, an API key or Label Studio's token, on
+    success or on failure (issue 30)."""
+    import os
+    import subprocess
+
+    from tests.conftest import CLI
+
+    secrets = {"database": "db-pass-7f3a", "broker": "broker-pass-91c2", "api": "sk-admin-key-55d0",
+               "label_studio": "ls-token-0b8e"}
+    database = postgres_url.replace("postgresql://postgres@", f"postgresql://postgres:{secrets['database']}@")
+    env = dict(os.environ, VBATCH_DATABASE_URL=database, VBATCH_ADMIN_KEYS=secrets["api"],
+               VBATCH_BROKER_URL=f"redis://:{secrets['broker']}@127.0.0.1:9/0", VBATCH_CURATION="off",
+               VBATCH_LABEL_STUDIO_TOKEN=secrets["label_studio"])
+    commands = [["db", "upgrade"], ["status"], ["projects", "list"], ["keys", "list"], ["models", "list"],
+                ["engine", "status"], ["trainer", "status"], ["label-studio", "status"], ["doctor", "--no-smoke"],
+                ["backup", "create", str(tmp_path / "backup.tar")], ["batch", "show", "batch_missing"]]
+    for command in commands:
+        run = subprocess.run([*CLI, *command], env=env, capture_output=True, text=True, timeout=300)
+        shown = run.stdout + run.stderr
+        leaked = [name for name, secret in secrets.items() if secret in shown]
+        assert not leaked, (command, leaked, shown[-2000:])
+    bad = env | {"VBATCH_DATABASE_URL": f"postgresql://postgres:{secrets['database']}@127.0.0.1:1/x"}  # nobody
+    refused = subprocess.run([*CLI, "db", "upgrade"], env=bad, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and secrets["database"] not in refused.stdout + refused.stderr, refused.stderr

@@ -274,3 +274,52 @@ def test_the_engine_serves_vbatch_only(vllm_platform, tmp_path):
     assert b"VLLM_SERVER_DEV_MODE=1" not in environ
     assert any(entry.startswith(KEY_ENV.encode() + b"=") for entry in environ)
     assert server.state()["api_key"] not in " ".join(server.state()["argv"])  # never on the command line
+
+
+LEND_AND_HANG = """
+import time
+from resources.factory import build_resources
+from vbatch_pipelines.settings import load_settings
+
+resources = build_resources(load_settings(), defer_secrets=False)
+server = resources["inference_engine"].server(resources["model_registry"].resolve(None))
+server.sleep = lambda: True  # the GPU boundary: vLLM's CPU build has no sleep mode; a GPU engine sleeps here
+assert server.lend_to_training()
+print("lent", flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_engine_lent_to_a_training_run_that_is_killed_is_taken_back(vllm_platform):
+    """A fine-tune's run worker borrows the engine (a GPU engine sleeps for it) and is SIGKILLed before it gives it
+    back (issue 30): the loan is in the engine's state, so the next one to ask for the engine finds the borrower
+    gone and takes it back (woken; on CPU, which cannot sleep, restarted) instead of adopting an engine that
+    answers its probes and fails every request. A borrower still running keeps it."""
+    import subprocess
+    import sys
+
+    server = _server(vllm_platform)
+    server.ensure()
+    pid = server.state()["pid"]
+    worker = subprocess.Popen([sys.executable, "-c", LEND_AND_HANG], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "lent"
+        assert server.state()["lent_to"]["pid"] == worker.pid
+        server.ensure()  # the borrower runs: the engine stays lent
+        assert server.state()["pid"] == pid and server.state()["lent_to"]["pid"] == worker.pid
+    finally:
+        worker.kill()  # SIGKILL: no `finally` of the run gives the engine back
+        worker.wait()
+    server.ensure()
+    state = server.state()
+    assert "lent_to" not in state and state["pid"] != pid  # taken back (restarted: a CPU engine cannot wake)
+    engine = vllm_platform.resources["inference_engine"].open(vllm_platform.registry.lookup(None))
+
+    async def chat():
+        try:
+            return await engine.request("/v1/chat/completions", {"model": TINY_MODEL_ID, "max_tokens": 4,
+                                                                  "messages": [{"role": "user", "content": "hi"}]})
+        finally:
+            await engine.aclose()
+
+    assert asyncio.run(chat()).status_code == 200

@@ -66,18 +66,18 @@ def _batch_or_404(db: Database, batch_id: str, caller: Caller) -> Batch:
     return get_or_404(db, Batch, batch_id, "batch", "batch_id", caller.project_id)
 
 
-# The route clients poll. Async: a metadata-DB read by key takes ~0.1 ms, less than the thread hand-off
-# a sync route costs; the JSONResponse skips FastAPI's generic encoder (the object is plain JSON already).
+# The route clients poll. Sync, so it runs in a worker thread: a metadata DB that stalls holds that thread, never
+# the event loop (and /health with it); the JSONResponse skips FastAPI's generic encoder (plain JSON already).
 @router.get("/batches/{batch_id}", response_class=JSONResponse, response_model=BatchObject)
-async def retrieve(batch_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> JSONResponse:
+def retrieve(batch_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> JSONResponse:
     return JSONResponse(_batch_or_404(db, batch_id, caller).to_openai())
 
 
 # Polled by dashboards (a page of 100 batches): returned as built, like ``retrieve``; validating it again
 # through the response model cost more than reading it.
 @router.get("/batches", response_class=JSONResponse, response_model=Page[BatchObject])
-async def list_batches(after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
-                       db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> JSONResponse:
+def list_batches(after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+                 db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> JSONResponse:
     with db.session() as session:
         return JSONResponse(paginate(session, Batch, after=after, limit=limit,
                                      where=(Batch.project_id == caller.project_id,)))

@@ -6,6 +6,7 @@ same handlers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -52,7 +53,7 @@ def _count(usage: OnlineUsage, caller: Caller, engine: Engine, endpoint: str, bo
 
 
 async def serve_completion(endpoint: str, request, engines: EnginePool, caller: Caller, budget: TokenBudget):
-    headers = budget.check(caller.project_id)
+    headers = await asyncio.to_thread(budget.check, caller.project_id)  # may read the DB
     await engines.check_length(request.model, request.max_new_tokens(0), endpoint, request.max_tokens_param,
                                caller.project_id)
     engine = await engines.get(request.model, endpoint, caller.project_id)
@@ -98,7 +99,7 @@ async def _counted_stream(chunks, counted):
 
 async def serve_pooling(endpoint: str, request, engine: Engine, caller: Caller, budget: TokenBudget):
     """One embeddings, score or rerank request on the model's engine (no streaming: one JSON answer)."""
-    headers = budget.check(caller.project_id)
+    headers = await asyncio.to_thread(budget.check, caller.project_id)  # may read the DB
     body = request.model_dump(exclude_unset=True)
     body["model"] = engine.model_id
     started = time.monotonic()

@@ -64,7 +64,7 @@ async def _write_review(request: Request, label_studio: LabelStudio, db: Databas
                         answer: str | None, gold_star: bool) -> dict:
     """Write the review to Label Studio (as the task's project's organization), then record it; Label Studio
     down: a 503 and nothing changed."""
-    task = _task_or_404(db, task_id, caller)
+    task = await asyncio.to_thread(_task_or_404, db, task_id, caller)
     label_studio = label_studio.for_project(task.project_id)
 
     def write() -> bool:
@@ -73,25 +73,25 @@ async def _write_review(request: Request, label_studio: LabelStudio, db: Databas
 
     if await asyncio.to_thread(write):
         await notify_reviews(request, [task_id])
-    return _task_or_404(db, task_id, caller).to_api()
+    return (await asyncio.to_thread(_task_or_404, db, task_id, caller)).to_api()
 
 
 async def _reviewed_task(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller):
     """The task as vbatch knows it. When it has recorded no review yet, Label Studio's current one (an expert's,
     not yet brought by the sensor or the webhook) is recorded first, so a review written here updates that
     annotation and keeps its edit and rating instead of adding a second annotation."""
-    task = _task_or_404(db, task_id, caller)
+    task = await asyncio.to_thread(_task_or_404, db, task_id, caller)
     if task.annotation_id is not None:
         return task
     label_studio = label_studio.for_project(task.project_id)
     if await asyncio.to_thread(lambda: record_task(db, label_studio.task(task_id))):
         await notify_reviews(request, [task_id])
-    return _task_or_404(db, task_id, caller)
+    return await asyncio.to_thread(_task_or_404, db, task_id, caller)
 
 
 @router.get("/curation/tasks/{task_id}", response_model=CurationTaskObject)
-async def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db),
-                        caller: Caller = Depends(get_caller)) -> dict:
+def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db),
+                  caller: Caller = Depends(get_caller)) -> dict:
     return _task_or_404(db, task_id, caller).to_api()
 
 
@@ -124,14 +124,14 @@ async def edit_response(body: EditRequest, request: Request, task_id: int = Task
 
 
 @router.get("/curation/stats", response_model=CurationStats)
-async def curation_stats(db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+def curation_stats(db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     return stats(db, caller.project_id)
 
 
 @router.get("/datasets", response_model=DatasetList)
-async def list_datasets(limit: int = Query(default=20, ge=1, le=100),
-                        kind: Literal["sft", "preference"] | None = Query(default=None, description="one kind only"),
-                        db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+def list_datasets(limit: int = Query(default=20, ge=1, le=100),
+                  kind: Literal["sft", "preference"] | None = Query(default=None, description="one kind only"),
+                  db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     """Both kinds of dataset version, newest first: gold stars (sft) and preference pairs."""
     with db.session() as session:
         rows = list(session.scalars(ready_datasets(caller.project_id, kind).limit(limit + 1)))
@@ -147,13 +147,13 @@ def _dataset_or_404(db: Database, version: str, caller: Caller) -> Dataset:
 
 
 @router.get("/datasets/{version}", response_model=DatasetObject)
-async def retrieve_dataset(version: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+def retrieve_dataset(version: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     return _dataset_or_404(db, version, caller).to_api()
 
 
 @router.get("/datasets/{version}/export", response_class=FileResponse, responses=DATASET_DOWNLOAD)
-async def export_dataset(version: str, format: str = "openai", split: str = "train",
-                         db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> FileResponse:
+def export_dataset(version: str, format: str = "openai", split: str = "train",
+                   db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> FileResponse:
     dataset = _dataset_or_404(db, version, caller)
     path = export_path(dataset, format, split)
     return FileResponse(path, filename=export_filename(dataset, path),

@@ -64,7 +64,7 @@ def create_file(
 
 
 @router.get("/files", response_model=Page[FileObject])
-async def list_files(
+def list_files(
     purpose: str | None = None,
     after: str | None = None,
     limit: int = Query(default=10000, ge=1, le=10000),
@@ -84,9 +84,9 @@ def _file_or_404(db: Database, file_id: str, caller: Caller) -> FileRecord:
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-async def retrieve_file(file_id: str, db: Database = Depends(get_db),
-                        policy: RetentionPolicy = Depends(get_retention_policy),
-                        caller: Caller = Depends(get_caller)) -> dict:
+def retrieve_file(file_id: str, db: Database = Depends(get_db),
+                  policy: RetentionPolicy = Depends(get_retention_policy),
+                  caller: Caller = Depends(get_caller)) -> dict:
     return with_expiry(_file_or_404(db, file_id, caller).to_openai(), policy)
 
 

@@ -107,8 +107,8 @@ def _job_or_404(db: Database, job_id: str, caller: Caller) -> FineTuningJob:
 
 
 @router.get("/fine_tuning/jobs", response_model=Page[FineTuningJobObject])
-async def list_jobs(request: Request, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
-                    db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+def list_jobs(request: Request, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+              db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     # OpenAI's SDK sends a metadata filter as metadata[key]=value
     where = [FineTuningJob.project_id == caller.project_id,
              *(FineTuningJob.metadata_[key[9:-1]].as_string() == value for key, value in request.query_params.items()
@@ -118,7 +118,7 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = Que
 
 
 @router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJobObject)
-async def retrieve(job_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+def retrieve(job_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     return _job_or_404(db, job_id, caller).to_openai()
 
 
@@ -134,8 +134,9 @@ async def deploy(job_id: str, request: Request, db: Database = Depends(get_db),
                  engines: EnginePool = Depends(get_engines), caller: Caller = Depends(get_caller)) -> dict:
     """vbatch's own: serve a succeeded job's fine-tune now — one the deploy gate held back, or one undeployed
     since — on its base model's warm engine, without a restart."""
-    await asyncio.to_thread(deploy_on_request, db, model_registry, engines.resource, _job_or_404(db, job_id, caller))
-    job = _job_or_404(db, job_id, caller)
+    job = await asyncio.to_thread(_job_or_404, db, job_id, caller)
+    await asyncio.to_thread(deploy_on_request, db, model_registry, engines.resource, job)
+    job = await asyncio.to_thread(_job_or_404, db, job_id, caller)
     await asyncio.to_thread(record, request, "fine_tune.deployed", job_id, model=job.fine_tuned_model)
     return job.to_openai()
 
@@ -161,7 +162,7 @@ def checkpoints(job_id: str, after: str | None = None, limit: int = Query(defaul
 
 
 @router.get("/fine_tuning/jobs/{job_id}/comparison", response_model=FineTuningComparison)
-async def comparison(job_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+def comparison(job_id: str, db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     """vbatch's own: base vs fine-tuned on the held-out examples (model_comparison's table)."""
     job = _job_or_404(db, job_id, caller)
     if job.comparison is None:

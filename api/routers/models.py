@@ -101,7 +101,7 @@ async def delete_model(model_id: str, request: Request, db: Database = Depends(g
                        engines: EnginePool = Depends(get_engines), role: Role = Depends(caller_role),
                        caller: Caller = Depends(get_caller)) -> dict:
     """Undeploy a fine-tune (its project's keys), or delete an installed base model (admins)."""
-    row = get_model(db, model_id)
+    row = await asyncio.to_thread(get_model, db, model_id)
     if row is not None and row.kind == "base":
         await require_admin(role)
     await asyncio.to_thread(remove_model, db, model_registry, engines.resource, model_id, caller.project_id)

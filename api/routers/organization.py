@@ -54,9 +54,9 @@ def _managed_project(db: Database, caller: Caller, project_id: str) -> Project:
 
 
 @router.get("/projects")
-async def list_projects(after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
-                        include_archived: bool = False, db: Database = Depends(get_db),
-                        caller: Caller = Depends(get_caller)) -> dict:
+def list_projects(after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+                  include_archived: bool = False, db: Database = Depends(get_db),
+                  caller: Caller = Depends(get_caller)) -> dict:
     where = [] if include_archived else [Project.archived_at.is_(None)]
     if not caller.platform_admin:
         where.append(Project.id == caller.project_id)
@@ -74,8 +74,8 @@ async def create_project(body: ProjectBody, db: Database = Depends(get_db),
 
 
 @router.get("/projects/{project_id}")
-async def retrieve_project(project_id: str, db: Database = Depends(get_db),
-                           caller: Caller = Depends(get_caller)) -> dict:
+def retrieve_project(project_id: str, db: Database = Depends(get_db),
+                     caller: Caller = Depends(get_caller)) -> dict:
     return _visible_project(db, caller, project_id).to_openai()
 
 
@@ -97,13 +97,13 @@ async def modify_project(project_id: str, body: ModifyProjectBody, db: Database 
                          caller: Caller = Depends(get_caller)) -> dict:
     """Rename a project, and (vbatch's own) set its quotas and fair-share weight: platform admins only."""
     _platform_admin(caller)
-    projects.get_project(db, project_id)
+    await asyncio.to_thread(projects.get_project, db, project_id)
     if body.name is not None:
         await asyncio.to_thread(projects.rename_project, db, project_id, body.name)
     changes = body.quotas.model_dump(exclude_unset=True) if body.quotas is not None else {}
     if changes or body.weight is not None:
         await asyncio.to_thread(lambda: set_quotas(db, project_id, weight=body.weight, **changes))
-    project = projects.get_project(db, project_id)
+    project = await asyncio.to_thread(projects.get_project, db, project_id)
     await asyncio.to_thread(projects.audit, db, caller, "project.updated", project_id, name=project.name,
                             **({"quotas": changes} if changes else {}),
                             **({"weight": body.weight} if body.weight is not None else {}))
@@ -120,8 +120,8 @@ async def archive_project(project_id: str, db: Database = Depends(get_db),
 
 
 @router.get("/projects/{project_id}/api_keys")
-async def list_keys(project_id: str, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
-                    db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+def list_keys(project_id: str, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+              db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     _managed_project(db, caller, project_id)
     with db.session() as session:
         return paginate(session, ApiKey, after=after, limit=limit, order="asc",
@@ -133,7 +133,7 @@ async def create_key(project_id: str, body: KeyBody, request: Request, db: Datab
                      caller: Caller = Depends(get_caller)) -> dict:
     """A new key; its secret is in ``value``, this once (only its hash is kept). From the first key on, every
     request needs one."""
-    _managed_project(db, caller, project_id)
+    await asyncio.to_thread(_managed_project, db, caller, project_id)
     key, secret = await asyncio.to_thread(projects.create_key, db, project_id, body.name, body.owner, body.role,
                                           caller.key_name if caller.key_id is None else caller.key_id)
     request.app.state.keys_made = True
@@ -143,8 +143,8 @@ async def create_key(project_id: str, body: KeyBody, request: Request, db: Datab
 
 
 @router.get("/projects/{project_id}/api_keys/{key_id}")
-async def retrieve_key(project_id: str, key_id: str, db: Database = Depends(get_db),
-                       caller: Caller = Depends(get_caller)) -> dict:
+def retrieve_key(project_id: str, key_id: str, db: Database = Depends(get_db),
+                 caller: Caller = Depends(get_caller)) -> dict:
     _managed_project(db, caller, project_id)
     return projects.get_key(db, key_id, project_id).to_openai()
 
@@ -153,17 +153,17 @@ async def retrieve_key(project_id: str, key_id: str, db: Database = Depends(get_
 async def delete_key(project_id: str, key_id: str, db: Database = Depends(get_db),
                      caller: Caller = Depends(get_caller)) -> dict:
     """Revoke the key: refused from its next request on (its record stays, for who-did-what)."""
-    _managed_project(db, caller, project_id)
+    await asyncio.to_thread(_managed_project, db, caller, project_id)
     key = await asyncio.to_thread(projects.revoke_key, db, key_id, project_id)
     await asyncio.to_thread(projects.audit, db, caller, "api_key.revoked", key_id, name=key.name, project_id=project_id)
     return {"object": "organization.project.api_key.deleted", "id": key_id, "deleted": True}
 
 
 @router.get("/audit_logs")
-async def list_audit_logs(event_types: list[str] | None = Query(default=None, alias="event_types[]"),
-                          project_ids: list[str] | None = Query(default=None, alias="project_ids[]"),
-                          after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
-                          db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+def list_audit_logs(event_types: list[str] | None = Query(default=None, alias="event_types[]"),
+                    project_ids: list[str] | None = Query(default=None, alias="project_ids[]"),
+                    after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+                    db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
     """Who did what and when, newest first (platform admins), as OpenAI's audit logs: ``event_types[]`` and
     ``project_ids[]`` narrow it."""
     _platform_admin(caller)

@@ -12,7 +12,7 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
-from vbatch_pipelines.errors import Unavailable
+from vbatch_pipelines.errors import Unavailable, VbatchError
 
 VICTORY = "VICTORY"
 RESULTS = ("PENDING", "VICTORY", "DEFEAT", "NEUTRAL")
@@ -25,6 +25,24 @@ class AristotleUnavailable(Unavailable):
     """Aristotle's database did not answer (down, refusing connections, too slow); nothing was written."""
 
     code = "aristotle_unavailable"
+
+
+class AristotleSchemaMismatch(VbatchError):
+    """Aristotle's database lacks a table or column vbatch reads or writes: nothing is synced until it has them
+    (retrying would fail the same way on every link)."""
+
+    status = 503
+    code = "aristotle_schema_mismatch"
+
+
+# What vbatch reads and writes in Aristotle's database (its Prisma columns are camelCase).
+REQUIRED_COLUMNS = {
+    "Conquest": ("id", "result", "useAsExample", "updatedAt", "philosopher", "domain", "conquestType", "title",
+                 "description", "resultNotes", "evaluatedBy", "evaluatedAt"),
+    "ml_analysis_rating": ("id", "conquest_analysis_id", "analysis_type", "rating", "is_gold_star",
+                           "use_as_sample_response", "philosopher", "domain", "label_studio_task_id",
+                           "label_studio_annotation_id", "created_at", "updated_at"),
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,21 @@ class Aristotle(ConfigurableResource):
 
     # -- reads -----------------------------------------------------------------------------------------
 
+    def check_schema(self) -> None:
+        """AristotleSchemaMismatch naming every table and column vbatch needs that the database lacks (checked
+        as `vbatch up` starts and before each sync, not found out link by link)."""
+        from sqlalchemy import text
+
+        query = text("SELECT table_name, column_name FROM information_schema.columns "
+                     "WHERE table_schema = current_schema() AND table_name IN ('Conquest', 'ml_analysis_rating')")
+        present = self._run(lambda c: {(row[0], row[1]) for row in c.execute(query)})
+        missing = [f'{table}."{column}"' for table, columns in REQUIRED_COLUMNS.items() for column in columns
+                   if (table, column) not in present]
+        if missing:
+            raise AristotleSchemaMismatch(
+                f"Aristotle's database lacks what vbatch reads and writes: {', '.join(missing)}. Nothing is synced "
+                "until it has them (or turn the Aris extension off: unset VBATCH_ARIS_DATABASE_URL)")
+
     def get(self, conquest_id: str) -> Conquest | None:
         found = self.read([conquest_id])
         return found.get(conquest_id)
@@ -137,32 +170,37 @@ class Aristotle(ConfigurableResource):
     def victory_ids(self, ids: Iterable[str]) -> set[str]:
         return {c.id for c in self.read(ids).values() if c.victory}
 
-    def vbatch_rating_counts(self) -> dict[str, int]:
-        """conquest id -> how many rating rows vbatch wrote for it (one is right)."""
+    def vbatch_rating_counts(self, install: str) -> dict[str, int]:
+        """conquest id -> how many rating rows this vbatch install wrote for it (one is right), rows from before
+        ids carried the install (``vbatch-<task id>``) included."""
         from sqlalchemy import text
 
-        query = text("SELECT conquest_analysis_id, count(*) FROM ml_analysis_rating WHERE id LIKE 'vbatch-%' "
-                     "GROUP BY conquest_analysis_id")
-        return self._run(lambda c: {row[0]: int(row[1]) for row in c.execute(query)})
+        query = text("SELECT conquest_analysis_id, count(*) FROM ml_analysis_rating WHERE id LIKE :mine "
+                     "OR id ~ '^vbatch-[0-9]+$' GROUP BY conquest_analysis_id")
+        return self._run(lambda c: {row[0]: int(row[1]) for row in c.execute(query, {"mine": f"vbatch-{install}-%"})})
 
     # -- compare-and-set writes ------------------------------------------------------------------------
 
     def mark_victory(self, seen: Conquest, *, reviewer: str, rating: int, task_id: int,
-                     annotation_id: int | None) -> Conquest | None:
-        """Set VICTORY (and the example flags) and upsert vbatch's rating row, in one transaction, only if
-        the row is still as ``seen``; None when it changed in between (nothing written: retry next round)."""
+                     annotation_id: int | None, rating_id: str) -> Conquest | None:
+        """Set VICTORY (and the example flags) and upsert vbatch's rating row (``rating_id``), in one transaction,
+        only if the row is still as ``seen``; None when it changed in between (nothing written: retry next
+        round)."""
         return self._compare_and_set(
             seen, '''result = 'VICTORY', "useAsExample" = true, "evaluatedBy" = :reviewer, "evaluatedAt" = now()''',
-            {"reviewer": reviewer}, gold=True, rating=rating, task_id=task_id, annotation_id=annotation_id)
+            {"reviewer": reviewer}, gold=True, rating=rating, task_id=task_id, annotation_id=annotation_id,
+            rating_id=rating_id)
 
-    def unmark_victory(self, seen: Conquest, *, restore: str, task_id: int) -> Conquest | None:
+    def unmark_victory(self, seen: Conquest, *, restore: str, task_id: int, rating_id: str) -> Conquest | None:
         """Put ``result`` back to ``restore`` (what it was before vbatch set VICTORY), clear the example flag
         and vbatch's rating flags; compare-and-set like ``mark_victory``."""
         return self._compare_and_set(seen, 'result = :restore, "useAsExample" = false', {"restore": restore},
-                                     gold=False, rating=None, task_id=task_id, annotation_id=None)
+                                     gold=False, rating=None, task_id=task_id, annotation_id=None,
+                                     rating_id=rating_id)
 
     def _compare_and_set(self, seen: Conquest, assignments: str, params: dict[str, Any], *, gold: bool,
-                         rating: int | None, task_id: int, annotation_id: int | None) -> Conquest | None:
+                         rating: int | None, task_id: int, annotation_id: int | None,
+                         rating_id: str) -> Conquest | None:
         from sqlalchemy import text
 
         update = text(f'''UPDATE "Conquest" SET {assignments}, "updatedAt" = now()
@@ -174,31 +212,35 @@ class Aristotle(ConfigurableResource):
                                               "seen_at": seen.updated_at}).first()
             if row is None:
                 return None
-            _upsert_rating(connection, seen, gold=gold, rating=rating, task_id=task_id, annotation_id=annotation_id)
+            _upsert_rating(connection, seen, gold=gold, rating=rating, task_id=task_id, annotation_id=annotation_id,
+                           rating_id=rating_id)
             return Conquest.from_row(row)
 
         return self._run(write)
 
 
-def rating_id(task_id: int) -> str:
-    return f"vbatch-{task_id}"
+def rating_id(install: str, conquest_id: str) -> str:
+    """vbatch's rating row of a conquest: one per install and conquest (a Label Studio task id would repeat
+    after a reset of Label Studio, and in every other install)."""
+    return f"vbatch-{install}-{conquest_id}"
 
 
 def _upsert_rating(connection, conquest: Conquest, *, gold: bool, rating: int | None, task_id: int,
-                   annotation_id: int | None) -> None:
-    """vbatch's one rating row per task (id ``vbatch-<task id>``): Aristotle has no unique constraint to
-    upsert on, so update, and insert when there was none. The Conquest row updated just before holds the
-    lock that keeps two writers of the same conquest apart."""
+                   annotation_id: int | None, rating_id: str) -> None:
+    """vbatch's one rating row per conquest (``rating_id``): Aristotle has no unique constraint to upsert on, so
+    update, and insert when there was none. A row this task got before ids carried the install (``vbatch-<task
+    id>``, same conquest) is taken over under the new id. The Conquest row updated just before holds the lock
+    that keeps two writers of the same conquest apart."""
     from sqlalchemy import text
 
-    params = {"id": rating_id(task_id), "gold": gold, "rating": rating, "task": task_id, "annotation": annotation_id,
-              "conquest": conquest.id, "philosopher": conquest.philosopher, "domain": conquest.domain,
-              "type": ANALYSIS_TYPE}
+    params = {"id": rating_id, "legacy": f"vbatch-{task_id}", "gold": gold, "rating": rating, "task": task_id,
+              "annotation": annotation_id, "conquest": conquest.id, "philosopher": conquest.philosopher,
+              "domain": conquest.domain, "type": ANALYSIS_TYPE}
     updated = connection.execute(text(
-        "UPDATE ml_analysis_rating SET is_gold_star = :gold, use_as_sample_response = :gold, "
+        "UPDATE ml_analysis_rating SET id = :id, is_gold_star = :gold, use_as_sample_response = :gold, "
         "rating = COALESCE(:rating, rating), label_studio_task_id = :task, "
         "label_studio_annotation_id = COALESCE(:annotation, label_studio_annotation_id), updated_at = now() "
-        "WHERE id = :id"), params)
+        "WHERE id = :id OR (id = :legacy AND conquest_analysis_id = :conquest)"), params)
     if updated.rowcount == 0 and gold:
         connection.execute(text(
             "INSERT INTO ml_analysis_rating (id, conquest_analysis_id, analysis_type, rating, is_gold_star, "

@@ -29,7 +29,7 @@ from dagster import (
 )
 from sqlalchemy import func, select
 
-from integrations.aris.aristotle import Aristotle, AristotleUnavailable
+from integrations.aris.aristotle import Aristotle, AristotleSchemaMismatch, AristotleUnavailable
 from integrations.aris.models import ArisEvent, ArisLink
 from integrations.aris.sync import (
     link_new_tasks,
@@ -60,7 +60,10 @@ def aris_sync(context: AssetExecutionContext, metadata_db: MetadataDB, aristotle
     db = metadata_db.db
     link_new_tasks(db)
     try:
+        aristotle.check_schema()  # one clear failure, not one per link retried with back-off
         report = sync_pending(db, aristotle, label_studio, log=context.log.info)
+    except AristotleSchemaMismatch as exc:
+        raise Failure(exc.message, allow_retries=False) from exc
     except AristotleUnavailable as exc:
         raise Failure(f"Aristotle is unreachable; pending changes wait and are retried: {exc}") from exc
     waiting = len(pending_links(db, due_only=False))
@@ -107,8 +110,8 @@ def no_failed_syncs(metadata_db: MetadataDB) -> AssetCheckResult:
 
 
 @asset_check(asset=aris_sync, description="At most one vbatch rating row per conquest in ml_analysis_rating.")
-def no_duplicate_rating_rows(aristotle: Aristotle) -> AssetCheckResult:
-    counts = aristotle.vbatch_rating_counts()
+def no_duplicate_rating_rows(metadata_db: MetadataDB, aristotle: Aristotle) -> AssetCheckResult:
+    counts = aristotle.vbatch_rating_counts(metadata_db.db.install_id())
     problems = [{"conquest_id": c, "rows": n} for c, n in counts.items() if n > 1]
     return _check(not problems, problems, conquests_rated=len(counts))
 
@@ -151,6 +154,12 @@ def aristotle_sensor(context: SensorEvaluationContext, metadata_db: MetadataDB, 
     changed: list[str] = []
     after = datetime.fromisoformat(cursor["at"]) - timedelta(seconds=LOOKBACK_S) if cursor["at"] else None
     last = (cursor["at"], cursor["id"])
+    try:
+        aristotle.check_schema()
+    except AristotleSchemaMismatch as exc:
+        return SkipReason(f"Refused: {exc.message}")
+    except AristotleUnavailable as exc:
+        return SkipReason(f"Aristotle is unreachable; will read from the same cursor next tick ({exc})")
     try:
         try:  # tasks of any batch whose Label Studio data names a conquest
             cursor["ls"], _, problems = link_tasks_in_label_studio(db, aristotle, label_studio, cursor.get("ls", {}))

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 
-from integrations.aris.aristotle import Aristotle, AristotleUnavailable, Conquest
+from integrations.aris.aristotle import Aristotle, AristotleUnavailable, Conquest, rating_id
 from integrations.aris.models import ArisEvent, ArisLink
 from integrations.aris.schemas import ID_FIELD, conquest_schemas
 from vbatch_pipelines.curation.sync import record_annotation
@@ -340,12 +340,18 @@ def sync_link(db: Database, aristotle: Aristotle, label_studio, link: ArisLink, 
             return "conflict"
         record_event(db, link.conquest_id, "to_vbatch", result=row.result, gold_star=row.victory)
         return "to_vbatch"
+    rating_row = rating_id(db.install_id(), link.conquest_id)
     if task.gold_star:
+        # The result VICTORY replaces is recorded first: were this process to die between Aristotle's commit and
+        # vbatch's own record, a later un-star would still put back what was there (DEFEAT, not NEUTRAL).
+        with db.session() as session:
+            session.get(ArisLink, link.conquest_id).prior_result = row.result
         written = aristotle.mark_victory(row, reviewer=reviewer_email(task.reviewer),
                                          rating=task.rating or DEFAULT_RATING, task_id=task.ls_task_id,
-                                         annotation_id=task.annotation_id)
+                                         annotation_id=task.annotation_id, rating_id=rating_row)
     else:
-        written = aristotle.unmark_victory(row, restore=link.prior_result or "NEUTRAL", task_id=task.ls_task_id)
+        written = aristotle.unmark_victory(row, restore=link.prior_result or "NEUTRAL", task_id=task.ls_task_id,
+                                           rating_id=rating_row)
     if written is None:  # never overwrite: the next round re-reads the row
         with db.session() as session:
             session.get(ArisLink, link.conquest_id).attempts += 1  # a new state: the sensor asks for a new round

@@ -9,6 +9,7 @@ responses have the exact OpenAI shape the vLLM path returns. What a request asks
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,10 @@ class TransformersEngine(MicroBatching):
                                                        trust_remote_code=model.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # A fast tokenizer sets padding on its shared Rust backend for each call: a call without padding (counting
+        # a prompt, on the event loop) between a batch's setting and its encoding (in a thread) left the batch
+        # unpadded ("expected sequence of length 15 at dim 1 (got 16)"). One call at a time.
+        self._tokenizing = threading.Lock()
         base = AutoModelForCausalLM.from_pretrained(model.path, dtype="auto",
                                                     trust_remote_code=model.trust_remote_code)
         if model.adapter:  # a fine-tune: its LoRA adapter merged into a private copy of the base
@@ -93,7 +98,7 @@ class TransformersEngine(MicroBatching):
         except (ValidationError, ValueError) as exc:
             return EngineResponse(400, error_body(str(exc), code="invalid_request"))
         for prompt in prompts:
-            n_prompt = len(prompt) if isinstance(prompt, list) else len(self.tokenizer(prompt)["input_ids"])
+            n_prompt = len(prompt) if isinstance(prompt, list) else len(self._token_ids(prompt))
             if n_prompt == 0:
                 return EngineResponse(400, error_body("The prompt is empty (no tokens).", param="prompt",
                                                       code="invalid_request"))
@@ -228,14 +233,19 @@ class TransformersEngine(MicroBatching):
                 results[j].append(choices)
         return results
 
+    def _token_ids(self, prompt: str) -> list[int]:
+        with self._tokenizing:
+            return self.tokenizer(prompt)["input_ids"]
+
     def _encode(self, prompts: list[Any]) -> dict[str, Any]:
         """Left-padded input ids for texts, token-id lists or a mix of both."""
-        if all(isinstance(p, str) for p in prompts):
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        else:
-            ids = [p if isinstance(p, list) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
-                   for p in prompts]
-            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+        with self._tokenizing:
+            if all(isinstance(p, str) for p in prompts):
+                enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            else:
+                ids = [p if isinstance(p, list) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
+                       for p in prompts]
+                enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in enc.items()}
 
 

@@ -12,6 +12,7 @@ sentence-transformers files): no LoRA there, vbatch fine-tunes generative models
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from vbatch_pipelines.engine.registry import DOWN, STOPPED, UP, EngineRegistry, 
 from vbatch_pipelines.engine.start_errors import EngineStartError, explain
 from vbatch_pipelines.models.registry import GENERATE, ModelSpec
 from vbatch_pipelines.net import local_http
+
+log = logging.getLogger("vbatch.engine")
 
 # Structured outputs (response_format json_schema, a Responses text.format, vLLM's structured_outputs) as a
 # server setting. vLLM's default JSON grammar lets the model put any whitespace between tokens, and a model may
@@ -274,6 +277,66 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
     def load_adapter(self, name: str, path: str) -> None:
         """Serve a LoRA adapter under ``name`` on the running server (started if needed): no restart."""
         self.load_adapter_at(self.ensure(), name, path)
+
+    def lend_to_training(self) -> bool:
+        """Sleep for a training run in this process (GPU: its memory goes to the fine-tune). The loan is written
+        into the engine's state first, with this process's identity: should the run die without waking it
+        (SIGKILL, OOM), whoever next asks for the engine finds the borrower gone and takes it back
+        (``ensure``), instead of an engine that answers its probes asleep and fails every request. False (no
+        loan) when the server cannot sleep."""
+        from vbatch_pipelines.services import process_identity
+
+        identity = process_identity(os.getpid())
+        self._update_state(lent_to={"pid": os.getpid(), "started": identity[0] if identity else None})
+        if self.sleep():
+            return True
+        self._update_state(lent_to=None)
+        return False
+
+    def take_back(self) -> bool:
+        """The training run is done: wake the engine and end the loan; False when it would not wake (then it is
+        stopped, and started again by the next ``ensure``)."""
+        woke = self.wake_up()
+        if not woke:
+            self.stop()
+        self._update_state(lent_to=None)
+        return woke
+
+    def ensure(self) -> str:
+        self._take_back_abandoned_loan()
+        return super().ensure()
+
+    def _take_back_abandoned_loan(self) -> None:
+        """An engine lent to a training run that is gone (it never called ``take_back``): woken, or stopped when
+        it will not wake (``ensure`` starts it again)."""
+        from vbatch_pipelines.services import process_identity
+
+        state = self.state() or {}
+        loan = state.get("lent_to")
+        if not loan:
+            return
+        identity = process_identity(loan["pid"])
+        if identity is not None and (loan.get("started") is None or abs(identity[0] - loan["started"]) < 1.0):
+            return  # the borrower still runs: the engine is lent, not lost
+        log.warning("%s was lent to a training run (pid %s) that ended without giving it back: taking it back",
+                    self.label, loan["pid"])
+        if not self.wake_up():
+            self.stop()
+        self._update_state(lent_to=None)
+
+    def _update_state(self, **fields: Any) -> None:
+        """Set (None: remove) fields of the running server's state file."""
+        from vbatch_pipelines.paths import write_private
+
+        state = self.state()
+        if state is None:
+            return
+        for key, value in fields.items():
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+        write_private(self.state_path, json.dumps(state))
 
     def sleep(self) -> bool:
         """vLLM sleep mode (GPU): offload weights, free the KV cache; False when the server cannot."""

@@ -23,6 +23,13 @@ VERSION_TABLE = "vbatch_alembic_version"
 T = TypeVar("T")
 
 
+class SchemaNotUpgraded(VbatchError):
+    """The metadata DB lacks a migration this code relies on."""
+
+    status = 503
+    code = "schema_not_upgraded"
+
+
 class SchemaTooNew(VbatchError):
     """The metadata DB was migrated by a newer vbatch, to a revision this code does not have."""
 
@@ -120,6 +127,7 @@ class Database:
             self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10,
                                         connect_args=POSTGRES_TIMEOUTS)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._install_id: str | None = None
         event.listen(self._sessions, "do_orm_execute", _lock_what_is_read)
         event.listen(self._sessions, "after_begin", _begun)
         event.listen(self._sessions, "after_transaction_end", _ended)
@@ -194,6 +202,17 @@ class Database:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def install_id(self) -> str:
+        """This installation's id (migration 0016 made it), read once per process."""
+        if self._install_id is None:
+            from vbatch_pipelines.store.models import Installation
+
+            row = self.get(Installation, "vbatch")
+            if row is None:
+                raise SchemaNotUpgraded("The metadata DB has no installation id: run `vbatch db upgrade`")
+            self._install_id = row.id
+        return self._install_id
 
     def get(self, model: type[T], key: str) -> T | None:
         """One row by primary key as a detached object, read without a Session: the hot read path

@@ -465,6 +465,17 @@ class Project(Base):
                 "quotas": self.quotas(), "weight": self.weight}
 
 
+class Installation(Base):
+    """This vbatch's own id (one row, made by migration 0016): what it writes into databases it shares with others
+    carries it (Aris's rating rows), so two installs never take each other's rows for their own."""
+
+    __tablename__ = "installation"
+
+    key: Mapped[str] = mapped_column(String(16), primary_key=True)  # "vbatch"
+    id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
 class ConsoleSession(Base):
     """A console login: its cookie holds a random token (only its hash is kept here), never the API key. The caller
     is looked up through the key's hash on each request: a revoked key, or one taken out of the settings, ends
