@@ -110,33 +110,42 @@ async def caller_role(request: Request, authorization: str | None = Header(defau
 KEYS_CHECK_S = 1.0  # while no key exists, whether one was made (by the CLI, another API process) is asked this often
 
 
+KEYS_WAIT_S = 0.15  # how long a request waits for the keys check; a database slower than that: keys required
+
+
 def keys_required(state) -> bool:
     """Whether a request needs a key (the API's and the console's one rule): when the settings name keys, or a
-    project key was ever made. Once one was, it stays so (no more asking); before, the answer is asked anew
-    every KEYS_CHECK_S by a thread of its own (``check_keys``, one at a time), never by the event loop that
-    asks here: a stalled database must not stop the API from answering (``/health`` first of all)."""
+    project key was ever made. Once one was, it stays so (no more asking); before, the answer is asked anew every
+    KEYS_CHECK_S by a thread (one at a time), waited for KEYS_WAIT_S at most: a stalled database never holds the
+    event loop, and while the answer is not known a key is required (never open by default)."""
+    import threading
+
     settings = state.settings
     if settings.api_keys or settings.admin_keys or getattr(state, "keys_made", False):
         return True
-    if time.monotonic() - getattr(state, "keys_checked_at", -KEYS_CHECK_S) >= KEYS_CHECK_S \
-            and not getattr(state, "keys_checking", False):
-        import threading
-
-        state.keys_checking = True
-        threading.Thread(target=check_keys, args=(state,), name="vbatch-keys-check", daemon=True).start()
-    return getattr(state, "keys_made", False)
+    if time.monotonic() - getattr(state, "keys_checked_at", -KEYS_CHECK_S) >= KEYS_CHECK_S:
+        pending = getattr(state, "keys_check", None)
+        if pending is None or not pending.is_alive():
+            pending = state.keys_check = threading.Thread(target=check_keys, args=(state,), daemon=True,
+                                                          name="vbatch-keys-check")
+            pending.start()
+            pending.join(KEYS_WAIT_S)
+        if pending.is_alive():
+            return True
+    return not getattr(state, "keys_known", False) or state.keys_made
 
 
 def check_keys(state) -> None:
-    """Whether any project key exists now (one indexed row at most), into ``state.keys_made``; the app calls it
-    once as it is made, before any request."""
+    """Whether any project key exists now (one indexed row at most), into ``state.keys_made``; unknown (keys
+    required) when the database does not answer."""
     try:
         state.keys_made = getattr(state, "keys_made", False) or any_keys(state.db)
-    except Exception as exc:  # noqa: BLE001 - the last answer stands; asked again in KEYS_CHECK_S
+        state.keys_known = True
+    except Exception as exc:  # noqa: BLE001 - unknown: keys required until the database answers
+        state.keys_known = False
         log.warning("could not ask the metadata DB whether API keys exist: %s", type(exc).__name__)
     finally:
         state.keys_checked_at = time.monotonic()
-        state.keys_checking = False
 
 
 def record(request: Request, type: str, target: str, **details) -> None:

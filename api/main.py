@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
 from api import console
-from api.deps import EnginePool, caller_of, caller_of_session, caller_role, check_keys, keys_required
+from api.deps import EnginePool, caller_of, caller_of_session, caller_role, keys_required
 from api.errors import install_error_handlers
 from api.guard import BodyLimit, DriveByGuard, KeyBeforeBody, LoginThrottle, NoFraming
 from api.probes import BackgroundProbe, FixedState, http_check
@@ -29,7 +29,7 @@ from vbatch_pipelines.settings import Settings, load_settings
 from vbatch_pipelines.usage import OnlineUsage
 
 log = logging.getLogger("vbatch.api")
-HEALTH_DB_WAIT_S = 0.8  # /health answers within a second, the database's answer or not
+HEALTH_DB_WAIT_S = 0.7  # /health answers within a second, the database's answer or not
 
 
 class DatabaseProbe:
@@ -144,7 +144,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.review_listeners = []  # extensions' callbacks(resources, task_ids) after reviews are recorded
     app.state.shutdown_hooks = []  # extensions' callbacks when the app stops
     install_error_handlers(app)
-    check_keys(app.state)  # before any request: whether a key was ever made (then re-asked off the event loop)
     app.state.database_probe = DatabaseProbe(app.state.db)
 
     # Added last, runs first: the guard refuses drive-by requests before any body is read.

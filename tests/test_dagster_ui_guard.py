@@ -96,17 +96,19 @@ def test_the_dagster_uis_websocket_opens_only_from_its_own_origin(dagster_ui):
 def test_the_dagster_webserver_itself_listens_only_where_no_page_can_guess(dagster_ui):
     """The guard is the only way in: the webserver behind it is on a random 127.x.y.z address (Linux) and port,
     not on the UI's port or 127.0.0.1."""
+    from urllib.parse import urlsplit
+
     import psutil
 
     port = int(dagster_ui.rsplit(":", 1)[1])
     listeners = {(c.laddr.ip, c.laddr.port): c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
-    guard = psutil.Process(listeners[("127.0.0.1", port)])
-    assert "api.dagster_proxy" in guard.cmdline()
-    webserver = [address for address, pid in listeners.items()
-                 if pid and "dagster-webserver" in " ".join(psutil.Process(pid).cmdline())]
-    assert len(webserver) == 1, webserver
-    host, _ = webserver[0]
-    assert host.startswith("127.") and host != "127.0.0.1", host
+    guard = psutil.Process(listeners[("127.0.0.1", port)]).cmdline()
+    assert "api.dagster_proxy" in guard
+    upstream = urlsplit(guard[guard.index("--upstream") + 1])  # this stack's webserver (others may run beside it)
+    webserver = psutil.Process(listeners[(upstream.hostname, upstream.port)])
+    assert "dagster-webserver" in " ".join(webserver.cmdline())
+    assert upstream.hostname.startswith("127.") and upstream.hostname != "127.0.0.1", upstream.hostname
+    assert not any(pid == webserver.pid and ip == "127.0.0.1" for (ip, _), pid in listeners.items())
 
 
 @pytest.mark.stack

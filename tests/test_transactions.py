@@ -76,3 +76,19 @@ def test_sqlite_reads_outside_a_locking_transaction_do_not_wait_for_a_writer(vba
 
         threading.Thread(target=read).start()
         assert done.wait(5), "a plain read waited for the writer's lock"
+
+
+def test_sqlite_a_plain_read_then_write_survives_another_writer_in_between(vbatch_home):
+    """A transaction that reads without FOR UPDATE and writes later must not fail because another writer committed
+    in between (a read snapshot held from the read would: SQLite's busy-snapshot 'database is locked', which no
+    busy timeout waits out). It reads outside a snapshot, as pysqlite has it, and writes under the lock."""
+    from vbatch_pipelines.store.models import Batch
+
+    platform = Platform()
+    first, second = (platform.submit(jsonl(chat_lines(1))) for _ in range(2))
+    with platform.db.session() as session:
+        row = session.get(Batch, first.id)
+        service.update_batch(platform.db, second.id, metadata_={"other": "writer"})  # commits meanwhile
+        row.metadata_ = {"mine": "too"}
+    assert platform.batch(first.id).metadata_ == {"mine": "too"}
+    assert platform.batch(second.id).metadata_ == {"other": "writer"}

@@ -60,7 +60,6 @@ def schema_revision(connection) -> str | None:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL lets the API, sensors and run workers read while one of them writes.
-    dbapi_connection.isolation_level = None  # vbatch begins its transactions itself (_sqlite_begin), not pysqlite
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
@@ -73,25 +72,16 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 # keepalives within about a minute. Migrations lift the statement limit for their own transaction.
 POSTGRES_TIMEOUTS = {"connect_timeout": 10, "options": "-c statement_timeout=120000", "keepalives": 1,
                      "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
-# A Connection option: its transaction begins with SQLite's write lock (set by _lock_what_is_read).
-_IMMEDIATE = "vbatch_sqlite_immediate"
-
-
-def _sqlite_begin(connection) -> None:
-    """Every transaction begins before its first statement, reads included (pysqlite would begin one only at the
-    first write, leaving a read before it outside); one that locks what it reads begins IMMEDIATE: it holds the
-    write lock from its read on, as ``SELECT ... FOR UPDATE`` holds the row on PostgreSQL."""
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(_IMMEDIATE) else "BEGIN")
-
-
 def _lock_what_is_read(state) -> None:
-    """Session hook: a ``with_for_update`` read that opens its session's transaction makes it an IMMEDIATE one
-    (SQLite ignores FOR UPDATE). One made later in a transaction cannot take the lock back to its start; there
-    SQLite refuses the write (``database is locked``) rather than overwrite a change made since the read."""
+    """Session hook: a ``with_for_update`` read that opens its session's transaction begins it with
+    ``BEGIN IMMEDIATE`` on SQLite (which ignores FOR UPDATE, and which pysqlite would begin only at the first
+    write, leaving the read outside): the write lock is held from the read on, as ``SELECT ... FOR UPDATE`` holds
+    the row on PostgreSQL. Other transactions keep pysqlite's way (begun at their first write), so a plain
+    read-then-write never meets a snapshot another writer made stale."""
     session = state.session
     if state.is_select and state.statement._for_update_arg is not None \
             and session.bind.dialect.name == "sqlite" and not session.info.get(_BEGUN):
-        session.connection(execution_options={_IMMEDIATE: True})
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 _BEGUN = "vbatch_transaction_begun"  # Session.info: its transaction has begun on a connection
@@ -122,7 +112,6 @@ class Database:
             # without check_same_thread=False sqlite3 complains about that close.
             self.engine: Engine = create_engine(self.url, connect_args={"timeout": 30, "check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10,
                                         connect_args=POSTGRES_TIMEOUTS)
@@ -159,12 +148,15 @@ class Database:
             before = revision(connection)
         if before == head:
             return before, head
-        with self.engine.connect() as connection, connection.execution_options(**{_IMMEDIATE: True}).begin():
-            # The lock: on PostgreSQL an advisory one for the transaction; on SQLite its write lock, taken as the
-            # transaction begins (IMMEDIATE); the next process waits for it up to busy_timeout.
+        with self.engine.begin() as connection:
+            # The lock: on PostgreSQL an advisory one for the transaction; on SQLite its write lock, taken from the
+            # start (pysqlite would begin the transaction only at the first INSERT, leaving the DDL before it
+            # outside); the next process waits for it up to busy_timeout.
             if self.engine.dialect.name == "postgresql":
                 connection.exec_driver_sql("SET LOCAL statement_timeout = 0")  # a migration takes what it takes
                 connection.exec_driver_sql("SELECT pg_advisory_xact_lock(724242)")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
             if revision(connection) != head:  # else another process upgraded it meanwhile
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
