@@ -320,9 +320,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
             return  # the borrower still runs: the engine is lent, not lost
         log.warning("%s was lent to a training run (pid %s) that ended without giving it back: taking it back",
                     self.label, loan["pid"])
-        if not self.wake_up():
-            self.stop()
-        self._update_state(lent_to=None)
+        self.take_back()
 
     def _update_state(self, **fields: Any) -> None:
         """Set (None: remove) fields of the running server's state file."""
