@@ -491,14 +491,13 @@ def hidden_loopback_address() -> tuple[str, int]:
     127.0.0.0/8 drawn at random on Linux (which answers all of it), so no page can guess it to send it a
     request, rebound name or not; 127.0.0.1 elsewhere."""
     import secrets
-    import socket
+
+    from vbatch_pipelines.net import free_port
 
     host = "127.0.0.1"
     if sys.platform.startswith("linux"):
         host = "127." + ".".join(str(1 + secrets.randbelow(254)) for _ in range(3))
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return host, sock.getsockname()[1]
+    return host, free_port(host)
 
 
 def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, starter: StartupChild,
