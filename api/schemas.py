@@ -270,6 +270,14 @@ class Leaderboard(BaseModel):
 # -- curation ---------------------------------------------------------------------------------------
 
 
+class ReviewVote(BaseModel):
+    reviewer: str
+    gold_star: bool
+    rating: int | None = None
+    edited: bool
+    updated_at: str | None = None
+
+
 class CurationTaskObject(Owned):
     id: int | None = Field(description="the Label Studio task id")
     object: Literal["curation.task"] = "curation.task"
@@ -287,6 +295,13 @@ class CurationTaskObject(Owned):
     reviewed_at: int | None = None
     review_error: str | None = Field(default=None, description="why the edited answer is invalid for its schema "
                                      "(such a task is left out of datasets until the edit is fixed)")
+    reviews: int = Field(default=0, description="how many reviewers reviewed it")
+    gold_votes: int = Field(default=0, description="how many of them starred it (a gold star takes the project's "
+                                                   "gold_star_agreement)")
+    agreement: float | None = Field(default=None, description="the share of its reviewers on the majority's side "
+                                                              "(two reviewers or more)")
+    votes: list[ReviewVote] = Field(default_factory=list, description="each reviewer's latest review")
+    assignees: list[str] = Field(default_factory=list, description="the reviewers it is handed to")
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -302,6 +317,25 @@ class DayCounts(BaseModel):
     gold_stars: int
 
 
+class ReviewPolicy(BaseModel):
+    annotations_per_task: int = Field(description="N: annotations wanted per task")
+    gold_star_agreement: int = Field(description="k: gold-star votes of them for a gold star")
+
+
+class ReviewerCounts(BaseModel):
+    reviews: int
+    gold_stars: int
+    shared: int = Field(description="their reviews of tasks that two reviewers or more reviewed")
+    agreement: float | None = Field(description="how often their vote matched the task's outcome, on those")
+
+
+class ReviewerStats(BaseModel):
+    policy: ReviewPolicy
+    tasks_with_several_reviews: int
+    agreement: float | None = Field(description="the mean share of reviewers on the majority's side, per task")
+    by_reviewer: dict[str, ReviewerCounts]
+
+
 class CurationStats(BaseModel):
     object: Literal["curation.stats"] = "curation.stats"
     tasks: int
@@ -309,6 +343,7 @@ class CurationStats(BaseModel):
     gold_stars: int
     by_schema: dict[str, SchemaCounts]
     by_day: dict[str, DayCounts]
+    reviewers: ReviewerStats
 
 
 class DatasetObject(Owned):
@@ -324,6 +359,8 @@ class DatasetObject(Owned):
     fingerprint: str
     counts: dict[str, Any]
     formats: list[str]
+    filter: dict[str, Any] | None = Field(default=None, description="what the version was built from (null: every "
+                                                                    "gold star of its project)")
 
 
 class DatasetList(BaseModel):

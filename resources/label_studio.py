@@ -69,6 +69,8 @@ class LabelStudio(ConfigurableResource):
     _projects: dict[str, int] = PrivateAttr(default_factory=dict)
     _teams: dict[str, "LabelStudio"] = PrivateAttr(default_factory=dict)
     _team_title: str | None = PrivateAttr(default=None)
+    _me: str | None = PrivateAttr(default=None)
+    _emails: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def for_project(self, project_id: str, title: str | None = None) -> LabelStudio:
         """This Label Studio as vbatch project ``project_id`` sees it: its own organization (made the first time,
@@ -231,6 +233,28 @@ class LabelStudio(ConfigurableResource):
                 pass
         annotation = self._call(self.client.annotations.create, task_id, result=result)
         return annotation.model_dump() if hasattr(annotation, "model_dump") else dict(annotation)
+
+    def own_reviewer(self) -> str:
+        """The reviewer id of this client's Label Studio user (the one vbatch's own reviews are made as)."""
+        if self._me is None:
+            self._me = self.reviewer_name(str(self._call(self.client.users.whoami).id))
+        return self._me
+
+    def set_annotations_per_task(self, project_id: int, annotations: int) -> None:
+        """Label Studio hands each task of the project to ``annotations`` reviewers (every task overlaps) and
+        counts it labeled only then."""
+        self._call(self.client.projects.update, project_id, maximum_annotations=annotations,
+                   overlap_cohort_percentage=100)
+
+    def reviewer_name(self, user_id: str) -> str:
+        """A reviewer as vbatch records them: their email (Label Studio gives a user id), the id when unknown."""
+        if user_id not in self._emails:
+            try:
+                self._emails = self.user_emails()
+            except LabelStudioUnavailable:
+                return user_id
+            self._emails.setdefault(user_id, user_id)
+        return self._emails[user_id]
 
     def user_emails(self) -> dict[str, str]:
         """Label Studio user id -> email (a reviewer is recorded by id; Aristotle wants the email)."""

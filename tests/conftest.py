@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests import tiers
@@ -230,14 +231,15 @@ def openai_error(response, status: int, code: str | None = None, param: str | No
     return error
 
 
-def build_gold_star_dataset(resources: dict, instance=None):
-    """Materialize the dataset job's assets (gold stars, preference pairs) with their checks, as the job does."""
+def build_gold_star_dataset(resources: dict, instance=None, run_config: dict | None = None):
+    """Materialize the dataset job's assets (gold stars, preference pairs) with their checks, as the job does
+    (``run_config``: as the launchpad gives it, e.g. a dataset_filter)."""
     from dagster import DagsterInstance, materialize
 
     from vbatch_pipelines.defs.curation import DATASET_CHECKS, gold_star_dataset, preference_dataset
 
     return materialize([gold_star_dataset, preference_dataset, *DATASET_CHECKS], resources=resources,
-                       instance=instance or DagsterInstance.ephemeral())
+                       instance=instance or DagsterInstance.ephemeral(), run_config=run_config)
 
 
 def replaced(resource, **changes):
@@ -672,3 +674,36 @@ def pytest_terminal_summary(terminalreporter) -> None:
         why = namespaces_unavailable()
         terminalreporter.write_line("cluster test nodes: " + (f"on loopback ({why})" if why else
                                                              "each in a network namespace of its own (veth pair)"))
+
+
+def record_review(db, task_id: int, review, reviewer: str = "expert") -> bool:
+    """What the Label Studio sensor records when one expert reviews a task (annotation id = task id); that path has
+    its own tests against the real Label Studio."""
+    from vbatch_pipelines.curation.service import AnnotationReview, apply_reviews
+
+    return apply_reviews(db, task_id, [AnnotationReview(task_id, reviewer, review)])
+
+
+class LabelStudioSession:
+    """A person logged into Label Studio in a browser: its session cookie and CSRF token."""
+
+    def __init__(self, url: str, email: str, password: str):
+        self.http = httpx.Client(base_url=url, timeout=60, follow_redirects=False)
+        self.http.get("/user/login/")
+        csrf = self.http.cookies.get("csrftoken", "")
+        answer = self.http.post("/user/login/", data={"email": email, "password": password,
+                                                      "csrfmiddlewaretoken": csrf},
+                                headers={"Referer": url + "/", "X-CSRFToken": csrf})
+        assert answer.status_code == 302 and "login" not in answer.headers.get("location", ""), answer.text[:500]
+        self.csrf = self.http.cookies.get("csrftoken", csrf)
+        self.url = url
+
+    def get(self, path: str, **params) -> httpx.Response:
+        return self.http.get(path, params=params)
+
+    def send(self, method: str, path: str, body: dict) -> httpx.Response:
+        return self.http.request(method, path, json=body, headers={"X-CSRFToken": self.csrf,
+                                                                   "Referer": self.url + "/"})
+
+    def project_ids(self) -> set[int]:
+        return {p["id"] for p in self.get("/api/projects/").json()["results"]}

@@ -27,8 +27,9 @@ def example(i: int, answer: str = ANSWER) -> dict:
 
 def record_gold_stars(platform, count: int, start: int = 0) -> None:
     """What the Label Studio sensor records when experts star answers (that path has its own tests)."""
+    from tests.conftest import record_review
     from vbatch_pipelines.curation.schemas import Review
-    from vbatch_pipelines.curation.service import add_tasks, apply_review
+    from vbatch_pipelines.curation.service import add_tasks
 
     rows = []
     for i in range(start, start + count):
@@ -38,7 +39,7 @@ def record_gold_stars(platform, count: int, start: int = 0) -> None:
                      "ls_project_id": 1, "ls_task_id": 10_000 + i})
     add_tasks(platform.db, rows)
     for row in rows:
-        apply_review(platform.db, row["ls_task_id"], Review(answer=ANSWER, rating=5, gold_star=True), row["ls_task_id"])
+        record_review(platform.db, row["ls_task_id"], Review(answer=ANSWER, rating=5, gold_star=True))
 
 
 def build_dataset(platform):

@@ -12,33 +12,9 @@ import httpx
 import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context, materialize
 
+from tests.conftest import LabelStudioSession as Session
 from tests.conftest import Platform, api_client, chat_lines, jsonl, openai_error, replaced
 from vbatch_pipelines.curation.schemas import annotation_result
-
-
-class Session:
-    """A person logged into Label Studio in a browser: its session cookie and CSRF token."""
-
-    def __init__(self, url: str, email: str, password: str):
-        self.http = httpx.Client(base_url=url, timeout=60, follow_redirects=False)
-        self.http.get("/user/login/")
-        csrf = self.http.cookies.get("csrftoken", "")
-        answer = self.http.post("/user/login/", data={"email": email, "password": password,
-                                                      "csrfmiddlewaretoken": csrf},
-                                headers={"Referer": url + "/", "X-CSRFToken": csrf})
-        assert answer.status_code == 302 and "login" not in answer.headers.get("location", ""), answer.text[:500]
-        self.csrf = self.http.cookies.get("csrftoken", csrf)
-        self.url = url
-
-    def get(self, path: str, **params) -> httpx.Response:
-        return self.http.get(path, params=params)
-
-    def send(self, method: str, path: str, body: dict) -> httpx.Response:
-        return self.http.request(method, path, json=body, headers={"X-CSRFToken": self.csrf,
-                                                                   "Referer": self.url + "/"})
-
-    def project_ids(self) -> set[int]:
-        return {p["id"] for p in self.get("/api/projects/").json()["results"]}
 
 
 @pytest.fixture()

@@ -32,12 +32,13 @@ def task_row(i: int, prompt: str, response: str, **extra) -> dict:
 
 def review(platform, rows: list[dict], reviews: list) -> None:
     """What the Label Studio sensor records when experts edit and rate answers (that path has its own tests)."""
-    from vbatch_pipelines.curation.service import add_tasks, apply_review
+    from tests.conftest import record_review
+    from vbatch_pipelines.curation.service import add_tasks
 
     add_tasks(platform.db, rows)
     for row, given in zip(rows, reviews):
         if given is not None:
-            apply_review(platform.db, row["ls_task_id"], given, row["ls_task_id"])
+            record_review(platform.db, row["ls_task_id"], given)
 
 
 def build(platform):
@@ -119,10 +120,10 @@ def test_pairs_come_from_edits_beyond_whitespace_and_from_ratings(platform):
     # Nothing changed: no new version. A later review reversing a preference replaces the earlier pair.
     assert pairs_in(build(platform))["new_version"].value is False
     assert latest_dataset(platform.db, kind=PREFERENCE).version == version.version
-    from vbatch_pipelines.curation.service import apply_review
+    from tests.conftest import record_review
 
-    apply_review(platform.db, 50_002, Review(answer=None, rating=5, gold_star=False), 50_002)
-    apply_review(platform.db, 50_003, Review(answer=None, rating=1, gold_star=False), 50_003)
+    record_review(platform.db, 50_002, Review(answer=None, rating=5, gold_star=False))
+    record_review(platform.db, 50_003, Review(answer=None, rating=1, gold_star=False))
     again = pairs_in(build(platform))
     assert again["new_version"].value is True and again["pairs"].value == 2
     newer = latest_dataset(platform.db, kind=PREFERENCE)

@@ -232,15 +232,16 @@ def test_the_audit_log_says_who_did_what(vbatch_home, tiny_model_path):
 
 def _gold_stars(db, project: str, count: int, first_task: int) -> None:
     """What the Label Studio sensor records when a project's experts star answers (that path has its own tests)."""
+    from tests.conftest import record_review
     from vbatch_pipelines.curation.schemas import Review
-    from vbatch_pipelines.curation.service import add_tasks, apply_review
+    from vbatch_pipelines.curation.service import add_tasks
 
     rows = [{"batch_id": f"batch_{project}", "custom_id": f"r-{i}", "schema": "chat_review", "model": "m",
              "messages": [{"role": "user", "content": f"{project} question {i}?"}], "response": "draft",
              "ls_project_id": 1, "ls_task_id": first_task + i, "project_id": project} for i in range(count)]
     add_tasks(db, rows)
     for row in rows:
-        apply_review(db, row["ls_task_id"], Review(answer="an answer", rating=5, gold_star=True), row["ls_task_id"])
+        record_review(db, row["ls_task_id"], Review(answer="an answer", rating=5, gold_star=True))
 
 
 def test_each_project_sees_and_acts_on_its_own_objects_only(vbatch_home):

@@ -316,6 +316,7 @@ class PlatformCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
         yield from self._summary(summaries(self.db))
+        yield from self._agreement()
         yield from self._usage(self.usage.totals())
         yield from self._services()
         yield from self._engines()
@@ -358,6 +359,27 @@ class PlatformCollector(Collector):
             for status, count in summary.fine_tunes.items():
                 jobs.add_metric([status, project], count)
         yield from (by_status, waiting, requests, tokens, tasks, gold, jobs)
+
+    def _agreement(self) -> Iterator[Metric]:
+        """How far reviewers agree, in the projects where tasks have two reviewers or more."""
+        from vbatch_pipelines.curation.service import agreement_stats
+
+        tasks = GaugeMetricFamily("vbatch_review_agreement", "Mean share of a task's reviewers on the majority's "
+                                  "side (tasks with two reviewers or more), by project", labels=["project"])
+        reviewers = GaugeMetricFamily("vbatch_reviewer_agreement", "Share of a reviewer's votes that matched the "
+                                      "task's outcome (tasks with two reviewers or more)",
+                                      labels=["project", "reviewer"])
+        with self.db.session() as session:
+            projects = session.scalars(select(CurationTask.project_id).where(CurationTask.reviews >= 2)
+                                       .distinct()).all()
+        for project in sorted(projects):
+            found = agreement_stats(self.db, project)
+            if found["agreement"] is not None:
+                tasks.add_metric([project], found["agreement"])
+            for reviewer, mine in sorted(found["by_reviewer"].items()):
+                if mine["agreement"] is not None:
+                    reviewers.add_metric([project, reviewer], mine["agreement"])
+        yield from (tasks, reviewers)
 
     @staticmethod
     def _usage(totals: dict[UsageKey, tuple[int, int, int, float]]) -> Iterator[Metric]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -19,14 +19,25 @@ from api.schemas import (
     CurationTaskObject,
     DatasetList,
     DatasetObject,
+    Page,
     StrictBody,
     WebhookReceipt,
 )
 from resources import LabelStudio
 from vbatch_pipelines.curation.dataset import export_filename, export_path
 from vbatch_pipelines.curation.schemas import get_schema
-from vbatch_pipelines.curation.service import clear_annotations, get_task, ready_datasets, stats
-from vbatch_pipelines.curation.sync import record_annotation, record_task
+from vbatch_pipelines.curation.service import (
+    MAX_PAGE,
+    assign_tasks,
+    clear_annotations,
+    get_task,
+    list_tasks,
+    project_tasks,
+    ready_datasets,
+    stats,
+    with_reviews,
+)
+from vbatch_pipelines.curation.sync import record_annotation, record_task, write_through
 from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Dataset, of_project
@@ -46,11 +57,38 @@ class EditRequest(StrictBody):
     response: str = Field(min_length=1)
 
 
+class ReviewRequest(StrictBody):
+    """A review made in vbatch (its review page): the fields given are set, the rest kept."""
+
+    response: str | None = Field(default=None, min_length=1, description="the corrected answer")
+    rating: int | None = Field(default=None, ge=1, le=5)
+    gold_star: bool | None = None
+
+
+MAX_BULK = 500
+TaskIds = Field(min_length=1, max_length=MAX_BULK, description=f"Label Studio task ids (at most {MAX_BULK})")
+
+
+class BulkGoldStarRequest(StrictBody):
+    task_ids: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = TaskIds
+    gold_star: bool = True
+
+
+class AssignRequest(StrictBody):
+    task_ids: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = TaskIds
+    reviewers: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        min_length=1, max_length=50, description="reviewers (their Label Studio emails), shared out round robin")
+
+
 def _task_or_404(db: Database, task_id: int, caller: Caller):
     task = of_project(get_task(db, task_id), caller.project_id)
     if task is None:
         raise not_found("curation task", str(task_id), param="task_id")
     return task
+
+
+def _shown(db: Database, task_id: int, caller: Caller) -> dict:
+    return with_reviews(db, [_task_or_404(db, task_id, caller)])[0]
 
 
 async def notify_reviews(request: Request, task_ids: list[int]) -> None:
@@ -60,39 +98,110 @@ async def notify_reviews(request: Request, task_ids: list[int]) -> None:
             await asyncio.to_thread(listener, request.app.state.resources, task_ids)
 
 
-async def _write_review(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller, *,
-                        answer: str | None, gold_star: bool) -> dict:
-    """Write the review to Label Studio (as the task's project's organization), then record it; Label Studio
-    down: a 503 and nothing changed."""
-    task = await asyncio.to_thread(_task_or_404, db, task_id, caller)
+def _review(label_studio: LabelStudio, db: Database, task_id: int, caller: Caller, *, response: str | None = None,
+            rating: int | None = None, gold_star: bool | None = None) -> bool:
+    """Write one task's review through to Label Studio (as the task's project's organization), then record it;
+    the fields not given keep what the task has. Label Studio down: a 503 and nothing changed. When vbatch has
+    recorded no review yet, Label Studio's current one (an expert's, not yet brought by the sensor or the webhook)
+    is recorded first, so this one updates that annotation and keeps its edit and rating."""
+    task = _task_or_404(db, task_id, caller)
     label_studio = label_studio.for_project(task.project_id)
+    changed = False
+    if task.annotation_id is None:
+        changed = record_task(db, label_studio.task(task_id), label_studio.reviewer_name)
+        task = _task_or_404(db, task_id, caller)
+    if response is not None:
+        problem = get_schema(task.schema).validate(response)
+        if problem:
+            raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
+    return write_through(db, label_studio, task,
+                         answer=response if response is not None else task.edited_response,
+                         rating=rating if rating is not None else task.rating,
+                         gold_star=gold_star if gold_star is not None else task.gold_star) or changed
 
-    def write() -> bool:
-        annotation = label_studio.write_review(task_id, answer, task.rating, gold_star, task.annotation_id)
-        return record_annotation(db, task_id, annotation)
 
-    if await asyncio.to_thread(write):
+async def _reviewed(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller,
+                    event: str, **review) -> dict:
+    if await asyncio.to_thread(lambda: _review(label_studio, db, task_id, caller, **review)):
         await notify_reviews(request, [task_id])
-    return (await asyncio.to_thread(_task_or_404, db, task_id, caller)).to_api()
+    details = {"characters": len(review["response"])} if review.get("response") is not None else {}
+    await asyncio.to_thread(record, request, event, str(task_id), **details)
+    return await asyncio.to_thread(_shown, db, task_id, caller)
 
 
-async def _reviewed_task(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller):
-    """The task as vbatch knows it. When it has recorded no review yet, Label Studio's current one (an expert's,
-    not yet brought by the sensor or the webhook) is recorded first, so a review written here updates that
-    annotation and keeps its edit and rating instead of adding a second annotation."""
-    task = await asyncio.to_thread(_task_or_404, db, task_id, caller)
-    if task.annotation_id is not None:
-        return task
-    label_studio = label_studio.for_project(task.project_id)
-    if await asyncio.to_thread(lambda: record_task(db, label_studio.task(task_id))):
-        await notify_reviews(request, [task_id])
-    return await asyncio.to_thread(_task_or_404, db, task_id, caller)
+@router.get("/curation/tasks", response_model=Page[CurationTaskObject])
+def list_curation_tasks(
+        batch_id: str | None = Query(default=None, max_length=64),
+        schema: str | None = Query(default=None, max_length=64, description="one task schema"),
+        gold_star: bool | None = None,
+        reviewed: bool | None = Query(default=None, description="its review is complete (as many reviewers as the "
+                                      "project wants); with assignee: that reviewer has reviewed it"),
+        assignee: str | None = Query(default=None, max_length=256, description="tasks handed to this reviewer"),
+        after: int | None = Query(default=None, ge=0, le=2**31 - 1, description="the last task id of the page before"),
+        limit: int = Query(default=20, ge=1, le=MAX_PAGE),
+        db: Database = Depends(get_db), caller: Caller = Depends(get_caller)) -> dict:
+    """The project's review queue, oldest task first, filtered and paged (vbatch's own)."""
+    data, has_more = list_tasks(db, caller.project_id, batch_id=batch_id, schema=schema, gold_star=gold_star,
+                                reviewed=reviewed, assignee=assignee, after=after, limit=limit)
+    return {"object": "list", "data": data, "has_more": has_more, "first_id": str(data[0]["id"]) if data else None,
+            "last_id": str(data[-1]["id"]) if data else None}
+
+
+@router.post("/curation/tasks/gold-star", response_model=Page[CurationTaskObject])
+async def bulk_gold_star(body: BulkGoldStarRequest, request: Request, db: Database = Depends(get_db),
+                         label_studio: LabelStudio = Depends(get_label_studio),
+                         caller: Caller = Depends(get_caller)) -> dict:
+    """Star (or unstar) many tasks at once, each written through to Label Studio as for one task. Every id is
+    checked first (an unknown one: a 404 and nothing changed); Label Studio failing midway: a 503, the tasks
+    written before it stay written (the response names none; list them to see)."""
+    task_ids = list(dict.fromkeys(body.task_ids))
+    await asyncio.to_thread(project_tasks, db, caller.project_id, task_ids)
+    changed: list[int] = []
+    try:
+        for task_id in task_ids:
+            if await asyncio.to_thread(lambda t=task_id: _review(label_studio, db, t, caller,
+                                                                 gold_star=body.gold_star)):
+                changed.append(task_id)
+    finally:
+        await notify_reviews(request, changed)
+        if changed:
+            await asyncio.to_thread(record, request, "curation.starred" if body.gold_star else "curation.unstarred",
+                                    ",".join(map(str, changed))[:256], tasks=len(changed))
+    data = await asyncio.to_thread(lambda: with_reviews(db, project_tasks(db, caller.project_id, task_ids)))
+    return {"object": "list", "data": data, "has_more": False, "first_id": str(task_ids[0]),
+            "last_id": str(task_ids[-1])}
+
+
+@router.post("/curation/tasks/assign", response_model=Page[CurationTaskObject])
+def assign(body: AssignRequest, request: Request, db: Database = Depends(get_db),
+           caller: Caller = Depends(get_caller)) -> dict:
+    """Hand tasks to reviewers (vbatch's own queue; Label Studio Community has no assignment): each task to as many
+    of them as the project wants annotations, round robin. A project admin's call."""
+    if not caller.may_manage(caller.project_id):
+        raise OpenAIError(403, "Assigning review tasks needs an admin key of this project",
+                          code="project_admin_required")
+    task_ids = list(dict.fromkeys(body.task_ids))
+    assign_tasks(db, caller.project_id, task_ids, list(dict.fromkeys(body.reviewers)))
+    record(request, "curation.assigned", ",".join(map(str, task_ids))[:256], reviewers=body.reviewers)
+    data = with_reviews(db, project_tasks(db, caller.project_id, task_ids))
+    return {"object": "list", "data": data, "has_more": False, "first_id": str(task_ids[0]),
+            "last_id": str(task_ids[-1])}
 
 
 @router.get("/curation/tasks/{task_id}", response_model=CurationTaskObject)
 def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db),
                   caller: Caller = Depends(get_caller)) -> dict:
-    return _task_or_404(db, task_id, caller).to_api()
+    return _shown(db, task_id, caller)
+
+
+@router.patch("/curation/tasks/{task_id}", response_model=CurationTaskObject)
+async def review_task(body: ReviewRequest, request: Request, task_id: int = TaskId, db: Database = Depends(get_db),
+                      label_studio: LabelStudio = Depends(get_label_studio),
+                      caller: Caller = Depends(get_caller)) -> dict:
+    """A review in one call (the review page's): corrected answer, rating, gold star; written through to Label
+    Studio."""
+    return await _reviewed(request, label_studio, db, task_id, caller, "curation.reviewed",
+                           **body.model_dump(exclude_none=True))
 
 
 @router.post("/curation/tasks/{task_id}/gold-star", response_model=CurationTaskObject)
@@ -100,12 +209,9 @@ async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarR
                         db: Database = Depends(get_db), label_studio: LabelStudio = Depends(get_label_studio),
                         caller: Caller = Depends(get_caller)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
-    task = await _reviewed_task(request, label_studio, db, task_id, caller)
     starred = (body or GoldStarRequest()).gold_star
-    written = await _write_review(request, label_studio, db, task_id, caller, answer=task.edited_response,
-                                  gold_star=starred)
-    await asyncio.to_thread(record, request, "curation.starred" if starred else "curation.unstarred", str(task_id))
-    return written
+    return await _reviewed(request, label_studio, db, task_id, caller,
+                           "curation.starred" if starred else "curation.unstarred", gold_star=starred)
 
 
 @router.patch("/curation/tasks/{task_id}/response", response_model=CurationTaskObject)
@@ -113,14 +219,7 @@ async def edit_response(body: EditRequest, request: Request, task_id: int = Task
                         label_studio: LabelStudio = Depends(get_label_studio),
                         caller: Caller = Depends(get_caller)) -> dict:
     """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
-    problem = get_schema(_task_or_404(db, task_id, caller).schema).validate(body.response)
-    if problem:
-        raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
-    task = await _reviewed_task(request, label_studio, db, task_id, caller)
-    written = await _write_review(request, label_studio, db, task_id, caller, answer=body.response,
-                                  gold_star=task.gold_star)
-    await asyncio.to_thread(record, request, "curation.edited", str(task_id), characters=len(body.response))
-    return written
+    return await _reviewed(request, label_studio, db, task_id, caller, "curation.edited", response=body.response)
 
 
 @router.get("/curation/stats", response_model=CurationStats)
@@ -160,6 +259,12 @@ def export_dataset(version: str, format: str = "openai", split: str = "train",
                         media_type="application/jsonl" if path.suffix == ".jsonl" else "application/json")
 
 
+def _names_for(label_studio: LabelStudio, db: Database, task_id: int):
+    """Reviewer names (emails) as the task's project's organization knows them."""
+    task = get_task(db, task_id)
+    return label_studio.for_project(task.project_id).reviewer_name if task is not None else str
+
+
 @webhooks.post("/webhooks/label-studio", include_in_schema=False, response_model=WebhookReceipt)
 async def label_studio_webhook(request: Request, db: Database = Depends(get_db),
                                label_studio: LabelStudio = Depends(get_label_studio_resource),
@@ -180,8 +285,9 @@ async def label_studio_webhook(request: Request, db: Database = Depends(get_db),
     if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
         task, annotation = payload.get("task") or {}, payload.get("annotation") or {}
         # Events may come late or twice (Label Studio retries): never let an older one overwrite a newer review.
-        if "id" in task and await asyncio.to_thread(record_annotation, db, int(task["id"]), annotation,
-                                                    only_if_newer=True):
+        if "id" in task and "id" in annotation and await asyncio.to_thread(
+                lambda: record_annotation(db, int(task["id"]), annotation, only_if_newer=True,
+                                          names=_names_for(label_studio, db, int(task["id"])))):
             changed.append(int(task["id"]))
     elif action == "ANNOTATIONS_DELETED":
         ids = [int(a["id"]) for a in payload.get("annotations") or [] if "id" in a]

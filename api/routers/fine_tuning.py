@@ -30,6 +30,7 @@ from api.schemas import (
     Page,
 )
 from resources import FileStore, ModelRegistry, Trainer
+from vbatch_pipelines.curation.filters import DatasetFilter
 from vbatch_pipelines.fine_tuning.service import (
     cancel_job,
     deploy_on_request,
@@ -72,6 +73,9 @@ class CreateFineTuningJobRequest(BaseModel):
     metadata: dict[str, str] | None = None
     method: Method | None = None
     integrations: list[dict[str, Any]] | None = None
+    dataset_filter: DatasetFilter | None = Field(default=None, description="vbatch's own: with a gold-star dataset "
+                                                 "version, train on the examples that match only (schema, model, "
+                                                 "batch metadata, reviewer, minimum rating, agreement)")
 
 
 def _hyperparameters(body: CreateFineTuningJobRequest) -> dict[str, Any] | None:
@@ -99,7 +103,8 @@ def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
                            training_file=body.training_file, validation_file=body.validation_file,
                            hyperparameters=_hyperparameters(body), suffix=body.suffix, seed=body.seed,
                            metadata=body.metadata, owner=caller.owner,
-                           method=body.method.type if body.method else "supervised").to_openai()
+                           method=body.method.type if body.method else "supervised",
+                           dataset_filter=body.dataset_filter).to_openai()
 
 
 def _job_or_404(db: Database, job_id: str, caller: Caller) -> FineTuningJob:

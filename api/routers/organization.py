@@ -5,6 +5,7 @@ another's (never a 403 that would confirm it exists)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
@@ -14,12 +15,14 @@ from api.errors import OpenAIError
 from api.pagination import paginate
 from api.schemas import StrictBody
 from vbatch_pipelines import projects
+from vbatch_pipelines.curation.service import MAX_REVIEWERS, set_review_policy
 from vbatch_pipelines.projects import Caller
 from vbatch_pipelines.quotas import set_quotas
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import ApiKey, AuditEvent, Project
 from vbatch_pipelines.usage import COMPLETIONS, EMBEDDINGS, usage_page
 
+log = logging.getLogger("vbatch.api")
 router = APIRouter(prefix="/organization", tags=["organization"])
 
 
@@ -85,19 +88,36 @@ class Quotas(StrictBody):
     max_tokens_per_day: int | None = Field(default=None, ge=1, description="input and output tokens per UTC day")
 
 
+class ReviewPolicyBody(StrictBody):
+    annotations_per_task: int | None = Field(default=None, ge=1, le=MAX_REVIEWERS,
+                                             description="N: annotations (reviewers) wanted per task")
+    gold_star_agreement: int | None = Field(default=None, ge=1, le=MAX_REVIEWERS,
+                                            description="k: how many of them must star a task for a gold star")
+
+
 class ModifyProjectBody(StrictBody):
     name: str | None = Field(default=None, max_length=128)
     quotas: Quotas | None = Field(default=None, description="vbatch's own: the limits given are set (null: none)")
     weight: int | None = Field(default=None, ge=1, le=100, description="vbatch's own: its share of the engine when "
                                "several projects' batches run (default 1)")
+    review: ReviewPolicyBody | None = Field(default=None, description="vbatch's own: its review policy (a project "
+                                            "admin may set it alone)")
 
 
 @router.post("/projects/{project_id}")
-async def modify_project(project_id: str, body: ModifyProjectBody, db: Database = Depends(get_db),
+async def modify_project(project_id: str, body: ModifyProjectBody, request: Request, db: Database = Depends(get_db),
                          caller: Caller = Depends(get_caller)) -> dict:
-    """Rename a project, and (vbatch's own) set its quotas and fair-share weight: platform admins only."""
-    _platform_admin(caller)
+    """Rename a project, and (vbatch's own) set its quotas and fair-share weight: platform admins only; its review
+    policy: its own admins too (Label Studio then hands each of its tasks to N reviewers)."""
+    if body.model_fields_set == {"review"}:
+        await asyncio.to_thread(_managed_project, db, caller, project_id)
+    else:
+        _platform_admin(caller)
     await asyncio.to_thread(projects.get_project, db, project_id)
+    if body.review is not None:
+        policy = body.review.model_dump(exclude_none=True)
+        await asyncio.to_thread(lambda: set_review_policy(db, project_id, **policy))
+        await asyncio.to_thread(_tell_label_studio, request, project_id)
     if body.name is not None:
         await asyncio.to_thread(projects.rename_project, db, project_id, body.name)
     changes = body.quotas.model_dump(exclude_unset=True) if body.quotas is not None else {}
@@ -106,8 +126,26 @@ async def modify_project(project_id: str, body: ModifyProjectBody, db: Database 
     project = await asyncio.to_thread(projects.get_project, db, project_id)
     await asyncio.to_thread(projects.audit, db, caller, "project.updated", project_id, name=project.name,
                             **({"quotas": changes} if changes else {}),
-                            **({"weight": body.weight} if body.weight is not None else {}))
+                            **({"weight": body.weight} if body.weight is not None else {}),
+                            **({"review": project.review_policy()} if body.review is not None else {}))
     return project.to_openai()
+
+
+def _tell_label_studio(request: Request, project_id: str) -> None:
+    """Label Studio hands each task of the project's review projects to N reviewers; down: it is told when the
+    next batch's tasks are imported."""
+    from resources.label_studio import LabelStudioUnavailable
+
+    label_studio = request.app.state.resources["label_studio"]
+    project = projects.get_project(request.app.state.db, project_id)
+    if not label_studio.enabled:
+        return
+    try:
+        team = label_studio.for_project(project_id, project.name)
+        for ls_project in team.projects():
+            team.set_annotations_per_task(ls_project, project.review_annotations)
+    except LabelStudioUnavailable as exc:
+        log.warning("Label Studio not told of %s's review policy now: %s", project_id, exc)
 
 
 @router.post("/projects/{project_id}/archive")

@@ -26,7 +26,7 @@ from sqlalchemy import and_, func, or_, select, update
 from integrations.aris.aristotle import Aristotle, AristotleUnavailable, Conquest, rating_id
 from integrations.aris.models import ArisEvent, ArisLink
 from integrations.aris.schemas import ID_FIELD, conquest_schemas
-from vbatch_pipelines.curation.sync import record_annotation
+from vbatch_pipelines.curation.sync import write_through
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Batch, CurationTask
 
@@ -329,9 +329,7 @@ def sync_link(db: Database, aristotle: Aristotle, label_studio, link: ArisLink, 
         _agreed(db, link, row, row.victory)
         return "agreed"
     if aris_changed:
-        annotation = label_studio.write_review(task.ls_task_id, task.edited_response, task.rating, row.victory,
-                                               task.annotation_id)
-        record_annotation(db, task.ls_task_id, annotation)
+        write_through(db, label_studio, task, answer=task.edited_response, rating=task.rating, gold_star=row.victory)
         _agreed(db, link, row, row.victory)
         if vbatch_changed:  # both sides' states, and the one they last agreed on, for GET /v1/aris/conflicts
             record_event(db, link.conquest_id, "conflict", winner="aristotle", task_id=task.ls_task_id,

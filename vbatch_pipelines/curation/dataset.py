@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vbatch_pipelines.curation.filters import DatasetFilter
 from vbatch_pipelines.curation.service import gold_star_tasks, latest_dataset
 from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.store.db import Database
@@ -37,18 +38,44 @@ def split_of(key: str, eval_percent: int = EVAL_PERCENT) -> str:
     return "eval" if int(key[:8], 16) % 100 < eval_percent else "train"
 
 
-def examples_of(tasks: list[CurationTask]) -> list[dict[str, Any]]:
+def examples_of(tasks: list[CurationTask], facts: dict[str, Any] | None = None,
+                chosen: DatasetFilter | None = None) -> list[dict[str, Any]]:
+    """The tasks as dataset examples (``facts``: ``review_facts`` of them), only those ``chosen`` passes; one per
+    prompt, the latest review's."""
+    facts = facts or {"reviewers": {}, "batch_metadata": {}}
     by_prompt: dict[str, dict[str, Any]] = {}
     for task in sorted(tasks, key=lambda t: (t.reviewed_at or 0, t.id)):
         key = prompt_key(task.messages)
-        answer = task.final_response()
-        by_prompt[key] = {
+        example = {
             "prompt_key": key, "split": split_of(key), "schema": task.schema, "model": task.model or "",
             "batch_id": task.batch_id, "custom_id": task.custom_id, "task_id": task.ls_task_id,
             "edited": task.edited_response is not None, "rating": task.rating,
-            "messages": [*task.messages, {"role": "assistant", "content": answer}],
+            "reviewers": facts["reviewers"].get(task.ls_task_id, []), "agreement": task.agreement,
+            "batch_metadata": facts["batch_metadata"].get(task.batch_id) or {},
+            "messages": [*task.messages, {"role": "assistant", "content": task.final_response()}],
         }
+        if chosen is None or chosen.matches(example):
+            by_prompt[key] = example
     return sorted(by_prompt.values(), key=lambda e: e["prompt_key"])
+
+
+def review_facts(db: Database, tasks: list[CurationTask]) -> dict[str, Any]:
+    """What filters ask of tasks beyond their own columns: who reviewed each, and its batch's metadata."""
+    from sqlalchemy import select
+
+    from vbatch_pipelines.store.models import Batch, CurationReview
+
+    ids, batches = [t.ls_task_id for t in tasks], sorted({t.batch_id for t in tasks})
+    reviewers: dict[int, list[str]] = {}
+    with db.session() as session:
+        for task_id, reviewer in session.execute(select(CurationReview.ls_task_id, CurationReview.reviewer)
+                                                 .where(CurationReview.ls_task_id.in_(ids))
+                                                 .order_by(CurationReview.reviewer)):
+            if reviewer not in reviewers.setdefault(task_id, []):
+                reviewers[task_id].append(reviewer)
+        metadata = dict(session.execute(select(Batch.id, Batch.metadata_).where(Batch.id.in_(batches))).all())
+    return {"reviewers": reviewers, "batch_metadata": {b: {k: str(v) for k, v in (m or {}).items()}
+                                                       for b, m in metadata.items()}}
 
 
 def chatml_text(messages: list[dict[str, str]]) -> str:
@@ -113,11 +140,11 @@ def _claim_version(db: Database, source_seq: int, run_id: str | None, project_id
 
 def write_version(db: Database, datasets_dir: Path, *, kind: str, source_seq: int, run_id: str | None,
                   project_id: str, table, files: dict[str, bytes], splits: list[str], counts: dict[str, Any],
-                  fingerprint: str) -> Dataset:
+                  fingerprint: str, chosen: dict[str, Any] | None = None) -> Dataset:
     """Register the next version of ``kind``: ``table`` (one row per example or pair, ``table_name(kind)``) and
     its export ``files``; ``splits`` is each row's split. The version is claimed first; its files are written into
     a temporary directory renamed into place, so a version directory is whole or absent, and the row turns
-    ``ready`` only after that. One way for both kinds."""
+    ``ready`` only after that; ``chosen``: the filter it was built with. One way for both kinds."""
     import shutil
     import uuid
 
@@ -147,7 +174,7 @@ def write_version(db: Database, datasets_dir: Path, *, kind: str, source_seq: in
             fingerprint
         dataset.train_examples = sum(split == "train" for split in splits)
         dataset.eval_examples = sum(split == "eval" for split in splits)
-        dataset.created_at, dataset.status = int(time.time()), "ready"
+        dataset.created_at, dataset.status, dataset.filter = int(time.time()), "ready", chosen
     return db.get(Dataset, version)
 
 
@@ -156,20 +183,11 @@ def table_name(kind: str) -> str:
 
 
 def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: str | None = None,
-                  project_id: str = DEFAULT_PROJECT) -> Dataset:
-    """Write the project's next gold-star version from its gold stars in the DB and register it."""
-    import pyarrow as pa
-
-    examples = examples_of(gold_star_tasks(db, project_id))
-    table = pa.table({
-        "prompt_key": [e["prompt_key"] for e in examples], "split": [e["split"] for e in examples],
-        "schema": [e["schema"] for e in examples], "model": [e["model"] for e in examples],
-        "batch_id": [e["batch_id"] for e in examples], "custom_id": [e["custom_id"] for e in examples],
-        "task_id": pa.array([e["task_id"] for e in examples], pa.int64()),
-        "edited": [e["edited"] for e in examples],
-        "rating": pa.array([e["rating"] for e in examples], pa.int64()),
-        "messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples],
-    })
+                  project_id: str = DEFAULT_PROJECT, chosen: DatasetFilter | None = None) -> Dataset:
+    """Write the project's next gold-star version from its gold stars in the DB (those ``chosen`` passes; the
+    version records the filter) and register it."""
+    tasks = gold_star_tasks(db, project_id)
+    examples = examples_of(tasks, review_facts(db, tasks), chosen)
     files = {export_name(fmt, split): render([e for e in examples if e["split"] == split], fmt)
              for split in SPLITS for fmt in EXPORT_FORMATS[SFT]}
     counts: dict[str, Any] = {"by_schema": {}, "by_model": {}}
@@ -179,8 +197,27 @@ def build_dataset(db: Database, datasets_dir: Path, *, source_seq: int, run_id: 
     fingerprint = hashlib.sha256(b"".join(
         (e["prompt_key"] + e["messages"][-1]["content"]).encode() for e in examples)).hexdigest()[:16]
     return write_version(db, datasets_dir, kind=SFT, source_seq=source_seq, run_id=run_id, project_id=project_id,
-                         table=table, files=files, splits=[e["split"] for e in examples], counts=counts,
-                         fingerprint=fingerprint)
+                         table=examples_table(examples), files=files, splits=[e["split"] for e in examples],
+                         counts=counts, fingerprint=fingerprint,
+                         chosen=(chosen.given() or None) if chosen is not None else None)
+
+
+def examples_table(examples: list[dict[str, Any]]):
+    """A version's table: one row per example, with what filters ask of it."""
+    import pyarrow as pa
+
+    return pa.table({
+        "prompt_key": [e["prompt_key"] for e in examples], "split": [e["split"] for e in examples],
+        "schema": [e["schema"] for e in examples], "model": [e["model"] for e in examples],
+        "batch_id": [e["batch_id"] for e in examples], "custom_id": [e["custom_id"] for e in examples],
+        "task_id": pa.array([e["task_id"] for e in examples], pa.int64()),
+        "edited": [e["edited"] for e in examples],
+        "rating": pa.array([e["rating"] for e in examples], pa.int64()),
+        "reviewers": [json.dumps(e["reviewers"], ensure_ascii=False) for e in examples],
+        "agreement": pa.array([e["agreement"] for e in examples], pa.float64()),
+        "batch_metadata": [json.dumps(e["batch_metadata"], ensure_ascii=False) for e in examples],
+        "messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples],
+    })
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -201,7 +238,9 @@ def load_examples(dataset: Dataset) -> list[dict[str, Any]]:
 
     rows = pq.read_table(Path(dataset.path) / "examples.parquet").to_pylist()
     for row in rows:
-        row["messages"] = json.loads(row["messages"])
+        for column in ("messages", "reviewers", "batch_metadata"):  # the last two: versions since filters
+            if column in row:
+                row[column] = json.loads(row[column])
     return rows
 
 

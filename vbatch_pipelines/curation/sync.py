@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from vbatch_pipelines.curation.schemas import Review, read_annotation
-from vbatch_pipelines.curation.service import apply_review
+from vbatch_pipelines.curation.schemas import read_annotation
+from vbatch_pipelines.curation.service import AnnotationReview, apply_reviews
 from vbatch_pipelines.store.db import Database
 
 
@@ -13,22 +14,27 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
 
 
-def current_annotation(annotations: list[Any]) -> Any | None:
-    """The annotation that counts: the most recently updated one that was not skipped."""
-    live = [a for a in annotations or [] if not _field(a, "was_cancelled", False)]
-    if not live:
-        return None
-    return max(live, key=lambda a: (utc_stamp(_field(a, "updated_at")) or "", _field(a, "id") or 0))
+def live_annotations(annotations: list[Any]) -> list[Any]:
+    """The annotations that count: those not skipped."""
+    return [a for a in annotations or [] if not _field(a, "was_cancelled", False) and _field(a, "id") is not None]
 
 
-def record_annotation(db: Database, task_id: int, annotation: Any | None, *, only_if_newer: bool = False) -> bool:
-    """Record a task's current annotation (None: it has none); True when the DB changed. ``only_if_newer``:
-    ``annotation`` comes from an event, which is ignored when older than the annotation recorded."""
-    if annotation is None:
-        return apply_review(db, task_id, None, None)
-    review: Review = read_annotation(_field(annotation, "result") or [])
-    return apply_review(db, task_id, review, _field(annotation, "id"), reviewer_of(annotation),
-                        updated_at=utc_stamp(_field(annotation, "updated_at")), only_if_newer=only_if_newer)
+def as_review(annotation: Any, names: Callable[[str], str] = str) -> AnnotationReview:
+    """``names``: a reviewer's name (their email) from the user id Label Studio gives."""
+    who = reviewer_of(annotation)
+    return AnnotationReview(int(_field(annotation, "id")), names(who) if who and "@" not in who else who or "unknown",
+                            read_annotation(_field(annotation, "result") or []),
+                            utc_stamp(_field(annotation, "updated_at")))
+
+
+def record_annotation(db: Database, task_id: int, annotation: Any, *, only_if_newer: bool = False,
+                      names: Callable[[str], str] = str) -> bool:
+    """Record one annotation of a task (created or updated; a skipped one is forgotten); True when the task's
+    review changed. ``only_if_newer``: ``annotation`` comes from an event, ignored when older than the one
+    recorded."""
+    if _field(annotation, "was_cancelled", False):
+        return apply_reviews(db, task_id, (), removed=[int(_field(annotation, "id"))])
+    return apply_reviews(db, task_id, [as_review(annotation, names)], only_if_newer=only_if_newer)
 
 
 def utc_stamp(value: Any) -> str | None:
@@ -54,6 +60,29 @@ def reviewer_of(annotation: Any) -> str | None:
     return None if who is None else str(who)
 
 
-def record_task(db: Database, task: Any) -> bool:
-    """A task as Label Studio lists it (with its annotations)."""
-    return record_annotation(db, int(_field(task, "id")), current_annotation(_field(task, "annotations") or []))
+def record_task(db: Database, task: Any, names: Callable[[str], str] = str) -> bool:
+    """A task as Label Studio lists it, with every annotation: the listing is the truth."""
+    return apply_reviews(db, int(_field(task, "id")),
+                         [as_review(a, names) for a in live_annotations(_field(task, "annotations") or [])],
+                         complete=True)
+
+
+def write_through(db: Database, label_studio: Any, task: Any, *, answer: str | None, rating: int | None,
+                  gold_star: bool) -> bool:
+    """A review made through vbatch (its API, its review page, an extension), written into Label Studio as an
+    annotation and then recorded, so both show the same; True when the task's review changed. With one
+    annotation wanted per task the task's current annotation is updated (an expert's edit and rating kept);
+    with several, vbatch's own (its Label Studio user is one reviewer among them)."""
+    from sqlalchemy import select
+
+    from vbatch_pipelines.store.models import CurationReview, Project
+
+    project = db.get(Project, task.project_id)
+    annotation_id = task.annotation_id
+    if project is not None and project.review_annotations > 1:
+        me = label_studio.own_reviewer()
+        with db.session() as session:
+            annotation_id = session.scalars(select(CurationReview.annotation_id).where(
+                CurationReview.ls_task_id == task.ls_task_id, CurationReview.reviewer == me)).first()
+    annotation = label_studio.write_review(task.ls_task_id, answer, rating, gold_star, annotation_id)
+    return record_annotation(db, task.ls_task_id, annotation, names=label_studio.reviewer_name)

@@ -32,6 +32,7 @@ from resources.label_studio import LabelStudioUnavailable, iso
 from vbatch_pipelines.batch.service import INPUT_FILE, get_batch, iter_requests
 from vbatch_pipelines.curation import dataset as gold
 from vbatch_pipelines.curation import preferences
+from vbatch_pipelines.curation.filters import DatasetFilter
 from vbatch_pipelines.curation.schemas import (
     chat_messages,
     prediction,
@@ -117,13 +118,15 @@ def _curation_tasks(context: AssetExecutionContext, metadata_db: MetadataDB, fil
     add_tasks(db, pending_rows)
 
     imported = 0
+    project = db.get(Project, batch.project_id)
     if by_schema:
         label_studio.ensure_running()
         # the batch's project's own organization: only its reviewers see these tasks
-        project = db.get(Project, batch.project_id)
         label_studio = label_studio.for_project(batch.project_id, project.name if project else None)
     for schema, rows in by_schema.values():
         project_id = label_studio.project_for(schema)
+        if project is not None and project.review_annotations > 1:  # Label Studio hands each task to N reviewers
+            label_studio.set_annotations_per_task(project_id, project.review_annotations)
         if unconfirmed:
             present = label_studio.tasks_of_batch(project_id, batch_id)
             set_task_ids(db, batch_id, project_id, {c: t for c, t in present.items() if c in unconfirmed})
@@ -152,13 +155,18 @@ class DatasetConfig(Config):
     project_id: str = DEFAULT_PROJECT  # whose reviews: each project has its own versions
 
 
+class GoldStarDatasetConfig(DatasetConfig):
+    dataset_filter: DatasetFilter | None = None  # only these gold stars (e.g. one schema); the version records it
+
+
 @asset(group_name="curation", kinds={"parquet", "jsonl"}, deps=[curation_tasks])
-def gold_star_dataset(context: AssetExecutionContext, config: DatasetConfig, metadata_db: MetadataDB,
+def gold_star_dataset(context: AssetExecutionContext, config: GoldStarDatasetConfig, metadata_db: MetadataDB,
                       file_store: FileStore) -> MaterializeResult:
-    """A new version of a project's gold-star examples (expert edits replace model answers), split train/eval."""
+    """A new version of a project's gold-star examples (expert edits replace model answers), split train/eval; a
+    filtered one (``dataset_filter``) when launched with one: the sensor builds whole versions only."""
     seq = latest_change(metadata_db.db, config.project_id)
     version = gold.build_dataset(metadata_db.db, file_store.datasets_dir, source_seq=seq, run_id=context.run_id,
-                                 project_id=config.project_id)
+                                 project_id=config.project_id, chosen=config.dataset_filter)
     context.log.info(f"gold-star dataset {version.version} of {config.project_id}: {version.examples} examples")
     return MaterializeResult(
         metadata={
@@ -168,6 +176,7 @@ def gold_star_dataset(context: AssetExecutionContext, config: DatasetConfig, met
             "train_examples": version.train_examples,
             "eval_examples": version.eval_examples,
             "fingerprint": version.fingerprint,
+            "filter": MetadataValue.json(version.filter or {}),
             "by_schema": MetadataValue.json(version.counts["by_schema"]),
             "by_model": MetadataValue.json(version.counts["by_model"]),
             "path": MetadataValue.path(version.path),
@@ -268,7 +277,7 @@ def label_studio_sensor(context: SensorEvaluationContext, metadata_db: MetadataD
             for project_id in team.projects():
                 tasks = team.changed_tasks(project_id, cursor.get(str(project_id)))
                 for task in tasks:
-                    changed += record_task(db, task)
+                    changed += record_task(db, task, team.reviewer_name)
                 if tasks:
                     read += len(tasks)
                     cursor[str(project_id)] = max(iso(task.updated_at) for task in tasks)

@@ -16,14 +16,17 @@ import re
 import shutil
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import desc, select
 
 from vbatch_pipelines.fine_tuning import FineTuningError
+
+if TYPE_CHECKING:
+    from vbatch_pipelines.curation.filters import DatasetFilter
 from vbatch_pipelines.fine_tuning.comparison import DEPLOY_GATES
 from vbatch_pipelines.fine_tuning.hyperparameters import METHODS, parse_hyperparameters
-from vbatch_pipelines.fine_tuning.training_data import copy_training_data, model_max_length, training_sources
+from vbatch_pipelines.fine_tuning.training_data import model_max_length, training_sources, write_training_data
 from vbatch_pipelines.models.registry import EMBED, GENERATE
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import (
@@ -59,7 +62,7 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
                validation_file: str | None = None, hyperparameters: dict[str, Any] | None = None,
                suffix: str | None = None, seed: int | None = None, metadata: dict[str, str] | None = None,
                trigger: str = "api", deploy: str = "always", owner: Owner = DEFAULT_OWNER,
-               method: str = "supervised") -> FineTuningJob:
+               method: str = "supervised", dataset_filter: DatasetFilter | None = None) -> FineTuningJob:
     """Check everything a job needs, record it (``queued``, ``owner``'s: its files and datasets are the ones
     it may train on) and copy its data into the job dir. The resources say which models exist
     (``model_registry``), where jobs live (``file_store``) and what the trainer accepts (``trainer``: minimum
@@ -93,14 +96,12 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
         raise FineTuningError("qlora (4-bit base weights) needs a CUDA GPU; this machine has none: use LoRA",
                               "hyperparameters.qlora", "invalid_value")
     sources = training_sources(db, training_file, validation_file, minimum=trainer.min_training_examples,
-                               project_id=owner.project_id, method=method)
+                               project_id=owner.project_id, method=method, chosen=dataset_filter)
     resolved = hp.resolved(sources["train_examples"], model_max_length(spec.path))
     job_id = new_job_id()
     directory = file_store.fine_tune_dir(job_id)
     (directory / "data").mkdir(parents=True, exist_ok=True)
-    copy_training_data(sources["train_path"], directory / "data" / "train.jsonl", sources["convert"])
-    if sources["eval_path"] is not None:
-        copy_training_data(sources["eval_path"], directory / "data" / "eval.jsonl", sources["convert"])
+    write_training_data(sources, directory / "data")
     if starting is not None:  # its own copy: the fine-tune it continues may be undeployed or removed meanwhile
         shutil.copytree(starting.adapter, directory / "data" / INITIAL_ADAPTER, dirs_exist_ok=True)
         config = json.loads((directory / "data" / INITIAL_ADAPTER / "adapter_config.json").read_text())
@@ -108,6 +109,7 @@ def create_job(db: Database, model_registry, file_store, trainer, *, model: str,
     job = FineTuningJob(
         id=job_id, model=spec.id, status="queued", training_file=training_file, validation_file=validation_file,
         dataset_version=sources["dataset_version"], hyperparameters=resolved, suffix=suffix,
+        dataset_filter=(dataset_filter.given() or None) if dataset_filter is not None else None,
         seed=seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big") % 2**31,
         metadata_=metadata or None, trigger=trigger, deploy=deploy, result_files=[], created_at=now(),
         method={"type": method} if method != "supervised" else None,

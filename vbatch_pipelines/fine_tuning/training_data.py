@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vbatch_pipelines.fine_tuning import FineTuningError
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import PREFERENCE, SFT, TRAINER_FORMAT, Dataset, File, of_project
+
+if TYPE_CHECKING:
+    from vbatch_pipelines.curation.filters import DatasetFilter
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_REPORTED_ERRORS = 10
@@ -78,9 +81,10 @@ def _file(db: Database, file_id: str, param: str, project_id: str) -> File:
 
 
 def training_sources(db: Database, training_file: str, validation_file: str | None, *,
-                     minimum: int, project_id: str, method: str = "supervised") -> dict[str, Any]:
+                     minimum: int, project_id: str, method: str = "supervised",
+                     chosen: DatasetFilter | None = None) -> dict[str, Any]:
     """Where the job's train and eval examples come from (files and datasets of ``project_id``), checked for
-    ``method``; raises FineTuningError."""
+    ``method``; a gold-star version's examples only those ``chosen`` passes; raises FineTuningError."""
     dataset = db.get(Dataset, training_file) if not training_file.startswith("file-") else None
     dataset = of_project(dataset, project_id)  # another project's is none of this one's
     if dataset is not None and dataset.status != "ready":  # a build still writing it
@@ -95,6 +99,10 @@ def training_sources(db: Database, training_file: str, validation_file: str | No
         if validation_file:
             raise FineTuningError("A dataset version brings its own eval split; leave validation_file out",
                                   "validation_file")
+        if chosen is not None and chosen.given():
+            if dataset.kind != SFT:
+                raise FineTuningError("dataset_filter filters gold-star (sft) versions", "dataset_filter")
+            return _filtered(dataset, chosen, minimum)
         if dataset.train_examples < minimum:
             raise FineTuningError(
                 f"Dataset {dataset.version} has {dataset.train_examples} training example(s); at least "
@@ -105,6 +113,9 @@ def training_sources(db: Database, training_file: str, validation_file: str | No
         return {"dataset_version": dataset.version, "train_path": directory / f"train.{fmt}.jsonl",
                 "eval_path": directory / f"eval.{fmt}.jsonl" if dataset.eval_examples else None,
                 "train_examples": dataset.train_examples, "eval_examples": dataset.eval_examples, "convert": False}
+    if chosen is not None and chosen.given():
+        raise FineTuningError("dataset_filter filters a gold-star dataset version; training_file is not one",
+                              "dataset_filter")
     train = _file(db, training_file, "training_file", project_id)
     train_examples = check_training_lines(Path(train.path), param="training_file", minimum=minimum, method=method)
     eval_path, eval_examples = None, 0
@@ -115,6 +126,37 @@ def training_sources(db: Database, training_file: str, validation_file: str | No
         eval_path = Path(validation.path)
     return {"dataset_version": None, "train_path": Path(train.path), "eval_path": eval_path,
             "train_examples": train_examples, "eval_examples": eval_examples, "convert": method == "dpo"}
+
+
+def _filtered(dataset: Dataset, chosen: DatasetFilter, minimum: int) -> dict[str, Any]:
+    """The examples of a gold-star version that ``chosen`` passes, rendered as the trainer reads them."""
+    from vbatch_pipelines.curation.dataset import load_examples, render
+    from vbatch_pipelines.curation.filters import FilterNotApplicable
+
+    try:
+        kept = [e for e in load_examples(dataset) if chosen.matches(e)]
+    except FilterNotApplicable as exc:
+        raise FineTuningError(f"Dataset {dataset.version}: {exc}", exc.param, exc.code) from exc
+    train = [e for e in kept if e["split"] == "train"]
+    evals = [e for e in kept if e["split"] == "eval"]
+    if len(train) < minimum:
+        raise FineTuningError(f"{len(train)} training example(s) of dataset {dataset.version} match dataset_filter; "
+                              f"at least {minimum} are required (VBATCH_MIN_TRAINING_EXAMPLES)", "dataset_filter",
+                              "insufficient_examples")
+    fmt = TRAINER_FORMAT[dataset.kind]
+    return {"dataset_version": dataset.version, "train_data": render(train, fmt),
+            "eval_data": render(evals, fmt) if evals else None,
+            "train_examples": len(train), "eval_examples": len(evals), "convert": False}
+
+
+def write_training_data(sources: dict[str, Any], directory: Path) -> None:
+    """The job's own copy of its train and eval data (``training_sources``'), in ``directory``."""
+    for split in ("train", "eval"):
+        target = directory / f"{split}.jsonl"
+        if sources.get(f"{split}_data") is not None:
+            target.write_bytes(sources[f"{split}_data"])
+        elif sources.get(f"{split}_path") is not None:
+            copy_training_data(sources[f"{split}_path"], target, sources["convert"])
 
 
 def copy_training_data(source: Path, target: Path, convert: bool) -> None:

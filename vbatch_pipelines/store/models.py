@@ -195,6 +195,11 @@ class CurationTask(Owned, Base):
     annotation_updated_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # why the review's edited answer is invalid for its schema (e.g. not JSON): such a task stays out of datasets
     review_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # several reviewers: how many reviewed it, how many of them starred it, the share agreeing with the majority
+    # (None below two); the gold star is gold_votes >= the project's review_agreement
+    reviews: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    gold_votes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     def final_response(self) -> str:
         return self.edited_response if self.edited_response is not None else self.response
@@ -206,8 +211,35 @@ class CurationTask(Owned, Base):
             "messages": self.messages, "response": self.response, "edited_response": self.edited_response,
             "rating": self.rating, "gold_star": self.gold_star, "annotated": self.annotated,
             "created_at": self.created_at, "reviewed_at": self.reviewed_at, "review_error": self.review_error,
+            "reviews": self.reviews, "gold_votes": self.gold_votes, "agreement": self.agreement,
             **self.ownership(),
         }
+
+
+class CurationReview(Base):
+    """One live Label Studio annotation of a task: a reviewer's answer, rating and gold-star vote. A task's own
+    review (answer, rating) is its latest one; its gold star counts each reviewer's latest vote."""
+
+    __tablename__ = "curation_reviews"
+
+    annotation_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    ls_task_id: Mapped[int] = mapped_column(Integer, index=True)
+    reviewer: Mapped[str] = mapped_column(String(256), index=True)
+    answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gold_star: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[str | None] = mapped_column(String(40), nullable=True)  # Label Studio's, UTC ISO
+    recorded_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class CurationAssignment(Base):
+    """A task handed to a reviewer in vbatch's review queue (Label Studio Community has no assignment)."""
+
+    __tablename__ = "curation_assignments"
+
+    ls_task_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    reviewer: Mapped[str] = mapped_column(String(256), primary_key=True, index=True)
+    assigned_at: Mapped[int] = mapped_column(BigInteger)
 
 
 class Dataset(Owned, Base):
@@ -228,9 +260,12 @@ class Dataset(Owned, Base):
     status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")  # building | ready
     # sft: gold-star chat examples | preference: chosen/rejected pairs (examples counts pairs)
     kind: Mapped[str] = mapped_column(String(16), default=SFT, server_default=SFT, index=True)
+    # what the version was built from (None: every gold star of its project): a DatasetFilter's fields
+    filter: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
     def to_api(self) -> dict[str, Any]:
         return {"id": self.version, "object": "dataset", "version": self.version, "kind": self.kind,
+                "filter": self.filter,
                 "created_at": self.created_at, "examples": self.examples, "train_examples": self.train_examples,
                 "eval_examples": self.eval_examples, "fingerprint": self.fingerprint, "counts": self.counts,
                 "formats": list(EXPORT_FORMATS[self.kind]), **self.ownership()}
@@ -325,6 +360,7 @@ class FineTuningJob(Owned, Base):
     dagster_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     method: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"type": "dpo", ...}; None: supervised
     starting_model: Mapped[str | None] = mapped_column(String(512), nullable=True)  # the ft: model it continues
+    dataset_filter: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # of its version
 
     @property
     def method_type(self) -> str:
@@ -351,7 +387,8 @@ class FineTuningJob(Owned, Base):
             "method": {"type": self.method_type, self.method_type: {"hyperparameters": {
                 **openai_hp, **({"beta": hp.get("beta")} if self.method_type == "dpo" else {})}}},
             # vbatch's own: the full recipe and where the job came from
-            "vbatch": {"hyperparameters": hp, "dataset_version": self.dataset_version, "trigger": self.trigger,
+            "vbatch": {"hyperparameters": hp, "dataset_version": self.dataset_version,
+                       "dataset_filter": self.dataset_filter, "trigger": self.trigger,
                        "deploy": self.deploy, "deployment": self.deployment, "metrics": self.metrics,
                        "dagster_run_id": self.dagster_run_id, "base_model": self.model},
         }
@@ -454,6 +491,9 @@ class Project(Base):
     max_queued_requests: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # its share of the engine
+    # its review policy: N annotations wanted per task, k gold-star votes of them for a gold star
+    review_annotations: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    review_agreement: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     def quotas(self) -> dict[str, int | None]:
         return {"max_concurrent_batches": self.max_concurrent_batches, "max_queued_requests": self.max_queued_requests,
@@ -462,7 +502,10 @@ class Project(Base):
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "organization.project", "name": self.name, "created_at": self.created_at,
                 "archived_at": self.archived_at, "status": "archived" if self.archived_at else "active",
-                "quotas": self.quotas(), "weight": self.weight}
+                "quotas": self.quotas(), "weight": self.weight, "review": self.review_policy()}
+
+    def review_policy(self) -> dict[str, int]:
+        return {"annotations_per_task": self.review_annotations, "gold_star_agreement": self.review_agreement}
 
 
 class Installation(Base):
