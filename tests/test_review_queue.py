@@ -215,3 +215,52 @@ def test_a_filtered_dataset_holds_one_schema_and_a_fine_tune_trains_on_what_matc
         team.sdk.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=whole,
                                          extra_body={"dataset_filter": {"reviewer": "nobody@example.com"}})
     assert refused.value.body["code"] == "insufficient_examples"
+
+
+@pytest.mark.stack
+def test_the_review_page_edits_rates_stars_and_moves_on_by_keyboard_in_chromium(team):
+    from tests.conftest import chromium_browser
+
+    batch_id = team.run_batch(chat_lines(4, prefix="page"))
+    tasks = team.tasks(batch_id)
+    base = str(team.sdk.base_url).removesuffix("/v1/")
+    with chromium_browser() as browser:
+        page = browser.new_page(viewport={"width": 1366, "height": 768}, base_url=base)
+        problems: list[str] = []
+        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on("response", lambda response: response.status >= 400 and problems.append(
+            f"{response.status} {response.url}"))
+
+        page.goto(f"/ui/review?batch_id={batch_id}")
+        assert page.get_attribute("#review-form", "data-task") == str(tasks["page-0"])
+        assert page.locator("#queue li").count() == 4
+        page.fill("#answer", "Edited in the review page.")
+        page.keyboard.press("Escape")  # out of the editor: the keys are shortcuts again
+        page.keyboard.press("4")
+        page.keyboard.press("g")
+        page.keyboard.press("Control+Enter")
+        page.wait_for_function(f"document.querySelector('#review-form').dataset.task === '{tasks['page-1']}'")
+        saved = _get(team.sdk, f"/curation/tasks/{tasks['page-0']}")
+        assert (saved["edited_response"], saved["rating"], saved["gold_star"]) == \
+            ("Edited in the review page.", 4, True)
+        (annotation,) = team.client.tasks.get(str(tasks["page-0"])).annotations  # Label Studio shows the same
+        result = annotation["result"] if isinstance(annotation, dict) else annotation.result
+        assert {r["from_name"]: r["value"] for r in result}["answer"] == {"text": ["Edited in the review page."]}
+        assert page.locator("#queue li").count() == 3  # reviewed: out of the "to review" queue
+
+        page.keyboard.press("n")
+        page.wait_for_function(f"document.querySelector('#review-form').dataset.task === '{tasks['page-2']}'")
+        page.keyboard.press("p")
+        page.wait_for_function(f"document.querySelector('#review-form').dataset.task === '{tasks['page-1']}'")
+
+        # Two more starred from the queue at once.
+        page.check(f"#queue input[value='{tasks['page-2']}']")
+        page.check(f"#queue input[value='{tasks['page-3']}']")
+        page.click("[data-bulk='true']")
+        page.wait_for_function("document.querySelectorAll('#queue li').length === 1")
+        starred = _get(team.sdk, "/curation/tasks", batch_id=batch_id, gold_star=True)["data"]
+        assert [t["id"] for t in starred] == [tasks["page-0"], tasks["page-2"], tasks["page-3"]]
+        page.goto("/ui/review?status=gold")
+        assert page.locator("#team").is_visible() and page.locator("#queue li").count() >= 3
+        assert problems == [], problems

@@ -940,7 +940,10 @@ def install(app) -> None:
     """Mount the console and its static files on the API's app."""
     from fastapi.staticfiles import StaticFiles
 
+    from api.console.review import router as review_router
+
     app.include_router(router)
+    app.include_router(review_router)
     app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="console-static")
 
     @app.exception_handler(LoginRequired)

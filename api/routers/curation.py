@@ -25,7 +25,6 @@ from api.schemas import (
 )
 from resources import LabelStudio
 from vbatch_pipelines.curation.dataset import export_filename, export_path
-from vbatch_pipelines.curation.schemas import get_schema
 from vbatch_pipelines.curation.service import (
     MAX_PAGE,
     assign_tasks,
@@ -37,8 +36,8 @@ from vbatch_pipelines.curation.service import (
     stats,
     with_reviews,
 )
-from vbatch_pipelines.curation.sync import record_annotation, record_task, write_through
-from vbatch_pipelines.projects import Caller
+from vbatch_pipelines.curation.sync import record_annotation, review_task
+from vbatch_pipelines.projects import Caller, audit
 from vbatch_pipelines.store.db import Database
 from vbatch_pipelines.store.models import Dataset, of_project
 
@@ -98,35 +97,40 @@ async def notify_reviews(request: Request, task_ids: list[int]) -> None:
             await asyncio.to_thread(listener, request.app.state.resources, task_ids)
 
 
-def _review(label_studio: LabelStudio, db: Database, task_id: int, caller: Caller, *, response: str | None = None,
-            rating: int | None = None, gold_star: bool | None = None) -> bool:
-    """Write one task's review through to Label Studio (as the task's project's organization), then record it;
-    the fields not given keep what the task has. Label Studio down: a 503 and nothing changed. When vbatch has
-    recorded no review yet, Label Studio's current one (an expert's, not yet brought by the sensor or the webhook)
-    is recorded first, so this one updates that annotation and keeps its edit and rating."""
-    task = _task_or_404(db, task_id, caller)
-    label_studio = label_studio.for_project(task.project_id)
-    changed = False
-    if task.annotation_id is None:
-        changed = record_task(db, label_studio.task(task_id), label_studio.reviewer_name)
-        task = _task_or_404(db, task_id, caller)
-    if response is not None:
-        problem = get_schema(task.schema).validate(response)
-        if problem:
-            raise OpenAIError(400, f"response is {problem}", param="response", code="invalid_response")
-    return write_through(db, label_studio, task,
-                         answer=response if response is not None else task.edited_response,
-                         rating=rating if rating is not None else task.rating,
-                         gold_star=gold_star if gold_star is not None else task.gold_star) or changed
+def _review(label_studio: LabelStudio, db: Database, task_id: int, caller: Caller, **review) -> bool:
+    """Write one task's review through to Label Studio, then record it (``review_task``); Label Studio down: a 503
+    and nothing changed."""
+    return review_task(db, label_studio, _task_or_404(db, task_id, caller), **review)
 
 
-async def _reviewed(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller,
-                    event: str, **review) -> dict:
+async def review_and_tell(request: Request, label_studio: LabelStudio, db: Database, task_id: int, caller: Caller,
+                          event: str, **review) -> dict:
+    """One review (the API's routes, the review page): written through, the extensions told, the audit log
+    written; the task as shown after it."""
     if await asyncio.to_thread(lambda: _review(label_studio, db, task_id, caller, **review)):
         await notify_reviews(request, [task_id])
     details = {"characters": len(review["response"])} if review.get("response") is not None else {}
-    await asyncio.to_thread(record, request, event, str(task_id), **details)
+    await asyncio.to_thread(audit, db, caller, event, str(task_id), **details)
     return await asyncio.to_thread(_shown, db, task_id, caller)
+
+
+async def star_many(request: Request, label_studio: LabelStudio, db: Database, caller: Caller, task_ids: list[int],
+                    gold_star: bool) -> list[dict]:
+    """Star (or unstar) many tasks, each as one review. Every id is checked first (an unknown one: NotFound and
+    nothing changed); Label Studio failing midway: a 503, the tasks written before it stay written."""
+    task_ids = list(dict.fromkeys(task_ids))
+    await asyncio.to_thread(project_tasks, db, caller.project_id, task_ids)
+    changed: list[int] = []
+    try:
+        for task_id in task_ids:
+            if await asyncio.to_thread(lambda t=task_id: _review(label_studio, db, t, caller, gold_star=gold_star)):
+                changed.append(task_id)
+    finally:
+        await notify_reviews(request, changed)
+        if changed:
+            await asyncio.to_thread(audit, db, caller, "curation.starred" if gold_star else "curation.unstarred",
+                                    ",".join(map(str, changed))[:256], tasks=len(changed))
+    return await asyncio.to_thread(lambda: with_reviews(db, project_tasks(db, caller.project_id, task_ids)))
 
 
 @router.get("/curation/tasks", response_model=Page[CurationTaskObject])
@@ -154,22 +158,9 @@ async def bulk_gold_star(body: BulkGoldStarRequest, request: Request, db: Databa
     """Star (or unstar) many tasks at once, each written through to Label Studio as for one task. Every id is
     checked first (an unknown one: a 404 and nothing changed); Label Studio failing midway: a 503, the tasks
     written before it stay written (the response names none; list them to see)."""
-    task_ids = list(dict.fromkeys(body.task_ids))
-    await asyncio.to_thread(project_tasks, db, caller.project_id, task_ids)
-    changed: list[int] = []
-    try:
-        for task_id in task_ids:
-            if await asyncio.to_thread(lambda t=task_id: _review(label_studio, db, t, caller,
-                                                                 gold_star=body.gold_star)):
-                changed.append(task_id)
-    finally:
-        await notify_reviews(request, changed)
-        if changed:
-            await asyncio.to_thread(record, request, "curation.starred" if body.gold_star else "curation.unstarred",
-                                    ",".join(map(str, changed))[:256], tasks=len(changed))
-    data = await asyncio.to_thread(lambda: with_reviews(db, project_tasks(db, caller.project_id, task_ids)))
-    return {"object": "list", "data": data, "has_more": False, "first_id": str(task_ids[0]),
-            "last_id": str(task_ids[-1])}
+    data = await star_many(request, label_studio, db, caller, body.task_ids, body.gold_star)
+    return {"object": "list", "data": data, "has_more": False, "first_id": str(data[0]["id"]),
+            "last_id": str(data[-1]["id"])}
 
 
 @router.post("/curation/tasks/assign", response_model=Page[CurationTaskObject])
@@ -195,12 +186,12 @@ def retrieve_task(task_id: int = TaskId, db: Database = Depends(get_db),
 
 
 @router.patch("/curation/tasks/{task_id}", response_model=CurationTaskObject)
-async def review_task(body: ReviewRequest, request: Request, task_id: int = TaskId, db: Database = Depends(get_db),
-                      label_studio: LabelStudio = Depends(get_label_studio),
-                      caller: Caller = Depends(get_caller)) -> dict:
+async def patch_task(body: ReviewRequest, request: Request, task_id: int = TaskId, db: Database = Depends(get_db),
+                     label_studio: LabelStudio = Depends(get_label_studio),
+                     caller: Caller = Depends(get_caller)) -> dict:
     """A review in one call (the review page's): corrected answer, rating, gold star; written through to Label
     Studio."""
-    return await _reviewed(request, label_studio, db, task_id, caller, "curation.reviewed",
+    return await review_and_tell(request, label_studio, db, task_id, caller, "curation.reviewed",
                            **body.model_dump(exclude_none=True))
 
 
@@ -210,7 +201,7 @@ async def set_gold_star(request: Request, task_id: int = TaskId, body: GoldStarR
                         caller: Caller = Depends(get_caller)) -> dict:
     """Mark (or with ``{"gold_star": false}`` unmark) a result as a gold star, in Label Studio too."""
     starred = (body or GoldStarRequest()).gold_star
-    return await _reviewed(request, label_studio, db, task_id, caller,
+    return await review_and_tell(request, label_studio, db, task_id, caller,
                            "curation.starred" if starred else "curation.unstarred", gold_star=starred)
 
 
@@ -219,7 +210,7 @@ async def edit_response(body: EditRequest, request: Request, task_id: int = Task
                         label_studio: LabelStudio = Depends(get_label_studio),
                         caller: Caller = Depends(get_caller)) -> dict:
     """Replace the model's answer with an expert's (validated by the task's schema), in Label Studio too."""
-    return await _reviewed(request, label_studio, db, task_id, caller, "curation.edited", response=body.response)
+    return await review_and_tell(request, label_studio, db, task_id, caller, "curation.edited", response=body.response)
 
 
 @router.get("/curation/stats", response_model=CurationStats)

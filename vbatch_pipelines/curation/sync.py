@@ -7,6 +7,7 @@ from typing import Any
 
 from vbatch_pipelines.curation.schemas import read_annotation
 from vbatch_pipelines.curation.service import AnnotationReview, apply_reviews
+from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.store.db import Database
 
 
@@ -86,3 +87,32 @@ def write_through(db: Database, label_studio: Any, task: Any, *, answer: str | N
                 CurationReview.ls_task_id == task.ls_task_id, CurationReview.reviewer == me)).first()
     annotation = label_studio.write_review(task.ls_task_id, answer, rating, gold_star, annotation_id)
     return record_annotation(db, task.ls_task_id, annotation, names=label_studio.reviewer_name)
+
+
+class InvalidReview(VbatchError):
+    code = "invalid_response"
+
+
+def review_task(db: Database, label_studio: Any, task: Any, *, response: str | None = None,
+                rating: int | None = None, gold_star: bool | None = None) -> bool:
+    """One task's review made through vbatch (the API, the review page): the fields given are set, the rest keep
+    what the task has; True when its review changed. Written as the task's project's organization. When vbatch has
+    recorded no review yet, Label Studio's current one (an expert's, not yet brought by the sensor or the webhook)
+    is recorded first, so this one updates that annotation and keeps its edit and rating. An answer invalid for
+    the task's schema: InvalidReview, nothing written."""
+    from vbatch_pipelines.curation.schemas import get_schema
+    from vbatch_pipelines.curation.service import get_task
+
+    if response is not None:
+        problem = get_schema(task.schema).validate(response)
+        if problem:
+            raise InvalidReview(f"response is {problem}", "response")
+    label_studio = label_studio.for_project(task.project_id)
+    changed = False
+    if task.annotation_id is None:
+        changed = record_task(db, label_studio.task(task.ls_task_id), label_studio.reviewer_name)
+        task = get_task(db, task.ls_task_id)
+    return write_through(db, label_studio, task,
+                         answer=response if response is not None else task.edited_response,
+                         rating=rating if rating is not None else task.rating,
+                         gold_star=gold_star if gold_star is not None else task.gold_star) or changed

@@ -72,8 +72,76 @@ function chatBox(form) {
   });
 }
 
+// The review page: save (answer, rating, star) and go on to the next task, keyboard first; bulk stars on the queue.
+async function postJSON(url, body) {
+  const response = await fetch(url, {method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error((answer.error && answer.error.message) || `HTTP ${response.status}`);
+  return answer;
+}
+
+function reviewPage(root) {
+  const form = root.querySelector("#review-form");
+  const status = root.querySelector("#review-status");
+  const say = (text, bad) => { if (status) { status.textContent = text; status.classList.toggle("error", !!bad); } };
+  const go = (url) => { if (url) window.location.assign(url); };
+  if (form) {
+    const answer = form.querySelector("#answer");
+    const star = form.querySelector("#gold-star");
+    const save = async () => {
+      const body = {gold_star: star.checked};
+      if (answer.value.trim() && answer.value !== answer.dataset.original) body.response = answer.value;
+      const rating = form.querySelector("input[name=rating]:checked");
+      if (rating) body.rating = Number(rating.value);
+      say("Saving…");
+      try {
+        await postJSON(`/ui/review/tasks/${form.dataset.task}`, body);
+        say("Saved.");
+        if (form.dataset.next) go(form.dataset.next); else window.location.reload();
+      } catch (error) {
+        say(`Not saved: ${error.message}`, true);
+      }
+    };
+    form.addEventListener("submit", (event) => { event.preventDefault(); save(); });
+    form.querySelector("#skip").addEventListener("click", () => go(form.dataset.next));
+    form.querySelector("#previous").addEventListener("click", () => go(form.dataset.previous));
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); save(); return; }
+      const typing = ["TEXTAREA", "INPUT", "SELECT"].includes(document.activeElement.tagName)
+        && document.activeElement.type !== "radio" && document.activeElement.type !== "checkbox";
+      if (event.key === "Escape" && typing) { document.activeElement.blur(); return; }
+      if (typing || event.ctrlKey || event.metaKey || event.altKey) return;
+      if (/^[1-5]$/.test(event.key)) {
+        form.querySelector(`input[name=rating][value="${event.key}"]`).checked = true;
+      } else if (event.key === "g") {
+        star.checked = !star.checked;
+      } else if (event.key === "e") {
+        event.preventDefault(); answer.focus();
+      } else if (event.key === "n") {
+        go(form.dataset.next);
+      } else if (event.key === "p") {
+        go(form.dataset.previous);
+      }
+    });
+  }
+  for (const button of root.querySelectorAll("[data-bulk]")) {
+    button.addEventListener("click", async () => {
+      const ids = [...root.querySelectorAll("#queue input[type=checkbox]:checked")].map((box) => Number(box.value));
+      if (!ids.length) { say("Select tasks in the queue first.", true); return; }
+      try {
+        await postJSON("/ui/review/gold-star", {task_ids: ids, gold_star: button.dataset.bulk === "true"});
+        window.location.reload();
+      } catch (error) {
+        say(`Not saved: ${error.message}`, true);
+      }
+    });
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   localTimes(document);
   document.querySelectorAll("form[data-chat]").forEach(chatBox);
   document.querySelectorAll("[data-refresh]").forEach(refresh);
+  document.querySelectorAll("[data-review]").forEach(reviewPage);
 });
