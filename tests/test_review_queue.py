@@ -264,3 +264,52 @@ def test_the_review_page_edits_rates_stars_and_moves_on_by_keyboard_in_chromium(
         page.goto("/ui/review?status=gold")
         assert page.locator("#team").is_visible() and page.locator("#queue li").count() >= 3
         assert problems == [], problems
+
+
+def test_votes_are_each_reviewers_latest_and_a_task_reviewed_before_keeps_its_vote(vbatch_home):
+    """In-process: the settle rules without Label Studio (the paths that feed them are tested above)."""
+    from tests.conftest import Platform
+    from vbatch_pipelines.curation.schemas import Review
+    from vbatch_pipelines.curation.service import (
+        AnnotationReview,
+        add_tasks,
+        apply_reviews,
+        get_task,
+        set_review_policy,
+    )
+    from vbatch_pipelines.projects import ProjectError
+    from vbatch_pipelines.store.models import DEFAULT_PROJECT, CurationTask
+
+    db = Platform().db
+    add_tasks(db, [{"batch_id": "batch_x", "custom_id": f"r-{i}", "schema": "chat_review", "model": "m",
+                    "messages": [{"role": "user", "content": f"q{i}"}], "response": "draft", "ls_project_id": 1,
+                    "ls_task_id": 70 + i} for i in range(2)])
+    set_review_policy(db, DEFAULT_PROJECT, annotations_per_task=3, gold_star_agreement=2)
+    star, plain = Review(None, 5, True), Review(None, 2, False)
+    apply_reviews(db, 70, [AnnotationReview(1, "ann", star, "2026-12-05T10:00:00.000000Z")])
+    assert get_task(db, 70).gold_star is False  # one vote of the two needed
+    apply_reviews(db, 70, [AnnotationReview(2, "ann", plain, "2026-12-05T10:01:00.000000Z"),
+                           AnnotationReview(3, "ben", star, "2026-12-05T10:02:00.000000Z")])
+    task = get_task(db, 70)
+    assert (task.gold_votes, task.reviews, task.gold_star) == (1, 2, False)  # ann's latest says no: one vote
+    apply_reviews(db, 70, [AnnotationReview(4, "cal", star, "2026-12-05T10:03:00.000000Z")])
+    task = get_task(db, 70)
+    assert (task.gold_votes, task.reviews, task.gold_star, task.agreement) == (2, 3, True, 0.6667)
+    # A late webhook event older than what is recorded for that annotation changes nothing.
+    assert not apply_reviews(db, 70, [AnnotationReview(4, "cal", plain, "2026-12-05T09:00:00.000000Z")],
+                             only_if_newer=True)
+    # Lowering k settles the project's tasks again; k > N is refused and nothing changes.
+    with pytest.raises(ProjectError):
+        set_review_policy(db, DEFAULT_PROJECT, gold_star_agreement=4)
+    set_review_policy(db, DEFAULT_PROJECT, annotations_per_task=1, gold_star_agreement=1)
+    assert get_task(db, 70).gold_star is True
+
+    # A task reviewed before each annotation was kept (an upgraded home): its review counts as one vote.
+    with db.session() as session:
+        old = session.query(CurationTask).filter_by(ls_task_id=71).one()
+        old.annotated, old.gold_star, old.annotation_id, old.reviewer, old.reviews, old.gold_votes = \
+            True, True, 900, "old-expert", 1, 1
+    set_review_policy(db, DEFAULT_PROJECT, annotations_per_task=2, gold_star_agreement=2)
+    apply_reviews(db, 71, [AnnotationReview(901, "new-expert", star, "2026-12-05T11:00:00.000000Z")])
+    task = get_task(db, 71)
+    assert (task.reviews, task.gold_votes, task.gold_star) == (2, 2, True)
