@@ -21,6 +21,7 @@ from api.probes import BackgroundProbe, FixedState, http_check
 from api.routers import batches, completions, curation, evals, files, fine_tuning, metrics, models, organization
 from api.schemas import ERRORS, Health
 from resources.factory import build_resources
+from vbatch_pipelines.extensions import enable
 from vbatch_pipelines.launch import BatchLauncher
 from vbatch_pipelines.names import WARM_AT_START_ENV
 from vbatch_pipelines.quotas import TokenBudget
@@ -131,7 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="vbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible batch and online inference on your own models.")
-    resources = build_resources(settings, defer_secrets=False)  # this process shows no config
+    extensions = enable(settings)  # VBATCH_EXTENSIONS (their review schemas registered in this process)
+    # this process shows no config: secrets as they are
+    resources = build_resources(settings, defer_secrets=False, extensions=extensions)
     app.state.settings = settings
     app.state.resources = resources
     app.state.db = resources["metadata_db"].db
@@ -162,10 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(completions.vllm_paths, dependencies=[Depends(caller_role)], responses=ERRORS)
     # Label Studio authenticates its webhooks with a shared secret header, not an API key.
     app.include_router(curation.webhooks, prefix="/v1")
-    if settings.aris_database_url:  # the Aris extension, only when it is configured
-        from integrations import aris
-
-        aris.enable_api(app)
+    for extension in extensions:
+        if extension.api is not None:
+            extension.api(app)
 
     app.state.probes = service_probes(settings, resources)
 
@@ -195,7 +197,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return services_seen["report"]
 
     app.include_router(metrics.router, dependencies=[Depends(caller_role)], responses=ERRORS)
-    console.install(app)
+    console.install(app, extensions)
     app.state.metrics_registry = metrics_registry(app.state.db, services, resources["inference_engine"],
                                                   resources["file_store"])
     return app

@@ -23,7 +23,11 @@ from resources.trainer import Trainer
 from vbatch_pipelines.settings import Settings, SettingsError
 
 
-def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[str, ConfigurableResource]:
+def build_resources(settings: Settings, *, defer_secrets: bool = True,
+                    extensions: list | None = None) -> dict[str, ConfigurableResource]:
+    """The core's resources and those of the enabled ``extensions`` (None: ask ``enabled_extensions``)."""
+    from vbatch_pipelines.extensions import enabled_extensions
+
     def secret(name: str, value: str | None):
         if defer_secrets and value is not None and os.environ.get(name) == value:
             return EnvVar(name)
@@ -35,13 +39,12 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True) -> dict[s
                                    default_model=settings.default_model,
                                    model_sources=[str(p) for p in settings.model_sources],
                                    allow_remote_code=settings.allow_remote_code)
-    extensions = {}
-    if settings.aris_database_url:
-        from integrations.aris.aristotle import Aristotle
-
-        extensions["aristotle"] = Aristotle(url=secret("VBATCH_ARIS_DATABASE_URL", settings.aris_database_url))
+    added = {}
+    for extension in extensions if extensions is not None else enabled_extensions(settings.extensions):
+        if extension.resources is not None:
+            added.update(extension.resources(settings, secret))
     return {
-        **extensions,
+        **added,
         "metadata_db": metadata_db,
         "file_store": file_store,
         "model_registry": model_registry,

@@ -141,7 +141,8 @@ def vbatch_home(tmp_path, tiny_model_path, monkeypatch) -> Path:
     monkeypatch.setenv("VBATCH_ENGINE", "transformers")
     # Tests install the session's tiny model (and copies of it under tmp_path) as local sources.
     monkeypatch.setenv("VBATCH_MODEL_SOURCES", f"{tiny_model_path.parent},{tmp_path}")
-    for name in ("VBATCH_API_KEYS", "VBATCH_ADMIN_KEYS", "VBATCH_ALLOW_REMOTE_CODE", "VBATCH_ALLOWED_HOSTS"):
+    for name in ("VBATCH_API_KEYS", "VBATCH_ADMIN_KEYS", "VBATCH_ALLOW_REMOTE_CODE", "VBATCH_ALLOWED_HOSTS",
+                 "VBATCH_EXTENSIONS", "VBATCH_REVIEW_SCHEMAS_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("VBATCH_DATABASE_URL", raising=False)
     monkeypatch.delenv("VBATCH_DAGSTER_DATABASE_URL", raising=False)

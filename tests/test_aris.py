@@ -21,9 +21,9 @@ PHILOSOPHER, DOMAIN = "ada@example.com", "engineering"
 @pytest.fixture()
 def aris(curation_home, aristotle_url, monkeypatch):
     monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", aristotle_url)
-    from integrations.aris import enable_schemas
+    from integrations.aris import extension
 
-    enable_schemas()
+    extension.register()
     aris = Aris(aristotle_url)
     try:
         yield aris
@@ -732,12 +732,12 @@ def test_a_customer_schema_without_a_column_vbatch_writes_is_refused_at_start_no
     aris.add_conquests(["m-1"])
     tasks = aris.run_conquests(["m-1"])
     aris.settle()
-    check_extensions(aris.resources)  # the schema as vbatch needs it: no refusal
+    check_extensions(aris.settings, aris.resources)  # the schema as vbatch needs it: no refusal
     aris.sql('ALTER TABLE "Conquest" DROP COLUMN "evaluatedBy"')
     aris.star(tasks["m-1"], "Solid.", 4)
 
     with pytest.raises(AristotleSchemaMismatch, match='Conquest."evaluatedBy"'):
-        check_extensions(aris.resources)
+        check_extensions(aris.settings, aris.resources)
     skipped = aris.aris_tick()
     assert isinstance(skipped, SkipReason) and 'Conquest."evaluatedBy"' in skipped.skip_message
     result = aris.sync(expect_checks=False)

@@ -6,10 +6,12 @@ from dagster import Definitions
 
 from resources.factory import build_resources
 from vbatch_pipelines.defs import batches, curation, evals, fine_tuning, models, retention, retraining
+from vbatch_pipelines.extensions import enable
 from vbatch_pipelines.settings import load_settings
 
 SETTINGS = load_settings()
-RESOURCES = build_resources(SETTINGS)
+EXTENSIONS = enable(SETTINGS)  # VBATCH_EXTENSIONS: their review schemas registered here, their parts added below
+RESOURCES = build_resources(SETTINGS, extensions=EXTENSIONS)
 
 DOMAINS = [
     batches.build_defs(curation=SETTINGS.curation),
@@ -20,9 +22,6 @@ DOMAINS = [
     retraining.build_defs(RESOURCES["retraining_policy"], SETTINGS.database_url, SETTINGS.retrain_cron),
     retention.build_defs(SETTINGS.retention_cron),
 ]
-if SETTINGS.aris_database_url:  # the Aris extension, only when it is configured
-    from integrations import aris
-
-    DOMAINS.append(aris.build_defs())
+DOMAINS += [extension.definitions() for extension in EXTENSIONS if extension.definitions is not None]
 
 defs = Definitions.merge(*DOMAINS, Definitions(resources=RESOURCES))

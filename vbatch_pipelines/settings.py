@@ -153,7 +153,9 @@ class Settings:
     gate_metric: GateMetric
     judge_model: str | None  # an LLM judge for model_comparison (None: no judge)
     dagster_home: Path  # DAGSTER_HOME, default $VBATCH_HOME/dagster
-    aris_database_url: str | None = None  # Aristotle's PostgreSQL: the Aris extension is on when set
+    aris_database_url: str | None = None  # Aristotle's PostgreSQL (the aris extension's)
+    extensions: tuple[str, ...] = ()  # VBATCH_EXTENSIONS: the installed extensions turned on (vbatch.extensions)
+    review_schemas_dir: Path | None = None  # VBATCH_REVIEW_SCHEMAS_DIR: JSON review schemas (default home/...)
     retrain_eval_set: str | None = None  # a fixed eval set retrains are compared on (None: each job's own split)
     store: Path | None = None  # VBATCH_STORE: files every node shares (None: the home)
     broker_url: str | None = None  # VBATCH_BROKER_URL: cluster mode's Celery broker (redis://...)
@@ -322,6 +324,8 @@ def load_settings() -> Settings:
         retrain_eval_set=_env("VBATCH_RETRAIN_EVAL_SET"),
         dagster_home=Path(_env("DAGSTER_HOME") or layout.dagster_dir),
         aris_database_url=_postgres_url("VBATCH_ARIS_DATABASE_URL"),
+        extensions=_extensions(),
+        review_schemas_dir=Path(_env("VBATCH_REVIEW_SCHEMAS_DIR") or home / "review-schemas").expanduser(),
         store=store,
         broker_url=_broker_url("VBATCH_BROKER_URL"),
         cluster_gpus=_int("VBATCH_CLUSTER_GPUS", 1, minimum=1),
@@ -361,6 +365,27 @@ def _retention_settings() -> dict[str, Any]:
 def _list(name: str) -> tuple[str, ...]:
     """A comma-separated setting, blanks dropped."""
     return tuple(item.strip() for item in (_env(name) or "").split(",") if item.strip())
+
+
+def _extensions() -> tuple[str, ...]:
+    """VBATCH_EXTENSIONS: the extensions to turn on (``off``: none). Unset, Aris is on when its database is set,
+    as it was before extensions were plugins."""
+    raw = _env("VBATCH_EXTENSIONS")
+    if raw is None:
+        return ("aris",) if _env("VBATCH_ARIS_DATABASE_URL") else ()
+    return () if is_off(raw) else _names("VBATCH_EXTENSIONS")
+
+
+def _names(name: str) -> tuple[str, ...]:
+    """A comma-separated list of names (each ``^[a-z][a-z0-9_-]{0,63}$``), in order, once each."""
+    import re
+
+    names = tuple(dict.fromkeys(_list(name)))
+    bad = [n for n in names if not re.match(r"^[a-z][a-z0-9_-]{0,63}$", n)]
+    if bad:
+        raise SettingsError(f"{name} takes comma-separated extension names (lower-case letters, digits, - and _); "
+                            f"got {', '.join(map(repr, bad))}")
+    return names
 
 
 def _broker_url(name: str) -> str | None:

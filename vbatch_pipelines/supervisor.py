@@ -312,7 +312,7 @@ def prepare_platform(settings: Settings, resources: dict, *, cluster: bool = Fal
 
     env = instance_env(settings, cluster=cluster)
     resources["metadata_db"].db.upgrade()
-    check_extensions(resources)
+    check_extensions(settings, resources)
     with DagsterInstance.get() as instance:  # in cluster mode the pools' limits hold for every node
         migrate_dagster_storage(instance)  # before anything uses it (set_pools does) or its daemon starts
         set_pools(instance, settings.cluster_gpus if cluster else settings.gpus, settings.inference_runs)
@@ -320,18 +320,15 @@ def prepare_platform(settings: Settings, resources: dict, *, cluster: bool = Fal
     return env
 
 
-def check_extensions(resources: dict) -> None:
-    """What an extension needs of the systems it talks to, refused at start with what is missing (Aris: the
-    columns of Aristotle's database vbatch reads and writes). One that is down now is left to its sensor."""
-    aristotle = resources.get("aristotle")
-    if aristotle is None:
-        return
-    from integrations.aris.aristotle import AristotleUnavailable
+def check_extensions(settings: Settings, resources: dict) -> None:
+    """The enabled extensions load (and their review schema files with the settings' own), and what each needs of
+    the systems it talks to holds, or `up` stops saying what is missing (Aris: the columns of Aristotle's database
+    vbatch reads and writes; one that is down now is left to its sensor)."""
+    from vbatch_pipelines.extensions import enable
 
-    try:
-        aristotle.check_schema()  # AristotleSchemaMismatch: `up` stops, naming the missing columns
-    except AristotleUnavailable as exc:
-        print(f"Aristotle's database does not answer now ({exc}); its sensor syncs once it does", flush=True)
+    for extension in enable(settings):
+        if extension.check is not None:
+            extension.check(resources)
 
 
 def api_workers(settings: Settings, resources: dict) -> int:

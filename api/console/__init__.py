@@ -15,6 +15,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
@@ -78,7 +79,14 @@ def _page(request: Request, name: str, role: Role, **context) -> HTMLResponse:
     settings = request.app.state.settings
     return templates.TemplateResponse(request, name, {
         "role": role, "keys_on": keys_on(request), "project": _project_of(request),
+        "extension_links": getattr(request.app.state, "console_links", []),
         "dagster_url": settings.dagster_url, "label_studio_url": _label_studio_url(request), **context})
+
+
+def extension_page(request: Request, title: str, body: Markup, role: Role) -> HTMLResponse:
+    """An extension's console page in the console's frame (header, nav, login); ``body`` is HTML the extension
+    built with its values escaped (``markupsafe.escape``)."""
+    return _page(request, "extension.html", role, title=title, body=body)
 
 
 def _project_of(request: Request) -> dict | None:
@@ -936,14 +944,22 @@ def dataset_export(request: Request, version: str, format: str = Query(max_lengt
                         media_type="application/octet-stream")
 
 
-def install(app) -> None:
-    """Mount the console and its static files on the API's app."""
+def install(app, extensions: list | None = None) -> None:
+    """Mount the console, its static files and the enabled extensions' pages (``/ui/ext/<name>/``, their links
+    in the nav) on the API's app."""
     from fastapi.staticfiles import StaticFiles
 
     from api.console.review import router as review_router
 
     app.include_router(router)
     app.include_router(review_router)
+    app.state.console_links = []
+    for extension in extensions or []:
+        if extension.console is not None:
+            app.include_router(extension.console(), prefix=f"/ui/ext/{extension.name}",
+                               dependencies=[Depends(console_login)], include_in_schema=False)
+            app.state.console_links += [(label, f"/ui/ext/{extension.name}/{path.lstrip('/')}")
+                                        for label, path in extension.console_links]
     app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="console-static")
 
     @app.exception_handler(LoginRequired)

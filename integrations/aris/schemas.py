@@ -5,50 +5,25 @@ one of its own); every conquest task carries ``conquest_id`` (its request's cust
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
-from vbatch_pipelines.curation.schemas import DIALOGUE, TaskSchema, register_schema, review_config
+from vbatch_pipelines.curation.schema_files import load_schema_folder, schema_of
+from vbatch_pipelines.curation.schemas import TaskSchema, register_schema
 
 SCHEMAS_DIR = Path(__file__).with_name("conquest_schemas")
 ID_FIELD = "conquest_id"
 GENERIC = "conquest"
 
 
-def _json_validator(answer_schema: dict):
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(answer_schema)
-
-    def validate(answer: str) -> str | None:
-        try:
-            value = json.loads(answer)
-        except ValueError as exc:
-            return f"not valid JSON: {exc}"
-        error = next(iter(sorted(validator.iter_errors(value), key=lambda e: list(e.path))), None)
-        if error is None:
-            return None
-        where = "/".join(str(p) for p in error.path) or "the answer"
-        return f"not valid for this conquest type's JSON Schema at {where}: {error.message}"
-
-    return validate
-
-
-def _schema(spec: dict) -> TaskSchema:
-    hint = "Corrected JSON (must match the schema)" if spec["kind"] == "json_extraction" else "Corrected analysis"
-    return TaskSchema(
-        name=spec["name"], description=spec["description"], label_config=review_config(DIALOGUE, hint),
-        validate=_json_validator(spec["answer_schema"]) if spec.get("answer_schema") else (lambda answer: None),
-        id_field=ID_FIELD)
-
-
 @lru_cache(maxsize=1)
 def conquest_schemas() -> dict[str, TaskSchema]:
-    specs = [json.loads(path.read_text()) for path in sorted(SCHEMAS_DIR.glob("*.json"))]
-    schemas = {spec["name"]: _schema(spec) for spec in specs}
-    schemas[GENERIC] = _schema({"name": GENERIC, "kind": "review", "description": "Review a conquest's result: "
-                                "fix it, rate it, gold-star it (a gold star is a VICTORY in Aristotle)."})
+    """The conquest types' schemas (the core's JSON schema files, each task carrying ``conquest_id``), and the
+    generic one for a type without its own."""
+    schemas = load_schema_folder(SCHEMAS_DIR, id_field=ID_FIELD)
+    schemas[GENERIC] = schema_of({"name": GENERIC, "kind": "review", "description": "Review a conquest's result: "
+                                  "fix it, rate it, gold-star it (a gold star is a VICTORY in Aristotle)."},
+                                 id_field=ID_FIELD)
     return schemas
 
 

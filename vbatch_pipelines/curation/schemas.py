@@ -57,7 +57,7 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt if isinstance(prompt, str) else json.dumps(prompt)}]
 
 
-def _validate_json(answer: str) -> str | None:
+def validate_json(answer: str) -> str | None:
     try:
         json.loads(answer)
     except ValueError as exc:
@@ -88,10 +88,11 @@ JSON_EXTRACTION = TaskSchema(
     name="json_extraction",
     description="Review structured output: the answer must be valid JSON; fix fields, rate, gold-star.",
     label_config=review_config(DIALOGUE, "Corrected JSON (must parse)"),
-    validate=_validate_json,
+    validate=validate_json,
 )
 
 SCHEMAS: dict[str, TaskSchema] = {schema.name: schema for schema in (CHAT_REVIEW, JSON_EXTRACTION)}
+BUILT_IN = frozenset(SCHEMAS)  # the core's own: no file or extension may redefine them
 DEFAULT_SCHEMA = CHAT_REVIEW.name
 # Extensions (integrations/) add schemas and rules that pick one from a batch's metadata; the first rule that
 # answers wins, before the core's own choice.
