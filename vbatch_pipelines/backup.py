@@ -821,13 +821,13 @@ def moved(value: Any, moves: list[tuple[str, str]]) -> Any:
 
 
 def _vbatch_tables():
-    """vbatch's own tables (with an extension's, when it is installed): those whose paths are repointed."""
+    """vbatch's own tables (with those of every installed extension): those whose paths are repointed."""
+    from vbatch_pipelines.extensions import installed_extensions
     from vbatch_pipelines.store.models import Base
 
-    try:
-        import integrations.aris.models  # noqa: F401 - registers its tables on Base
-    except ImportError:
-        pass
+    for extension in installed_extensions():
+        if extension.models is not None:
+            extension.models()  # registers its tables on Base
     return Base.metadata.sorted_tables
 
 

@@ -43,6 +43,7 @@ class Extension:
     console: Callable[[], Any] | None = None  # a FastAPI APIRouter of console pages under /ui/ext/<name>/
     console_links: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (label, path) in the nav
     check: Callable[[dict[str, Any]], None] | None = None  # at `vbatch up`: what it needs, refused loudly
+    models: Callable[[], None] | None = None  # imports its tables in vbatch's metadata DB (backups repoint them)
 
 
 def installed() -> dict[str, Any]:
@@ -68,6 +69,11 @@ def enabled_extensions(names: Iterable[str]) -> list[Extension]:
                                  f"an Extension named {name!r}")
         found.append(extension)
     return found
+
+
+def installed_extensions() -> list[Extension]:
+    """Every installed extension, on or not (a backup's restore repoints the tables of each)."""
+    return enabled_extensions(sorted(installed()))
 
 
 def enable(settings: Settings) -> list[Extension]:

@@ -60,6 +60,11 @@ def _check(resources: dict) -> None:
         print(f"Aristotle's database does not answer now ({exc}); its sensor syncs once it does", flush=True)
 
 
+def _models() -> None:
+    import integrations.aris.models  # noqa: F401 - its tables on vbatch's Base
+
+
 extension = Extension(
     name="aris", description="Aristotle's conquests <-> gold stars, and the Eidos in-context-learning examples API",
-    resources=_resources, definitions=_definitions, api=_api, register=_register, check=_check)
+    resources=_resources, definitions=_definitions, api=_api, register=_register, check=_check,
+    models=_models)
