@@ -50,7 +50,7 @@ check: install
 test: engine test-tools
 	$(PYTEST)
 
-# Every benchmark script; each prints its figures (see the README's Benchmarks table).
+# Every benchmark script; each prints its figures (benchmarks/RESULTS.md keeps them, with dates).
 bench: engine
 	@$(MAKE) --no-print-directory test-tools TOOLS=redis-server
 	$(BIN)/python benchmarks/bench_validation.py
