@@ -42,7 +42,7 @@ def role_of(cmdline: str, parent_role: str | None) -> str:
         return "dagster-daemon"
     if "dagster api grpc" in cmdline:
         return f"code server of the {parent_role}"
-    if "vbatch_pipelines.run_launcher" in cmdline:
+    if "vbatch_pipelines.dagster_ext.run_launcher" in cmdline:
         return f"run worker of the {parent_role}"
     if "uvicorn" in cmdline and "api.main" in cmdline:
         return "API (uvicorn)"

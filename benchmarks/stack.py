@@ -293,7 +293,7 @@ class _Sampler:
 
 class PeakMemory(_Sampler):
     """Peak RSS of the API (its largest process), the Dagster daemon and each run worker, sampled in a thread.
-    Run workers are the processes running ``vbatch_pipelines.run_launcher`` under the webserver (runs the API
+    Run workers are the processes running ``vbatch_pipelines.dagster_ext.run_launcher`` under the webserver (runs the API
     launches) or the daemon (runs its sensors and retries launch). vLLM is not counted."""
 
     def __init__(self, stack: Stack, every_s: float = 0.2):
@@ -315,7 +315,7 @@ class PeakMemory(_Sampler):
             try:
                 api_children = api.children(recursive=True)
                 workers = [p for launcher in launchers for p in launcher.children(recursive=True)
-                           if "vbatch_pipelines.run_launcher" in " ".join(p.cmdline())]
+                           if "vbatch_pipelines.dagster_ext.run_launcher" in " ".join(p.cmdline())]
             except psutil.Error:
                 api_children, workers = [], []
             # uvicorn's workers each hold a copy: the API's figure is its largest process

@@ -17,7 +17,7 @@ from dagster import (
     materialize,
 )
 
-from vbatch_pipelines.dagster_storage import SqliteEventLogStorage
+from vbatch_pipelines.dagster_ext.event_log import SqliteEventLogStorage
 from vbatch_pipelines.names import batch_run_tags
 
 items = DynamicPartitionsDefinition(name="items")
@@ -36,7 +36,7 @@ def item(context: AssetExecutionContext) -> MaterializeResult:
 def instance(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "300")  # as `vbatch up` sets it
     (tmp_path / "dagster.yaml").write_text(
-        "event_log_storage:\n  module: vbatch_pipelines.dagster_storage\n  class: SqliteEventLogStorage\n"
+        "event_log_storage:\n  module: vbatch_pipelines.dagster_ext.event_log\n  class: SqliteEventLogStorage\n"
         f"  config:\n    base_dir: {tmp_path / 'history'}\n")
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         assert isinstance(instance.event_log_storage, SqliteEventLogStorage)

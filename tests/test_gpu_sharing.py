@@ -12,7 +12,8 @@ from types import SimpleNamespace
 from dagster import AssetKey
 from dagster._core.test_utils import instance_for_test
 
-from vbatch_pipelines.defs.gpu import DRAIN_MARK, gpu_run_tags, gpu_to_itself
+from vbatch_pipelines.dagster_ext.pools import DRAIN_MARK, gpu_to_itself
+from vbatch_pipelines.defs.gpu import gpu_run_tags
 from vbatch_pipelines.instance import INFERENCE_POOL, set_pools
 
 

@@ -246,7 +246,7 @@ def test_the_embedded_dagster_event_log_commits_without_an_fsync_per_event(vbatc
     shard); with a PostgreSQL URL, dagster-postgres instead."""
     from dagster import DagsterInstance, asset, materialize
 
-    from vbatch_pipelines.dagster_storage import SqliteEventLogStorage
+    from vbatch_pipelines.dagster_ext.event_log import SqliteEventLogStorage
     from vbatch_pipelines.instance import prepare_dagster_home
     from vbatch_pipelines.settings import load_settings
 
@@ -270,3 +270,65 @@ def test_the_embedded_dagster_event_log_commits_without_an_fsync_per_event(vbatc
 
     config = instance_config(load_settings())
     assert "event_log_storage" not in config and "postgres" in config["storage"]
+
+
+WALL = "vbatch_pipelines.dagster_ext"
+
+
+def _private_dagster_imports(source: str) -> list[int]:
+    """Lines that import Dagster's private modules or names (``dagster._x``, ``from dagster import _x``,
+    ``import_module("dagster._x")``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or "", *(f"{node.module}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            names = [arg.value for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+        else:
+            continue
+        if any(_private_dagster(name) for name in names):
+            found.append(node.lineno)
+    return found
+
+
+def _private_dagster(name: str) -> bool:
+    """A dotted name inside Dagster (or a dagster_* library) with a private part (``_x``; ``__version__`` is not)."""
+    first, *parts = name.split(".")
+    return (first == "dagster" or first.startswith("dagster_")) and any(
+        part.startswith("_") and not (part.startswith("__") and part.endswith("__")) for part in parts)
+
+
+def test_dagster_internals_are_imported_behind_one_wall():
+    """Only vbatch_pipelines/dagster_ext/ touches Dagster's private modules (through its _compat), so a Dagster
+    upgrade is checked in one place."""
+    outside = [f"{name}:{line}" for name, path in _modules().items() if not name.startswith(WALL)
+               for line in _private_dagster_imports(path.read_text())]
+    assert not outside, f"dagster._ imported outside {WALL}: {outside}"
+    inside = [name for name, path in _modules().items() if name.startswith(WALL) and name != f"{WALL}._compat"
+              and _private_dagster_imports(path.read_text())]
+    assert not inside, f"{inside} import dagster._ themselves instead of through {WALL}._compat"
+
+
+def test_the_wall_check_finds_private_imports():
+    assert _private_dagster_imports("from dagster._core.launcher import RunLauncher\n") == [1]
+    assert _private_dagster_imports("import os\nfrom dagster import _check as check\n") == [2]
+    assert _private_dagster_imports("import importlib\nimportlib.import_module('dagster._serdes')\n") == [2]
+    assert _private_dagster_imports("from dagster import DagsterRun, __version__\n") == []
+    assert _private_dagster_imports("from dagster_celery.launcher import CeleryRunLauncher\n") == []
+
+
+def test_an_upgrade_that_moves_a_patched_internal_fails_loudly_at_import(monkeypatch):
+    import importlib
+
+    import dagster._core.execution.plan.instance_concurrency_context as claims
+
+    from vbatch_pipelines.dagster_ext import _compat
+
+    monkeypatch.delattr(claims, "MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL")
+    with pytest.raises(ImportError, match="MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL") as moved:  # reload: a new class
+        importlib.reload(_compat)
+    assert type(moved.value).__name__ == "DagsterInternalsMoved" and "does not support" not in str(moved.value)
+    monkeypatch.undo()
+    importlib.reload(_compat)

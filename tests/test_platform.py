@@ -194,7 +194,7 @@ def test_sigterm_mid_batch_stops_every_process_it_started(running_platform):
             return ""
 
     workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-               if "vbatch_pipelines.run_launcher" in cmdline(p)]
+               if "vbatch_pipelines.dagster_ext.run_launcher" in cmdline(p)]
     assert workers
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=90)

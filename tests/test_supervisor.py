@@ -178,7 +178,7 @@ def test_a_run_worker_outlives_the_request_thread_that_launched_it(tmp_path):
 
     from dagster import DagsterInstance
 
-    from vbatch_pipelines.run_launcher import WarmRunLauncher
+    from vbatch_pipelines.dagster_ext.run_launcher import WarmRunLauncher
     from vbatch_pipelines.services import process_identity
 
     (tmp_path / "dagster").mkdir()
@@ -234,8 +234,8 @@ def test_the_webservers_launcher_starts_warm_workers_as_it_is_made(tmp_path, mon
     nothing starts until a run is launched."""
     from dagster import DagsterInstance
 
+    from vbatch_pipelines.dagster_ext.run_launcher import WarmRunLauncher
     from vbatch_pipelines.names import STEP_MEMORY_ENV, WARM_AT_START_ENV
-    from vbatch_pipelines.run_launcher import WarmRunLauncher
 
     (tmp_path / "dagster").mkdir()
     with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:

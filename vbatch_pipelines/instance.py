@@ -39,7 +39,7 @@ def postgres_storage(url: str, *, password_env: str | None = None) -> dict:
 
 def instance_config(settings: Settings, *, cluster: bool = False) -> dict:
     """The repo's dagster.yaml plus storage: dagster-postgres when a URL is set, else SQLite under
-    DAGSTER_HOME (Dagster's own layout) with vbatch's event log class (``dagster_storage.py``). In cluster
+    DAGSTER_HOME (Dagster's own layout) with vbatch's event log class (``dagster_ext/event_log.py``). In cluster
     mode, ``cluster_instance`` replaces the launcher and storage."""
     config = yaml.safe_load(DAGSTER_YAML.read_text())
     if cluster:
@@ -48,7 +48,7 @@ def instance_config(settings: Settings, *, cluster: bool = False) -> dict:
         config["storage"] = postgres_storage(settings.dagster_database_url)
     else:
         config["event_log_storage"] = {
-            "module": "vbatch_pipelines.dagster_storage", "class": "SqliteEventLogStorage",
+            "module": "vbatch_pipelines.dagster_ext.event_log", "class": "SqliteEventLogStorage",
             "config": {"base_dir": str(settings.dagster_home / "history" / "runs")}}
     return config
 
@@ -66,6 +66,7 @@ def cluster_instance(settings: Settings, base: dict) -> dict:
         QUEUED_RUN_TIMEOUT_S,
         check_cluster,
     )
+    from vbatch_pipelines.dagster_ext._compat import ARTIFACT_STORAGE, COMPUTE_LOG_MANAGER
 
     check_cluster(settings)
     shared = settings.paths().shared_dagster_dir
@@ -73,14 +74,12 @@ def cluster_instance(settings: Settings, base: dict) -> dict:
                       start_timeout_seconds=QUEUED_RUN_TIMEOUT_S)  # a run waits in its queue for a free worker
     return {
         "storage": postgres_storage(settings.dagster_database_url, password_env=DAGSTER_PASSWORD_ENV),
-        "run_launcher": {"module": "vbatch_pipelines.cluster.launcher", "class": "ClusterRunLauncher",
+        "run_launcher": {"module": "vbatch_pipelines.dagster_ext.cluster_launcher", "class": "ClusterRunLauncher",
                          "config": {"broker": {"env": BROKER_ENV}, "backend": {"env": BROKER_ENV},
                                     "default_queue": DEFAULT_QUEUE, "gpu_queue": GPU_QUEUE, "gpu_pools": [GPU_POOL]}},
         "run_monitoring": monitoring,
-        "compute_logs": {"module": "dagster._core.storage.local_compute_log_manager",
-                         "class": "LocalComputeLogManager", "config": {"base_dir": str(shared / "logs")}},
-        "local_artifact_storage": {"module": "dagster._core.storage.root", "class": "LocalArtifactStorage",
-                                   "config": {"base_dir": str(shared / "storage")}},
+        "compute_logs": {**COMPUTE_LOG_MANAGER, "config": {"base_dir": str(shared / "logs")}},
+        "local_artifact_storage": {**ARTIFACT_STORAGE, "config": {"base_dir": str(shared / "storage")}},
     }
 
 
@@ -100,6 +99,6 @@ def set_pools(instance, gpus: int, inference_runs: int) -> None:
     """Steps that need a GPU to themselves (training, comparisons, install smoke tests) share the `gpu` pool,
     one slot per GPU (one on a CPU-only machine); batch steps share the engine through the `inference` pool,
     ``inference_runs`` at a time, and a `gpu` step takes every `inference` slot while it runs
-    (``defs.gpu.gpu_to_itself``)."""
+    (``dagster_ext.pools.gpu_to_itself``)."""
     instance.event_log_storage.set_concurrency_slots(GPU_POOL, max(1, gpus))
     instance.event_log_storage.set_concurrency_slots(INFERENCE_POOL, max(1, inference_runs))

@@ -275,32 +275,8 @@ def instance_env(settings: Settings, *, cluster: bool = False) -> dict:
              **(cluster_env(settings) if cluster else {})}
     os.environ.update(extra)
     # Dagster's event batching (off unless set): a run over many batches writes each step's planned events
-    # and materializations in one go (see dagster_storage.SqliteEventLogStorage.store_event_batch).
+    # and materializations in one go (see dagster_ext.event_log.SqliteEventLogStorage.store_event_batch).
     return {"DAGSTER_EVENT_BATCH_SIZE": str(EVENT_BATCH_SIZE), **os.environ, **extra}
-
-
-def migrate_dagster_storage(instance) -> None:
-    """`dagster instance migrate` for an instance whose storage an older Dagster made (only then: it visits every
-    run's SQLite file); one a newer Dagster migrated is refused (SchemaTooNew) and left as it is."""
-    from alembic.script import ScriptDirectory
-    from dagster import __version__ as dagster_version
-    from dagster._core.storage import sql
-
-    from vbatch_pipelines.store.db import SchemaTooNew
-
-    behind = [version for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage)
-              if storage is not None and (version := storage.alembic_version()) and version[0] != version[1]]
-    if not behind:
-        return
-    known = {revision.revision for revision in ScriptDirectory.from_config(
-        sql.get_alembic_config(sql.__file__)).walk_revisions()}
-    newer = sorted({current for current, _ in behind if current not in known})
-    if newer:
-        raise SchemaTooNew(f"Dagster's storage of {instance.root_directory} is at schema revision {', '.join(newer)}, "
-                           f"which this Dagster ({dagster_version}, newest {behind[0][1]}) does not know: a newer "
-                           "vbatch migrated it. Run that version; this one leaves the storage as it is.")
-    print(f"Migrating Dagster's storage to Dagster {dagster_version} (dagster instance migrate) ...", flush=True)
-    instance.upgrade(print)
 
 
 def prepare_platform(settings: Settings, resources: dict, *, cluster: bool = False) -> dict:
@@ -308,13 +284,14 @@ def prepare_platform(settings: Settings, resources: dict, *, cluster: bool = Fal
     model. Returns the environment the processes run with."""
     from dagster import DagsterInstance
 
+    from vbatch_pipelines.dagster_ext.storage import migrate_storage
     from vbatch_pipelines.instance import set_pools
 
     env = instance_env(settings, cluster=cluster)
     resources["metadata_db"].db.upgrade()
     check_extensions(settings, resources)
     with DagsterInstance.get() as instance:  # in cluster mode the pools' limits hold for every node
-        migrate_dagster_storage(instance)  # before anything uses it (set_pools does) or its daemon starts
+        migrate_storage(instance)  # before anything uses it (set_pools does) or its daemon starts
         set_pools(instance, settings.cluster_gpus if cluster else settings.gpus, settings.inference_runs)
     resources["model_registry"].resolve(None)
     return env

@@ -2,8 +2,8 @@
 store (a shared filesystem); runs go through a Redis broker to the nodes' Celery workers (dagster-celery).
 
 - ``config``: what cluster mode needs, the queue names, the instance's ``dagster.yaml`` pieces.
-- ``launcher``: ``ClusterRunLauncher``, dagster-celery's ``CeleryRunLauncher`` that routes GPU-bound runs to
-  the ``gpu`` queue, records the queue on the run, and tells run monitoring when a worker died mid-run.
-- ``celery_app``: the Celery app a node's worker runs (dagster-celery's tasks, vbatch's code location loaded).
+- ``dagster_ext.cluster_launcher``: ``ClusterRunLauncher``, dagster-celery's ``CeleryRunLauncher`` that routes
+  GPU-bound runs to the ``gpu`` queue, records the queue on the run, and tells run monitoring when a worker died.
+- ``dagster_ext.celery_app``: the Celery app a node's worker runs (dagster-celery's tasks, the code location loaded).
 - ``node``: ``vbatch worker``, a node's supervised Celery workers.
 """

@@ -27,7 +27,7 @@ from vbatch_pipelines.names import STEP_MEMORY_ENV
 from vbatch_pipelines.services import ServiceRegistry
 from vbatch_pipelines.settings import Settings
 
-APP = "vbatch_pipelines.cluster.celery_app"
+APP = "vbatch_pipelines.dagster_ext.celery_app"
 
 
 @dataclass(frozen=True)

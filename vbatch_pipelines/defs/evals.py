@@ -25,8 +25,9 @@ from dagster import (
 from resources import FileStore, InferenceEngine, MetadataDB, ModelRegistry, RetrainingPolicy
 from vbatch_pipelines import evals
 from vbatch_pipelines.batch.execute import run_lines
+from vbatch_pipelines.dagster_ext.pools import gpu_to_itself
 from vbatch_pipelines.defs.fine_tuning import deployed_model
-from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
+from vbatch_pipelines.defs.gpu import gpu_run_tags
 from vbatch_pipelines.defs.models import installed_model
 from vbatch_pipelines.defs.runs import LAUNCH_GRACE_S, without_run
 from vbatch_pipelines.fine_tuning import comparison as compare

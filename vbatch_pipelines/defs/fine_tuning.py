@@ -37,8 +37,9 @@ from resources import (
 from resources.trainer import Trainer, TrainingCancelled
 from vbatch_pipelines import evals
 from vbatch_pipelines.batch.execute import run_lines
+from vbatch_pipelines.dagster_ext.pools import gpu_to_itself
 from vbatch_pipelines.defs.curation import gold_star_dataset, preference_dataset
-from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
+from vbatch_pipelines.defs.gpu import gpu_run_tags
 from vbatch_pipelines.defs.models import installed_model
 from vbatch_pipelines.defs.runs import ACTIVE_RUN, LAUNCH_GRACE_S, without_run
 from vbatch_pipelines.files import register_file

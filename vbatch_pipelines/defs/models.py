@@ -23,7 +23,8 @@ from dagster import (
 )
 
 from resources import InferenceEngine, MetadataDB, ModelRegistry
-from vbatch_pipelines.defs.gpu import gpu_run_tags, gpu_to_itself
+from vbatch_pipelines.dagster_ext.pools import gpu_to_itself
+from vbatch_pipelines.defs.gpu import gpu_run_tags
 from vbatch_pipelines.defs.runs import LAUNCH_GRACE_S
 from vbatch_pipelines.models.install import (
     InstallError,

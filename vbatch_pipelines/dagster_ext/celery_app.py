@@ -1,4 +1,4 @@
-"""The Celery app a node's worker runs (``celery -A vbatch_pipelines.cluster.celery_app worker``, started by
+"""The Celery app a node's worker runs (``celery -A vbatch_pipelines.dagster_ext.celery_app worker``, started by
 `vbatch worker`): dagster-celery's own ``execute_job`` and ``resume_job`` tasks on the app the cluster's run
 launcher sends to (the same broker, backend and queues), in a process that has vbatch's code location loaded
 before the pool forks, so each run starts warm, as in single-machine mode.
@@ -15,21 +15,20 @@ import signal
 import pyarrow.parquet  # noqa: F401 - imported before the fork, as the warm run workers do (batch_input's Parquet)
 from celery import signals
 from dagster import DagsterInstance
-from dagster._core.execution.plan import instance_concurrency_context
-from dagster._serdes import unpack_value
 from dagster_celery.config import TASK_EXECUTE_JOB_NAME, TASK_RESUME_JOB_NAME
 from dagster_celery.tasks import create_execute_job_task, create_resume_job_task
 
 from vbatch_pipelines.cluster.config import DEFAULT_QUEUE, check_cluster
-from vbatch_pipelines.cluster.launcher import ClusterRunLauncher
+from vbatch_pipelines.dagster_ext._compat import shorten_pool_claim_backoff, unpack_value
+from vbatch_pipelines.dagster_ext.cluster_launcher import ClusterRunLauncher
+from vbatch_pipelines.dagster_ext.run_launcher import POOL_CLAIM_MAX_INTERVAL_S
 from vbatch_pipelines.definitions import SETTINGS  # the code location, loaded once here
 from vbatch_pipelines.names import CELERY_WORKER_PID_TAG, CELERY_WORKER_TAG, NODE_TAG
-from vbatch_pipelines.run_launcher import POOL_CLAIM_MAX_INTERVAL_S
 from vbatch_pipelines.services import die_with_parent
 
 check_cluster(SETTINGS, "vbatch worker")
 # A step blocked on a pool re-checks at least every 2 s (Dagster backs off to 15 s), as in the warm run workers.
-instance_concurrency_context.MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL = POOL_CLAIM_MAX_INTERVAL_S
+shorten_pool_claim_backoff(POOL_CLAIM_MAX_INTERVAL_S)
 
 app = ClusterRunLauncher(DEFAULT_QUEUE, broker=SETTINGS.broker_url, backend=SETTINGS.broker_url).celery
 execute_job = create_execute_job_task(app)

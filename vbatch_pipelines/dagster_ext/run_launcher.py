@@ -27,17 +27,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dagster import _check as check
-from dagster._config.config_schema import UserConfigSchema
-from dagster._core.launcher.base import (
+from dagster import DagsterRun, serialize_value
+
+from vbatch_pipelines.dagster_ext._compat import (
     CheckRunHealthResult,
+    ConfigurableClass,
+    ConfigurableClassData,
     LaunchRunContext,
     RunLauncher,
+    UserConfigSchema,
     WorkerStatus,
+    check,
 )
-from dagster._core.storage.dagster_run import DagsterRun
-from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
-
 from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
 from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
 from vbatch_pipelines.names import STEP_MEMORY_ENV, WARM_AT_START_ENV
@@ -47,7 +48,7 @@ POOL_CLAIM_MAX_INTERVAL_S = 2
 WARM_AT_START_TIMEOUT_S = 120
 MAX_RUNS_PER_WORKER = 200
 MAX_WORKER_RSS = 400 * 2**20
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The code location, and what its batch steps import on first use: the input's Parquet, the vLLM client's HTTP.
 PRELOAD_MODULES = ("vbatch_pipelines.definitions", "pyarrow.parquet", "aiohttp")
 
@@ -170,7 +171,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             # must be tied to a thread that lasts, or a worker would die with the request that started it.
             self._spawner = LastingSpawner("run-worker-spawner")
         process = self._spawner.popen(
-            [sys.executable, "-m", "vbatch_pipelines.run_launcher", *self._preload_modules],
+            [sys.executable, "-m", "vbatch_pipelines.dagster_ext.run_launcher", *self._preload_modules],
             stdin=subprocess.PIPE, cwd=os.getcwd(), text=True, env=env, pass_fds=(write_fd,),
             preexec_fn=lambda: die_with_parent(signal.SIGKILL))
         os.close(write_fd)
@@ -195,7 +196,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             return worker
 
     def launch_run(self, context: LaunchRunContext) -> None:
-        from dagster._grpc.types import ExecuteRunArgs
+        from vbatch_pipelines.dagster_ext._compat import ExecuteRunArgs
 
         run = context.dagster_run
         args = ExecuteRunArgs(
@@ -315,18 +316,17 @@ def worker_main(preload_modules: Sequence[str]) -> int:
     imported_at = time.time()
     import importlib
 
-    from dagster import DagsterInstance, DagsterRunStatus
-    from dagster._cli.api import _execute_run_command_body
+    from dagster import DagsterInstance, DagsterRunStatus, deserialize_value
 
-    # A step blocked on a pool re-checks with a back-off that grows to 15 s, so a freed slot could sit idle
-    # that long between queued steps; 2 s keeps it busy for a few cheap queries.
-    from dagster._core.execution.plan import instance_concurrency_context
-    from dagster._core.instance.ref import InstanceRef
-    from dagster._grpc.types import ExecuteRunArgs
-    from dagster._serdes import deserialize_value
-    from dagster._utils.interrupts import capture_interrupts
+    from vbatch_pipelines.dagster_ext._compat import (
+        ExecuteRunArgs,
+        InstanceRef,
+        capture_interrupts,
+        shorten_pool_claim_backoff,
+    )
+    from vbatch_pipelines.dagster_ext._compat import execute_run_command_body as _execute_run_command_body
 
-    instance_concurrency_context.MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL = POOL_CLAIM_MAX_INTERVAL_S
+    shorten_pool_claim_backoff(POOL_CLAIM_MAX_INTERVAL_S)
     status_fd = os.environ.pop("VBATCH_RUN_WORKER_STATUS_FD", None)
     try:
         for module in preload_modules:

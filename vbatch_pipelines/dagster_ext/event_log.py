@@ -25,12 +25,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as db
-from dagster._core.events import ASSET_EVENTS
-from dagster._core.events.log import EventLogEntry
-from dagster._core.storage.event_log import SqliteEventLogStorage as DagsterSqliteEventLogStorage
-from dagster._core.storage.sqlalchemy_compat import db_result
-from dagster._serdes import ConfigurableClassData
+from dagster import EventLogEntry
 from sqlalchemy.pool import QueuePool
+
+from vbatch_pipelines.dagster_ext._compat import ASSET_EVENTS, ConfigurableClassData, db_result
+from vbatch_pipelines.dagster_ext._compat import SqliteEventLogStorage as DagsterSqliteEventLogStorage
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 ENGINES_KEPT = 32  # shards are per run: keep the engines of the latest ones

@@ -19,14 +19,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from dagster import Field, StringSource
-from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
-from dagster._core.storage.dagster_run import DagsterRun
-from dagster._serdes import ConfigurableClassData
+from dagster import DagsterRun, Field, StringSource
 from dagster_celery.launcher import CeleryRunLauncher
 from dagster_celery.tags import DAGSTER_CELERY_TASK_ID_TAG
 
 from vbatch_pipelines.cluster.config import GPU_QUEUE
+from vbatch_pipelines.dagster_ext._compat import (
+    CheckRunHealthResult,
+    ConfigurableClassData,
+    LaunchRunContext,
+    WorkerStatus,
+)
 from vbatch_pipelines.instance import GPU_POOL
 from vbatch_pipelines.names import CELERY_QUEUE_TAG
 
