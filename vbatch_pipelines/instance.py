@@ -12,9 +12,10 @@ import yaml
 from vbatch_pipelines.paths import write_private
 from vbatch_pipelines.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DAGSTER_YAML = REPO_ROOT / "dagster.yaml"
-WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
+# The repo's dagster.yaml and workspace.yaml, shipped in the package (links to them in the source tree, the files
+# themselves in a wheel), so an installed vbatch finds them wherever it runs.
+DAGSTER_YAML = Path(__file__).with_name("dagster.yaml")
+WORKSPACE_YAML = Path(__file__).with_name("workspace.yaml")
 GPU_POOL = "gpu"
 INFERENCE_POOL = "inference"
 
