@@ -109,6 +109,11 @@ GOOD = {"name": "invoice_fields", "kind": "json_extraction", "description": "Che
     (json.dumps({**GOOD, "answr_schema": {}}), "unknown key(s) answr_schema"),
     (json.dumps({**GOOD, "kind": "essay"}), "kind 'essay'"),
     (json.dumps([GOOD]), "not a JSON object"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "name"}), "name None must match"),
+    (json.dumps({**GOOD, "name": "other", "description": " "}), "description must say"),
+    (json.dumps({**GOOD, "name": "other", "kind": "review"}), "answer_schema needs kind json_extraction"),
+    (json.dumps(GOOD), "already defined (by another file here)"),
+    (json.dumps({**GOOD, "name": "other", "description": "x" * 300_000}), "larger than 256 KiB"),
 ])
 def test_a_bad_review_schema_file_stops_the_start_naming_the_file(vbatch_home, tmp_path, monkeypatch, bad, says):
     from api.main import create_app
@@ -136,3 +141,58 @@ def test_review_schemas_in_a_folder_need_no_code(vbatch_home, tmp_path, monkeypa
     assert invoice is get_schema("invoice_fields") and invoice.project_title == "vbatch · invoice_fields"
     assert invoice.validate('{"total": 12.5}') is None
     assert "total" in invoice.validate('{"sum": 12.5}')
+
+
+def _install(root: Path, package: str, source: str, entry_points: str) -> None:
+    """Write a package and its dist-info (``vbatch.extensions`` entry points) under ``root``: on the path, installed."""
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text(source)
+    info = root / f"{package}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[vbatch.extensions]\n{entry_points}")
+
+
+def test_an_entry_point_is_an_extension_or_a_function_returning_one_named_as_the_entry_point(tmp_path, monkeypatch):
+    from vbatch_pipelines.extensions import ExtensionError, enabled_extensions
+
+    _install(tmp_path, "shapes_ext", "from vbatch_pipelines.extensions import Extension\n"
+             "def made():\n    return Extension(name='made')\n"
+             "misnamed = Extension(name='someone_else')\n"
+             "junk = 42\n",
+             "made = shapes_ext:made\nmisnamed = shapes_ext:misnamed\njunk = shapes_ext:junk\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert [extension.name for extension in enabled_extensions(["made"])] == ["made"]
+    for name in ("misnamed", "junk"):
+        with pytest.raises(ExtensionError, match=rf"entry point '{name}' \(shapes_ext:{name}\) is not an Extension"):
+            enabled_extensions([name])
+
+
+def test_a_schema_file_reusing_an_enabled_extensions_schema_stops_the_start(vbatch_home, monkeypatch):
+    from api.main import create_app
+    from vbatch_pipelines.curation.schema_files import SchemaFileError
+
+    folder = vbatch_home / "review-schemas"
+    folder.mkdir(parents=True)
+    (folder / "toy_review.json").write_text(json.dumps({**GOOD, "name": "toy_review"}))
+    monkeypatch.syspath_prepend(str(TOY))
+    monkeypatch.setenv("VBATCH_EXTENSIONS", "toy")
+    with pytest.raises(SchemaFileError, match=r"'toy_review' in .*review-schemas is already defined elsewhere"):
+        create_app()
+    # a schema an extension registers in code (Aris's conquest schemas) is not replaced by a file either
+    (folder / "toy_review.json").unlink()
+    (folder / "conquest.json").write_text(json.dumps({**GOOD, "name": "conquest"}))
+    monkeypatch.setenv("VBATCH_EXTENSIONS", "aris")
+    monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", "postgresql://nobody@127.0.0.1:9/aristotle")
+    with pytest.raises(SchemaFileError, match=r"'conquest' in .*review-schemas is already defined elsewhere"):
+        create_app()
+
+
+def test_aris_enabled_without_its_database_stops_the_start(vbatch_home, monkeypatch):
+    from api.main import create_app
+    from vbatch_pipelines.settings import SettingsError
+
+    monkeypatch.delenv("VBATCH_ARIS_DATABASE_URL", raising=False)
+    monkeypatch.setenv("VBATCH_EXTENSIONS", "aris")
+    with pytest.raises(SettingsError, match="The aris extension needs VBATCH_ARIS_DATABASE_URL"):
+        create_app()

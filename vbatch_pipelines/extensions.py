@@ -82,10 +82,10 @@ def enable(settings: Settings) -> list[Extension]:
     from vbatch_pipelines.curation.schema_files import register_schema_folder
 
     extensions = enabled_extensions(settings.extensions)
-    register_schema_folder(settings.review_schemas_dir)
     for extension in extensions:
         if extension.schemas_dir is not None:
             register_schema_folder(extension.schemas_dir)
         if extension.register is not None:
             extension.register()
+    register_schema_folder(settings.review_schemas_dir)  # last: a file that reuses an extension's name is refused
     return extensions
