@@ -4,6 +4,7 @@ ships (its dagster.yaml and workspace.yaml, templates, migrations, requirements)
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,9 +23,22 @@ print("workspace", "vbatch_pipelines.definitions" in WORKSPACE_YAML.read_text())
 """
 
 
+def _clean_copy(target: Path) -> Path:
+    """The project's files (tracked, or new and not ignored) without what builds leave in the tree (build/,
+    *.egg-info), which would hide a file the package data forgets."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (ROOT / name).exists() or (ROOT / name).is_symlink():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name, follow_symlinks=False)
+    return target
+
+
 def test_a_wheel_installs_in_a_fresh_venv_and_runs_outside_the_source_tree(tmp_path):
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+    source = _clean_copy(tmp_path / "source")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)],
                    check=True, capture_output=True, text=True, timeout=600)
     (wheel,) = wheels.glob("vbatch-*.whl")
     venv = tmp_path / "venv"
