@@ -25,7 +25,8 @@ import vbatch_pipelines.cli
 from vbatch_pipelines.cluster.config import cluster_env
 from vbatch_pipelines.net import free_port
 from vbatch_pipelines.settings import load_settings
-from vbatch_pipelines.supervisor import Addresses, hand_over_engines, startup_child
+from vbatch_pipelines.exposure import Addresses
+from vbatch_pipelines.supervisor import hand_over_engines, startup_child
 
 never, not_before_stopping = json.loads(sys.argv[1])
 settings = load_settings()

@@ -144,8 +144,8 @@ def test_without_keys_foreign_hosts_origins_and_form_posts_are_refused(vbatch_ho
 
 
 def test_up_refuses_the_network_without_keys_and_keeps_dagster_local(vbatch_home, monkeypatch):
+    from vbatch_pipelines.exposure import Addresses, ExposureError
     from vbatch_pipelines.settings import load_settings
-    from vbatch_pipelines.supervisor import Addresses, ExposureError
 
     settings = load_settings()
     with pytest.raises(ExposureError, match="VBATCH_API_KEYS"):

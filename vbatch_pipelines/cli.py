@@ -293,9 +293,10 @@ def cmd_batch_show(args, ctx: Context) -> int:
 
 def cmd_up(args, ctx: Context) -> int:
     from vbatch_pipelines.cluster.config import ClusterConfigError
+    from vbatch_pipelines.exposure import Addresses, ExposureError
     from vbatch_pipelines.net import PortTaken
     from vbatch_pipelines.services import AlreadyUp
-    from vbatch_pipelines.supervisor import Addresses, ExposureError, run_platform
+    from vbatch_pipelines.supervisor import run_platform
 
     addresses = Addresses(args.host, args.api_port or ctx.settings.api_port, args.dagster_port,
                           expose_dagster=args.expose_dagster)

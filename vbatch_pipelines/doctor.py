@@ -133,7 +133,7 @@ class Doctor:
         return OK, f"{human_bytes(free)} free of {human_bytes(total)} ({file_store.shared})"
 
     def ports(self, up: dict | None, dagster_port: int) -> tuple[str, str]:
-        from vbatch_pipelines.supervisor import Addresses, check_ports
+        from vbatch_pipelines.exposure import Addresses, check_ports
 
         if up is not None:
             return OK, f"vbatch up runs on this home (pid {up['pid']}, API {up['api_url']})"
