@@ -20,9 +20,9 @@ from resources.model_registry import ModelRegistry
 from vbatch_pipelines.engine.base import Engine, EngineBackend, EngineUnavailable
 from vbatch_pipelines.engine.envs import find_vllm_python
 from vbatch_pipelines.engine.registry import UP, EngineRegistry
+from vbatch_pipelines.engine.vllm_client import RemoteVLLMServer
 from vbatch_pipelines.engine.vllm_server import (
     ManagedVLLMServer,
-    RemoteVLLMServer,
     VLLMServerConfig,
     managed_server_states,
     server_from_state,
@@ -157,7 +157,7 @@ class InferenceEngine(ConfigurableResource):
         ``await engine.aclose()``."""
         if self.resolved_backend() == "vllm":
             from vbatch_pipelines.engine.replicated import ReplicatedEngine
-            from vbatch_pipelines.engine.vllm_server import VLLMEngine
+            from vbatch_pipelines.engine.vllm_client import VLLMEngine
 
             def connect() -> list[VLLMEngine]:
                 engines, failure = [], None
