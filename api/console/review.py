@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import Field
 
-from api.console import _page, console_login, console_role
+from api.console import console_login, console_role, render
 from api.deps import Role
 from api.errors import OpenAIError
 from api.routers.curation import MAX_BULK, ReviewRequest, review_and_tell, star_many
@@ -72,7 +72,7 @@ def review_page(request: Request, status: str = Query(default="to-review", max_l
     following = ids[at + 1] if at is not None and at + 1 < len(ids) else None
     next_url = link(after=after, task=following) if following else (link(after=ids[-1]) if has_more else None)
     previous_url = link(after=after, task=ids[at - 1]) if at else None
-    return _page(request, "review.html", role, queue=queue, current=current, has_more=has_more,
+    return render(request, "review.html", role, queue=queue, current=current, has_more=has_more,
                  more_url=link(after=ids[-1]) if has_more and ids else None, next_url=next_url,
                  previous_url=previous_url, link=link, status=status, statuses=STATUSES, filters=filters,
                  schemas=sorted(SCHEMAS), team=agreement_stats(db, caller.project_id),
