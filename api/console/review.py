@@ -14,10 +14,10 @@ from fastapi.responses import HTMLResponse
 from pydantic import Field
 
 from api.console import console_login, console_role, render
-from api.deps import Role
-from api.errors import OpenAIError
+from api.deps import Role, get_label_studio
 from api.routers.curation import MAX_BULK, ReviewRequest, review_and_tell, star_many
 from api.schemas import StrictBody
+from resources import LabelStudio
 from vbatch_pipelines.projects import Caller
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -30,13 +30,6 @@ STATUSES = {"to-review": ("To review", {"reviewed": False}), "reviewed": ("Revie
 class PageStar(StrictBody):
     task_ids: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(min_length=1, max_length=MAX_BULK)
     gold_star: bool = True
-
-
-def _label_studio(request: Request):
-    label_studio = request.app.state.resources["label_studio"]
-    if not label_studio.enabled:
-        raise OpenAIError(409, f"Curation is unavailable: {label_studio.disabled_reason}", code="curation_disabled")
-    return label_studio
 
 
 @router.get("/review", response_class=HTMLResponse)
@@ -81,15 +74,16 @@ def review_page(request: Request, status: str = Query(default="to-review", max_l
 
 @router.post("/review/tasks/{task_id}")
 async def review_from_page(request: Request, body: ReviewRequest, task_id: int = Path(ge=1, le=2**31 - 1),
-                           caller: Caller = Depends(console_login)) -> dict:
+                           caller: Caller = Depends(console_login),
+                           label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """The page's save: answer, rating, star (a JSON body from its own script; the session cookie is SameSite)."""
-    return await review_and_tell(request, _label_studio(request), request.app.state.db, task_id, caller,
+    return await review_and_tell(request, label_studio, request.app.state.db, task_id, caller,
                                  "curation.reviewed", **body.model_dump(exclude_none=True))
 
 
 @router.post("/review/gold-star")
-async def star_from_page(request: Request, body: PageStar, caller: Caller = Depends(console_login)) -> dict:
+async def star_from_page(request: Request, body: PageStar, caller: Caller = Depends(console_login),
+                         label_studio: LabelStudio = Depends(get_label_studio)) -> dict:
     """The queue's "star the selected" button."""
-    data = await star_many(request, _label_studio(request), request.app.state.db, caller, body.task_ids,
-                           body.gold_star)
+    data = await star_many(request, label_studio, request.app.state.db, caller, body.task_ids, body.gold_star)
     return {"object": "list", "data": data}

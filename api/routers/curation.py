@@ -86,6 +86,12 @@ def _task_or_404(db: Database, task_id: int, caller: Caller):
     return task
 
 
+def task_page(data: list[dict], has_more: bool = False) -> dict:
+    """Tasks as a list page (ids as strings, as ``Page`` has them)."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": str(data[0]["id"]) if data else None, "last_id": str(data[-1]["id"]) if data else None}
+
+
 def _shown(db: Database, task_id: int, caller: Caller) -> dict:
     return with_reviews(db, [_task_or_404(db, task_id, caller)])[0]
 
@@ -147,8 +153,7 @@ def list_curation_tasks(
     """The project's review queue, oldest task first, filtered and paged (vbatch's own)."""
     data, has_more = list_tasks(db, caller.project_id, batch_id=batch_id, schema=schema, gold_star=gold_star,
                                 reviewed=reviewed, assignee=assignee, after=after, limit=limit)
-    return {"object": "list", "data": data, "has_more": has_more, "first_id": str(data[0]["id"]) if data else None,
-            "last_id": str(data[-1]["id"]) if data else None}
+    return task_page(data, has_more)
 
 
 @router.post("/curation/tasks/gold-star", response_model=Page[CurationTaskObject])
@@ -158,9 +163,7 @@ async def bulk_gold_star(body: BulkGoldStarRequest, request: Request, db: Databa
     """Star (or unstar) many tasks at once, each written through to Label Studio as for one task. Every id is
     checked first (an unknown one: a 404 and nothing changed); Label Studio failing midway: a 503, the tasks
     written before it stay written (the response names none; list them to see)."""
-    data = await star_many(request, label_studio, db, caller, body.task_ids, body.gold_star)
-    return {"object": "list", "data": data, "has_more": False, "first_id": str(data[0]["id"]),
-            "last_id": str(data[-1]["id"])}
+    return task_page(await star_many(request, label_studio, db, caller, body.task_ids, body.gold_star))
 
 
 @router.post("/curation/tasks/assign", response_model=Page[CurationTaskObject])
@@ -174,9 +177,7 @@ def assign(body: AssignRequest, request: Request, db: Database = Depends(get_db)
     task_ids = list(dict.fromkeys(body.task_ids))
     assign_tasks(db, caller.project_id, task_ids, list(dict.fromkeys(body.reviewers)))
     record(request, "curation.assigned", ",".join(map(str, task_ids))[:256], reviewers=body.reviewers)
-    data = with_reviews(db, project_tasks(db, caller.project_id, task_ids))
-    return {"object": "list", "data": data, "has_more": False, "first_id": str(task_ids[0]),
-            "last_id": str(task_ids[-1])}
+    return task_page(with_reviews(db, project_tasks(db, caller.project_id, task_ids)))
 
 
 @router.get("/curation/tasks/{task_id}", response_model=CurationTaskObject)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vbatch_pipelines.curation.schemas import read_annotation
-from vbatch_pipelines.curation.service import AnnotationReview, apply_reviews
+from vbatch_pipelines.curation.schemas import get_schema, read_annotation
+from vbatch_pipelines.curation.service import AnnotationReview, apply_reviews, get_task
 from vbatch_pipelines.errors import VbatchError
 from vbatch_pipelines.store.db import Database
 
@@ -100,9 +100,6 @@ def review_task(db: Database, label_studio: Any, task: Any, *, response: str | N
     recorded no review yet, Label Studio's current one (an expert's, not yet brought by the sensor or the webhook)
     is recorded first, so this one updates that annotation and keeps its edit and rating. An answer invalid for
     the task's schema: InvalidReview, nothing written."""
-    from vbatch_pipelines.curation.schemas import get_schema
-    from vbatch_pipelines.curation.service import get_task
-
     if response is not None:
         problem = get_schema(task.schema).validate(response)
         if problem:
