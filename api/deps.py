@@ -48,19 +48,19 @@ async def get_batch_launcher(request: Request) -> BatchLauncher:
 
 
 async def get_file_store(request: Request) -> FileStore:
-    return request.app.state.resources["file_store"]
+    return request.app.state.resources.file_store
 
 
 async def get_model_registry(request: Request) -> ModelRegistry:
-    return request.app.state.resources["model_registry"]
+    return request.app.state.resources.model_registry
 
 
 async def get_trainer(request: Request) -> Trainer:
-    return request.app.state.resources["trainer"]
+    return request.app.state.resources.trainer
 
 
 async def get_label_studio_resource(request: Request) -> LabelStudio:
-    return request.app.state.resources["label_studio"]
+    return request.app.state.resources.label_studio
 
 
 async def get_label_studio(request: Request) -> LabelStudio:
@@ -121,7 +121,7 @@ def keys_required(state) -> bool:
     import threading
 
     settings = state.settings
-    if settings.api_keys or settings.admin_keys or getattr(state, "keys_made", False):
+    if settings.api.keys or settings.api.admin_keys or getattr(state, "keys_made", False):
         return True
     if time.monotonic() - getattr(state, "keys_checked_at", -KEYS_CHECK_S) >= KEYS_CHECK_S:
         pending = getattr(state, "keys_check", None)
@@ -188,8 +188,8 @@ def role_of_key(settings, token: str) -> Role | None:
 def role_of_key_hash(settings, key_hash: str) -> Role | None:
     """``role_of_key`` by the key's hash."""
     # Every key is compared (no early exit), so the time taken says nothing of which list matched.
-    admin = [same_secret(key_hash, secret_hash(key)) for key in settings.admin_keys]
-    use = [same_secret(key_hash, secret_hash(key)) for key in settings.api_keys]
+    admin = [same_secret(key_hash, secret_hash(key)) for key in settings.api.admin_keys]
+    use = [same_secret(key_hash, secret_hash(key)) for key in settings.api.keys]
     if any(admin):
         return "admin"
     if any(use):

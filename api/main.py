@@ -90,8 +90,8 @@ def metrics_registry(db, services, inference_engine, file_store=None) -> Collect
 
 def service_probes(settings: Settings, resources: dict) -> dict[str, BackgroundProbe | FixedState]:
     """The services a page or /health reports on, each checked in the background at most every 5 s."""
-    probes = {"dagster": BackgroundProbe(http_check(f"{settings.dagster_url}/server_info"))}
-    label_studio = resources["label_studio"]
+    probes = {"dagster": BackgroundProbe(http_check(f"{settings.dagster.url}/server_info"))}
+    label_studio = resources.label_studio
     if label_studio.enabled:
         probes["label_studio"] = BackgroundProbe(http_check(
             f"{label_studio.url}/api/projects?page_size=1",
@@ -137,9 +137,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     resources = build_resources(settings, defer_secrets=False, extensions=extensions)
     app.state.settings = settings
     app.state.resources = resources
-    app.state.db = resources["metadata_db"].db
-    app.state.engines = EnginePool(resources["inference_engine"], resources["model_registry"])
-    app.state.batch_launcher = BatchLauncher(app.state.db, settings.dagster_url,
+    app.state.db = resources.metadata_db.db
+    app.state.engines = EnginePool(resources.inference_engine, resources.model_registry)
+    app.state.batch_launcher = BatchLauncher(app.state.db, settings.dagster.url,
                                              warm=os.environ.get(WARM_AT_START_ENV) == "1")
     app.state.usage = OnlineUsage()
     app.state.token_budget = TokenBudget(app.state.db, app.state.usage)
@@ -150,12 +150,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database_probe = DatabaseProbe(app.state.db)
 
     # Added last, runs first: the guard refuses drive-by requests before any body is read.
-    app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,
-                       max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, max_upload_bytes=settings.api.max_upload_bytes,
+                       max_request_bytes=settings.api.max_request_bytes)
     app.add_middleware(KeyBeforeBody, required=lambda: keys_required(app.state),
                        caller_of=lambda token: caller_of(app.state.settings, app.state.db, token),
                        session_of=lambda token: caller_of_session(app.state.settings, app.state.db, token))
-    app.add_middleware(DriveByGuard, allowed_hosts=settings.allowed_hosts,
+    app.add_middleware(DriveByGuard, allowed_hosts=settings.api.allowed_hosts,
                        enabled=lambda: not keys_required(app.state))
     app.add_middleware(NoFraming)
 
@@ -180,7 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         healthy = checks["database"] == "ok"
         return JSONResponse({"status": "ok" if healthy else "error", **checks}, status_code=200 if healthy else 503)
 
-    registry = ServiceRegistry(resources["file_store"].run_dir)
+    registry = ServiceRegistry(resources.file_store.run_dir)
     services_seen: dict = {"at": 0.0, "report": {}}
 
     def services() -> dict:
@@ -198,6 +198,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(metrics.router, dependencies=[Depends(caller_role)], responses=ERRORS)
     console.install(app, extensions)
-    app.state.metrics_registry = metrics_registry(app.state.db, services, resources["inference_engine"],
-                                                  resources["file_store"])
+    app.state.metrics_registry = metrics_registry(app.state.db, services, resources.inference_engine,
+                                                  resources.file_store)
     return app

@@ -107,8 +107,8 @@ def bench_sensor(db, resources, aristotle_engine, n: int) -> None:
     seed(db, aristotle_engine, "tick", n, starred=False, agreed_victory=False)
     with DagsterInstance.ephemeral() as instance:
         context = build_sensor_context(instance=instance, resources={
-            "metadata_db": resources["metadata_db"], "aristotle": resources["aristotle"],
-            "label_studio": resources["label_studio"]})
+            "metadata_db": resources.metadata_db, "aristotle": resources["aristotle"],
+            "label_studio": resources.label_studio})
         aristotle_sensor(context)  # the first tick: the whole table, nothing differs from what was seen
         with aristotle_engine.begin() as connection:  # the Aristotle app decides every one of them
             connection.execute(text("""UPDATE "Conquest" SET result = 'DEFEAT', "updatedAt" = now()
@@ -226,7 +226,7 @@ def main() -> int:
 
     aris.enable_schemas()
     resources = build_resources(load_settings(), defer_secrets=False)
-    db = resources["metadata_db"].db
+    db = resources.metadata_db.db
     engine = sa.create_engine(normalize_url(url))
     try:
         bench_sensor(db, resources, engine, args.changed)

@@ -53,7 +53,7 @@ def main() -> int:
     from vbatch_pipelines.settings import load_settings
 
     resources = build_resources(load_settings(), defer_secrets=False)
-    db, studio, file_store = resources["metadata_db"].db, resources["label_studio"], resources["file_store"]
+    db, studio, file_store = resources.metadata_db.db, resources.label_studio, resources.file_store
     started = time.monotonic()
     studio.ensure_running()
     print(f"Label Studio up in {time.monotonic() - started:.1f}s (home {home})", flush=True)
@@ -105,7 +105,7 @@ def main() -> int:
               f"target <= 30 s); peer bare SDK import {peer_s:.1f}s -> ratio {export_s / peer_s:.2f}x", flush=True)
 
         cursor_context = build_sensor_context(instance=instance, resources={
-            "metadata_db": resources["metadata_db"], "label_studio": studio})
+            "metadata_db": resources.metadata_db, "label_studio": studio})
         label_studio_sensor(cursor_context)  # the cursor now stands after the import
         cursor = cursor_context.cursor
         ids = list(tasks.values())[: args.changed]
@@ -122,7 +122,7 @@ def main() -> int:
         print(f"   ({len(ids):,} annotations created through the SDK in {time.monotonic() - started:.1f}s)",
               flush=True)
         context = build_sensor_context(cursor=cursor, instance=instance, resources={
-            "metadata_db": resources["metadata_db"], "label_studio": studio})
+            "metadata_db": resources.metadata_db, "label_studio": studio})
         started = time.monotonic()
         outcome = label_studio_sensor(context)
         tick_s = time.monotonic() - started

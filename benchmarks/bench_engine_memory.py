@@ -128,7 +128,7 @@ def main() -> None:
         from vbatch_pipelines.settings import load_settings
 
         settings = load_settings()
-        python = find_vllm_python(settings.vllm_python, settings.envs_dir, settings.gpus)
+        python = find_vllm_python(settings.engine.vllm_python, settings.storage.envs_dir, settings.engine.gpus)
         old = {TINY_MODEL_ID: ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4"]}
         theirs = peer_side(models, python, lambda model_id, path: [
             *old.get(model_id, ["--runner", "pooling"]), "--dtype", "float32", "--enforce-eager",

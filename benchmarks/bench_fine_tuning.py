@@ -59,9 +59,9 @@ def main() -> int:
     from vbatch_pipelines.settings import load_settings
 
     resources = build_resources(load_settings(), defer_secrets=False)
-    registry, file_store, trainer = resources["model_registry"], resources["file_store"], resources["trainer"]
+    registry, file_store, trainer = resources.model_registry, resources.file_store, resources.trainer
     model_path = registry.resolve(TINY_MODEL_ID).path
-    db = resources["metadata_db"].db
+    db = resources.metadata_db.db
     data = ("\n".join(json.dumps(e) for e in examples(args.examples)) + "\n").encode()
     train = store_file(db, file_store.files_dir, io.BytesIO(data), "train.jsonl", "fine-tune")
     hp = {**HYPERPARAMETERS, "n_epochs": args.epochs}

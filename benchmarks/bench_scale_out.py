@@ -49,7 +49,7 @@ ENGINES_KEY = secrets.token_urlsafe(24)  # the replicas' key, as the platform is
 
 def start_replicas(count: int, model_path: str, root: Path) -> list[ManagedVLLMServer]:
     settings = load_settings()
-    python = find_vllm_python(settings.vllm_python, settings.envs_dir, 0)
+    python = find_vllm_python(settings.engine.vllm_python, settings.storage.envs_dir, 0)
     if python is None:
         raise SystemExit("vLLM is not installed: run `vbatch engine install` (or `make engine`)")
     servers = []

@@ -133,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = load_settings()
     model = ensure_tiny_model(Path(tempfile.gettempdir()) / "vbatch-bench-models" / TINY_MODEL_ID)
-    vllm = find_vllm_python(None, settings.envs_dir, 0)
+    vllm = find_vllm_python(None, settings.storage.envs_dir, 0)
     sides = {"vbatch": ROOT, **({f"peer {args.peer}": worktree(args.peer)} if args.peer else {})}
     print(f"{'state':28} " + " ".join(f"{side:>24}" for side in sides))
     for state in [s.strip() for s in args.states.split(",") if s.strip()]:

@@ -244,8 +244,8 @@ class Stack:
             from vbatch_pipelines.settings import load_settings
 
             resources = build_resources(load_settings(), defer_secrets=False)
-            spec = resources["model_registry"].resolve(model)
-            server = resources["inference_engine"].server(spec)
+            spec = resources.model_registry.resolve(model)
+            server = resources.inference_engine.server(spec)
             return spec, server.engine_args(), server.config.python
         finally:
             os.environ.clear()

@@ -8,9 +8,13 @@ the API and the CLI, which show no config) the values are used as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import EnvVar
 
 from resources.file_store import FileStore
 from resources.inference_engine import InferenceEngine
@@ -23,8 +27,42 @@ from resources.trainer import Trainer
 from vbatch_pipelines.settings import Settings, SettingsError
 
 
-def build_resources(settings: Settings, *, defer_secrets: bool = True,
-                    extensions: list | None = None) -> dict[str, ConfigurableResource]:
+@dataclass(frozen=True)
+class Resources(Mapping):
+    """The resources of one set of settings: typed attributes for the code that uses them, and a mapping by
+    resource key (the extensions' too) for Dagster's ``Definitions`` and ``materialize``."""
+
+    metadata_db: MetadataDB
+    file_store: FileStore
+    model_registry: ModelRegistry
+    inference_engine: InferenceEngine
+    trainer: Trainer
+    label_studio: LabelStudio
+    retraining_policy: RetrainingPolicy
+    retention_policy: RetentionPolicy
+    extensions: dict[str, Any] = field(default_factory=dict)  # the enabled extensions' own, by resource key
+
+    def replace(self, **changes: Any) -> Resources:
+        """These resources with some replaced, by key (an extension's key replaces or adds one of its own)."""
+        core = {f.name for f in fields(self)} - {"extensions"}
+        extra = {key: value for key, value in changes.items() if key not in core}
+        return dataclasses.replace(self, **{key: value for key, value in changes.items() if key in core},
+                                   extensions={**self.extensions, **extra})
+
+    def _by_key(self) -> dict[str, Any]:
+        return {**self.extensions, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extensions"}}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._by_key()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_key())
+
+    def __len__(self) -> int:
+        return len(self._by_key())
+
+
+def build_resources(settings: Settings, *, defer_secrets: bool = True, extensions: list | None = None) -> Resources:
     """The core's resources and those of the enabled ``extensions`` (None: ask ``enabled_extensions``)."""
     from vbatch_pipelines.extensions import enabled_extensions
 
@@ -33,71 +71,52 @@ def build_resources(settings: Settings, *, defer_secrets: bool = True,
             return EnvVar(name)
         return value
 
+    def group(name: str, *, secrets: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A settings group as a resource's config (but ``exclude``), its ``secrets`` as EnvVar."""
+        values = getattr(settings, name)
+        return {key: secret(type(values).env_of(key), value) if key in secrets else value
+                for key, value in values.model_dump(exclude=set(exclude)).items()}
+
     file_store = settings.layout()
-    metadata_db = MetadataDB(url=secret("VBATCH_DATABASE_URL", settings.database_url))
-    model_registry = ModelRegistry(metadata_db=metadata_db, file_store=file_store, models=settings.models,
-                                   default_model=settings.default_model,
-                                   model_sources=[str(p) for p in settings.model_sources],
-                                   allow_remote_code=settings.allow_remote_code)
+    metadata_db = MetadataDB(url=secret("VBATCH_DATABASE_URL", settings.storage.database_url))
+    model_registry = ModelRegistry(metadata_db=metadata_db, file_store=file_store, **group("registry"))
     added = {}
-    for extension in extensions if extensions is not None else enabled_extensions(settings.extensions):
+    for extension in extensions if extensions is not None else enabled_extensions(settings.extensions.enabled):
         if extension.resources is not None:
-            added.update(extension.resources(settings, secret))
-    return {
-        **added,
-        "metadata_db": metadata_db,
-        "file_store": file_store,
-        "model_registry": model_registry,
-        "inference_engine": InferenceEngine(
-            file_store=file_store,
-            model_registry=model_registry,
-            backend=settings.engine_backend,
-            vllm_python=settings.vllm_python,
-            envs_dir=str(settings.envs_dir),
-            gpus=settings.gpus,
-            max_lora_rank=settings.max_lora_rank,
-            max_model_len=settings.max_model_len,
-            gpu_memory_utilization=settings.gpu_memory_fraction if settings.gpus else None,
-            kv_cache_sequences=settings.kv_cache_sequences, engine_slots=settings.engine_slots,
-            plan_batches=settings.plan_batches,
-            external_engines=[f"{model}={url}" for model, url in settings.engines],
-            external_engines_api_key=secret("VBATCH_ENGINES_API_KEY", settings.engines_api_key),
-            tool_parsers=dict(settings.tool_parsers),
-            node=settings.node, engine_host=settings.engine_host,
-        ),
-        "trainer": Trainer(backend=settings.trainer, gpus=settings.gpus, envs_dir=str(settings.envs_dir),
-                           min_training_examples=settings.min_training_examples,
-                           max_lora_rank=settings.max_lora_rank),
-        "label_studio": _label_studio(settings, file_store, secret),
-        "retraining_policy": RetrainingPolicy(
-            model=settings.retrain_model, hyperparameters=settings.retrain_hyperparameters,
-            min_gold_stars=settings.retrain_min_gold_stars, deploy_gate=settings.deploy_gate,
-            gate_metric=settings.gate_metric, judge_model=settings.judge_model,
-            eval_set=settings.retrain_eval_set),
-        "retention_policy": RetentionPolicy(
-            file_retention_days=settings.file_retention_days, run_retention_days=settings.run_retention_days,
-            log_max_bytes=settings.log_max_bytes, log_backups=settings.log_backups,
-            min_free_disk_percent=settings.min_free_disk_percent),
-    }
+            added.update(extension.resources(settings.extension_settings.get(extension.name), secret))
+    envs_dir = str(settings.storage.envs_dir)
+    return Resources(
+        metadata_db=metadata_db, file_store=file_store, model_registry=model_registry,
+        inference_engine=InferenceEngine(file_store=file_store, model_registry=model_registry, envs_dir=envs_dir,
+                                         **group("engine", secrets=("external_engines_api_key",))),
+        trainer=Trainer(envs_dir=envs_dir, gpus=settings.engine.gpus, max_lora_rank=settings.engine.max_lora_rank,
+                        **group("training")),
+        label_studio=_label_studio(settings, file_store, secret),
+        retraining_policy=RetrainingPolicy(**group("retrain", exclude=("cron",))),
+        retention_policy=RetentionPolicy(**group("retention", exclude=("cron",))),
+        extensions=added,
+    )
 
 
 def _label_studio(settings: Settings, file_store: FileStore, secret) -> LabelStudio:
     """External (VBATCH_LABEL_STUDIO_URL), managed by vbatch, or disabled with the reason. A disabled managed
     one still knows its server, so `vbatch label-studio` and `vbatch up` can start and stop it."""
-    common = {"webhook_url": f"http://127.0.0.1:{settings.api_port}/v1/webhooks/label-studio",
-              "webhook_secret": secret("VBATCH_WEBHOOK_SECRET", settings.webhook_secret),
-              "token": secret("VBATCH_LABEL_STUDIO_TOKEN", settings.label_studio_token)}
-    if settings.label_studio_url:
-        if not settings.curation:
+    common = {"webhook_url": f"http://127.0.0.1:{settings.api.port}/v1/webhooks/label-studio",
+              "webhook_secret": secret("VBATCH_WEBHOOK_SECRET", settings.curation.webhook_secret),
+              "token": secret("VBATCH_LABEL_STUDIO_TOKEN", settings.curation.label_studio_token)}
+    if settings.curation.label_studio_url:
+        if not settings.curation.enabled:
             return LabelStudio(enabled=False, disabled_reason="curation is off (VBATCH_CURATION=off)")
-        if not settings.label_studio_token:
+        if not settings.curation.label_studio_token:
             raise SettingsError("VBATCH_LABEL_STUDIO_URL is set: set VBATCH_LABEL_STUDIO_TOKEN to its API token")
-        return LabelStudio(url=settings.label_studio_url.rstrip("/"), **common)
-    managed = {"url": f"http://127.0.0.1:{settings.label_studio_port}", "managed_dir": str(file_store.label_studio_dir),
-               "managed_port": settings.label_studio_port, "envs_dir": str(settings.envs_dir),
-               "managed_database_url": secret("VBATCH_LABEL_STUDIO_DATABASE_URL", settings.label_studio_database_url),
+        return LabelStudio(url=settings.curation.label_studio_url.rstrip("/"), **common)
+    port = settings.curation.label_studio_port
+    managed = {"url": f"http://127.0.0.1:{port}", "managed_dir": str(file_store.label_studio_dir),
+               "managed_port": port, "envs_dir": str(settings.storage.envs_dir),
+               "managed_database_url": secret("VBATCH_LABEL_STUDIO_DATABASE_URL",
+                                              settings.curation.label_studio_database_url),
                **common}
-    if not settings.curation:
+    if not settings.curation.enabled:
         return LabelStudio(enabled=False, disabled_reason="curation is off (VBATCH_CURATION=off)", **managed)
     label_studio = LabelStudio(**managed)
     if not label_studio.server().installed():

@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dagster import ConfigurableResource
 from pydantic import Field
 
+from resources.config import config_of
 from resources.file_store import FileStore
 from resources.model_registry import ModelRegistry
-from vbatch_pipelines.engine.base import Engine, EngineBackend, EngineUnavailable
+from vbatch_pipelines.engine.base import Engine, EngineUnavailable
 from vbatch_pipelines.engine.envs import find_vllm_python
 from vbatch_pipelines.engine.registry import UP, EngineRegistry
 from vbatch_pipelines.engine.vllm_client import RemoteVLLMServer
@@ -29,43 +29,25 @@ from vbatch_pipelines.engine.vllm_server import (
 )
 from vbatch_pipelines.errors import Unavailable
 from vbatch_pipelines.models.registry import EMBED, GENERATE, SCORE, ModelSpec
+from vbatch_pipelines.settings import EngineSettings
 
 
 class EngineNotAvailable(Unavailable):
     code = "engine_unavailable"
 
 
-class InferenceEngine(ConfigurableResource):
+class InferenceEngine(config_of(EngineSettings)):
+    """The engine settings (EngineSettings: backend, GPUs, context, KV cache, LoRA rank, external engines, this
+    node) and what only code sets."""
+
     file_store: FileStore
     model_registry: ModelRegistry
-    backend: EngineBackend = Field(default="auto", description="auto | vllm | transformers (VBATCH_ENGINE)")
-    vllm_python: str | None = Field(default=None, description="Python with vLLM; default: discovered")
     envs_dir: str = Field(description="where `vbatch engine install` builds vLLM's own virtualenv")
-    gpus: int = 0
     max_concurrency: int = Field(default=512, description="requests in flight per batch")
     chunk_size: int = Field(default=64, description="requests per call to the engine (one HTTP call on vLLM)")
-    engine_slots: int = Field(default=0, ge=0, description="chunks a vLLM server runs at once, every batch's "
-                              "together, shared fairly among projects (VBATCH_ENGINE_SLOTS); 0: one batch's "
-                              "window, max_concurrency / chunk_size")
-    plan_batches: bool = Field(default=True, description="order each batch's requests by shared prefix and length "
-                               "and run identical deterministic ones once (VBATCH_PLAN_BATCHES); off: file order")
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 600.0
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    kv_cache_sequences: int = Field(default=16, description="on CPU: full-context sequences an engine's KV cache "
-                                    "holds, sized from the model's config (VBATCH_KV_CACHE_SEQUENCES)")
     extra_vllm_args: list[str] = Field(default_factory=list)
-    tool_parsers: dict[str, str] = Field(default_factory=dict, description="base model -> the vLLM tool parser "
-                                         "for the calls it writes itself: tool_choice \"auto\" (VBATCH_TOOL_PARSERS)")
-    max_lora_rank: int = Field(default=16, description="the largest LoRA rank the engine accepts")
-    external_engines: list[str] = Field(default_factory=list, description="vLLM servers running elsewhere, "
-                                        "as model=base URL, one per replica (VBATCH_ENGINES)")
-    external_engines_api_key: str | None = Field(default=None, description="the key external engines take "
-                                                 "(VBATCH_ENGINES_API_KEY)")
-    node: str = Field(default="local", description="this node's name in the engine registry (VBATCH_NODE)")
-    engine_host: str = Field(default="127.0.0.1", description="the address this node's engines bind to "
-                             "(VBATCH_ENGINE_HOST; 0.0.0.0 to serve other nodes)")
 
     def _vllm_python(self) -> str | None:
         return find_vllm_python(self.vllm_python, Path(self.envs_dir), self.gpus)
@@ -110,7 +92,7 @@ class InferenceEngine(ConfigurableResource):
         return EngineRegistry(self.model_registry.metadata_db.db)
 
     def external_urls(self, base_id: str) -> list[str]:
-        return [url for model, _, url in (entry.partition("=") for entry in self.external_engines) if model == base_id]
+        return list(self.external_engines.get(base_id, []))
 
     def replica_servers(self, model: ModelSpec) -> list[ManagedVLLMServer | RemoteVLLMServer]:
         """Every vLLM server of ``model``'s base model requests may go to. External engines when the model has

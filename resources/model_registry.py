@@ -16,9 +16,7 @@ first configured model that serves it.
 
 from __future__ import annotations
 
-from dagster import ConfigurableResource
-from pydantic import Field
-
+from resources.config import config_of
 from resources.file_store import FileStore
 from resources.metadata_db import MetadataDB
 from vbatch_pipelines.models.registry import (
@@ -36,18 +34,14 @@ from vbatch_pipelines.models.registry import (
     parse_model_entry,
 )
 from vbatch_pipelines.models.tiny import ensure_tiny_model
+from vbatch_pipelines.settings import RegistrySettings
 
 
-class ModelRegistry(ConfigurableResource):
+class ModelRegistry(config_of(RegistrySettings)):
+    """The configured base models (RegistrySettings) over the metadata DB's installed and fine-tuned ones."""
+
     metadata_db: MetadataDB
     file_store: FileStore
-    models: dict[str, str] = Field(default_factory=dict, description="configured base models, name -> path, "
-                                   "optionally path:embed (VBATCH_MODELS)")
-    default_model: str | None = Field(default=None, description="VBATCH_DEFAULT_MODEL; default: the first configured")
-    model_sources: list[str] = Field(default_factory=list, description="directories API installs may take local "
-                                     "models from (VBATCH_MODEL_SOURCES); default: the models directory")
-    allow_remote_code: bool = Field(default=False, description="whether installs may set trust_remote_code "
-                                    "(VBATCH_ALLOW_REMOTE_CODE)")
 
     @property
     def models_dir(self):

@@ -15,15 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dagster import ConfigurableResource
 from pydantic import Field
 
+from resources.config import config_of
 from vbatch_pipelines.detached import tail
 from vbatch_pipelines.fine_tuning import (
     lora,  # stdlib-only at import: the script the trainer runs
 )
-from vbatch_pipelines.fine_tuning.envs import TrainerBackend, find_unsloth_python
+from vbatch_pipelines.fine_tuning.envs import find_unsloth_python
 from vbatch_pipelines.services import die_with_parent
+from vbatch_pipelines.settings import EngineSettings, TrainingSettings
 
 SCRIPT = Path(lora.__file__).resolve()
 
@@ -68,17 +69,13 @@ class TrainingCancelled(RuntimeError):
     pass
 
 
-class Trainer(ConfigurableResource):
-    backend: TrainerBackend = Field(default="auto", description="auto (Unsloth with a GPU and its env, else TRL) "
-                                                                "| unsloth | trl (VBATCH_TRAINER)")
+class Trainer(config_of(TrainingSettings, also=[(EngineSettings, "gpus"), (EngineSettings, "max_lora_rank")])):
+    """The training settings, the GPUs and the engine's largest LoRA rank (larger ranks are refused), and what
+    only code sets."""
+
     python: str | None = Field(default=None, description="Python for the training process; default: chosen "
                                                          "by backend (the managed Unsloth env, or this one)")
-    gpus: int = 0
     envs_dir: str = Field(description="where `vbatch trainer install` builds Unsloth's own virtualenv")
-    min_training_examples: int = Field(default=10, ge=1, description="fewer training examples are refused "
-                                                                      "(VBATCH_MIN_TRAINING_EXAMPLES)")
-    max_lora_rank: int = Field(default=16, ge=1, description="the largest LoRA rank the engine serves; larger "
-                                                             "ranks are refused (VBATCH_MAX_LORA_RANK)")
     stop_grace_s: float = 30.0
 
     def resolved_backend(self) -> str:

@@ -256,15 +256,14 @@ class Platform:
         from vbatch_pipelines.settings import load_settings
 
         self.settings = load_settings()
-        self.resources = build_resources(self.settings, defer_secrets=False)
-        self.resources.update(overrides)
-        self.db = self.resources["metadata_db"].db
-        self.file_store = self.resources["file_store"]
-        self.registry = self.resources["model_registry"]
+        self.resources = build_resources(self.settings, defer_secrets=False).replace(**overrides)
+        self.db = self.resources.metadata_db.db
+        self.file_store = self.resources.file_store
+        self.registry = self.resources.model_registry
 
     def configure(self, name: str, **changes) -> None:
         """Change fields of the resource ``name`` (a flat one: trainer, retraining_policy)."""
-        self.resources[name] = replaced(self.resources[name], **changes)
+        self.resources = self.resources.replace(**{name: replaced(self.resources[name], **changes)})
 
     def submit(self, data: bytes, endpoint: str = "/v1/chat/completions", **kwargs):
         from vbatch_pipelines.batch.service import create_batch
@@ -532,7 +531,7 @@ def on_both_engines(stack: Stack, model_id: str, fallback: type, ask) -> tuple:
 
     with platform_of(stack) as platform:
         spec = platform.registry.lookup(model_id)
-        served = platform.resources["inference_engine"].open(spec)
+        served = platform.resources.inference_engine.open(spec)
         assert served.backend == "vllm"
         return asyncio.run(run(served)), asyncio.run(run(fallback(spec)))
 
@@ -570,8 +569,8 @@ def vllm_python() -> str:
     from vbatch_pipelines.settings import load_settings
 
     settings = load_settings()
-    python = os.environ.get("VBATCH_TEST_VLLM_PYTHON") or find_vllm_python(settings.vllm_python, settings.envs_dir,
-                                                                           settings.gpus)
+    python = os.environ.get("VBATCH_TEST_VLLM_PYTHON") or find_vllm_python(
+        settings.engine.vllm_python, settings.storage.envs_dir, settings.engine.gpus)
     if not python:
         pytest.fail("vLLM is not installed: run `vbatch engine install` (make test does) or set "
                     "VBATCH_TEST_VLLM_PYTHON")
@@ -644,7 +643,7 @@ def label_studio_server(tmp_path_factory):
     from vbatch_pipelines.settings import load_settings
 
     home = tmp_path_factory.mktemp("label-studio-home")
-    envs_dir = load_settings().envs_dir
+    envs_dir = load_settings().storage.envs_dir
     server = ManagedLabelStudio(home / "label-studio", envs_dir, free_port())
     if not server.installed():
         pytest.fail("Label Studio is not installed: run `vbatch label-studio install` (make test does)")

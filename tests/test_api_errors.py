@@ -12,13 +12,12 @@ from tests.conftest import api_client, chat_lines, jsonl, openai_error
 
 @pytest.fixture()
 def client(vbatch_home):
-    from dataclasses import replace
 
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
     # Dagster where nothing listens; a small upload limit
-    settings = replace(load_settings(), dagster_url="http://127.0.0.1:9", max_upload_bytes=4096)
+    settings = load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, api={"max_upload_bytes": 4096})
     with api_client(create_app(settings)) as test_client:
         yield test_client
 
@@ -99,21 +98,19 @@ def test_small_files_are_validated_at_create_large_ones_by_batch_input(client):
     assert failed["status"] == "failed" and failed["failed_at"]
     assert [(e["code"], e["line"]) for e in failed["errors"]["data"]] == [("invalid_json_line", 3)]
 
-    from dataclasses import replace
 
-    client.app.state.settings = replace(client.app.state.settings, inline_validation_bytes=10)
+    client.app.state.settings = client.app.state.settings.replace(api={"inline_validation_bytes": 10})
     good = _upload(client, jsonl(chat_lines(2))).json()
     waiting = client.post("/v1/batches", json={"input_file_id": good["id"], "endpoint": "/v1/chat/completions"})
     assert waiting.json()["status"] == "validating"  # left to batch_input (Dagster is down here)
 
 
 def test_non_ascii_credentials_are_a_401_not_a_500(vbatch_home):
-    from dataclasses import replace
 
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
-    settings = replace(load_settings(), api_keys=("k1",), dagster_url="http://127.0.0.1:9")
+    settings = load_settings().replace(api={"keys": ("k1",)}, dagster={"url": "http://127.0.0.1:9"})
     with api_client(create_app(settings)) as client:
         for value in ("Bearer é".encode(), "Bearer k1é".encode("latin-1"), b"Bearer \xff\xfe"):
             openai_error(client.get("/v1/models", headers={"Authorization": value}), 401, "invalid_api_key")
@@ -126,14 +123,13 @@ def test_non_ascii_credentials_are_a_401_not_a_500(vbatch_home):
 def test_unknown_fields_on_vbatchs_own_routes_are_refused_naming_them(vbatch_home):
     """An older client's `{"is_gold_star": false}` used to be ignored, and the default (true) starred the task: a
     field vbatch's own routes do not know is a 400 naming it, and the task is left as it was."""
-    from dataclasses import replace
 
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
     # curation on (Label Studio is never reached: the body is refused first), Dagster where nothing listens
-    app = create_app(replace(load_settings(), dagster_url="http://127.0.0.1:9", curation=True,
-                             label_studio_url="http://127.0.0.1:9", label_studio_token="t"))
+    app = create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, curation={
+        "enabled": True, "label_studio_url": "http://127.0.0.1:9", "label_studio_token": "t"}))
     with api_client(app) as client:
         _refuse_unknown_fields(client, app.state.db)
 

@@ -26,14 +26,13 @@ REQUEST_TIMEOUT_S = 300
 
 
 def api_schema(**changes):
-    from dataclasses import replace
 
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
     # Dagster where nothing listens; a small upload limit; schemathesis' ASGI client calls as Host "testserver"
-    settings = replace(load_settings(), dagster_url="http://127.0.0.1:9", max_upload_bytes=65536,
-                       allowed_hosts=("testserver",), **changes)
+    api = {"max_upload_bytes": 65536, "allowed_hosts": ("testserver",), **changes.pop("api", {})}
+    settings = load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, api=api, **changes)
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(settings))
 
 
@@ -41,7 +40,7 @@ def api_schema(**changes):
 def test_no_server_errors(vbatch_home, caller):
     """Every route, admin routes included, as each kind of caller: without keys configured, with a use key
     (admin routes answer 403), an admin key, a key that is not one (401 everywhere)."""
-    keys = {} if caller == "no keys" else {"api_keys": ("fuzz-use",), "admin_keys": ("fuzz-admin",)}
+    keys = {} if caller == "no keys" else {"api": {"keys": ("fuzz-use",), "admin_keys": ("fuzz-admin",)}}
     key = {"use key": "fuzz-use", "admin key": "fuzz-admin", "wrong key": "nope"}.get(caller)
     schema = api_schema(**keys)
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -53,14 +52,13 @@ def test_no_server_errors(vbatch_home, caller):
 
 def test_aris_routes_no_server_errors(curation_home, aristotle_url, monkeypatch):
     """The Aris extension's routes, on: a real Aristotle database and Label Studio behind them."""
-    from dataclasses import replace
 
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
     monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", aristotle_url)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(replace(
-        load_settings(), dagster_url="http://127.0.0.1:9", allowed_hosts=("testserver",))))
+    settings = load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, api={"allowed_hosts": ("testserver",)})
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings))
     operations = [r.ok() for r in schema.get_all_operations()
                   if any(part in r.ok().path for part in ("/sync/", "/icl/", "/aris/"))]
     assert len(operations) == 3, [op.label for op in operations]

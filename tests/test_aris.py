@@ -86,7 +86,7 @@ class Aris(Curation):
         from integrations.aris.defs import aristotle_sensor
 
         context = build_sensor_context(cursor=self.aris_cursor, instance=self.instance,
-                                       resources={"metadata_db": self.resources["metadata_db"],
+                                       resources={"metadata_db": self.resources.metadata_db,
                                                   "aristotle": self.aristotle, "label_studio": self.label_studio})
         result = aristotle_sensor(context)
         self.aris_cursor = context.cursor

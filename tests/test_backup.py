@@ -47,7 +47,7 @@ def refused(archive: Path, settings, match: str, root: Path) -> None:
     with pytest.raises(BackupError, match=match):
         restore_backup(archive, settings)
     assert listing(root) == before, "a refused restore wrote something"
-    assert not settings.home.exists()
+    assert not settings.storage.home.exists()
 
 
 def entry(name: str, data: bytes, mode: int = 0o644) -> dict:
@@ -167,7 +167,7 @@ def test_a_home_is_restored_onto_a_new_one_and_nothing_points_back(platform, tmp
     from vbatch_pipelines.instance import prepare_dagster_home
     from vbatch_pipelines.store.models import EngineRecord, Model
 
-    old_home = platform.settings.home
+    old_home = platform.settings.storage.home
     with DagsterInstance.from_config(str(prepare_dagster_home(platform.settings))) as instance:
         made = populate(platform, instance)
     (old_home / "engines").mkdir(exist_ok=True)
@@ -198,7 +198,7 @@ def test_a_home_is_restored_onto_a_new_one_and_nothing_points_back(platform, tmp
     restore_backup(archive, load_settings())
     assert not (new_home / "engines").exists()
     assert str(old_home) not in (new_home / "dagster" / "dagster.yaml").read_text()
-    url = load_settings().database_url
+    url = load_settings().storage.database_url
     assert old_paths(url, old_home) == []
     with api_client(create_app(load_settings())) as client:
         for path, response in before.items():
@@ -261,7 +261,7 @@ def target(tmp_path, monkeypatch):
 
 def test_the_good_archive_restores(good_archive, target):
     restore_backup(good_archive, target)
-    assert len(list((target.home / "files").iterdir())) == 1
+    assert len(list((target.storage.home / "files").iterdir())) == 1
 
 
 def test_a_home_that_was_its_own_store_restores_onto_a_separate_store(good_archive, target, tmp_path, monkeypatch):
@@ -273,7 +273,7 @@ def test_a_home_that_was_its_own_store_restores_onto_a_separate_store(good_archi
         (stored,) = client.get("/v1/files").json()["data"]
         assert client.get(f"/v1/files/{stored['id']}/content").content == jsonl(chat_lines(2))
     assert listing(tmp_path / "targets" / "store") == {"files", f"files/{stored['id']}"}
-    assert old_paths(load_settings().database_url, Path(read_manifest(good_archive)["source"]["home"])) == []
+    assert old_paths(load_settings().storage.database_url, Path(read_manifest(good_archive)["source"]["home"])) == []
 
 
 def test_a_truncated_archive_is_refused_before_anything_is_written(good_archive, target, tmp_path):
@@ -350,20 +350,20 @@ def test_a_database_newer_than_this_code_is_refused(good_archive, target, tmp_pa
 
 
 def test_a_non_empty_home_is_refused(good_archive, target, tmp_path):
-    target.home.mkdir()
-    (target.home / "something").write_text("kept")
+    target.storage.home.mkdir()
+    (target.storage.home / "something").write_text("kept")
     with pytest.raises(BackupError, match="is not empty"):
         restore_backup(good_archive, target)
-    assert listing(target.home) == {"something"} and listing(tmp_path / "targets") == {"new-home",
+    assert listing(target.storage.home) == {"something"} and listing(tmp_path / "targets") == {"new-home",
                                                                                        "new-home/something"}
 
 
 def test_the_cli_refuses_with_a_clear_error(good_archive, target, capsys):
     from vbatch_pipelines.cli import main
 
-    target.home.mkdir()
-    (target.home / "vbatch.db").write_text("")
-    assert main(["backup", "restore", str(good_archive), "--home", str(target.home)]) == 2
+    target.storage.home.mkdir()
+    (target.storage.home / "vbatch.db").write_text("")
+    assert main(["backup", "restore", str(good_archive), "--home", str(target.storage.home)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert main(["backup", "verify", str(good_archive)]) == 0
     assert "match their checksums" in capsys.readouterr().out
@@ -599,7 +599,8 @@ def test_a_running_platform_backed_up_and_restored_onto_a_new_home_answers_the_s
         timings[name] = round(time.monotonic() - started - sum(timings.values()), 1)
 
     old_home, new_home, archive = tmp_path / "home", tmp_path / "new-home", tmp_path / "backup.tar.gz"
-    shutil.copytree(label_studio_template(load_settings().envs_dir), old_home / "label-studio")  # past its 1st start
+    # past its 1st start
+    shutil.copytree(label_studio_template(load_settings().storage.envs_dir), old_home / "label-studio")
     env = {"VBATCH_CURATION": "on", "VBATCH_RETRAIN_CRON": "off", "VBATCH_MIN_TRAINING_EXAMPLES": "4",
            "VBATCH_LABEL_STUDIO_PORT": str(free_port())}
     with running_stack(old_home, tiny_model_path, **env) as stack:

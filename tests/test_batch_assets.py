@@ -68,8 +68,8 @@ _RUN_IN_SUBPROCESS = textwrap.dedent("""
     import sys
     from tests.conftest import Platform
     platform = Platform()
-    platform.resources["inference_engine"] = platform.resources["inference_engine"].model_copy(
-        update={"max_concurrency": 2})
+    platform.resources = platform.resources.replace(inference_engine=platform.resources.inference_engine.model_copy(
+        update={"max_concurrency": 2}))
     platform.materialize(sys.argv[1], raise_on_error=False)
 """)
 
@@ -158,7 +158,7 @@ def test_settle_sensor_ends_batches_no_run_is_working_on(platform):
     update_batch(platform.db, expire_me.id, expires_at=int(time.time()) - 5)
     with DagsterInstance.ephemeral() as instance:
         context = build_sensor_context(instance=instance, resources={
-            "metadata_db": platform.resources["metadata_db"], "file_store": platform.resources["file_store"]})
+            "metadata_db": platform.resources.metadata_db, "file_store": platform.resources.file_store})
         result = batch_settle_sensor(context)
     assert "Settled 2" in result.skip_message
     assert platform.batch(cancel_me.id).status == "cancelled"
@@ -193,7 +193,7 @@ def test_a_batch_its_runs_left_unfinished_is_run_again_then_failed_clearly(platf
     with DagsterInstance.ephemeral() as instance:
         def sensor():
             context = build_sensor_context(instance=instance, resources={
-                "metadata_db": platform.resources["metadata_db"], "file_store": platform.resources["file_store"]})
+                "metadata_db": platform.resources.metadata_db, "file_store": platform.resources.file_store})
             return batch_defs.batch_settle_sensor(context)
 
         job = Definitions(assets=[batch_defs.batch_input, batch_defs.batch_output],
@@ -342,8 +342,8 @@ def test_batches_launched_together_share_a_run_yet_keep_their_own_results_and_st
 
     small = [platform.submit(jsonl(chat_lines(5 + k, prefix=f"s{k}"))) for k in range(3)]
     big = platform.submit(jsonl(chat_lines(3000, prefix="big", max_tokens=16)))
-    platform.resources["inference_engine"] = platform.resources["inference_engine"].model_copy(
-        update={"max_concurrency": 4, "chunk_size": 4})
+    platform.resources = platform.resources.replace(inference_engine=platform.resources.inference_engine.model_copy(
+        update={"max_concurrency": 4, "chunk_size": 4}))
     cancelled_at, stopped_after = [], []
 
     def cancel_when_running():
@@ -402,8 +402,8 @@ def test_a_run_being_terminated_whose_interrupt_never_came_interrupts_itself(pla
     from vbatch_pipelines.batch.execute import TERMINATE_GRACE_S
 
     batch = platform.submit(jsonl(chat_lines(20000, prefix="term", max_tokens=16)))  # well past the grace
-    platform.resources["inference_engine"] = platform.resources["inference_engine"].model_copy(
-        update={"max_concurrency": 4, "chunk_size": 4})
+    platform.resources = platform.resources.replace(inference_engine=platform.resources.inference_engine.model_copy(
+        update={"max_concurrency": 4, "chunk_size": 4}))
     instance = DagsterInstance.ephemeral()
     marked = []
 

@@ -3,7 +3,6 @@ The browser tests drive Debian's chromium with Playwright against a running plat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -22,11 +21,11 @@ def _app(**changes):
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
-    return create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9", **changes))
+    return create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, **changes))
 
 
 def test_the_console_asks_for_a_key_when_keys_are_set_and_keeps_it_in_a_strict_cookie(vbatch_home):
-    with api_client(_app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,)), follow_redirects=False) as client:
+    with api_client(_app(api={"keys": (USE_KEY,), "admin_keys": (ADMIN_KEY,)}), follow_redirects=False) as client:
         for page in ("/ui", "/ui/batches", "/ui/batches/batch_x", "/ui/files/file-x"):
             refused = client.get(page)
             assert refused.status_code == 303 and refused.headers["location"].startswith("/ui/login?next=")
@@ -430,7 +429,7 @@ def test_the_models_page_lists_installs_for_admins_only_and_says_why_an_install_
 
     local = tmp_path / "local-model"
     files.copytree(tiny_model_path, local)
-    app = _app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))
+    app = _app(api={"keys": (USE_KEY,), "admin_keys": (ADMIN_KEY,)})
     with api_client(app) as user:
         user.post("/ui/login", data={"key": USE_KEY, "next": "/ui/models"})
         page = user.get("/ui/models").text
@@ -504,7 +503,7 @@ def test_the_dashboard_says_which_service_is_down_and_that_nothing_is_lost(vbatc
     from vbatch_pipelines.net import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"
-    app = _app(curation=True, label_studio_url=closed, label_studio_token="a-token")
+    app = _app(curation={"enabled": True, "label_studio_url": closed, "label_studio_token": "a-token"})
     for probe in app.state.probes.values():
         probe.wait()
     with api_client(app) as client:
@@ -514,7 +513,7 @@ def test_the_dashboard_says_which_service_is_down_and_that_nothing_is_lost(vbatc
         assert "Label Studio does\n      not answer: results wait for review" in page
         health = client.get("/health").json()
         assert health["status"] == "ok" and health["label_studio"].startswith("unreachable")
-    with api_client(_app(curation=False)) as client:
+    with api_client(_app(curation={"enabled": False})) as client:
         page = client.get("/ui").text
         assert 'data-service="label_studio">off: curation is off (VBATCH_CURATION=off)<' in page
         assert "Label Studio does" not in page and client.get("/health").json()["label_studio"].startswith("off")
@@ -525,7 +524,7 @@ def test_an_embedding_model_is_listed_as_one_and_not_offered_for_chat_or_fine_tu
                                                                                     tiny_rerank_model_path):
     models = {"vbatch-tiny-chat": str(tiny_model_path), "vbatch-tiny-embed": str(tiny_embed_model_path),
               "vbatch-tiny-rerank": str(tiny_rerank_model_path)}
-    with api_client(_app(models=models)) as client:
+    with api_client(_app(registry={"models": models})) as client:
         page = client.get("/ui/models").text
         assert "<td>base, embeddings</td>" in page and "<td>base, cross-encoder</td>" in page
         chat_box = page[page.index('id="chat-model"'):page.index("</select>", page.index('id="chat-model"'))]
@@ -546,7 +545,7 @@ def test_the_dashboard_turns_engine_busy_time_into_cost_per_1k_tokens(platform, 
         batch = platform.submit(jsonl(chat_lines(2, prefix=f"cost{start}")))
         update_batch(platform.db, batch.id, status="completed", model="vbatch-tiny-chat", in_progress_at=start,
                      completed_at=end, usage={"input_tokens": tokens // 2, "output_tokens": tokens // 2})
-    with api_client(_app(gpu_hour_cost=3.6)) as client:
+    with api_client(_app(api={"gpu_hour_cost": 3.6})) as client:
         page = client.get("/ui").text
     # 300 s at 3.6 an hour = 0.3; per 1k of 2,000 tokens = 0.15
     assert 'data-metric="cost-per-1k-vbatch-tiny-chat">0.150000<' in page and "5.0 min" in page
@@ -597,7 +596,7 @@ def test_a_projects_console_shows_only_its_own_objects_and_another_projects_ids_
                           path=str(adapter), status="deployed", source="ftjob-team-a", created_at=now,
                           updated_at=now, project_id=team_a.id, created_by=key_a.id))
 
-    app = _app(admin_keys=(ADMIN_KEY,))  # a platform admin made the projects
+    app = _app(api={"admin_keys": (ADMIN_KEY,)})  # a platform admin made the projects
     with api_client(app, follow_redirects=False) as a, api_client(app, follow_redirects=False) as b:
         for client, secret in ((a, secret_a), (b, secret_b)):
             assert client.post("/ui/login", data={"key": secret, "next": "/ui"}).status_code == 303
@@ -682,7 +681,7 @@ def test_the_usage_page_shows_a_projects_own_usage_by_day_and_model_and_admins_e
                                     model=model, batch=batch, requests=n, input_tokens=tokens_in,
                                     output_tokens=tokens_out, engine_seconds=seconds))
 
-    app = _app(admin_keys=(ADMIN_KEY,))
+    app = _app(api={"admin_keys": (ADMIN_KEY,)})
     with api_client(app, follow_redirects=False) as a, api_client(app, follow_redirects=False) as b, \
             api_client(app, follow_redirects=False) as admin:
         for client, secret in ((a, secret_a), (b, secret_b), (admin, ADMIN_KEY)):
@@ -739,7 +738,7 @@ def test_a_console_login_is_a_server_side_session_that_logging_out_ends(vbatch_h
     from tests.conftest import serving
     from vbatch_pipelines.projects import create_key, create_project, revoke_key
 
-    app = _app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))
+    app = _app(api={"keys": (USE_KEY,), "admin_keys": (ADMIN_KEY,)})
     with api_client(app, follow_redirects=False) as client:
         logged_in = client.post("/ui/login", data={"key": USE_KEY, "next": "/ui/batches"})
         cookie = logged_in.cookies["vbatch_console"]
@@ -776,7 +775,7 @@ def test_guessing_keys_at_the_login_form_is_logged_and_throttled(vbatch_home, ca
 
     from api.guard import LoginThrottle
 
-    app = _app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))
+    app = _app(api={"keys": (USE_KEY,), "admin_keys": (ADMIN_KEY,)})
     app.state.login_throttle = LoginThrottle(max_failures=5, window_s=2.0)
     caplog.set_level(logging.WARNING, logger="vbatch.console")
     with api_client(app, follow_redirects=False) as client:

@@ -24,7 +24,7 @@ def curation(curation_home):
 class Curation(Platform):
     def __init__(self):
         super().__init__()
-        self.label_studio = self.resources["label_studio"]
+        self.label_studio = self.resources.label_studio
         self.instance = DagsterInstance.ephemeral()
         self.cursor: str | None = None
 
@@ -60,7 +60,7 @@ class Curation(Platform):
         from vbatch_pipelines.defs.curation import label_studio_sensor
 
         context = build_sensor_context(cursor=self.cursor, instance=self.instance,
-                                       resources={"metadata_db": self.resources["metadata_db"],
+                                       resources={"metadata_db": self.resources.metadata_db,
                                                   "label_studio": self.label_studio})
         result = label_studio_sensor(context)
         self.cursor = context.cursor

@@ -104,7 +104,7 @@ def test_embeddings_batch_runs_in_openai_line_format(platform, tiny_embed_model_
     assert record.usage["input_tokens"] == sum(x["response"]["body"]["usage"]["prompt_tokens"] for x in out)
     assert record.usage["output_tokens"] == 0
     # Nothing to review: curation skips embedding batches before it looks for Label Studio.
-    skipped = _curation_tasks(None, platform.resources["metadata_db"], platform.file_store,
+    skipped = _curation_tasks(None, platform.resources.metadata_db, platform.file_store,
                               LabelStudio(url="http://127.0.0.1:9", enabled=True), batch.id)
     assert skipped["tasks"] == 0 and "nothing to review" in skipped["skipped"]
 
@@ -225,7 +225,7 @@ def test_an_embedding_model_is_not_fine_tuned(platform):
     from vbatch_pipelines.fine_tuning.service import create_job
 
     with pytest.raises(FineTuningError) as refused:
-        create_job(platform.db, platform.registry, platform.file_store, platform.resources["trainer"],
+        create_job(platform.db, platform.registry, platform.file_store, platform.resources.trainer,
                    model=TINY_EMBED_MODEL_ID, training_file="v1")
     assert refused.value.param == "model" and "embedding model" in refused.value.message
 

@@ -199,7 +199,7 @@ def failing_home(tmp_path_factory, tiny_model_path, tiny_embed_model_path):
         try:
             yield platform, models
         finally:
-            for server in platform.resources["inference_engine"].running_servers():
+            for server in platform.resources.inference_engine.running_servers():
                 server.stop()
 
 

@@ -4,7 +4,6 @@ two fine-tunes, the console shows it, and a retrain can be gated on the set inst
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -23,7 +22,7 @@ def _app(monkeypatch):
 
     monkeypatch.setenv("VBATCH_API_KEYS", USE_KEY)
     monkeypatch.setenv("VBATCH_ADMIN_KEYS", ADMIN_KEY)
-    return create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9"))
+    return create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}))
 
 
 def _auth(key: str) -> dict:
@@ -215,7 +214,7 @@ def test_the_eval_sensor_launches_recorded_runs_once_each(platform):
     with platform.db.session() as session:
         session.get(EvalRun, waiting.id).created_at = int(time.time()) - 60
     with DagsterInstance.ephemeral() as instance:
-        context = build_sensor_context(instance=instance, resources={"metadata_db": platform.resources["metadata_db"]})
+        context = build_sensor_context(instance=instance, resources={"metadata_db": platform.resources.metadata_db})
         result = eval_score_sensor(context)
         assert isinstance(result, SensorResult)
         (request,) = result.run_requests
@@ -228,4 +227,4 @@ def test_the_eval_sensor_launches_recorded_runs_once_each(platform):
 
         create_run_for_test(instance, job_name="eval_score_job", tags={EVAL_RUN_TAG: waiting.id})
         assert isinstance(eval_score_sensor(build_sensor_context(
-            instance=instance, resources={"metadata_db": platform.resources["metadata_db"]})), SkipReason)
+            instance=instance, resources={"metadata_db": platform.resources.metadata_db})), SkipReason)

@@ -92,9 +92,9 @@ def test_an_extension_not_installed_stops_the_start_naming_those_that_are(vbatch
     # Before VBATCH_EXTENSIONS, Aris was on when its database was set: still so, unless the list says otherwise.
     monkeypatch.delenv("VBATCH_EXTENSIONS")
     monkeypatch.setenv("VBATCH_ARIS_DATABASE_URL", "postgresql://nobody@127.0.0.1:9/aristotle")
-    assert load_settings().extensions == ("aris",)
+    assert load_settings().extensions.enabled == ("aris",)
     monkeypatch.setenv("VBATCH_EXTENSIONS", "off")
-    assert load_settings().extensions == ()
+    assert load_settings().extensions.enabled == ()
 
 
 GOOD = {"name": "invoice_fields", "kind": "json_extraction", "description": "Check the fields read from an invoice.",

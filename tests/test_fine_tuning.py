@@ -78,7 +78,7 @@ def create(platform, **kwargs):
     from vbatch_pipelines.fine_tuning.service import create_job
 
     kwargs.setdefault("model", TINY_MODEL_ID)
-    return create_job(platform.db, platform.registry, platform.file_store, platform.resources["trainer"], **kwargs)
+    return create_job(platform.db, platform.registry, platform.file_store, platform.resources.trainer, **kwargs)
 
 
 def test_fine_tune_trains_compares_deploys_and_changes_answers(platform):
@@ -237,7 +237,7 @@ def retraining_defs(platform, cron: str | None = None):
     """The retraining domain as the code location builds it, from the platform's policy resource."""
     from vbatch_pipelines.defs.retraining import build_defs
 
-    return build_defs(platform.resources["retraining_policy"], platform.settings.database_url, cron)
+    return build_defs(platform.resources.retraining_policy, platform.settings.storage.database_url, cron)
 
 
 def test_retraining_condition_fires_once_per_n_new_gold_stars(platform):
@@ -284,8 +284,8 @@ def test_retraining_schedule_skips_without_new_gold_stars(platform):
 
     (schedule,) = retraining_defs(platform, "0 3 * * *").schedules
     context = build_schedule_context(instance=DagsterInstance.ephemeral(),
-                                     resources={"metadata_db": platform.resources["metadata_db"],
-                                                "trainer": platform.resources["trainer"]})
+                                     resources={"metadata_db": platform.resources.metadata_db,
+                                                "trainer": platform.resources.trainer})
     assert isinstance(schedule(context), SkipReason)
     record_gold_stars(platform, 3)
     build_dataset(platform)
@@ -307,7 +307,7 @@ def test_fine_tuning_sensor_launches_queued_jobs_and_fails_jobs_whose_run_died(p
     update_job(platform.db, waiting.id, created_at=waiting.created_at - 60)
     update_job(platform.db, orphaned.id, status="running", dagster_run_id="a-run-that-is-gone")
     context = build_sensor_context(instance=DagsterInstance.ephemeral(),
-                                   resources={"metadata_db": platform.resources["metadata_db"]})
+                                   resources={"metadata_db": platform.resources.metadata_db})
     result = fine_tuning_sensor(context)
     assert isinstance(result, SensorResult) and [r.run_key for r in result.run_requests] == [waiting.id]
     ended = get_job(platform.db, orphaned.id)
@@ -317,7 +317,6 @@ def test_fine_tuning_sensor_launches_queued_jobs_and_fails_jobs_whose_run_died(p
 def test_a_fine_tune_the_gate_rejects_says_so_and_can_be_deployed_later(platform):
     """The job succeeds (a valid OpenAI object) with vbatch's deployment status ``rejected`` and its reason; its
     model is not served until POST /v1/fine_tuning/jobs/{id}/deploy; deleting it marks it undeployed."""
-    import dataclasses
 
     from api.main import create_app
     from tests.conftest import api_client
@@ -330,7 +329,7 @@ def test_a_fine_tune_the_gate_rejects_says_so_and_can_be_deployed_later(platform
     assert done.status == "succeeded" and done.deployment["status"] == "rejected"
     assert "never" in done.deployment["reason"] and done.to_openai()["vbatch"]["deployment"]["status"] == "rejected"
     assert done.fine_tuned_model not in platform.registry.served_models()
-    settings = dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9")
+    settings = platform.settings.replace(dagster={"url": "http://127.0.0.1:9"})
     with api_client(create_app(settings)) as client:
         deployed = client.post(f"/v1/fine_tuning/jobs/{job.id}/deploy")
         assert deployed.status_code == 200 and deployed.json()["vbatch"]["deployment"]["status"] == "deployed"

@@ -53,7 +53,7 @@ def run_batch(client: openai.OpenAI, model: str, prompts: list[str]) -> dict[str
 
 
 def engine_pid(platform) -> int:
-    return platform.resources["inference_engine"].server(platform.registry.lookup(None)).state()["pid"]
+    return platform.resources.inference_engine.server(platform.registry.lookup(None)).state()["pid"]
 
 
 def test_gold_stars_to_a_deployed_fine_tune_with_the_openai_sdk(ft_stack):
@@ -104,7 +104,7 @@ def test_gold_stars_to_a_deployed_fine_tune_with_the_openai_sdk(ft_stack):
     assert comparison["fine_tuned"]["normalized_match"] > comparison["base"]["normalized_match"], comparison
 
     # A restarted engine serves the deployed fine-tune from its first start (--lora-modules).
-    server = platform.resources["inference_engine"].server(platform.registry.lookup(None))
+    server = platform.resources.inference_engine.server(platform.registry.lookup(None))
     server.stop()
     again = client.with_options(max_retries=5).chat.completions.create(
         model=name, messages=[{"role": "user", "content": prompts[0]}], max_tokens=12, temperature=0)

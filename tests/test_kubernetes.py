@@ -471,7 +471,7 @@ def test_a_gpu_tag_dagster_k8s_reads_and_none_on_one_machine(monkeypatch):
     assert parsed.container_config["resources"]["limits"] == {"nvidia.com/gpu": 2}
     assert gpu_run_tags(0) == {}
     monkeypatch.delenv("VBATCH_K8S_RUN_GPUS", raising=False)
-    assert load_settings().k8s_run_gpus == 0
+    assert load_settings().cluster.k8s_run_gpus == 0
     for build in (fine_tuning.build_defs, models.build_defs):
         (job,) = build(run_gpus=0).jobs
         assert not job.tags

@@ -13,7 +13,7 @@ import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context, materialize
 
 from tests.conftest import LabelStudioSession as Session
-from tests.conftest import Platform, api_client, chat_lines, jsonl, openai_error, replaced
+from tests.conftest import Platform, api_client, chat_lines, jsonl, openai_error
 from vbatch_pipelines.curation.schemas import annotation_result
 
 
@@ -23,10 +23,9 @@ def teams(vbatch_home, label_studio_server, monkeypatch):
     server, conn = label_studio_server
     monkeypatch.setenv("VBATCH_CURATION", "on")
     platform = Platform()
-    platform.resources["label_studio"] = replaced(
-        platform.resources["label_studio"], url=conn.url, managed_dir=str(server.state_dir),
-        managed_port=server.port, envs_dir=str(server.envs_dir), token=None, enabled=True, disabled_reason="",
-        webhook_url=None, webhook_secret="teams-secret")
+    platform.configure("label_studio", url=conn.url, managed_dir=str(server.state_dir), managed_port=server.port,
+                       envs_dir=str(server.envs_dir), token=None, enabled=True, disabled_reason="",
+                       webhook_url=None, webhook_secret="teams-secret")
     return platform
 
 
@@ -49,7 +48,7 @@ def test_each_projects_reviewers_see_and_review_only_its_tasks(teams):
     from vbatch_pipelines.projects import add_reviewer, create_key, create_project
     from vbatch_pipelines.store.models import CurationTask, Owner
 
-    db, label_studio = teams.db, teams.resources["label_studio"]
+    db, label_studio = teams.db, teams.resources.label_studio
     a, b = create_project(db, "team-a").id, create_project(db, "team-b").id
     batch_a = _curate(teams, Owner(a, "key_a"), "a")
     batch_b = _curate(teams, Owner(b, "key_b"), "b")
@@ -95,7 +94,7 @@ def test_each_projects_reviewers_see_and_review_only_its_tasks(teams):
     answer = as_alice.send("POST", f"/api/tasks/{a_task}/annotations/",
                            {"result": annotation_result("Alice's answer", 5, True)})
     assert answer.status_code == 201, answer.text[:300]
-    context = build_sensor_context(cursor=None, resources={"metadata_db": teams.resources["metadata_db"],
+    context = build_sensor_context(cursor=None, resources={"metadata_db": teams.resources.metadata_db,
                                                            "label_studio": label_studio})
     result = label_studio_sensor(context)
     requests = result.run_requests if isinstance(result, SensorResult) else result
@@ -108,7 +107,7 @@ def test_each_projects_reviewers_see_and_review_only_its_tasks(teams):
     from vbatch_pipelines.settings import load_settings
 
     app = create_app(load_settings())
-    app.state.resources["label_studio"] = label_studio
+    app.state.resources = app.state.resources.replace(label_studio=label_studio)
     _, a_admin = create_key(db, a, "lead", "ada", role="admin")
     _, b_admin = create_key(db, b, "lead", "bea", role="admin")
     with api_client(app) as client:

@@ -138,6 +138,13 @@ BAD_VALUES = [
     ("VBATCH_TOOL_PARSERS", "hermes", "model=parser"),
     ("VBATCH_TOOL_PARSERS", "qwen=--enable-lora", "model=parser"),  # a parser name, never another flag
     ("VBATCH_TOOL_PARSERS", "qwen=hermes,qwen=mistral", "names 'qwen' twice"),
+    ("VBATCH_DAGSTER_PORT", "three thousand", "not an integer"),
+    ("VBATCH_API_PORT", "70000", "out of range; it takes a number in [1, 65535]"),
+    ("VBATCH_CURATION", "maybe", "not a switch"),
+    ("VBATCH_ENGINE_SLOTS", "-1", "at least 0"),
+    ("VBATCH_ENGINES", "tiny=http://h:1,tiny=http://h:1/", "names the same model and URL twice"),
+    ("VBATCH_BROKER_URL", "amqp://guest@h//", "takes a Redis URL"),
+    ("VBATCH_ARIS_DATABASE_URL", "mysql://u@h/aristotle", "takes a PostgreSQL URL"),  # an extension's own
 ]
 
 

@@ -3,7 +3,6 @@ so every API worker reports the same figures."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ def _app(**changes):
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
-    return create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9", **changes))
+    return create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, **changes))
 
 
 def _scrape(client, headers: dict | None = None) -> dict[tuple, float]:
@@ -91,14 +90,14 @@ def test_metrics_report_batches_requests_tokens_reviews_fine_tunes_and_engines(p
     assert metrics[("vbatch_gold_stars", project)] == 1
     assert metrics[("vbatch_fine_tunes", project, ("status", "succeeded"))] == 1
     assert _sum(metrics, "vbatch_requests_total", model="vbatch-tiny-chat", outcome="completed") == 7
-    node = platform.resources["inference_engine"].node
+    node = platform.resources.inference_engine.node
     assert metrics[("vbatch_engine_up", model, ("node", node), ("url", "http://127.0.0.1:9"))] == 0  # process gone
     assert metrics[("vbatch_engine_up", model, ("node", "external"), ("url", elsewhere))] == 0  # not answering
     assert not any(name.startswith(("python_", "process_")) for name, *_ in metrics)  # per-worker figures
 
 
 def test_metrics_need_a_key_when_keys_are_set(vbatch_home):
-    with api_client(_app(api_keys=(USE_KEY,))) as client:
+    with api_client(_app(api={"keys": (USE_KEY,)})) as client:
         refused = client.get("/metrics")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
         scraped = _scrape(client, {"Authorization": f"Bearer {USE_KEY}"})
@@ -108,7 +107,7 @@ def test_metrics_need_a_key_when_keys_are_set(vbatch_home):
 def test_engine_addresses_are_for_admins_only(vbatch_home):
     """/metrics/targets names every engine's address (Prometheus finds them there): an admin key's, never a use
     key's (issue 30)."""
-    with api_client(_app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))) as client:
+    with api_client(_app(api={"keys": (USE_KEY,), "admin_keys": (ADMIN_KEY,)})) as client:
         refused = client.get("/metrics/targets", headers={"Authorization": f"Bearer {USE_KEY}"})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
         answered = client.get("/metrics/targets", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
@@ -155,7 +154,7 @@ def test_metrics_carry_each_projects_batches_and_usage_under_a_project_label(pla
            seconds=0.1, key=key_a.id)
     _usage(db, team_b.id, minute=now, requests=7, tokens=(100, 50), seconds=3.0, key=key_b.id)
 
-    with api_client(_app(admin_keys=(ADMIN_KEY,))) as client:  # keys exist: /metrics takes one
+    with api_client(_app(api={"admin_keys": (ADMIN_KEY,)})) as client:  # keys exist: /metrics takes one
         metrics = _scrape(client, {"Authorization": f"Bearer {ADMIN_KEY}"})
         again = _scrape(client, {"Authorization": f"Bearer {ADMIN_KEY}"})  # the kept usage sums give the same
     a, b = ("project", team_a.id), ("project", team_b.id)

@@ -108,12 +108,12 @@ def test_install_from_a_hub_pinned_with_a_token_then_serve_and_delete(platform, 
     from vbatch_pipelines.models.store import get_model, remove_model, request_install
 
     with pytest.raises(InstallError, match="HF_TOKEN") as no_token:
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/tiny-chat")
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, "vbatch-test/tiny-chat")
     assert no_token.value.code == "model_not_found"
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     with pytest.raises(InstallError, match="no revision 'nope'"):
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/tiny-chat", revision="nope")
-    row = request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/tiny-chat", model_id="tiny-from-hub",
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, "vbatch-test/tiny-chat", revision="nope")
+    row = request_install(platform.db, platform.registry, platform.resources.inference_engine, "vbatch-test/tiny-chat", model_id="tiny-from-hub",
                           revision="main")
     assert row.status == "installing" and row.revision == hub.sha and row.details["fit"]["fits"]
     assert "model.safetensors" not in hub.downloads, "the fit check downloads no weights"
@@ -134,8 +134,8 @@ def test_install_from_a_hub_pinned_with_a_token_then_serve_and_delete(platform, 
     assert platform.batch(batch.id).model == "tiny-from-hub"
 
     with pytest.raises(InstallError, match="already ready"):
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/tiny-chat", model_id="tiny-from-hub")
-    removed = remove_model(platform.db, platform.registry, platform.resources["inference_engine"], "tiny-from-hub")
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, "vbatch-test/tiny-chat", model_id="tiny-from-hub")
+    removed = remove_model(platform.db, platform.registry, platform.resources.inference_engine, "tiny-from-hub")
     assert removed.status == "deleted" and not installed_dir.exists()
     assert "tiny-from-hub" not in platform.registry.served_models()
 
@@ -149,14 +149,14 @@ def test_remote_code_and_oversized_models_are_refused_before_download(platform, 
     config = json.loads((custom / "config.json").read_text())
     (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
     with pytest.raises(InstallError, match="trust_remote_code") as remote:
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom))
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, str(custom))
     assert remote.value.code == "remote_code_not_allowed"
     with pytest.raises(InstallError, match="VBATCH_ALLOW_REMOTE_CODE") as switched_off:  # the server's switch
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom),
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, str(custom),
                         trust_remote_code=True)
     assert switched_off.value.code == "remote_code_disabled"
     allowed = dataclasses.replace(platform.registry.install_policy(), remote_code=True)
-    assert request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(custom),
+    assert request_install(platform.db, platform.registry, platform.resources.inference_engine, str(custom),
                            trust_remote_code=True, policy=allowed).status == "installing"
 
     huge = tmp_path / "huge"
@@ -164,19 +164,19 @@ def test_remote_code_and_oversized_models_are_refused_before_download(platform, 
     (huge / "config.json").write_text(json.dumps(LLAMA_70B))
     hub.add("vbatch-test/huge", huge)
     with pytest.raises(InstallError, match="does not fit") as too_big:
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "vbatch-test/huge")
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, "vbatch-test/huge")
     assert too_big.value.code == "model_does_not_fit" and "4-bit" in str(too_big.value)
     with pytest.raises(InstallError, match="neither a local model directory"):
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "nothing-here")
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, "nothing-here")
 
 
 def test_install_from_a_local_directory_keeps_its_files(platform, tiny_model_path):
     from vbatch_pipelines.models.store import remove_model, request_install
 
-    row = request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(tiny_model_path), model_id="local-tiny")
+    row = request_install(platform.db, platform.registry, platform.resources.inference_engine, str(tiny_model_path), model_id="local-tiny")
     assert row.revision is None and row.path == str(tiny_model_path.resolve())
     assert install(platform, "local-tiny").success
-    remove_model(platform.db, platform.registry, platform.resources["inference_engine"], "local-tiny")
+    remove_model(platform.db, platform.registry, platform.resources.inference_engine, "local-tiny")
     assert (tiny_model_path / "config.json").exists(), "a directory vbatch did not download is left alone"
 
 
@@ -188,7 +188,7 @@ def test_an_installed_cross_encoder_is_smoke_tested_by_scoring(platform, tmp_pat
 
     source = tmp_path / "reranker"
     shutil.copytree(tiny_rerank_model_path, source)
-    request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(source),
+    request_install(platform.db, platform.registry, platform.resources.inference_engine, str(source),
                     model_id="local-rerank")
     assert install(platform, "local-rerank").success
     answer = get_model(platform.db, "local-rerank").details["smoke_test"]["answer"]
@@ -203,10 +203,10 @@ def test_a_source_that_names_nothing_is_a_clear_error(platform, source):
     from vbatch_pipelines.models.store import get_model, request_install
 
     with pytest.raises(InstallError, match="neither a local model directory nor a Hugging Face repo id") as bad:
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], source, model_id="named")
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, source, model_id="named")
     assert bad.value.code == "invalid_model" and get_model(platform.db, "named") is None
     with pytest.raises(InstallError):  # with no id given, the id is taken from the source: refused as clearly
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], source)
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, source)
 
 
 def test_an_unreachable_hub_is_a_clear_error(platform, monkeypatch):
@@ -216,7 +216,7 @@ def test_an_unreachable_hub_is_a_clear_error(platform, monkeypatch):
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(InstallError, match="cannot be reached") as unreachable:
-        request_install(platform.db, platform.registry, platform.resources["inference_engine"], "someone/some-model")
+        request_install(platform.db, platform.registry, platform.resources.inference_engine, "someone/some-model")
     assert unreachable.value.code == "hub_unreachable" and get_model(platform.db, "someone/some-model") is None
 
 
@@ -227,7 +227,7 @@ def test_installs_accepted_while_dagster_is_down_are_launched_by_the_sensor(plat
     from vbatch_pipelines.defs.models import model_install_sensor
     from vbatch_pipelines.store.models import Model
 
-    unreachable = dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9")  # nothing listens
+    unreachable = platform.settings.replace(dagster={"url": "http://127.0.0.1:9"})  # nothing listens
     with api_client(create_app(unreachable)) as client:
         created = client.post("/v1/models", json={"source": str(tiny_model_path), "id": "later-tiny"})
         assert created.status_code == 200 and created.json()["status"] == "installing"
@@ -236,7 +236,7 @@ def test_installs_accepted_while_dagster_is_down_are_launched_by_the_sensor(plat
     with platform.db.session() as session:
         session.get(Model, "later-tiny").updated_at -= 60
     context = build_sensor_context(instance=DagsterInstance.ephemeral(),
-                                   resources={"metadata_db": platform.resources["metadata_db"]})
+                                   resources={"metadata_db": platform.resources.metadata_db})
     result = model_install_sensor(context)
     assert isinstance(result, SensorResult) and [r.partition_key for r in result.run_requests] == ["later-tiny"]
 
@@ -250,9 +250,9 @@ def test_deleting_an_alias_leaves_the_model_it_points_to(platform, tiny_model_pa
 
     real = platform.file_store.models_dir / "real-model"
     shutil.copytree(tiny_model_path, real)
-    request_install(platform.db, platform.registry, platform.resources["inference_engine"], str(real), model_id="alias")
+    request_install(platform.db, platform.registry, platform.resources.inference_engine, str(real), model_id="alias")
     assert install(platform, "alias").success
-    remove_model(platform.db, platform.registry, platform.resources["inference_engine"], "alias")
+    remove_model(platform.db, platform.registry, platform.resources.inference_engine, "alias")
     assert (real / "config.json").exists() and (real / "model.safetensors").exists()
 
 
@@ -264,7 +264,7 @@ def test_a_model_id_that_is_a_path_is_refused_before_anything_touches_the_disk(p
 
     before = {p for p in platform.file_store.home.rglob("*")} if platform.file_store.home.exists() else set()
     outside = set(platform.file_store.home.parent.iterdir())
-    with api_client(create_app(dataclasses.replace(platform.settings, dagster_url="http://127.0.0.1:9"))) as client:
+    with api_client(create_app(platform.settings.replace(dagster={"url": "http://127.0.0.1:9"}))) as client:
         response = client.post("/v1/models", json={"source": str(tiny_model_path), "id": model_id})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_model_id", response.text
     assert set(platform.file_store.home.parent.iterdir()) == outside, "nothing created beside the home"
@@ -279,7 +279,7 @@ def test_an_engine_serving_a_hub_id_is_found_and_stopped_at_shutdown(platform, t
 
     from vbatch_pipelines.models.registry import ModelSpec
 
-    engine = platform.resources["inference_engine"]
+    engine = platform.resources.inference_engine
     server = engine.server(ModelSpec("owner/served-model", str(tmp_path)))
     assert server.state_path.parent == engine.engines_dir and server.state_path.name == "owner+served-model.json"
     stand_in = subprocess.Popen(["sleep", "300"], start_new_session=True)  # the process a state file names

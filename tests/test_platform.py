@@ -89,7 +89,7 @@ def test_results_reach_label_studio_and_gold_stars_become_a_dataset(running_plat
     batch = running_platform.submit(jsonl(chat_lines(4, prefix="loop")))
     launch_batch(running_platform.db, batch.id, running_platform.dagster_url)
     assert _wait_terminal(running_platform, batch.id).status == "completed"
-    studio = running_platform.resources["label_studio"]
+    studio = running_platform.resources.label_studio
     project = studio.project_for(CHAT_REVIEW)
     deadline = time.monotonic() + 120
     while len(tasks := studio.tasks_of_batch(project, batch.id)) < 4 and time.monotonic() < deadline:
@@ -152,7 +152,7 @@ def test_a_victory_set_in_aristotle_shows_as_a_label_studio_gold_star_within_30_
     while time.monotonic() < deadline and not known_custom_ids(running_platform.db, batch.id).get("up-1"):
         time.sleep(0.5)
     task_id = known_custom_ids(running_platform.db, batch.id)["up-1"]
-    client = running_platform.resources["label_studio"].client
+    client = running_platform.resources.label_studio.client
 
     def starred() -> bool:
         annotations = client.tasks.get(str(task_id)).annotations or []

@@ -77,7 +77,6 @@ def test_health_answers_within_a_second_while_postgresql_is_stopped(vbatch_home,
     """A stalled PostgreSQL (SIGSTOP: connections accepted by the kernel, never answered) must not freeze the API
     (issue 30): /health says so within a second, again and again, and other requests are still answered; once
     PostgreSQL runs again, /health is ok again."""
-    import dataclasses
     import signal
     import time
 
@@ -92,7 +91,7 @@ def test_health_answers_within_a_second_while_postgresql_is_stopped(vbatch_home,
     url = server.start()
     try:
         monkeypatch.setenv("VBATCH_DATABASE_URL", url)
-        settings = dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9")
+        settings = load_settings().replace(dagster={"url": "http://127.0.0.1:9"})
         MetadataDB(url=url).db.upgrade()
         with serving(create_app(settings)) as api:
             assert httpx.get(api + "/health", timeout=10).json()["database"] == "ok"

@@ -97,13 +97,12 @@ def test_pairs_come_from_edits_beyond_whitespace_and_from_ratings(platform):
     assert all(set(t) == {"prompt", "chosen", "rejected"} and t["prompt"][-1]["role"] == "user" for t in trl)
 
     # The API lists both kinds, one kind on request, and serves a preference version's exports.
-    import dataclasses
 
     from api.main import create_app
     from tests.conftest import api_client
     from vbatch_pipelines.settings import load_settings
 
-    with api_client(create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9"))) as client:
+    with api_client(create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}))) as client:
         listed = client.get("/v1/datasets").json()["data"]
         assert {(d["version"], d["kind"]) for d in listed} == {(version.version, "preference"),
                                                                (latest_dataset(platform.db, kind=SFT).version, "sft")}

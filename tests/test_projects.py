@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from dataclasses import replace
 
 import openai
 import pytest
@@ -20,7 +19,7 @@ def _app(**settings):
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
-    return create_app(replace(load_settings(), dagster_url="http://127.0.0.1:9", **settings))
+    return create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, **settings))
 
 
 def _bearer(key: str) -> dict:
@@ -42,7 +41,7 @@ def _key(client, project: str, by: str, role: str = "member", name: str = "lapto
 
 
 def test_a_key_is_a_hash_shown_once_and_refused_after_revocation(vbatch_home):
-    with serving(_app(admin_keys=(ADMIN,))) as url, api_client(_app(admin_keys=(ADMIN,))) as client:
+    with serving(_app(api={"admin_keys": (ADMIN,)})) as url, api_client(_app(api={"admin_keys": (ADMIN,)})) as client:
         team = _project(client, "team-a")
         lead = _key(client, team, ADMIN, role="admin", name="lead")
         member = _key(client, team, lead["value"], name="ci")
@@ -75,7 +74,7 @@ def test_a_key_is_a_hash_shown_once_and_refused_after_revocation(vbatch_home):
 
 
 def test_another_projects_ids_are_404_and_a_member_is_403(vbatch_home):
-    with api_client(_app(admin_keys=(ADMIN,))) as client:
+    with api_client(_app(api={"admin_keys": (ADMIN,)})) as client:
         a, b = _project(client, "team-a"), _project(client, "team-b")
         a_admin, b_admin = _key(client, a, ADMIN, role="admin")["value"], _key(client, b, ADMIN, role="admin")
         a_member = _key(client, a, a_admin)["value"]
@@ -107,7 +106,7 @@ def test_another_projects_ids_are_404_and_a_member_is_403(vbatch_home):
 
 
 def test_settings_keys_are_the_default_project_and_keys_turn_on_authentication(vbatch_home):
-    with api_client(_app(api_keys=("sk-use",))) as client:
+    with api_client(_app(api={"keys": ("sk-use",)})) as client:
         assert client.get("/v1/files", headers=_bearer("sk-use")).status_code == 200
         listed = client.get("/v1/organization/projects", headers=_bearer("sk-use")).json()["data"]
         assert [p["id"] for p in listed] == ["proj_default"]
@@ -149,7 +148,7 @@ def test_the_cli_makes_lists_and_revokes_keys(vbatch_home):
 
 
 def test_the_console_pages_make_keys_show_the_secret_once_and_revoke_them(vbatch_home):
-    with api_client(_app(admin_keys=(ADMIN,)), follow_redirects=False) as console:
+    with api_client(_app(api={"admin_keys": (ADMIN,)}), follow_redirects=False) as console:
         console.post("/ui/login", data={"key": ADMIN, "next": "/ui/projects"})
         made = console.post("/ui/projects", data={"name": "labelers"})
         assert made.status_code == 303
@@ -162,7 +161,7 @@ def test_the_console_pages_make_keys_show_the_secret_once_and_revoke_them(vbatch
         again = console.get(project_url).text
         assert "tablet" in again and secret not in again  # once
 
-        with api_client(_app(admin_keys=(ADMIN,))) as api:
+        with api_client(_app(api={"admin_keys": (ADMIN,)})) as api:
             assert api.get("/v1/files", headers=_bearer(secret)).status_code == 200
             key_id = api.get(f"/v1/organization/projects/{project}/api_keys",
                              headers=_bearer(ADMIN)).json()["data"][0]["id"]
@@ -172,13 +171,13 @@ def test_the_console_pages_make_keys_show_the_secret_once_and_revoke_them(vbatch
         # A member's key logs into the console but manages no project, and makes none.
         member = console.post(f"{project_url}/keys", data={"name": "n", "owner": "o"}).text
         member_secret = member.split('<pre id="new-key-secret">')[1].split("</pre>")[0]
-    with api_client(_app(admin_keys=(ADMIN,)), follow_redirects=False) as console:
+    with api_client(_app(api={"admin_keys": (ADMIN,)}), follow_redirects=False) as console:
         console.post("/ui/login", data={"key": member_secret, "next": "/ui"})
         refused = console.get("/ui/projects")
         assert "managed with an admin key" in refused.text and 'id="projects"' not in refused.text
         assert f'href="/ui/projects/{project}"' not in refused.text and "Project: labelers" in refused.text
         console.post("/ui/projects", data={"name": "sneaky"})
-        with api_client(_app(admin_keys=(ADMIN,))) as api:
+        with api_client(_app(api={"admin_keys": (ADMIN,)})) as api:
             names = [p["name"] for p in api.get("/v1/organization/projects", headers=_bearer(ADMIN)).json()["data"]]
         assert "sneaky" not in names
 
@@ -189,7 +188,7 @@ def test_the_audit_log_says_who_did_what(vbatch_home, tiny_model_path):
     from tests.conftest import chat_lines, jsonl
 
     shutil.copytree(tiny_model_path, vbatch_home / "models" / "local-tiny")  # a source admins may install from
-    with api_client(_app(admin_keys=(ADMIN,))) as client:
+    with api_client(_app(api={"admin_keys": (ADMIN,)})) as client:
         team = _project(client, "team-a")
         lead = _key(client, team, ADMIN, role="admin", name="lead")
         member = _key(client, team, lead["value"], name="ci")
@@ -201,7 +200,8 @@ def test_the_audit_log_says_who_did_what(vbatch_home, tiny_model_path):
         from vbatch_pipelines.settings import load_settings
         from vbatch_pipelines.store.db import get_database
 
-        upsert_model(get_database(load_settings().database_url), "local-tiny", status="ready")  # as its install run does
+        # as its install run does
+        upsert_model(get_database(load_settings().storage.database_url), "local-tiny", status="ready")
         assert client.delete("/v1/models/local-tiny", headers=_bearer(ADMIN)).status_code == 200
         uploaded = client.post("/v1/files", headers=_bearer(lead["value"]), data={"purpose": "batch"},
                                files={"file": ("in.jsonl", jsonl(chat_lines(2)))}).json()
@@ -256,7 +256,7 @@ def test_each_project_sees_and_acts_on_its_own_objects_only(vbatch_home):
     from vbatch_pipelines.store.db import get_database
     from vbatch_pipelines.store.models import Owner
 
-    app = _app(admin_keys=(ADMIN,))
+    app = _app(api={"admin_keys": (ADMIN,)})
     with serving(app) as url, api_client(app) as client:
         a, b = _project(client, "team-a"), _project(client, "team-b")
         a_admin, b_member = _key(client, a, ADMIN, role="admin"), _key(client, b, ADMIN)
@@ -309,10 +309,10 @@ def test_each_project_sees_and_acts_on_its_own_objects_only(vbatch_home):
         assert [x.id for x in sdk_b.batches.list()] == [b_batch.id]  # B's refused create made nothing
 
         # Datasets and curation tasks: each project's gold stars make its own versions.
-        db = get_database(load_settings().database_url)
+        db = get_database(load_settings().storage.database_url)
         _gold_stars(db, a, 12, first_task=100)
         _gold_stars(db, b, 2, first_task=200)
-        home = load_settings().home
+        home = load_settings().storage.home
         version_a = build_dataset(db, home / "datasets", source_seq=1, project_id=a).version
         version_b = build_dataset(db, home / "datasets", source_seq=1, project_id=b).version
         assert build_dataset(db, home / "datasets", source_seq=1, project_id=a).examples == 12
@@ -327,7 +327,7 @@ def test_each_project_sees_and_acts_on_its_own_objects_only(vbatch_home):
             sdk_b.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=version_a)
 
         # A fine-tune is served to its project only, until one of its admins shares it.
-        spec = app.state.resources["model_registry"].lookup(TINY_MODEL_ID).with_adapter(
+        spec = app.state.resources.model_registry.lookup(TINY_MODEL_ID).with_adapter(
             "ft:team-a-model", str(vbatch_home))
         register_fine_tune(db, spec, a_job.id, Owner(a, a_admin["id"]))
         assert "ft:team-a-model" in [m.id for m in sdk_a.models.list()]
@@ -370,7 +370,7 @@ def test_usage_per_project_sums_the_batches_own_usage_and_online_requests(platfo
         ended.append(platform.batch(batch.id))
     assert all(batch.status == "completed" and batch.usage["output_tokens"] for batch in ended)
 
-    app = _app(admin_keys=(ADMIN,))
+    app = _app(api={"admin_keys": (ADMIN,)})
     with api_client(app) as client:
         online = client.post("/v1/chat/completions", headers=_bearer(secret_a), json={
             "model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
@@ -424,7 +424,7 @@ def test_a_quota_is_a_429_naming_the_limit_and_loses_nothing(vbatch_home):
     from tests.conftest import chat_lines, jsonl
     from vbatch_pipelines.models.registry import TINY_MODEL_ID
 
-    app = _app(admin_keys=(ADMIN,))
+    app = _app(api={"admin_keys": (ADMIN,)})
     with serving(app) as url, api_client(app) as client:
         team = _project(client, "team-a")
         lead = _key(client, team, ADMIN, role="admin")

@@ -49,7 +49,7 @@ def test_a_batch_is_spread_over_both_replicas_and_each_request_is_answered_once(
     served = [replica.served() - start for replica, start in zip(replicas, before)]
     assert sum(served) == 300 and min(served) >= 60, served  # both replicas took a fair share
     assert not any((cluster.file_store.engines_dir).glob("*.json"))  # this node started no engine of its own
-    registry = cluster.resources["inference_engine"].registry()
+    registry = cluster.resources.inference_engine.registry()
     seen = {r.base_url: r for r in registry.replicas(TINY_MODEL_ID)}
     assert set(seen) == {r.url for r in replicas} and {r.status for r in seen.values()} == {"up"}
     assert {r.kind for r in seen.values()} == {"external"}
@@ -61,7 +61,7 @@ def test_a_batch_is_spread_over_both_replicas_and_each_request_is_answered_once(
 def _registry(platform) -> list[tuple[str, str, str | None]]:
     """What this node's engine registry says of each replica (URL, status, last error)."""
     return [(r.base_url, r.status, r.last_error)
-            for r in platform.resources["inference_engine"].registry().replicas(TINY_MODEL_ID)]
+            for r in platform.resources.inference_engine.registry().replicas(TINY_MODEL_ID)]
 
 
 SUCCESS, RUNNING, WAITING = "vllm:request_success_total", "vllm:num_requests_running", "vllm:num_requests_waiting"
@@ -109,7 +109,7 @@ def test_a_replica_killed_mid_batch_loses_and_duplicates_nothing(cluster, replic
     assert done.wait(300), "the batch did not finish on the surviving replica"
     assert outcome["result"].success and cluster.batch(batch.id).status == "completed"
     assert _custom_ids(cluster, batch.id) == Counter({f"kill-{i}": 1 for i in range(total)})
-    engine = cluster.resources["inference_engine"]
+    engine = cluster.resources.inference_engine
     seen = {r.base_url: r for r in engine.registry().replicas(TINY_MODEL_ID)}
     assert seen[victim.url].status == "down" and seen[victim.url].last_error, seen  # as the batch saw it
     assert seen[survivor.url].status == "up"
@@ -132,7 +132,7 @@ def test_a_lora_deploy_reaches_both_replicas_and_a_restarted_one_gets_it_back(cl
     name = fine_tuned_model_name(TINY_MODEL_ID, "replicas", "ftjob-replicas")
     spec = base.with_adapter(name, str(adapter))
 
-    engine = cluster.resources["inference_engine"]
+    engine = cluster.resources.inference_engine
     engine.deploy_adapter(spec)
     register_fine_tune(cluster.db, spec, "ftjob-replicas")
     assert all(name in replica.models() for replica in replicas)
@@ -159,4 +159,4 @@ def test_engines_that_are_not_urls_are_refused_at_load(monkeypatch):
         with pytest.raises(SettingsError, match="VBATCH_ENGINES"):
             load_settings()
     monkeypatch.setenv("VBATCH_ENGINES", "a=http://h:1, a=http://h2:2/ ,b=https://b.example")
-    assert load_settings().engines == (("a", "http://h:1"), ("a", "http://h2:2"), ("b", "https://b.example"))
+    assert load_settings().engine.external_engines == {"a": ["http://h:1", "http://h2:2"], "b": ["https://b.example"]}

@@ -8,7 +8,6 @@ a real Dagster instance; the low disk is a real small tmpfs where this machine a
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -30,7 +29,7 @@ def _app(**changes):
     from vbatch_pipelines.settings import load_settings
 
     # Dagster where nothing listens: batches are accepted and recorded, not run (the tests run them in-process).
-    return create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9", **changes))
+    return create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, **changes))
 
 
 def _upload(client, data: bytes, purpose: str = "batch", **fields):
@@ -44,9 +43,9 @@ def _retention(platform: Platform, instance=None, **policy):
     from tests.conftest import replaced
     from vbatch_pipelines.defs.retention import disk_retention
 
-    resources = dict(platform.resources)
+    resources = platform.resources
     if policy:
-        resources["retention_policy"] = replaced(resources["retention_policy"], **policy)
+        resources = resources.replace(retention_policy=replaced(resources.retention_policy, **policy))
     result = materialize([disk_retention], resources=resources, instance=instance or DagsterInstance.ephemeral())
     assert result.success
     [materialization] = result.asset_materializations_for_node("disk_retention")
@@ -395,7 +394,8 @@ def test_under_the_free_space_floor_new_batches_get_507_and_an_accepted_batch_co
             low_client = client
         else:
             usage = shutil.disk_usage(store)
-            low_client = api_client(_app(min_free_disk_percent=min(99.9, 100 * usage.free / usage.total + 1)))
+            floor = min(99.9, 100 * usage.free / usage.total + 1)
+            low_client = api_client(_app(retention={"min_free_disk_percent": floor}))
             low_client.__enter__()
         try:
             refused = openai_error(low_client.post("/v1/batches", json={"input_file_id": uploaded["id"],
@@ -436,13 +436,14 @@ def test_retention_settings_are_checked_at_load(vbatch_home, monkeypatch):
     from vbatch_pipelines.settings import SettingsError, load_settings
 
     settings = load_settings()
-    assert (settings.file_retention_days, settings.run_retention_days, settings.min_free_disk_percent) == (30, 30, 5.0)
+    retention = settings.retention
+    assert (retention.file_retention_days, retention.run_retention_days, retention.min_free_disk_percent) == (30, 30, 5.0)
     for name, value in (("VBATCH_FILE_RETENTION_DAYS", "off"), ("VBATCH_RUN_RETENTION_DAYS", "0"),
                         ("VBATCH_LOG_MAX_BYTES", "off"), ("VBATCH_RETENTION_CRON", "off")):
         monkeypatch.setenv(name, value)
     settings = load_settings()
-    assert settings.file_retention_days is None and settings.run_retention_days is None
-    assert settings.log_max_bytes is None and settings.retention_cron is None
+    assert settings.retention.file_retention_days is None and settings.retention.run_retention_days is None
+    assert settings.retention.log_max_bytes is None and settings.retention.cron is None
     for name, value in (("VBATCH_FILE_RETENTION_DAYS", "a month"), ("VBATCH_RUN_RETENTION_DAYS", "-1"),
                         ("VBATCH_MIN_FREE_DISK_PERCENT", "100"), ("VBATCH_MIN_FREE_DISK_PERCENT", "lots"),
                         ("VBATCH_LOG_MAX_BYTES", "100"), ("VBATCH_LOG_BACKUPS", "0")):

@@ -73,7 +73,7 @@ def platform(embed_home) -> Platform:
 
 def _embed(platform: Platform, texts: list[str]) -> dict[str, list[float]]:
     """Each text's vector from the same platform's /v1/embeddings."""
-    engine = platform.resources["inference_engine"].open(platform.registry.resolve(TINY_EMBED_MODEL_ID))
+    engine = platform.resources.inference_engine.open(platform.registry.resolve(TINY_EMBED_MODEL_ID))
 
     async def run():
         try:
@@ -123,7 +123,7 @@ def test_score_and_rerank_batches_in_openai_line_format(platform, tiny_embed_mod
         preview = _preview(ResultFiles(platform.file_store.batch_dir(batch.id)))
         assert ("| scores 0." if endpoint == "/v1/score" else "| ranked #") in preview, preview
         # Nothing to review: curation skips score and rerank batches.
-        skipped = _curation_tasks(None, platform.resources["metadata_db"], platform.file_store,
+        skipped = _curation_tasks(None, platform.resources.metadata_db, platform.file_store,
                                   LabelStudio(url="http://127.0.0.1:9", enabled=True), batch.id)
         assert skipped["tasks"] == 0 and "nothing to review" in skipped["skipped"]
 
@@ -575,7 +575,7 @@ def _all_engines_up(stack) -> None:
     """The chat, embedding and cross-encoder engines all up at once: each CPU engine's KV cache is sized to its
     model (when each reserved a fifth of the machine, vLLM refused the third on 24 GiB for memory)."""
     with platform_of(stack) as platform:
-        engine = platform.resources["inference_engine"]
+        engine = platform.resources.inference_engine
         for model_id in (TINY_MODEL_ID, TINY_EMBED_MODEL_ID, TINY_RERANK_MODEL_ID):
             engine.server(platform.registry.lookup(model_id)).ensure()
 

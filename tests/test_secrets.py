@@ -78,7 +78,7 @@ def test_managed_label_studio_secrets_stay_in_its_credentials_file(vbatch_home, 
     for name in ("VBATCH_LABEL_STUDIO_URL", "VBATCH_LABEL_STUDIO_TOKEN", "VBATCH_WEBHOOK_SECRET"):
         monkeypatch.delenv(name, raising=False)
     state_dir = FileStore(root=str(vbatch_home)).label_studio_dir
-    if not ManagedLabelStudio(state_dir, load_settings().envs_dir, 4115).installed():
+    if not ManagedLabelStudio(state_dir, load_settings().storage.envs_dir, 4115).installed():
         pytest.fail("Label Studio is not installed: run `vbatch label-studio install` (make test does)")
     created = credentials(state_dir)  # not started: only its credentials file, as its first start writes it
 
@@ -102,7 +102,7 @@ def test_secrets_passed_as_env_vars_resolve_inside_a_run(vbatch_home, monkeypatc
     Database(url).upgrade()
     resources = build_resources(load_settings())
     with pytest.raises(RuntimeError, match="EnvVar"):  # outside a run it is a name, not a value
-        str(resources["metadata_db"].url)
+        str(resources.metadata_db.url)
 
     @asset(required_resource_keys={"metadata_db", "model_registry", "inference_engine"})
     def probe(context):

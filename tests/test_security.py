@@ -3,7 +3,6 @@ Each test fails on the code before the protection it covers."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import select
@@ -23,7 +22,7 @@ def _app(**changes):
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
-    return create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9", **changes))
+    return create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}, **changes))
 
 
 def _bearer(key: str) -> dict:
@@ -40,7 +39,7 @@ def _code(response, status: int) -> str:
 
 @pytest.fixture()
 def keyed(vbatch_home):
-    with api_client(_app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))) as client:
+    with api_client(_app(api={"keys": (USE_KEY,), "admin_keys": (ADMIN_KEY,)})) as client:
         yield client
 
 
@@ -88,10 +87,10 @@ def test_the_default_model_sources_are_the_homes_models_directory(vbatch_home, m
 
     monkeypatch.delenv("VBATCH_MODEL_SOURCES")
     settings = load_settings()
-    assert settings.model_sources == ((vbatch_home / "models").resolve(),)
+    assert settings.registry.model_sources == [str((vbatch_home / "models").resolve())]
     inside = vbatch_home / "models" / "copied"
     shutil.copytree(tiny_model_path, inside)
-    with api_client(_app(model_sources=settings.model_sources)) as client:
+    with api_client(_app(registry={"model_sources": settings.registry.model_sources})) as client:
         assert _code(client.post("/v1/models", json={"source": str(tiny_model_path), "id": "a"}), 403) == \
             "source_not_allowed"
         assert client.post("/v1/models", json={"source": str(inside), "id": "b"}).status_code == 200
@@ -99,10 +98,11 @@ def test_the_default_model_sources_are_the_homes_models_directory(vbatch_home, m
 
 def test_remote_code_needs_an_admin_key_and_the_servers_switch(vbatch_home, tiny_model_path):
     body = {"source": str(tiny_model_path), "id": "remote", "trust_remote_code": True}
-    with api_client(_app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,))) as client:
+    with api_client(_app(api={"keys": (USE_KEY,), "admin_keys": (ADMIN_KEY,)})) as client:
         assert _code(client.post("/v1/models", json=body, headers=_bearer(USE_KEY)), 403) == "admin_key_required"
         assert _code(client.post("/v1/models", json=body, headers=_bearer(ADMIN_KEY)), 403) == "remote_code_disabled"
-    with api_client(_app(api_keys=(USE_KEY,), admin_keys=(ADMIN_KEY,), allow_remote_code=True)) as client:
+    keys = {"keys": (USE_KEY,), "admin_keys": (ADMIN_KEY,)}
+    with api_client(_app(api=keys, registry={"allow_remote_code": True})) as client:
         assert _code(client.post("/v1/models", json=body, headers=_bearer(USE_KEY)), 403) == "admin_key_required"
         allowed = client.post("/v1/models", json=body, headers=_bearer(ADMIN_KEY))
         assert allowed.status_code == 200 and allowed.json()["status"] == "installing", allowed.text
@@ -137,9 +137,9 @@ def test_without_keys_foreign_hosts_origins_and_form_posts_are_refused(vbatch_ho
         no_type = local.post("/v1/batches/batch_x/cancel", content=b"{}", headers={"Content-Type": ""})
         assert _code(no_type, 415) == "unsupported_media_type"
         assert local.post("/v1/chat/completions", json=chat, headers={"Origin": "http://localhost:4080"}).status_code == 200
-    with TestClient(_app(allowed_hosts=("vbatch.lan",)), base_url="http://vbatch.lan") as named:
+    with TestClient(_app(api={"allowed_hosts": ("vbatch.lan",)}), base_url="http://vbatch.lan") as named:
         assert named.get("/v1/models").status_code == 200
-    with TestClient(_app(api_keys=(USE_KEY,)), base_url="http://vbatch.example.com") as keyed:
+    with TestClient(_app(api={"keys": (USE_KEY,)}), base_url="http://vbatch.example.com") as keyed:
         assert keyed.get("/v1/models", headers=_bearer(USE_KEY)).status_code == 200  # keys: any host
 
 
@@ -150,7 +150,7 @@ def test_up_refuses_the_network_without_keys_and_keeps_dagster_local(vbatch_home
     settings = load_settings()
     with pytest.raises(ExposureError, match="VBATCH_API_KEYS"):
         Addresses("0.0.0.0", 4080, 3000).check(settings)
-    keyed = dataclasses.replace(settings, api_keys=(USE_KEY,))
+    keyed = settings.replace(api={"keys": (USE_KEY,)})
     exposed = Addresses("0.0.0.0", 4080, 3000)
     assert exposed.dagster_host == "127.0.0.1" and "stays on 127.0.0.1" in exposed.check(keyed)[0]
     opted = Addresses("0.0.0.0", 4080, 3000, expose_dagster=True)
@@ -427,13 +427,12 @@ def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(vbatch
     """An anonymous client must not make vbatch read (and parse) a body of up to 512 MiB: the key is checked from
     the headers first, and the body is never received."""
     import asyncio
-    import dataclasses
 
     from api.main import create_app
     from vbatch_pipelines.settings import load_settings
 
     monkeypatch.setenv("VBATCH_API_KEYS", "the-right-key")
-    app = create_app(dataclasses.replace(load_settings(), dagster_url="http://127.0.0.1:9"))
+    app = create_app(load_settings().replace(dagster={"url": "http://127.0.0.1:9"}))
     reads, sent = [], []
     body = b"x" * (1 << 20)
 

@@ -141,10 +141,10 @@ def test_an_old_home_is_upgraded_by_up_and_serves_its_batches(archive, vbatch_ho
 
     expected = unpack_home(archive, vbatch_home)
     settings = load_settings()
-    assert revision_of(settings.database_url) == expected["db_revision"]
+    assert revision_of(settings.storage.database_url) == expected["db_revision"]
     prepare_platform(settings, build_resources(settings, defer_secrets=False))
-    assert revision_of(settings.database_url) == head_revision()
-    assert schema_of(settings.database_url) == fresh_schema
+    assert revision_of(settings.storage.database_url) == head_revision()
+    assert schema_of(settings.storage.database_url) == fresh_schema
 
     with api_client(create_app(settings)) as client:
         serves_old_records(client, expected)
@@ -348,7 +348,7 @@ def test_dagster_storage_an_older_dagster_made_is_migrated_by_up(vbatch_home):
     assert dagster_revisions(dagster_home) == {head}
     with DagsterInstance.get() as instance:
         assert [run.run_id for run in instance.get_runs()] == [expected["dagster_run_id"]]
-        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == max(1, settings.gpus)
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == max(1, settings.engine.gpus)
 
 
 def test_dagster_storage_a_newer_dagster_migrated_is_refused_untouched(vbatch_home):

@@ -29,12 +29,12 @@ def vllm_platform(tmp_path_factory, tiny_model_path):
         try:
             yield platform
         finally:
-            for server in platform.resources["inference_engine"].running_servers():
+            for server in platform.resources.inference_engine.running_servers():
                 server.stop()
 
 
 def _server(platform):
-    return platform.resources["inference_engine"].server(platform.registry.lookup(None))
+    return platform.resources.inference_engine.server(platform.registry.lookup(None))
 
 
 def test_vllm_batch_materializes_and_matches_transformers(vllm_platform):
@@ -106,7 +106,7 @@ def test_killed_server_is_restarted_by_the_next_batch(vllm_platform):
 def test_engine_single_requests_and_errors(vllm_platform):
     """The per-request path (what online chat uses) and its OpenAI-shaped errors."""
 
-    engine = vllm_platform.resources["inference_engine"].open(vllm_platform.registry.lookup(None))
+    engine = vllm_platform.resources.inference_engine.open(vllm_platform.registry.lookup(None))
 
     async def run():
         try:
@@ -139,7 +139,7 @@ def test_another_projects_small_batch_takes_the_next_free_chunk_slot(vllm_platfo
 
     from vbatch_pipelines.batch.runner import BatchProgress, ResultFiles, run_batch_requests
 
-    resource = vllm_platform.resources["inference_engine"]
+    resource = vllm_platform.resources.inference_engine
     engine = resource.open(vllm_platform.registry.lookup(None))
     server = _server(vllm_platform)
     share_url = server.ensure() + "/vbatch/v1/share"  # the running server's own answer (with its key)
@@ -282,7 +282,7 @@ from resources.factory import build_resources
 from vbatch_pipelines.settings import load_settings
 
 resources = build_resources(load_settings(), defer_secrets=False)
-server = resources["inference_engine"].server(resources["model_registry"].resolve(None))
+server = resources.inference_engine.server(resources.model_registry.resolve(None))
 server.sleep = lambda: True  # the GPU boundary: vLLM's CPU build has no sleep mode; a GPU engine sleeps here
 assert server.lend_to_training()
 print("lent", flush=True)
@@ -313,7 +313,7 @@ def test_an_engine_lent_to_a_training_run_that_is_killed_is_taken_back(vllm_plat
     server.ensure()
     state = server.state()
     assert "lent_to" not in state and state["pid"] != pid  # taken back (restarted: a CPU engine cannot wake)
-    engine = vllm_platform.resources["inference_engine"].open(vllm_platform.registry.lookup(None))
+    engine = vllm_platform.resources.inference_engine.open(vllm_platform.registry.lookup(None))
 
     async def chat():
         try:

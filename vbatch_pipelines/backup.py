@@ -81,12 +81,12 @@ class Places:
 
     @classmethod
     def of(cls, settings: Settings) -> Places:
-        layout = settings.layout()
-        return cls(home=settings.home.resolve(), store=layout.shared.resolve(),
-                   dagster_home=settings.dagster_home.expanduser().resolve(),
-                   label_studio=None if settings.label_studio_url else layout.label_studio_dir.resolve(),
-                   database_url=settings.database_url, dagster_database_url=settings.dagster_database_url,
-                   label_studio_database_url=None if settings.label_studio_url else settings.label_studio_database_url)
+        layout, curation = settings.layout(), settings.curation
+        return cls(home=settings.storage.home.resolve(), store=layout.shared.resolve(),
+                   dagster_home=settings.dagster.home.expanduser().resolve(),
+                   label_studio=None if curation.label_studio_url else layout.label_studio_dir.resolve(),
+                   database_url=settings.storage.database_url, dagster_database_url=settings.dagster.database_url,
+                   label_studio_database_url=None if curation.label_studio_url else curation.label_studio_database_url)
 
     @property
     def sqlite_path(self) -> Path | None:

@@ -85,7 +85,7 @@ def cmd_models_install(args, ctx: Context) -> int:
     fit = row.details["fit"]
     print(f"{row.id}: fits ({fit['weight_bytes'] / 2**30:.2f} GiB weights + {fit['kv_cache_bytes'] / 2**30:.2f} GiB "
           f"KV cache of {fit['available_bytes'] / 2**30:.1f} GiB {fit['device']}); installing ...", flush=True)
-    ctx.settings.dagster_home.mkdir(parents=True, exist_ok=True)
+    ctx.settings.dagster.home.mkdir(parents=True, exist_ok=True)
     with DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(model_partitions.name, [row.id])
         result = materialize([installed_model], partition_key=row.id, instance=instance,
@@ -110,11 +110,11 @@ def cmd_models_delete(args, ctx: Context) -> int:
 def cmd_trainer_install(args, ctx: Context) -> int:
     from vbatch_pipelines.fine_tuning.envs import install_unsloth_env
 
-    if not ctx.settings.gpus:
+    if not ctx.settings.engine.gpus:
         print("No GPU here: fine-tunes run on TRL + PEFT in this environment (nothing to install). Unsloth "
               "needs a CUDA GPU.")
         return 0
-    print(install_unsloth_env(ctx.settings.envs_dir))
+    print(install_unsloth_env(ctx.settings.storage.envs_dir))
     return 0
 
 
@@ -135,7 +135,7 @@ def cmd_trainer_status(args, ctx: Context) -> int:
 def cmd_engine_install(args, ctx: Context) -> int:
     from vbatch_pipelines.engine.envs import install_vllm_env
 
-    print(install_vllm_env(ctx.settings.envs_dir, ctx.settings.gpus))
+    print(install_vllm_env(ctx.settings.storage.envs_dir, ctx.settings.engine.gpus))
     return 0
 
 
@@ -180,7 +180,7 @@ def cmd_engine_status(args, ctx: Context) -> int:
 def cmd_label_studio_install(args, ctx: Context) -> int:
     from vbatch_pipelines.curation.server import install_label_studio
 
-    install_label_studio(ctx.settings.envs_dir)
+    install_label_studio(ctx.settings.storage.envs_dir)
     return 0
 
 
@@ -192,7 +192,7 @@ def _managed_label_studio(ctx: Context):
 def cmd_label_studio_start(args, ctx: Context) -> int:
     server = _managed_label_studio(ctx)
     if server is None:
-        print(f"external Label Studio {ctx.settings.label_studio_url}: nothing to start")
+        print(f"external Label Studio {ctx.settings.curation.label_studio_url}: nothing to start")
         return 0
     started = time.monotonic()
     print(f"Label Studio at {server.ensure()} (ready in {time.monotonic() - started:.1f}s)")
@@ -223,7 +223,7 @@ def cmd_label_studio_add_reviewer(args, ctx: Context) -> int:
 def cmd_label_studio_status(args, ctx: Context) -> int:
     server = _managed_label_studio(ctx)
     if server is None:
-        print(f"external Label Studio {ctx.settings.label_studio_url}")
+        print(f"external Label Studio {ctx.settings.curation.label_studio_url}")
         return 0
     creds = server.credentials()
     password = creds["password"] if getattr(args, "show_password", False) else "(--show-password to print it)"
@@ -240,7 +240,7 @@ def cmd_db_upgrade(args, ctx: Context) -> int:
     is refused (SchemaTooNew, printed by ``main``) and left as it is."""
     from vbatch_pipelines.store.db import Database
 
-    db = Database(ctx.settings.database_url)  # not the resource's: that one upgrades as it opens
+    db = Database(ctx.settings.storage.database_url)  # not the resource's: that one upgrades as it opens
     try:
         before, after = db.upgrade()
     finally:
@@ -264,7 +264,7 @@ def cmd_batch_submit(args, ctx: Context) -> int:
         stored = store_file(db, ctx["file_store"].files_dir, source, Path(args.file).name, "batch", owner=owner)
     batch = create_batch(db, input_file_id=stored.id, endpoint=args.endpoint, owner=owner)
     try:
-        run_id = launch_batch(db, batch.id, ctx.settings.dagster_url)
+        run_id = launch_batch(db, batch.id, ctx.settings.dagster.url)
         print(f"{batch.id}: launched Dagster run {run_id}")
     except DagsterUnreachable as exc:
         print(f"{batch.id}: recorded; {exc}; the batch_launch_sensor will launch it", file=sys.stderr)
@@ -298,7 +298,8 @@ def cmd_up(args, ctx: Context) -> int:
     from vbatch_pipelines.services import AlreadyUp
     from vbatch_pipelines.supervisor import run_platform
 
-    addresses = Addresses(args.host, args.api_port or ctx.settings.api_port, args.dagster_port,
+    addresses = Addresses(args.host, args.api_port or ctx.settings.api.port,
+                          args.dagster_port or ctx.settings.dagster.port,
                           expose_dagster=args.expose_dagster)
     try:
         # No resources here: `up` stays small, its start-up child builds them (vbatch_pipelines.starter).
@@ -320,10 +321,10 @@ def cmd_worker(args, ctx: Context) -> int:
 
     try:
         check_cluster(ctx.settings, "vbatch worker")
-        spec = node_spec(args.node or ctx.settings.node,
+        spec = node_spec(args.node or ctx.settings.engine.node,
                          [q.strip() for q in (args.queues or "").split(",") if q.strip()],
-                         ctx.settings.gpus if args.gpus is None else args.gpus, args.concurrency)
-        check_broker(ctx.settings.broker_url)
+                         ctx.settings.engine.gpus if args.gpus is None else args.gpus, args.concurrency)
+        check_broker(ctx.settings.cluster.broker_url)
         return run_worker(ctx.settings, spec)
     except ClusterConfigError as exc:
         print(f"vbatch worker: {exc}", file=sys.stderr)
@@ -343,7 +344,7 @@ def cmd_status(args, ctx: Context) -> int:
         if owner is not None:
             live.append((registry, owner))
     if not live:
-        print(f"vbatch is not up on {ctx.settings.home}")
+        print(f"vbatch is not up on {ctx.settings.storage.home}")
         return 3
     for registry, owner in live:
         if registry.role == "up":
@@ -389,7 +390,7 @@ def cmd_service_install(args, ctx: Context) -> int:
     from vbatch_pipelines import systemd
 
     plan = _service_plan(args, ctx)
-    environ = {**os.environ, "VBATCH_HOME": str(ctx.settings.home)}  # the home this shell uses, absolute
+    environ = {**os.environ, "VBATCH_HOME": str(ctx.settings.storage.home)}  # the home this shell uses, absolute
     for path in systemd.install(plan, environ):
         print(f"wrote {path}")
     print(f"settings and secrets: {plan.env_file} (0600; edit it, then restart the service)")
@@ -457,7 +458,7 @@ def cmd_backup_create(args, ctx: Context) -> int:
     from vbatch_pipelines.backup import create_backup
 
     manifest = create_backup(ctx.settings, Path(args.path), with_models=args.with_models, log=print)
-    print(f"backup of {ctx.settings.home} (metadata DB at migration {manifest['alembic_revision']}) written to "
+    print(f"backup of {ctx.settings.storage.home} (metadata DB at migration {manifest['alembic_revision']}) written to "
           f"{Path(args.path).expanduser().resolve()}")
     return 0
 
@@ -482,7 +483,7 @@ def cmd_backup_restore(args, ctx: Context) -> int:
         os.environ["VBATCH_HOME"] = str(Path(args.home).expanduser().resolve())
         settings = load_settings()
     restore_backup(Path(args.path), settings, log=print)
-    print(f"restored; start it with: VBATCH_HOME={settings.home} vbatch up")
+    print(f"restored; start it with: VBATCH_HOME={settings.storage.home} vbatch up")
     return 0
 
 
@@ -493,7 +494,8 @@ def cmd_doctor(args, ctx: Context) -> int:
     from vbatch_pipelines.doctor import Doctor
 
     return Doctor(ctx.settings, ctx.resources).run(smoke=not args.no_smoke, requests=args.requests,
-                                                    steps=args.steps, dagster_port=args.dagster_port)
+                                                    steps=args.steps,
+                                                    dagster_port=args.dagster_port or ctx.settings.dagster.port)
 
 
 # -- projects and keys ----------------------------------------------------------------------------
@@ -562,7 +564,7 @@ def cmd_keys_create(args, ctx: Context) -> int:
     key, secret = create_key(db, project.id, args.name, args.owner, args.role, created_by=CLI.key_name)
     audit(db, CLI, "api_key.created", key.id, name=key.name, owner=key.owner, role=key.role, project_id=project.id)
     print(f"{key.id} ({key.role} of {project.name}, for {key.owner}). The secret, shown this once:\n{secret}")
-    if not (ctx.settings.api_keys or ctx.settings.admin_keys):
+    if not (ctx.settings.api.keys or ctx.settings.api.admin_keys):
         print("Every API request now needs a key. An admin key in VBATCH_ADMIN_KEYS keeps platform-wide access.",
               file=sys.stderr)
     return 0
@@ -603,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--expose-dagster", action="store_true",
                     help="serve the Dagster UI (no authentication) on --host too; default: 127.0.0.1 only")
     up.add_argument("--api-port", type=int, default=None, help="default VBATCH_API_PORT or 4080")
-    up.add_argument("--dagster-port", type=int, default=int(os.environ.get("VBATCH_DAGSTER_PORT", 3000)))
+    up.add_argument("--dagster-port", type=int, default=None, help="default VBATCH_DAGSTER_PORT or 3000")
     up.add_argument("--no-engine", action="store_true", help="do not warm the engine at start")
     up.add_argument("--mode", choices=("single", "cluster"), default="single",
                     help="cluster: runs go to `vbatch worker` nodes through VBATCH_BROKER_URL (needs PostgreSQL for "
@@ -689,8 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--no-smoke", action="store_true", help="only the checks, no batch or fine-tune")
     doctor.add_argument("--requests", type=int, default=100, help="requests in the check batch (default 100)")
     doctor.add_argument("--steps", type=int, default=20, help="LoRA steps of the check fine-tune (default 20)")
-    doctor.add_argument("--dagster-port", type=int, default=int(os.environ.get("VBATCH_DAGSTER_PORT", 3000)),
-                        help="the Dagster UI's port when doctor starts `vbatch up` itself")
+    doctor.add_argument("--dagster-port", type=int, default=None,
+                        help="the Dagster UI's port when doctor starts `vbatch up` itself (default VBATCH_DAGSTER_PORT "
+                             "or 3000)")
     doctor.set_defaults(func=cmd_doctor)
 
     service = sub.add_parser("service", help="run vbatch as a systemd service (start at boot, watchdog)") \

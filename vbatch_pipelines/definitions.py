@@ -14,13 +14,13 @@ EXTENSIONS = enable(SETTINGS)  # VBATCH_EXTENSIONS: their review schemas registe
 RESOURCES = build_resources(SETTINGS, extensions=EXTENSIONS)
 
 DOMAINS = [
-    batches.build_defs(curation=SETTINGS.curation),
+    batches.build_defs(curation=SETTINGS.curation.enabled),
     curation.defs,
-    models.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
-    fine_tuning.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
-    evals.build_defs(run_gpus=SETTINGS.k8s_run_gpus),
-    retraining.build_defs(RESOURCES["retraining_policy"], SETTINGS.database_url, SETTINGS.retrain_cron),
-    retention.build_defs(SETTINGS.retention_cron),
+    models.build_defs(run_gpus=SETTINGS.cluster.k8s_run_gpus),
+    fine_tuning.build_defs(run_gpus=SETTINGS.cluster.k8s_run_gpus),
+    evals.build_defs(run_gpus=SETTINGS.cluster.k8s_run_gpus),
+    retraining.build_defs(RESOURCES["retraining_policy"], SETTINGS.storage.database_url, SETTINGS.retrain.cron),
+    retention.build_defs(SETTINGS.retention.cron),
 ]
 DOMAINS += [extension.definitions() for extension in EXTENSIONS if extension.definitions is not None]
 

@@ -54,17 +54,18 @@ class Doctor:
 
     # -- the machine and the installation ---------------------------------------------------------
     def gpu(self) -> tuple[str, str]:
-        if not self.settings.gpus:
+        configured = self.settings.engine.gpus
+        if not configured:
             return OK, "no GPU: vLLM's CPU build serves, TRL + PEFT fine-tune (set VBATCH_GPUS if this is wrong)"
         if shutil.which("nvidia-smi") is None:
-            return FAIL, f"VBATCH_GPUS/CUDA_VISIBLE_DEVICES say {self.settings.gpus} GPU(s) but nvidia-smi is missing"
+            return FAIL, f"VBATCH_GPUS/CUDA_VISIBLE_DEVICES say {configured} GPU(s) but nvidia-smi is missing"
         done = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,memory.used",
                                "--format=csv,noheader"], capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             return FAIL, f"nvidia-smi failed (driver not loaded?): {(done.stderr or done.stdout).strip()[:300]}"
         gpus = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-        if len(gpus) < self.settings.gpus:
-            return FAIL, f"{self.settings.gpus} GPU(s) configured, nvidia-smi sees {len(gpus)}: {'; '.join(gpus)}"
+        if len(gpus) < self.settings.engine.gpus:
+            return FAIL, f"{configured} GPU(s) configured, nvidia-smi sees {len(gpus)}: {'; '.join(gpus)}"
         return OK, "; ".join(gpus)
 
     def _python_report(self, python: str, code: str, timeout: float = 300) -> dict:
@@ -76,7 +77,7 @@ class Doctor:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def engine(self) -> tuple[str, str]:
-        engine = self.resources["inference_engine"]
+        engine = self.resources.inference_engine
         backend = engine.resolved_backend()
         if backend != "vllm":
             if engine.backend == "vllm":
@@ -89,12 +90,12 @@ class Doctor:
                                        " 'cuda_ok': torch.cuda.is_available()}))")
         detail = f"vLLM {versions['vllm']}, torch {versions['torch']}" + \
             (f", CUDA {versions['cuda']}" if versions["cuda"] else " (CPU build)") + f" ({python})"
-        if self.settings.gpus and not versions["cuda_ok"]:
+        if self.settings.engine.gpus and not versions["cuda_ok"]:
             return FAIL, detail + ": torch sees no CUDA device (driver and CUDA versions?)"
         return OK, detail
 
     def trainer(self) -> tuple[str, str]:
-        trainer = self.resources["trainer"]
+        trainer = self.resources.trainer
         backend = trainer.resolved_backend()
         python = trainer.training_python(backend)
         module = "unsloth" if backend == "unsloth" else "trl"
@@ -102,7 +103,7 @@ class Doctor:
                                        f"'{module}': {module}.__version__, 'peft': peft.__version__, "
                                        "'torch': torch.__version__, 'cuda_ok': torch.cuda.is_available()}))")
         detail = f"{backend}: {module} {versions[module]}, peft {versions['peft']}, torch {versions['torch']}"
-        if self.settings.gpus and not versions["cuda_ok"]:
+        if self.settings.engine.gpus and not versions["cuda_ok"]:
             return FAIL, detail + ": the trainer's torch sees no CUDA device"
         return OK, detail
 
@@ -113,8 +114,8 @@ class Doctor:
             fit_check,
         )
 
-        engine = self.resources["inference_engine"]
-        model = self.resources["model_registry"].resolve(None)
+        engine = self.resources.inference_engine
+        model = self.resources.model_registry.resolve(None)
         config = json.loads((Path(model.path) / "config.json").read_text())
         available, device = available_memory(engine.gpus, engine.gpu_memory_utilization or 1.0)
         report = fit_check(config, gpus=engine.gpus, context=engine.max_model_len, available=available,
@@ -127,8 +128,8 @@ class Doctor:
         """Free space on the store's disk, failing under the floor below which the API refuses new batches."""
         from vbatch_pipelines.retention import free_space, human_bytes, require_free_disk
 
-        file_store = self.resources["file_store"]
-        require_free_disk(file_store, self.resources["retention_policy"].min_free_disk_percent, "batches")
+        file_store = self.resources.file_store
+        require_free_disk(file_store, self.resources.retention_policy.min_free_disk_percent, "batches")
         free, total = free_space(file_store.shared)
         return OK, f"{human_bytes(free)} free of {human_bytes(total)} ({file_store.shared})"
 
@@ -137,14 +138,14 @@ class Doctor:
 
         if up is not None:
             return OK, f"vbatch up runs on this home (pid {up['pid']}, API {up['api_url']})"
-        addresses = Addresses("127.0.0.1", self.settings.api_port, dagster_port)
+        addresses = Addresses("127.0.0.1", self.settings.api.port, dagster_port)
         check_ports(addresses, self.resources)  # PortTaken names the holder
         return OK, f"free: API {addresses.api_port}, Dagster {addresses.dagster_port}" + \
-            (f", Label Studio {self.settings.label_studio_port}" if self.resources["label_studio"].enabled
-             and self.resources["label_studio"].server() else "")
+            (f", Label Studio {self.settings.curation.label_studio_port}" if self.resources.label_studio.enabled
+             and self.resources.label_studio.server() else "")
 
     def label_studio(self) -> tuple[str, str]:
-        label_studio = self.resources["label_studio"]
+        label_studio = self.resources.label_studio
         if not label_studio.enabled:
             return WARN, label_studio.disabled_reason or "curation is off"
         server = label_studio.server()
@@ -172,7 +173,7 @@ class Doctor:
         with DagsterInstance.get() as instance:
             runs = instance.get_runs_count()
         return OK, (f"code location loads in {time.monotonic() - started:.1f}s ({done.stdout.strip()} assets); "
-                    f"instance {self.settings.dagster_home} ({runs} runs)")
+                    f"instance {self.settings.dagster.home} ({runs} runs)")
 
     # -- the loop on the real engines -------------------------------------------------------------
     def batch(self, client, requests: int) -> tuple[str, str]:
@@ -199,7 +200,7 @@ class Doctor:
                     f"{tokens / took:.0f} output tokens/s)")
 
     def fine_tune(self, client, steps: int) -> tuple[str, str]:
-        model = self.resources["model_registry"].resolve(None).id
+        model = self.resources.model_registry.resolve(None).id
         examples = [json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                                              {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]})
                     for i in range(steps)]  # one epoch of batch size 1: one step per example
@@ -230,8 +231,8 @@ class Doctor:
 
     # -- the whole visit --------------------------------------------------------------------------
     def run(self, *, smoke: bool = True, requests: int = 100, steps: int = 20, dagster_port: int = 3000) -> int:
-        self.out(f"vbatch doctor (home {self.settings.home})")
-        up = ServiceRegistry(self.resources["file_store"].run_dir).live_owner()
+        self.out(f"vbatch doctor (home {self.settings.storage.home})")
+        up = ServiceRegistry(self.resources.file_store.run_dir).live_owner()
         for name, probe in (("GPU", self.gpu), ("engine", self.engine), ("trainer", self.trainer),
                             ("memory", self.memory), ("disk", self.disk),
                             ("ports", lambda: self.ports(up, dagster_port)),
@@ -262,12 +263,12 @@ class Doctor:
     def client(self, api_url: str):
         import openai
 
-        key = (self.settings.admin_keys + self.settings.api_keys + ("unused",))[0]  # admin: it undeploys its model
+        key = (self.settings.api.admin_keys + self.settings.api.keys + ("unused",))[0]  # admin: it undeploys its model
         return openai.OpenAI(base_url=f"{api_url}/v1", api_key=key, max_retries=2, timeout=120)
 
     def start_up(self, dagster_port: int) -> tuple[subprocess.Popen, dict]:
         """`vbatch up` on this home, in the background, until its banner; its owner record."""
-        log = self.resources["file_store"].logs_dir / "doctor-up.log"
+        log = self.resources.file_store.logs_dir / "doctor-up.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as out:
             process = subprocess.Popen([sys.executable, "-m", "vbatch_pipelines.cli", "up", "--dagster-port",
@@ -278,7 +279,7 @@ class Doctor:
             if process.poll() is not None:
                 raise RuntimeError(f"`vbatch up` exited with {process.returncode}: see {log}")
             if "Ctrl-C stops everything" in log.read_text(errors="replace"):
-                up = ServiceRegistry(self.resources["file_store"].run_dir).live_owner()
+                up = ServiceRegistry(self.resources.file_store.run_dir).live_owner()
                 if up is not None:
                     return process, up
             time.sleep(1)

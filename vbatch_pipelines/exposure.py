@@ -50,7 +50,7 @@ class Addresses:
         """Refuse an API on the network without keys; return what the start-up banner must say about it."""
         if not self.exposed:
             return []
-        if not settings.api_keys and not settings.admin_keys:
+        if not settings.api.keys and not settings.api.admin_keys:
             raise ExposureError(f"--host {self.host} would let anyone who can reach this machine use vbatch: set "
                                 "VBATCH_API_KEYS (and VBATCH_ADMIN_KEYS) first, or keep the default 127.0.0.1")
         if self.expose_dagster:
@@ -69,7 +69,7 @@ def check_ports(addresses: Addresses, resources: dict) -> None:
     check_port_free(addresses.host, addresses.api_port, "the API", "--api-port (or VBATCH_API_PORT)")
     check_port_free(addresses.dagster_host, addresses.dagster_port, "the Dagster UI",
                     "--dagster-port (or VBATCH_DAGSTER_PORT)")
-    label_studio = resources["label_studio"]
+    label_studio = resources.label_studio
     server = label_studio.server() if label_studio.enabled else None
     if server is not None and not server.healthy():
         check_port_free("127.0.0.1", server.port, "Label Studio", "VBATCH_LABEL_STUDIO_PORT")

@@ -13,12 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vbatch_pipelines.errors import VbatchError
-
-if TYPE_CHECKING:
-    from vbatch_pipelines.settings import Settings
 
 ENTRY_POINT_GROUP = "vbatch.extensions"
 
@@ -34,8 +31,13 @@ class Extension:
 
     name: str
     description: str = ""
-    # Dagster resources it needs, from the settings (secrets through EnvVar, as resources/factory.py does)
-    resources: Callable[[Settings, Callable[[str, str | None], Any]], dict[str, Any]] | None = None
+    # its own settings: a SettingsGroup (vbatch_pipelines/settings.py) of its variables, read with vbatch's when it
+    # is on (Settings.extension_settings[name]) and given to ``resources``
+    settings: type | None = None  # (settings.py imports this module: no import back)
+    # a variable of its own whose being set turns it on while VBATCH_EXTENSIONS is unset
+    enabled_by: str | None = None
+    # Dagster resources it needs, from its settings (secrets through EnvVar: ``secret(variable, value)``)
+    resources: Callable[[Any, Callable[[str, str | None], Any]], dict[str, Any]] | None = None
     definitions: Callable[[], Any] | None = None  # its dagster.Definitions (assets, sensors, jobs, checks)
     api: Callable[[Any], None] | None = None  # mounts its routers and hooks on the FastAPI app
     schemas_dir: Path | None = None  # a folder of JSON review schemas (curation/schema_files.py)
@@ -54,8 +56,8 @@ def installed() -> dict[str, Any]:
 
 
 def enabled_extensions(names: Iterable[str]) -> list[Extension]:
-    """The extensions ``names`` turns on (VBATCH_EXTENSIONS), loaded; one not installed, or whose entry point is
-    not an ``Extension``, is an ExtensionError naming what is installed."""
+    """The extensions ``names`` turns on (VBATCH_EXTENSIONS, as ``load_settings`` resolved it), loaded; one not
+    installed, or whose entry point is not an ``Extension``, is an ExtensionError naming what is installed."""
     available = installed()
     found = []
     for name in names:
@@ -76,16 +78,17 @@ def installed_extensions() -> list[Extension]:
     return enabled_extensions(sorted(installed()))
 
 
-def enable(settings: Settings) -> list[Extension]:
+def enable(settings: Any) -> list[Extension]:  # vbatch_pipelines.settings.Settings
     """At an edge: the enabled extensions, with every review schema registered (the settings' JSON folder, each
     extension's folder and its own registration), so tasks, edits and datasets know them in this process."""
     from vbatch_pipelines.curation.schema_files import register_schema_folder
 
-    extensions = enabled_extensions(settings.extensions)
+    extensions = enabled_extensions(settings.extensions.enabled)
     for extension in extensions:
         if extension.schemas_dir is not None:
             register_schema_folder(extension.schemas_dir)
         if extension.register is not None:
             extension.register()
-    register_schema_folder(settings.review_schemas_dir)  # last: a file that reuses an extension's name is refused
+    # last: a file that reuses an extension's name is refused
+    register_schema_folder(settings.curation.review_schemas_dir)
     return extensions

@@ -45,12 +45,12 @@ def instance_config(settings: Settings, *, cluster: bool = False) -> dict:
     config = yaml.safe_load(DAGSTER_YAML.read_text())
     if cluster:
         config.update(cluster_instance(settings, config))
-    elif settings.dagster_database_url:
-        config["storage"] = postgres_storage(settings.dagster_database_url)
+    elif settings.dagster.database_url:
+        config["storage"] = postgres_storage(settings.dagster.database_url)
     else:
         config["event_log_storage"] = {
             "module": "vbatch_pipelines.dagster_ext.event_log", "class": "SqliteEventLogStorage",
-            "config": {"base_dir": str(settings.dagster_home / "history" / "runs")}}
+            "config": {"base_dir": str(settings.dagster.home / "history" / "runs")}}
     return config
 
 
@@ -74,7 +74,7 @@ def cluster_instance(settings: Settings, base: dict) -> dict:
     monitoring = dict(base.get("run_monitoring") or {}, enabled=True,
                       start_timeout_seconds=QUEUED_RUN_TIMEOUT_S)  # a run waits in its queue for a free worker
     return {
-        "storage": postgres_storage(settings.dagster_database_url, password_env=DAGSTER_PASSWORD_ENV),
+        "storage": postgres_storage(settings.dagster.database_url, password_env=DAGSTER_PASSWORD_ENV),
         "run_launcher": {"module": "vbatch_pipelines.dagster_ext.cluster_launcher", "class": "ClusterRunLauncher",
                          "config": {"broker": {"env": BROKER_ENV}, "backend": {"env": BROKER_ENV},
                                     "default_queue": DEFAULT_QUEUE, "gpu_queue": GPU_QUEUE, "gpu_pools": [GPU_POOL]}},
@@ -86,7 +86,7 @@ def cluster_instance(settings: Settings, base: dict) -> dict:
 
 def prepare_dagster_home(settings: Settings, *, cluster: bool = False) -> Path:
     """Write $DAGSTER_HOME/dagster.yaml (only when it changed); returns DAGSTER_HOME."""
-    home = settings.dagster_home
+    home = settings.dagster.home
     home.mkdir(parents=True, exist_ok=True)
     target = home / "dagster.yaml"
     text = "# Written by vbatch from " + str(DAGSTER_YAML) + (" for cluster mode" if cluster else "") + "\n" \

@@ -203,10 +203,10 @@ def hand_over_engines(settings: Settings) -> list[int | None]:
     from vbatch_pipelines.engine.registry import EngineRegistry
     from vbatch_pipelines.store.db import Database
 
-    database = Database(settings.database_url)  # migrated by the start-up child
+    database = Database(settings.storage.database_url)  # migrated by the start-up child
     try:
         registry = EngineRegistry(database)
-        return [server_from_state(spec, engines_dir, state, registry, settings.node).handover()
+        return [server_from_state(spec, engines_dir, state, registry, settings.engine.node).handover()
                 for spec, state in found]
     finally:
         database.dispose()
@@ -220,9 +220,9 @@ def instance_env(settings: Settings, *, cluster: bool = False) -> dict:
     from vbatch_pipelines.cluster.config import cluster_env
     from vbatch_pipelines.instance import prepare_dagster_home
 
-    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.storage.home.mkdir(parents=True, exist_ok=True)
     dagster_home = prepare_dagster_home(settings, cluster=cluster)
-    extra = {"DAGSTER_HOME": str(dagster_home), "VBATCH_HOME": str(settings.home),
+    extra = {"DAGSTER_HOME": str(dagster_home), "VBATCH_HOME": str(settings.storage.home),
              **(cluster_env(settings) if cluster else {})}
     os.environ.update(extra)
     # Dagster's event batching (off unless set): a run over many batches writes each step's planned events
@@ -239,12 +239,12 @@ def prepare_platform(settings: Settings, resources: dict, *, cluster: bool = Fal
     from vbatch_pipelines.instance import set_pools
 
     env = instance_env(settings, cluster=cluster)
-    resources["metadata_db"].db.upgrade()
+    resources.metadata_db.db.upgrade()
     check_extensions(settings, resources)
     with DagsterInstance.get() as instance:  # in cluster mode the pools' limits hold for every node
         migrate_storage(instance)  # before anything uses it (set_pools does) or its daemon starts
-        set_pools(instance, settings.cluster_gpus if cluster else settings.gpus, settings.inference_runs)
-    resources["model_registry"].resolve(None)
+        set_pools(instance, settings.cluster.gpus if cluster else settings.engine.gpus, settings.dagster.inference_runs)
+    resources.model_registry.resolve(None)
     return env
 
 
@@ -262,15 +262,15 @@ def check_extensions(settings: Settings, resources: dict) -> None:
 def api_workers(settings: Settings, resources: dict) -> int:
     """Two API processes use both cores of a small box for polling clients; with the transformers
     engine each process would hold its own copy of the model, so one."""
-    if settings.api_workers:
-        return settings.api_workers
-    backend = resources["inference_engine"].resolved_backend()
+    if settings.api.workers:
+        return settings.api.workers
+    backend = resources.inference_engine.resolved_backend()
     return 2 if (os.cpu_count() or 1) >= 2 and backend == "vllm" else 1
 
 
 def start_curation(settings: Settings, resources: dict, api_url: str) -> str:
     """Label Studio for `up`: started when curation is on and it is installed; webhooks to the API."""
-    label_studio = resources["label_studio"]
+    label_studio = resources.label_studio
     if not label_studio.enabled:
         return f"off: {label_studio.disabled_reason}"
     try:
@@ -299,7 +299,7 @@ def prepare(settings: Settings, resources: dict, addresses: Addresses, cluster: 
     """`up` before its services start (in the start-up child): the ports free, the platform prepared."""
     check_ports(addresses, resources)  # PortTaken, naming who holds it, before anything starts
     env = prepare_platform(settings, resources, cluster=cluster)
-    return Prepared(env, api_workers(settings, resources), resources["label_studio"].server())
+    return Prepared(env, api_workers(settings, resources), resources.label_studio.server())
 
 
 def warm_up(settings: Settings, resources: dict, api_url: str, warm: bool) -> tuple[str, bool, str]:
@@ -338,10 +338,10 @@ def startup_child() -> StartupChild:
 
 def warm_engine(resources: dict) -> str:
     """Start the default model's vLLM server now, so the first batch finds it warm."""
-    engine = resources["inference_engine"]
+    engine = resources.inference_engine
     if engine.resolved_backend() != "vllm":
         return "transformers (in-process, per run)"
-    model = resources["model_registry"].resolve(None)
+    model = resources.model_registry.resolve(None)
     print(f"Warming vLLM for {model.id} ...", flush=True)
     urls = []
     for server in engine.replica_servers(model):  # this node's started; external ones checked
@@ -368,7 +368,8 @@ def broker_address(url: str) -> str:
 def cluster_note(settings: Settings) -> str:
     from vbatch_pipelines.cluster.config import DEFAULT_QUEUE, GPU_QUEUE
 
-    return (f"cluster mode: runs go to `vbatch worker` nodes through {broker_address(settings.broker_url)} (queues "
+    broker = broker_address(settings.cluster.broker_url)
+    return (f"cluster mode: runs go to `vbatch worker` nodes through {broker} (queues "
             f"{DEFAULT_QUEUE}, {GPU_QUEUE}, node.<name>); files in {settings.paths().shared}")
 
 
@@ -380,7 +381,7 @@ def run_platform(settings: Settings, addresses: Addresses, *, warm: bool = True,
 
     if cluster:
         check_cluster(settings, "vbatch up --mode cluster")  # ClusterConfigError, before anything starts
-        check_broker(settings.broker_url)
+        check_broker(settings.cluster.broker_url)
         exposure = addresses.check(settings) + [cluster_note(settings)]
     else:
         exposure = addresses.check(settings)  # before anything starts
@@ -409,7 +410,7 @@ def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, st
     guard = [sys.executable, "-m", "api.dagster_proxy", "--upstream", dagster_url,
              "--listen", f"[{addresses.dagster_host}]:{addresses.dagster_port}" if ":" in addresses.dagster_host
              else f"{addresses.dagster_host}:{addresses.dagster_port}",
-             *(argument for host in settings.allowed_hosts for argument in ("--allow-host", host))]
+             *(argument for host in settings.api.allowed_hosts for argument in ("--allow-host", host))]
     services = {service.name: service for service in (
         Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", dagster_host,
                                       "-p", str(dagster_port), "-w", str(workspace)],
@@ -421,11 +422,11 @@ def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, st
                 logs / "dagster-daemon.log"),
         Service("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
                         "--port", str(addresses.api_port), "--workers", str(prepared.api_workers),
-                        "--log-level", "warning", "--forwarded-allow-ips", settings.forwarded_allow_ips],
+                        "--log-level", "warning", "--forwarded-allow-ips", settings.api.forwarded_allow_ips],
                 {**env, WARM_AT_START_ENV: "1"},  # its launcher opens the Dagster instance as it starts
                 logs / "api.log", addresses.api_port, f"{addresses.api_url}/health"),
     )}
-    owner = {"api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.home),
+    owner = {"api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.storage.home),
              "mode": "cluster" if cluster else "single"}
 
     def ready(stopping: threading.Event) -> None:
@@ -439,7 +440,7 @@ def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, st
             and wait_http(f"{addresses.dagster_url}/server_info", 10, stopping)
         if stopping.is_set():
             return
-        print(f"vbatch is up (home {settings.home})\n"
+        print(f"vbatch is up (home {settings.storage.home})\n"
               f"  OpenAI API   {addresses.api_url}/v1{'' if api_ready else '  (not answering yet; see logs)'}"
               f"  (docs {addresses.api_url}/docs)\n"
               f"  Dagster UI   {addresses.dagster_url}{'' if ready else '  (not answering yet; see logs)'}\n"

@@ -77,7 +77,7 @@ def render(request: Request, name: str, role: Role, **context) -> HTMLResponse:
     return templates.TemplateResponse(request, name, {
         "role": role, "keys_on": keys_on(request), "project": _project_of(request),
         "extension_links": getattr(request.app.state, "console_links", []),
-        "dagster_url": settings.dagster_url, "label_studio_url": _label_studio_url(request), **context})
+        "dagster_url": settings.dagster.url, "label_studio_url": _label_studio_url(request), **context})
 
 
 def extension_page(request: Request, title: str, body: Markup, role: Role) -> HTMLResponse:
@@ -103,7 +103,7 @@ def missing_page(request: Request, role: Role, what: str, back: str) -> HTMLResp
 
 
 def _label_studio_url(request: Request) -> str | None:
-    resource = request.app.state.resources["label_studio"]
+    resource = request.app.state.resources.label_studio
     return resource.url if resource.enabled and resource.url else None
 
 

@@ -43,7 +43,7 @@ def new_batch(request: Request, error: str | None = None, role: Role = Depends(c
               caller: Caller = Depends(console_login)) -> HTMLResponse:
     from vbatch_pipelines.curation.schemas import SCHEMAS
 
-    registry = request.app.state.resources["model_registry"]
+    registry = request.app.state.resources.model_registry
     return render(request, "new_batch.html", role, models=sorted(registry.served_models(caller.project_id)),
                  default_model=registry.default_model_id(), error=error, endpoints=SUPPORTED_ENDPOINTS,
                  schemas=sorted(SCHEMAS))
@@ -66,13 +66,13 @@ def create_batch_from_form(request: Request, file: UploadFile = File(...), endpo
     resources = state.resources
     source = file.file if not model else _with_model(file.file, model)
     try:
-        require_free_disk(resources["file_store"], resources["retention_policy"].min_free_disk_percent, "batches")
-        stored = store_file(state.db, resources["file_store"].files_dir, source, file.filename or "upload.jsonl",
-                            "batch", max_bytes=settings.max_upload_bytes, owner=caller.owner)
+        require_free_disk(resources.file_store, resources.retention_policy.min_free_disk_percent, "batches")
+        stored = store_file(state.db, resources.file_store.files_dir, source, file.filename or "upload.jsonl",
+                            "batch", max_bytes=settings.api.max_upload_bytes, owner=caller.owner)
         metadata = {"curation": "off"} if curation == "off" else {"curation_schema": schema} if schema else None
-        batch = accept_batch(state.db, resources["file_store"], resources["model_registry"], state.batch_launcher,
+        batch = accept_batch(state.db, resources.file_store, resources.model_registry, state.batch_launcher,
                              input_file_id=stored.id, endpoint=endpoint, metadata=metadata,
-                             inline_validation_bytes=settings.inline_validation_bytes, owner=caller.owner)
+                             inline_validation_bytes=settings.api.inline_validation_bytes, owner=caller.owner)
     except (BatchRequestError, VbatchError) as exc:
         return RedirectResponse(f"/ui/batches/new?error={quote(str(exc)[:300])}", status_code=303)
     return RedirectResponse(f"/ui/batches/{quote(batch.id)}", status_code=303)

@@ -39,10 +39,10 @@ def dashboard(request: Request, role: Role = Depends(console_role),
     engines = [{"model": engine.model, "node": engine.node, "url": engine.url, "state": "up" if engine.up else f"down{': ' + engine.error if engine.error else ''}",
                 "running": _count(engine.stats.get("running")), "waiting": _count(engine.stats.get("waiting")),
                 "kv_cache": f"{100 * engine.stats['kv_cache_usage']:.0f} %" if "kv_cache_usage" in engine.stats else "–"}
-               for engine in engines_with_stats(request.app.state.resources["inference_engine"])]
+               for engine in engines_with_stats(request.app.state.resources.inference_engine)]
     today = summarize(db, ended_since=midnight, project_id=project_id)
     costs = {}
-    hour_cost = request.app.state.settings.gpu_hour_cost
+    hour_cost = request.app.state.settings.api.gpu_hour_cost
     if hour_cost is not None:
         for model, seconds in busy_seconds(db, ended_since=midnight, project_id=project_id).items():
             cost = seconds / 3600 * hour_cost
@@ -139,7 +139,7 @@ def _disk(request: Request) -> dict:
     from vbatch_pipelines.retention import disk_usage, human_bytes
 
     resources = request.app.state.resources
-    usage, floor = disk_usage(resources["file_store"]), resources["retention_policy"].min_free_disk_percent
+    usage, floor = disk_usage(resources.file_store), resources.retention_policy.min_free_disk_percent
     return {"free": human_bytes(usage.free), "total": human_bytes(usage.total),
             "free_percent": f"{usage.free_percent:.1f}", "floor": f"{floor:g}",
             "refusing": floor > 0 and usage.free_percent < floor,

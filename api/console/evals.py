@@ -44,7 +44,7 @@ def eval_set(request: Request, eval_id: str, error: str | None = None, role: Rol
         found = evals.get_eval_set(db, eval_id[:64], caller.project_id)
     except evals.EvalNotFound:
         return missing_page(request, role, f"evaluation set {eval_id[:64]}", "/ui/evals")
-    registry = request.app.state.resources["model_registry"]
+    registry = request.app.state.resources.model_registry
     models = sorted(name for name, spec in registry.served_models(project=caller.project_id).items()
                     if spec.task == GENERATE)
     return render(request, "eval.html", role, set=found.to_openai(), leaderboard=evals.leaderboard(db, found.id),
@@ -61,7 +61,7 @@ def score_on_eval_set(request: Request, eval_id: str, model: str = Form(max_leng
     state = request.app.state
     back = f"/ui/evals/{quote(eval_id[:64])}"
     try:
-        start_eval_run(state.db, state.resources["model_registry"], state.settings.dagster_url, eval_id[:64], model,
+        start_eval_run(state.db, state.resources.model_registry, state.settings.dagster.url, eval_id[:64], model,
                        owner=caller.owner)
     except VbatchError as exc:
         return RedirectResponse(f"{back}?error={quote(str(exc)[:300])}", status_code=303)

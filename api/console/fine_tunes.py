@@ -44,7 +44,7 @@ def new_fine_tune(request: Request, error: str | None = None, role: Role = Depen
     from vbatch_pipelines.curation.service import ready_datasets
     from vbatch_pipelines.models.registry import GENERATE
 
-    registry = request.app.state.resources["model_registry"]
+    registry = request.app.state.resources.model_registry
     with request.app.state.db.session() as session:
         versions = [{"version": row.version, "kind": row.kind}
                     for row in session.scalars(ready_datasets(caller.project_id, None).limit(50))]
@@ -71,8 +71,8 @@ def create_fine_tune(request: Request, model: str = Form(max_length=256), traini
                        "learning_rate_multiplier": learning_rate_multiplier if learning_rate_multiplier == "auto"
                        else _number(learning_rate_multiplier, float), "lora_rank": _number(lora_rank, int)}
     try:
-        job = start_fine_tune(state.db, resources["model_registry"], resources["file_store"], resources["trainer"],
-                              state.settings.dagster_url, model=model, training_file=training.strip(),
+        job = start_fine_tune(state.db, resources.model_registry, resources.file_store, resources.trainer,
+                              state.settings.dagster.url, model=model, training_file=training.strip(),
                               hyperparameters=hyperparameters, suffix=suffix.strip() or None, deploy=deploy,
                               owner=caller.owner, method=method)
     except (VbatchError, ValueError) as exc:
@@ -121,7 +121,7 @@ def deploy(request: Request, job_id: str, role: Role = Depends(console_role),
         return RedirectResponse("/ui/fine-tunes", status_code=303)
     target = f"/ui/fine-tunes/{quote(job.id)}"
     try:
-        deploy_on_request(state.db, state.resources["model_registry"], state.engines.resource, job)
+        deploy_on_request(state.db, state.resources.model_registry, state.engines.resource, job)
     except VbatchError as exc:
         return RedirectResponse(f"{target}?error={quote(str(exc)[:300])}", status_code=303)
     except Exception as exc:  # noqa: BLE001 - the engine's refusal, shown on the page

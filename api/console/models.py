@@ -30,7 +30,7 @@ def models(request: Request, error: str | None = None, role: Role = Depends(cons
     from vbatch_pipelines.models.registry import EMBED, GENERATE
     from vbatch_pipelines.store.models import Model
 
-    registry = request.app.state.resources["model_registry"]
+    registry = request.app.state.resources.model_registry
     served = registry.served_models(caller.project_id)
     with request.app.state.db.session() as session:
         stored = {row.id: row for row in session.query(Model) if row.visible_to(caller.project_id)}
@@ -95,8 +95,8 @@ def install_model(request: Request, source: str = Form(max_length=512), model_id
         return RedirectResponse("/ui/models?error=" + quote("Installing a model needs an admin key."), status_code=303)
     state = request.app.state
     try:
-        row = start_install(state.db, state.resources["model_registry"], state.engines.resource,
-                            state.settings.dagster_url, source.strip(), model_id=model_id.strip() or None)
+        row = start_install(state.db, state.resources.model_registry, state.engines.resource,
+                            state.settings.dagster.url, source.strip(), model_id=model_id.strip() or None)
     except VbatchError as exc:
         return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)
     console_audit(request, "model.installed", row.id, source=row.source, revision=row.revision)
@@ -117,7 +117,7 @@ def delete_model(request: Request, model_id: str, role: Role = Depends(console_r
         return RedirectResponse("/ui/models?error=" + quote("Deleting a base model needs an admin key."),
                                 status_code=303)
     try:
-        remove_model(state.db, state.resources["model_registry"], state.engines.resource, model_id[:512],
+        remove_model(state.db, state.resources.model_registry, state.engines.resource, model_id[:512],
                      caller.project_id)
     except VbatchError as exc:
         return RedirectResponse(f"/ui/models?error={quote(str(exc)[:300])}", status_code=303)

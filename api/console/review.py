@@ -69,7 +69,7 @@ def review_page(request: Request, status: str = Query(default="to-review", max_l
                  more_url=link(after=ids[-1]) if has_more and ids else None, next_url=next_url,
                  previous_url=previous_url, link=link, status=status, statuses=STATUSES, filters=filters,
                  schemas=sorted(SCHEMAS), team=agreement_stats(db, caller.project_id),
-                 label_studio_on=request.app.state.resources["label_studio"].enabled)
+                 label_studio_on=request.app.state.resources.label_studio.enabled)
 
 
 @router.post("/review/tasks/{task_id}")

@@ -58,7 +58,7 @@ def create(body: CreateBatchRequest, db: Database = Depends(get_db), settings: S
     require_free_disk(file_store, policy.min_free_disk_percent, "batches")
     return accept_batch(db, file_store, model_registry, launcher, input_file_id=body.input_file_id,
                         endpoint=body.endpoint, completion_window=body.completion_window, metadata=body.metadata,
-                        inline_validation_bytes=settings.inline_validation_bytes,
+                        inline_validation_bytes=settings.api.inline_validation_bytes,
                         output_expires_after=output_expires_after, owner=caller.owner).to_openai()
 
 

@@ -66,7 +66,7 @@ async def create_eval_run(eval_id: str, body: CreateEvalRunRequest, request: Req
                           settings: Settings = Depends(get_settings), caller: Caller = Depends(get_caller)) -> dict:
     """Score a model (base or fine-tune) on the set: recorded, then its run launched (the sensor launches it when
     Dagster is unreachable now)."""
-    run = await asyncio.to_thread(start_eval_run, db, model_registry, settings.dagster_url, eval_id, body.model,
+    run = await asyncio.to_thread(start_eval_run, db, model_registry, settings.dagster.url, eval_id, body.model,
                                   owner=caller.owner)
     await asyncio.to_thread(record, request, "eval.run_created", run.id, model=run.model)
     return run.to_openai()

@@ -28,7 +28,7 @@ UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "vision", "user_data", "e
 
 
 async def get_retention_policy(request: Request) -> RetentionPolicy:
-    return request.app.state.resources["retention_policy"]
+    return request.app.state.resources.retention_policy
 
 
 def with_expiry(file: dict, policy: RetentionPolicy) -> dict:
@@ -59,7 +59,7 @@ def create_file(
         expires_after = expires_after_seconds({k: v for k, v in given.items() if v is not None}, "expires_after")
     require_free_disk(file_store, policy.min_free_disk_percent, "uploads")
     record = store_file(db, file_store.files_dir, file.file, file.filename or "upload", purpose,
-                        max_bytes=settings.max_upload_bytes, expires_after=expires_after, owner=caller.owner)
+                        max_bytes=settings.api.max_upload_bytes, expires_after=expires_after, owner=caller.owner)
     return with_expiry(record.to_openai(), policy)
 
 

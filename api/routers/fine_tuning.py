@@ -99,7 +99,7 @@ def create(body: CreateFineTuningJobRequest, db: Database = Depends(get_db),
     if body.integrations:
         raise OpenAIError(400, "integrations are not supported here; training metrics are in the job's events "
                                "and in Dagster", param="integrations")
-    return start_fine_tune(db, model_registry, file_store, trainer, settings.dagster_url, model=body.model,
+    return start_fine_tune(db, model_registry, file_store, trainer, settings.dagster.url, model=body.model,
                            training_file=body.training_file, validation_file=body.validation_file,
                            hyperparameters=_hyperparameters(body), suffix=body.suffix, seed=body.seed,
                            metadata=body.metadata, owner=caller.owner,

@@ -42,7 +42,7 @@ def metric_targets(request: Request) -> JSONResponse:
     waiting, KV-cache use, tokens). Admin keys only: it tells where every engine listens."""
     from vbatch_pipelines.metrics import engine_states
 
-    engines = engine_states(request.app.state.resources["inference_engine"])
+    engines = engine_states(request.app.state.resources.inference_engine)
     targets = []
     for engine in engines:
         if engine.up:

@@ -88,7 +88,7 @@ def install_model(body: InstallModelRequest, request: Request, db: Database = De
     """vbatch's own, for admins: install a base model. Refused at once when the server's policy does not
     allow the source or remote code, or the model would not fit; otherwise recorded as ``installing`` and
     installed by the installed_model asset."""
-    row = start_install(db, model_registry, engines.resource, settings.dagster_url, body.source, model_id=body.id,
+    row = start_install(db, model_registry, engines.resource, settings.dagster.url, body.source, model_id=body.id,
                         revision=body.revision, trust_remote_code=body.trust_remote_code)
     record(request, "model.installed", row.id, source=row.source, revision=row.revision,
            trust_remote_code=row.trust_remote_code)

@@ -136,7 +136,7 @@ def _tell_label_studio(request: Request, project_id: str) -> None:
     next batch's tasks are imported."""
     from resources.label_studio import LabelStudioUnavailable
 
-    label_studio = request.app.state.resources["label_studio"]
+    label_studio = request.app.state.resources.label_studio
     project = projects.get_project(request.app.state.db, project_id)
     if not label_studio.enabled:
         return
@@ -268,6 +268,6 @@ def add_reviewer(project_id: str, body: ReviewerBody, request: Request, db: Data
     project's own organization there: they see its tasks and no other project's. The password is in the answer,
     that once."""
     _managed_project(db, caller, project_id)
-    made = projects.add_reviewer(db, request.app.state.resources["label_studio"], project_id, body.email)
+    made = projects.add_reviewer(db, request.app.state.resources.label_studio, project_id, body.email)
     projects.audit(db, caller, "reviewer.added", made["email"], project_id=project_id)
     return made

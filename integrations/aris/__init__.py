@@ -5,19 +5,40 @@ Registered as the ``aris`` entry point of ``vbatch.extensions`` (pyproject.toml)
 ``VBATCH_EXTENSIONS`` names it (or, for deployments from before extensions, when ``VBATCH_ARIS_DATABASE_URL`` is
 set and ``VBATCH_EXTENSIONS`` is not); off, nothing of it is registered and the core runs exactly as without it."""
 
+from typing import ClassVar
+
+from pydantic import field_validator
+
 from vbatch_pipelines.extensions import Extension
+from vbatch_pipelines.settings import SettingsGroup, setting
 
 ENV_VAR = "VBATCH_ARIS_DATABASE_URL"
 
 
-def _resources(settings, secret) -> dict:
+class ArisSettings(SettingsGroup):
+    """The Aris extension's own settings."""
+
+    title: ClassVar[str] = "Aris"
+    database_url: str | None = setting(ENV_VAR, None, shown="none", description=(
+        "Aristotle's PostgreSQL (`postgresql://user:password@host:port/db`), which the extension needs; set "
+        "while `VBATCH_EXTENSIONS` is unset, it turns the extension on"))
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres(cls, value: str | None) -> str | None:
+        if value is not None and value.split("://", 1)[0].split("+", 1)[0] not in ("postgresql", "postgres"):
+            raise ValueError("takes a PostgreSQL URL (postgresql://user:password@host:port/db)")
+        return value
+
+
+def _resources(settings: ArisSettings, secret) -> dict:
     """The ``aristotle`` resource: Aristotle's PostgreSQL, its URL a secret (EnvVar inside Dagster)."""
     from integrations.aris.aristotle import Aristotle
     from vbatch_pipelines.settings import SettingsError
 
-    if not settings.aris_database_url:
+    if not settings.database_url:
         raise SettingsError(f"The aris extension needs {ENV_VAR} (Aristotle's PostgreSQL)")
-    return {"aristotle": Aristotle(url=secret(ENV_VAR, settings.aris_database_url))}
+    return {"aristotle": Aristotle(url=secret(ENV_VAR, settings.database_url))}
 
 
 def _register() -> None:
@@ -66,5 +87,6 @@ def _models() -> None:
 
 extension = Extension(
     name="aris", description="Aristotle's conquests <-> gold stars, and the Eidos in-context-learning examples API",
-    resources=_resources, definitions=_definitions, api=_api, register=_register, check=_check,
+    settings=ArisSettings, enabled_by=ENV_VAR, resources=_resources, definitions=_definitions, api=_api,
+    register=_register, check=_check,
     models=_models)

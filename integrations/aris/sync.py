@@ -386,10 +386,10 @@ def _failed(db: Database, link: ArisLink, error: str) -> None:
 def on_reviews_changed(resources: dict, task_ids: list[int]) -> None:
     """The API recorded reviews (its gold-star route, the Label Studio webhook): linked conquests are synced
     now instead of at the next sensor tick. Best effort: whatever fails stays pending for the sensor."""
-    db = resources["metadata_db"].db
+    db = resources.metadata_db.db
     ids = mark_vbatch_changes(db, task_ids)
     if ids:
         try:
-            sync_pending(db, resources["aristotle"], resources["label_studio"], ids=ids)
+            sync_pending(db, resources["aristotle"], resources.label_studio, ids=ids)
         except AristotleUnavailable:
             pass  # recorded as pending with a back-off; the sensor retries

@@ -38,12 +38,12 @@ def _postgres(url: str | None) -> bool:
 def check_cluster(settings: Settings, command: str = "cluster mode") -> None:
     """Refuse cluster mode unless every node can share the Dagster instance, the metadata DB and the broker."""
     missing = []
-    if not _postgres(settings.dagster_database_url):
+    if not _postgres(settings.dagster.database_url):
         missing.append("VBATCH_DAGSTER_DATABASE_URL (a postgresql:// URL: the Dagster instance every node shares)")
-    if not _postgres(settings.database_url):
+    if not _postgres(settings.storage.database_url):
         missing.append("VBATCH_DATABASE_URL (a postgresql:// URL: the metadata DB every node shares; SQLite is "
                        "one machine's)")
-    if not settings.broker_url:
+    if not settings.cluster.broker_url:
         missing.append(f"{BROKER_ENV} (a redis:// URL: the broker that hands runs to the workers)")
     if missing:
         raise ClusterConfigError(f"{command} needs " + "; ".join(missing))
@@ -64,7 +64,7 @@ def check_broker(url: str, timeout_s: float = 5.0) -> None:
 def cluster_env(settings: Settings) -> dict[str, str]:
     """What the cluster's dagster.yaml names besides the broker URL: the Dagster database's password, taken
     from VBATCH_DAGSTER_DATABASE_URL. Every process that opens the instance gets it."""
-    password = urlsplit(settings.dagster_database_url or "").password
+    password = urlsplit(settings.dagster.database_url or "").password
     return {DAGSTER_PASSWORD_ENV: unquote(password)} if password else {}
 
 

@@ -83,11 +83,11 @@ def run_worker(settings: Settings, spec: NodeSpec) -> int:
         if spec.gpus:
             services["celery-gpu"] = Service("celery-gpu", celery_argv(f"gpu@{spec.name}", (GPU_QUEUE,), spec.gpus),
                                              env, logs / "celery-gpu.log")
-        owner = {"node": spec.name, "home": str(settings.home), "role": "worker"}
+        owner = {"node": spec.name, "home": str(settings.storage.home), "role": "worker"}
 
         def ready(stopping) -> None:
-            print(f"vbatch worker {spec.name} is up (home {settings.home})\n"
-                  f"  broker       {broker_address(settings.broker_url)}\n"
+            print(f"vbatch worker {spec.name} is up (home {settings.storage.home})\n"
+                  f"  broker       {broker_address(settings.cluster.broker_url)}\n"
                   f"  queues       {', '.join(spec.queues)} ({spec.concurrency} at once)"
                   + (f"; {GPU_QUEUE} ({spec.gpus} at once)" if spec.gpus else "") + "\n"
                   f"  store        {layout.shared}\n"

@@ -30,7 +30,7 @@ check_cluster(SETTINGS, "vbatch worker")
 # A step blocked on a pool re-checks at least every 2 s (Dagster backs off to 15 s), as in the warm run workers.
 shorten_pool_claim_backoff(POOL_CLAIM_MAX_INTERVAL_S)
 
-app = ClusterRunLauncher(DEFAULT_QUEUE, broker=SETTINGS.broker_url, backend=SETTINGS.broker_url).celery
+app = ClusterRunLauncher(DEFAULT_QUEUE, broker=SETTINGS.cluster.broker_url, backend=SETTINGS.cluster.broker_url).celery
 execute_job = create_execute_job_task(app)
 resume_job = create_resume_job_task(app)
 
@@ -50,7 +50,7 @@ def _record_worker(task_id=None, task=None, kwargs=None, **_) -> None:
     if packed is None:
         return
     run_id = unpack_value(packed).run_id
-    where = {NODE_TAG: SETTINGS.node or "", CELERY_WORKER_TAG: task.request.hostname or "",
+    where = {NODE_TAG: SETTINGS.engine.node or "", CELERY_WORKER_TAG: task.request.hostname or "",
              CELERY_WORKER_PID_TAG: str(os.getpid())}
     with DagsterInstance.get() as instance:
         instance.add_run_tags(run_id, where)
