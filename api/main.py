@@ -24,8 +24,8 @@ from resources.factory import build_resources
 from vbatch_pipelines.extensions import enable
 from vbatch_pipelines.launch import BatchLauncher
 from vbatch_pipelines.names import WARM_AT_START_ENV
+from vbatch_pipelines.processes import ProcessRegistry
 from vbatch_pipelines.quotas import TokenBudget
-from vbatch_pipelines.services import ServiceRegistry
 from vbatch_pipelines.settings import Settings, load_settings
 from vbatch_pipelines.usage import OnlineUsage
 
@@ -180,7 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         healthy = checks["database"] == "ok"
         return JSONResponse({"status": "ok" if healthy else "error", **checks}, status_code=200 if healthy else 503)
 
-    registry = ServiceRegistry(resources.file_store.run_dir)
+    registry = ProcessRegistry(resources.file_store.run_dir)
     services_seen: dict = {"at": 0.0, "report": {}}
 
     def services() -> dict:

@@ -124,7 +124,7 @@ def main() -> None:
     two = ours[TINY_MODEL_ID] + ours[TINY_EMBED_MODEL_ID]
     print(f"vbatch: chat + embed engines {two / MB:.0f} MB; chat + embed + rerank {total / MB:.0f} MB")
     if args.peer:
-        from vbatch_pipelines.engine.envs import find_vllm_python
+        from vbatch_pipelines.engine.vllm_env import find_vllm_python
         from vbatch_pipelines.settings import load_settings
 
         settings = load_settings()

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.stack import EngineBusy, Stack, requests_jsonl  # noqa: E402
 from tests.postgres_server import fresh_database  # noqa: E402 - the databases and broker the cluster tests use
 from tests.redis_server import redis_server  # noqa: E402
-from vbatch_pipelines.engine.envs import find_vllm_python  # noqa: E402
+from vbatch_pipelines.engine.vllm_env import find_vllm_python  # noqa: E402
 from vbatch_pipelines.engine.vllm_server import ManagedVLLMServer, VLLMServerConfig  # noqa: E402
 from vbatch_pipelines.models.registry import TINY_MODEL_ID, ModelSpec  # noqa: E402
 from vbatch_pipelines.net import free_port  # noqa: E402

@@ -27,7 +27,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stack import ROOT, requests_jsonl, worktree  # noqa: E402
-from vbatch_pipelines.engine.envs import find_vllm_python  # noqa: E402
+from vbatch_pipelines.engine.vllm_env import find_vllm_python  # noqa: E402
 from vbatch_pipelines.models.registry import TINY_MODEL_ID  # noqa: E402
 from vbatch_pipelines.models.tiny import ensure_tiny_model  # noqa: E402
 from vbatch_pipelines.net import free_port  # noqa: E402

@@ -18,9 +18,9 @@ from resources.config import config_of
 from resources.file_store import FileStore
 from resources.model_registry import ModelRegistry
 from vbatch_pipelines.engine.base import Engine, EngineUnavailable
-from vbatch_pipelines.engine.envs import find_vllm_python
 from vbatch_pipelines.engine.registry import UP, EngineRegistry
 from vbatch_pipelines.engine.vllm_client import RemoteVLLMServer
+from vbatch_pipelines.engine.vllm_env import find_vllm_python
 from vbatch_pipelines.engine.vllm_server import (
     ManagedVLLMServer,
     VLLMServerConfig,

@@ -22,8 +22,8 @@ from vbatch_pipelines.detached import tail
 from vbatch_pipelines.fine_tuning import (
     lora,  # stdlib-only at import: the script the trainer runs
 )
-from vbatch_pipelines.fine_tuning.envs import find_unsloth_python
-from vbatch_pipelines.services import die_with_parent
+from vbatch_pipelines.fine_tuning.unsloth_env import find_unsloth_python
+from vbatch_pipelines.processes import die_with_parent
 from vbatch_pipelines.settings import EngineSettings, TrainingSettings
 
 SCRIPT = Path(lora.__file__).resolve()

@@ -565,7 +565,7 @@ def settled_survivors(home: Path, grace_s: float = 15.0) -> list:
 
 
 def vllm_python() -> str:
-    from vbatch_pipelines.engine.envs import find_vllm_python
+    from vbatch_pipelines.engine.vllm_env import find_vllm_python
     from vbatch_pipelines.settings import load_settings
 
     settings = load_settings()

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import Platform, aristotle_database, chat_line, chat_lines, jsonl, start_up, survivors
 from vbatch_pipelines.batch.service import is_terminal
-from vbatch_pipelines.launch import DagsterUnreachable, launch_batch
+from vbatch_pipelines.launch import DagsterUnreachable, launch_batch, launch_run
 from vbatch_pipelines.net import free_port
 
 pytestmark = pytest.mark.stack
@@ -78,6 +78,13 @@ def test_launch_batch_through_dagster(running_platform):
     record = _wait_terminal(running_platform, batch.id)
     assert record.status == "completed" and record.dagster_run_id == run_id
     assert record.request_completed == 8
+
+
+def test_a_launch_dagster_refuses_says_why(running_platform):
+    """Launches go through Dagster's own GraphQL client: a job the code location does not have is refused by the
+    webserver, and the refusal (its kind and message) reaches the caller, as the launchers record it."""
+    with pytest.raises(DagsterUnreachable, match=r"did not launch no_such_job .*NotFoundError"):
+        launch_run(running_platform.dagster_url, "no_such_job", {"vbatch/test": "refused"})
 
 
 def test_results_reach_label_studio_and_gold_stars_become_a_dataset(running_platform):

@@ -109,7 +109,7 @@ def test_one_owner_restarts_with_status_and_nothing_survives_a_kill_9(tmp_path, 
 def test_a_stale_record_stops_only_processes_that_are_provably_ours(tmp_path):
     """A dead owner's services.json: a process matching pid, start time and command line is stopped; one whose
     pid was reused by something else (other start time) is left alone."""
-    from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, process_identity
+    from vbatch_pipelines.processes import ProcessRecord, ProcessRegistry, process_identity
 
     ours = subprocess.Popen(["sleep", "300"], start_new_session=True)
     stranger = subprocess.Popen(["sleep", "301"], start_new_session=True)
@@ -126,10 +126,10 @@ def test_a_stale_record_stops_only_processes_that_are_provably_ours(tmp_path):
     try:
         started, argv = identity(ours.pid)
         other_started, other_argv = identity(stranger.pid)
-        registry = ServiceRegistry(tmp_path / "run")
+        registry = ProcessRegistry(tmp_path / "run")
         registry.write({"pid": 999_999_999, "started": 0}, {
-            "api": ServiceRecord("api", ours.pid, started, argv),
-            "dagster-daemon": ServiceRecord("dagster-daemon", stranger.pid, other_started - 100, other_argv),
+            "api": ProcessRecord("api", ours.pid, started, argv),
+            "dagster-daemon": ProcessRecord("dagster-daemon", stranger.pid, other_started - 100, other_argv),
         })
         registry.acquire()  # the dead owner's lock is gone with it
         stopped = registry.stop_stale()
@@ -144,10 +144,10 @@ def test_a_stale_record_stops_only_processes_that_are_provably_ours(tmp_path):
 
 
 def test_the_services_file_is_private_and_written_whole(tmp_path):
-    from vbatch_pipelines.services import ServiceRecord, ServiceRegistry
+    from vbatch_pipelines.processes import ProcessRecord, ProcessRegistry
 
-    registry = ServiceRegistry(tmp_path / "run")
-    registry.write({"pid": os.getpid()}, {"api": ServiceRecord("api", os.getpid(), 0.0, ["x"], 4080)})
+    registry = ProcessRegistry(tmp_path / "run")
+    registry.write({"pid": os.getpid()}, {"api": ProcessRecord("api", os.getpid(), 0.0, ["x"], 4080)})
     assert (registry.path.stat().st_mode & 0o777) == 0o600
     assert json.loads(registry.path.read_text())["services"]["api"]["port"] == 4080
     assert [p.name for p in registry.run_dir.iterdir()] == ["services.json"]
@@ -157,7 +157,7 @@ def test_the_services_file_is_private_and_written_whole(tmp_path):
 def test_a_run_worker_dies_with_the_daemon(tmp_path, signal_name):
     """The parent-death signal the launcher gives its workers: a worker outlives no daemon."""
     script = ("import signal, subprocess, sys, time\n"
-              "from vbatch_pipelines.services import die_with_parent\n"
+              "from vbatch_pipelines.processes import die_with_parent\n"
               "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],\n"
               "                         preexec_fn=lambda: die_with_parent(signal.SIGKILL))\n"
               "print(child.pid, flush=True)\n"
@@ -166,7 +166,7 @@ def test_a_run_worker_dies_with_the_daemon(tmp_path, signal_name):
     child_pid = int(parent.stdout.readline())
     os.kill(parent.pid, getattr(signal, signal_name))
     parent.wait(10)
-    from vbatch_pipelines.services import process_identity
+    from vbatch_pipelines.processes import process_identity
 
     _wait(lambda: process_identity(child_pid) is None, 10, "the child to die with its parent")
 
@@ -179,7 +179,7 @@ def test_a_run_worker_outlives_the_request_thread_that_launched_it(tmp_path):
     from dagster import DagsterInstance
 
     from vbatch_pipelines.dagster_ext.run_launcher import WarmRunLauncher
-    from vbatch_pipelines.services import process_identity
+    from vbatch_pipelines.processes import process_identity
 
     (tmp_path / "dagster").mkdir()
     with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:

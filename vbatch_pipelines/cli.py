@@ -108,7 +108,7 @@ def cmd_models_delete(args, ctx: Context) -> int:
 
 
 def cmd_trainer_install(args, ctx: Context) -> int:
-    from vbatch_pipelines.fine_tuning.envs import install_unsloth_env
+    from vbatch_pipelines.fine_tuning.unsloth_env import install_unsloth_env
 
     if not ctx.settings.engine.gpus:
         print("No GPU here: fine-tunes run on TRL + PEFT in this environment (nothing to install). Unsloth "
@@ -133,7 +133,7 @@ def cmd_trainer_status(args, ctx: Context) -> int:
 
 
 def cmd_engine_install(args, ctx: Context) -> int:
-    from vbatch_pipelines.engine.envs import install_vllm_env
+    from vbatch_pipelines.engine.vllm_env import install_vllm_env
 
     print(install_vllm_env(ctx.settings.storage.envs_dir, ctx.settings.engine.gpus))
     return 0
@@ -295,7 +295,7 @@ def cmd_up(args, ctx: Context) -> int:
     from vbatch_pipelines.cluster.config import ClusterConfigError
     from vbatch_pipelines.exposure import Addresses, ExposureError
     from vbatch_pipelines.net import PortTaken
-    from vbatch_pipelines.services import AlreadyUp
+    from vbatch_pipelines.processes import AlreadyUp
     from vbatch_pipelines.supervisor import run_platform
 
     addresses = Addresses(args.host, args.api_port or ctx.settings.api.port,
@@ -317,7 +317,7 @@ def cmd_worker(args, ctx: Context) -> int:
 
     from vbatch_pipelines.cluster.config import ClusterConfigError, check_broker, check_cluster
     from vbatch_pipelines.cluster.node import node_spec, run_worker
-    from vbatch_pipelines.services import AlreadyUp
+    from vbatch_pipelines.processes import AlreadyUp
 
     try:
         check_cluster(ctx.settings, "vbatch worker")
@@ -336,10 +336,10 @@ def cmd_worker(args, ctx: Context) -> int:
 
 def cmd_status(args, ctx: Context) -> int:
     """What `vbatch up` runs on this home: each service, its pid, port, uptime and restarts."""
-    from vbatch_pipelines.services import ServiceRegistry
+    from vbatch_pipelines.processes import ProcessRegistry
 
     live = []
-    for registry in (ServiceRegistry(ctx["file_store"].run_dir), ServiceRegistry(ctx["file_store"].run_dir, "worker")):
+    for registry in (ProcessRegistry(ctx["file_store"].run_dir), ProcessRegistry(ctx["file_store"].run_dir, "worker")):
         owner = registry.live_owner()
         if owner is not None:
             live.append((registry, owner))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vbatch_pipelines.services import ServiceRegistry
+from vbatch_pipelines.processes import ProcessRegistry
 from vbatch_pipelines.settings import Settings
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -232,7 +232,7 @@ class Doctor:
     # -- the whole visit --------------------------------------------------------------------------
     def run(self, *, smoke: bool = True, requests: int = 100, steps: int = 20, dagster_port: int = 3000) -> int:
         self.out(f"vbatch doctor (home {self.settings.storage.home})")
-        up = ServiceRegistry(self.resources.file_store.run_dir).live_owner()
+        up = ProcessRegistry(self.resources.file_store.run_dir).live_owner()
         for name, probe in (("GPU", self.gpu), ("engine", self.engine), ("trainer", self.trainer),
                             ("memory", self.memory), ("disk", self.disk),
                             ("ports", lambda: self.ports(up, dagster_port)),
@@ -279,7 +279,7 @@ class Doctor:
             if process.poll() is not None:
                 raise RuntimeError(f"`vbatch up` exited with {process.returncode}: see {log}")
             if "Ctrl-C stops everything" in log.read_text(errors="replace"):
-                up = ServiceRegistry(self.resources.file_store.run_dir).live_owner()
+                up = ProcessRegistry(self.resources.file_store.run_dir).live_owner()
                 if up is not None:
                     return process, up
             time.sleep(1)

@@ -9,12 +9,16 @@ without a run and a sensor launches it later, so nothing accepted is lost.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
+
+from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from vbatch_pipelines.batch.service import record_run
-from vbatch_pipelines.dagster_api import DagsterUnreachable, graphql
+from vbatch_pipelines.dagster_api import DagsterUnreachable
 from vbatch_pipelines.names import (
     BATCH_JOB,
     BATCH_LAUNCH_LOCK,
@@ -37,22 +41,6 @@ from vbatch_pipelines.partitions import (
 from vbatch_pipelines.store.db import Database
 
 log = logging.getLogger("vbatch.launch")
-
-_LAUNCH_RUN = """
-mutation LaunchRun($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-    ... on InvalidSubsetError { message }
-    ... on PipelineNotFoundError { message }
-    ... on RunConflict { message }
-    ... on UnauthorizedError { message }
-  }
-}
-"""
-
 
 _instance_lock = threading.Lock()
 _instances: dict[str, Any] = {}
@@ -95,17 +83,20 @@ def add_partitions(partitions: str, keys: list[str]) -> list[str]:
 
 
 def launch_run(dagster_url: str, job: str, tags: dict[str, str], *, timeout: float = 10.0) -> str:
-    """Launch ``job`` with ``tags`` (which say its partition or partition range); returns the run id."""
-    selector = {"repositoryLocationName": LOCATION_NAME, "repositoryName": REPOSITORY_NAME}
-    params = {
-        "selector": {**selector, "jobName": job},
-        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
-    }
-    launched = graphql(dagster_url, _LAUNCH_RUN, {"params": params}, timeout)["launchRun"]
-    if launched["__typename"] != "LaunchRunSuccess":
-        detail = launched.get("message") or launched.get("errors") or launched["__typename"]
-        raise DagsterUnreachable(f"Dagster refused to launch {job} ({tags}): {detail}")
-    return launched["run"]["runId"]
+    """Launch ``job`` with ``tags`` (which say its partition or partition range) through Dagster's own GraphQL
+    client; returns the run id. A webserver that does not answer, or refuses, is DagsterUnreachable (the run is
+    launched later)."""
+    parts = urlsplit(dagster_url)
+    try:
+        client = DagsterGraphQLClient(parts.hostname or "127.0.0.1", port_number=parts.port,
+                                      use_https=parts.scheme == "https", timeout=max(1, math.ceil(timeout)),
+                                      path_prefix=parts.path.rstrip("/"))
+        return client.submit_job_execution(job, repository_location_name=LOCATION_NAME,
+                                           repository_name=REPOSITORY_NAME, tags=tags)
+    except DagsterGraphQLClientError as exc:
+        # a refusal names its kind (RunConflict, JobNotFoundError, ...) and says why; a failed call, its cause
+        detail = f"{exc.args[0]}: {exc.body}" if exc.body is not None else str(exc.__cause__ or exc).splitlines()[0]
+        raise DagsterUnreachable(f"Dagster at {dagster_url} did not launch {job} ({tags}): {detail}") from exc
 
 
 def launch_partition(dagster_url: str, job: str, partitions: str, key: str, tags: dict[str, str], *,

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vbatch_pipelines.engine.base import EngineBackend
+from vbatch_pipelines.fine_tuning import TrainerBackend
 from vbatch_pipelines.fine_tuning.comparison import DeployGate, GateMetric
-from vbatch_pipelines.fine_tuning.envs import TrainerBackend
 
 
 class SettingsError(ValueError):

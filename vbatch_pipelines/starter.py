@@ -30,7 +30,7 @@ import traceback
 from typing import Any
 
 from vbatch_pipelines.errors import VbatchError
-from vbatch_pipelines.services import die_with_parent
+from vbatch_pipelines.processes import die_with_parent
 
 STOP_WAIT_S = 10.0  # how long a stopped child may take to exit before it is killed
 

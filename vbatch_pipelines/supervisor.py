@@ -23,7 +23,7 @@ from vbatch_pipelines.child_env import without_api_keys, without_secrets
 from vbatch_pipelines.exposure import Addresses, check_ports, hidden_loopback_address
 from vbatch_pipelines.names import MAX_BATCHES_PER_RUN, WARM_AT_START_ENV
 from vbatch_pipelines.net import wait_http
-from vbatch_pipelines.services import ServiceRecord, ServiceRegistry, die_with_parent, process_identity
+from vbatch_pipelines.processes import ProcessRecord, ProcessRegistry, die_with_parent, process_identity
 from vbatch_pipelines.settings import Settings
 from vbatch_pipelines.starter import StartupChild, serve
 from vbatch_pipelines.systemd import Notifier
@@ -46,7 +46,7 @@ def spawn(argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
         log.close()
 
 
-class Service:
+class SupervisedProcess:
     """One supervised process: restarted with back-off when it dies, each restart logged and counted."""
 
     max_backoff_s = 60.0
@@ -57,7 +57,7 @@ class Service:
         self.name, self.argv, self.env, self.log_path, self.port = name, argv, env, log_path, port
         self.health_url = health_url  # answers 2xx while the service is healthy (the watchdog asks)
         self.process: subprocess.Popen | None = None
-        self.record: ServiceRecord | None = None
+        self.record: ProcessRecord | None = None
         self.restarts = 0
         self.failures_in_row = 0
         self.restart_at: float | None = None
@@ -65,7 +65,7 @@ class Service:
     def start(self) -> None:
         self.process = spawn(self.argv, self.env, self.log_path)
         identity = process_identity(self.process.pid)
-        self.record = ServiceRecord(self.name, self.process.pid, identity[0] if identity else time.time(),
+        self.record = ProcessRecord(self.name, self.process.pid, identity[0] if identity else time.time(),
                                     identity[1] if identity else self.argv, self.port, self.restarts)
 
     def supervise(self, log) -> bool:
@@ -111,7 +111,7 @@ class Service:
 STOP_GRACE_S = 8.0  # SIGTERM to everything at once; SIGKILL what is left after this (a stop takes <= 15 s)
 
 
-def supervise(title: str, registry: ServiceRegistry, owner: dict, services: dict[str, Service],
+def supervise(title: str, registry: ProcessRegistry, owner: dict, services: dict[str, SupervisedProcess],
               ready: Callable[[threading.Event], None], stop_detached: Callable[[], list[int | None]],
               notifier: Notifier | None = None) -> None:
     """Start ``services``, record them, then restart what dies (with back-off, each change recorded) until Ctrl-C
@@ -176,7 +176,7 @@ def supervise(title: str, registry: ServiceRegistry, owner: dict, services: dict
         print(f"Stopped in {time.monotonic() - started:.1f}s.", flush=True)
 
 
-def stop_everything(services: dict[str, Service], stop_detached: Callable[[], list[int | None]],
+def stop_everything(services: dict[str, SupervisedProcess], stop_detached: Callable[[], list[int | None]],
                     force: threading.Event) -> None:
     """SIGTERM the services and ``stop_detached``'s servers together, SIGKILL what is left after STOP_GRACE_S."""
     from vbatch_pipelines.detached import kill_groups
@@ -385,7 +385,7 @@ def run_platform(settings: Settings, addresses: Addresses, *, warm: bool = True,
         exposure = addresses.check(settings) + [cluster_note(settings)]
     else:
         exposure = addresses.check(settings)  # before anything starts
-    registry = ServiceRegistry(settings.paths().run_dir)
+    registry = ProcessRegistry(settings.paths().run_dir)
     registry.acquire()  # AlreadyUp when another `up` owns this home
     try:
         stale = registry.stop_stale()
@@ -397,7 +397,7 @@ def run_platform(settings: Settings, addresses: Addresses, *, warm: bool = True,
         registry.release()
 
 
-def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, starter: StartupChild,
+def _run(settings: Settings, addresses: Addresses, registry: ProcessRegistry, starter: StartupChild,
          exposure: list[str], warm: bool, workspace: Path, cluster: bool) -> int:
     prepared: Prepared = starter.run("prepare", settings, addresses, cluster)
     dagster_host, dagster_port = hidden_loopback_address()
@@ -411,20 +411,20 @@ def _run(settings: Settings, addresses: Addresses, registry: ServiceRegistry, st
              "--listen", f"[{addresses.dagster_host}]:{addresses.dagster_port}" if ":" in addresses.dagster_host
              else f"{addresses.dagster_host}:{addresses.dagster_port}",
              *(argument for host in settings.api.allowed_hosts for argument in ("--allow-host", host))]
+    api_argv = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
+                "--port", str(addresses.api_port), "--workers", str(prepared.api_workers),
+                "--log-level", "warning", "--forwarded-allow-ips", settings.api.forwarded_allow_ips]
     services = {service.name: service for service in (
-        Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", dagster_host,
-                                      "-p", str(dagster_port), "-w", str(workspace)],
-                {**dagster_env, WARM_AT_START_ENV: "1"},  # it launches the API's runs: its workers start warm
-                logs / "dagster-webserver.log", dagster_port, f"{dagster_url}/server_info"),
-        Service("dagster-ui", guard, without_secrets(), logs / "dagster-ui.log", addresses.dagster_port,
-                f"{addresses.dagster_url}/server_info"),
-        Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], dagster_env,
-                logs / "dagster-daemon.log"),
-        Service("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", addresses.host,
-                        "--port", str(addresses.api_port), "--workers", str(prepared.api_workers),
-                        "--log-level", "warning", "--forwarded-allow-ips", settings.api.forwarded_allow_ips],
-                {**env, WARM_AT_START_ENV: "1"},  # its launcher opens the Dagster instance as it starts
-                logs / "api.log", addresses.api_port, f"{addresses.api_url}/health"),
+        SupervisedProcess("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-h", dagster_host,
+                                                "-p", str(dagster_port), "-w", str(workspace)],
+                          {**dagster_env, WARM_AT_START_ENV: "1"},  # it launches the API's runs: its workers start warm
+                          logs / "dagster-webserver.log", dagster_port, f"{dagster_url}/server_info"),
+        SupervisedProcess("dagster-ui", guard, without_secrets(), logs / "dagster-ui.log", addresses.dagster_port,
+                          f"{addresses.dagster_url}/server_info"),
+        SupervisedProcess("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)],
+                          dagster_env, logs / "dagster-daemon.log"),
+        SupervisedProcess("api", api_argv, {**env, WARM_AT_START_ENV: "1"},  # its launcher opens the Dagster instance
+                          logs / "api.log", addresses.api_port, f"{addresses.api_url}/health"),
     )}
     owner = {"api_url": addresses.api_url, "dagster_url": addresses.dagster_url, "home": str(settings.storage.home),
              "mode": "cluster" if cluster else "single"}

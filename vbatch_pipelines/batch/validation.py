@@ -29,8 +29,8 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from vbatch_pipelines.errors import VbatchError
+from vbatch_pipelines.processes import release_freed_memory
 from vbatch_pipelines.protocol import ENDPOINT_ALIASES, ENDPOINT_REQUESTS, SUPPORTED_ENDPOINTS, canonical_endpoint
-from vbatch_pipelines.services import release_freed_memory
 
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 ROWS_PER_GROUP = 20_000

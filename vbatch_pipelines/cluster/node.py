@@ -24,7 +24,7 @@ from vbatch_pipelines.cluster.config import (
     node_queue,
 )
 from vbatch_pipelines.names import STEP_MEMORY_ENV
-from vbatch_pipelines.services import ServiceRegistry
+from vbatch_pipelines.processes import ProcessRegistry
 from vbatch_pipelines.settings import Settings
 
 APP = "vbatch_pipelines.dagster_ext.celery_app"
@@ -64,11 +64,17 @@ def celery_argv(name: str, queues: tuple[str, ...], concurrency: int) -> list[st
 def run_worker(settings: Settings, spec: NodeSpec) -> int:
     """Start the node's Celery workers and supervise them until Ctrl-C or SIGTERM; then stop them and the engines
     its runs started. Small, as `vbatch up`'s supervisor: no resources."""
-    from vbatch_pipelines.supervisor import Service, broker_address, hand_over_engines, instance_env, supervise
+    from vbatch_pipelines.supervisor import (
+        SupervisedProcess,
+        broker_address,
+        hand_over_engines,
+        instance_env,
+        supervise,
+    )
 
     check_cluster(settings, "vbatch worker")
     layout = settings.paths()
-    registry = ServiceRegistry(layout.run_dir, role="worker")
+    registry = ProcessRegistry(layout.run_dir, role="worker")
     registry.acquire()  # AlreadyUp when another `vbatch worker` owns this home
     try:
         stale = registry.stop_stale()
@@ -77,12 +83,11 @@ def run_worker(settings: Settings, spec: NodeSpec) -> int:
         env = {**STEP_MEMORY_ENV, **without_api_keys(instance_env(settings, cluster=True)), "VBATCH_NODE": spec.name}
         logs = layout.logs_dir
         logs.mkdir(parents=True, exist_ok=True)
-        services = {"celery-default": Service("celery-default", celery_argv(f"default@{spec.name}", spec.queues,
-                                                                            spec.concurrency), env,
-                                              logs / "celery-default.log")}
+        default = celery_argv(f"default@{spec.name}", spec.queues, spec.concurrency)
+        services = {"celery-default": SupervisedProcess("celery-default", default, env, logs / "celery-default.log")}
         if spec.gpus:
-            services["celery-gpu"] = Service("celery-gpu", celery_argv(f"gpu@{spec.name}", (GPU_QUEUE,), spec.gpus),
-                                             env, logs / "celery-gpu.log")
+            gpu = celery_argv(f"gpu@{spec.name}", (GPU_QUEUE,), spec.gpus)
+            services["celery-gpu"] = SupervisedProcess("celery-gpu", gpu, env, logs / "celery-gpu.log")
         owner = {"node": spec.name, "home": str(settings.storage.home), "role": "worker"}
 
         def ready(stopping) -> None:

@@ -19,9 +19,9 @@ import httpx
 
 from vbatch_pipelines.child_env import without_secrets
 from vbatch_pipelines.detached import DetachedServer
-from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
 from vbatch_pipelines.net import local_http
 from vbatch_pipelines.paths import write_private
+from vbatch_pipelines.virtualenvs import build_env, env_dir, pins, ready_python
 
 REQUIREMENTS = Path(__file__).with_name("label-studio.txt")
 CREDENTIALS_FILE = "credentials.json"

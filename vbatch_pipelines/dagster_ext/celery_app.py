@@ -24,7 +24,7 @@ from vbatch_pipelines.dagster_ext.cluster_launcher import ClusterRunLauncher
 from vbatch_pipelines.dagster_ext.run_launcher import POOL_CLAIM_MAX_INTERVAL_S
 from vbatch_pipelines.definitions import SETTINGS  # the code location, loaded once here
 from vbatch_pipelines.names import CELERY_WORKER_PID_TAG, CELERY_WORKER_TAG, NODE_TAG
-from vbatch_pipelines.services import die_with_parent
+from vbatch_pipelines.processes import die_with_parent
 
 check_cluster(SETTINGS, "vbatch worker")
 # A step blocked on a pool re-checks at least every 2 s (Dagster backs off to 15 s), as in the warm run workers.

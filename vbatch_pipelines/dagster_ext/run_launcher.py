@@ -42,7 +42,7 @@ from vbatch_pipelines.dagster_ext._compat import (
 from vbatch_pipelines.names import RUN_WORKER_PID_TAG as PID_TAG
 from vbatch_pipelines.names import RUN_WORKER_STARTED_TAG as STARTED_TAG
 from vbatch_pipelines.names import STEP_MEMORY_ENV, WARM_AT_START_ENV
-from vbatch_pipelines.services import LastingSpawner, die_with_parent, process_identity
+from vbatch_pipelines.processes import LastingSpawner, die_with_parent, process_identity
 
 POOL_CLAIM_MAX_INTERVAL_S = 2
 WARM_AT_START_TIMEOUT_S = 120

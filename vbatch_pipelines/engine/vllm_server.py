@@ -227,7 +227,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
         (SIGKILL, OOM), whoever next asks for the engine finds the borrower gone and takes it back
         (``ensure``), instead of an engine that answers its probes asleep and fails every request. False (no
         loan) when the server cannot sleep."""
-        from vbatch_pipelines.services import process_identity
+        from vbatch_pipelines.processes import process_identity
 
         identity = process_identity(os.getpid())
         self._update_state(lent_to={"pid": os.getpid(), "started": identity[0] if identity else None})
@@ -252,7 +252,7 @@ class ManagedVLLMServer(VLLMServerAPI, DetachedServer):
     def _take_back_abandoned_loan(self) -> None:
         """An engine lent to a training run that is gone (it never called ``take_back``): woken, or stopped when
         it will not wake (``ensure`` starts it again)."""
-        from vbatch_pipelines.services import process_identity
+        from vbatch_pipelines.processes import process_identity
 
         state = self.state() or {}
         loan = state.get("lent_to")

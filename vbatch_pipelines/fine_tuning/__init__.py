@@ -1,7 +1,11 @@
 """Fine-tuning: jobs (``service``), their training data (``training_data``), the trainer script (``lora``, run out
 of process), comparison, reports and retraining."""
 
+from typing import Literal
+
 from vbatch_pipelines.errors import VbatchError
+
+TrainerBackend = Literal["auto", "unsloth", "trl"]  # auto: Unsloth with a GPU and its env, else TRL
 
 
 class FineTuningError(VbatchError):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
+from vbatch_pipelines.virtualenvs import build_env, env_dir, pins, ready_python
 
 REQUIREMENTS = Path(__file__).with_name("unsloth-cuda.txt")
-TrainerBackend = Literal["auto", "unsloth", "trl"]  # auto: Unsloth with a GPU and its env, else TRL
 
 
 def managed_env_dir(envs_dir: Path) -> Path:

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import CLI, start_up, survivors
 from tests.test_supervisor import _env
 from vbatch_pipelines import systemd
-from vbatch_pipelines.services import ServiceRegistry
+from vbatch_pipelines.processes import ProcessRegistry
 
 needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                            reason="systemd-analyze is not installed (Debian: apt-get install systemd)")
@@ -170,7 +170,7 @@ def test_up_speaks_sd_notify_and_stops_watchdog_pings_while_a_service_hangs(tmp_
         assert len(pings) >= 2, messages.seen[-10:]
 
         # The API hangs (stopped, not dead: its pid lives, it answers nothing): no more pings.
-        api_pid = next(s.pid for s in ServiceRegistry(home / "run").services() if s.name == "api")
+        api_pid = next(s.pid for s in ProcessRegistry(home / "run").services() if s.name == "api")
         os.killpg(api_pid, signal.SIGSTOP)
         try:
             messages.pump(3)  # a ping already on its way may still arrive

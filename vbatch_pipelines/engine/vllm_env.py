@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from vbatch_pipelines.envs import build_env, env_dir, pins, ready_python
+from vbatch_pipelines.virtualenvs import build_env, env_dir, pins, ready_python
 
 REQUIREMENTS = {"cpu": Path(__file__).with_name("vllm-cpu.txt"), "cuda": Path(__file__).with_name("vllm-cuda.txt")}
 

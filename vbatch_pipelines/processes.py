@@ -91,7 +91,7 @@ def process_identity(pid: int) -> tuple[float, list[str]] | None:
 
 
 @dataclass
-class ServiceRecord:
+class ProcessRecord:
     name: str
     pid: int
     started: float  # the process's start time as the OS reports it (psutil create_time)
@@ -110,7 +110,7 @@ class AlreadyUp(RuntimeError):
     pass
 
 
-class ServiceRegistry:
+class ProcessRegistry:
     """``run/services.json`` and ``run/up.lock`` of one home (``role="up"``), or ``run/worker-services.json`` and
     ``run/worker.lock`` for `vbatch worker`, so that a node may run both on one home."""
 
@@ -158,10 +158,10 @@ class ServiceRegistry:
             return None
         return owner
 
-    def services(self) -> list[ServiceRecord]:
-        return [ServiceRecord(**entry) for entry in ((self.read() or {}).get("services") or {}).values()]
+    def services(self) -> list[ProcessRecord]:
+        return [ProcessRecord(**entry) for entry in ((self.read() or {}).get("services") or {}).values()]
 
-    def write(self, owner: dict[str, Any], services: dict[str, ServiceRecord]) -> None:
+    def write(self, owner: dict[str, Any], services: dict[str, ProcessRecord]) -> None:
         write_private(self.path, json.dumps({"owner": owner, "services": {n: asdict(s) for n, s in services.items()}},
                                             indent=1))
 
