@@ -31,7 +31,7 @@ query Resources($selector: RepositorySelector!) {
 
 def shown_resources() -> tuple[str, dict[str, dict[str, dict]]]:
     """What the UI's resources page gets: the whole response as text, and name -> key -> configured value."""
-    from dagster._core.test_utils import instance_for_test
+    from dagster import instance_for_test
     from dagster_graphql.test.utils import (
         define_out_of_process_context,
         execute_dagster_graphql,

@@ -77,8 +77,8 @@ def _items(value: Any) -> list[str]:
 
 
 def _pairs(value: Any, form: str) -> Any:
-    """``key=value`` entries of a comma-separated variable, as (key, value); an entry without both sides is
-    refused naming the form it takes. A value that is already a dict (set in code) is taken as it is."""
+    """``key=value`` entries of a comma-separated variable, as (entry, key, value); an entry without both sides
+    is refused naming the form it takes. A value that is already a dict (set in code) is taken as it is."""
     if not isinstance(value, str):
         return value
     pairs = []
@@ -90,13 +90,9 @@ def _pairs(value: Any, form: str) -> Any:
     return pairs
 
 
-def _off_is_none(value: Any, zero_too: bool = True) -> Any:
-    """A limit or schedule that ``off`` (and, for limits, 0) turns off."""
-    if value is None or (isinstance(value, str) and is_off(value) and (zero_too or value.strip() != "0")):
-        return None
-    if zero_too and value in (0, "0"):
-        return None
-    return value
+def _off_is_none(value: Any) -> Any:
+    """A limit or schedule that ``off`` (or 0, as a switch says it) turns off."""
+    return None if value is None or is_off(value) else value
 
 
 def detect_gpus() -> int:
@@ -358,7 +354,7 @@ class RetrainSettings(SettingsGroup):
     @field_validator("cron", mode="before")
     @classmethod
     def _cron(cls, value: Any) -> Any:
-        return _off_is_none(value, zero_too=False)
+        return _off_is_none(value)
 
     @field_validator("hyperparameters", mode="before")
     @classmethod
@@ -415,7 +411,7 @@ class RetentionSettings(SettingsGroup):
     @field_validator("cron", mode="before")
     @classmethod
     def _cron(cls, value: Any) -> Any:
-        return _off_is_none(value, zero_too=False)
+        return _off_is_none(value)
 
 
 class ClusterSettings(SettingsGroup):
