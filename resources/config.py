@@ -18,8 +18,8 @@ def config_of(group: type[SettingsGroup], *, exclude: Iterable[str] = (),
     """A ConfigurableResource base with ``group``'s fields but ``exclude``, and single fields of other groups
     (``also``: (group, field) pairs). The fields keep their names; the variables they are read from stay with
     the settings (a resource is configured by name, in code or the launchpad)."""
-    fields = {}
-    picked = [(group, name) for name in group.model_fields if name not in set(exclude)] + list(also)
+    fields, left_out = {}, set(exclude)
+    picked = [(group, name) for name in group.model_fields if name not in left_out] + list(also)
     for source, name in picked:
         info = copy.copy(source.model_fields[name])
         info.validation_alias = info.alias = None

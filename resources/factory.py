@@ -42,15 +42,20 @@ class Resources(Mapping):
     retention_policy: RetentionPolicy
     extensions: dict[str, Any] = field(default_factory=dict)  # the enabled extensions' own, by resource key
 
+    @classmethod
+    def core_keys(cls) -> list[str]:
+        """The core's resource keys (every field but ``extensions``)."""
+        return [f.name for f in fields(cls) if f.name != "extensions"]
+
     def replace(self, **changes: Any) -> Resources:
         """These resources with some replaced, by key (an extension's key replaces or adds one of its own)."""
-        core = {f.name for f in fields(self)} - {"extensions"}
+        core = self.core_keys()
         extra = {key: value for key, value in changes.items() if key not in core}
         return dataclasses.replace(self, **{key: value for key, value in changes.items() if key in core},
                                    extensions={**self.extensions, **extra})
 
     def _by_key(self) -> dict[str, Any]:
-        return {**self.extensions, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extensions"}}
+        return {**self.extensions, **{key: getattr(self, key) for key in self.core_keys()}}
 
     def __getitem__(self, key: str) -> Any:
         return self._by_key()[key]

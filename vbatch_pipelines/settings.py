@@ -398,20 +398,15 @@ class RetentionSettings(SettingsGroup):
     cron: str | None = setting("VBATCH_RETENTION_CRON", "15 4 * * *", description=(
         "the retention schedule (`off` to drop it; `retention_job` still runs from the UI)"))
 
-    @field_validator("file_retention_days", "run_retention_days", "log_max_bytes", mode="before")
+    @field_validator("file_retention_days", "run_retention_days", "log_max_bytes", "cron", mode="before")
     @classmethod
-    def _limit(cls, value: Any) -> Any:
+    def _limit_or_schedule(cls, value: Any) -> Any:
         return _off_is_none(value)
 
     @field_validator("min_free_disk_percent", mode="before")
     @classmethod
     def _floor(cls, value: Any) -> Any:
         return 0.0 if isinstance(value, str) and is_off(value) else value
-
-    @field_validator("cron", mode="before")
-    @classmethod
-    def _cron(cls, value: Any) -> Any:
-        return _off_is_none(value)
 
 
 class ClusterSettings(SettingsGroup):
@@ -543,11 +538,10 @@ def _explain_one(group: type[BaseModel], error: dict) -> str:
     env = (field.validation_alias if field is not None else None) or key
     value, kind, ctx = error.get("input"), error["type"], error.get("ctx") or {}
     if kind == "value_error":
-        message = str(ctx.get("error", error["msg"]))
-        return f"{env}{'' if message.startswith(':') else ' '}{message}"
+        return f"{env} {ctx.get('error', error['msg'])}"
     if kind == "literal_error" and field is not None:
-        allowed = [a for a in _literal_values(field.annotation)]
-        return f"{env}={value!r} is not allowed; use one of: {', '.join(map(str, allowed))}"
+        allowed = ", ".join(map(str, _literal_values(field.annotation)))
+        return f"{env}={value!r} is not allowed; use one of: {allowed}"
     if kind in ("int_parsing", "int_from_float", "int_type"):
         return f"{env}={value!r} is not an integer"
     if kind in ("float_parsing", "float_type"):
