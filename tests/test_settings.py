@@ -33,7 +33,19 @@ def test_a_description_changed_in_code_makes_the_docs_stale(monkeypatch):
     monkeypatch.setattr(RetrainSettings.model_fields["deploy_gate"], "description", "whether to deploy, now")
     stale = stale_tables(text, GROUPS)
     assert stale is not None and "VBATCH_DEPLOY_GATE" in stale and "python -m vbatch_pipelines.settings" in stale
-    assert stale_tables(text.replace("<!-- end of the generated settings -->", ""), GROUPS) is not None
+    assert "marks are missing" in stale_tables(text.replace("<!-- end of the generated settings -->", ""), GROUPS)
+
+
+def test_writing_the_tables_into_a_file_without_the_marks_is_refused_and_leaves_it(tmp_path):
+    import subprocess
+    import sys
+
+    page = tmp_path / "page.md"
+    page.write_text("# A page\n\nhand-written text\n")
+    done = subprocess.run([sys.executable, "-m", "vbatch_pipelines.settings", "--write", str(page)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "marks are missing" in done.stderr and "Traceback" not in done.stderr
+    assert page.read_text() == "# A page\n\nhand-written text\n"
 
 
 def test_every_setting_has_one_variable_and_a_description():

@@ -605,16 +605,22 @@ GENERATED = ("<!-- generated from the declarations in vbatch_pipelines/settings.
 
 
 def with_tables(text: str, tables: str) -> str:
-    """``text`` with what lies between the GENERATED marks replaced by ``tables``."""
+    """``text`` with what lies between the GENERATED marks replaced by ``tables``; without both marks, a
+    SettingsError saying which to add."""
+    if GENERATED[0] not in text or GENERATED[1] not in text:
+        raise SettingsError(f"the generated settings' marks are missing: add the lines {GENERATED[0]} and "
+                            f"{GENERATED[1]} where the tables go")
     start, end = text.index(GENERATED[0]) + len(GENERATED[0]), text.index(GENERATED[1])
     return f"{text[:start]}\n\n{tables}\n{text[end:]}"
 
 
 def stale_tables(text: str, groups: dict[str, type[SettingsGroup]]) -> str | None:
     """None when ``text``'s generated tables are ``groups``' declarations; else what differs and how to mend it."""
-    if GENERATED[0] not in text or GENERATED[1] not in text:
-        return "the generated settings' marks are missing"
-    if with_tables(text, settings_table(groups)) == text:
+    try:
+        regenerated = with_tables(text, settings_table(groups))
+    except SettingsError as exc:  # no marks
+        return str(exc)
+    if regenerated == text:
         return None
     written = set(text[text.index(GENERATED[0]):text.index(GENERATED[1])].splitlines())
     differ = [line for line in settings_table(groups).splitlines() if line not in written]
@@ -638,7 +644,11 @@ def _main(argv: list[str]) -> int:
             groups[name] = getattr(importlib.import_module(module), name)
     tables = settings_table(groups)
     if write:
-        target.write_text(with_tables(target.read_text(), tables))
+        try:
+            target.write_text(with_tables(target.read_text(), tables))
+        except SettingsError as exc:
+            sys.stderr.write(f"{target}: {exc}\n")
+            return 2
     else:
         sys.stdout.write(tables)
     return 0
